@@ -1,0 +1,40 @@
+// Operator schemas of the proxyattn library, and nothing else.
+//
+// Every op takes fixed-length tensors (q [B, Nq, Hq, D], k/v [B, Nk, Hkv, D])
+// or packed variable-length ones (q [total_q, Hq, D], k/v [total_k, Hkv, D])
+// with cu_seqlens_q/k int32 [B + 1]. max_seqlen_q/k are Nq/Nk for fixed
+// length and the longest sequence for varlen; output shapes depend only on
+// input shapes and these ints. DESIGN.md section 2 defines what each computes.
+// Implementations: csrc/ops/*.cpp (CUDA), proxyattn/reference.py (CPU).
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(proxyattn, m) {
+  // Stage 1: fp32 [B, G, nqb, nkb] max-pooled softmax of the pooled proxy heads.
+  m.def(
+      "proxy_block_scores(Tensor q, Tensor k, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, int block_size, int num_proxy_heads, int stride, "
+      "float softmax_scale, bool causal) -> Tensor");
+  // Stage 2: int32 [B, Hq] number of non-forced blocks each head needs to reach gamma.
+  m.def(
+      "head_budgets(Tensor q, Tensor k, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, int block_size, float gamma, int sink_blocks, "
+      "int local_blocks, float softmax_scale, bool causal) -> Tensor");
+  // Stage 3: counts int32 [B, Hq, nqb] and ascending indices int32 [B, Hq, nqb, nkb], -1 padded.
+  m.def(
+      "select_blocks(Tensor scores, Tensor kstar, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, int block_size, int sink_blocks, int local_blocks, "
+      "int min_budget, bool causal) -> (Tensor, Tensor)");
+  // Stage 4: out like q, lse fp32 [B, Hq, Nq] (varlen: [Hq, total_q]), natural log.
+  m.def(
+      "block_sparse_attention(Tensor q, Tensor k, Tensor v, Tensor counts, Tensor indices, "
+      "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
+      "int block_size, float softmax_scale, bool causal) -> (Tensor, Tensor)");
+}
+
+// Importing proxyattn._C loads the library above and every TORCH_LIBRARY_IMPL
+// linked into it; the module itself holds no functions.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
