@@ -1,0 +1,182 @@
+"""proxy_attention: stages 1-4 chained on the current stream, with no host synchronisation.
+
+Fixed length: q [B, Nq, Hq, D], k/v [B, Nk, Hkv, D]. Varlen: q [total_q, Hq, D], k/v
+[total_k, Hkv, D] with int32 cu_seqlens_q/k [B + 1]. Causal attention is aligned bottom-right.
+Below `config.dense_below` keys the call runs dense attention instead.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops, reference
+from .config import ProxyAttnConfig
+
+
+class ProxyAttnSelection(NamedTuple):
+    """Telemetry of one call, all tensors on the inputs' device (no host sync).
+
+    counts [B, Hq, nqb], indices [B, Hq, nqb, nkb] (ascending, -1 padded), kstar [B, Hq],
+    density [B, Hq] (selected / causal candidate block pairs), budget_ratio [B, Hq]
+    (kstar / non-forced candidates of the last query block; 0 when none are left).
+    `dense` is True when the call ran dense attention (below dense_below).
+    """
+
+    counts: Tensor
+    indices: Tensor
+    kstar: Tensor
+    density: Tensor
+    budget_ratio: Tensor
+    dense: bool
+
+
+def _lengths(lay: ops.Layout, cu_q: Optional[Tensor], cu_k: Optional[Tensor], device) -> Tuple[Tensor, Tensor]:
+    if not lay.varlen:
+        nq = torch.full((lay.batch,), lay.max_seqlen_q, dtype=torch.int64, device=device)
+        nk = torch.full((lay.batch,), lay.max_seqlen_k, dtype=torch.int64, device=device)
+        return nq, nk
+    return torch.diff(cu_q.to(device)).long(), torch.diff(cu_k.to(device)).long()
+
+
+def candidate_counts(nq: Tensor, nk: Tensor, nqb: int, block: int, causal: bool) -> Tensor:
+    """c_m int64 [B, nqb] from per-sequence lengths (device tensors); 0 past a sequence's blocks."""
+    m = torch.arange(nqb, device=nq.device)[None, :]
+    nkb = (nk[:, None] + block - 1) // block
+    live = m * block < nq[:, None]
+    if causal:
+        last_row = torch.minimum((m + 1) * block, nq[:, None]) - 1
+        c = (nk[:, None] - nq[:, None] + last_row) // block + 1
+    else:
+        c = nkb.expand(-1, nqb)
+    return torch.where(live, c, 0)
+
+
+def _forced_counts(c: Tensor, sink: int, local: int) -> Tensor:
+    s = torch.clamp(c, max=sink)
+    ls = torch.clamp(c - local, min=0)
+    return s + c - torch.maximum(ls, s)
+
+
+def full_selection(nq: Tensor, nk: Tensor, nqb: int, nkb: int, hq: int, block: int, causal: bool
+                   ) -> Tuple[Tensor, Tensor]:
+    """Every candidate block of every row: counts [B, Hq, nqb], indices [B, Hq, nqb, nkb]."""
+    c = candidate_counts(nq, nk, nqb, block, causal)  # [B, nqb]
+    n = torch.arange(nkb, device=nq.device)
+    idx = torch.where(n[None, None, :] < c[:, :, None], n, -1).to(torch.int32)
+    b = c.shape[0]
+    return (c.to(torch.int32)[:, None, :].expand(b, hq, nqb).contiguous(),
+            idx[:, None].expand(b, hq, nqb, nkb).contiguous())
+
+
+def _telemetry(counts: Tensor, indices: Tensor, kstar: Tensor, nq: Tensor, nk: Tensor, cfg: ProxyAttnConfig,
+               causal: bool, dense: bool) -> ProxyAttnSelection:
+    nqb = counts.shape[2]
+    c = candidate_counts(nq, nk, nqb, cfg.block_size, causal)  # [B, nqb]
+    density = counts.sum(dim=2).double() / c.sum(dim=1, keepdim=True).double()
+    last = torch.clamp((nq + cfg.block_size - 1) // cfg.block_size - 1, min=0)
+    c_last = torch.gather(c, 1, last[:, None])  # [B, 1]
+    free = c_last - _forced_counts(c_last, cfg.sink_blocks, cfg.local_blocks)
+    ratio = torch.where(free > 0, kstar.double() / free.clamp(min=1).double(), 0.0)
+    return ProxyAttnSelection(counts, indices, kstar, density.float(), ratio.float(), dense)
+
+
+def _dense(q: Tensor, k: Tensor, v: Tensor, lay: ops.Layout, cu_q, cu_k, scale: float, causal: bool,
+           nq: Tensor, nk: Tensor, block: int) -> Tensor:
+    if q.device.type == "cpu":
+        return reference.dense_attention(q, k, v, cu_q, cu_k, scale, causal)[0]
+    if not lay.varlen:
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        mask = None
+        is_causal = causal and lay.max_seqlen_q == lay.max_seqlen_k
+        if causal and not is_causal:
+            from torch.nn.attention.bias import causal_lower_right
+
+            mask = causal_lower_right(lay.max_seqlen_q, lay.max_seqlen_k)
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                             enable_gqa=lay.q_heads != lay.kv_heads)
+        return out.transpose(1, 2).contiguous()
+    nqb, nkb = -(-lay.max_seqlen_q // block), -(-lay.max_seqlen_k // block)
+    counts, indices = full_selection(nq, nk, nqb, nkb, lay.q_heads, block, causal)
+    return _stage4(q, k, v, counts, indices, cu_q, cu_k, lay, block, scale, causal)
+
+
+def _stage4(q, k, v, counts, indices, cu_q, cu_k, lay, block, scale, causal) -> Tensor:
+    args = (q, k, v, counts, indices, cu_q, cu_k, lay.max_seqlen_q, lay.max_seqlen_k, block, scale, causal)
+    if q.is_cuda and not ops.cuda_kernel_available("block_sparse_attention"):
+        _warn_reference("block_sparse_attention")
+        return reference.block_sparse_attention(*args)[0]
+    return ops._call("block_sparse_attention", q.device, *args)[0]
+
+
+_warned = set()
+
+
+def _warn_reference(name: str) -> None:
+    if name not in _warned:
+        _warned.add(name)
+        warnings.warn(f"proxyattn: no CUDA kernel for {name} in this build; running the (slow) reference on the GPU",
+                      RuntimeWarning, stacklevel=3)
+
+
+def _stage(name: str, device: torch.device, *args):
+    if device.type == "cuda" and not ops.cuda_kernel_available(name):
+        _warn_reference(name)
+        return getattr(reference, name)(*args)
+    return ops._call(name, device, *args)
+
+
+def _run(q, k, v, lay: ops.Layout, cu_q, cu_k, cfg: Optional[ProxyAttnConfig], causal: bool,
+         return_selection: bool) -> Union[Tensor, Tuple[Tensor, ProxyAttnSelection]]:
+    if cfg is None:
+        cfg = ProxyAttnConfig()
+    if not isinstance(cfg, ProxyAttnConfig):
+        raise TypeError(f"config must be a ProxyAttnConfig or None, got {type(cfg).__name__}")
+    cfg.check_heads(lay.q_heads, lay.kv_heads)
+    S = cfg.block_size
+    scale = cfg.scale(lay.head_dim)
+    nq, nk = _lengths(lay, cu_q, cu_k, q.device)
+    if lay.max_seqlen_k < cfg.dense_below:
+        out = _dense(q, k, v, lay, cu_q, cu_k, scale, causal, nq, nk, S)
+        if not return_selection:
+            return out
+        nqb, nkb = -(-lay.max_seqlen_q // S), -(-lay.max_seqlen_k // S)
+        counts, indices = full_selection(nq, nk, nqb, nkb, lay.q_heads, S, causal)
+        kstar = torch.zeros(lay.batch, lay.q_heads, dtype=torch.int32, device=q.device)
+        return out, _telemetry(counts, indices, kstar, nq, nk, cfg, causal, dense=True)
+    mq, mk = lay.max_seqlen_q, lay.max_seqlen_k
+    scores = _stage("proxy_block_scores", q.device, q, k, cu_q, cu_k, mq, mk, S, cfg.num_proxy_heads, cfg.stride,
+                    scale, causal)
+    kstar = _stage("head_budgets", q.device, q, k, cu_q, cu_k, mq, mk, S, float(cfg.gamma), cfg.sink_blocks,
+                   cfg.local_blocks, scale, causal)
+    counts, indices = _stage("select_blocks", q.device, scores, kstar, cu_q, cu_k, mq, mk, S, cfg.sink_blocks,
+                             cfg.local_blocks, cfg.min_budget, causal)
+    out = _stage4(q, k, v, counts, indices, cu_q, cu_k, lay, S, scale, causal)
+    if not return_selection:
+        return out
+    return out, _telemetry(counts, indices, kstar, nq, nk, cfg, causal, dense=False)
+
+
+def proxy_attention(q: Tensor, k: Tensor, v: Tensor, config: Optional[ProxyAttnConfig] = None, *,
+                    causal: bool = True, return_selection: bool = False
+                    ) -> Union[Tensor, Tuple[Tensor, ProxyAttnSelection]]:
+    """ProxyAttn over q [B, Nq, Hq, D], k/v [B, Nk, Hkv, D] (bf16/fp16 on CUDA; fp32 too on CPU).
+
+    Returns out [B, Nq, Hq, D] (contiguous), and a ProxyAttnSelection if return_selection."""
+    lay = ops.check_qkv(q, k, v, None, None, None, None, causal)
+    return _run(q, k, v, lay, None, None, config, causal, return_selection)
+
+
+def proxy_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                           max_seqlen_q: int, max_seqlen_k: int, config: Optional[ProxyAttnConfig] = None, *,
+                           causal: bool = True, return_selection: bool = False
+                           ) -> Union[Tensor, Tuple[Tensor, ProxyAttnSelection]]:
+    """ProxyAttn over packed sequences: q [total_q, Hq, D], k/v [total_k, Hkv, D], int32
+    cu_seqlens_q/k [B + 1]. Each sequence behaves exactly as if it ran alone."""
+    if cu_seqlens_q is None or cu_seqlens_k is None:
+        raise ValueError("proxy_attention_varlen needs cu_seqlens_q and cu_seqlens_k")
+    lay = ops.check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
+    return _run(q, k, v, lay, cu_seqlens_q, cu_seqlens_k, config, causal, return_selection)

@@ -1,0 +1,88 @@
+"""ProxyAttnConfig: the knobs of the ProxyAttn pipeline, validated on construction."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+SUPPORTED_BLOCK_SIZES = (64, 128)
+SUPPORTED_HEAD_DIMS = (64, 128)
+MAX_STRIDE = 16
+
+# Below this many keys proxy_attention runs dense attention: estimation cannot pay
+# off on short inputs. Provisional until measured on an H100/H200 (bench/NOTES.md).
+DEFAULT_DENSE_BELOW = 8192
+
+
+def _check_int(name: str, value, low: int, high: Optional[int] = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"ProxyAttnConfig.{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low or (high is not None and value > high):
+        rng = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"ProxyAttnConfig.{name} must be {rng}, got {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxyAttnConfig:
+    """Configuration of proxy_attention (DESIGN.md section 2).
+
+    block_size: tokens per query/key block (64 or 128).
+    num_proxy_heads: pooled proxy heads G. Either G divides Hkv, or Hkv divides G
+        and G divides Hq (checked against the head counts at call time).
+    stride: keep one query/key token in every `stride` for the proxy scores (1..16).
+    gamma: cumulative attention mass each head's budget must reach, in (0, 1].
+    min_budget: minimum tokens attended per query block (rounded up to blocks).
+    sink_blocks / local_blocks: key blocks always kept at the start / on the diagonal.
+    dense_below: sequences with fewer keys than this run dense attention.
+    softmax_scale: defaults to head_dim ** -0.5.
+    """
+
+    block_size: int = 128
+    num_proxy_heads: int = 1
+    stride: int = 4
+    gamma: float = 0.95
+    min_budget: int = 2048
+    sink_blocks: int = 1
+    local_blocks: int = 1
+    dense_below: int = DEFAULT_DENSE_BELOW
+    softmax_scale: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
+            raise TypeError(f"ProxyAttnConfig.block_size must be an int, got {type(self.block_size).__name__}")
+        if self.block_size not in SUPPORTED_BLOCK_SIZES:
+            raise ValueError(f"ProxyAttnConfig.block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {self.block_size}")
+        _check_int("num_proxy_heads", self.num_proxy_heads, 1)
+        _check_int("stride", self.stride, 1, MAX_STRIDE)
+        _check_int("min_budget", self.min_budget, 0)
+        _check_int("sink_blocks", self.sink_blocks, 0)
+        _check_int("local_blocks", self.local_blocks, 0)
+        _check_int("dense_below", self.dense_below, 0)
+        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)):
+            raise TypeError(f"ProxyAttnConfig.gamma must be a float, got {type(self.gamma).__name__}")
+        if not (0.0 < float(self.gamma) <= 1.0) or math.isnan(self.gamma):
+            raise ValueError(f"ProxyAttnConfig.gamma must be in (0, 1], got {self.gamma}")
+        if self.softmax_scale is not None:
+            if isinstance(self.softmax_scale, bool) or not isinstance(self.softmax_scale, (int, float)):
+                raise TypeError(f"ProxyAttnConfig.softmax_scale must be a float or None, got {type(self.softmax_scale).__name__}")
+            if not math.isfinite(self.softmax_scale) or self.softmax_scale <= 0:
+                raise ValueError(f"ProxyAttnConfig.softmax_scale must be finite and > 0, got {self.softmax_scale}")
+
+    def check_heads(self, q_heads: int, kv_heads: int) -> None:
+        """Raise ValueError if num_proxy_heads cannot group these head counts."""
+        check_proxy_grouping(self.num_proxy_heads, q_heads, kv_heads)
+
+    def scale(self, head_dim: int) -> float:
+        return float(self.softmax_scale) if self.softmax_scale is not None else head_dim ** -0.5
+
+
+def check_proxy_grouping(g: int, q_heads: int, kv_heads: int) -> None:
+    if g <= kv_heads:
+        if kv_heads % g != 0:
+            raise ValueError(
+                f"num_proxy_heads={g} must divide the {kv_heads} KV heads (or be a multiple of them "
+                f"that divides the {q_heads} query heads)")
+    elif g % kv_heads != 0 or q_heads % g != 0:
+        raise ValueError(
+            f"num_proxy_heads={g} exceeds the {kv_heads} KV heads, so it must be a multiple of {kv_heads} "
+            f"that divides the {q_heads} query heads")

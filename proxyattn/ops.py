@@ -1,0 +1,359 @@
+"""Thin wrappers over torch.ops.proxyattn.*: input validation, fake (meta) kernels, and the
+pure-PyTorch reference registered as the CPU kernel of every op.
+
+Validation raises TypeError/ValueError naming what was expected and what arrived, before
+any kernel runs. Values of cu_seqlens are checked only when they live on the CPU: reading
+a CUDA tensor on the host would synchronise, so device-resident cu_seqlens are trusted
+(kernels clamp each length into [0, max_seqlen], so bad values cannot corrupt memory).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .config import MAX_STRIDE, SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_DIMS, check_proxy_grouping
+
+try:
+    from . import _C  # noqa: F401  (loads the TORCH_LIBRARY schemas and the CUDA kernels)
+
+    HAS_EXTENSION = True
+    EXTENSION_ERROR: Optional[BaseException] = None
+except ImportError as exc:  # CPU-only use still works through the reference
+    HAS_EXTENSION = False
+    EXTENSION_ERROR = exc
+
+OP_NAMES = ("proxy_block_scores", "head_budgets", "select_blocks", "block_sparse_attention")
+
+_CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class Layout(NamedTuple):
+    varlen: bool
+    batch: int
+    max_seqlen_q: int
+    max_seqlen_k: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ------------------------------------------------------------------ validation
+
+
+def _require_tensor(name: str, t) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _require_int(name: str, value, low: int, high: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low or (high is not None and value > high):
+        rng = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {rng}, got {value}")
+    return value
+
+
+def check_block_size(block_size) -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size}")
+    return block_size
+
+
+def check_gamma(gamma) -> float:
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+        raise TypeError(f"gamma must be a float, got {type(gamma).__name__}")
+    if not (0.0 < float(gamma) <= 1.0):
+        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+    return float(gamma)
+
+
+def resolve_scale(softmax_scale, head_dim: int) -> float:
+    if softmax_scale is None:
+        return head_dim ** -0.5
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    if not math.isfinite(softmax_scale) or softmax_scale <= 0:
+        raise ValueError(f"softmax_scale must be finite and > 0, got {softmax_scale}")
+    return float(softmax_scale)
+
+
+def check_qkv(q: Tensor, k: Tensor, v: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
+              cu_seqlens_k: Optional[Tensor], max_seqlen_q: Optional[int], max_seqlen_k: Optional[int],
+              causal: bool) -> Layout:
+    """Validate attention inputs; return their layout. Raises TypeError/ValueError."""
+    named = [("q", q), ("k", k)] + ([("v", v)] if v is not None else [])
+    for name, t in named:
+        _require_tensor(name, t)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    for name, t in named[1:]:
+        if t.dtype != q.dtype:
+            raise TypeError(f"q, k and v must share one dtype: q is {q.dtype}, {name} is {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"q, k and v must be on one device: q is on {q.device}, {name} is on {t.device}")
+    allowed = _CUDA_DTYPES if q.is_cuda else _CPU_DTYPES
+    if q.dtype not in allowed:
+        raise TypeError(f"unsupported dtype {q.dtype} on {q.device.type}: expected one of {list(allowed)}")
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    rank = 3 if varlen else 4
+    layout_txt = "[total, heads, head_dim] with cu_seqlens" if varlen else "[batch, seqlen, heads, head_dim]"
+    for name, t in named:
+        if t.dim() != rank:
+            raise ValueError(f"{name} must have rank {rank} ({layout_txt}), got shape {tuple(t.shape)}")
+    if v is not None and k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    d = q.shape[-1]
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {d}")
+    if k.shape[-1] != d:
+        raise ValueError(f"q and k must have the same head_dim, got {d} and {k.shape[-1]}")
+    hq, hkv = q.shape[-2], k.shape[-2]
+    if hq == 0 or hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"the {hq} query heads must be a positive multiple of the {hkv} KV heads")
+    for name, t in named:
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides "
+                             f"{tuple(t.stride())}; call .contiguous()")
+    if not varlen:
+        b, nq, nk = q.shape[0], q.shape[1], k.shape[1]
+        if k.shape[0] != b:
+            raise ValueError(f"q and k must have the same batch size, got {b} and {k.shape[0]}")
+        if b == 0 or nq == 0 or nk == 0:
+            raise ValueError(f"zero-length input: batch={b}, seqlen_q={nq}, seqlen_k={nk}")
+        if causal and nq > nk:
+            raise ValueError(f"causal attention needs seqlen_q <= seqlen_k (bottom-right aligned), got {nq} > {nk}")
+        for name, given, actual in (("max_seqlen_q", max_seqlen_q, nq), ("max_seqlen_k", max_seqlen_k, nk)):
+            if given is not None and given != actual:
+                raise ValueError(f"{name}={given} disagrees with the fixed-length input's {actual}")
+        return Layout(False, b, nq, nk, hq, hkv, d)
+    if cu_seqlens_q is None or cu_seqlens_k is None:
+        raise ValueError("varlen inputs need both cu_seqlens_q and cu_seqlens_k")
+    batch = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q)
+    if _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q) != batch:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length, got "
+                         f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
+    mq = _require_int("max_seqlen_q", max_seqlen_q, 1)
+    mk = _require_int("max_seqlen_k", max_seqlen_k, 1)
+    if cu_seqlens_q.device.type == "cpu" and cu_seqlens_k.device.type == "cpu":
+        _check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], mq)
+        _check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], mk)
+        if causal:
+            lq = torch.diff(cu_seqlens_q)
+            lk = torch.diff(cu_seqlens_k)
+            bad = torch.nonzero(lq > lk).flatten().tolist()
+            if bad:
+                i = bad[0]
+                raise ValueError(f"causal attention needs seqlen_q <= seqlen_k in every sequence; sequence {i} has "
+                                 f"{int(lq[i])} queries and {int(lk[i])} keys")
+    return Layout(True, batch, mq, mk, hq, hkv, d)
+
+
+def _check_cu_seqlens(name: str, cu, like: Tensor) -> int:
+    _require_tensor(name, cu)
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must be 1-D with batch + 1 >= 2 entries, got shape {tuple(cu.shape)}")
+    if like.is_cuda and cu.device != like.device:
+        raise ValueError(f"{name} must be on {like.device} like q, got {cu.device}")
+    if not like.is_cuda and cu.device.type != "cpu":
+        raise ValueError(f"{name} must be on the CPU like q, got {cu.device}")
+    return cu.numel() - 1
+
+
+def _check_cu_values(name: str, cu: Tensor, total: int, max_seqlen: int) -> None:
+    vals = cu.tolist()
+    if vals[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {vals[0]}")
+    lens = [b - a for a, b in zip(vals[:-1], vals[1:])]
+    for i, n in enumerate(lens):
+        if n < 0:
+            raise ValueError(f"{name} must be non-decreasing, but entry {i + 1} ({vals[i + 1]}) < entry {i} ({vals[i]})")
+        if n == 0:
+            raise ValueError(f"{name} describes a zero-length sequence at index {i}")
+    if vals[-1] != total:
+        raise ValueError(f"{name} must end at the total token count {total}, got {vals[-1]}")
+    if max(lens) > max_seqlen:
+        raise ValueError(f"max_seqlen for {name} is {max_seqlen}, but sequence {lens.index(max(lens))} "
+                         f"has {max(lens)} tokens")
+
+
+def _check_int_tensor(name: str, t, shape: Tuple[int, ...], like: Tensor, last_free: bool = False) -> None:
+    _require_tensor(name, t)
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {t.dtype}")
+    if t.device != like.device:
+        raise ValueError(f"{name} must be on {like.device}, got {t.device}")
+    ok = t.dim() == len(shape) and tuple(t.shape[: len(shape) - (1 if last_free else 0)]) == (
+        shape[:-1] if last_free else shape)
+    if not ok or (last_free and t.shape[-1] < 1):
+        want = tuple(shape[:-1]) + ("K>=1",) if last_free else tuple(shape)
+        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+
+
+# ------------------------------------------------------------------ dispatch
+
+
+def _has_cuda_kernel(name: str) -> bool:
+    return HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key(f"proxyattn::{name}", "CUDA")
+
+
+def cuda_kernel_available(name: str) -> bool:
+    """Whether this build has a CUDA kernel for torch.ops.proxyattn.<name>."""
+    if name not in OP_NAMES:
+        raise ValueError(f"unknown op {name!r}; expected one of {OP_NAMES}")
+    return _has_cuda_kernel(name)
+
+
+def _call(name: str, device: torch.device, *args):
+    if device.type == "cuda":
+        if not HAS_EXTENSION:
+            raise RuntimeError(f"proxyattn.{name} on CUDA needs the compiled extension proxyattn._C, which failed "
+                               f"to import ({EXTENSION_ERROR}); reinstall with `pip install --no-build-isolation .`")
+        if not _has_cuda_kernel(name):
+            raise NotImplementedError(f"proxyattn.{name} has no CUDA kernel in this build; run it on CPU tensors "
+                                      f"(reference implementation) or use proxyattn.reference.{name}")
+        return getattr(torch.ops.proxyattn, name)(*args)
+    if device.type != "cpu":
+        raise ValueError(f"proxyattn supports CPU and CUDA tensors, got device {device}")
+    if HAS_EXTENSION:
+        return getattr(torch.ops.proxyattn, name)(*args)
+    return getattr(reference, name)(*args)
+
+
+# ------------------------------------------------------------------ public stage functions
+
+
+def proxy_block_scores(q: Tensor, k: Tensor, *, block_size: int = 128, num_proxy_heads: int = 1, stride: int = 4,
+                       softmax_scale: Optional[float] = None, causal: bool = True,
+                       cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
+                       max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None) -> Tensor:
+    """Stage 1: fp32 [B, G, nqb, nkb] max-pooled softmax scores of the pooled proxy heads."""
+    lay = check_qkv(q, k, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
+    check_block_size(block_size)
+    _require_int("num_proxy_heads", num_proxy_heads, 1)
+    check_proxy_grouping(num_proxy_heads, lay.q_heads, lay.kv_heads)
+    _require_int("stride", stride, 1, MAX_STRIDE)
+    scale = resolve_scale(softmax_scale, lay.head_dim)
+    return _call("proxy_block_scores", q.device, q, k, cu_seqlens_q, cu_seqlens_k, lay.max_seqlen_q,
+                 lay.max_seqlen_k, block_size, num_proxy_heads, stride, scale, causal)
+
+
+def head_budgets(q: Tensor, k: Tensor, *, block_size: int = 128, gamma: float = 0.95, sink_blocks: int = 1,
+                 local_blocks: int = 1, softmax_scale: Optional[float] = None, causal: bool = True,
+                 cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
+                 max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None) -> Tensor:
+    """Stage 2: int32 [B, Hq] k*, the non-forced blocks each head needs to reach gamma."""
+    lay = check_qkv(q, k, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
+    check_block_size(block_size)
+    gamma = check_gamma(gamma)
+    _require_int("sink_blocks", sink_blocks, 0)
+    _require_int("local_blocks", local_blocks, 0)
+    scale = resolve_scale(softmax_scale, lay.head_dim)
+    return _call("head_budgets", q.device, q, k, cu_seqlens_q, cu_seqlens_k, lay.max_seqlen_q, lay.max_seqlen_k,
+                 block_size, gamma, sink_blocks, local_blocks, scale, causal)
+
+
+def select_blocks(scores: Tensor, kstar: Tensor, *, seqlen_q: int, seqlen_k: int, block_size: int = 128,
+                  sink_blocks: int = 1, local_blocks: int = 1, min_budget: int = 2048, causal: bool = True,
+                  cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None
+                  ) -> Tuple[Tensor, Tensor]:
+    """Stage 3: counts int32 [B, Hq, nqb] and ascending, -1 padded indices int32 [B, Hq, nqb, nkb].
+
+    seqlen_q/seqlen_k are Nq/Nk (fixed length) or max_seqlen_q/k (varlen)."""
+    _require_tensor("scores", scores)
+    _require_tensor("kstar", kstar)
+    check_block_size(block_size)
+    _require_int("seqlen_q", seqlen_q, 1)
+    _require_int("seqlen_k", seqlen_k, 1)
+    _require_int("sink_blocks", sink_blocks, 0)
+    _require_int("local_blocks", local_blocks, 0)
+    _require_int("min_budget", min_budget, 0)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if causal and seqlen_q > seqlen_k and cu_seqlens_q is None:
+        raise ValueError(f"causal selection needs seqlen_q <= seqlen_k, got {seqlen_q} > {seqlen_k}")
+    if scores.dtype != torch.float32:
+        raise TypeError(f"scores must be float32, got {scores.dtype}")
+    if scores.dim() != 4:
+        raise ValueError(f"scores must have shape [B, G, nqb, nkb], got {tuple(scores.shape)}")
+    b, g = scores.shape[0], scores.shape[1]
+    nqb, nkb = _cdiv(seqlen_q, block_size), _cdiv(seqlen_k, block_size)
+    if tuple(scores.shape[2:]) != (nqb, nkb):
+        raise ValueError(f"scores must have shape [B, G, {nqb}, {nkb}] for seqlen_q={seqlen_q}, seqlen_k={seqlen_k}, "
+                         f"block_size={block_size}, got {tuple(scores.shape)}")
+    if kstar.dim() != 2 or kstar.shape[0] != b:
+        raise ValueError(f"kstar must have shape [B={b}, Hq], got {tuple(kstar.shape)}")
+    hq = kstar.shape[1]
+    if g < 1 or hq % g != 0:
+        raise ValueError(f"the {g} proxy groups of scores must divide the {hq} query heads of kstar")
+    _check_int_tensor("kstar", kstar, (b, hq), scores)
+    if cu_seqlens_q is not None or cu_seqlens_k is not None:
+        if cu_seqlens_q is None or cu_seqlens_k is None:
+            raise ValueError("varlen selection needs both cu_seqlens_q and cu_seqlens_k")
+        for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+            if _check_cu_seqlens(name, cu, scores) != b:
+                raise ValueError(f"{name} must have B + 1 = {b + 1} entries, got {cu.numel()}")
+    return _call("select_blocks", scores.device, scores, kstar, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k,
+                 block_size, sink_blocks, local_blocks, min_budget, causal)
+
+
+def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, counts: Tensor, indices: Tensor, *,
+                           block_size: int = 128, softmax_scale: Optional[float] = None, causal: bool = True,
+                           cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
+                           max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None
+                           ) -> Tuple[Tensor, Tensor]:
+    """Stage 4: attention over the selected key blocks. Returns out (like q) and lse fp32
+    ([B, Hq, Nq]; varlen [Hq, total_q]). Rows that see no key: out 0, lse -inf."""
+    lay = check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
+    check_block_size(block_size)
+    scale = resolve_scale(softmax_scale, lay.head_dim)
+    nqb = _cdiv(lay.max_seqlen_q, block_size)
+    _check_int_tensor("counts", counts, (lay.batch, lay.q_heads, nqb), q)
+    _check_int_tensor("indices", indices, (lay.batch, lay.q_heads, nqb, 1), q, last_free=True)
+    return _call("block_sparse_attention", q.device, q, k, v, counts, indices, cu_seqlens_q, cu_seqlens_k,
+                 lay.max_seqlen_q, lay.max_seqlen_k, block_size, scale, causal)
+
+
+# ------------------------------------------------------------------ CPU kernels and fakes
+
+if HAS_EXTENSION:
+    for _name in OP_NAMES:
+        torch.library.impl(f"proxyattn::{_name}", "CPU")(getattr(reference, _name))
+
+    def _batch(q: Tensor, cu_q: Optional[Tensor]) -> int:
+        return q.shape[0] if cu_q is None else cu_q.shape[0] - 1
+
+    @torch.library.register_fake("proxyattn::proxy_block_scores")
+    def _scores_fake(q, k, cu_q, cu_k, max_q, max_k, block_size, num_proxy_heads, stride, scale, causal):
+        return q.new_empty((_batch(q, cu_q), num_proxy_heads, _cdiv(max_q, block_size), _cdiv(max_k, block_size)),
+                           dtype=torch.float32)
+
+    @torch.library.register_fake("proxyattn::head_budgets")
+    def _budgets_fake(q, k, cu_q, cu_k, max_q, max_k, block_size, gamma, sink, local, scale, causal):
+        return q.new_empty((_batch(q, cu_q), q.shape[-2]), dtype=torch.int32)
+
+    @torch.library.register_fake("proxyattn::select_blocks")
+    def _select_fake(scores, kstar, cu_q, cu_k, max_q, max_k, block_size, sink, local, min_budget, causal):
+        b, hq = kstar.shape
+        nqb, nkb = scores.shape[2], scores.shape[3]
+        return (scores.new_empty((b, hq, nqb), dtype=torch.int32),
+                scores.new_empty((b, hq, nqb, nkb), dtype=torch.int32))
+
+    @torch.library.register_fake("proxyattn::block_sparse_attention")
+    def _bsa_fake(q, k, v, counts, indices, cu_q, cu_k, max_q, max_k, block_size, scale, causal):
+        hq = q.shape[-2]
+        lse_shape = (hq, q.shape[0]) if cu_q is not None else (q.shape[0], hq, q.shape[1])
+        return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(lse_shape, dtype=torch.float32)

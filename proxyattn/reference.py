@@ -1,0 +1,357 @@
+"""Plain-PyTorch ProxyAttn (DESIGN.md section 2): the oracle the kernels are tested against.
+
+Functions mirror the op schemas positionally, so they double as the CPU kernels of
+torch.ops.proxyattn.*. They run on CPU or CUDA tensors, compute in fp32 (fp64 for
+fp64 inputs), and never build a token-level N x N tensor: attention is evaluated in
+chunks of query rows whose size is bounded by `_CHUNK_ELEMS` elements.
+
+Layouts: fixed length q [B, Nq, Hq, D], k/v [B, Nk, Hkv, D]; varlen q [total_q, Hq, D],
+k/v [total_k, Hkv, D] with int32 cu_seqlens_q/k [B + 1]. Scores fp32 [B, G, nqb, nkb];
+kstar int32 [B, Hq]; counts int32 [B, Hq, nqb]; indices int32 [B, Hq, nqb, nkb]
+(ascending, -1 padded); lse fp32 [B, Hq, Nq] (varlen [Hq, total_q]).
+
+The host reads cu_seqlens here (the reference is not the fast path).
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+# Upper bound on the elements of one chunk's score matrix (fp32: 128 MiB).
+_CHUNK_ELEMS = 1 << 25
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _math_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _sequences(q: Tensor, k: Tensor, v: Optional[Tensor], cu_q: Optional[Tensor], cu_k: Optional[Tensor]
+               ) -> Iterator[Tuple[int, slice, Tensor, Tensor, Optional[Tensor]]]:
+    """Yield (b, query rows slice into q's token dim, q_b [Nq,Hq,D], k_b [Nk,Hkv,D], v_b)."""
+    if cu_q is None:
+        for b in range(q.shape[0]):
+            yield b, slice(0, q.shape[1]), q[b], k[b], (None if v is None else v[b])
+        return
+    cq = cu_q.tolist()
+    ck = cu_k.tolist()
+    for b in range(len(cq) - 1):
+        sq = slice(cq[b], cq[b + 1])
+        sk = slice(ck[b], ck[b + 1])
+        yield b, sq, q[sq], k[sk], (None if v is None else v[sk])
+
+
+def _batch(q: Tensor, cu_q: Optional[Tensor]) -> int:
+    return q.shape[0] if cu_q is None else cu_q.shape[0] - 1
+
+
+def candidate_count(m: int, nq: int, nk: int, block: int, causal: bool) -> int:
+    """c_m: key blocks [0, c_m) hold a key some query of block m may see."""
+    nkb = _cdiv(nk, block)
+    if not causal:
+        return nkb
+    last_row = min((m + 1) * block, nq) - 1
+    return (nk - nq + last_row) // block + 1
+
+
+def forced_mask(c: int, sink_blocks: int, local_blocks: int, width: int, device=None) -> Tensor:
+    """Bool [width]: the forced blocks of a row with c candidates."""
+    n = torch.arange(width, device=device)
+    return (n < c) & ((n < sink_blocks) | (n >= c - local_blocks))
+
+
+def forced_count(c: int, sink_blocks: int, local_blocks: int) -> int:
+    sink = min(sink_blocks, c)
+    local_start = max(0, c - local_blocks)
+    return sink + (c - max(local_start, sink))
+
+
+def group_pool(q_b: Tensor, k_b: Tensor, groups: int) -> Tuple[Tensor, Tensor]:
+    """Pooled proxies: qbar [Nq, G, D] (mean of each group's query heads) and
+    kbar [Nk, G, D] (mean of each group's distinct KV heads), in math precision."""
+    dt = _math_dtype(q_b)
+    nq, hq, d = q_b.shape
+    nk, hkv, _ = k_b.shape
+    qbar = q_b.to(dt).reshape(nq, groups, hq // groups, d).mean(dim=2)
+    if groups <= hkv:
+        kbar = k_b.to(dt).reshape(nk, groups, hkv // groups, d).mean(dim=2)
+    else:
+        kv_of_group = torch.arange(groups, device=k_b.device) // (groups // hkv)
+        kbar = k_b.to(dt)[:, kv_of_group]
+    return qbar, kbar
+
+
+# ---------------------------------------------------------------- stage 1
+
+
+def proxy_block_scores(q: Tensor, k: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+                       max_seqlen_q: int, max_seqlen_k: int, block_size: int, num_proxy_heads: int,
+                       stride: int, softmax_scale: float, causal: bool) -> Tensor:
+    S, G, s = block_size, num_proxy_heads, stride
+    nqb, nkb = _cdiv(max_seqlen_q, S), _cdiv(max_seqlen_k, S)
+    out = torch.zeros(_batch(q, cu_seqlens_q), G, nqb, nkb, dtype=torch.float32, device=q.device)
+    for b, _, q_b, k_b, _ in _sequences(q, k, None, cu_seqlens_q, cu_seqlens_k):
+        out[b, :, : _cdiv(q_b.shape[0], S), : _cdiv(k_b.shape[0], S)] = _scores_one(
+            q_b, k_b, S, G, s, softmax_scale, causal)
+    return out
+
+
+def _scores_one(q_b: Tensor, k_b: Tensor, S: int, G: int, s: int, scale: float, causal: bool) -> Tensor:
+    nq, nk = q_b.shape[0], k_b.shape[0]
+    nqb, nkb = _cdiv(nq, S), _cdiv(nk, S)
+    dev = q_b.device
+    qbar, kbar = group_pool(q_b, k_b, G)
+    off = nk - nq
+    kept_k = torch.arange(0, nk, s, device=dev)
+    kk = kbar[kept_k].permute(1, 2, 0)  # [G, D, T]
+    # slot[n, j]: position in kept_k of the j-th kept key of key block n, or -1.
+    per_block = _cdiv(S, s) + 1
+    first = torch.div(torch.arange(nkb, device=dev) * S + s - 1, s, rounding_mode="floor")
+    slot = first[:, None] + torch.arange(per_block, device=dev)[None, :]
+    slot = torch.where((slot * s < (torch.arange(nkb, device=dev)[:, None] + 1) * S) & (slot < kept_k.numel()), slot, -1)
+    res = torch.zeros(G, nqb, nkb, dtype=qbar.dtype, device=dev)
+    gchunk = max(1, _CHUNK_ELEMS // max(1, S * kept_k.numel()))
+    for m in range(nqb):
+        r = torch.arange(m * S, min(nq, (m + 1) * S), device=dev)
+        qi = r[(off + r) % s == 0]
+        if qi.numel() == 0:
+            continue  # no kept query: the row stays 0
+        t_vis = (off + int(qi[-1])) // s + 1 if causal else kept_k.numel()  # kept keys any row may see
+        for g0 in range(0, G, gchunk):
+            g1 = min(G, g0 + gchunk)
+            logits = torch.matmul(qbar[qi, g0:g1].transpose(0, 1), kk[g0:g1, :, :t_vis]) * scale  # [g, R, T]
+            if causal:
+                logits.masked_fill_(kept_k[None, None, :t_vis] > (off + qi)[None, :, None], float("-inf"))
+            pm = torch.softmax(logits, dim=-1).amax(dim=1)  # [g, T]: max over the block's kept queries
+            pm = torch.cat([pm, pm.new_zeros(g1 - g0, 1)], dim=1)
+            sl = torch.where((slot >= 0) & (slot < t_vis), slot, t_vis)  # -> the zero column
+            res[g0:g1, m] = pm[:, sl].amax(dim=-1)
+    return res.float()
+
+
+# ---------------------------------------------------------------- stage 2
+
+
+def head_budgets(q: Tensor, k: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+                 max_seqlen_q: int, max_seqlen_k: int, block_size: int, gamma: float, sink_blocks: int,
+                 local_blocks: int, softmax_scale: float, causal: bool) -> Tensor:
+    hq = q.shape[-2]
+    out = torch.zeros(_batch(q, cu_seqlens_q), hq, dtype=torch.int32, device=q.device)
+    for b, _, q_b, k_b, _ in _sequences(q, k, None, cu_seqlens_q, cu_seqlens_k):
+        w = last_block_mass(q_b, k_b, block_size, softmax_scale, causal)
+        out[b] = torch.from_numpy(_kstar_from_mass(w, q_b.shape[0], k_b.shape[0], block_size, gamma,
+                                                   sink_blocks, local_blocks, causal)).to(q.device)
+    return out
+
+
+def last_block_mass(q_b: Tensor, k_b: Tensor, S: int, scale: float, causal: bool) -> Tensor:
+    """w [Hq, c_last] fp32: mean block mass of each head's last S query rows, normalised to sum 1."""
+    nq, hq, d = q_b.shape
+    nk, hkv, _ = k_b.shape
+    dt = _math_dtype(q_b)
+    nkb = _cdiv(nk, S)
+    rows = min(S, nq)
+    off = nk - nq
+    pos = off + torch.arange(nq - rows, nq, device=q_b.device)
+    keys = torch.arange(nk, device=q_b.device)
+    qr = q_b[nq - rows:].to(dt).transpose(0, 1)  # [Hq, R, D]
+    kh = k_b.to(dt).permute(1, 2, 0)  # [Hkv, D, Nk]
+    rep = hq // hkv
+    w = torch.empty(hq, nkb, dtype=dt, device=q_b.device)
+    per = max(1, _CHUNK_ELEMS // (rows * nk))
+    for h0 in range(0, hq, per):
+        hs = torch.arange(h0, min(hq, h0 + per), device=q_b.device)
+        logits = torch.matmul(qr[hs], kh[hs // rep]) * scale  # [h, R, Nk]
+        if causal:
+            logits.masked_fill_(keys[None, None, :] > pos[None, :, None], float("-inf"))
+        a = torch.softmax(logits, dim=-1)
+        a = torch.nn.functional.pad(a, (0, nkb * S - nk))
+        w[hs] = a.view(len(hs), rows, nkb, S).sum(dim=-1).mean(dim=1)
+    c_last = candidate_count(_cdiv(nq, S) - 1, nq, nk, S, causal)
+    w = w[:, :c_last].float()
+    return w / w.sum(dim=-1, keepdim=True)
+
+
+def _kstar_from_mass(w: Tensor, nq: int, nk: int, S: int, gamma: float, sink: int, local: int,
+                     causal: bool) -> np.ndarray:
+    """k* per head: base (forced mass) first, then sorted masses added one at a time in fp32."""
+    c_last = w.shape[-1]
+    forced = forced_mask(c_last, sink, local, c_last).numpy()
+    wn = w.detach().cpu().numpy().astype(np.float32)
+    g = np.float32(gamma)
+    out = np.zeros(wn.shape[0], dtype=np.int32)
+    for h in range(wn.shape[0]):
+        base = np.float32(0.0)
+        for x in wn[h][forced]:  # ascending block order, fp32
+            base = np.float32(base + x)
+        if base >= g:
+            continue
+        rest = -np.sort(-wn[h][~forced], kind="stable")
+        run = np.add.accumulate(np.concatenate([[base], rest]).astype(np.float32), dtype=np.float32)[1:]
+        hit = np.nonzero(run >= g)[0]
+        out[h] = hit[0] + 1 if hit.size else rest.size
+    return out
+
+
+# ---------------------------------------------------------------- stage 3
+
+
+def select_blocks(scores: Tensor, kstar: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+                  max_seqlen_q: int, max_seqlen_k: int, block_size: int, sink_blocks: int, local_blocks: int,
+                  min_budget: int, causal: bool) -> Tuple[Tensor, Tensor]:
+    B, G, nqb, nkb = scores.shape
+    hq = kstar.shape[1]
+    S = block_size
+    dev = scores.device
+    counts = torch.zeros(B, hq, nqb, dtype=torch.int32, device=dev)
+    indices = torch.full((B, hq, nqb, nkb), -1, dtype=torch.int32, device=dev)
+    if cu_seqlens_q is None:
+        lens = [(max_seqlen_q, max_seqlen_k)] * B
+    else:
+        cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        lens = [(cq[b + 1] - cq[b], ck[b + 1] - ck[b]) for b in range(B)]
+    ks = kstar.detach().to("cpu", torch.int64)
+    per_group = hq // G
+    min_blocks = _cdiv(min_budget, S)
+    n = torch.arange(nkb, device=dev)
+    for b, (nq, nk) in enumerate(lens):
+        nqb_b = _cdiv(nq, S)
+        c = [candidate_count(m, nq, nk, S, causal) for m in range(nqb_b)]
+        f = [forced_count(cm, sink_blocks, local_blocks) for cm in c]
+        c_last, f_last = c[-1], f[-1]
+        c_t = torch.tensor(c, device=dev)
+        cand = n[None, :] < c_t[:, None]  # [nqb_b, nkb]
+        forced = cand & ((n[None, :] < sink_blocks) | (n[None, :] >= (c_t - local_blocks)[:, None]))
+        for h in range(hq):
+            kh = min(max(int(ks[b, h]), 0), c_last - f_last)  # budgets are clamped to what exists
+            km = []
+            for cm, fm in zip(c, f):
+                extra = _cdiv(kh * (cm - fm), c_last - f_last) if c_last > f_last else 0
+                km.append(min(cm, max(fm + extra, min_blocks)))
+            sc = scores[b, h // per_group, :nqb_b].to(torch.float32)
+            key = torch.where(forced, torch.inf, torch.where(cand, sc, -torch.inf))
+            order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+            km_t = torch.tensor(km, device=dev)
+            take = n[None, :] < km_t[:, None]
+            chosen = torch.where(take, order, nkb)  # nkb sorts after every real block
+            chosen = torch.sort(chosen, dim=-1).values
+            indices[b, h, :nqb_b] = torch.where(chosen < nkb, chosen, -1).to(torch.int32)
+            counts[b, h, :nqb_b] = km_t.to(torch.int32)
+    return counts, indices
+
+
+# ---------------------------------------------------------------- stage 4
+
+
+def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, counts: Tensor, indices: Tensor,
+                           cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
+                           max_seqlen_k: int, block_size: int, softmax_scale: float, causal: bool
+                           ) -> Tuple[Tensor, Tensor]:
+    """Softmax over the selected key blocks that each row may see. Indices past counts, and
+    indices outside the sequence's key blocks, are ignored."""
+    varlen = cu_seqlens_q is not None
+    hq = q.shape[-2]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((hq, q.shape[0]) if varlen else (q.shape[0], hq, q.shape[1]),
+                      dtype=torch.float32, device=q.device)
+    for b, rows, q_b, k_b, v_b in _sequences(q, k, v, cu_seqlens_q, cu_seqlens_k):
+        nq, nk = q_b.shape[0], k_b.shape[0]
+        nqb, nkb = _cdiv(nq, block_size), _cdiv(nk, block_size)
+        idx = indices[b, :, :nqb].long()
+        valid = (torch.arange(idx.shape[-1], device=q.device) < counts[b, :, :nqb, None]) & (idx >= 0) & (idx < nkb)
+        mask = torch.zeros(hq, nqb, nkb + 1, dtype=torch.bool, device=q.device)
+        mask.scatter_(2, torch.where(valid, idx, nkb), True)
+        o_b, l_b = attention_with_block_mask(q_b, k_b, v_b, mask[..., :nkb], block_size, softmax_scale, causal)
+        if varlen:
+            out[rows] = o_b
+            lse[:, rows] = l_b
+        else:
+            out[b] = o_b
+            lse[b] = l_b
+    return out, lse
+
+
+def attention_with_block_mask(q_b: Tensor, k_b: Tensor, v_b: Tensor, block_mask: Optional[Tensor], S: int,
+                              scale: float, causal: bool) -> Tuple[Tensor, Tensor]:
+    """One sequence: q_b [Nq, Hq, D], k_b/v_b [Nk, Hkv, D], block_mask bool [Hq, nqb, nkb] or None
+    (dense). Returns out [Nq, Hq, D] (q's dtype) and lse fp32 [Hq, Nq]."""
+    nq, hq, d = q_b.shape
+    nk, hkv, _ = k_b.shape
+    dt = _math_dtype(q_b)
+    rep = hq // hkv
+    off = nk - nq
+    dev = q_b.device
+    out = torch.empty(nq, hq, d, dtype=q_b.dtype, device=dev)
+    lse = torch.empty(hq, nq, dtype=torch.float32, device=dev)
+    keys = torch.arange(nk, device=dev)
+    for r0 in range(0, nq, S):
+        r1 = min(nq, r0 + S)
+        pos = off + torch.arange(r0, r1, device=dev)
+        kend = min(nk, off + r1) if causal else nk  # keys past kend are invisible to the whole chunk
+        if kend <= 0:
+            out[r0:r1] = 0
+            lse[:, r0:r1] = -math.inf
+            continue
+        per = max(1, _CHUNK_ELEMS // ((r1 - r0) * kend))
+        for h0 in range(0, hq, per):
+            hs = torch.arange(h0, min(hq, h0 + per), device=dev)
+            qc = q_b[r0:r1, hs].to(dt).transpose(0, 1)  # [h, R, D]
+            kc = k_b[:kend].to(dt)[:, hs // rep].permute(1, 2, 0)  # [h, D, L]
+            vc = v_b[:kend].to(dt)[:, hs // rep].transpose(0, 1)  # [h, L, D]
+            logits = torch.matmul(qc, kc) * scale
+            allowed = torch.ones_like(logits, dtype=torch.bool)
+            if causal:
+                allowed &= keys[None, None, :kend] <= pos[None, :, None]
+            if block_mask is not None:
+                bm = block_mask[hs, r0 // S][:, keys[:kend] // S]  # [h, L]
+                allowed &= bm[:, None, :]
+            logits.masked_fill_(~allowed, -math.inf)
+            l = torch.logsumexp(logits, dim=-1)  # -inf for rows that see nothing
+            p = torch.exp(logits - torch.where(torch.isinf(l), 0.0, l)[..., None])
+            o = torch.matmul(p, vc)  # rows that see nothing: p == 0 -> o == 0
+            out[r0:r1, hs] = o.transpose(0, 1).to(q_b.dtype)
+            lse[hs, r0:r1] = l.float()
+    return out, lse
+
+
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+                    softmax_scale: float, causal: bool) -> Tuple[Tensor, Tensor]:
+    """Dense attention (bottom-right causal) in the same layouts, chunked."""
+    varlen = cu_seqlens_q is not None
+    hq = q.shape[-2]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((hq, q.shape[0]) if varlen else (q.shape[0], hq, q.shape[1]),
+                      dtype=torch.float32, device=q.device)
+    for b, rows, q_b, k_b, v_b in _sequences(q, k, v, cu_seqlens_q, cu_seqlens_k):
+        o_b, l_b = attention_with_block_mask(q_b, k_b, v_b, None, 128, softmax_scale, causal)
+        if varlen:
+            out[rows], lse[:, rows] = o_b, l_b
+        else:
+            out[b], lse[b] = o_b, l_b
+    return out, lse
+
+
+# ---------------------------------------------------------------- composite
+
+
+def proxy_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+                    max_seqlen_q: int, max_seqlen_k: int, block_size: int, num_proxy_heads: int, stride: int,
+                    gamma: float, min_budget: int, sink_blocks: int, local_blocks: int, softmax_scale: float,
+                    causal: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Stages 1-4. Returns out, lse, kstar, counts, indices."""
+    scores = proxy_block_scores(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size,
+                                num_proxy_heads, stride, softmax_scale, causal)
+    kstar = head_budgets(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, gamma,
+                         sink_blocks, local_blocks, softmax_scale, causal)
+    counts, indices = select_blocks(scores, kstar, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                    block_size, sink_blocks, local_blocks, min_budget, causal)
+    out, lse = block_sparse_attention(q, k, v, counts, indices, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                      max_seqlen_k, block_size, softmax_scale, causal)
+    return out, lse, kstar, counts, indices
