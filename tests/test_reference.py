@@ -1,0 +1,343 @@
+"""CPU tests of the reference pipeline (DESIGN.md section 2) and of the public API on CPU.
+
+Independent oracles here (per-row Python loops) check the vectorised reference."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import proxyattn as pa
+from proxyattn import reference as ref
+
+
+def _rand(B, nq, nk, hq, hkv, d, dtype=torch.float32):
+    q = torch.randn(B, nq, hq, d, dtype=dtype)
+    k = torch.randn(B, nk, hkv, d, dtype=dtype)
+    v = torch.randn(B, nk, hkv, d, dtype=dtype)
+    return q, k, v
+
+
+def _sdpa64(q, k, v, causal, scale=None):
+    """Dense attention in fp64 through torch SDPA, bottom-right causal."""
+    hq, hkv = q.shape[2], k.shape[2]
+    qt = q.double().transpose(1, 2)
+    kt = k.double().repeat_interleave(hq // hkv, dim=2).transpose(1, 2)
+    vt = v.double().repeat_interleave(hq // hkv, dim=2).transpose(1, 2)
+    nq, nk = q.shape[1], k.shape[1]
+    mask = None
+    if causal:
+        mask = torch.ones(nq, nk, dtype=torch.bool).tril(diagonal=nk - nq)
+    return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale).transpose(1, 2)
+
+
+DENSE_CFG = dict(gamma=1.0, min_budget=10**9, dense_below=0)
+
+
+@pytest.mark.parametrize("B,nq,nk,hq,hkv", [
+    (1, 200, 200, 4, 4),    # MHA, not a multiple of the block
+    (2, 257, 257, 8, 2),    # GQA 4, B > 1
+    (2, 100, 300, 4, 1),    # Nq < Nk: bottom-right causal, MQA
+    (1, 64, 64, 2, 2),      # exactly one block
+])
+@pytest.mark.parametrize("block", [64, 128])
+def test_full_budget_equals_dense(B, nq, nk, hq, hkv, block):
+    q, k, v = _rand(B, nq, nk, hq, hkv, 64)
+    cfg = pa.ProxyAttnConfig(block_size=block, **DENSE_CFG)
+    out, sel = pa.proxy_attention(q, k, v, cfg, return_selection=True)
+    want = _sdpa64(q, k, v, causal=True)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-4)
+    assert not sel.dense
+    assert torch.all(sel.density == 1.0)
+
+
+def test_non_causal_full_budget_equals_dense():
+    q, k, v = _rand(2, 150, 330, 4, 2, 128)
+    cfg = pa.ProxyAttnConfig(block_size=64, **DENSE_CFG)
+    out = pa.proxy_attention(q, k, v, cfg, causal=False)
+    torch.testing.assert_close(out.double(), _sdpa64(q, k, v, causal=False), atol=2e-5, rtol=1e-4)
+
+
+def test_dense_below_path_equals_dense():
+    q, k, v = _rand(1, 190, 190, 4, 2, 64)
+    out, sel = pa.proxy_attention(q, k, v, pa.ProxyAttnConfig(dense_below=10**6), return_selection=True)
+    torch.testing.assert_close(out.double(), _sdpa64(q, k, v, True), atol=2e-5, rtol=1e-4)
+    assert sel.dense and torch.all(sel.density == 1.0)
+
+
+def test_sparse_output_matches_masked_dense():
+    """With a real budget, the output equals dense attention under the expanded block mask."""
+    B, n, hq, hkv, S = 1, 700, 4, 2, 64
+    q, k, v = _rand(B, n, n, hq, hkv, 64)
+    cfg = pa.ProxyAttnConfig(block_size=S, gamma=0.6, min_budget=S, dense_below=0)
+    out, sel = pa.proxy_attention(q, k, v, cfg, return_selection=True)
+    assert torch.all(sel.density < 1.0), "test needs a sparse selection"
+    nqb, nkb = sel.counts.shape[2], sel.indices.shape[3]
+    blockmask = torch.zeros(B, hq, nqb, nkb + 1, dtype=torch.bool)
+    blockmask.scatter_(3, torch.where(sel.indices >= 0, sel.indices, nkb).long(), True)
+    tok = blockmask[..., :nkb].repeat_interleave(S, 2).repeat_interleave(S, 3)[:, :, :n, :n]
+    tok &= torch.ones(n, n, dtype=torch.bool).tril()
+    qt, kt, vt = (t.double().repeat_interleave(hq // t.shape[2], 2).transpose(1, 2) for t in (q, k, v))
+    want = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=tok).transpose(1, 2)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ selection invariants
+
+
+def _candidates(m, nq, nk, S, causal):
+    nkb = -(-nk // S)
+    if not causal:
+        return nkb
+    last = min((m + 1) * S, nq) - 1
+    return (nk - nq + last) // S + 1
+
+
+@pytest.mark.parametrize("nq,nk,S,sink,local,min_budget,causal", [
+    (1000, 1000, 64, 1, 1, 128, True),
+    (300, 1100, 128, 2, 2, 0, True),
+    (777, 777, 64, 0, 3, 64, True),
+    (500, 900, 64, 1, 1, 256, False),
+])
+def test_selection_invariants(nq, nk, S, sink, local, min_budget, causal):
+    hq, hkv = 4, 2
+    q, k, _ = _rand(2, nq, nk, hq, hkv, 64)
+    kw = dict(block_size=S, causal=causal)
+    scores = pa.proxy_block_scores(q, k, num_proxy_heads=2, stride=3, **kw)
+    kstar = pa.head_budgets(q, k, gamma=0.8, sink_blocks=sink, local_blocks=local, **kw)
+    counts, idx = pa.select_blocks(scores, kstar, seqlen_q=nq, seqlen_k=nk, sink_blocks=sink, local_blocks=local,
+                                   min_budget=min_budget, **kw)
+    nqb, nkb = -(-nq // S), -(-nk // S)
+    assert counts.shape == (2, hq, nqb) and idx.shape == (2, hq, nqb, nkb)
+    assert counts.dtype == idx.dtype == torch.int32
+    c_last = _candidates(nqb - 1, nq, nk, S, causal)
+    f_last = ref.forced_count(c_last, sink, local)
+    for b in range(2):
+        for h in range(hq):
+            for m in range(nqb):
+                c = _candidates(m, nq, nk, S, causal)
+                row = idx[b, h, m].tolist()
+                cnt = int(counts[b, h, m])
+                sel = row[:cnt]
+                assert all(x == -1 for x in row[cnt:]), "padding must be -1"
+                assert sel == sorted(sel) and len(set(sel)) == cnt, "ascending, distinct"
+                assert all(0 <= x < c for x in sel), "only candidates"
+                forced = set(range(min(sink, c))) | set(range(max(0, c - local), c))
+                assert forced <= set(sel), "forced blocks kept"
+                f = len(forced)
+                ks = int(kstar[b, h])
+                extra = -(-ks * (c - f) // (c_last - f_last)) if c_last > f_last else 0
+                assert cnt == min(c, max(f + extra, -(-min_budget // S)))
+
+
+def _naive_select(scores_row, c, sink, local, k_m):
+    forced = set(range(min(sink, c))) | set(range(max(0, c - local), c))
+    rest = sorted((n for n in range(c) if n not in forced), key=lambda n: (-scores_row[n], n))
+    return sorted(forced | set(rest[: k_m - len(forced)]))
+
+
+def test_select_blocks_matches_naive_with_ties():
+    B, G, hq, nq, nk, S = 2, 2, 4, 900, 1300, 64
+    nqb, nkb = -(-nq // S), -(-nk // S)
+    scores = torch.randint(0, 4, (B, G, nqb, nkb)).float() / 4  # many ties
+    kstar = torch.randint(0, nkb, (B, hq), dtype=torch.int32)
+    counts, idx = pa.select_blocks(scores, kstar, seqlen_q=nq, seqlen_k=nk, block_size=S, min_budget=0)
+    for b in range(B):
+        for h in range(hq):
+            for m in range(nqb):
+                cnt = int(counts[b, h, m])
+                c = _candidates(m, nq, nk, S, True)
+                want = _naive_select(scores[b, h // (hq // G), m].tolist(), c, 1, 1, cnt)
+                assert idx[b, h, m, :cnt].tolist() == want
+
+
+def test_budgets_monotone_in_gamma():
+    q, k, _ = _rand(2, 640, 640, 4, 2, 64)
+    q = q * 3  # sharper attention, budgets spread out
+    prev = None
+    for gamma in (0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.99, 1.0):
+        ks = pa.head_budgets(q, k, block_size=64, gamma=gamma)
+        if prev is not None:
+            assert torch.all(ks >= prev), f"budget shrank at gamma={gamma}"
+        prev = ks
+    nkb = 10
+    assert torch.all(prev == nkb - 2), "gamma = 1 needs every non-forced block"
+
+
+def _naive_kstar(q, k, S, gamma, sink, local, scale):
+    """Per head, per row loops in fp64 except the fp32 accumulation the design fixes."""
+    nq, hq, d = q.shape
+    nk, hkv, _ = k.shape
+    rows = range(nq - min(S, nq), nq)
+    nkb = -(-nk // S)
+    out = []
+    for h in range(hq):
+        w = np.zeros(nkb)
+        for i in rows:
+            pos = nk - nq + i
+            lg = np.array([scale * float(q[i, h].double() @ k[t, h // (hq // hkv)].double()) for t in range(pos + 1)])
+            a = np.exp(lg - lg.max())
+            a /= a.sum()
+            for t in range(pos + 1):
+                w[t // S] += a[t]
+        w = (w / len(rows)).astype(np.float32)
+        w = w / w.sum()
+        forced = set(range(min(sink, nkb))) | set(range(max(0, nkb - local), nkb))
+        base = np.float32(sum(np.float32(w[n]) for n in sorted(forced)))
+        if base >= np.float32(gamma):
+            out.append(0)
+            continue
+        rest = sorted((w[n] for n in range(nkb) if n not in forced), reverse=True)
+        run, cnt = np.float32(base), len(rest)
+        for j, x in enumerate(rest):
+            run = np.float32(run + np.float32(x))
+            if run >= np.float32(gamma):
+                cnt = j + 1
+                break
+        out.append(cnt)
+    return out
+
+
+def test_head_budgets_match_naive():
+    nq, nk, S = 150, 520, 64
+    q = torch.randn(1, nq, 2, 64) * 2
+    k = torch.randn(1, nk, 1, 64)
+    for gamma in (0.5, 0.8):
+        got = pa.head_budgets(q, k, block_size=S, gamma=gamma)[0].tolist()
+        assert got == _naive_kstar(q[0], k[0], S, gamma, 1, 1, 64 ** -0.5)
+
+
+@pytest.mark.parametrize("G", [1, 2, 4, 8])
+@pytest.mark.parametrize("nq,nk,stride", [(150, 150, 3), (70, 200, 4), (130, 130, 1)])
+def test_proxy_pooling_matches_hand_computation(G, nq, nk, stride):
+    hq, hkv, S, d = 8, 4, 64, 64
+    q, k, _ = _rand(1, nq, nk, hq, hkv, d)
+    got = pa.proxy_block_scores(q, k, block_size=S, num_proxy_heads=G, stride=stride)
+    scale = d ** -0.5
+    nqb, nkb = -(-nq // S), -(-nk // S)
+    want = torch.zeros(G, nqb, nkb, dtype=torch.float64)
+    for g in range(G):
+        qheads = list(range(g * hq // G, (g + 1) * hq // G))
+        kheads = sorted({h // (hq // hkv) for h in qheads})
+        qbar = sum(q[0, :, h].double() for h in qheads) / len(qheads)
+        kbar = sum(k[0, :, h].double() for h in kheads) / len(kheads)
+        for i in range(nq):
+            pos = nk - nq + i
+            if pos % stride:
+                continue
+            keys = [t for t in range(0, pos + 1) if t % stride == 0]
+            lg = torch.stack([scale * qbar[i] @ kbar[t] for t in keys])
+            p = torch.softmax(lg, 0)
+            for t, pt in zip(keys, p):
+                want[g, i // S, t // S] = max(want[g, i // S, t // S], pt)
+    torch.testing.assert_close(got[0].double(), want, atol=1e-6, rtol=1e-5)
+
+
+def test_varlen_equals_per_sequence():
+    lens_q, lens_k = [70, 300, 129], [200, 300, 400]
+    hq, hkv, d = 4, 2, 64
+    cfg = pa.ProxyAttnConfig(block_size=64, gamma=0.7, min_budget=64, dense_below=0, num_proxy_heads=2)
+    qs = [torch.randn(n, hq, d) for n in lens_q]
+    ks = [torch.randn(n, hkv, d) for n in lens_k]
+    vs = [torch.randn(n, hkv, d) for n in lens_k]
+    cu_q = torch.tensor([0] + np.cumsum(lens_q).tolist(), dtype=torch.int32)
+    cu_k = torch.tensor([0] + np.cumsum(lens_k).tolist(), dtype=torch.int32)
+    out, sel = pa.proxy_attention_varlen(torch.cat(qs), torch.cat(ks), torch.cat(vs), cu_q, cu_k, max(lens_q),
+                                         max(lens_k), cfg, return_selection=True)
+    for b in range(3):
+        o_b, s_b = pa.proxy_attention(qs[b][None], ks[b][None], vs[b][None], cfg, return_selection=True)
+        assert torch.equal(out[cu_q[b]: cu_q[b + 1]], o_b[0])
+        nqb, nkb = s_b.counts.shape[2], s_b.indices.shape[3]
+        assert torch.equal(sel.counts[b, :, :nqb], s_b.counts[0])
+        assert torch.all(sel.counts[b, :, nqb:] == 0)
+        assert torch.equal(sel.indices[b, :, :nqb, :nkb], s_b.indices[0])
+        assert torch.all(sel.indices[b, :, :, nkb:] == -1)
+        assert torch.equal(sel.kstar[b], s_b.kstar[0])
+        torch.testing.assert_close(sel.density[b], s_b.density[0])
+
+
+def test_block_sparse_attention_lse_and_empty_rows():
+    q, k, v = _rand(1, 130, 130, 2, 1, 64)
+    nqb, nkb = 3, 3
+    counts = torch.tensor([[[1, 1, 0], [0, 2, 1]]], dtype=torch.int32)
+    idx = torch.full((1, 2, nqb, nkb), -1, dtype=torch.int32)
+    idx[0, 0, 0, 0] = 0
+    idx[0, 0, 1, 0] = 0
+    idx[0, 1, 1, :2] = torch.tensor([0, 1])
+    idx[0, 1, 2, 0] = 1  # rows of block 2 see keys 128..129 only through block 2: not selected
+    out, lse = pa.block_sparse_attention(q, k, v, counts, idx, block_size=64)
+    assert lse.shape == (1, 2, 130) and lse.dtype == torch.float32
+    assert torch.all(out[0, 128:, 0] == 0) and torch.all(lse[0, 0, 128:] == -math.inf)  # count 0
+    assert torch.all(out[0, :64, 1] == 0) and torch.all(lse[0, 1, :64] == -math.inf)
+    # head 1, block 2: rows 128, 129 see keys 64..127 of block 1
+    kk = k[0, 64:128, 0].double()
+    lg = q[0, 128, 1].double() @ kk.T * 64 ** -0.5
+    torch.testing.assert_close(lse[0, 1, 128].double(), torch.logsumexp(lg, 0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[0, 128, 1].double(), torch.softmax(lg, 0) @ v[0, 64:128, 0].double(),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_reference_is_chunked(monkeypatch):
+    """No tensor of N x N elements: with a small chunk bound every intermediate stays small."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MaxNumel(TorchDispatchMode):
+        biggest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            res = func(*args, **(kwargs or {}))
+            for t in (res if isinstance(res, (tuple, list)) else [res]):
+                if isinstance(t, torch.Tensor):
+                    MaxNumel.biggest = max(MaxNumel.biggest, t.numel())
+            return res
+
+    monkeypatch.setattr(ref, "_CHUNK_ELEMS", 1 << 16)
+    n, hq, hkv, d = 2048, 2, 1, 64
+    q, k, v = _rand(1, n, n, hq, hkv, d)
+    cfg = pa.ProxyAttnConfig(block_size=64, gamma=0.9, min_budget=64, dense_below=0)
+    with MaxNumel():
+        pa.proxy_attention(q, k, v, cfg)
+    bound = 8 * (1 << 16) + n * hq * d
+    assert MaxNumel.biggest <= bound < n * n, (MaxNumel.biggest, bound)
+
+
+# ------------------------------------------------------------------ torch.library
+
+
+def _op_samples():
+    q, k, v = _rand(2, 200, 200, 4, 2, 64)
+    cu = torch.tensor([0, 90, 200], dtype=torch.int32)
+    qv, kv, vv = q[0], k[0], v[0]
+    s = 64 ** -0.5
+    scores = torch.rand(2, 2, 4, 4)
+    kstar = torch.randint(0, 3, (2, 4), dtype=torch.int32)
+    counts, idx = ref.select_blocks(scores, kstar, None, None, 200, 200, 64, 1, 1, 0, True)
+    counts_v, idx_v = ref.select_blocks(scores, kstar, cu, cu, 110, 110, 64, 1, 1, 0, True)
+    return [
+        ("proxy_block_scores", (q, k, None, None, 200, 200, 64, 2, 4, s, True)),
+        ("proxy_block_scores", (qv, kv, cu, cu, 110, 110, 64, 1, 3, s, True)),
+        ("head_budgets", (q, k, None, None, 200, 200, 64, 0.9, 1, 1, s, True)),
+        ("head_budgets", (qv, kv, cu, cu, 110, 110, 64, 0.9, 1, 1, s, False)),
+        ("select_blocks", (scores, kstar, None, None, 200, 200, 64, 1, 1, 128, True)),
+        ("block_sparse_attention", (q, k, v, counts, idx, None, None, 200, 200, 64, s, True)),
+        ("block_sparse_attention", (qv, kv, vv, counts_v[:, :, :2], idx_v[:, :, :2, :2], cu, cu, 110, 110, 64, s,
+                                    True)),
+    ]
+
+
+@pytest.mark.skipif(not pa.HAS_EXTENSION, reason=f"proxyattn._C not built: {pa.EXTENSION_ERROR}")
+@pytest.mark.parametrize("i", range(7))
+def test_opcheck_cpu(i):
+    name, args = _op_samples()[i]
+    torch.library.opcheck(getattr(torch.ops.proxyattn, name), args)
+
+
+@pytest.mark.skipif(not pa.HAS_EXTENSION, reason=f"proxyattn._C not built: {pa.EXTENSION_ERROR}")
+def test_compile_fullgraph_cpu():
+    q, k, v = _rand(1, 300, 300, 4, 2, 64)
+    cfg = pa.ProxyAttnConfig(block_size=64, gamma=0.8, min_budget=64, dense_below=0)
+    want = pa.proxy_attention(q, k, v, cfg)
+    got = torch.compile(lambda a, b, c: pa.proxy_attention(a, b, c, cfg), fullgraph=True)(q, k, v)
+    assert torch.equal(got, want)

@@ -1,0 +1,161 @@
+"""Bad input is rejected before any kernel runs, with a message naming the problem."""
+import pytest
+import torch
+
+import proxyattn as pa
+
+
+def _qkv(B=1, nq=130, nk=130, hq=4, hkv=2, d=64, dtype=torch.float32):
+    return (torch.randn(B, nq, hq, d, dtype=dtype), torch.randn(B, nk, hkv, d, dtype=dtype),
+            torch.randn(B, nk, hkv, d, dtype=dtype))
+
+
+CFG = pa.ProxyAttnConfig(block_size=64, dense_below=0)
+
+
+def _call(q, k, v, **kw):
+    return pa.proxy_attention(q, k, v, CFG, **kw)
+
+
+@pytest.mark.parametrize("mutate,exc,match", [
+    (lambda q, k, v: (q, k.double(), v), TypeError, "share one dtype"),
+    (lambda q, k, v: (q.double(), k.double(), v.double()), TypeError, "unsupported dtype"),
+    (lambda q, k, v: (q.to(torch.int32), k.to(torch.int32), v.to(torch.int32)), TypeError, "unsupported dtype"),
+    (lambda q, k, v: (q[0], k[0], v[0]), ValueError, "rank 4"),
+    (lambda q, k, v: tuple(torch.randn(*t.shape[:-1], 128)[..., ::2] for t in (q, k, v)), ValueError,
+     "contiguous last dimension"),
+    (lambda q, k, v: (q[..., :48].contiguous(), k[..., :48].contiguous(), v[..., :48].contiguous()), ValueError,
+     "head_dim must be one of"),
+    (lambda q, k, v: (q, k, v[:, :100]), ValueError, "same shape"),
+    (lambda q, k, v: (q[:, :, :3], k, v), ValueError, "multiple of the 2 KV heads"),
+    (lambda q, k, v: (q, torch.cat([k, k]), torch.cat([v, v])), ValueError, "same batch size"),
+    (lambda q, k, v: (q, k[:, :100], v[:, :100]), ValueError, "seqlen_q <= seqlen_k"),
+    (lambda q, k, v: (q[:, :0], k, v), ValueError, "zero-length"),
+    (lambda q, k, v: (q, k.transpose(1, 2).contiguous().transpose(1, 2)[..., ::1], v), None, None),
+    (lambda q, k, v: ("q", k, v), TypeError, "torch.Tensor"),
+])
+def test_bad_tensors(mutate, exc, match):
+    q, k, v = mutate(*_qkv())
+    if exc is None:  # any strides with a contiguous last dim are accepted
+        assert torch.isfinite(_call(q, k, v)).all()
+        return
+    with pytest.raises(exc, match=match):
+        _call(q, k, v)
+
+
+def test_dtype_and_device_messages_name_both():
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match=r"q is torch.float32, v is torch.float16"):
+        _call(q, k, v.half())
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="one device"):
+            _call(q, k.cuda(), v.cuda())
+
+
+def test_non_causal_allows_longer_queries():
+    q, k, v = _qkv(nq=200, nk=130)
+    out = _call(q, k, v, causal=False)
+    assert out.shape == q.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(gamma=0.0), ValueError, r"gamma must be in \(0, 1\]"),
+    (dict(gamma=1.5), ValueError, r"gamma must be in \(0, 1\]"),
+    (dict(gamma=float("nan")), ValueError, "gamma"),
+    (dict(stride=0), ValueError, "stride must be in"),
+    (dict(stride=17), ValueError, "stride must be in"),
+    (dict(block_size=32), ValueError, "block_size must be one of"),
+    (dict(block_size=128.0), TypeError, "block_size must be an int"),
+    (dict(min_budget=-1), ValueError, "min_budget"),
+    (dict(sink_blocks=-1), ValueError, "sink_blocks"),
+    (dict(local_blocks=-2), ValueError, "local_blocks"),
+    (dict(num_proxy_heads=0), ValueError, "num_proxy_heads"),
+    (dict(dense_below=-5), ValueError, "dense_below"),
+    (dict(softmax_scale=-1.0), ValueError, "softmax_scale"),
+    (dict(gamma="high"), TypeError, "gamma must be a float"),
+])
+def test_bad_config(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        pa.ProxyAttnConfig(**kw)
+
+
+@pytest.mark.parametrize("g,ok", [(1, True), (2, True), (3, False), (4, True), (8, True), (6, False), (16, False)])
+def test_proxy_grouping_rule(g, ok):
+    q, k, v = _qkv(hq=8, hkv=2)
+    cfg = pa.ProxyAttnConfig(block_size=64, dense_below=0, num_proxy_heads=g)
+    if ok:
+        assert pa.proxy_attention(q, k, v, cfg).shape == q.shape
+    else:
+        with pytest.raises(ValueError, match=f"num_proxy_heads={g}"):
+            pa.proxy_attention(q, k, v, cfg)
+
+
+def test_config_type_checked():
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match="ProxyAttnConfig"):
+        pa.proxy_attention(q, k, v, {"gamma": 0.9})
+
+
+def _varlen():
+    q = torch.randn(300, 4, 64)
+    k = torch.randn(300, 2, 64)
+    v = torch.randn(300, 2, 64)
+    return q, k, v
+
+
+@pytest.mark.parametrize("cu,maxlen,exc,match", [
+    (torch.tensor([0, 100, 300], dtype=torch.int64), 200, TypeError, "int32"),
+    (torch.tensor([[0, 100, 300]], dtype=torch.int32), 200, ValueError, "1-D"),
+    (torch.tensor([0], dtype=torch.int32), 200, ValueError, "1-D"),
+    (torch.tensor([5, 100, 300], dtype=torch.int32), 200, ValueError, "start at 0"),
+    (torch.tensor([0, 200, 100, 300], dtype=torch.int32), 200, ValueError, "non-decreasing"),
+    (torch.tensor([0, 100, 100, 300], dtype=torch.int32), 200, ValueError, "zero-length"),
+    (torch.tensor([0, 100, 250], dtype=torch.int32), 200, ValueError, "total token count 300"),
+    (torch.tensor([0, 100, 300], dtype=torch.int32), 150, ValueError, "max_seqlen"),
+])
+def test_bad_cu_seqlens(cu, maxlen, exc, match):
+    q, k, v = _varlen()
+    with pytest.raises(exc, match=match):
+        pa.proxy_attention_varlen(q, k, v, cu, cu, maxlen, maxlen, CFG)
+
+
+def test_varlen_other_checks():
+    q, k, v = _varlen()
+    cu = torch.tensor([0, 100, 300], dtype=torch.int32)
+    with pytest.raises(ValueError, match="same length"):
+        pa.proxy_attention_varlen(q, k, v, cu, torch.tensor([0, 300], dtype=torch.int32), 200, 300, CFG)
+    with pytest.raises(ValueError, match="rank 3"):
+        pa.proxy_attention_varlen(q[None], k[None], v[None], cu, cu, 200, 200, CFG)
+    with pytest.raises(TypeError, match="max_seqlen_q must be an int"):
+        pa.proxy_attention_varlen(q, k, v, cu, cu, 200.0, 200, CFG)
+    cu_k = torch.tensor([0, 50, 300], dtype=torch.int32)
+    with pytest.raises(ValueError, match="sequence 0 has 100 queries and 50 keys"):
+        pa.proxy_attention_varlen(q, k, v, cu, cu_k, 200, 250, CFG)
+
+
+def test_stage_function_checks():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="stride"):
+        pa.proxy_block_scores(q, k, stride=0)
+    with pytest.raises(ValueError, match="num_proxy_heads=3"):
+        pa.proxy_block_scores(q, k, num_proxy_heads=3)
+    with pytest.raises(ValueError, match="gamma"):
+        pa.head_budgets(q, k, gamma=2.0)
+    scores = torch.rand(1, 1, 2, 2)
+    kstar = torch.zeros(1, 4, dtype=torch.int32)
+    with pytest.raises(TypeError, match="scores must be float32"):
+        pa.select_blocks(scores.double(), kstar, seqlen_q=130, seqlen_k=130, block_size=128)
+    with pytest.raises(ValueError, match=r"scores must have shape \[B, G, 3, 3\].*got \(1, 1, 2, 2\)"):
+        pa.select_blocks(scores, kstar, seqlen_q=300, seqlen_k=300, block_size=128)
+    with pytest.raises(TypeError, match="kstar must be int32"):
+        pa.select_blocks(scores, kstar.long(), seqlen_q=130, seqlen_k=130, block_size=128)
+    with pytest.raises(ValueError, match="min_budget"):
+        pa.select_blocks(scores, kstar, seqlen_q=130, seqlen_k=130, block_size=128, min_budget=-1)
+    counts = torch.ones(1, 4, 3, dtype=torch.int32)
+    idx = torch.zeros(1, 4, 3, 3, dtype=torch.int32)
+    with pytest.raises(TypeError, match="counts must be int32"):
+        pa.block_sparse_attention(q, k, v, counts.long(), idx, block_size=64)
+    with pytest.raises(ValueError, match=r"counts must have shape \(1, 4, 3\)"):
+        pa.block_sparse_attention(q, k, v, counts[:, :2], idx, block_size=64)
+    with pytest.raises(ValueError, match="indices must have shape"):
+        pa.block_sparse_attention(q, k, v, counts, idx[0], block_size=64)
