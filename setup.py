@@ -12,7 +12,6 @@ Environment:
 import glob
 import importlib.util
 import os
-import shutil
 import sys
 
 from setuptools import find_packages, setup
@@ -61,7 +60,16 @@ def gencode_flags():
     return flags
 
 
+def _default_cuda_home():
+    # nvcc on the PATH may be a wrapper script, from whose folder torch would guess a wrong
+    # toolkit root; prefer the conventional /usr/local/cuda when CUDA_HOME is unset.
+    if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
+        if os.path.exists("/usr/local/cuda/bin/nvcc"):
+            os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+
 def extension():
+    _default_cuda_home()
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, CUDAExtension
@@ -70,8 +78,10 @@ def extension():
               "then `pip install --no-build-isolation .`")
     if torch.version.cuda is None:
         _fail(f"torch {torch.__version__} is a CPU-only build; proxyattn needs a CUDA build of torch")
-    if CUDA_HOME is None or shutil.which("nvcc") is None and not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
-        _fail("nvcc not found: install the CUDA toolkit and set CUDA_HOME to its root")
+    if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        _fail(f"nvcc not found (CUDA_HOME={CUDA_HOME}): install the CUDA toolkit and set CUDA_HOME to its root")
+    if not glob.glob(os.path.join(CUDA_HOME, "lib*", "libcudart.so*")):
+        _fail(f"CUDA_HOME={CUDA_HOME} has no lib64/libcudart.so: set CUDA_HOME to the toolkit root")
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")  # our own -gencode flags decide
 
     sources = ["csrc/torch_bindings.cpp"]
