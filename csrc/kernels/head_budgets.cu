@@ -1,0 +1,341 @@
+// Stage 2 (head_budgets) kernels. Probe rows: the last R = min(S, Nq) query rows of head h
+// (sequence-local [Nq - R, Nq)); row i sees keys t <= Nk - Nq + i when causal, all keys
+// otherwise. Logits q.k (bf16/fp16 operands, exact products, fp32 accumulation on the tensor
+// cores via mma.sync m16n8k16) times scale*log2(e); softmax with exp2.
+//   1. probe_kernel<stats>: grid (splits of kProbeSplitKeys keys, Hq, B), 8 warps x 16 rows;
+//      per row an online (max, sum) over the split's keys -> partial stats.
+//   2. merge_stats_kernel: per (b, h) merge the splits (flash-decoding style).
+//   3. probe_kernel<mass>: recompute the logits, p = exp2(x - M) / L, sum over the rows and
+//      keys of each key block (blocks never straddle a split) in a fixed order -> mass / R.
+//   4. finalize_kernel: one CTA per (b, h): w = mass / sum(mass) over [0, c_last), base = sum
+//      of w over the forced blocks (ascending n), bitonic sort of the non-forced w
+//      descending, then one thread accumulates base + w_0 + w_1 + ... in fp32 and stops at
+//      the first running sum >= gamma (gamma rounded to fp32, as torch compares an fp32
+//      tensor with a Python float).
+// Deterministic. Tolerance vs the PyTorch reference: w differs from the reference's by fp32
+// rounding (~1e-7 relative, different summation order and mma accumulation), so kstar is
+// identical except for heads whose reference cumulative sum lands within ~1e-6 of gamma at
+// the crossing (or whose sorted order swaps two w within that tolerance at the crossing).
+#include "kernels/head_budgets.h"
+
+#include "kernels/estimate_common.cuh"
+
+namespace proxyattn {
+namespace {
+
+constexpr int kProbeWarps = kProbeRows / 16;
+constexpr int kProbeThreads = kProbeWarps * 32;
+constexpr int kKeyTile = 64;
+constexpr int kTilesPerSplit = kProbeSplitKeys / kKeyTile;
+constexpr int kFinalizeThreads = 1024;
+
+struct ProbeRow {
+  int lim;   // last visible key (sequence-local), -1 when the row sees nothing / is padding
+  bool valid;
+};
+
+template <typename T, int D, bool kMass>
+__global__ void __launch_bounds__(kProbeThreads, 2) probe_kernel(const HeadBudgetsParams p) {
+  constexpr int kStride = D + 8;  // halves per smem key row (conflict-free fragment loads)
+  __shared__ alignas(16) uint16_t ks[2][kKeyTile * kStride];
+  __shared__ float wsum[kProbeWarps][kTilesPerSplit];
+
+  const int sp = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int S = p.block_size;
+  const int num_splits = gridDim.x;
+  const int64_t bh = static_cast<int64_t>(b) * p.num_heads + h;
+  float2* partial = reinterpret_cast<float2*>(p.workspace) + bh * num_splits * kProbeRows;
+  const float2* merged =
+      reinterpret_cast<const float2*>(p.workspace) + static_cast<int64_t>(p.batch) * p.num_heads * num_splits * kProbeRows +
+      bh * kProbeRows;
+  float* mass_out = p.workspace + static_cast<int64_t>(p.batch) * p.num_heads * (num_splits + 1) * 2 * kProbeRows +
+                    bh * p.nkb;
+
+  const SeqBounds sb = load_seq_bounds(p.cu_seqlens_q, p.cu_seqlens_k, b, p.max_seqlen_q, p.max_seqlen_k,
+                                       p.total_q, p.total_k);
+  const int R = min(S, sb.nq);
+  const int k0 = sp * kProbeSplitKeys;
+  const int k1 = min(k0 + kProbeSplitKeys, sb.nk);
+  if (R == 0 || k0 >= k1) {
+    if (!kMass)
+      for (int r = threadIdx.x; r < kProbeRows; r += kProbeThreads) partial[static_cast<int64_t>(sp) * kProbeRows + r] = make_float2(-INFINITY, 0.f);
+    return;
+  }
+  for (int i = threadIdx.x; i < kProbeWarps * kTilesPerSplit; i += kProbeThreads) (&wsum[0][0])[i] = 0.f;
+
+  const int hk = h / (p.num_heads / p.num_kv_heads);
+  const int off = sb.nk - sb.nq;
+  ProbeRow rows[2];
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const int r = warp * 16 + g + 8 * e;
+    rows[e].valid = r < R;
+    const int pos = off + (sb.nq - R + r);
+    rows[e].lim = !rows[e].valid ? -1 : (p.causal ? min(pos, sb.nk - 1) : sb.nk - 1);
+  }
+  const bool warp_active = warp * 16 < R;
+
+  // Query fragments (A operand, row-major 16 x D per warp), straight from global memory.
+  const T* qb = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+  uint32_t qa[D / 16][4];
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const int r = warp * 16 + g + 8 * e;
+    const T* qrow = qb + (sb.q_start + (sb.nq - R + r)) * p.q_row_stride;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      qa[kk][e] = rows[e].valid ? *reinterpret_cast<const uint32_t*>(qrow + kk * 16 + 2 * t4) : 0u;
+      qa[kk][e + 2] = rows[e].valid ? *reinterpret_cast<const uint32_t*>(qrow + kk * 16 + 8 + 2 * t4) : 0u;
+    }
+  }
+
+  const float scale2 = p.softmax_scale * kLog2e;
+  float run_m[2] = {-INFINITY, -INFINITY}, run_l[2] = {0.f, 0.f};
+  float row_m[2] = {0.f, 0.f}, row_inv[2] = {0.f, 0.f};
+  if (kMass) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const float2 st = merged[warp * 16 + g + 8 * e];
+      row_m[e] = st.x;
+      row_inv[e] = (st.y > 0.f && st.x != -INFINITY) ? 1.f / st.y : 0.f;
+    }
+  }
+
+  const T* kb = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+  auto load_tile = [&](int tile, int buf) {
+    constexpr int kChunks = kKeyTile * D / 8;  // 16-byte chunks
+#pragma unroll
+    for (int c = threadIdx.x; c < kChunks; c += kProbeThreads) {
+      const int kr = c / (D / 8), kc = c % (D / 8);
+      const int key = k0 + tile * kKeyTile + kr;
+      const bool ok = key < k1;
+      const T* src = ok ? kb + (sb.k_start + key) * p.k_row_stride + kc * 8 : kb;
+      cp_async_16(&ks[buf][kr * kStride + kc * 8], src, ok ? 16 : 0);
+    }
+    cp_async_commit();
+  };
+
+  const int ntiles = (k1 - k0 + kKeyTile - 1) / kKeyTile;
+  load_tile(0, 0);
+  float blk_acc = 0.f;
+  for (int j = 0; j < ntiles; ++j) {
+    if (j + 1 < ntiles) {
+      load_tile(j + 1, (j + 1) & 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    if (warp_active) {
+      const uint32_t* kt = reinterpret_cast<const uint32_t*>(ks[j & 1]);
+      float acc[kKeyTile / 8][4];
+#pragma unroll
+      for (int nt = 0; nt < kKeyTile / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+        for (int nt = 0; nt < kKeyTile / 8; ++nt) {
+          const int w0 = ((nt * 8 + g) * kStride + kk * 16 + 2 * t4) / 2;
+          const uint32_t bf[2] = {kt[w0], kt[w0 + 4]};
+          MmaTraits<T>::mma(acc[nt], qa[kk], bf);
+        }
+      }
+      const int key_base = k0 + j * kKeyTile + 2 * t4;
+      if (!kMass) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float tmax = -INFINITY;
+#pragma unroll
+          for (int nt = 0; nt < kKeyTile / 8; ++nt)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              const float x = key_base + nt * 8 + c <= rows[e].lim ? acc[nt][2 * e + c] * scale2 : -INFINITY;
+              acc[nt][2 * e + c] = x;
+              tmax = fmaxf(tmax, x);
+            }
+          const float mn = fmaxf(run_m[e], tmax);
+          if (mn != -INFINITY) {
+            float s = run_l[e] * exp2f(run_m[e] - mn);
+#pragma unroll
+            for (int nt = 0; nt < kKeyTile / 8; ++nt)
+#pragma unroll
+              for (int c = 0; c < 2; ++c) s += exp2f(acc[nt][2 * e + c] - mn);
+            run_m[e] = mn;
+            run_l[e] = s;
+          }
+        }
+      } else {
+        float s = 0.f;
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+#pragma unroll
+          for (int nt = 0; nt < kKeyTile / 8; ++nt)
+#pragma unroll
+            for (int c = 0; c < 2; ++c)
+              if (key_base + nt * 8 + c <= rows[e].lim)
+                s += exp2f(acc[nt][2 * e + c] * scale2 - row_m[e]) * row_inv[e];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        blk_acc += s;
+        const int tile_end = k0 + (j + 1) * kKeyTile;
+        if (tile_end % S == 0 || j + 1 == ntiles) {
+          if (lane == 0) wsum[warp][(k0 + j * kKeyTile - k0) / S] = blk_acc;
+          blk_acc = 0.f;
+        }
+      }
+    }
+    __syncthreads();  // the buffer read above is refilled next iteration
+  }
+
+  if (!kMass) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+#pragma unroll
+      for (int o = 1; o < 4; o <<= 1) {
+        const float m2 = __shfl_xor_sync(0xffffffffu, run_m[e], o);
+        const float l2 = __shfl_xor_sync(0xffffffffu, run_l[e], o);
+        merge_max_sum(run_m[e], run_l[e], m2, l2);
+      }
+      if (t4 == 0) partial[static_cast<int64_t>(sp) * kProbeRows + warp * 16 + g + 8 * e] = make_float2(run_m[e], run_l[e]);
+    }
+  } else {
+    const int nblk = (k1 - k0 + S - 1) / S;
+    for (int nl = threadIdx.x; nl < nblk; nl += kProbeThreads) {
+      float tot = 0.f;
+#pragma unroll
+      for (int w = 0; w < kProbeWarps; ++w) tot += wsum[w][nl];
+      mass_out[k0 / S + nl] = tot / static_cast<float>(R);
+    }
+  }
+}
+
+__global__ void merge_stats_kernel(const HeadBudgetsParams p, int num_splits) {
+  const int h = blockIdx.x, b = blockIdx.y, r = threadIdx.x;
+  const int64_t bh = static_cast<int64_t>(b) * p.num_heads + h;
+  const float2* partial = reinterpret_cast<const float2*>(p.workspace) + bh * num_splits * kProbeRows;
+  float2* merged = reinterpret_cast<float2*>(p.workspace) + static_cast<int64_t>(p.batch) * p.num_heads * num_splits * kProbeRows +
+                   bh * kProbeRows;
+  float m = -INFINITY, l = 0.f;
+  for (int s = 0; s < num_splits; ++s) {
+    const float2 v = partial[static_cast<int64_t>(s) * kProbeRows + r];
+    merge_max_sum(m, l, v.x, v.y);
+  }
+  merged[r] = make_float2(m, l);
+}
+
+__global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const HeadBudgetsParams p, int num_splits) {
+  extern __shared__ float sorted[];  // [pow2 >= non-forced count]
+  __shared__ float red[kFinalizeThreads / 32];
+  const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
+  const int64_t bh = static_cast<int64_t>(b) * p.num_heads + h;
+  const float* mass = p.workspace + static_cast<int64_t>(p.batch) * p.num_heads * (num_splits + 1) * 2 * kProbeRows +
+                      bh * p.nkb;
+  const SeqBounds sb = load_seq_bounds(p.cu_seqlens_q, p.cu_seqlens_k, b, p.max_seqlen_q, p.max_seqlen_k,
+                                       p.total_q, p.total_k);
+  const int S = p.block_size;
+  const int nqb_seq = static_cast<int>((static_cast<int64_t>(sb.nq) + S - 1) / S);
+  const int c_last = nqb_seq > 0 ? candidate_count(nqb_seq - 1, sb.nq, sb.nk, S, p.causal) : 0;
+  if (c_last == 0) {
+    if (tid == 0) p.kstar[bh] = 0;
+    return;
+  }
+  const ForcedSplit fl = split_forced(c_last, p.sink_blocks, p.local_blocks);
+
+  // Total mass: per-thread strided sums, then a fixed tree.
+  float part = 0.f;
+  for (int n = tid; n < c_last; n += kFinalizeThreads) part += mass[n];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+  if ((tid & 31) == 0) red[tid >> 5] = part;
+  __syncthreads();
+  float total = 0.f;
+#pragma unroll
+  for (int w = 0; w < kFinalizeThreads / 32; ++w) total += red[w];
+
+  const int cnt = fl.free_hi - fl.free_lo;
+  int pw = 1;
+  while (pw < cnt) pw <<= 1;
+  for (int i = tid; i < pw; i += kFinalizeThreads) sorted[i] = i < cnt ? mass[fl.free_lo + i] / total : -1.f;
+  __syncthreads();
+  for (int size = 2; size <= pw; size <<= 1) {
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      for (int i = tid; i < pw / 2; i += kFinalizeThreads) {
+        const int lo = 2 * i - (i & (stride - 1));
+        const int hi = lo + stride;
+        const bool desc = (lo & size) == 0;
+        const float a = sorted[lo], c = sorted[hi];
+        if (desc ? (a < c) : (a > c)) {
+          sorted[lo] = c;
+          sorted[hi] = a;
+        }
+      }
+      __syncthreads();
+    }
+  }
+  if (tid == 0) {
+    int kst = 0;
+    if (total > 0.f) {
+      float base = 0.f;
+      for (int n = 0; n < c_last; ++n)
+        if (n < fl.free_lo || n >= fl.free_hi) base += mass[n] / total;
+      const float gamma = p.gamma;
+      if (!(base >= gamma)) {
+        kst = cnt;
+        float cum = base;
+        for (int i = 0; i < cnt; ++i) {
+          cum += sorted[i];
+          if (cum >= gamma) {
+            kst = i + 1;
+            break;
+          }
+        }
+      }
+    }
+    p.kstar[bh] = kst;
+  }
+}
+
+template <typename T, int D>
+cudaError_t launch_probe(const HeadBudgetsParams& p, cudaStream_t stream, int num_splits) {
+  const dim3 grid(num_splits, p.num_heads, p.batch);
+  probe_kernel<T, D, false><<<grid, kProbeThreads, 0, stream>>>(p);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  merge_stats_kernel<<<dim3(p.num_heads, p.batch), kProbeRows, 0, stream>>>(p, num_splits);
+  e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  probe_kernel<T, D, true><<<grid, kProbeThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t run_head_budgets(const HeadBudgetsParams& p, cudaStream_t stream) {
+  if (p.batch == 0 || p.num_heads == 0) return cudaSuccess;
+  if (p.nkb > kBudgetMaxBlocks || p.block_size > kProbeRows || kProbeSplitKeys % p.block_size != 0)
+    return cudaErrorInvalidValue;
+  const int num_splits = head_budgets_num_splits(p.max_seqlen_k);
+  cudaError_t e = p.head_dim == 64    ? launch_probe<T, 64>(p, stream, num_splits)
+                  : p.head_dim == 128 ? launch_probe<T, 128>(p, stream, num_splits)
+                                      : cudaErrorInvalidValue;
+  if (e != cudaSuccess) return e;
+  int pw = 1;
+  while (pw < p.nkb) pw <<= 1;
+  const size_t smem = static_cast<size_t>(pw) * sizeof(float);
+  if (smem > 48 * 1024) {
+    e = cudaFuncSetAttribute(finalize_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (e != cudaSuccess) return e;
+  }
+  finalize_kernel<<<dim3(p.num_heads, p.batch), kFinalizeThreads, smem, stream>>>(p, num_splits);
+  return cudaGetLastError();
+}
+
+template cudaError_t run_head_budgets<half>(const HeadBudgetsParams&, cudaStream_t);
+template cudaError_t run_head_budgets<__nv_bfloat16>(const HeadBudgetsParams&, cudaStream_t);
+
+}  // namespace proxyattn

@@ -1,0 +1,55 @@
+// Stage 2 of DESIGN.md section 2 (head_budgets): per (b, query head h), probe the last
+// min(S, Nq) query rows against every key of the head's KV head (unstrided, causal
+// bottom-right, fp32 softmax per row), form the block masses w[n] over the c_last
+// candidates (mean over rows, normalised to sum 1), and count the fewest non-forced blocks
+// (descending w, after the forced blocks' mass `base`) whose cumulative mass reaches gamma.
+// Inputs q [B, Nq, Hq, D] / k [B, Nk, Hkv, D] (or varlen [total, H, D]) fp16/bf16 with
+// any row/head/batch strides (multiples of 8 elements, last dim contiguous). Output
+// kstar int32 [B, Hq]. Three kernels: split-key row statistics, their merge, block masses,
+// then one CTA per head sorts and counts.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace proxyattn {
+
+constexpr int kProbeRows = 128;       // >= block size: one CTA holds every probe row
+constexpr int kProbeSplitKeys = 2048;  // keys per CTA of the probe (a multiple of the block size)
+constexpr int kBudgetMaxBlocks = 32768;
+
+struct HeadBudgetsParams {
+  const void* q;  // fp16 / bf16
+  const void* k;
+  int64_t q_batch_stride, q_row_stride, q_head_stride;  // elements; batch stride 0 when varlen
+  int64_t k_batch_stride, k_row_stride, k_head_stride;
+  const int* cu_seqlens_q;  // nullptr for fixed length
+  const int* cu_seqlens_k;
+  int64_t total_q, total_k;
+  int batch, num_heads, num_kv_heads, head_dim;
+  int max_seqlen_q, max_seqlen_k;
+  int nkb, block_size;
+  float gamma;
+  int sink_blocks, local_blocks;
+  float softmax_scale;
+  bool causal;
+  int* kstar;  // [B, Hq]
+  // Workspace (fp32), see head_budgets_workspace_floats.
+  float* workspace;
+};
+
+inline int head_budgets_num_splits(int max_seqlen_k) {
+  return max_seqlen_k <= 0 ? 1 : (max_seqlen_k + kProbeSplitKeys - 1) / kProbeSplitKeys;
+}
+
+// Partial (max, sum) per split and row, merged (max, sum) per row, block masses per head.
+inline int64_t head_budgets_workspace_floats(int batch, int num_heads, int max_seqlen_k, int nkb) {
+  const int64_t bh = static_cast<int64_t>(batch) * num_heads;
+  return bh * (2LL * kProbeRows * head_budgets_num_splits(max_seqlen_k) + 2LL * kProbeRows + nkb);
+}
+
+template <typename T>
+cudaError_t run_head_budgets(const HeadBudgetsParams& p, cudaStream_t stream);
+
+}  // namespace proxyattn

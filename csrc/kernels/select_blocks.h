@@ -1,0 +1,34 @@
+// Stage 3 of DESIGN.md section 2: per (b, h, query block m) pick the forced blocks plus
+// the k_m - f_m best non-forced candidates by descending A[b, group(h), m, n] (ties to the
+// lower n), write counts int32 [B, Hq, nqb] and ascending indices int32 [B, Hq, nqb, nkb]
+// padded with -1. Scores fp32 [B, G, nqb, nkb] and kstar int32 [B, Hq] are contiguous.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace proxyattn {
+
+struct SelectBlocksParams {
+  const float* scores;  // [B, G, nqb, nkb] contiguous
+  const int* kstar;     // [B, Hq] contiguous
+  int* counts;          // [B, Hq, nqb]
+  int* indices;         // [B, Hq, nqb, nkb]
+  const int* cu_seqlens_q;  // nullptr for fixed length
+  const int* cu_seqlens_k;
+  int64_t total_q, total_k;  // rows of q / k when varlen (clamping), else max_seqlen
+  int batch, num_heads, num_groups;
+  int max_seqlen_q, max_seqlen_k;
+  int nqb, nkb;
+  int block_size;
+  int sink_blocks, local_blocks, min_budget;
+  bool causal;
+};
+
+// Largest nkb the kernel handles (the row of keys lives in shared memory).
+constexpr int kSelectMaxBlocks = 32768;
+
+cudaError_t run_select_blocks(const SelectBlocksParams& p, cudaStream_t stream);
+
+}  // namespace proxyattn
