@@ -1,6 +1,7 @@
 // Stage 3 (select_blocks): one CTA per (b, h, query block m).
 //   k_m = min(c_m, max(f_m + ceil_div(kstar * (c_m - f_m), c_last - f_last), ceil_div(min_budget, S)))
-// (64-bit integer arithmetic, second term 0 when c_last == f_last; negative kstar counts as 0).
+// (64-bit integer arithmetic, second term 0 when c_last == f_last; kstar clamped into
+// [0, c_last - f_last] as the reference does).
 // The k_m - f_m best non-forced candidates (a contiguous range of key blocks, see
 // split_forced) are found by a 4-pass 8-bit radix select on order-preserving uint32 keys of
 // the fp32 scores (-0.0 canonicalised to +0.0), which gives the threshold key T and how many
@@ -70,7 +71,8 @@ __global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const Sel
   const ForcedSplit fl = split_forced(c_last, p.sink_blocks, p.local_blocks);
   const int64_t free_last = c_last - fl.forced;
   const int nc = fs.free_hi - fs.free_lo;
-  const int64_t kst = max(p.kstar[static_cast<int64_t>(b) * p.num_heads + h], 0);
+  const int64_t kst =
+      min(max(static_cast<int64_t>(p.kstar[static_cast<int64_t>(b) * p.num_heads + h]), int64_t(0)), free_last);
   const int64_t extra = free_last > 0 ? ceil_div64(kst * nc, free_last) : 0;
   int64_t km = max(static_cast<int64_t>(fs.forced) + extra, ceil_div64(p.min_budget, S));
   km = max(min(km, static_cast<int64_t>(c)), static_cast<int64_t>(fs.forced));

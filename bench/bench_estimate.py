@@ -1,0 +1,146 @@
+"""Time the estimation stages (DESIGN.md section 2, stages 1-3) beside cuDNN SDPA dense causal.
+
+    python bench/bench_estimate.py [--seq-len 131072] [--groups 1 8] [--reps 10] [--out PATH]
+
+Each stage (proxy_block_scores, head_budgets, select_blocks) is timed alone with CUDA events,
+median of --reps runs after warm-up, L2 flushed before every run (cold L2). The anchor is
+cuDNN SDPA (torch.nn.attention.sdpa_kernel(SDPBackend.CUDNN_ATTENTION)) on the same inputs
+with KV expanded to Hq heads. Prints each stage's time, its floors (exponentials over the
+SFU rate, bytes over copy bandwidth) and the ratio to cuDNN (targets: stages 1+2+3 <= 2% of
+cuDNN with G = 1, <= 5% with G = 8), and writes the DESIGN.md section 6 JSON
+(default bench/results/<card>-<yyyymmdd>-estimate.json).
+"""
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import statistics
+
+import torch
+
+import proxyattn  # noqa: F401  (registers torch.ops.proxyattn)
+
+OPS = torch.ops.proxyattn
+EXP_RATE = 132 * 16 * 1.755e9  # H100 SXM: SMs x MUFU ops/clk/SM x clock ~ 3.7e12 exp/s
+COPY_BW = 3.0e12               # bytes/s, device copy measured on H100
+
+
+def cdiv(a, b):
+    return -(-a // b)
+
+
+def timed(fn, reps, flush):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        flush.zero_()  # evict L2
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def git_commit():
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        return subprocess.check_output(["git", "-C", root, "rev-parse", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return "unknown"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seq-len", type=int, default=131072)
+    ap.add_argument("--q-heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--stride", type=int, default=4)
+    ap.add_argument("--groups", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--gamma", type=float, default=0.95)
+    ap.add_argument("--min-budget", type=int, default=2048)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--no-sdpa", action="store_true", help="skip the cuDNN anchor")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    assert a.reps >= 10, "use at least 10 timed runs"
+
+    n, hq, hkv, d, S, s = a.seq_len, a.q_heads, a.kv_heads, a.head_dim, a.block_size, a.stride
+    dev = "cuda"
+    card = torch.cuda.get_device_name()
+    q = torch.randn(1, n, hq, d, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(1, n, hkv, d, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(1, n, hkv, d, device=dev, dtype=torch.bfloat16)
+    scale = d ** -0.5
+    flush = torch.empty(512 << 20, dtype=torch.uint8, device=dev)
+    nqb, nkb = cdiv(n, S), cdiv(n, S)
+    base = dict(seq_len=n, batch=1, q_heads=hq, kv_heads=hkv, head_dim=d, dtype="bf16")
+    cases = []
+
+    sdpa_ms = None
+    if not a.no_sdpa:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        qt = q.transpose(1, 2)
+        kt = k.repeat_interleave(hq // hkv, dim=2).transpose(1, 2)
+        vt = v.repeat_interleave(hq // hkv, dim=2).transpose(1, 2)
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            sdpa_ms = timed(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True),
+                            a.reps, flush)
+        del qt, kt, vt
+        flops = 4 * d * hq * n * n / 2
+        cases.append(dict(name="sdpa_cudnn", **base, density=1.0, ms=sdpa_ms, tflops=flops / sdpa_ms / 1e9))
+        print(f"{card}  N={n} Hq={hq} Hkv={hkv} D={d} bf16 causal")
+        print(f"  sdpa_cudnn            {sdpa_ms:9.3f} ms  {flops / sdpa_ms / 1e9:7.1f} TFLOP/s")
+
+    ks = OPS.head_budgets(q, k, None, None, n, n, S, a.gamma, 1, 1, scale, True)
+    budgets_ms = timed(lambda: OPS.head_budgets(q, k, None, None, n, n, S, a.gamma, 1, 1, scale, True), a.reps, flush)
+    rows = min(S, n)
+    b_exp = 2 * hq * rows * n
+    b_bytes = n * hkv * d * 2 + rows * hq * d * 2
+    for G in a.groups:
+        sc = OPS.proxy_block_scores(q, k, None, None, n, n, S, G, s, scale, True)
+        scores_ms = timed(lambda: OPS.proxy_block_scores(q, k, None, None, n, n, S, G, s, scale, True), a.reps, flush)
+        select_ms = timed(lambda: OPS.select_blocks(sc, ks, None, None, n, n, S, 1, 1, a.min_budget, True),
+                          a.reps, flush)
+        counts, _ = OPS.select_blocks(sc, ks, None, None, n, n, S, 1, 1, a.min_budget, True)
+        causal_pairs = nqb * (nqb + 1) / 2
+        density = float(counts.double().sum() / (hq * causal_pairs))
+        total = scores_ms + budgets_ms + select_ms
+        kept = cdiv(n, s)
+        s_exp = 2 * G * kept * kept / 2
+        s_bytes = n * hq * d * 2 + n * hkv * d * 2 + 2 * G * kept * d * 4 + G * nqb * nkb * 4
+        sel_bytes = hq * nqb * nkb * 4 + hq * nqb * 4 + hq * causal_pairs * 4
+        extra = dict(num_proxy_heads=G, stride=s, block_size=S, gamma=a.gamma, selected_density=density)
+        print(f"  G={G}: selected density {density:.3f} (min_budget {a.min_budget}, gamma {a.gamma})")
+        for name, ms, nexp, nbytes in (("estimate_scores", scores_ms, s_exp, s_bytes),
+                                       ("estimate_budgets", budgets_ms, b_exp, b_bytes),
+                                       ("estimate_select", select_ms, 0, sel_bytes)):
+            fexp, fbytes = nexp / EXP_RATE * 1e3, nbytes / COPY_BW * 1e3
+            ratio = f"  {100 * ms / sdpa_ms:6.2f}% of cuDNN" if sdpa_ms else ""
+            print(f"    {name:18s} {ms:9.3f} ms   floors: exp {fexp:7.3f} ms, bytes {fbytes:7.3f} ms{ratio}")
+            cases.append(dict(name=name, **base, density=None, ms=ms, tflops=None, floor_exp_ms=fexp,
+                              floor_bytes_ms=fbytes, **extra))
+        target = 2.0 if G == 1 else 5.0
+        ratio = f"  {100 * total / sdpa_ms:6.2f}% of cuDNN (target <= {target}%)" if sdpa_ms else ""
+        print(f"    {'estimate (1+2+3)':18s} {total:9.3f} ms{ratio}")
+        cases.append(dict(name="estimate", **base, density=None, ms=total, tflops=None,
+                          ratio_to_sdpa_cudnn=(total / sdpa_ms if sdpa_ms else None), **extra))
+
+    rec = dict(card=card, torch=torch.__version__, cuda=torch.version.cuda, commit=git_commit(), cases=cases)
+    out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                f"{card.replace(' ', '_')}-{datetime.date.today():%Y%m%d}-estimate.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(rec, f, indent=1)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
