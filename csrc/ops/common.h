@@ -2,8 +2,11 @@
 // Kernels under csrc/kernels/ never include this (they see no torch).
 #pragma once
 
-#include <ATen/cuda/CUDAContext.h>
+// c10's stream and guard headers, not ATen/cuda/CUDAContext.h: that one pulls in cuBLAS and
+// cuSPARSE headers, which a bare CUDA toolkit (CI, the development machines) may lack.
+#include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 #include <cuda_runtime.h>
 
@@ -47,6 +50,9 @@ inline void check_cu_seqlens(const std::optional<at::Tensor>& cu, const char* na
   PROXYATTN_CHECK(cu->device() == like.device(), name, " must be on ", like.device(), ", got ", cu->device());
   PROXYATTN_CHECK(cu->is_contiguous(), name, " must be contiguous");
 }
+
+// The current stream of the current device (the caller holds a device guard).
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 

@@ -158,7 +158,7 @@ at::Tensor proxy_block_scores(const at::Tensor& q, const at::Tensor& k, const st
   p.causal = causal;
   p.scores = scores.data_ptr<float>();
   p.workspace = ws.data_ptr();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   if (q.scalar_type() == at::kHalf) {
     PROXYATTN_CUDA_CHECK(run_proxy_scores<half>(p, stream));
   } else {
@@ -211,7 +211,7 @@ at::Tensor head_budgets(const at::Tensor& q, const at::Tensor& k, const std::opt
   p.causal = causal;
   p.kstar = kstar.data_ptr<int>();
   p.workspace = ws.data_ptr<float>();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream();
   if (q.scalar_type() == at::kHalf) {
     PROXYATTN_CUDA_CHECK(run_head_budgets<half>(p, stream));
   } else {
@@ -288,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor> select_blocks(const at::Tensor& scores_in, co
   p.local_blocks = static_cast<int>(std::min<int64_t>(local_blocks, INT32_MAX));
   p.min_budget = static_cast<int>(std::min<int64_t>(min_budget, INT32_MAX));
   p.causal = causal;
-  PROXYATTN_CUDA_CHECK(run_select_blocks(p, at::cuda::getCurrentCUDAStream()));
+  PROXYATTN_CUDA_CHECK(run_select_blocks(p, current_stream()));
   PROXYATTN_LAUNCH_CHECK();
   return {counts, indices};
 }
