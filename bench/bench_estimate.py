@@ -47,6 +47,8 @@ def timed(fn, reps, flush):
 
 
 def git_commit():
+    if os.environ.get("PROXYATTN_COMMIT"):  # device copies of the tree carry no .git
+        return os.environ["PROXYATTN_COMMIT"]
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         return subprocess.check_output(["git", "-C", root, "rev-parse", "HEAD"], text=True,
