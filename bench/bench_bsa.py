@@ -1,0 +1,203 @@
+"""Benchmark torch.ops.proxyattn.block_sparse_attention against same-run anchors.
+
+Anchors (DESIGN.md sections 5 and 6): SDPA flash (FA2) and cuDNN SDPA on dense causal attention
+(KV expanded to Hq heads with repeat_interleave), and compiled FlexAttention fed a BlockMask built
+from the same block selection (diagonal blocks partial with a causal mask_mod, the others full).
+Random causal block selections keep the sink block and the diagonal block; density = computed
+block pairs / causal block pairs. Cold L2 (a 256 MB buffer is rewritten before every timed run),
+CUDA events, median of --reps runs after warm-up. Effective TFLOP/s counts only computed pairs:
+density * 4 * D * Hq * N^2 / 2 per batch item.
+
+  python3 bench/bench_bsa.py [--seqlens 32768 131072] [--densities 1.0 0.3 0.1] [--out PATH]
+
+Writes bench/results/<card>-<yyyymmdd>-bsa.json (DESIGN.md section 6 format) and prints a table.
+"""
+import argparse
+import datetime
+import inspect
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import proxyattn  # noqa: F401  (loads the extension)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def causal_candidates(nqb, n, s, device):
+    m = torch.arange(nqb, device=device)
+    return ((torch.clamp((m + 1) * s, max=n) - 1) // s + 1).to(torch.int64)  # Nq == Nk
+
+
+def random_causal_selection(b, h, n, s, density, gen):
+    """Ascending index rows, sink and diagonal always kept, others kept with the probability that
+    makes the expected density (computed / causal block pairs) equal to `density`."""
+    dev = "cuda"
+    nqb = (n + s - 1) // s
+    c = causal_candidates(nqb, n, s, dev)
+    nk = torch.arange(nqb, device=dev)
+    cand = nk.view(1, -1) < c.view(-1, 1)  # [nqb, nkb]
+    forced = (nk.view(1, -1) == 0) | (nk.view(1, -1) == (c - 1).view(-1, 1))
+    total = cand.sum().item()
+    nforced = (forced & cand).sum().item()
+    p = 1.0 if density >= 1.0 else max(0.0, (density * total - nforced) / max(1, total - nforced))
+    counts = torch.empty(b, h, nqb, dtype=torch.int32, device=dev)
+    indices = torch.empty(b, h, nqb, nqb, dtype=torch.int32, device=dev)
+    for bi in range(b):
+        for hi in range(h):  # per head to keep the temporaries at nqb^2
+            keep = ((torch.rand(nqb, nqb, generator=gen, device=dev) < p) | forced) & cand
+            cnt = keep.sum(-1)
+            key = torch.where(keep, nk.view(1, -1), nk.view(1, -1) + nqb)
+            idx = key.sort(-1).values
+            counts[bi, hi] = cnt.to(torch.int32)
+            indices[bi, hi] = torch.where(nk.view(1, -1) < cnt.view(-1, 1), idx, -1).to(torch.int32)
+    actual = counts.sum().item() / (b * h * total)
+    return counts, indices, actual
+
+
+def flex_block_mask(counts, indices, n, s):
+    from torch.nn.attention.flex_attention import BlockMask
+
+    b, h, nqb, nkb = indices.shape
+    # Diagonal block (the last selected entry of every row) is partial; the others are full.
+    full_num = (counts - 1).clamp(min=0).contiguous()
+    full_idx = indices.clamp(min=0).contiguous()  # padding entries are never read; keep them in range
+    part_num = torch.ones_like(counts)
+    part_idx = torch.zeros_like(indices)
+    part_idx[..., 0] = torch.arange(nqb, device=indices.device, dtype=torch.int32).view(1, 1, -1)
+
+    def causal(b_, h_, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    extra = {}
+    if "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters:
+        extra["compute_q_blocks"] = False  # forward only: skip the transposed (backward) indices
+    return BlockMask.from_kv_blocks(part_num, part_idx, full_num, full_idx, BLOCK_SIZE=s, mask_mod=causal,
+                                    seq_lengths=(n, n), **extra)
+
+
+def time_cold(fn, reps, warmup, flush):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        flush.zero_()  # evict L2
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def git_commit():
+    try:
+        return subprocess.check_output(["git", "-C", ROOT, "rev-parse", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return "unknown"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seqlens", type=int, nargs="+", default=[32768, 131072])
+    ap.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.3, 0.1])
+    ap.add_argument("--q-heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--skip", nargs="*", default=[], help="anchors to skip: sdpa_flash sdpa_cudnn flex")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_bsa.py needs a CUDA GPU")
+
+    card = torch.cuda.get_device_name()
+    out_path = args.out or os.path.join(
+        ROOT, "bench", "results", f"{card.replace(' ', '_')}-{datetime.date.today():%Y%m%d}-bsa.json")
+    b, hq, hkv, d, s = 1, args.q_heads, args.kv_heads, args.head_dim, args.block_size
+    dtype = torch.bfloat16
+    scale = d ** -0.5
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    flex = None
+    if "flex" not in args.skip:
+        from torch.nn.attention.flex_attention import flex_attention
+        flex = torch.compile(flex_attention, dynamic=False)
+
+    cases = []
+
+    def record(name, n, density, ms):
+        tflops = density * 4 * d * hq * n * n / 2 * b / (ms * 1e-3) / 1e12
+        cases.append({"name": name, "seq_len": n, "batch": b, "q_heads": hq, "kv_heads": hkv, "head_dim": d,
+                      "dtype": "bf16", "density": round(density, 4), "ms": round(ms, 3),
+                      "tflops": round(tflops, 1)})
+        print(f"{name:12s} N={n:7d} density={density:5.3f} {ms:10.3f} ms {tflops:7.1f} TFLOP/s", flush=True)
+
+    for n in args.seqlens:
+        reps = args.reps
+        warmup = 1 if n > 65536 else 2
+        q = torch.randn(b, n, hq, d, generator=gen, device="cuda", dtype=dtype)
+        k = torch.randn(b, n, hkv, d, generator=gen, device="cuda", dtype=dtype)
+        v = torch.randn(b, n, hkv, d, generator=gen, device="cuda", dtype=dtype)
+        qt = q.transpose(1, 2)  # [B, H, N, D] views for SDPA / flex
+        kt, vt = k.transpose(1, 2), v.transpose(1, 2)
+
+        if "sdpa_flash" not in args.skip or "sdpa_cudnn" not in args.skip:
+            ke = kt.repeat_interleave(hq // hkv, dim=1)
+            ve = vt.repeat_interleave(hq // hkv, dim=1)
+            for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+                if name in args.skip:
+                    continue
+                try:
+                    with sdpa_kernel(backend):
+                        ms = time_cold(lambda: F.scaled_dot_product_attention(qt, ke, ve, is_causal=True, scale=scale),
+                                       reps, warmup, flush)
+                    record(name, n, 1.0, ms)
+                except RuntimeError as e:
+                    print(f"{name}: unavailable ({str(e).splitlines()[0]})")
+            del ke, ve
+
+        if flex is not None:
+            qf, kf, vf = qt.contiguous(), kt.contiguous(), vt.contiguous()  # [B, H, N, D]
+        for target in args.densities:
+            counts, indices, density = random_causal_selection(b, hq, n, s, target, gen)
+            ms = time_cold(lambda: torch.ops.proxyattn.block_sparse_attention(
+                q, k, v, counts, indices, None, None, n, n, s, scale, True), reps, warmup, flush)
+            record("bsa", n, density, ms)
+            if flex is not None:
+                try:
+                    bm = flex_block_mask(counts, indices, n, s)
+                    ms = time_cold(lambda: flex(qf, kf, vf, block_mask=bm, scale=scale, enable_gqa=True),
+                                   reps, warmup + 1, flush)
+                    record("flex", n, density, ms)
+                    del bm
+                except Exception as e:  # compile problems must not lose the other numbers
+                    print(f"flex: failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+            del counts, indices
+        del q, k, v, qt, kt, vt
+        if flex is not None:
+            del qf, kf, vf
+        torch.cuda.empty_cache()
+
+    result = {"card": card, "torch": torch.__version__, "cuda": torch.version.cuda, "commit": git_commit(),
+              "cases": cases}
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    with open(out_path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"\n{'name':12s} {'N':>7s} {'density':>8s} {'ms':>10s} {'TFLOP/s':>8s}")
+    for c in cases:
+        print(f"{c['name']:12s} {c['seq_len']:7d} {c['density']:8.3f} {c['ms']:10.3f} {c['tflops']:8.1f}")
+    print(f"wrote {out_path}")
+
+
+if __name__ == "__main__":
+    main()
