@@ -1,0 +1,131 @@
+"""Property-based bad input: random malformed calls to every public function and op wrapper
+raise TypeError/ValueError (never another exception, a crash or a wrong-shaped result)."""
+import math
+
+import pytest
+import torch
+
+import proxyattn as pa
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.int64, torch.bool]
+
+
+@st.composite
+def qkv_calls(draw):
+    """Mostly-valid q/k/v with one or more random defects."""
+    b = draw(st.integers(0, 2))
+    nq = draw(st.integers(0, 200))
+    nk = draw(st.integers(0, 200))
+    hkv = draw(st.sampled_from([1, 2, 3]))
+    hq = hkv * draw(st.integers(1, 3)) + draw(st.sampled_from([0, 0, 0, 1]))
+    d = draw(st.sampled_from([64, 128, 32, 96]))
+    dk = draw(st.sampled_from([d, d, d, 64, 128]))
+    dts = [draw(st.sampled_from(DTYPES[:3] if draw(st.booleans()) else DTYPES)) for _ in range(3)]
+    rank_drop = draw(st.sampled_from([None, None, None, 0, 1, 2]))
+    shapes = [(b, nq, hq, d), (b, nk, hkv, dk), (b, nk + draw(st.sampled_from([0, 0, 1])), hkv, dk)]
+    ts = []
+    for i, (shape, dt) in enumerate(zip(shapes, dts)):
+        if dt.is_floating_point:
+            t = torch.randn(shape).to(dt)
+        else:
+            t = torch.randint(0, 3, shape).to(dt)
+        if draw(st.integers(0, 5)) == 0 and t.shape[-1] > 1:
+            t = t[..., ::2]
+        if rank_drop == i and t.dim() > 0 and t.shape[0] > 0:
+            t = t[0]
+        ts.append(t)
+    causal = draw(st.booleans())
+    return ts, causal
+
+
+def _valid(ts, causal):
+    q, k, v = ts
+    if any(t.dim() != 4 for t in ts) or not (q.dtype == k.dtype == v.dtype):
+        return False
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    if k.shape != v.shape or q.shape[-1] not in (64, 128) or k.shape[-1] != q.shape[-1]:
+        return False
+    if any(t.stride(-1) != 1 for t in ts) or q.shape[0] != k.shape[0] or q.shape[0] == 0:
+        return False
+    if q.shape[2] % k.shape[2] or q.shape[1] == 0 or k.shape[1] == 0:
+        return False
+    return not (causal and q.shape[1] > k.shape[1])
+
+
+@SETTINGS
+@given(qkv_calls(), st.integers(1, 4))
+def test_proxy_attention_random_inputs(call, groups):
+    ts, causal = call
+    cfg = pa.ProxyAttnConfig(block_size=64, dense_below=0, min_budget=64)
+    hq = ts[0].shape[-2] if ts[0].dim() >= 2 else 1
+    hkv = ts[1].shape[-2] if ts[1].dim() >= 2 else 1
+    try:
+        out = pa.proxy_attention(*ts, cfg, causal=causal)
+    except (TypeError, ValueError) as e:
+        assert str(e), "errors must say what is wrong"
+        assert not _valid(ts, causal), f"valid input rejected: {e}"
+        return
+    assert _valid(ts, causal), "invalid input accepted"
+    assert out.shape == ts[0].shape and out.dtype == ts[0].dtype and torch.isfinite(out).all()
+    del hq, hkv, groups
+
+
+@SETTINGS
+@given(st.dictionaries(
+    st.sampled_from(["block_size", "num_proxy_heads", "stride", "gamma", "min_budget", "sink_blocks",
+                     "local_blocks", "dense_below", "softmax_scale"]),
+    st.one_of(st.integers(-5, 300), st.floats(allow_nan=True, allow_infinity=True), st.none(), st.text(max_size=3),
+              st.booleans()),
+    max_size=4))
+def test_config_random_values(kw):
+    try:
+        cfg = pa.ProxyAttnConfig(**kw)
+    except (TypeError, ValueError) as e:
+        assert str(e)
+        return
+    assert cfg.block_size in (64, 128) and 1 <= cfg.stride <= 16 and 0 < cfg.gamma <= 1
+    assert min(cfg.min_budget, cfg.sink_blocks, cfg.local_blocks, cfg.dense_below) >= 0
+    assert cfg.softmax_scale is None or (math.isfinite(cfg.softmax_scale) and cfg.softmax_scale > 0)
+
+
+@SETTINGS
+@given(st.lists(st.integers(-3, 120), min_size=0, max_size=5), st.sampled_from([torch.int32, torch.int64]),
+       st.integers(-1, 150))
+def test_varlen_random_cu_seqlens(vals, dtype, maxlen):
+    total = 120
+    q = torch.randn(total, 4, 64)
+    k = torch.randn(total, 2, 64)
+    cu = torch.tensor(vals, dtype=dtype)
+    cfg = pa.ProxyAttnConfig(block_size=64, dense_below=0, min_budget=64)
+    try:
+        out = pa.proxy_attention_varlen(q, k, k, cu, cu, maxlen, maxlen, cfg)
+    except (TypeError, ValueError) as e:
+        assert str(e)
+        return
+    lens = [b - a for a, b in zip(vals[:-1], vals[1:])]
+    assert dtype == torch.int32 and vals[0] == 0 and vals[-1] == total and min(lens) > 0 and max(lens) <= maxlen
+    assert out.shape == q.shape and torch.isfinite(out).all()
+
+
+@SETTINGS
+@given(st.integers(0, 3), st.integers(0, 3), st.integers(0, 4), st.integers(0, 4), st.integers(1, 300),
+       st.sampled_from([torch.int32, torch.int64, torch.float32]))
+def test_block_sparse_attention_random_selection_shapes(b, h, m, kk, n, dt):
+    q = torch.randn(1, n, 2, 64)
+    kv = torch.randn(1, n, 1, 64)
+    counts = torch.zeros(b, h, m).to(dt)
+    idx = torch.zeros(b, h, m, kk).to(dt)
+    try:
+        out, lse = pa.block_sparse_attention(q, kv, kv, counts, idx, block_size=64)
+    except (TypeError, ValueError) as e:
+        assert str(e)
+        return
+    assert dt == torch.int32 and (b, h, m) == (1, 2, -(-n // 64)) and kk >= 1
+    assert out.shape == q.shape and lse.shape == (1, 2, n)
