@@ -106,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
   check_rows_aligned(k, "k");
   check_rows_aligned(v, "v");
 
-  const at::cuda::CUDAGuard guard(q.device());
+  const c10::cuda::CUDAGuard guard(q.device());
   // Fixed length: the kernel writes every element. Varlen: packed rows outside every sequence
   // (cu_seqlens_q[B] < total_q, or a sequence longer than max_seqlen_q) read as out 0, lse -inf.
   at::Tensor out = varlen ? at::zeros(q.sizes(), q.options()) : at::empty(q.sizes(), q.options());
@@ -166,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
 
   const std::string reason = bsa_unsupported_reason(p);
   PROXYATTN_CHECK(reason.empty(), "block_sparse_attention: ", reason);
-  PROXYATTN_CUDA_CHECK(run_bsa_fwd(p, q.scalar_type() == at::kBFloat16, at::cuda::getCurrentCUDAStream()));
+  PROXYATTN_CUDA_CHECK(run_bsa_fwd(p, q.scalar_type() == at::kBFloat16, current_stream()));
   PROXYATTN_LAUNCH_CHECK();
   return {out, lse};
 }
