@@ -206,8 +206,14 @@ def _check_int_tensor(name: str, t, shape: Tuple[int, ...], like: Tensor, last_f
 # ------------------------------------------------------------------ dispatch
 
 
+# Which ops have a CUDA kernel in this build, read once (a plain dict lookup traces under
+# torch.compile; the dispatcher query does not).
+_CUDA_KERNELS = {name: HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key(f"proxyattn::{name}", "CUDA")
+                 for name in OP_NAMES}
+
+
 def _has_cuda_kernel(name: str) -> bool:
-    return HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key(f"proxyattn::{name}", "CUDA")
+    return _CUDA_KERNELS[name]
 
 
 def cuda_kernel_available(name: str) -> bool:

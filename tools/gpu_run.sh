@@ -13,10 +13,14 @@ if [ ! -d "$SITE/cutlass_library" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl || exit 1
 fi
 export PYTHONPATH=$PWD:$SITE CUTLASS_PATH=$SITE/cutlass_library/source/include
+# The device image's default compiler (/opt/gcc) links libstdc++ statically into the extension;
+# that private copy crashes on the first TORCH_CHECK message (ostream in an uninitialised
+# locale). Build with the system compiler, which links the shared libstdc++ torch uses.
+export CC=/usr/bin/gcc CXX=/usr/bin/g++
 export MAX_JOBS=${MAX_JOBS:-16} NVCC_THREADS=${NVCC_THREADS:-2} PROXYATTN_ARCHS=${PROXYATTN_ARCHS:-90a}
 what=${1:-test}; shift || true
 t0=$(date +%s)
-python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
+python3 setup.py build_ext --inplace --build-temp /tmp/proxyattn_build_temp > "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
 echo "build ok in $(( $(date +%s) - t0 )) s"; grep -E "[1-9][0-9]* bytes spill" "$OUT/build.log" | sort | uniq -c | head -20
 case "$what" in
   build) ;;
