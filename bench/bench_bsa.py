@@ -13,12 +13,7 @@ density * 4 * D * Hq * N^2 / 2 per batch item.
 Writes bench/results/<card>-<yyyymmdd>-bsa.json (DESIGN.md section 6 format) and prints a table.
 """
 import argparse
-import datetime
 import inspect
-import json
-import os
-import statistics
-import subprocess
 import sys
 
 import torch
@@ -26,8 +21,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import proxyattn  # noqa: F401  (loads the extension)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchlib import l2_flush_buffer, time_cold, write_record
 
 
 def causal_candidates(nqb, n, s, device):
@@ -82,29 +76,6 @@ def flex_block_mask(counts, indices, n, s):
                                     seq_lengths=(n, n), **extra)
 
 
-def time_cold(fn, reps, warmup, flush):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        flush.zero_()  # evict L2
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def git_commit():
-    try:
-        return subprocess.check_output(["git", "-C", ROOT, "rev-parse", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return "unknown"
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seqlens", type=int, nargs="+", default=[32768, 131072])
@@ -120,13 +91,10 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("bench_bsa.py needs a CUDA GPU")
 
-    card = torch.cuda.get_device_name()
-    out_path = args.out or os.path.join(
-        ROOT, "bench", "results", f"{card.replace(' ', '_')}-{datetime.date.today():%Y%m%d}-bsa.json")
     b, hq, hkv, d, s = 1, args.q_heads, args.kv_heads, args.head_dim, args.block_size
     dtype = torch.bfloat16
     scale = d ** -0.5
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    flush = l2_flush_buffer()
     gen = torch.Generator(device="cuda").manual_seed(0)
     flex = None
     if "flex" not in args.skip:
@@ -188,11 +156,7 @@ def main():
             del qf, kf, vf
         torch.cuda.empty_cache()
 
-    result = {"card": card, "torch": torch.__version__, "cuda": torch.version.cuda, "commit": git_commit(),
-              "cases": cases}
-    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-    with open(out_path, "w") as f:
-        json.dump(result, f, indent=1)
+    out_path = write_record(cases, "bsa", args.out)
     print(f"\n{'name':12s} {'N':>7s} {'density':>8s} {'ms':>10s} {'TFLOP/s':>8s}")
     for c in cases:
         print(f"{c['name']:12s} {c['seq_len']:7d} {c['density']:8.3f} {c['ms']:10.3f} {c['tflops']:8.1f}")

@@ -1,0 +1,61 @@
+"""Shared benchmark plumbing: cold-L2 median timing with CUDA events, and the DESIGN.md
+section 6 record (card, versions, commit, cases) written to bench/results/."""
+import datetime
+import json
+import os
+import statistics
+import subprocess
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def l2_flush_buffer(nbytes: int = 256 << 20) -> torch.Tensor:
+    """A buffer larger than L2 (50-60 MB on H100/H200); zero it before a run to evict L2."""
+    return torch.empty(nbytes // 4, dtype=torch.float32, device="cuda")
+
+
+def time_cold(fn, reps: int = 10, warmup: int = 3, flush: torch.Tensor = None) -> float:
+    """Median milliseconds of `fn` over `reps` runs after `warmup`, L2 evicted before each run."""
+    flush = l2_flush_buffer() if flush is None else flush
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def git_commit() -> str:
+    if os.environ.get("PROXYATTN_COMMIT"):  # copies of the tree on a device machine carry no .git
+        return os.environ["PROXYATTN_COMMIT"]
+    try:
+        return subprocess.check_output(["git", "-C", ROOT, "rev-parse", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def causal_tflops(n_q: int, n_k: int, q_heads: int, head_dim: int, batch: int = 1, density: float = 1.0) -> float:
+    """FLOPs (not rate) of causal attention over the computed pairs: density * 4 * D * Hq * N^2 / 2."""
+    return density * 4 * head_dim * q_heads * n_q * (n_k - n_q / 2) * batch
+
+
+def write_record(cases: list, tag: str, out: str = None) -> str:
+    card = torch.cuda.get_device_name()
+    rec = {"card": card, "torch": torch.__version__, "cuda": torch.version.cuda, "commit": git_commit(),
+           "cases": cases}
+    out = out or os.path.join(ROOT, "bench", "results",
+                              f"{card.replace(' ', '_')}-{datetime.date.today():%Y%m%d}-{tag}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(rec, f, indent=1)
+    return out
