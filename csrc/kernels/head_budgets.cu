@@ -1,22 +1,26 @@
-// Stage 2 (head_budgets) kernels. Probe rows: the last R = min(S, Nq) query rows of head h
-// (sequence-local [Nq - R, Nq)); row i sees keys t <= Nk - Nq + i when causal, all keys
-// otherwise. Logits q.k (bf16/fp16 operands, exact products, fp32 accumulation on the tensor
-// cores via mma.sync m16n8k16) times scale*log2(e); softmax with exp2.
-//   1. probe_kernel<stats>: grid (splits of kProbeSplitKeys keys, Hq, B), 8 warps x 16 rows;
-//      per row an online (max, sum) over the split's keys -> partial stats.
-//   2. merge_stats_kernel: per (b, h) merge the splits (flash-decoding style).
-//   3. probe_kernel<mass>: recompute the logits, p = exp2(x - M) / L, sum over the rows and
-//      keys of each key block (blocks never straddle a split) in a fixed order -> mass / R.
-//   4. finalize_kernel: one CTA per (b, h): w = mass / sum(mass) over [0, c_last), base = sum
-//      of w over the forced blocks (ascending n), bitonic sort of the non-forced w
-//      descending, then one thread accumulates base + w_0 + w_1 + ... in fp32 and stops at
-//      the first running sum >= gamma (gamma rounded to fp32, as torch compares an fp32
-//      tensor with a Python float).
+// Stage 2 (head_budgets) kernels, v2 (one pass over the logits). Probe rows: the last
+// R = min(S, Nq) query rows of head h (sequence-local [Nq - R, Nq)); row i sees keys
+// t <= Nk - Nq + i when causal, all keys otherwise. Logits q.k (bf16/fp16 operands, exact
+// products, fp32 accumulation on the tensor cores via mma.sync m16n8k16) times
+// scale*log2(e); softmax with exp2.
+//   1. probe_kernel: grid (splits of kProbeSplitKeys keys, Hq, B), 8 warps x 16 rows; per
+//      row an online (max, sum) over the split's keys whose max is shared by the row's four
+//      lanes, so that the running sum of each key block (blocks never straddle a split nor
+//      a 64-key tile) lives in the same frame: at the block's end its sum of exp2(x - ref)
+//      and ref (the running max then) go to the workspace; the split's (max, sum) too.
+//   2. finalize_kernel: one CTA per (b, h): merge the splits' (max, sum) per row (M, L),
+//      mass[n] = sum over rows (ascending) of blocksum * exp2(ref - M) / L, divided by R;
+//      w = mass / sum(mass) over [0, c_last), base = sum of w over the forced blocks
+//      (ascending n), bitonic sort of the non-forced w descending, then one thread
+//      accumulates base + w_0 + w_1 + ... in fp32 and stops at the first running sum >= gamma
+//      (gamma rounded to fp32, as torch compares an fp32 tensor with a Python float).
 // Deterministic. Tolerance vs the PyTorch reference: w differs from the reference's by fp32
-// rounding (~1e-7 relative, different summation order and mma accumulation), so kstar is
-// identical except for heads whose reference cumulative sum lands within ~1e-6 of gamma at
+// rounding (~1e-6 relative, different summation order and mma accumulation), so kstar is
+// identical except for heads whose reference cumulative sum lands within ~1e-5 of gamma at
 // the crossing (or whose sorted order swaps two w within that tolerance at the crossing).
 #include "kernels/head_budgets.h"
+
+#include <climits>
 
 #include "kernels/estimate_common.cuh"
 
@@ -26,7 +30,6 @@ namespace {
 constexpr int kProbeWarps = kProbeRows / 16;
 constexpr int kProbeThreads = kProbeWarps * 32;
 constexpr int kKeyTile = 64;
-constexpr int kTilesPerSplit = kProbeSplitKeys / kKeyTile;
 constexpr int kFinalizeThreads = 1024;
 
 struct ProbeRow {
@@ -34,11 +37,34 @@ struct ProbeRow {
   bool valid;
 };
 
-template <typename T, int D, bool kMass>
+__device__ inline void ldmatrix_x4(uint32_t r[4], const uint16_t* smem) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
+// Workspace parts (see head_budgets_workspace_floats).
+struct BudgetWorkspace {
+  float2* partial;  // [B*Hq][splits][kProbeRows]
+  float* bsum;      // [B*Hq][kProbeRows][nkb]
+  float* bref;      // [B*Hq][kProbeRows][nkb]
+  float* mass;      // [B*Hq][nkb]
+};
+__host__ __device__ inline BudgetWorkspace budget_workspace(const HeadBudgetsParams& p, int num_splits) {
+  const int64_t bhs = static_cast<int64_t>(p.batch) * p.num_heads;
+  BudgetWorkspace w;
+  w.partial = reinterpret_cast<float2*>(p.workspace);
+  w.bsum = p.workspace + bhs * num_splits * kProbeRows * 2;
+  w.bref = w.bsum + bhs * kProbeRows * p.nkb;
+  w.mass = w.bref + bhs * kProbeRows * p.nkb;
+  return w;
+}
+
+template <typename T, int D>
 __global__ void __launch_bounds__(kProbeThreads, 2) probe_kernel(const HeadBudgetsParams p) {
-  constexpr int kStride = D + 8;  // halves per smem key row (conflict-free fragment loads)
+  constexpr int kStride = D + 8;  // halves per smem key row (conflict-free ldmatrix)
   __shared__ alignas(16) uint16_t ks[2][kKeyTile * kStride];
-  __shared__ float wsum[kProbeWarps][kTilesPerSplit];
 
   const int sp = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -46,12 +72,8 @@ __global__ void __launch_bounds__(kProbeThreads, 2) probe_kernel(const HeadBudge
   const int S = p.block_size;
   const int num_splits = gridDim.x;
   const int64_t bh = static_cast<int64_t>(b) * p.num_heads + h;
-  float2* partial = reinterpret_cast<float2*>(p.workspace) + bh * num_splits * kProbeRows;
-  const float2* merged =
-      reinterpret_cast<const float2*>(p.workspace) + static_cast<int64_t>(p.batch) * p.num_heads * num_splits * kProbeRows +
-      bh * kProbeRows;
-  float* mass_out = p.workspace + static_cast<int64_t>(p.batch) * p.num_heads * (num_splits + 1) * 2 * kProbeRows +
-                    bh * p.nkb;
+  const BudgetWorkspace ws = budget_workspace(p, num_splits);
+  float2* partial = ws.partial + (bh * num_splits + sp) * kProbeRows;
 
   const SeqBounds sb = load_seq_bounds(p.cu_seqlens_q, p.cu_seqlens_k, b, p.max_seqlen_q, p.max_seqlen_k,
                                        p.total_q, p.total_k);
@@ -59,22 +81,24 @@ __global__ void __launch_bounds__(kProbeThreads, 2) probe_kernel(const HeadBudge
   const int k0 = sp * kProbeSplitKeys;
   const int k1 = min(k0 + kProbeSplitKeys, sb.nk);
   if (R == 0 || k0 >= k1) {
-    if (!kMass)
-      for (int r = threadIdx.x; r < kProbeRows; r += kProbeThreads) partial[static_cast<int64_t>(sp) * kProbeRows + r] = make_float2(-INFINITY, 0.f);
+    for (int r = threadIdx.x; r < kProbeRows; r += kProbeThreads) partial[r] = make_float2(-INFINITY, 0.f);
     return;
   }
-  for (int i = threadIdx.x; i < kProbeWarps * kTilesPerSplit; i += kProbeThreads) (&wsum[0][0])[i] = 0.f;
 
   const int hk = h / (p.num_heads / p.num_kv_heads);
   const int off = sb.nk - sb.nq;
   ProbeRow rows[2];
+  int my_min = INT_MAX;
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
     const int r = warp * 16 + g + 8 * e;
     rows[e].valid = r < R;
     const int pos = off + (sb.nq - R + r);
     rows[e].lim = !rows[e].valid ? -1 : (p.causal ? min(pos, sb.nk - 1) : sb.nk - 1);
+    if (rows[e].valid) my_min = min(my_min, rows[e].lim);
   }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) my_min = min(my_min, __shfl_xor_sync(0xffffffffu, my_min, o));
   const bool warp_active = warp * 16 < R;
 
   // Query fragments (A operand, row-major 16 x D per warp), straight from global memory.
@@ -92,16 +116,8 @@ __global__ void __launch_bounds__(kProbeThreads, 2) probe_kernel(const HeadBudge
   }
 
   const float scale2 = p.softmax_scale * kLog2e;
-  float run_m[2] = {-INFINITY, -INFINITY}, run_l[2] = {0.f, 0.f};
-  float row_m[2] = {0.f, 0.f}, row_inv[2] = {0.f, 0.f};
-  if (kMass) {
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const float2 st = merged[warp * 16 + g + 8 * e];
-      row_m[e] = st.x;
-      row_inv[e] = (st.y > 0.f && st.x != -INFINITY) ? 1.f / st.y : 0.f;
-    }
-  }
+  // Running (max, sum) per row; the max is the same in the row's four lanes.
+  float run_m[2] = {-INFINITY, -INFINITY}, run_l[2] = {0.f, 0.f}, bpart[2] = {0.f, 0.f};
 
   const T* kb = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
   auto load_tile = [&](int tile, int buf) {
@@ -116,10 +132,10 @@ __global__ void __launch_bounds__(kProbeThreads, 2) probe_kernel(const HeadBudge
     }
     cp_async_commit();
   };
+  const int ld_off = ((lane >> 4) * 8 + (lane & 7)) * kStride + ((lane >> 3) & 1) * 8;
 
   const int ntiles = (k1 - k0 + kKeyTile - 1) / kKeyTile;
   load_tile(0, 0);
-  float blk_acc = 0.f;
   for (int j = 0; j < ntiles; ++j) {
     if (j + 1 < ntiles) {
       load_tile(j + 1, (j + 1) & 1);
@@ -129,7 +145,6 @@ __global__ void __launch_bounds__(kProbeThreads, 2) probe_kernel(const HeadBudge
     }
     __syncthreads();
     if (warp_active) {
-      const uint32_t* kt = reinterpret_cast<const uint32_t*>(ks[j & 1]);
       float acc[kKeyTile / 8][4];
 #pragma unroll
       for (int nt = 0; nt < kKeyTile / 8; ++nt)
@@ -138,102 +153,82 @@ __global__ void __launch_bounds__(kProbeThreads, 2) probe_kernel(const HeadBudge
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
 #pragma unroll
-        for (int nt = 0; nt < kKeyTile / 8; ++nt) {
-          const int w0 = ((nt * 8 + g) * kStride + kk * 16 + 2 * t4) / 2;
-          const uint32_t bf[2] = {kt[w0], kt[w0 + 4]};
-          MmaTraits<T>::mma(acc[nt], qa[kk], bf);
+        for (int np = 0; np < kKeyTile / 16; ++np) {
+          uint32_t bf[4];
+          ldmatrix_x4(bf, &ks[j & 1][ld_off + np * 16 * kStride + kk * 16]);
+          MmaTraits<T>::mma(acc[2 * np], qa[kk], &bf[0]);
+          MmaTraits<T>::mma(acc[2 * np + 1], qa[kk], &bf[2]);
         }
       }
-      const int key_base = k0 + j * kKeyTile + 2 * t4;
-      if (!kMass) {
+      const int tile0 = k0 + j * kKeyTile;
+      const bool need_mask = tile0 + kKeyTile - 1 > my_min;  // warp-uniform
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float tmax = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < kKeyTile / 8; ++nt)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            float x = acc[nt][2 * e + c] * scale2;
+            if (need_mask && tile0 + nt * 8 + 2 * t4 + c > rows[e].lim) x = -INFINITY;
+            acc[nt][2 * e + c] = x;
+            tmax = fmaxf(tmax, x);
+          }
+        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
+        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
+        const float mn = fmaxf(run_m[e], tmax);
+        if (mn != -INFINITY) {
+          const float corr = exp2f(run_m[e] - mn);
+          float ps = 0.f;
+#pragma unroll
+          for (int nt = 0; nt < kKeyTile / 8; ++nt)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) ps += exp2f(acc[nt][2 * e + c] - mn);
+          run_l[e] = run_l[e] * corr + ps;
+          bpart[e] = bpart[e] * corr + ps;
+          run_m[e] = mn;
+        }
+      }
+      const int tile_end = tile0 + kKeyTile;
+      if (tile_end % S == 0 || j + 1 == ntiles) {  // the key block of this tile ends here
+        const int n = tile0 / S;
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          float tmax = -INFINITY;
-#pragma unroll
-          for (int nt = 0; nt < kKeyTile / 8; ++nt)
-#pragma unroll
-            for (int c = 0; c < 2; ++c) {
-              const float x = key_base + nt * 8 + c <= rows[e].lim ? acc[nt][2 * e + c] * scale2 : -INFINITY;
-              acc[nt][2 * e + c] = x;
-              tmax = fmaxf(tmax, x);
-            }
-          const float mn = fmaxf(run_m[e], tmax);
-          if (mn != -INFINITY) {
-            float s = run_l[e] * exp2f(run_m[e] - mn);
-#pragma unroll
-            for (int nt = 0; nt < kKeyTile / 8; ++nt)
-#pragma unroll
-              for (int c = 0; c < 2; ++c) s += exp2f(acc[nt][2 * e + c] - mn);
-            run_m[e] = mn;
-            run_l[e] = s;
+          float v = bpart[e];
+          v += __shfl_xor_sync(0xffffffffu, v, 1);
+          v += __shfl_xor_sync(0xffffffffu, v, 2);
+          if (t4 == 0 && rows[e].valid) {
+            const int64_t at = (bh * kProbeRows + warp * 16 + g + 8 * e) * p.nkb + n;
+            ws.bsum[at] = v;
+            ws.bref[at] = run_m[e];
           }
-        }
-      } else {
-        float s = 0.f;
-#pragma unroll
-        for (int e = 0; e < 2; ++e)
-#pragma unroll
-          for (int nt = 0; nt < kKeyTile / 8; ++nt)
-#pragma unroll
-            for (int c = 0; c < 2; ++c)
-              if (key_base + nt * 8 + c <= rows[e].lim)
-                s += exp2f(acc[nt][2 * e + c] * scale2 - row_m[e]) * row_inv[e];
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-        blk_acc += s;
-        const int tile_end = k0 + (j + 1) * kKeyTile;
-        if (tile_end % S == 0 || j + 1 == ntiles) {
-          if (lane == 0) wsum[warp][(k0 + j * kKeyTile - k0) / S] = blk_acc;
-          blk_acc = 0.f;
+          bpart[e] = 0.f;
         }
       }
     }
     __syncthreads();  // the buffer read above is refilled next iteration
   }
 
-  if (!kMass) {
 #pragma unroll
-    for (int e = 0; e < 2; ++e) {
+  for (int e = 0; e < 2; ++e) {
 #pragma unroll
-      for (int o = 1; o < 4; o <<= 1) {
-        const float m2 = __shfl_xor_sync(0xffffffffu, run_m[e], o);
-        const float l2 = __shfl_xor_sync(0xffffffffu, run_l[e], o);
-        merge_max_sum(run_m[e], run_l[e], m2, l2);
-      }
-      if (t4 == 0) partial[static_cast<int64_t>(sp) * kProbeRows + warp * 16 + g + 8 * e] = make_float2(run_m[e], run_l[e]);
+    for (int o = 1; o < 4; o <<= 1) {
+      const float m2 = __shfl_xor_sync(0xffffffffu, run_m[e], o);
+      const float l2 = __shfl_xor_sync(0xffffffffu, run_l[e], o);
+      merge_max_sum(run_m[e], run_l[e], m2, l2);
     }
-  } else {
-    const int nblk = (k1 - k0 + S - 1) / S;
-    for (int nl = threadIdx.x; nl < nblk; nl += kProbeThreads) {
-      float tot = 0.f;
-#pragma unroll
-      for (int w = 0; w < kProbeWarps; ++w) tot += wsum[w][nl];
-      mass_out[k0 / S + nl] = tot / static_cast<float>(R);
-    }
+    if (t4 == 0) partial[warp * 16 + g + 8 * e] = make_float2(run_m[e], run_l[e]);
   }
-}
-
-__global__ void merge_stats_kernel(const HeadBudgetsParams p, int num_splits) {
-  const int h = blockIdx.x, b = blockIdx.y, r = threadIdx.x;
-  const int64_t bh = static_cast<int64_t>(b) * p.num_heads + h;
-  const float2* partial = reinterpret_cast<const float2*>(p.workspace) + bh * num_splits * kProbeRows;
-  float2* merged = reinterpret_cast<float2*>(p.workspace) + static_cast<int64_t>(p.batch) * p.num_heads * num_splits * kProbeRows +
-                   bh * kProbeRows;
-  float m = -INFINITY, l = 0.f;
-  for (int s = 0; s < num_splits; ++s) {
-    const float2 v = partial[static_cast<int64_t>(s) * kProbeRows + r];
-    merge_max_sum(m, l, v.x, v.y);
-  }
-  merged[r] = make_float2(m, l);
 }
 
 __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const HeadBudgetsParams p, int num_splits) {
   extern __shared__ float sorted[];  // [pow2 >= non-forced count]
   __shared__ float red[kFinalizeThreads / 32];
+  __shared__ float s_m[kProbeRows], s_inv[kProbeRows];
   const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
   const int64_t bh = static_cast<int64_t>(b) * p.num_heads + h;
-  const float* mass = p.workspace + static_cast<int64_t>(p.batch) * p.num_heads * (num_splits + 1) * 2 * kProbeRows +
-                      bh * p.nkb;
+  const BudgetWorkspace ws = budget_workspace(p, num_splits);
+  float* mass = ws.mass + bh * p.nkb;
   const SeqBounds sb = load_seq_bounds(p.cu_seqlens_q, p.cu_seqlens_k, b, p.max_seqlen_q, p.max_seqlen_k,
                                        p.total_q, p.total_k);
   const int S = p.block_size;
@@ -244,6 +239,34 @@ __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const HeadBu
     return;
   }
   const ForcedSplit fl = split_forced(c_last, p.sink_blocks, p.local_blocks);
+  const int R = min(S, sb.nq);
+
+  // Row statistics: merge the splits (in split order).
+  if (tid < kProbeRows) {
+    float m = -INFINITY, l = 0.f;
+    const float2* part = ws.partial + bh * num_splits * kProbeRows + tid;
+    for (int sp = 0; sp < num_splits; ++sp) {
+      const float2 v = part[static_cast<int64_t>(sp) * kProbeRows];
+      merge_max_sum(m, l, v.x, v.y);
+    }
+    const bool on = tid < R && m != -INFINITY && l > 0.f;
+    s_m[tid] = on ? m : 0.f;
+    s_inv[tid] = on ? 1.f / l : 0.f;
+  }
+  __syncthreads();
+  // Block masses over [0, c_last): mean over the rows (ascending) of the row's probabilities.
+  for (int n = tid; n < c_last; n += kFinalizeThreads) {
+    float tot = 0.f;
+#pragma unroll 8
+    for (int r = 0; r < R; ++r) {
+      const float inv = s_inv[r];
+      const int64_t at = (bh * kProbeRows + r) * p.nkb + n;
+      const float v = ws.bsum[at];
+      if (inv > 0.f && v > 0.f) tot += v * exp2f(ws.bref[at] - s_m[r]) * inv;
+    }
+    mass[n] = tot / static_cast<float>(R);
+  }
+  __syncthreads();  // mass (global) is read back by other threads of this CTA
 
   // Total mass: per-thread strided sums, then a fixed tree.
   float part = 0.f;
@@ -301,14 +324,7 @@ __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const HeadBu
 
 template <typename T, int D>
 cudaError_t launch_probe(const HeadBudgetsParams& p, cudaStream_t stream, int num_splits) {
-  const dim3 grid(num_splits, p.num_heads, p.batch);
-  probe_kernel<T, D, false><<<grid, kProbeThreads, 0, stream>>>(p);
-  cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) return e;
-  merge_stats_kernel<<<dim3(p.num_heads, p.batch), kProbeRows, 0, stream>>>(p, num_splits);
-  e = cudaGetLastError();
-  if (e != cudaSuccess) return e;
-  probe_kernel<T, D, true><<<grid, kProbeThreads, 0, stream>>>(p);
+  probe_kernel<T, D><<<dim3(num_splits, p.num_heads, p.batch), kProbeThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

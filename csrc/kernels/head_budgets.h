@@ -5,8 +5,8 @@
 // (descending w, after the forced blocks' mass `base`) whose cumulative mass reaches gamma.
 // Inputs q [B, Nq, Hq, D] / k [B, Nk, Hkv, D] (or varlen [total, H, D]) fp16/bf16 with
 // any row/head/batch strides (multiples of 8 elements, last dim contiguous). Output
-// kstar int32 [B, Hq]. Three kernels: split-key row statistics, their merge, block masses,
-// then one CTA per head sorts and counts.
+// kstar int32 [B, Hq]. Two kernels: one pass over split keys (row statistics and per-row
+// block sums), then one CTA per head merges, forms the block masses, sorts and counts.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -43,10 +43,12 @@ inline int head_budgets_num_splits(int max_seqlen_k) {
   return max_seqlen_k <= 0 ? 1 : (max_seqlen_k + kProbeSplitKeys - 1) / kProbeSplitKeys;
 }
 
-// Partial (max, sum) per split and row, merged (max, sum) per row, block masses per head.
+// Partial (max, sum) per split and row [B*Hq][splits][kProbeRows] (float2); per row and key
+// block the block's sum of exp2(x - ref) and its reference max ref, [B*Hq][kProbeRows][nkb]
+// each; block masses [B*Hq][nkb]. O(Hq * N) floats: 4 * Hq * N * 128 / S bytes per array.
 inline int64_t head_budgets_workspace_floats(int batch, int num_heads, int max_seqlen_k, int nkb) {
   const int64_t bh = static_cast<int64_t>(batch) * num_heads;
-  return bh * (2LL * kProbeRows * head_budgets_num_splits(max_seqlen_k) + 2LL * kProbeRows + nkb);
+  return bh * (2LL * kProbeRows * head_budgets_num_splits(max_seqlen_k) + (2LL * kProbeRows + 1) * nkb);
 }
 
 template <typename T>

@@ -29,7 +29,7 @@ struct ProxyScoresParams {
   float softmax_scale;
   bool causal;
   float* scores;    // [B, G, nqb, nkb]
-  void* workspace;  // proxy_scores_workspace_bytes: pooled q and k, fp16 hi/lo pairs
+  void* workspace;  // proxy_scores_workspace_bytes(*this) bytes, 256-byte aligned
 };
 
 // Upper bounds of the kept rows per sequence (queries and keys alike).
@@ -37,12 +37,13 @@ inline int64_t proxy_scores_kept_rows(int max_seqlen, int stride) {
   return max_seqlen <= 0 ? 0 : (static_cast<int64_t>(max_seqlen) + stride - 1) / stride;
 }
 
-// Pooled q and k, each stored as two fp16 arrays (hi, lo) of [B, G, kept rows, D].
-inline int64_t proxy_scores_workspace_bytes(int batch, int num_groups, int head_dim, int max_seqlen_q,
-                                            int max_seqlen_k, int stride) {
-  const int64_t rows = proxy_scores_kept_rows(max_seqlen_q, stride) + proxy_scores_kept_rows(max_seqlen_k, stride);
-  return static_cast<int64_t>(batch) * num_groups * rows * head_dim * 2 * 2;
-}
+// Workspace of run_proxy_scores for these params (every field but scores / workspace set):
+// pooled q and k as fp16 (hi, lo) pairs [B, G, kept rows, D], one flag per 64-key tile of the
+// pooled k (lo part nonzero), a work counter, and the per-row block-max scratch of the
+// persistent scores kernel: (resident CTAs) x nkb x 128 fp32, i.e. 512 bytes per key block
+// per resident CTA (~2 per SM): 135 MB at nkb = 1024 (128k tokens, 132 SMs), 1.1 GB at 1M.
+// Queries the current device (SM count, occupancy); no synchronisation.
+int64_t proxy_scores_workspace_bytes(const ProxyScoresParams& p);
 
 template <typename T>
 cudaError_t run_proxy_scores(const ProxyScoresParams& p, cudaStream_t stream);

@@ -125,11 +125,6 @@ at::Tensor proxy_block_scores(const at::Tensor& q, const at::Tensor& k, const st
   const int nqb = ceil_div(max_q, block_size), nkb = ceil_div(max_k, block_size);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor scores = at::empty({L.batch, G, nqb, nkb}, q.options().dtype(at::kFloat));
-  const int64_t ws_bytes =
-      proxy_scores_workspace_bytes(L.batch, static_cast<int>(G), L.head_dim, static_cast<int>(max_q),
-                                   static_cast<int>(max_k), static_cast<int>(stride));
-  at::Tensor ws = at::empty({std::max<int64_t>(ws_bytes, 16)}, q.options().dtype(at::kByte));
-
   ProxyScoresParams p{};
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -157,6 +152,9 @@ at::Tensor proxy_block_scores(const at::Tensor& q, const at::Tensor& k, const st
   p.softmax_scale = static_cast<float>(softmax_scale);
   p.causal = causal;
   p.scores = scores.data_ptr<float>();
+  const int64_t ws_bytes = proxy_scores_workspace_bytes(p);
+  PROXYATTN_CHECK(ws_bytes >= 0, "proxy_block_scores: could not query the device for the scores kernel's occupancy");
+  at::Tensor ws = at::empty({std::max<int64_t>(ws_bytes, 16)}, q.options().dtype(at::kByte));
   p.workspace = ws.data_ptr();
   const cudaStream_t stream = current_stream();
   if (q.scalar_type() == at::kHalf) {
