@@ -387,6 +387,7 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
         if (kAligned) {
 #pragma unroll
           for (int nt = 0; nt < kSubKeys / 8; ++nt) {
+            if (kk0 + nt * 8 > my_lim) break;  // masked for every row; n could pass nkb - 1
             const int n = (kk0 + nt * 8) >> pshift;  // warp-uniform
             if (n != run_n) {
               if (run_n >= 0) flush_run();
@@ -465,7 +466,8 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
       float v = 0.f;
       if (n <= nmax && has_key) {
         const float* Ln = scratch + static_cast<int64_t>(n) * kCtaRows + bl * rows_blk;
-        for (int r = 0; r < rows_blk; ++r) {
+#pragma unroll 8
+        for (int r = 0; r < rows_blk; ++r) {  // entries past a row's last block are stale: not read
           const int rr = bl * rows_blk + r;
           if (n <= s_nlim[rr]) v = fmaxf(v, exp2f(Ln[r] - s_m[rr]) * s_inv[rr]);
         }
