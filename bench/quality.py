@@ -23,7 +23,6 @@ import time
 
 import torch
 
-from proxyattn import ops
 from proxyattn import quality as Q
 from proxyattn.config import ProxyAttnConfig
 
@@ -66,7 +65,7 @@ def _parse(argv=None) -> argparse.Namespace:
     a.seq_lens = a.seq_lens or ([32768, 131072] if cuda else [4096, 8192])
     a.gammas = a.gammas or [0.8, 0.9, 0.95, 0.98]
     a.taus = a.taus or [0.5, 0.7, 0.8, 0.9, 0.95, 0.99]
-    a.oracle_densities = a.oracle_densities or [0.05, 0.1, 0.2, 0.3, 0.5]
+    a.oracle_densities = a.oracle_densities or [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5]
     a.q_heads = a.q_heads or (32 if cuda else 8)
     a.kv_heads = a.kv_heads or (8 if cuda else 2)
     a.proxy_heads = a.proxy_heads or sorted({1, a.kv_heads})
@@ -134,7 +133,7 @@ def run_case(a: argparse.Namespace, n: int, share: float) -> list:
            {"kstar": ks.float().mean().item()})
     for G in a.proxy_heads:
         base = ProxyAttnConfig(block_size=S, min_budget=a.sweep_min_budget, num_proxy_heads=G)
-        scores = ops.proxy_block_scores(q, k, block_size=S, num_proxy_heads=G, stride=base.stride)
+        scores = Q.proxy_scores(q, k, base)
         for g in a.gammas:
             cfg = dataclasses.replace(base, gamma=g)
             c, i, ks = Q.proxyattn_select(q, k, cfg, scores=scores)

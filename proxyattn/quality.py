@@ -13,7 +13,8 @@ Contents
 - block_mass: true softmax mass per (query block, key block), summed over the block's rows.
 - attention_recall, density, relative_output_error, needle_retrieval: the metrics.
 - mean_pooling_select, antidiagonal_select, oracle_select: baseline estimators;
-  proxyattn_select: the ProxyAttn stages 1-3 in the same format.
+  proxyattn_select: the ProxyAttn stages 1-3 in the same format; sparse_output: stage 4.
+  On CUDA without a compiled kernel the stages fall back to the reference on the GPU.
 - evaluate_selection: all metrics of one selection.
 """
 from __future__ import annotations
@@ -47,7 +48,9 @@ __all__ = [
     "mean_pooling_select",
     "antidiagonal_select",
     "oracle_select",
+    "proxy_scores",
     "proxyattn_select",
+    "sparse_output",
     "dense_output",
     "evaluate_selection",
 ]
@@ -309,27 +312,28 @@ def block_mass(q: Tensor, k: Tensor, block_size: int, *, causal: bool = True,
     W = torch.zeros(B, hq, nqb, nkb, dtype=torch.float64, device=dev)
     rows = torch.zeros(nqb, dtype=torch.float64)
     keys = torch.arange(nk, device=dev)
-    for m in range(nqb):
-        r0, r1 = m * S, min(nq, (m + 1) * S)
-        pos = off + torch.arange(r0, r1, device=dev)
-        kend = min(nk, off + r1) if causal else nk
-        rows[m] = float(((pos >= 0).sum() if causal else r1 - r0)) if kend > 0 else 0.0
-        if kend <= 0:
-            continue
-        nb = _cdiv(kend, S)
-        per = max(1, _CHUNK_ELEMS // ((r1 - r0) * kend))
-        for b in range(B):
-            for h0 in range(0, hq, per):
-                hs = torch.arange(h0, min(hq, h0 + per), device=dev)
-                qc = q[b, r0:r1, hs].to(dt).transpose(0, 1)  # [h, R, D]
-                kc = k[b, :kend].to(dt)[:, hs // rep].permute(1, 2, 0)  # [h, D, L]
-                logits = torch.matmul(qc, kc) * scale
-                if causal:
-                    logits.masked_fill_(keys[None, None, :kend] > pos[None, :, None], -math.inf)
-                lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-                p = torch.exp(logits - torch.where(torch.isinf(lse), 0.0, lse))
-                p = F.pad(p, (0, nb * S - kend))
-                W[b, hs, m, :nb] = p.view(len(hs), r1 - r0, nb, S).sum(dim=(1, 3)).double()
+    for b in range(B):
+        kT = k[b].to(dt).permute(1, 2, 0)  # [Hkv, D, Nk], converted once per sequence
+        for m in range(nqb):
+            r0, r1 = m * S, min(nq, (m + 1) * S)
+            pos = off + torch.arange(r0, r1, device=dev)
+            kend = min(nk, off + r1) if causal else nk
+            rows[m] = float(((pos >= 0).sum() if causal else r1 - r0)) if kend > 0 else 0.0
+            if kend <= 0:
+                continue
+            nb = _cdiv(kend, S)
+            per = max(1, min(rep, _CHUNK_ELEMS // ((r1 - r0) * kend)))  # query heads of one KV head per matmul
+            for g in range(hkv):
+                for h0 in range(g * rep, (g + 1) * rep, per):
+                    h1 = min((g + 1) * rep, h0 + per)
+                    qc = q[b, r0:r1, h0:h1].to(dt).transpose(0, 1)  # [h, R, D]
+                    logits = torch.matmul(qc, kT[g, :, :kend]) * scale  # [h, R, L]
+                    if causal:
+                        logits.masked_fill_(keys[None, None, :kend] > pos[None, :, None], -math.inf)
+                    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+                    p = torch.exp(logits - torch.where(torch.isinf(lse), 0.0, lse))
+                    p = F.pad(p, (0, nb * S - kend))
+                    W[b, h0:h1, m, :nb] = p.view(h1 - h0, r1 - r0, nb, S).sum(dim=(1, 3)).double()
     return W, rows
 
 
@@ -572,24 +576,58 @@ def oracle_select(q: Tensor, k: Tensor, block_size: int, *, target_density: Opti
     return selection_from_mask(keep)
 
 
+def _use_reference(name: str, t: Tensor) -> bool:
+    """CUDA tensors without a compiled kernel run the reference on the GPU (slow but exact)."""
+    return t.is_cuda and not ops.cuda_kernel_available(name)
+
+
+def proxy_scores(q: Tensor, k: Tensor, config: ProxyAttnConfig, *, causal: bool = True) -> Tensor:
+    """Stage 1 of ProxyAttn (it depends on neither gamma nor min_budget)."""
+    S, scale = config.block_size, config.scale(q.shape[-1])
+    if _use_reference("proxy_block_scores", q):
+        return reference.proxy_block_scores(q, k, None, None, q.shape[1], k.shape[1], S, config.num_proxy_heads,
+                                            config.stride, scale, causal)
+    return ops.proxy_block_scores(q, k, block_size=S, num_proxy_heads=config.num_proxy_heads, stride=config.stride,
+                                  softmax_scale=scale, causal=causal)
+
+
 def proxyattn_select(q: Tensor, k: Tensor, config: Optional[ProxyAttnConfig] = None, *, causal: bool = True,
                      scores: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    """ProxyAttn stages 1-3 (compiled kernels on CUDA, reference on CPU) regardless of
-    dense_below. Returns counts, indices, kstar. `scores` reuses stage 1 (it does not depend
-    on gamma or min_budget)."""
+    """ProxyAttn stages 1-3 (compiled kernels on CUDA where built, else the reference)
+    regardless of dense_below. Returns counts, indices, kstar. `scores` (proxy_scores) reuses
+    stage 1 across gamma / min_budget values."""
     cfg = config or ProxyAttnConfig()
     cfg.check_heads(q.shape[2], k.shape[2])
     S = cfg.block_size
     scale = cfg.scale(q.shape[-1])
+    nq, nk = q.shape[1], k.shape[1]
     if scores is None:
-        scores = ops.proxy_block_scores(q, k, block_size=S, num_proxy_heads=cfg.num_proxy_heads, stride=cfg.stride,
-                                        softmax_scale=scale, causal=causal)
-    kstar = ops.head_budgets(q, k, block_size=S, gamma=cfg.gamma, sink_blocks=cfg.sink_blocks,
-                             local_blocks=cfg.local_blocks, softmax_scale=scale, causal=causal)
-    counts, indices = ops.select_blocks(scores, kstar, seqlen_q=q.shape[1], seqlen_k=k.shape[1], block_size=S,
-                                        sink_blocks=cfg.sink_blocks, local_blocks=cfg.local_blocks,
-                                        min_budget=cfg.min_budget, causal=causal)
+        scores = proxy_scores(q, k, cfg, causal=causal)
+    if _use_reference("head_budgets", q):
+        kstar = reference.head_budgets(q, k, None, None, nq, nk, S, float(cfg.gamma), cfg.sink_blocks,
+                                       cfg.local_blocks, scale, causal)
+    else:
+        kstar = ops.head_budgets(q, k, block_size=S, gamma=cfg.gamma, sink_blocks=cfg.sink_blocks,
+                                 local_blocks=cfg.local_blocks, softmax_scale=scale, causal=causal)
+    if _use_reference("select_blocks", q):
+        counts, indices = reference.select_blocks(scores, kstar, None, None, nq, nk, S, cfg.sink_blocks,
+                                                  cfg.local_blocks, cfg.min_budget, causal)
+    else:
+        counts, indices = ops.select_blocks(scores, kstar, seqlen_q=nq, seqlen_k=nk, block_size=S,
+                                            sink_blocks=cfg.sink_blocks, local_blocks=cfg.local_blocks,
+                                            min_budget=cfg.min_budget, causal=causal)
     return counts, indices, kstar
+
+
+def sparse_output(q: Tensor, k: Tensor, v: Tensor, counts: Tensor, indices: Tensor, block_size: int, *,
+                  causal: bool = True, softmax_scale: Optional[float] = None) -> Tensor:
+    """Stage 4 on a selection (the compiled kernel where built, else the reference)."""
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    if _use_reference("block_sparse_attention", q):
+        return reference.block_sparse_attention(q, k, v, counts, indices, None, None, q.shape[1], k.shape[1],
+                                                block_size, scale, causal)[0]
+    return ops.block_sparse_attention(q, k, v, counts, indices, block_size=block_size, softmax_scale=scale,
+                                      causal=causal)[0]
 
 
 def dense_output(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
@@ -615,8 +653,7 @@ def evaluate_selection(q: Tensor, k: Tensor, v: Tensor, counts: Tensor, indices:
                        causal: bool = True, softmax_scale: Optional[float] = None) -> dict:
     """density, recall (mean and per head), relative output error and needle retrieval of one
     selection; the sparse output comes from proxyattn.block_sparse_attention."""
-    out, _ = ops.block_sparse_attention(q, k, v, counts, indices, block_size=block_size,
-                                        softmax_scale=softmax_scale, causal=causal)
+    out = sparse_output(q, k, v, counts, indices, block_size, causal=causal, softmax_scale=softmax_scale)
     rec = attention_recall(q, k, counts, indices, block_size, causal, mass=mass)
     res = {
         "density": density(counts, (q.shape[1], k.shape[1]), block_size, causal),
