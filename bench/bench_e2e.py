@@ -1,0 +1,110 @@
+"""proxy_attention end to end beside cuDNN SDPA, on structured inputs, across lengths.
+
+    python3 bench/bench_e2e.py [--seq-lens 1024 ... 131072] [--proxy-heads 1 8] [--quality-at 32768 131072]
+
+For each length: structured inputs (proxyattn.quality.make_structured_inputs: sink, RoPE
+recency, shared hubs, needles), cuDNN SDPA dense causal (KV expanded to Hq heads), and
+proxy_attention on its sparse path (dense_below=0) with the default config, timed whole and
+as estimation (stages 1-3) and attention (stage 4) apart; the density of the selection it
+made. At the --quality-at lengths also attention recall, needle retrieval and output error
+against dense attention. Prints the smallest length from which the sparse path is never
+more than 5% slower than cuDNN (the dense crossover, config.dense_below), and writes the
+DESIGN section 6 JSON (tag e2e).
+"""
+import argparse
+import dataclasses
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import proxyattn as pa
+from benchlib import causal_tflops, l2_flush_buffer, time_cold, write_record
+from proxyattn import quality
+
+OPS = torch.ops.proxyattn
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seq-lens", type=int, nargs="+",
+                    default=[1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072])
+    ap.add_argument("--q-heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--proxy-heads", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--share", type=float, default=0.8)
+    ap.add_argument("--quality-at", type=int, nargs="*", default=[32768, 131072])
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_e2e.py needs a CUDA GPU")
+    hq, hkv, d = a.q_heads, a.kv_heads, a.head_dim
+    flush = l2_flush_buffer()
+    cases, base_cfg = [], pa.ProxyAttnConfig(dense_below=0)
+    crossover = {g: None for g in a.proxy_heads}
+    for n in a.seq_lens:
+        q, k, v, meta = quality.make_structured_inputs(1, n, hq, hkv, d, share=a.share, seed=a.seed + n,
+                                                       dtype=torch.bfloat16, device="cuda")
+        reps = a.reps if n <= 65536 else max(5, a.reps // 2)
+        common = dict(seq_len=n, batch=1, q_heads=hq, kv_heads=hkv, head_dim=d, dtype="bf16")
+        qt = q.transpose(1, 2)
+        ke = k.transpose(1, 2).repeat_interleave(hq // hkv, dim=1)
+        ve = v.transpose(1, 2).repeat_interleave(hq // hkv, dim=1)
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            dense_ms = time_cold(lambda: F.scaled_dot_product_attention(qt, ke, ve, is_causal=True), reps, 2, flush)
+        flops = causal_tflops(n, n, hq, d)
+        cases.append(dict(name="sdpa_cudnn", **common, density=1.0, ms=dense_ms, tflops=flops / dense_ms / 1e9))
+        print(f"N={n:7d} sdpa_cudnn {dense_ms:9.3f} ms", flush=True)
+        for g in a.proxy_heads:
+            cfg = dataclasses.replace(base_cfg, num_proxy_heads=g)
+            out, sel = pa.proxy_attention(q, k, v, cfg, return_selection=True)
+            dens = float(sel.density.mean())
+            total = time_cold(lambda: pa.proxy_attention(q, k, v, cfg), reps, 2, flush)
+            scale = d ** -0.5
+            S = cfg.block_size
+
+            def estimate():
+                sc = OPS.proxy_block_scores(q, k, None, None, n, n, S, g, cfg.stride, scale, True)
+                ks = OPS.head_budgets(q, k, None, None, n, n, S, cfg.gamma, 1, 1, scale, True)
+                return OPS.select_blocks(sc, ks, None, None, n, n, S, 1, 1, cfg.min_budget, True)
+
+            est = time_cold(estimate, reps, 2, flush)
+            attn = time_cold(lambda: OPS.block_sparse_attention(q, k, v, sel.counts, sel.indices, None, None, n, n, S,
+                                                                scale, True), reps, 2, flush)
+            extra = dict(proxy_heads=g, gamma=cfg.gamma, min_budget=cfg.min_budget, share=a.share,
+                         speedup_vs_cudnn=dense_ms / total)
+            cases.append(dict(name="proxy_attention", **common, density=dens, ms=total,
+                              tflops=dens * flops / total / 1e9, **extra))
+            cases.append(dict(name="estimate", **common, density=dens, ms=est, tflops=None, **extra))
+            cases.append(dict(name="bsa", **common, density=dens, ms=attn, tflops=dens * flops / attn / 1e9, **extra))
+            line = (f"N={n:7d} G={g}: proxy_attention {total:9.3f} ms (estimate {est:.3f} + attention {attn:.3f}) "
+                    f"density {dens:.3f}  {dense_ms / total:5.2f}x cuDNN")
+            if n in a.quality_at:
+                mass = quality.block_mass(q, k, S)
+                dense_out = quality.dense_output(q, k, v)
+                res = quality.evaluate_selection(q, k, v, sel.counts, sel.indices, S, mass=mass, dense_out=dense_out,
+                                                 meta=meta)
+                cases[-3].update(recall=res["recall"], recall_min_head=res["recall_min_head"],
+                                 rel_error=res["rel_error"], needle_retrieval=res.get("needle_retrieval"))
+                line += (f"  recall {res['recall']:.3f} (min head {res['recall_min_head']:.3f}) "
+                         f"needles {res.get('needle_retrieval')} rel.err {res['rel_error']:.3f}")
+                del mass, dense_out
+            print(line, flush=True)
+            if total > 1.05 * dense_ms:
+                crossover[g] = None
+            elif crossover[g] is None:
+                crossover[g] = n
+            del out, sel
+        del q, k, v, qt, ke, ve
+        torch.cuda.empty_cache()
+    for g, n in crossover.items():
+        print(f"G={g}: sparse path within 5% of cuDNN from N = {n} on (of the lengths measured)")
+    print("wrote", write_record(cases, "e2e", a.out))
+
+
+if __name__ == "__main__":
+    main()
