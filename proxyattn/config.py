@@ -9,9 +9,11 @@ SUPPORTED_BLOCK_SIZES = (64, 128)
 SUPPORTED_HEAD_DIMS = (64, 128)
 MAX_STRIDE = 16
 
-# Below this many keys proxy_attention runs dense attention: estimation cannot pay
-# off on short inputs. Provisional until measured on an H100/H200 (bench/NOTES.md).
-DEFAULT_DENSE_BELOW = 8192
+# Below this many keys proxy_attention runs dense attention: estimation and the min_budget
+# floor cannot pay off on short inputs. Measured on an H100 (bench/results/*-e2e.json,
+# structured inputs, default config): the sparse path ran 0.85x cuDNN's speed at 8k keys and
+# 1.70x at 16k.
+DEFAULT_DENSE_BELOW = 16384
 
 
 def _check_int(name: str, value, low: int, high: Optional[int] = None) -> None:
