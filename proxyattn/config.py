@@ -16,12 +16,18 @@ MAX_STRIDE = 16
 DEFAULT_DENSE_BELOW = 16384
 
 
-def _check_int(name: str, value, low: int, high: Optional[int] = None) -> None:
+def check_int(name: str, value, low: int, high: Optional[int] = None) -> int:
+    """Return `value` if it is an int (not a bool) in [low, high]; else TypeError/ValueError."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"ProxyAttnConfig.{name} must be an int, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < low or (high is not None and value > high):
         rng = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"ProxyAttnConfig.{name} must be {rng}, got {value}")
+        raise ValueError(f"{name} must be {rng}, got {value}")
+    return value
+
+
+def _check_int(name: str, value, low: int, high: Optional[int] = None) -> None:
+    check_int(f"ProxyAttnConfig.{name}", value, low, high)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .config import MAX_STRIDE, SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_DIMS, check_proxy_grouping
+from .config import MAX_STRIDE, SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_DIMS, check_int, check_proxy_grouping
 
 try:
     from . import _C  # noqa: F401  (loads the TORCH_LIBRARY schemas and the CUDA kernels)
@@ -52,15 +52,6 @@ def _cdiv(a: int, b: int) -> int:
 def _require_tensor(name: str, t) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-
-
-def _require_int(name: str, value, low: int, high: Optional[int] = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < low or (high is not None and value > high):
-        rng = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be {rng}, got {value}")
-    return value
 
 
 def check_block_size(block_size) -> int:
@@ -144,8 +135,8 @@ def check_qkv(q: Tensor, k: Tensor, v: Optional[Tensor], cu_seqlens_q: Optional[
     if _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q) != batch:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length, got "
                          f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
-    mq = _require_int("max_seqlen_q", max_seqlen_q, 1)
-    mk = _require_int("max_seqlen_k", max_seqlen_k, 1)
+    mq = check_int("max_seqlen_q", max_seqlen_q, 1)
+    mk = check_int("max_seqlen_k", max_seqlen_k, 1)
     if cu_seqlens_q.device.type == "cpu" and cu_seqlens_k.device.type == "cpu":
         _check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], mq)
         _check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], mk)
@@ -249,9 +240,9 @@ def proxy_block_scores(q: Tensor, k: Tensor, *, block_size: int = 128, num_proxy
     """Stage 1: fp32 [B, G, nqb, nkb] max-pooled softmax scores of the pooled proxy heads."""
     lay = check_qkv(q, k, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
     check_block_size(block_size)
-    _require_int("num_proxy_heads", num_proxy_heads, 1)
+    check_int("num_proxy_heads", num_proxy_heads, 1)
     check_proxy_grouping(num_proxy_heads, lay.q_heads, lay.kv_heads)
-    _require_int("stride", stride, 1, MAX_STRIDE)
+    check_int("stride", stride, 1, MAX_STRIDE)
     scale = resolve_scale(softmax_scale, lay.head_dim)
     return _call("proxy_block_scores", q.device, q, k, cu_seqlens_q, cu_seqlens_k, lay.max_seqlen_q,
                  lay.max_seqlen_k, block_size, num_proxy_heads, stride, scale, causal)
@@ -265,8 +256,8 @@ def head_budgets(q: Tensor, k: Tensor, *, block_size: int = 128, gamma: float = 
     lay = check_qkv(q, k, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
     check_block_size(block_size)
     gamma = check_gamma(gamma)
-    _require_int("sink_blocks", sink_blocks, 0)
-    _require_int("local_blocks", local_blocks, 0)
+    check_int("sink_blocks", sink_blocks, 0)
+    check_int("local_blocks", local_blocks, 0)
     scale = resolve_scale(softmax_scale, lay.head_dim)
     return _call("head_budgets", q.device, q, k, cu_seqlens_q, cu_seqlens_k, lay.max_seqlen_q, lay.max_seqlen_k,
                  block_size, gamma, sink_blocks, local_blocks, scale, causal)
@@ -282,11 +273,11 @@ def select_blocks(scores: Tensor, kstar: Tensor, *, seqlen_q: int, seqlen_k: int
     _require_tensor("scores", scores)
     _require_tensor("kstar", kstar)
     check_block_size(block_size)
-    _require_int("seqlen_q", seqlen_q, 1)
-    _require_int("seqlen_k", seqlen_k, 1)
-    _require_int("sink_blocks", sink_blocks, 0)
-    _require_int("local_blocks", local_blocks, 0)
-    _require_int("min_budget", min_budget, 0)
+    check_int("seqlen_q", seqlen_q, 1)
+    check_int("seqlen_k", seqlen_k, 1)
+    check_int("sink_blocks", sink_blocks, 0)
+    check_int("local_blocks", local_blocks, 0)
+    check_int("min_budget", min_budget, 0)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if causal and seqlen_q > seqlen_k and cu_seqlens_q is None:

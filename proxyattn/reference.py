@@ -256,25 +256,35 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, counts: Tensor, indi
                            ) -> Tuple[Tensor, Tensor]:
     """Softmax over the selected key blocks that each row may see. Indices past counts, and
     indices outside the sequence's key blocks, are ignored."""
-    varlen = cu_seqlens_q is not None
     hq = q.shape[-2]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((hq, q.shape[0]) if varlen else (q.shape[0], hq, q.shape[1]),
-                      dtype=torch.float32, device=q.device)
-    for b, rows, q_b, k_b, v_b in _sequences(q, k, v, cu_seqlens_q, cu_seqlens_k):
-        nq, nk = q_b.shape[0], k_b.shape[0]
+
+    def block_mask(b: int, nq: int, nk: int) -> Tensor:
         nqb, nkb = _cdiv(nq, block_size), _cdiv(nk, block_size)
         idx = indices[b, :, :nqb].long()
         valid = (torch.arange(idx.shape[-1], device=q.device) < counts[b, :, :nqb, None]) & (idx >= 0) & (idx < nkb)
         mask = torch.zeros(hq, nqb, nkb + 1, dtype=torch.bool, device=q.device)
         mask.scatter_(2, torch.where(valid, idx, nkb), True)
-        o_b, l_b = attention_with_block_mask(q_b, k_b, v_b, mask[..., :nkb], block_size, softmax_scale, causal)
+        return mask[..., :nkb]
+
+    return _attend(q, k, v, cu_seqlens_q, cu_seqlens_k, block_mask, block_size, softmax_scale, causal)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, cu_q: Optional[Tensor], cu_k: Optional[Tensor], block_mask,
+            S: int, scale: float, causal: bool) -> Tuple[Tensor, Tensor]:
+    """Per sequence attention_with_block_mask, assembled into out (like q) and lse fp32
+    ([B, Hq, Nq]; varlen [Hq, total_q]). block_mask(b, nq, nk) gives the mask or None (dense)."""
+    varlen = cu_q is not None
+    hq = q.shape[-2]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((hq, q.shape[0]) if varlen else (q.shape[0], hq, q.shape[1]),
+                      dtype=torch.float32, device=q.device)
+    for b, rows, q_b, k_b, v_b in _sequences(q, k, v, cu_q, cu_k):
+        o_b, l_b = attention_with_block_mask(q_b, k_b, v_b, block_mask(b, q_b.shape[0], k_b.shape[0]), S, scale,
+                                             causal)
         if varlen:
-            out[rows] = o_b
-            lse[:, rows] = l_b
+            out[rows], lse[:, rows] = o_b, l_b
         else:
-            out[b] = o_b
-            lse[b] = l_b
+            out[b], lse[b] = o_b, l_b
     return out, lse
 
 
@@ -324,18 +334,7 @@ def attention_with_block_mask(q_b: Tensor, k_b: Tensor, v_b: Tensor, block_mask:
 def dense_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                     softmax_scale: float, causal: bool) -> Tuple[Tensor, Tensor]:
     """Dense attention (bottom-right causal) in the same layouts, chunked."""
-    varlen = cu_seqlens_q is not None
-    hq = q.shape[-2]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((hq, q.shape[0]) if varlen else (q.shape[0], hq, q.shape[1]),
-                      dtype=torch.float32, device=q.device)
-    for b, rows, q_b, k_b, v_b in _sequences(q, k, v, cu_seqlens_q, cu_seqlens_k):
-        o_b, l_b = attention_with_block_mask(q_b, k_b, v_b, None, 128, softmax_scale, causal)
-        if varlen:
-            out[rows], lse[:, rows] = o_b, l_b
-        else:
-            out[b], lse[b] = o_b, l_b
-    return out, lse
+    return _attend(q, k, v, cu_seqlens_q, cu_seqlens_k, lambda b, nq, nk: None, 128, softmax_scale, causal)
 
 
 # ---------------------------------------------------------------- composite
