@@ -129,3 +129,103 @@ def test_block_sparse_attention_random_selection_shapes(b, h, m, kk, n, dt):
         return
     assert dt == torch.int32 and (b, h, m) == (1, 2, -(-n // 64)) and kk >= 1
     assert out.shape == q.shape and lse.shape == (1, 2, n)
+
+
+def _is_int(x, low, high=None):
+    return isinstance(x, int) and not isinstance(x, bool) and x >= low and (high is None or x <= high)
+
+
+def _is_scale(x):
+    return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0)
+
+
+ODD_VALUES = st.one_of(st.integers(-3, 300), st.floats(allow_nan=True, allow_infinity=True), st.none(),
+                       st.booleans(), st.text(max_size=2))
+
+
+@SETTINGS
+@given(st.fixed_dictionaries({}, optional={"block_size": st.one_of(st.sampled_from([64, 128]), ODD_VALUES),
+                                           "num_proxy_heads": st.one_of(st.sampled_from([1, 2, 4]), ODD_VALUES),
+                                           "stride": st.one_of(st.integers(1, 16), ODD_VALUES),
+                                           "softmax_scale": st.one_of(st.floats(0.01, 1.0), ODD_VALUES),
+                                           "causal": st.one_of(st.booleans(), ODD_VALUES)}))
+def test_proxy_block_scores_random_arguments(kw):
+    """Stage 1 keyword arguments of any type/value: accepted exactly when valid."""
+    q = torch.randn(1, 130, 4, 64)
+    k = torch.randn(1, 130, 2, 64)
+    g = kw.get("num_proxy_heads", 1)
+    ok = (kw.get("block_size", 128) in (64, 128) and _is_int(kw.get("block_size", 128), 64)
+          and _is_int(g, 1) and (g in (1, 2, 4)) and _is_int(kw.get("stride", 4), 1, 16)
+          and _is_scale(kw.get("softmax_scale")) and isinstance(kw.get("causal", True), bool))
+    try:
+        sc = pa.proxy_block_scores(q, k, **kw)
+    except (TypeError, ValueError) as e:
+        assert str(e) and not ok, f"valid arguments rejected: {kw}: {e}"
+        return
+    assert ok, f"invalid arguments accepted: {kw}"
+    s = kw.get("block_size", 128)
+    assert sc.shape == (1, g, -(-130 // s), -(-130 // s)) and torch.isfinite(sc).all()
+
+
+@SETTINGS
+@given(st.fixed_dictionaries({}, optional={"gamma": st.one_of(st.floats(0.05, 1.0), ODD_VALUES),
+                                           "sink_blocks": st.one_of(st.integers(0, 3), ODD_VALUES),
+                                           "local_blocks": st.one_of(st.integers(0, 3), ODD_VALUES),
+                                           "block_size": st.one_of(st.sampled_from([64, 128]), ODD_VALUES)}),
+       st.booleans())
+def test_head_budgets_and_select_random_arguments(kw, varlen):
+    """Stages 2 and 3 keyword arguments of any type/value, fixed length and varlen."""
+    if varlen:
+        q, k = torch.randn(250, 4, 64), torch.randn(300, 2, 64)
+        cu_q = torch.tensor([0, 100, 250], dtype=torch.int32)
+        cu_k = torch.tensor([0, 120, 300], dtype=torch.int32)
+        extra = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=150, max_seqlen_k=180)
+        mq, mk, b = 150, 180, 2
+    else:
+        q, k = torch.randn(1, 200, 4, 64), torch.randn(1, 260, 2, 64)
+        extra, mq, mk, b = {}, 200, 260, 1
+    gamma = kw.get("gamma", 0.95)
+    ok = (_is_int(kw.get("block_size", 128), 64) and kw.get("block_size", 128) in (64, 128)
+          and isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and 0 < gamma <= 1
+          and _is_int(kw.get("sink_blocks", 1), 0) and _is_int(kw.get("local_blocks", 1), 0))
+    try:
+        ks = pa.head_budgets(q, k, **kw, **extra)
+    except (TypeError, ValueError) as e:
+        assert str(e) and not ok, f"valid arguments rejected: {kw}: {e}"
+        return
+    assert ok, f"invalid arguments accepted: {kw}"
+    s = kw.get("block_size", 128)
+    assert ks.shape == (b, 4) and ks.dtype == torch.int32 and (ks >= 0).all()
+    scores = torch.rand(b, 1, -(-mq // s), -(-mk // s))
+    sel_kw = {n: kw[n] for n in ("block_size", "sink_blocks", "local_blocks") if n in kw}
+    counts, idx = pa.select_blocks(scores, ks, seqlen_q=mq, seqlen_k=mk, min_budget=0,
+                                   cu_seqlens_q=extra.get("cu_seqlens_q"), cu_seqlens_k=extra.get("cu_seqlens_k"),
+                                   **sel_kw)
+    assert counts.shape == scores.shape[:1] + (4,) + scores.shape[2:3] and idx.shape[-1] == scores.shape[-1]
+    assert ((idx >= -1) & (idx < scores.shape[-1])).all()
+
+
+@SETTINGS
+@given(st.lists(st.integers(1, 120), min_size=1, max_size=3), st.lists(st.integers(1, 120), min_size=1, max_size=3),
+       st.booleans())
+def test_varlen_per_sequence_causal_lengths(lq, lk, causal):
+    """Varlen on CPU: causal needs seqlen_q <= seqlen_k in every sequence (checked on the host);
+    accepted calls behave like each sequence alone."""
+    n = min(len(lq), len(lk))
+    lq, lk = lq[:n], lk[:n]
+    cu_q = torch.tensor([0] + torch.tensor(lq).cumsum(0).tolist(), dtype=torch.int32)
+    cu_k = torch.tensor([0] + torch.tensor(lk).cumsum(0).tolist(), dtype=torch.int32)
+    q, k, v = torch.randn(sum(lq), 2, 64), torch.randn(sum(lk), 1, 64), torch.randn(sum(lk), 1, 64)
+    cfg = pa.ProxyAttnConfig(block_size=64, dense_below=0, min_budget=64)
+    try:
+        out = pa.proxy_attention_varlen(q, k, v, cu_q, cu_k, max(lq), max(lk), cfg, causal=causal)
+    except ValueError as e:
+        assert causal and any(a > b for a, b in zip(lq, lk)), str(e)
+        return
+    assert not (causal and any(a > b for a, b in zip(lq, lk)))
+    i = 0
+    for j, (a, b) in enumerate(zip(lq, lk)):
+        ks = int(cu_k[j])
+        alone = pa.proxy_attention(q[None, i:i + a], k[None, ks:ks + b], v[None, ks:ks + b], cfg, causal=causal)
+        assert torch.allclose(out[i:i + a], alone[0], atol=1e-5, rtol=1e-5)
+        i += a

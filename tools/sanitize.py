@@ -1,10 +1,19 @@
 """Small grid of every CUDA op, for compute-sanitizer (memcheck, racecheck, synccheck):
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python3 tools/sanitize.py
+    tools/sanitize.sh LOGDIR          # memcheck + synccheck on the full grid, racecheck on --small
 
 Shapes cover lengths that are not multiples of the block, Nq < Nk, GQA, both head dims and
 dtypes, both block sizes, varlen, and hand-made selections with padding and bad entries.
+Garbage device-resident inputs the kernels must survive without an out-of-bounds access
+(DESIGN/conventions: cu_seqlens are never read on the host; kernels clamp lengths into
+[0, max_seqlen] and skip out-of-range block indices) run in every mode.
+
+--small: one dtype per head dim and fewer shapes (every kernel instantiation still runs once
+per head dim and block size), for the slow racecheck tool.
 """
+import argparse
+
 import torch
 
 import proxyattn as pa
@@ -23,33 +32,85 @@ def run_pipeline(q, k, v, S, G, cu_q=None, cu_k=None, mq=None, mk=None, causal=T
     return out, lse
 
 
+def garbage_inputs(dev):
+    """Device-resident values no host check can see: bad cu_seqlens, counts and indices."""
+    total_q, total_k, hq, hkv, d = 300, 260, 4, 2, 64
+    q = torch.randn(total_q, hq, d, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(total_k, hkv, d, device=dev, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    bad_cus = [
+        ([0, 500, 100], [-7, 90, 1 << 30]),            # past the end, negative, huge
+        ([200, 100, 300], [0, 260, 100]),              # decreasing
+        ([0, 0, 300], [0, 0, 260]),                    # an empty sequence
+        ([0, 300, 300], [0, 10, 260]),                 # causal: 300 queries see 10 keys
+        ([-2147483647, 2147483647, 5], [2147483647, -1, 0]),
+    ]
+    for cq, ck in bad_cus:
+        cu_q = torch.tensor(cq, dtype=torch.int32, device=dev)
+        cu_k = torch.tensor(ck, dtype=torch.int32, device=dev)
+        for S in (64, 128):
+            for causal in (True, False):
+                run_pipeline(q, k, v, S, 2, cu_q, cu_k, 200, 180, causal)
+    # Hand-made selection with counts past K, negative counts, indices past nkb and negative.
+    q = torch.randn(2, 200, 2, 64, device=dev, dtype=torch.float16)
+    k = torch.randn(2, 260, 1, 64, device=dev, dtype=torch.float16)
+    nqb, K = 4, 3
+    counts = torch.tensor([7, -3, 1, 3], dtype=torch.int32, device=dev).repeat(2, 2, 1)[..., :nqb]
+    idx = torch.randint(-50, 50, (2, 2, nqb, K), dtype=torch.int32, device=dev)
+    for causal in (True, False):
+        OPS.block_sparse_attention(q, k, k, counts, idx, None, None, 200, 260, 64, 0.125, causal)
+    # Varlen selection whose indices point past each sequence's own key blocks.
+    cu_q = torch.tensor([0, 50, 200], dtype=torch.int32, device=dev)
+    cu_k = torch.tensor([0, 60, 260], dtype=torch.int32, device=dev)
+    qv, kv = q[0].contiguous(), k.reshape(-1, 1, 64)[:260].contiguous()
+    counts = torch.full((2, 2, 3), 5, dtype=torch.int32, device=dev)
+    idx = torch.arange(5, dtype=torch.int32, device=dev).expand(2, 2, 3, 5).contiguous()
+    OPS.block_sparse_attention(qv, kv, kv, counts, idx, cu_q, cu_k, 150, 200, 64, 0.125, True)
+    # select_blocks with kstar far outside [0, c_last - f_last].
+    sc = torch.rand(2, 1, 4, 5, device=dev)
+    for kst in (-(1 << 30), 1 << 30, 3):
+        ks = torch.full((2, 4), kst, dtype=torch.int32, device=dev)
+        OPS.select_blocks(sc, ks, None, None, 200, 260, 64, 1, 1, 64, True)
+        OPS.select_blocks(sc, ks, None, None, 200, 260, 64, 0, 0, 0, False)
+
+
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="reduced grid for racecheck")
+    args = parser.parse_args()
     torch.manual_seed(0)
     dev = "cuda"
-    for dtype in (torch.bfloat16, torch.float16):
-        for d in (64, 128):
-            for S in (64, 128):
-                for nq, nk, hq, hkv, G in ((1, 1, 2, 1, 1), (129, 129, 4, 2, 2), (100, 300, 8, 2, 8),
-                                           (257, 257, 4, 4, 4)):
-                    q = torch.randn(2, nq, hq, d, device=dev, dtype=dtype)
-                    k = torch.randn(2, nk, hkv, d, device=dev, dtype=dtype)
-                    v = torch.randn(2, nk, hkv, d, device=dev, dtype=dtype)
-                    run_pipeline(q, k, v, S, G)
-                    run_pipeline(q, k, v, S, G, causal=False)
-            lens_q, lens_k = [70, 200, 129], [90, 200, 300]
-            cu_q = torch.tensor([0, 70, 270, 399], dtype=torch.int32, device=dev)
-            cu_k = torch.tensor([0, 90, 290, 590], dtype=torch.int32, device=dev)
-            q = torch.randn(sum(lens_q), 4, d, device=dev, dtype=dtype)
-            k = torch.randn(sum(lens_k), 2, d, device=dev, dtype=dtype)
-            run_pipeline(q, k, torch.randn_like(k), 64, 2, cu_q, cu_k, max(lens_q), max(lens_k))
+    if args.small:
+        grid = [(torch.bfloat16, 64), (torch.float16, 128)]
+        shapes = ((129, 129, 4, 2, 2), (100, 300, 8, 2, 8))
+        batch = 1
+    else:
+        grid = [(dt, d) for dt in (torch.bfloat16, torch.float16) for d in (64, 128)]
+        shapes = ((1, 1, 2, 1, 1), (129, 129, 4, 2, 2), (100, 300, 8, 2, 8), (257, 257, 4, 4, 4))
+        batch = 2
+    for dtype, d in grid:
+        for S in (64, 128):
+            for nq, nk, hq, hkv, G in shapes:
+                q = torch.randn(batch, nq, hq, d, device=dev, dtype=dtype)
+                k = torch.randn(batch, nk, hkv, d, device=dev, dtype=dtype)
+                v = torch.randn(batch, nk, hkv, d, device=dev, dtype=dtype)
+                run_pipeline(q, k, v, S, G)
+                run_pipeline(q, k, v, S, G, causal=False)
+        lens_q, lens_k = [70, 200, 129], [90, 200, 300]
+        cu_q = torch.tensor([0, 70, 270, 399], dtype=torch.int32, device=dev)
+        cu_k = torch.tensor([0, 90, 290, 590], dtype=torch.int32, device=dev)
+        q = torch.randn(sum(lens_q), 4, d, device=dev, dtype=dtype)
+        k = torch.randn(sum(lens_k), 2, d, device=dev, dtype=dtype)
+        run_pipeline(q, k, torch.randn_like(k), 64, 2, cu_q, cu_k, max(lens_q), max(lens_k))
     # Hand-made selection: -1, out-of-range and duplicate-free garbage past counts, empty rows.
     q = torch.randn(1, 200, 2, 64, device=dev, dtype=torch.bfloat16)
     k = torch.randn(1, 200, 1, 64, device=dev, dtype=torch.bfloat16)
     counts = torch.tensor([[[0, 2], [1, 5]]], dtype=torch.int32, device=dev)
     idx = torch.tensor([[[[7, -1], [0, 1]], [[-1, 9], [1, 99]]]], dtype=torch.int32, device=dev)
     OPS.block_sparse_attention(q, k, k, counts, idx, None, None, 200, 200, 128, 0.125, True)
+    garbage_inputs(dev)
     torch.cuda.synchronize()
-    print("sanitize grid ran:", pa.__version__)
+    print("sanitize grid ran:", pa.__version__, "(small)" if args.small else "(full)")
 
 
 if __name__ == "__main__":
