@@ -9,6 +9,9 @@ with KV expanded to Hq heads. Prints each stage's time, its floors (exponentials
 SFU rate, bytes over copy bandwidth) and the ratio to cuDNN (targets: stages 1+2+3 <= 2% of
 cuDNN with G = 1, <= 5% with G = 8), and writes the DESIGN.md section 6 JSON
 (default bench/results/<card>-<yyyymmdd>-estimate.json).
+
+Importable: estimate_stage_fns() returns the three stage calls (and their chain) for one input,
+used by bench/suite.py.
 """
 import argparse
 import datetime
@@ -44,6 +47,30 @@ def timed(fn, reps, flush):
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def estimate_stage_fns(q, k, cu_q, cu_k, max_q, max_k, block_size, num_proxy_heads, stride, gamma, min_budget,
+                       scale, sink_blocks=1, local_blocks=1, causal=True):
+    """Callables timing stages 1-3 on (q, k): {"estimate_scores", "estimate_budgets", "estimate_select",
+    "estimate"} (the last chains the three, as proxy_attention does). The select call reuses one
+    scores / kstar computed here, so each stage runs alone."""
+    S, G = block_size, num_proxy_heads
+
+    def scores():
+        return OPS.proxy_block_scores(q, k, cu_q, cu_k, max_q, max_k, S, G, stride, scale, causal)
+
+    def budgets():
+        return OPS.head_budgets(q, k, cu_q, cu_k, max_q, max_k, S, gamma, sink_blocks, local_blocks, scale, causal)
+
+    sc, ks = scores(), budgets()
+
+    def select(sc_=sc, ks_=ks):
+        return OPS.select_blocks(sc_, ks_, cu_q, cu_k, max_q, max_k, S, sink_blocks, local_blocks, min_budget, causal)
+
+    def chain():
+        return select(scores(), budgets())
+
+    return {"estimate_scores": scores, "estimate_budgets": budgets, "estimate_select": select, "estimate": chain}
 
 
 def git_commit():
@@ -101,17 +128,17 @@ def main():
         print(f"{card}  N={n} Hq={hq} Hkv={hkv} D={d} bf16 causal")
         print(f"  sdpa_cudnn            {sdpa_ms:9.3f} ms  {flops / sdpa_ms / 1e9:7.1f} TFLOP/s")
 
-    ks = OPS.head_budgets(q, k, None, None, n, n, S, a.gamma, 1, 1, scale, True)
-    budgets_ms = timed(lambda: OPS.head_budgets(q, k, None, None, n, n, S, a.gamma, 1, 1, scale, True), a.reps, flush)
+    budgets_ms = None
     rows = min(S, n)
     b_exp = 2 * hq * rows * n
     b_bytes = n * hkv * d * 2 + rows * hq * d * 2
     for G in a.groups:
-        sc = OPS.proxy_block_scores(q, k, None, None, n, n, S, G, s, scale, True)
-        scores_ms = timed(lambda: OPS.proxy_block_scores(q, k, None, None, n, n, S, G, s, scale, True), a.reps, flush)
-        select_ms = timed(lambda: OPS.select_blocks(sc, ks, None, None, n, n, S, 1, 1, a.min_budget, True),
-                          a.reps, flush)
-        counts, _ = OPS.select_blocks(sc, ks, None, None, n, n, S, 1, 1, a.min_budget, True)
+        fns = estimate_stage_fns(q, k, None, None, n, n, S, G, s, a.gamma, a.min_budget, scale)
+        if budgets_ms is None:  # independent of G
+            budgets_ms = timed(fns["estimate_budgets"], a.reps, flush)
+        scores_ms = timed(fns["estimate_scores"], a.reps, flush)
+        select_ms = timed(fns["estimate_select"], a.reps, flush)
+        counts, _ = fns["estimate_select"]()
         causal_pairs = nqb * (nqb + 1) / 2
         density = float(counts.double().sum() / (hq * causal_pairs))
         total = scores_ms + budgets_ms + select_ms

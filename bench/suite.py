@@ -1,0 +1,570 @@
+"""One-command benchmark suite: proxy_attention, block_sparse_attention and the anchors, one process, one card.
+
+    python3 bench/suite.py                 # default sweep (< ~8 min on an H100)
+    python3 bench/suite.py --quick         # N 4k and 32k, D 128, a minute or two
+    python3 bench/suite.py --seq-lens 32768 131072 524288 --head-dims 128 --no-varlen
+
+For every length N and head dim D (B = 1, q [1, N, Hq, D], k/v [1, N, Hkv, D], bf16, causal), on
+structured inputs (proxyattn.quality.make_structured_inputs: sink, RoPE recency, shared hubs,
+needles; so the selection's density means something), timed on the same tensors:
+  sdpa_cudnn, sdpa_flash   dense causal SDPA with KV expanded to Hq heads (DESIGN.md section 5)
+  proxy_attention          end to end (sparse path, dense_below = 0), with the density it chose
+  estimate, estimate_*     stages 1-3 chained, and each stage alone
+  bsa                      block_sparse_attention alone on proxy_attention's selection
+  flex                     compiled FlexAttention on the same selection as a BlockMask
+At the --density-at lengths also bsa and flex on random causal selections (sink and diagonal
+kept; bench_bsa.random_causal_selection) at each --densities value, for TFLOP/s vs density; these
+are the cases bench_proxyattn --stage bsa --density R reproduces. A varlen batch (packed
+sequences of --varlen-split fractions of each --varlen-totals value, structured per sequence)
+times proxy_attention_varlen, its estimate and bsa, and SDPA looped over the sequences (no flex).
+
+Timing: benchlib.time_cold (256 MiB L2 flush before every run, CUDA events, median of --reps >= 10
+runs after warm-up). density = computed / causal block pairs; TFLOP/s counts computed pairs only
+(dense causal: 4 * D * Hq * N^2 / 2 per sequence). Structured inputs are generated on the CPU by
+--gen-workers background processes (the generator is single-threaded and slow at 256k) while
+the GPU measures. Writes the DESIGN.md section 6 JSON (bench/results/<card>-<date>-suite.json
+unless --out) and, with matplotlib, <json stem>-speedup.png and <json stem>-tflops.png.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+if os.path.dirname(HERE) not in sys.path:
+    sys.path.insert(0, os.path.dirname(HERE))
+
+ANCHORS = ("sdpa_cudnn", "sdpa_flash", "flex")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--seq-lens", type=int, nargs="+", default=None,
+                    help="default 4096 8192 16384 32768 65536 131072 262144 (524288 if asked and memory allows)")
+    ap.add_argument("--head-dims", type=int, nargs="+", default=None, choices=[64, 128], help="default 64 128")
+    ap.add_argument("--q-heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--proxy-heads", type=int, nargs="+", default=[1], help="num_proxy_heads values (default 1)")
+    ap.add_argument("--gamma", type=float, default=0.95)
+    ap.add_argument("--min-budget", type=int, default=2048)
+    ap.add_argument("--block-size", type=int, default=128, choices=[64, 128])
+    ap.add_argument("--share", type=float, default=0.8, help="make_structured_inputs share knob")
+    ap.add_argument("--densities", type=float, nargs="+", default=None,
+                    help="random-selection densities for bsa / flex (default 1.0 0.3 0.1 0.05)")
+    ap.add_argument("--density-at", type=int, nargs="*", default=None,
+                    help="lengths with the random-density sweep (default 32768 131072; must be in --seq-lens)")
+    ap.add_argument("--varlen-totals", type=int, nargs="*", default=None,
+                    help="total tokens of each varlen batch (default 32768 131072)")
+    ap.add_argument("--varlen-split", type=float, nargs="+", default=[0.5, 0.25, 0.125, 0.125],
+                    help="fractions of the total per sequence (default 0.5 0.25 0.125 0.125)")
+    ap.add_argument("--no-varlen", action="store_true")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["sdpa_cudnn", "sdpa_flash", "flex", "bsa", "estimate"],
+                    help="measurements to skip")
+    ap.add_argument("--reps", type=int, default=10, help="timed runs per measurement (median; >= 10)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up runs (default 3, 1 above 64k)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gen-workers", type=int, default=3,
+                    help="processes generating structured inputs ahead of the GPU (0: inline)")
+    ap.add_argument("--quick", action="store_true", help="N 4096 32768, D 128, one density, varlen total 32768")
+    ap.add_argument("--tag", default="suite")
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/<card>-<date>-<tag>.json)")
+    ap.add_argument("--no-plots", action="store_true")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.seq_lens = a.seq_lens or [4096, 32768]
+        a.head_dims = a.head_dims or [128]
+        a.densities = a.densities or [0.1]
+        a.density_at = a.density_at if a.density_at is not None else [32768]
+        a.varlen_totals = a.varlen_totals if a.varlen_totals is not None else [32768]
+    a.seq_lens = a.seq_lens or [4096, 8192, 16384, 32768, 65536, 131072, 262144]
+    a.head_dims = a.head_dims or [64, 128]
+    a.densities = a.densities or [1.0, 0.3, 0.1, 0.05]
+    a.density_at = a.density_at if a.density_at is not None else [32768, 131072]
+    a.varlen_totals = [] if a.no_varlen else (a.varlen_totals if a.varlen_totals is not None else [32768, 131072])
+    if a.reps < 10:
+        ap.error("--reps must be >= 10 (DESIGN.md section 5: medians of at least 10 runs)")
+    if a.q_heads % a.kv_heads:
+        ap.error("--q-heads must be a multiple of --kv-heads")
+    if not all(0 < d <= 1 for d in a.densities):
+        ap.error("--densities must lie in (0, 1]")
+    if not all(0 < f for f in a.varlen_split) or sum(a.varlen_split) > 1 + 1e-9:
+        ap.error("--varlen-split fractions must be positive and sum to at most 1")
+    return a
+
+
+# ------------------------------------------------------------------ structured inputs
+
+
+def _generate(batch_lens, hq, hkv, d, share, seed, path):
+    """Worker: structured q, k, v (bf16, CPU) per sequence length, concatenated along tokens
+    ([sum N, H, D]); saved to `path`. Runs in a separate process (spawn), one CPU thread."""
+    torch.set_num_threads(1)
+    from proxyattn import quality
+
+    qs, ks, vs = [], [], []
+    for i, n in enumerate(batch_lens):
+        q, k, v, _ = quality.make_structured_inputs(1, n, hq, hkv, d, share=share, seed=seed + 1000003 * i,
+                                                    dtype=torch.bfloat16, device="cpu")
+        qs.append(q[0])
+        ks.append(k[0])
+        vs.append(v[0])
+    torch.save({"q": torch.cat(qs), "k": torch.cat(ks), "v": torch.cat(vs)}, path)
+    return path
+
+
+class InputSource:
+    """Structured inputs per case, generated ahead by worker processes (or inline)."""
+
+    def __init__(self, cases, args):
+        self.args = args
+        self.dir = tempfile.mkdtemp(prefix="proxyattn-suite-")
+        self.futures = {}
+        self.pool = None
+        if args.gen_workers > 0:
+            import multiprocessing as mp
+
+            self.pool = ProcessPoolExecutor(max_workers=args.gen_workers, mp_context=mp.get_context("spawn"))
+            for c in cases:  # submitted in run order: the first cases are ready first
+                self.futures[c.key] = self.pool.submit(_generate, c.lens, args.q_heads, args.kv_heads, c.head_dim,
+                                                       args.share, c.seed, os.path.join(self.dir, f"{c.key}.pt"))
+
+    def get(self, c):
+        path = os.path.join(self.dir, f"{c.key}.pt")
+        t0 = time.time()
+        if c.key in self.futures:
+            self.futures.pop(c.key).result()
+        else:
+            _generate(c.lens, self.args.q_heads, self.args.kv_heads, c.head_dim, self.args.share, c.seed, path)
+        data = torch.load(path)
+        os.remove(path)
+        return data["q"], data["k"], data["v"], time.time() - t0
+
+    def close(self):
+        if self.pool is not None:
+            for f in self.futures.values():
+                f.cancel()
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ plan
+
+
+@dataclasses.dataclass
+class Case:
+    layout: str  # "fixed" (B = 1) or "varlen"
+    lens: list   # sequence lengths (one for fixed)
+    head_dim: int
+    seed: int
+    density_sweep: bool
+
+    @property
+    def key(self):
+        return f"{self.layout}-{'_'.join(map(str, self.lens))}-d{self.head_dim}"
+
+    @property
+    def total(self):
+        return sum(self.lens)
+
+
+def plan(a):
+    cases = []
+    for d in a.head_dims:
+        for n in a.seq_lens:
+            cases.append(Case("fixed", [n], d, a.seed + n, n in a.density_at))
+        for tot in a.varlen_totals:
+            lens = [max(256, int(round(tot * f))) for f in a.varlen_split]
+            cases.append(Case("varlen", lens, d, a.seed + 7 * tot + 1, False))
+    cases.sort(key=lambda c: (c.total, c.layout, c.head_dim))  # small first: early results, generation ahead
+    return cases
+
+
+def steps_of(c, a):
+    """Names of the timed measurements of one case (for the progress bar)."""
+    s = [x for x in ("sdpa_cudnn", "sdpa_flash") if x not in a.skip]
+    for _ in a.proxy_heads:
+        s.append("proxy_attention")
+        if "estimate" not in a.skip:
+            s += ["estimate"] + (["estimate_scores", "estimate_budgets", "estimate_select"] if c.layout == "fixed" else [])
+        if "bsa" not in a.skip:
+            s.append("bsa")
+        if c.layout == "fixed" and "flex" not in a.skip:
+            s.append("flex")
+    if c.density_sweep:
+        for _ in a.densities:
+            s += [x for x in ("bsa", "flex") if x not in a.skip]
+    return s
+
+
+# ------------------------------------------------------------------ progress
+
+
+class Progress:
+    """tqdm when importable, else a one-line text bar on stderr."""
+
+    def __init__(self, total):
+        self.total, self.done, self.t0 = total, 0, time.time()
+        try:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="run", dynamic_ncols=True, file=sys.stderr)
+        except ImportError:
+            self.bar = None
+
+    def step(self, desc):
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_description(desc)
+            self.bar.update(1)
+            return
+        w = 30
+        fill = int(w * self.done / max(1, self.total))
+        el = time.time() - self.t0
+        sys.stderr.write(f"\r[{'#' * fill}{'.' * (w - fill)}] {self.done}/{self.total} {el:5.0f}s {desc[:50]:50s}")
+        sys.stderr.flush()
+
+    def write(self, line):
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            sys.stderr.write("\r" + " " * 100 + "\r")
+            print(line, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        else:
+            sys.stderr.write("\n")
+
+
+# ------------------------------------------------------------------ measurement
+
+
+def enough_memory(c, a):
+    """Rough peak bytes of one case (q, out, flex copies, expanded KV, selections, masks) vs free memory."""
+    n, d, hq = c.total, c.head_dim, a.q_heads
+    tokens = 2 * n * hq * d * 7  # q, out, expanded k/v (2), flex q copy, SDPA out, slack
+    nqb = -(-max(c.lens) // a.block_size)
+    sel = 4 * hq * nqb * nqb * len(c.lens) * 6  # proxy + random selections, flex block masks
+    free, _ = torch.cuda.mem_get_info()
+    return tokens + sel < 0.9 * free, (tokens + sel) / 2 ** 30, free / 2 ** 30
+
+
+def run_case(c, q, k, v, a, ctx, record, progress):
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import proxyattn as pa
+    from bench_bsa import flex_block_mask, random_causal_selection
+    from bench_estimate import estimate_stage_fns
+    from benchlib import time_cold
+
+    OPS = torch.ops.proxyattn
+    hq, hkv, d, S = a.q_heads, a.kv_heads, c.head_dim, a.block_size
+    scale = d ** -0.5
+    varlen = c.layout == "varlen"
+    warm = a.warmup if a.warmup is not None else (3 if max(c.lens) <= 65536 else 1)
+    flush = ctx["flush"]
+
+    def timed(name, fn, warmup=warm):
+        ms = time_cold(fn, a.reps, warmup, flush)
+        progress.step(f"{name} {c.key}")
+        return ms
+
+    flops_dense = sum(4 * d * hq * n * n / 2 for n in c.lens)
+    base = dict(seq_len=c.total, batch=len(c.lens), q_heads=hq, kv_heads=hkv, head_dim=d, dtype="bf16",
+                layout=c.layout)
+    if varlen:
+        base["seq_lens"] = list(c.lens)
+        cu = torch.tensor([0] + list(torch.tensor(c.lens).cumsum(0).tolist()), dtype=torch.int32, device="cuda")
+        mx = max(c.lens)
+        starts = cu.tolist()
+    else:
+        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # [1, N, H, D]
+
+    # ---- dense anchors: KV expanded to Hq heads, [B, H, N, D] views
+    dense_ms = None
+    for name, backend in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION)):
+        if name in a.skip:
+            continue
+        try:
+            if varlen:
+                views = []
+                for b in range(len(c.lens)):
+                    sl = slice(starts[b], starts[b + 1])
+                    views.append((q[sl].transpose(0, 1).unsqueeze(0),
+                                  k[sl].transpose(0, 1).repeat_interleave(hq // hkv, dim=0).unsqueeze(0),
+                                  v[sl].transpose(0, 1).repeat_interleave(hq // hkv, dim=0).unsqueeze(0)))
+
+                def fn(views=views):
+                    for qt, ke, ve in views:
+                        F.scaled_dot_product_attention(qt, ke, ve, is_causal=True, scale=scale)
+            else:
+                qt = q.transpose(1, 2)
+                ke = k.transpose(1, 2).repeat_interleave(hq // hkv, dim=1)
+                ve = v.transpose(1, 2).repeat_interleave(hq // hkv, dim=1)
+
+                def fn(qt=qt, ke=ke, ve=ve):
+                    F.scaled_dot_product_attention(qt, ke, ve, is_causal=True, scale=scale)
+            with sdpa_kernel(backend):
+                ms = timed(name, fn)
+            record(name, base, 1.0, ms, flops_dense)
+            if name == "sdpa_cudnn":
+                dense_ms = ms
+        except RuntimeError as e:
+            progress.step(f"{name} unavailable")
+            progress.write(f"{name}: unavailable ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+        finally:
+            fn = views = qt = ke = ve = None  # noqa: F841  (free the expanded copies)
+            torch.cuda.empty_cache()
+
+    flex = ctx.get("flex")
+    if flex is not None and not varlen:
+        qf, kf, vf = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # [1, H, N, D]
+
+    def run_flex(counts, indices, density, extra):
+        if flex is None or varlen:
+            return
+        try:
+            bm = flex_block_mask(counts, indices, c.total, S)
+            ms = timed("flex", lambda: flex(qf, kf, vf, block_mask=bm, scale=scale, enable_gqa=True), warm + 1)
+            record("flex", base, density, ms, density * flops_dense, **extra)
+        except Exception as e:  # compile problems must not lose the other numbers
+            progress.step("flex failed")
+            progress.write(f"flex: failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+
+    # ---- proxy_attention end to end, estimation and attention apart, on its own selection
+    for g in a.proxy_heads:
+        cfg = pa.ProxyAttnConfig(num_proxy_heads=g, gamma=a.gamma, min_budget=a.min_budget, block_size=S,
+                                 dense_below=0)
+        if varlen:
+            call = lambda: pa.proxy_attention_varlen(q, k, v, cu, cu, mx, mx, cfg)  # noqa: E731
+            _, sel = pa.proxy_attention_varlen(q, k, v, cu, cu, mx, mx, cfg, return_selection=True)
+            cu_q = cu_k = cu
+            mq = mk = mx
+        else:
+            call = lambda: pa.proxy_attention(q, k, v, cfg)  # noqa: E731
+            _, sel = pa.proxy_attention(q, k, v, cfg, return_selection=True)
+            cu_q = cu_k = None
+            mq = mk = c.total
+        dens_b = sel.density.double().mean(dim=1)  # [B]: per sequence, mean over heads
+        density = float((dens_b * torch.tensor(c.lens, device=dens_b.device, dtype=torch.float64) ** 2).sum()
+                        / sum(n * n for n in c.lens))  # pair-weighted over the batch
+        flops = float(sum(float(db) * 4 * d * hq * n * n / 2 for db, n in zip(dens_b.tolist(), c.lens)))
+        extra = dict(selection="proxy", proxy_heads=g, gamma=a.gamma, min_budget=a.min_budget, share=a.share)
+        total = timed("proxy_attention", call)
+        rec = record("proxy_attention", base, density, total, flops, **extra,
+                     speedup_vs_cudnn=(round(dense_ms / total, 3) if dense_ms else None))
+        est_ms = attn_ms = None
+        if "estimate" not in a.skip:
+            fns = estimate_stage_fns(q, k, cu_q, cu_k, mq, mk, S, g, cfg.stride, a.gamma, a.min_budget, scale,
+                                     cfg.sink_blocks, cfg.local_blocks)
+            est_ms = timed("estimate", fns["estimate"])
+            record("estimate", base, density, est_ms, None, **extra)
+            if not varlen:
+                for stage in ("estimate_scores", "estimate_budgets", "estimate_select"):
+                    record(stage, base, None, timed(stage, fns[stage]), None, **extra)
+            del fns
+        if "bsa" not in a.skip:
+            attn_ms = timed("bsa", lambda: OPS.block_sparse_attention(q, k, v, sel.counts, sel.indices, cu_q, cu_k,
+                                                                      mq, mk, S, scale, True))
+            record("bsa", base, density, attn_ms, flops, **extra)
+        rec.update(estimate_ms=None if est_ms is None else round(est_ms, 4),
+                   attention_ms=None if attn_ms is None else round(attn_ms, 4))
+        if not varlen and "flex" not in a.skip:
+            run_flex(sel.counts, sel.indices, density, extra)
+        sel = None  # free the selection before the next one
+
+    # ---- random causal selections: TFLOP/s vs density (the bench_proxyattn --stage bsa cases)
+    if c.density_sweep and not varlen:
+        gen = torch.Generator(device="cuda").manual_seed(a.seed + c.total)
+        for target in a.densities:
+            counts, indices, density = random_causal_selection(1, hq, c.total, S, target, gen)
+            extra = dict(selection="random", target_density=target)
+            if "bsa" not in a.skip:
+                ms = timed("bsa", lambda: OPS.block_sparse_attention(q, k, v, counts, indices, None, None, c.total,
+                                                                     c.total, S, scale, True))
+                record("bsa", base, density, ms, density * flops_dense, **extra)
+            if "flex" not in a.skip:
+                run_flex(counts, indices, density, extra)
+            del counts, indices
+
+
+# ------------------------------------------------------------------ plots
+
+
+def plots(cases, json_path, note):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        note("matplotlib not importable: no plots")
+        return []
+    stem = os.path.splitext(json_path)[0]
+    out = []
+    fixed = [c for c in cases if c.get("layout") == "fixed"]
+    dims = sorted({c["head_dim"] for c in fixed})
+
+    # speedup vs length over cuDNN (same file, same N and D)
+    fig, axes = plt.subplots(1, max(1, len(dims)), figsize=(6 * max(1, len(dims)), 4.5), squeeze=False)
+    for ax, d in zip(axes[0], dims):
+        cudnn = {c["seq_len"]: c["ms"] for c in fixed if c["head_dim"] == d and c["name"] == "sdpa_cudnn"}
+        for name, style in (("proxy_attention", "o-"), ("bsa", "s--"), ("flex", "^:"), ("sdpa_flash", "x-.")):
+            pts = sorted((c["seq_len"], cudnn[c["seq_len"]] / c["ms"]) for c in fixed
+                         if c["head_dim"] == d and c["name"] == name and c["seq_len"] in cudnn
+                         and c.get("selection", "proxy") == "proxy")
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length N")
+        ax.set_ylabel("speedup over cuDNN SDPA (dense causal)")
+        ax.set_title(f"D={d}, B=1, structured inputs (proxy selection)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    p = stem + "-speedup.png"
+    fig.tight_layout()
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    out.append(p)
+
+    # effective TFLOP/s vs density
+    fig, axes = plt.subplots(1, max(1, len(dims)), figsize=(6 * max(1, len(dims)), 4.5), squeeze=False)
+    for ax, d in zip(axes[0], dims):
+        for name, marker in (("bsa", "o"), ("flex", "^")):
+            for sel, fill in (("random", "full"), ("proxy", "none")):
+                pts = [(c["density"], c["tflops"]) for c in fixed if c["head_dim"] == d and c["name"] == name
+                       and c.get("selection") == sel and c["tflops"]]
+                if pts:
+                    col = "C0" if name == "bsa" else "C1"
+                    ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, edgecolors=col,
+                               facecolors=col if fill == "full" else "none", label=f"{name} ({sel} selection)")
+        for name, ls in (("sdpa_cudnn", "--"), ("sdpa_flash", ":")):
+            vals = [c["tflops"] for c in fixed if c["head_dim"] == d and c["name"] == name]
+            if vals:
+                ax.axhline(sorted(vals)[len(vals) // 2], ls=ls, color="gray", label=f"{name} dense (median)")
+        ax.set_xscale("log")
+        ax.set_xlabel("density (computed / causal block pairs)")
+        ax.set_ylabel("effective TFLOP/s (computed pairs)")
+        ax.set_title(f"D={d}, all lengths")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    p = stem + "-tflops.png"
+    fig.tight_layout()
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    out.append(p)
+    return out
+
+
+# ------------------------------------------------------------------ main
+
+
+def print_table(cases):
+    print(f"\n{'name':17s} {'layout':6s} {'N':>8s} {'D':>4s} {'density':>8s} {'ms':>10s} {'TFLOP/s':>8s} {'vs cuDNN':>9s}")
+    cudnn = {(c["layout"], c["seq_len"], c["head_dim"]): c["ms"] for c in cases if c["name"] == "sdpa_cudnn"}
+    for c in cases:
+        dens = "-" if c["density"] is None else f"{c['density']:.4f}"
+        tf = "-" if c["tflops"] is None else f"{c['tflops']:.1f}"
+        ref = cudnn.get((c["layout"], c["seq_len"], c["head_dim"]))
+        ratio = f"{ref / c['ms']:.2f}x" if ref and c["name"] != "sdpa_cudnn" else "-"
+        sel = c.get("selection", "")
+        name = c["name"] + ("*" if sel == "random" else "")
+        print(f"{name:17s} {c['layout']:6s} {c['seq_len']:8d} {c['head_dim']:4d} {dens:>8s} {c['ms']:10.3f} "
+              f"{tf:>8s} {ratio:>9s}")
+    print("* random causal selection at the target density (bench_proxyattn --stage bsa reproduces these)")
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench/suite.py needs a CUDA GPU: torch.cuda.is_available() is False on this machine "
+                 "(run it on an H100/H200; see /work/shared/GPU.md)")
+    import proxyattn as pa
+
+    missing = [op for op in ("proxy_block_scores", "head_budgets", "select_blocks", "block_sparse_attention")
+               if not pa.cuda_kernel_available(op)]
+    if missing:
+        sys.exit(f"bench/suite.py: the proxyattn extension has no CUDA kernel for {missing} "
+                 f"(extension error: {pa.EXTENSION_ERROR}); build it first (pip install --no-build-isolation -e .)")
+    from benchlib import l2_flush_buffer, write_record
+
+    cases_plan = plan(a)
+    total_steps = sum(len(steps_of(c, a)) for c in cases_plan)
+    card = torch.cuda.get_device_name()
+    print(f"{card}: {len(cases_plan)} cases, {total_steps} timed measurements x {a.reps} runs; "
+          f"Hq={a.q_heads} Hkv={a.kv_heads} S={a.block_size} bf16 causal, proxy heads {a.proxy_heads}, "
+          f"gamma {a.gamma}, min_budget {a.min_budget}", flush=True)
+
+    ctx = {"flush": l2_flush_buffer()}
+    if "flex" not in a.skip:
+        import torch._dynamo.config as dynamo_config
+        from torch.nn.attention.flex_attention import flex_attention
+
+        for knob in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                     "accumulated_recompile_limit"):
+            if hasattr(dynamo_config, knob):  # one compile per shape; never fall back to eager flex
+                setattr(dynamo_config, knob, max(256, getattr(dynamo_config, knob)))
+        ctx["flex"] = torch.compile(flex_attention, dynamic=False)
+
+    cases = []
+    progress = Progress(total_steps)
+
+    def record(name, base, density, ms, flops, **extra):
+        tflops = flops / (ms * 1e-3) / 1e12 if flops else None
+        rec = dict(name=name, **base, density=None if density is None else round(density, 4), ms=round(ms, 4),
+                   tflops=None if tflops is None else round(tflops, 1), **extra)
+        cases.append(rec)
+        dens = "" if density is None else f" density {density:.4f}"
+        tf = "" if tflops is None else f" {tflops:7.1f} TFLOP/s"
+        sel = f" [{extra['selection']}]" if "selection" in extra else ""
+        progress.write(f"{name:16s} {base['layout']:6s} N={base['seq_len']:7d} D={base['head_dim']:3d}"
+                       f"{dens} {ms:10.3f} ms{tf}{sel}")
+        return rec
+
+    src = InputSource(cases_plan, a)
+    t_start = time.time()
+    try:
+        for c in cases_plan:
+            ok, need, free = enough_memory(c, a)
+            if not ok:
+                progress.write(f"skip {c.key}: needs ~{need:.1f} GiB, {free:.1f} GiB free")
+                for s in steps_of(c, a):
+                    progress.step(f"skipped {c.key}")
+                continue
+            q, k, v, wait = src.get(c)
+            if wait > 1:
+                progress.write(f"{c.key}: waited {wait:.1f}s for structured inputs")
+            q, k, v = (t.to("cuda", non_blocking=False) for t in (q, k, v))
+            try:
+                run_case(c, q, k, v, a, ctx, record, progress)
+            except torch.cuda.OutOfMemoryError as e:
+                progress.write(f"{c.key}: out of memory ({str(e).splitlines()[0]}); continuing")
+            del q, k, v
+            torch.cuda.empty_cache()
+    finally:
+        progress.close()
+        src.close()
+    out = write_record(cases, a.tag, a.out)
+    print_table(cases)
+    print(f"\n{len(cases)} records in {time.time() - t_start:.0f}s; wrote {out}")
+    if not a.no_plots:
+        for p in plots(cases, out, print):
+            print(f"wrote {p}")
+
+
+if __name__ == "__main__":
+    main()
