@@ -39,7 +39,10 @@ def _lengths(lay: ops.Layout, cu_q: Optional[Tensor], cu_k: Optional[Tensor], de
         nq = torch.full((lay.batch,), lay.max_seqlen_q, dtype=torch.int64, device=device)
         nk = torch.full((lay.batch,), lay.max_seqlen_k, dtype=torch.int64, device=device)
         return nq, nk
-    return torch.diff(cu_q.to(device)).long(), torch.diff(cu_k.to(device)).long()
+    # Device-resident cu_seqlens are not validated (that would synchronise): clamp the lengths the
+    # way the kernels do, so telemetry never indexes past the selection.
+    return (torch.diff(cu_q.to(device)).long().clamp(0, lay.max_seqlen_q),
+            torch.diff(cu_k.to(device)).long().clamp(0, lay.max_seqlen_k))
 
 
 def candidate_counts(nq: Tensor, nk: Tensor, nqb: int, block: int, causal: bool) -> Tensor:

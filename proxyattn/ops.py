@@ -163,6 +163,8 @@ def _check_cu_seqlens(name: str, cu, like: Tensor) -> int:
         raise TypeError(f"{name} must be int32, got {cu.dtype}")
     if cu.dim() != 1 or cu.numel() < 2:
         raise ValueError(f"{name} must be 1-D with batch + 1 >= 2 entries, got shape {tuple(cu.shape)}")
+    if not cu.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {tuple(cu.stride())}; call .contiguous()")
     if like.is_cuda and cu.device != like.device:
         raise ValueError(f"{name} must be on {like.device} like q, got {cu.device}")
     if not like.is_cuda and cu.device.type != "cpu":

@@ -34,12 +34,13 @@ void check_aligned(const at::Tensor& t, const char* name) {
   PROXYATTN_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name,
                   " must be 16-byte aligned; call .contiguous()");
   for (int d = 0; d + 1 < t.dim(); ++d)
-    PROXYATTN_CHECK(t.stride(d) % 8 == 0, name, " strides must be multiples of 8 elements (except the last), got ",
+    PROXYATTN_CHECK(t.size(d) <= 1 || t.stride(d) % 8 == 0, name, " strides must be multiples of 8 elements (except the last), got ",
                     t.strides(), "; call .contiguous()");
 }
 
 QkLayout check_qk(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& cu_q,
-                  const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, int64_t block_size) {
+                  const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, int64_t block_size,
+                  bool causal) {
   check_cuda(q, "q");
   check_cuda(k, "k");
   PROXYATTN_CHECK(k.device() == q.device(), "k must be on ", q.device(), ", got ", k.device());
@@ -85,6 +86,8 @@ QkLayout check_qk(const at::Tensor& q, const at::Tensor& k, const std::optional<
                     max_q);
     PROXYATTN_CHECK(max_k == k.size(1), "max_seqlen_k must equal Nk = k.size(1) = ", k.size(1), " for fixed length, got ",
                     max_k);
+    PROXYATTN_CHECK(!causal || max_q <= max_k, "causal attention needs Nq <= Nk (bottom-right aligned), got Nq ",
+                    max_q, " > Nk ", max_k);
     L.batch = static_cast<int>(q.size(0));
     L.total_q = max_q;
     L.total_k = max_k;
@@ -110,7 +113,7 @@ QkLayout check_qk(const at::Tensor& q, const at::Tensor& k, const std::optional<
 at::Tensor proxy_block_scores(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& cu_q,
                               const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, int64_t block_size,
                               int64_t num_proxy_heads, int64_t stride, double softmax_scale, bool causal) {
-  const QkLayout L = check_qk(q, k, cu_q, cu_k, max_q, max_k, block_size);
+  const QkLayout L = check_qk(q, k, cu_q, cu_k, max_q, max_k, block_size, causal);
   const int64_t G = num_proxy_heads;
   PROXYATTN_CHECK(G >= 1, "num_proxy_heads must be >= 1, got ", G);
   if (G <= L.num_kv_heads) {
@@ -169,7 +172,7 @@ at::Tensor proxy_block_scores(const at::Tensor& q, const at::Tensor& k, const st
 at::Tensor head_budgets(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& cu_q,
                         const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, int64_t block_size,
                         double gamma, int64_t sink_blocks, int64_t local_blocks, double softmax_scale, bool causal) {
-  const QkLayout L = check_qk(q, k, cu_q, cu_k, max_q, max_k, block_size);
+  const QkLayout L = check_qk(q, k, cu_q, cu_k, max_q, max_k, block_size, causal);
   PROXYATTN_CHECK(gamma > 0.0 && gamma <= 1.0, "gamma must be in (0, 1], got ", gamma);
   PROXYATTN_CHECK(sink_blocks >= 0 && local_blocks >= 0, "sink_blocks and local_blocks must be >= 0, got ",
                   sink_blocks, " and ", local_blocks);
@@ -247,6 +250,9 @@ std::tuple<at::Tensor, at::Tensor> select_blocks(const at::Tensor& scores_in, co
     PROXYATTN_CHECK(cu_k->size(0) == cu_q->size(0), "cu_seqlens_k must have the length of cu_seqlens_q (",
                     cu_q->size(0), "), got ", cu_k->size(0));
     batch = cu_q->size(0) - 1;
+  } else {
+    PROXYATTN_CHECK(!causal || max_q <= max_k, "causal selection needs Nq <= Nk (bottom-right aligned), got Nq ",
+                    max_q, " > Nk ", max_k);
   }
   const int64_t G = scores_in.size(1), Hq = kstar_in.size(1);
   const int nqb = ceil_div(max_q, block_size), nkb = ceil_div(max_k, block_size);
