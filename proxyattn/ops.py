@@ -117,9 +117,11 @@ def check_qkv(q: Tensor, k: Tensor, v: Optional[Tensor], cu_seqlens_q: Optional[
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides "
                              f"{tuple(t.stride())}; call .contiguous()")
-        if t.is_cuda and (t.storage_offset() % 8 or any(st % 8 for st, n in zip(t.stride()[:-1], t.shape[:-1])
-                                                        if n > 1)):
-            # The kernels move 16 bytes at a time: every row and head must start 16-byte aligned.
+        # The kernels move 16 bytes at a time: every row and head must start 16-byte aligned. Under
+        # torch.compile the storage offset is not traceable; the op's own C++ check still runs.
+        misaligned = t.is_cuda and not torch.compiler.is_compiling() and (
+            t.storage_offset() % 8 or any(st % 8 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1))
+        if misaligned:
             raise ValueError(f"{name} must start at a multiple of 8 elements with strides that are multiples of 8 "
                              f"(16-byte aligned rows), got storage offset {t.storage_offset()} and strides "
                              f"{tuple(t.stride())}; call .contiguous()")
