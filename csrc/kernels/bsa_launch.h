@@ -1,6 +1,13 @@
-// Host entry points of the block-sparse attention forward: the per-instantiation launcher
-// (defined in bsa_fwd_sm80.cuh, explicitly instantiated in csrc/instantiations/) and a small
-// dispatcher over dtype and head dim. Torch-free and CuTe-free, so the torch glue and the C++
+// Host entry points of the block-sparse attention forward: the per-instantiation launchers
+// (bsa_fwd_sm80.cuh, portable; bsa_fwd_sm90.cuh, Hopper sm_90a; explicitly instantiated in
+// csrc/instantiations/) and a small dispatcher over path, dtype and head dim.
+//
+// Path choice (environment read on every call, so tests can switch paths in one process):
+//   PROXYATTN_BSA_FORCE_SM80=1   always the sm80 path.
+//   PROXYATTN_BSA_SM90=1         the sm90 path on sm_90 devices when it supports the parameters
+//                                (block_size 128, TMA-expressible strides), else sm80.
+//   PROXYATTN_BSA_SM90=require   the sm90 path or an error (tests use it to be sure it ran).
+//   unset / 0                    kBsaSm90Default (off until the sm90 path is measured on a GPU). Torch-free and CuTe-free, so the torch glue and the C++
 // benchmark can include it with a host compiler.
 #pragma once
 
@@ -8,6 +15,11 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
+#include <climits>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "kernels/bsa_params.h"
@@ -26,6 +38,35 @@ extern template cudaError_t run_bsa_fwd_sm80<__half, 128>(const BsaParams&, cuda
 extern template cudaError_t run_bsa_fwd_sm80<__nv_bfloat16, 64>(const BsaParams&, cudaStream_t);
 extern template cudaError_t run_bsa_fwd_sm80<__nv_bfloat16, 128>(const BsaParams&, cudaStream_t);
 
+// Hopper path (sm_90a only; returns cudaErrorNoKernelImageForDevice on other devices).
+template <typename Elem, int kHeadDim>
+cudaError_t run_bsa_fwd_sm90(const BsaParams& params, cudaStream_t stream);
+extern template cudaError_t run_bsa_fwd_sm90<__half, 64>(const BsaParams&, cudaStream_t);
+extern template cudaError_t run_bsa_fwd_sm90<__half, 128>(const BsaParams&, cudaStream_t);
+extern template cudaError_t run_bsa_fwd_sm90<__nv_bfloat16, 64>(const BsaParams&, cudaStream_t);
+extern template cudaError_t run_bsa_fwd_sm90<__nv_bfloat16, 128>(const BsaParams&, cudaStream_t);
+
+// Whether the sm90 path is taken when PROXYATTN_BSA_SM90 is unset.
+inline constexpr bool kBsaSm90Default = false;
+
+// Compute capability of device `dev` as major * 10 + minor, queried once per device (no sync).
+inline int bsa_device_arch(int dev) {
+  static std::atomic<int> cache[64] = {};
+  if (dev >= 0 && dev < 64) {
+    const int v = cache[dev].load(std::memory_order_relaxed);
+    if (v != 0) return v;
+  }
+  int major = 0, minor = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return -1;
+  }
+  const int v = major * 10 + minor;
+  if (dev >= 0 && dev < 64) cache[dev].store(v, std::memory_order_relaxed);
+  return v;
+}
+
 // Empty when the sm80 kernel supports these parameters, else what is wrong, naming the value.
 inline std::string bsa_unsupported_reason(const BsaParams& p) {
   if (p.head_dim != 64 && p.head_dim != 128)
@@ -42,10 +83,72 @@ inline std::string bsa_unsupported_reason(const BsaParams& p) {
   return {};
 }
 
-// Runs the forward on `stream`: dispatches on dtype and head dim. The default case returns
-// cudaErrorInvalidValue; bsa_unsupported_reason() names the offending value.
+// Empty when the sm90 kernel takes these (already sm80-valid) parameters, else why not: block size
+// 128 only; q/k/v strides of dimensions longer than 1 positive, 16-byte multiples, below 2^40
+// bytes (TMA); row counts within int32 (TMA coordinates).
+inline std::string bsa_sm90_unsupported_reason(const BsaParams& p) {
+  if (p.block_size != 128) return "the sm90 path needs block_size 128, got " + std::to_string(p.block_size);
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  const int64_t rows_q = varlen ? p.total_q : p.seqlen_q, rows_k = varlen ? p.total_k : p.seqlen_k;
+  if (rows_q > INT32_MAX || rows_k > INT32_MAX) return "the sm90 path needs row counts below 2^31";
+  auto bad = [](int64_t size, int64_t stride) {
+    return size > 1 && (stride <= 0 || stride % 8 != 0 || stride >= (int64_t(1) << 39));
+  };
+  const int64_t nb = varlen ? 1 : p.batch;
+  if (bad(rows_q, p.q_row_stride) || bad(p.q_heads, p.q_head_stride) || bad(nb, p.q_batch_stride) ||
+      bad(rows_k, p.k_row_stride) || bad(p.kv_heads, p.k_head_stride) || bad(nb, p.k_batch_stride) ||
+      bad(rows_k, p.v_row_stride) || bad(p.kv_heads, p.v_head_stride) || bad(nb, p.v_batch_stride))
+    return "the sm90 path needs positive q/k/v strides that are multiples of 8 elements (TMA)";
+  auto misaligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 != 0; };
+  if (misaligned(p.q) || misaligned(p.k) || misaligned(p.v)) return "the sm90 path needs 16-byte aligned q/k/v";
+  return {};
+}
+
+enum class BsaPath { kSm80, kSm90, kRefused };
+
+// Which path the current device and environment choose for `params`; `why` says why sm90 was
+// refused when PROXYATTN_BSA_SM90=require.
+inline BsaPath bsa_choose_path(const BsaParams& params, std::string* why = nullptr) {
+  const char* force80 = std::getenv("PROXYATTN_BSA_FORCE_SM80");
+  if (force80 != nullptr && std::strcmp(force80, "1") == 0) return BsaPath::kSm80;
+  const char* env = std::getenv("PROXYATTN_BSA_SM90");
+  const bool require = env != nullptr && std::strcmp(env, "require") == 0;
+  const bool want = require || (env != nullptr ? std::strcmp(env, "1") == 0 : kBsaSm90Default);
+  if (!want) return BsaPath::kSm80;
+  int dev = 0;
+  std::string reason;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    reason = "cudaGetDevice failed";
+  } else if (bsa_device_arch(dev) != 90) {
+    reason = "the sm90 path needs a compute capability 9.0 device, got " + std::to_string(bsa_device_arch(dev));
+  } else {
+    reason = bsa_sm90_unsupported_reason(params);
+  }
+  if (reason.empty()) return BsaPath::kSm90;
+  if (why != nullptr) *why = reason;
+  return require ? BsaPath::kRefused : BsaPath::kSm80;
+}
+
+// Runs the forward on `stream`: dispatches on path (bsa_choose_path), dtype and head dim. The
+// default case returns cudaErrorInvalidValue; bsa_unsupported_reason() names the offending value.
+// PROXYATTN_BSA_SM90=require on parameters the sm90 path cannot take returns cudaErrorNotSupported.
 inline cudaError_t run_bsa_fwd(const BsaParams& params, bool is_bf16, cudaStream_t stream) {
   if (!bsa_unsupported_reason(params).empty()) return cudaErrorInvalidValue;
+  const BsaPath path = bsa_choose_path(params);
+  if (path == BsaPath::kRefused) return cudaErrorNotSupported;
+  if (path == BsaPath::kSm90) {
+    switch (params.head_dim) {
+      case 64:
+        return is_bf16 ? run_bsa_fwd_sm90<__nv_bfloat16, 64>(params, stream)
+                       : run_bsa_fwd_sm90<__half, 64>(params, stream);
+      case 128:
+        return is_bf16 ? run_bsa_fwd_sm90<__nv_bfloat16, 128>(params, stream)
+                       : run_bsa_fwd_sm90<__half, 128>(params, stream);
+      default:
+        return cudaErrorInvalidValue;
+    }
+  }
   switch (params.head_dim) {
     case 64:
       return is_bf16 ? run_bsa_fwd_sm80<__nv_bfloat16, 64>(params, stream)

@@ -166,6 +166,9 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
 
   const std::string reason = bsa_unsupported_reason(p);
   PROXYATTN_CHECK(reason.empty(), "block_sparse_attention: ", reason);
+  std::string why;
+  PROXYATTN_CHECK(bsa_choose_path(p, &why) != BsaPath::kRefused,
+                  "block_sparse_attention: PROXYATTN_BSA_SM90=require, but ", why);
   PROXYATTN_CUDA_CHECK(run_bsa_fwd(p, q.scalar_type() == at::kBFloat16, current_stream()));
   PROXYATTN_LAUNCH_CHECK();
   return {out, lse};

@@ -1,0 +1,136 @@
+"""GPU tests of the Hopper (sm_90a) path of torch.ops.proxyattn.block_sparse_attention.
+
+Runs the grid of tests/test_bsa_gpu.py (block size 128: the sm90 path's only size) with
+PROXYATTN_BSA_SM90=require, so the op raises instead of falling back to the sm80 path, and
+compares the sm90 output with the sm80 output (PROXYATTN_BSA_FORCE_SM80=1) on the same inputs.
+The environment is read by the op on every call (csrc/kernels/bsa_launch.h). Same tolerances as
+tests/test_bsa_gpu.py. Skipped unless the current device has compute capability 9.0.
+
+Run on a Hopper GPU machine: python3 -m pytest -q -m gpu tests/test_bsa_sm90_gpu.py
+"""
+import itertools
+
+import pytest
+import torch
+
+import proxyattn  # noqa: F401  (loads the extension and registers the ops)
+import test_bsa_gpu as base
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() != (9, 0),
+                       reason="the sm90 path needs a compute capability 9.0 device"),
+]
+
+CASES_128 = [c for c in base.CASES if c[6] == 128] + [
+    (1, 2000, 2000, 16, 2, 64, 128, True, 0.5),
+    (3, 257, 513, 4, 1, 128, 128, True, 0.6),
+    (1, 640, 640, 2, 2, 128, 128, False, 1.0),
+]
+CASE_IDS = lambda c: "B{}_q{}_k{}_h{}-{}_d{}_s{}_{}_{}".format(*c[:7], "causal" if c[7] else "full", c[8])  # noqa: E731
+
+
+@pytest.fixture
+def sm90(monkeypatch):
+    monkeypatch.delenv("PROXYATTN_BSA_FORCE_SM80", raising=False)
+    monkeypatch.setenv("PROXYATTN_BSA_SM90", "require")
+
+
+@pytest.mark.parametrize("dtype", base.DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", CASES_128, ids=CASE_IDS)
+def test_fixed_length_sm90(sm90, case, dtype):
+    base.test_fixed_length(case, dtype)
+
+
+@pytest.mark.parametrize("dtype", base.DTYPES, ids=["bf16", "fp16"])
+def test_garbage_past_counts_and_strides_sm90(sm90, dtype):
+    base.test_garbage_past_counts_and_strides(dtype)
+
+
+def test_rows_without_keys_sm90(sm90):
+    base.test_rows_without_keys(128)
+
+
+def test_cuda_graph_replay_sm90(sm90):
+    base.test_cuda_graph_replay()
+
+
+@pytest.mark.parametrize("dtype", base.DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("d,causal", [(128, True), (64, True), (128, False), (64, False)])
+def test_varlen_sm90(sm90, dtype, d, causal):
+    """A packed batch of 4 sequences (one empty) equals running each sequence alone."""
+    s, hq, hkv = 128, 8, 2
+    lens_q, lens_k = [1000, 1, 0, 300], [1000, 129, 5, 700]
+    gen = torch.Generator(device="cuda").manual_seed(17 + d + causal)
+    max_q, max_k = max(lens_q), max(lens_k)
+    nqb, nkb = (max_q + s - 1) // s, (max_k + s - 1) // s
+    nseq = len(lens_q)
+    qs, ks, vs, cs, ids = [], [], [], [], []
+    counts = torch.zeros(nseq, hq, nqb, dtype=torch.int32, device="cuda")
+    indices = torch.full((nseq, hq, nqb, nkb), -1, dtype=torch.int32, device="cuda")
+    for i, (lq, lk) in enumerate(zip(lens_q, lens_k)):
+        q, k, v = base.rand_qkv(1, lq, lk, hq, hkv, d, dtype, gen)
+        c, ix = base.random_selection(1, hq, lq, lk, s, causal, 0.4, gen)
+        counts[i, :, :c.shape[2]] = c[0]
+        indices[i, :, :ix.shape[2], :ix.shape[3]] = ix[0]
+        qs.append(q[0]), ks.append(k[0]), vs.append(v[0]), cs.append(c), ids.append(ix)
+    cu_q = torch.tensor([0] + list(itertools.accumulate(lens_q)), dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0] + list(itertools.accumulate(lens_k)), dtype=torch.int32, device="cuda")
+    qp, kp, vp = torch.cat(qs), torch.cat(ks), torch.cat(vs)
+    scale = d ** -0.5
+    base.poison_allocator()
+    out, lse = base.run_op(qp, kp, vp, counts, indices, cu_q, cu_k, max_q, max_k, s, scale, causal)
+    assert out.shape == qp.shape and lse.shape == (hq, sum(lens_q))
+    errs = []
+    for i in range(nseq):
+        a, e = int(cu_q[i]), int(cu_q[i + 1])
+        if e == a:
+            continue
+        errs.append(base.check_against_truth(out[a:e].unsqueeze(0), lse[:, a:e].unsqueeze(0), qs[i].unsqueeze(0),
+                                             ks[i].unsqueeze(0), vs[i].unsqueeze(0), cs[i], ids[i], s, scale, causal,
+                                             f"sm90 varlen seq {i}"))
+    out_r, _ = base.ref.block_sparse_attention(qp, kp, vp, counts, indices, cu_q, cu_k, max_q, max_k, s, scale,
+                                               causal)
+    d_ref = (out.double() - out_r.double()).abs().max().item()
+    assert d_ref <= 3 * max(errs) + base.SLACK[dtype], f"sm90 varlen kernel vs reference: {d_ref:.3e}"
+
+
+@pytest.mark.parametrize("dtype", base.DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", [(2, 1000, 1000, 8, 2, 128, 128, True, 0.3), (1, 4096, 4096, 8, 1, 64, 128, True, 0.2),
+                                  (1, 300, 1000, 8, 2, 128, 128, True, 0.5), (1, 129, 129, 8, 1, 128, 128, False, 0.5)],
+                         ids=CASE_IDS)
+def test_sm90_matches_sm80(monkeypatch, case, dtype):
+    """Same inputs through both paths: outputs within the lowp error budget, lse -inf patterns equal."""
+    b, nq, nk, hq, hkv, d, s, causal, density = case
+    gen = torch.Generator(device="cuda").manual_seed(hash(case) % (2**31) + 1)
+    q, k, v = base.rand_qkv(b, nq, nk, hq, hkv, d, dtype, gen)
+    counts, indices = base.random_selection(b, hq, nq, nk, s, causal, density, gen)
+    scale = d ** -0.5
+    monkeypatch.setenv("PROXYATTN_BSA_SM90", "require")
+    out90, lse90 = base.run_op(q, k, v, counts, indices, None, None, nq, nk, s, scale, causal)
+    monkeypatch.setenv("PROXYATTN_BSA_FORCE_SM80", "1")
+    out80, lse80 = base.run_op(q, k, v, counts, indices, None, None, nq, nk, s, scale, causal)
+    truth, _, _ = base.masked_attention(q, k, v, counts, indices, s, scale, causal, "truth")
+    lowp, _, _ = base.masked_attention(q, k, v, counts, indices, s, scale, causal, "lowp")
+    err_b = (lowp - truth).abs().max().item()
+    diff = (out90.double() - out80.double()).abs().max().item()
+    assert diff <= 2 * err_b + base.SLACK[dtype], f"sm90 vs sm80: {diff:.3e} (torch err {err_b:.3e})"
+    fin = torch.isfinite(lse80)
+    assert torch.equal(fin, torch.isfinite(lse90)), "lse -inf pattern differs between the paths"
+    if fin.any():
+        assert (lse90[fin] - lse80[fin]).abs().max().item() <= base.LSE_ATOL
+
+
+def test_require_refuses_block_64(sm90):
+    q = torch.randn(1, 128, 4, 64, device="cuda", dtype=torch.bfloat16)
+    counts = torch.ones(1, 4, 2, dtype=torch.int32, device="cuda")
+    indices = torch.zeros(1, 4, 2, 2, dtype=torch.int32, device="cuda")
+    with pytest.raises(RuntimeError, match="block_size 128"):
+        base.run_op(q, q, q, counts, indices, None, None, 128, 128, 64, 0.1, True)
+
+
+def test_opt_in_falls_back_on_block_64(monkeypatch):
+    """PROXYATTN_BSA_SM90=1 silently uses the sm80 path where the sm90 path cannot run."""
+    monkeypatch.setenv("PROXYATTN_BSA_SM90", "1")
+    base.test_rows_without_keys(64)
