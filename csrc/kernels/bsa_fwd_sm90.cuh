@@ -13,6 +13,10 @@
 //     the end of the keys, online softmax in fp32 (exp2), P converted to 16 bit in registers,
 //     O += P V by wgmma RS (64 x D x 128, V read MN-major from the same K-major smem tile).
 //     Epilogue: O / rowsum stored straight from registers (32-bit pairs), lse per row.
+//     Two variants (template kOverlap, chosen at run time by PROXYATTN_BSA_SM90_OVERLAP, see
+//     bsa_launch.h): serial (each wgmma waited for at once), and overlapped (S_j = Q K_j issued with
+//     O += P_{j-1} V_{j-1}; the softmax of S_j runs while the P V wgmma is in flight; O rescaled after).
+//     The two consumer warpgroups are not synchronised with each other (no explicit pingpong).
 //
 // Shared memory (SW128 K-major, what TMA writes and wgmma reads): sQ [128, D], sK/sV [2][128, D],
 // 7 mbarriers. D = 128: 160 KB; D = 64: 80 KB.
@@ -179,6 +183,23 @@ __device__ __forceinline__ void wg_gemm(TiledMma& mma, TA const& a, TB const& b,
   if constexpr (kRegA) warpgroup_fence_operand(const_cast<TA&>(a));
 }
 
+// Issues one wgmma batch (acc (= or +=) A B) and commits it, without waiting: the caller waits
+// with warpgroup_wait<n>() and fences the accumulator (and a register A) afterwards.
+template <bool kZeroInit, class TiledMma, class TA, class TB, class TC>
+__device__ __forceinline__ void wg_issue(TiledMma& mma, TA const& a, TB const& b, TC& c) {
+  constexpr bool kRegA = !std::is_base_of_v<GMMA::DescriptorIterator, typename TiledMma::FrgTypeA>;
+  if constexpr (kRegA) warpgroup_fence_operand(const_cast<TA&>(a));
+  warpgroup_fence_operand(c);
+  warpgroup_arrive();
+  if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
+  CUTE_UNROLL
+  for (int kb = 0; kb < size<2>(a); ++kb) {
+    cute::gemm(mma, a(_, _, kb), b(_, _, kb), c);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+}
+
 // Walks the selected key blocks of one index row in descending order (one 128-key tile per block),
 // skipping entries outside [0, nkb) and blocks that start past max_key. Producer and consumers each
 // run one and see the same sequence.
@@ -206,7 +227,9 @@ struct BlockCursor {
 // ---------------------------------------------------------------------------------------------
 // The kernel.
 // ---------------------------------------------------------------------------------------------
-template <class Traits>
+// kOverlap: issue S_j = Q K_j together with O += P_{j-1} V_{j-1} and run the softmax of S_j while
+// the second wgmma is in flight (FA3's intra-warpgroup overlap); false: strictly serial per tile.
+template <class Traits, bool kOverlap>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
     bsa_fwd_sm90_kernel(const __grid_constant__ KernelParams<Traits> kp) {
 #if PROXYATTN_BSA_SM90_DEVICE
@@ -342,20 +365,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     clear(acc_o);
     const float scale_log2 = p.softmax_scale_log2;
 
-    bool have = cursor.advance(kBlockN);
-    if (have) Barrier::wait(&ss.bar_q, 0);
-    int i = 0;
-    while (have) {
-      const int s = i % kStages;
-      const uint32_t phase = (i / kStages) & 1;
-      const int key0 = cursor.blk * kBlockN;
-
-      Tensor acc_s = partition_fragment_C(thr_s, Shape<Int<kBlockM>, Int<kBlockN>>{});  // ((2,2,N/8), 1, 1)
-      Barrier::wait(&ss.full_k[s], phase);
-      wg_gemm<true>(mma_s, tSrQ, tSrK(_, _, _, s), acc_s);
-      __syncwarp();
-      if (lane == 0) EmptyBarrier::arrive(&ss.empty_k[s]);
-
+    // Mask (only tiles crossing the diagonal or the end of the keys) and online softmax of one
+    // score tile: row_max/row_sum updated, acc_s replaced by exp2(s - max), corr(ri) the factor
+    // the previous O rows must be scaled by.
+    Tensor corr = make_tensor<float>(Shape<Int<kRows>>{});
+    auto softmax_tile = [&](auto& acc_s, int key0) {
       Tensor sc = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));  // (rows, cols)
       if (key0 + kBlockN - 1 > full_key) {
         CUTE_UNROLL
@@ -368,16 +382,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
           }
         }
       }
-
-      Tensor o = make_tensor(acc_o.data(), acc_rowcol(acc_o.layout()));
       CUTE_UNROLL
       for (int ri = 0; ri < size<0>(sc); ++ri) {
         float mx = row_max(ri);
         CUTE_UNROLL
         for (int ci = 0; ci < size<1>(sc); ++ci) mx = fmaxf(mx, sc(ri, ci));
         mx = quad_max(mx);
+        // A row with no visible key so far keeps max -inf; base 0 makes exp2(-inf - 0) = 0, not NaN.
         const float base = mx == -INFINITY ? 0.f : mx * scale_log2;
-        const float corr = exp2f(row_max(ri) * scale_log2 - base);
+        corr(ri) = exp2f(row_max(ri) * scale_log2 - base);
         row_max(ri) = mx;
         float sum = 0.f;
         CUTE_UNROLL
@@ -386,20 +399,85 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
           sc(ri, ci) = e;
           sum += e;
         }
-        row_sum(ri) = row_sum(ri) * corr + sum;
-        CUTE_UNROLL
-        for (int cj = 0; cj < size<1>(o); ++cj) o(ri, cj) *= corr;
+        row_sum(ri) = row_sum(ri) * corr(ri) + sum;
       }
-
-      Tensor p_elem = convert_fragment<Elem>(acc_s);
-      Tensor tOrP = make_tensor(p_elem.data(), acc_to_a_operand(p_elem.layout()));  // ((2,2,2), 1, N/16)
-      Barrier::wait(&ss.full_v[s], phase);
-      wg_gemm<false>(mma_o, tOrP, tOrV(_, _, _, s), acc_o);
+    };
+    auto rescale_o = [&]() {
+      Tensor o = make_tensor(acc_o.data(), acc_rowcol(acc_o.layout()));
+      CUTE_UNROLL
+      for (int ri = 0; ri < size<0>(o); ++ri) {
+        CUTE_UNROLL
+        for (int cj = 0; cj < size<1>(o); ++cj) o(ri, cj) *= corr(ri);
+      }
+    };
+    auto release = [&](uint64_t* bar) {
       __syncwarp();
-      if (lane == 0) EmptyBarrier::arrive(&ss.empty_v[s]);
+      if (lane == 0) EmptyBarrier::arrive(bar);
+    };
 
-      have = cursor.advance(kBlockN);
-      ++i;
+    bool have = cursor.advance(kBlockN);
+    if (have) Barrier::wait(&ss.bar_q, 0);
+    if constexpr (!kOverlap) {
+      // Serial: S = Q K^T, softmax, O += P V, one tile after the other.
+      int i = 0;
+      while (have) {
+        const int s = i % kStages;
+        const uint32_t phase = (i / kStages) & 1;
+        Tensor acc_s = partition_fragment_C(thr_s, Shape<Int<kBlockM>, Int<kBlockN>>{});  // ((2,2,N/8), 1, 1)
+        Barrier::wait(&ss.full_k[s], phase);
+        wg_gemm<true>(mma_s, tSrQ, tSrK(_, _, _, s), acc_s);
+        release(&ss.empty_k[s]);
+        softmax_tile(acc_s, cursor.blk * kBlockN);
+        rescale_o();
+        Tensor p_elem = convert_fragment<Elem>(acc_s);
+        Tensor tOrP = make_tensor(p_elem.data(), acc_to_a_operand(p_elem.layout()));  // ((2,2,2), 1, N/16)
+        Barrier::wait(&ss.full_v[s], phase);
+        wg_gemm<false>(mma_o, tOrP, tOrV(_, _, _, s), acc_o);
+        release(&ss.empty_v[s]);
+        have = cursor.advance(kBlockN);
+        ++i;
+      }
+    } else {
+      // Overlapped (one warpgroup): S_j = Q K_j and O += P_{j-1} V_{j-1} are issued together; the
+      // softmax of S_j runs while the P V wgmma is in flight; O is rescaled by corr_j only after
+      // that wgmma has completed (O then holds tiles < j relative to max_{j-1}).
+      if (have) {
+        Tensor rP = make_tensor<Elem>(partition_fragment_C(thr_s, Shape<Int<kBlockM>, Int<kBlockN>>{}).layout());
+        Tensor tOrP = make_tensor(rP.data(), acc_to_a_operand(rP.layout()));  // ((2,2,2), 1, N/16)
+        {
+          Tensor acc_s = partition_fragment_C(thr_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+          Barrier::wait(&ss.full_k[0], 0);
+          wg_gemm<true>(mma_s, tSrQ, tSrK(_, _, _, 0), acc_s);
+          release(&ss.empty_k[0]);
+          softmax_tile(acc_s, cursor.blk * kBlockN);  // O is 0: no rescale needed
+          copy(convert_fragment<Elem>(acc_s), rP);
+        }
+        int i = 1;  // tile i is the next S; tile i - 1 is the pending P V
+        while (cursor.advance(kBlockN)) {
+          const int s = i % kStages, sp = (i - 1) % kStages;
+          const uint32_t phase = (i / kStages) & 1, phase_p = ((i - 1) / kStages) & 1;
+          Tensor acc_s = partition_fragment_C(thr_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+          Barrier::wait(&ss.full_k[s], phase);
+          wg_issue<true>(mma_s, tSrQ, tSrK(_, _, _, s), acc_s);
+          Barrier::wait(&ss.full_v[sp], phase_p);
+          wg_issue<false>(mma_o, tOrP, tOrV(_, _, _, sp), acc_o);
+          warpgroup_wait<1>();  // S_i done (groups complete in order)
+          warpgroup_fence_operand(acc_s);
+          release(&ss.empty_k[s]);
+          softmax_tile(acc_s, cursor.blk * kBlockN);
+          warpgroup_wait<0>();  // P_{i-1} V_{i-1} done
+          warpgroup_fence_operand(acc_o);
+          warpgroup_fence_operand(tOrP);
+          release(&ss.empty_v[sp]);
+          rescale_o();
+          copy(convert_fragment<Elem>(acc_s), rP);
+          ++i;
+        }
+        const int sp = (i - 1) % kStages;
+        Barrier::wait(&ss.full_v[sp], ((i - 1) / kStages) & 1);
+        wg_gemm<false>(mma_o, tOrP, tOrV(_, _, _, sp), acc_o);
+        release(&ss.empty_v[sp]);
+      }
     }
 
     // Epilogue: normalise, lse, 32-bit stores of column pairs straight to global memory.
@@ -437,7 +515,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 // Strides of a size-1 dimension are never used; give them a value TMA accepts.
 inline int64_t tma_stride(int64_t size, int64_t stride, int64_t fallback) { return size > 1 ? stride : fallback; }
 
-template <class Traits>
+template <class Traits, bool kOverlap>
 cudaError_t launch(const BsaParams& p, cudaStream_t stream) {
   using Elem = typename Traits::Elem;
   constexpr int D = Traits::kHeadDim;
@@ -469,7 +547,7 @@ cudaError_t launch(const BsaParams& p, cudaStream_t stream) {
                            Shape<Int<Traits::kBlockN>, Int<D>>{}, _1{});
 
   constexpr int kSmem = Traits::kSmemBytes;
-  auto kernel = &bsa_fwd_sm90_kernel<Traits>;
+  auto kernel = &bsa_fwd_sm90_kernel<Traits, kOverlap>;
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (err != cudaSuccess) return err;
   kernel<<<dim3(unsigned(grid)), dim3(Traits::kNThreads), kSmem, stream>>>(kp);
@@ -489,7 +567,9 @@ cudaError_t run_bsa_fwd_sm90(const BsaParams& params, cudaStream_t stream) {
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
   if (bsa_device_arch(dev) != 90) return cudaErrorNoKernelImageForDevice;  // sm_90a code only
-  return bsa_sm90::launch<bsa_sm90::Sm90Traits<CuteElem, kHeadDim>>(params, stream);
+  using Traits = bsa_sm90::Sm90Traits<CuteElem, kHeadDim>;
+  if (bsa_sm90_overlap()) return bsa_sm90::launch<Traits, true>(params, stream);
+  return bsa_sm90::launch<Traits, false>(params, stream);
 }
 
 }  // namespace proxyattn
