@@ -14,15 +14,11 @@ Importable: estimate_stage_fns() returns the three stage calls (and their chain)
 used by bench/suite.py.
 """
 import argparse
-import datetime
-import json
-import os
-import subprocess
-import statistics
 
 import torch
 
 import proxyattn  # noqa: F401  (registers torch.ops.proxyattn)
+from benchlib import l2_flush_buffer, time_cold, write_record
 
 OPS = torch.ops.proxyattn
 EXP_RATE = 132 * 16 * 1.755e9  # H100 SXM: SMs x MUFU ops/clk/SM x clock ~ 3.7e12 exp/s
@@ -31,22 +27,6 @@ COPY_BW = 3.0e12               # bytes/s, device copy measured on H100
 
 def cdiv(a, b):
     return -(-a // b)
-
-
-def timed(fn, reps, flush):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        flush.zero_()  # evict L2
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def estimate_stage_fns(q, k, cu_q, cu_k, max_q, max_k, block_size, num_proxy_heads, stride, gamma, min_budget,
@@ -73,17 +53,6 @@ def estimate_stage_fns(q, k, cu_q, cu_k, max_q, max_k, block_size, num_proxy_hea
     return {"estimate_scores": scores, "estimate_budgets": budgets, "estimate_select": select, "estimate": chain}
 
 
-def git_commit():
-    if os.environ.get("PROXYATTN_COMMIT"):  # device copies of the tree carry no .git
-        return os.environ["PROXYATTN_COMMIT"]
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        return subprocess.check_output(["git", "-C", root, "rev-parse", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return "unknown"
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq-len", type=int, default=131072)
@@ -100,6 +69,8 @@ def main():
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     assert a.reps >= 10, "use at least 10 timed runs"
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_estimate.py needs a CUDA GPU")
 
     n, hq, hkv, d, S, s = a.seq_len, a.q_heads, a.kv_heads, a.head_dim, a.block_size, a.stride
     dev = "cuda"
@@ -108,7 +79,7 @@ def main():
     k = torch.randn(1, n, hkv, d, device=dev, dtype=torch.bfloat16)
     v = torch.randn(1, n, hkv, d, device=dev, dtype=torch.bfloat16)
     scale = d ** -0.5
-    flush = torch.empty(512 << 20, dtype=torch.uint8, device=dev)
+    flush = l2_flush_buffer()
     nqb, nkb = cdiv(n, S), cdiv(n, S)
     base = dict(seq_len=n, batch=1, q_heads=hq, kv_heads=hkv, head_dim=d, dtype="bf16")
     cases = []
@@ -120,8 +91,8 @@ def main():
         kt = k.repeat_interleave(hq // hkv, dim=2).transpose(1, 2)
         vt = v.repeat_interleave(hq // hkv, dim=2).transpose(1, 2)
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            sdpa_ms = timed(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True),
-                            a.reps, flush)
+            sdpa_ms = time_cold(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True),
+                                a.reps, 3, flush)
         del qt, kt, vt
         flops = 4 * d * hq * n * n / 2
         cases.append(dict(name="sdpa_cudnn", **base, density=1.0, ms=sdpa_ms, tflops=flops / sdpa_ms / 1e9))
@@ -135,9 +106,9 @@ def main():
     for G in a.groups:
         fns = estimate_stage_fns(q, k, None, None, n, n, S, G, s, a.gamma, a.min_budget, scale)
         if budgets_ms is None:  # independent of G
-            budgets_ms = timed(fns["estimate_budgets"], a.reps, flush)
-        scores_ms = timed(fns["estimate_scores"], a.reps, flush)
-        select_ms = timed(fns["estimate_select"], a.reps, flush)
+            budgets_ms = time_cold(fns["estimate_budgets"], a.reps, 3, flush)
+        scores_ms = time_cold(fns["estimate_scores"], a.reps, 3, flush)
+        select_ms = time_cold(fns["estimate_select"], a.reps, 3, flush)
         counts, _ = fns["estimate_select"]()
         causal_pairs = nqb * (nqb + 1) / 2
         density = float(counts.double().sum() / (hq * causal_pairs))
@@ -162,13 +133,7 @@ def main():
         cases.append(dict(name="estimate", **base, density=None, ms=total, tflops=None,
                           ratio_to_sdpa_cudnn=(total / sdpa_ms if sdpa_ms else None), **extra))
 
-    rec = dict(card=card, torch=torch.__version__, cuda=torch.version.cuda, commit=git_commit(), cases=cases)
-    out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                f"{card.replace(' ', '_')}-{datetime.date.today():%Y%m%d}-estimate.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(rec, f, indent=1)
-    print(f"wrote {out}")
+    print(f"wrote {write_record(cases, 'estimate', a.out)}")
 
 
 if __name__ == "__main__":
