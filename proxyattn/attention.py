@@ -88,7 +88,8 @@ def _telemetry(counts: Tensor, indices: Tensor, kstar: Tensor, nq: Tensor, nk: T
 
 
 def _dense(q: Tensor, k: Tensor, v: Tensor, lay: ops.Layout, cu_q, cu_k, scale: float, causal: bool,
-           nq: Tensor, nk: Tensor, block: int) -> Tensor:
+           full: Optional[Tuple[Tensor, Tensor]], block: int) -> Tensor:
+    """Dense attention; `full` (every candidate block) is needed only for varlen on CUDA."""
     if q.device.type == "cpu":
         return reference.dense_attention(q, k, v, cu_q, cu_k, scale, causal)[0]
     if not lay.varlen:
@@ -102,9 +103,7 @@ def _dense(q: Tensor, k: Tensor, v: Tensor, lay: ops.Layout, cu_q, cu_k, scale: 
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=is_causal, scale=scale,
                                              enable_gqa=lay.q_heads != lay.kv_heads)
         return out.transpose(1, 2).contiguous()
-    nqb, nkb = -(-lay.max_seqlen_q // block), -(-lay.max_seqlen_k // block)
-    counts, indices = full_selection(nq, nk, nqb, nkb, lay.q_heads, block, causal)
-    return _stage4(q, k, v, counts, indices, cu_q, cu_k, lay, block, scale, causal)
+    return _stage4(q, k, v, *full, cu_q, cu_k, lay, block, scale, causal)
 
 
 def _stage4(q, k, v, counts, indices, cu_q, cu_k, lay, block, scale, causal) -> Tensor:
@@ -141,15 +140,17 @@ def _run(q, k, v, lay: ops.Layout, cu_q, cu_k, cfg: Optional[ProxyAttnConfig], c
     cfg.check_heads(lay.q_heads, lay.kv_heads)
     S = cfg.block_size
     scale = cfg.scale(lay.head_dim)
-    nq, nk = _lengths(lay, cu_q, cu_k, q.device)
     if lay.max_seqlen_k < cfg.dense_below:
-        out = _dense(q, k, v, lay, cu_q, cu_k, scale, causal, nq, nk, S)
+        full = None
+        if return_selection or (lay.varlen and q.is_cuda):
+            nq, nk = _lengths(lay, cu_q, cu_k, q.device)
+            nqb, nkb = -(-lay.max_seqlen_q // S), -(-lay.max_seqlen_k // S)
+            full = full_selection(nq, nk, nqb, nkb, lay.q_heads, S, causal)
+        out = _dense(q, k, v, lay, cu_q, cu_k, scale, causal, full, S)
         if not return_selection:
             return out
-        nqb, nkb = -(-lay.max_seqlen_q // S), -(-lay.max_seqlen_k // S)
-        counts, indices = full_selection(nq, nk, nqb, nkb, lay.q_heads, S, causal)
         kstar = torch.zeros(lay.batch, lay.q_heads, dtype=torch.int32, device=q.device)
-        return out, _telemetry(counts, indices, kstar, nq, nk, cfg, causal, dense=True)
+        return out, _telemetry(*full, kstar, nq, nk, cfg, causal, dense=True)
     mq, mk = lay.max_seqlen_q, lay.max_seqlen_k
     scores = _stage("proxy_block_scores", q.device, q, k, cu_q, cu_k, mq, mk, S, cfg.num_proxy_heads, cfg.stride,
                     scale, causal)
@@ -160,6 +161,7 @@ def _run(q, k, v, lay: ops.Layout, cu_q, cu_k, cfg: Optional[ProxyAttnConfig], c
     out = _stage4(q, k, v, counts, indices, cu_q, cu_k, lay, S, scale, causal)
     if not return_selection:
         return out
+    nq, nk = _lengths(lay, cu_q, cu_k, q.device)
     return out, _telemetry(counts, indices, kstar, nq, nk, cfg, causal, dense=False)
 
 
