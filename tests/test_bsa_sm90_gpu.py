@@ -141,3 +141,14 @@ def test_opt_in_falls_back_on_block_64(monkeypatch):
     """PROXYATTN_BSA_SM90=1 silently uses the sm80 path where the sm90 path cannot run."""
     monkeypatch.setenv("PROXYATTN_BSA_SM90", "1")
     base.test_rows_without_keys(64)
+
+
+@pytest.mark.parametrize("order", ["heads", "kv:1", "kv:3", "auto"])
+def test_work_orders_sm90(sm90, monkeypatch, order):
+    if order == "auto":
+        monkeypatch.delenv("PROXYATTN_BSA_ORDER", raising=False)
+    else:
+        monkeypatch.setenv("PROXYATTN_BSA_ORDER", order)
+    for case in [(2, 1000, 1000, 12, 4, 128, 128, True, 0.3), (3, 700, 900, 8, 4, 64, 128, True, 0.5),
+                 (2, 500, 500, 6, 3, 128, 128, False, 0.4)]:
+        base.test_fixed_length(case, torch.bfloat16)

@@ -243,10 +243,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 2) bsa_fwd_sm80_kernel(cons
   extern __shared__ __align__(128) char bsa_smem[];
 
   const int tid = threadIdx.x;
-  const int h = int(blockIdx.x % unsigned(p.q_heads));
-  const int rest = int(blockIdx.x / unsigned(p.q_heads));
-  const int b = rest % p.batch;
-  const int m = p.num_q_blocks - 1 - rest / p.batch;
+  // Work item (kernels/bsa_params.h bsa_tile: heaviest query blocks first, order per kv_section).
+  const BsaTile tile = bsa_tile(int(blockIdx.x), p);
+  const int b = tile.b, h = tile.h, m = tile.m;
 
   // Sequence bounds (varlen: clamped into the packed tensors and the max lengths).
   const bool varlen = p.cu_seqlens_q != nullptr;
@@ -477,7 +476,9 @@ cudaError_t launch(const BsaParams& p, cudaStream_t stream) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
     if (err != cudaSuccess) return err;
   }
-  kernel<<<dim3(unsigned(grid)), dim3(Traits::kNThreads), kSmem, stream>>>(p);
+  BsaParams ordered = p;
+  ordered.kv_section = bsa_kv_section(p);
+  kernel<<<dim3(unsigned(grid)), dim3(Traits::kNThreads), kSmem, stream>>>(ordered);
   return cudaGetLastError();
 }
 

@@ -2,7 +2,8 @@
 // math, parameters and layouts as the portable path (kernels/bsa_fwd_sm80.cuh, kernels/bsa_params.h);
 // block_size 128 only (the dispatcher in kernels/bsa_launch.h sends 64 to the sm80 path).
 //
-// One CTA per (query block m, batch b, query head h), heaviest query blocks launched first; 384
+// One CTA per (query block m, batch b, query head h), heaviest query blocks launched first, in
+// sections of KV heads whose K/V fit in L2 (bsa_tile in kernels/bsa_params.h); 384
 // threads in three warpgroups:
 //   warpgroup 0 (producer, 24 registers): one thread issues TMA loads, Q once, then for every
 //     selected key block (walked from the diagonal down, the same TileCursor as sm80) K and V into
@@ -262,11 +263,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   }
   __syncthreads();
 
-  // Work item (same order as sm80: heads fastest, last query block first).
-  const int h = int(blockIdx.x % unsigned(p.q_heads));
-  const int rest = int(blockIdx.x / unsigned(p.q_heads));
-  const int b = rest % p.batch;
-  const int m = p.num_q_blocks - 1 - rest / p.batch;
+  // Work item (kernels/bsa_params.h bsa_tile: heaviest query blocks first, order per kv_section).
+  const BsaTile tile = bsa_tile(int(blockIdx.x), p);
+  const int b = tile.b, h = tile.h, m = tile.m;
 
   const bool varlen = p.cu_seqlens_q != nullptr;
   int64_t q_row0 = 0, k_row0 = 0;
@@ -526,6 +525,7 @@ cudaError_t launch(const BsaParams& p, cudaStream_t stream) {
   const bool varlen = p.cu_seqlens_q != nullptr;
   KernelParams<Traits> kp;
   kp.p = p;
+  kp.p.kv_section = bsa_kv_section(p);
   kp.q_rows_total = int32_t(varlen ? p.total_q : p.seqlen_q);
   kp.k_rows_total = int32_t(varlen ? p.total_k : p.seqlen_k);
   kp.q_batches = varlen ? 1 : p.batch;

@@ -10,9 +10,11 @@
 //   unset                        kBsaSm90Default: the sm90 path where it applies (all GPU tests
 //                                passed on it on an H200; measured faster than sm80, bench/NOTES.md).
 //   PROXYATTN_BSA_SM90=0         the sm80 path.
+//   PROXYATTN_BSA_ORDER          CTA work order, see bsa_kv_section (both paths).
 //   PROXYATTN_BSA_SM90_OVERLAP=0 the serial sm90 variant instead of the default one that overlaps
-//                                the softmax with the P V product. Torch-free and CuTe-free, so the torch glue and the C++
-// benchmark can include it with a host compiler.
+//                                the softmax with the P V product.
+// Torch-free and CuTe-free, so the torch glue and the C++ benchmark can include it with a host
+// compiler.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -58,6 +60,24 @@ inline constexpr bool kBsaSm90Default = true;
 inline bool bsa_sm90_overlap() {
   const char* env = std::getenv("PROXYATTN_BSA_SM90_OVERLAP");
   return env == nullptr || std::strcmp(env, "0") != 0;
+}
+
+// The CTA work order (BsaParams::kv_section) for these parameters. PROXYATTN_BSA_ORDER=heads gives
+// the head-fastest order (0); kv:<n> sections of n KV heads (tests); otherwise (default) sections
+// of as many KV heads as keep their K and V within kL2Budget bytes, at least one.
+inline int bsa_kv_section(const BsaParams& p) {
+  const char* env = std::getenv("PROXYATTN_BSA_ORDER");
+  if (env != nullptr && std::strcmp(env, "heads") == 0) return 0;
+  if (env != nullptr && std::strncmp(env, "kv:", 3) == 0) {
+    const long n = std::strtol(env + 3, nullptr, 10);
+    return n < 1 ? 1 : (n > p.kv_heads ? p.kv_heads : int(n));
+  }
+  constexpr int64_t kL2Budget = int64_t(24) << 20;
+  const int64_t per_kv_head = int64_t(2) * 2 * int64_t(p.seqlen_k) * p.head_dim;  // K and V, 16-bit
+  int64_t n = per_kv_head > 0 ? kL2Budget / per_kv_head : p.kv_heads;
+  if (n < 1) n = 1;
+  if (n > p.kv_heads) n = p.kv_heads;
+  return int(n);
 }
 
 // Compute capability of device `dev` as major * 10 + minor, queried once per device (no sync).

@@ -22,6 +22,12 @@
 
 #include <cstdint>
 
+#if defined(__CUDACC__)
+#define PROXYATTN_HOST_DEVICE __host__ __device__
+#else
+#define PROXYATTN_HOST_DEVICE
+#endif
+
 namespace proxyattn {
 
 struct BsaParams {
@@ -65,6 +71,39 @@ struct BsaParams {
   float softmax_scale = 0.f;       // > 0
   float softmax_scale_log2 = 0.f;  // softmax_scale * log2(e)
   bool causal = false;             // bottom-right aligned
+
+  // Work order of the CTAs (set by the launchers, see bsa_tile below): 0 = all query heads of a
+  // query block side by side; n > 0 = sections of n KV heads, each finished before the next.
+  int kv_section = 0;
 };
+
+struct BsaTile {
+  int b, h, m;
+};
+
+// The work item of CTA `tile` in [0, batch * q_heads * num_q_blocks). Heaviest query blocks
+// first in both orders (causal rows grow with m).
+//   kv_section == 0: heads fastest, then batch items, then query blocks from the last one down.
+//   kv_section == n: per batch item, sections of n KV heads (the last may be smaller); inside a
+//     section the query blocks from the last one down, the section's query heads fastest. The
+//     CTAs resident at one time then read the K/V of few KV heads, which stay in L2.
+PROXYATTN_HOST_DEVICE inline BsaTile bsa_tile(int tile, const BsaParams& p) {
+  const int nqb = p.num_q_blocks;
+  if (p.kv_section <= 0) {
+    const int rest = tile / p.q_heads;
+    return {rest % p.batch, tile % p.q_heads, nqb - 1 - rest / p.batch};
+  }
+  const int group = p.q_heads / p.kv_heads;  // query heads per KV head
+  const int per_batch = nqb * p.q_heads;
+  const int b = tile / per_batch;
+  const int t = tile - b * per_batch;
+  const int full = nqb * p.kv_section * group;  // tiles of one full section
+  const int s = t / full;
+  const int kv0 = s * p.kv_section;
+  const int kv_n = (p.kv_heads - kv0 < p.kv_section) ? p.kv_heads - kv0 : p.kv_section;
+  const int heads = kv_n * group;
+  const int r = t - s * full;
+  return {b, kv0 * group + r % heads, nqb - 1 - r / heads};
+}
 
 }  // namespace proxyattn
