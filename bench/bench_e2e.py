@@ -7,9 +7,12 @@ recency, shared hubs, needles), cuDNN SDPA dense causal (KV expanded to Hq heads
 proxy_attention on its sparse path (dense_below=0) with the default config, timed whole and
 as estimation (stages 1-3) and attention (stage 4) apart; the density of the selection it
 made. At the --quality-at lengths also attention recall, needle retrieval and output error
-against dense attention. Prints the smallest length from which the sparse path is never
-more than 5% slower than cuDNN (the dense crossover, config.dense_below), and writes the
-DESIGN section 6 JSON (tag e2e).
+against dense attention. Also, per length, proxy_attention with the full default config
+(`proxy_attention_default`: dense SDPA below config.dense_below) and plain SDPA with GQA and
+the backend torch picks (`sdpa_default`), so the default's ratio to cuDNN is measured at every
+length. Prints the smallest length from which the sparse path is never more than 5% slower
+than cuDNN (the dense crossover, config.dense_below), and writes the DESIGN section 6 JSON
+(tag e2e).
 """
 import argparse
 import dataclasses
@@ -58,7 +61,19 @@ def main():
             dense_ms = time_cold(lambda: F.scaled_dot_product_attention(qt, ke, ve, is_causal=True), reps, 2, flush)
         flops = causal_tflops(n, n, hq, d)
         cases.append(dict(name="sdpa_cudnn", **common, density=1.0, ms=dense_ms, tflops=flops / dense_ms / 1e9))
-        print(f"N={n:7d} sdpa_cudnn {dense_ms:9.3f} ms", flush=True)
+        kt, vt = k.transpose(1, 2), v.transpose(1, 2)
+        sdpa_ms = time_cold(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=hq != hkv),
+                            reps, 2, flush)
+        cases.append(dict(name="sdpa_default", **common, density=1.0, ms=sdpa_ms, tflops=flops / sdpa_ms / 1e9))
+        dflt = pa.ProxyAttnConfig()
+        dflt_ms = time_cold(lambda: pa.proxy_attention(q, k, v, dflt), reps, 2, flush)
+        dense_path = n < dflt.dense_below
+        cases.append(dict(name="proxy_attention_default", **common, density=1.0 if dense_path else None, ms=dflt_ms,
+                          tflops=flops / dflt_ms / 1e9 if dense_path else None, dense_path=dense_path,
+                          dense_below=dflt.dense_below, time_vs_cudnn=dflt_ms / dense_ms))
+        print(f"N={n:7d} sdpa_cudnn {dense_ms:9.3f} ms  sdpa(default backend, GQA) {sdpa_ms:9.3f} ms  "
+              f"proxy_attention(default config{', dense' if dense_path else ''}) {dflt_ms:9.3f} ms = "
+              f"{dflt_ms / dense_ms:.2f}x cuDNN's time", flush=True)
         for g in a.proxy_heads:
             cfg = dataclasses.replace(base_cfg, num_proxy_heads=g)
             out, sel = pa.proxy_attention(q, k, v, cfg, return_selection=True)
