@@ -14,6 +14,7 @@ Writes bench/results/<card>-<yyyymmdd>-bsa.json (DESIGN.md section 6 format) and
 """
 import argparse
 import inspect
+import os
 import sys
 
 import torch
@@ -86,6 +87,9 @@ def main():
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--skip", nargs="*", default=[], help="anchors to skip: sdpa_flash sdpa_cudnn flex")
+    ap.add_argument("--orders", nargs="+", default=["auto"],
+                    help="CTA work orders to time (PROXYATTN_BSA_ORDER): auto (the default, recorded as bsa), "
+                         "heads, kv:<n> (recorded as bsa_order_<name>)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -138,9 +142,15 @@ def main():
             qf, kf, vf = qt.contiguous(), kt.contiguous(), vt.contiguous()  # [B, H, N, D]
         for target in args.densities:
             counts, indices, density = random_causal_selection(b, hq, n, s, target, gen)
-            ms = time_cold(lambda: torch.ops.proxyattn.block_sparse_attention(
-                q, k, v, counts, indices, None, None, n, n, s, scale, True), reps, warmup, flush)
-            record("bsa", n, density, ms)
+            for order in args.orders:  # PROXYATTN_BSA_ORDER is read on every call
+                if order == "auto":
+                    os.environ.pop("PROXYATTN_BSA_ORDER", None)
+                else:
+                    os.environ["PROXYATTN_BSA_ORDER"] = order
+                ms = time_cold(lambda: torch.ops.proxyattn.block_sparse_attention(
+                    q, k, v, counts, indices, None, None, n, n, s, scale, True), reps, warmup, flush)
+                record("bsa" if order == "auto" else f"bsa_order_{order}", n, density, ms)
+            os.environ.pop("PROXYATTN_BSA_ORDER", None)
             if flex is not None:
                 try:
                     bm = flex_block_mask(counts, indices, n, s)
