@@ -5,7 +5,8 @@
 //
 // Layouts as in the extension: q [B, N, Hq, D], k/v [B, N, Hkv, D] contiguous (Nq = Nk = N,
 // causal), scores fp32 [B, G, nqb, nkb], kstar int32 [B, Hq], counts int32 [B, Hq, nqb],
-// indices int32 [B, Hq, nqb, nkb], out like q, lse fp32 [B, Hq, N].
+// indices [B, Hq, nqb, nkb] int16 from select_blocks (int32 for the random selection, so both
+// index types of the attention kernel run), out like q, lse fp32 [B, Hq, N].
 //
 // Timing (as bench/benchlib.py time_cold): --warmup untimed runs, then --iters runs, each after a
 // 256 MiB cudaMemsetAsync that evicts L2, bracketed by CUDA events; median and min reported.
@@ -332,7 +333,11 @@ __global__ void naive_bsa_kernel(BsaParams p, float* truth, float* lowp, float* 
   const T* kb = static_cast<const T*>(p.k) + b * p.k_batch_stride + kvh * p.k_head_stride;
   const T* vb = static_cast<const T*>(p.v) + b * p.v_batch_stride + kvh * p.v_head_stride;
   const int cnt = p.counts[b * p.counts_batch_stride + h * p.counts_head_stride + m * p.counts_block_stride];
-  const int* idx = p.indices + b * p.indices_batch_stride + h * p.indices_head_stride + m * p.indices_block_stride;
+  const int64_t idx_off = b * p.indices_batch_stride + h * p.indices_head_stride + m * p.indices_block_stride;
+  auto index_at = [&](int e) {  // int16 or int32 selection, whichever pointer is set
+    const int64_t o = idx_off + int64_t(e) * p.indices_entry_stride;
+    return p.indices16 != nullptr ? static_cast<int>(p.indices16[o]) : p.indices[o];
+  };
   const int last_key = p.causal ? p.seqlen_k - p.seqlen_q + i : p.seqlen_k - 1;
   float qf[128];
   for (int d = 0; d < D; ++d) qf[d] = to_float(q[d]);
@@ -344,7 +349,7 @@ __global__ void naive_bsa_kernel(BsaParams p, float* truth, float* lowp, float* 
   };
   float mx = -INFINITY;
   for (int e = 0; e < min(cnt, p.num_k_blocks); ++e) {
-    const int n = idx[e * p.indices_entry_stride];
+    const int n = index_at(e);
     if (n < 0 || n >= nkb_seq) continue;
     for (int j = n * S; j < min((n + 1) * S, p.seqlen_k) && j <= last_key; ++j) mx = fmaxf(mx, logit(j));
   }
@@ -353,7 +358,7 @@ __global__ void naive_bsa_kernel(BsaParams p, float* truth, float* lowp, float* 
   float l = 0.f;
   if (mx > -INFINITY) {
     for (int e = 0; e < min(cnt, p.num_k_blocks); ++e) {
-      const int n = idx[e * p.indices_entry_stride];
+      const int n = index_at(e);
       if (n < 0 || n >= nkb_seq) continue;
       for (int j = n * S; j < min((n + 1) * S, p.seqlen_k) && j <= last_key; ++j) {
         const float pr = expf(logit(j) - mx);
@@ -425,7 +430,9 @@ struct Problem {
   DeviceBuffer<uint16_t> q, k, v, out;  // fp16 / bf16 bits
   DeviceBuffer<float> lse, scores, budget_ws;
   DeviceBuffer<char> scores_ws;
-  DeviceBuffer<int> kstar, counts, indices, rand_counts, rand_indices;
+  DeviceBuffer<int> kstar, counts;
+  DeviceBuffer<int16_t> indices;  // select_blocks' output
+  DeviceBuffer<int> rand_counts, rand_indices;
   ProxyScoresParams sp{};
   HeadBudgetsParams hp{};
   SelectBlocksParams selp{};
@@ -570,6 +577,12 @@ struct Problem {
   void use_selection(const int* c, const int* idx) {
     bp.counts = c;
     bp.indices = idx;
+    bp.indices16 = nullptr;
+  }
+  void use_selection(const int* c, const int16_t* idx) {
+    bp.counts = c;
+    bp.indices = nullptr;
+    bp.indices16 = idx;
   }
 
   // Fresh N(0, 1) inputs; temps (device, [Hq], optional) scales each query head.
@@ -918,6 +931,12 @@ void cpu_select(const Options& o, int n, const std::vector<float>& scores, const
 
 // -------------------------------------------------------------------------------- verify
 
+// select_blocks' int16 indices against the CPU selection (int).
+bool same_indices(const std::vector<int16_t>& got, const std::vector<int>& want) {
+  return got.size() == want.size() && std::equal(got.begin(), got.end(), want.begin(),
+                                                 [](int16_t g, int w) { return int(g) == w; });
+}
+
 struct Verdict {
   int failures = 0;
   void check(bool ok, const std::string& what) {
@@ -1039,7 +1058,7 @@ int verify(const Options& o) {
     // Stage 3, on the kernel's own scores and kstar, then on random kstar (clamping)
     std::vector<int> wc, wi;
     cpu_select(o, n, got_scores, got_kstar, wc, wi);
-    v.check(pb.counts.to_host() == wc && pb.indices.to_host() == wi,
+    v.check(pb.counts.to_host() == wc && same_indices(pb.indices.to_host(), wi),
             "select_blocks counts and indices equal the CPU selection (kernel scores and kstar)");
     std::vector<int> rk(got_kstar.size());
     for (size_t i = 0; i < rk.size(); ++i) rk[i] = static_cast<int>(mix64(o.seed + 31 * i) % (pb.nkb + 3)) - 1;
@@ -1047,7 +1066,7 @@ int verify(const Options& o) {
     pb.run_select(0);
     PROXYATTN_BENCH_CHECK(cudaDeviceSynchronize());
     cpu_select(o, n, got_scores, rk, wc, wi);
-    v.check(pb.counts.to_host() == wc && pb.indices.to_host() == wi,
+    v.check(pb.counts.to_host() == wc && same_indices(pb.indices.to_host(), wi),
             "select_blocks counts and indices equal the CPU selection (random kstar in [-1, nkb + 1])");
 
     // Stage 4, on the selection of stage 3 and on random selections

@@ -20,7 +20,7 @@ TORCH_LIBRARY(proxyattn, m) {
       "head_budgets(Tensor q, Tensor k, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, int block_size, float gamma, int sink_blocks, "
       "int local_blocks, float softmax_scale, bool causal) -> Tensor");
-  // Stage 3: counts int32 [B, Hq, nqb] and ascending indices int32 [B, Hq, nqb, nkb], -1 padded.
+  // Stage 3: counts int32 [B, Hq, nqb] and ascending indices int16 [B, Hq, nqb, nkb], -1 padded.
   m.def(
       "select_blocks(Tensor scores, Tensor kstar, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, int block_size, int sink_blocks, int local_blocks, "

@@ -194,8 +194,7 @@ __device__ __forceinline__ void gemm_rs(Acc& acc, RegA const& rA, RegB& rB, Smem
 // next raw entry is loaded one block ahead to keep its latency off the critical path.
 template <int kSub, int kBlockN>
 struct TileCursor {
-  const int* idx;
-  int64_t stride;
+  BsaIndexRow row;  // int16 or int32 entries (kernels/bsa_params.h)
   int ord;       // ordinal of the current block in the row
   int sub;       // current tile inside the block
   int blk;       // current block
@@ -203,9 +202,9 @@ struct TileCursor {
   int nkb;
   int max_key;
 
-  __device__ __forceinline__ TileCursor(const int* idx_, int64_t stride_, int count, int nkb_, int max_key_)
-      : idx(idx_), stride(stride_), ord(count), sub(0), blk(-1), nkb(nkb_), max_key(max_key_) {
-    next_raw = count > 0 ? __ldg(idx + int64_t(count - 1) * stride) : -1;
+  __device__ __forceinline__ TileCursor(const BsaIndexRow& row_, int count, int nkb_, int max_key_)
+      : row(row_), ord(count), sub(0), blk(-1), nkb(nkb_), max_key(max_key_) {
+    next_raw = count > 0 ? row.load(count - 1) : -1;
   }
 
   // Moves to the next valid tile; false when the row is exhausted.
@@ -217,7 +216,7 @@ struct TileCursor {
         if (ord <= 0) return false;
         --ord;
         blk = next_raw;
-        next_raw = ord > 0 ? __ldg(idx + int64_t(ord - 1) * stride) : -1;
+        next_raw = ord > 0 ? row.load(ord - 1) : -1;
         if (blk < 0 || blk >= nkb) continue;  // sub stays 0: the next turn takes the next block
         sub = kSub - 1;
       }
@@ -287,8 +286,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 2) bsa_fwd_sm80_kernel(cons
   int count = p.counts[b * p.counts_batch_stride + h * p.counts_head_stride + m * p.counts_block_stride];
   count = min(max(count, 0), p.num_k_blocks);
   if (max_key < 0) count = 0;  // no row of this tile sees any key
-  const int* idx_row = p.indices + b * p.indices_batch_stride + h * p.indices_head_stride + m * p.indices_block_stride;
-  TileCursor<kSub, kBlockN> cursor(idx_row, p.indices_entry_stride, count, nkb, max_key);
+  TileCursor<kSub, kBlockN> cursor(bsa_index_row(p, b, h, m), count, nkb, max_key);
 
   // Global views. K/V: the whole sequence as (seqlen_k, D), tiled into (kBlockN, D, n_tiles).
   Tensor gQ = make_tensor(make_gmem_ptr(q_ptr), Shape<Int<kBlockM>, Int<kHeadDim>>{},

@@ -205,20 +205,19 @@ __device__ __forceinline__ void wg_issue(TiledMma& mma, TA const& a, TB const& b
 // skipping entries outside [0, nkb) and blocks that start past max_key. Producer and consumers each
 // run one and see the same sequence.
 struct BlockCursor {
-  const int* idx;
-  int64_t stride;
+  BsaIndexRow row;  // int16 or int32 entries (kernels/bsa_params.h)
   int ord;
   int blk;
   int nkb;
   int max_key;
 
-  __device__ __forceinline__ BlockCursor(const int* idx_, int64_t stride_, int count, int nkb_, int max_key_)
-      : idx(idx_), stride(stride_), ord(count), blk(-1), nkb(nkb_), max_key(max_key_) {}
+  __device__ __forceinline__ BlockCursor(const BsaIndexRow& row_, int count, int nkb_, int max_key_)
+      : row(row_), ord(count), blk(-1), nkb(nkb_), max_key(max_key_) {}
 
   __device__ __forceinline__ bool advance(int block_n) {
     while (ord > 0) {
       --ord;
-      blk = __ldg(idx + int64_t(ord) * stride);
+      blk = row.load(ord);
       if (blk >= 0 && blk < nkb && blk * block_n <= max_key) return true;
     }
     return false;
@@ -292,7 +291,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   int count = p.counts[b * p.counts_batch_stride + h * p.counts_head_stride + m * p.counts_block_stride];
   count = min(max(count, 0), p.num_k_blocks);
   if (max_key < 0) count = 0;
-  const int* idx_row = p.indices + b * p.indices_batch_stride + h * p.indices_head_stride + m * p.indices_block_stride;
+  const BsaIndexRow idx_row = bsa_index_row(p, b, h, m);
 
   Tensor sQ = make_tensor(make_smem_ptr(ss.q), typename Traits::SmemLayoutQ{});     // (M, D)
   Tensor sK = make_tensor(make_smem_ptr(ss.k), typename Traits::SmemLayoutKV{});    // (N, D, stage)
@@ -303,7 +302,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     // ------------------------------- producer -------------------------------
     cutlass::arch::warpgroup_reg_dealloc<24>();
     if (warp == 0 && lane == 0) {
-      BlockCursor cursor(idx_row, p.indices_entry_stride, count, nkb, max_key);
+      BlockCursor cursor(idx_row, count, nkb, max_key);
       if (cursor.advance(kBlockN)) {
         const int qb = varlen ? 0 : b;
         const int32_t q_off = int32_t(q_row0), k_off = int32_t(k_row0);
@@ -341,7 +340,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     // ------------------------------- consumers ------------------------------
     cutlass::arch::warpgroup_reg_alloc<240>();
     const int ctid = threadIdx.x - 128;  // 0 .. 255; warpgroup ctid / 128 owns rows 64 (ctid / 128) + [0, 64)
-    BlockCursor cursor(idx_row, p.indices_entry_stride, count, nkb, max_key);
+    BlockCursor cursor(idx_row, count, nkb, max_key);
 
     typename Traits::TiledMmaS mma_s;
     typename Traits::TiledMmaO mma_o;

@@ -12,9 +12,11 @@
 //   varlen        q/out [total_q, Hq, D], k/v [total_k, Hkv, D], cu_seqlens_q/k int32 [B + 1] on the
 //                 device: sequence b holds rows [cu[b], cu[b+1]); batch strides are ignored; lse
 //                 [Hq, total_q] at h*lse_head_stride + cu_seqlens_q[b] + row.
-//   counts        int32 [B, Hq, num_q_blocks]; indices int32 [B, Hq, num_q_blocks, num_k_blocks]
-//                 (num_k_blocks = index row length K), any strides. Entries past counts, and entries
-//                 outside [0, ceil(seqlen_k_b / block_size)), are ignored.
+//   counts        int32 [B, Hq, num_q_blocks]; indices int16 or int32 [B, Hq, num_q_blocks,
+//                 num_k_blocks] (num_k_blocks = index row length K), any strides; exactly one of
+//                 BsaParams::indices (int32) and BsaParams::indices16 (int16, what select_blocks
+//                 writes) is set. Entries past counts, and entries outside
+//                 [0, ceil(seqlen_k_b / block_size)), are ignored.
 //
 // Used by the torch glue (csrc/ops/bsa_op.cpp), by the Hopper kernel and by the standalone C++
 // benchmark; keep it free of torch and CuTe.
@@ -54,7 +56,10 @@ struct BsaParams {
   // Block selection (device), see the layout comment above.
   const int* counts = nullptr;
   int64_t counts_batch_stride = 0, counts_head_stride = 0, counts_block_stride = 0;
+  // Exactly one of indices (int32) and indices16 (int16) is non-null; the strides below are in
+  // elements of whichever is set. Read through BsaIndexRow (bsa_index_row below).
   const int* indices = nullptr;
+  const int16_t* indices16 = nullptr;
   int64_t indices_batch_stride = 0, indices_head_stride = 0, indices_block_stride = 0,
           indices_entry_stride = 1;
 
@@ -105,5 +110,30 @@ PROXYATTN_HOST_DEVICE inline BsaTile bsa_tile(int tile, const BsaParams& p) {
   const int r = t - s * full;
   return {b, kv0 * group + r % heads, nqb - 1 - r / heads};
 }
+
+// One index row of the selection, read on the device. Exactly one of p32 / p16 is set (from
+// BsaParams::indices / indices16); the branch on it is uniform over the CTA. stride: elements
+// between consecutive entries.
+struct BsaIndexRow {
+  const int* p32;
+  const int16_t* p16;
+  int64_t stride;
+#if defined(__CUDACC__)
+  // Entry e of the row (sign-extended from int16 when p16 is set).
+  __device__ __forceinline__ int load(int e) const {
+    const int64_t off = int64_t(e) * stride;
+    return p16 != nullptr ? static_cast<int>(__ldg(p16 + off)) : __ldg(p32 + off);
+  }
+#endif
+};
+
+#if defined(__CUDACC__)
+// The index row of (batch b, query head h, query block m).
+__device__ __forceinline__ BsaIndexRow bsa_index_row(const BsaParams& p, int b, int h, int m) {
+  const int64_t off = b * p.indices_batch_stride + h * p.indices_head_stride + m * p.indices_block_stride;
+  if (p.indices16 != nullptr) return {nullptr, p.indices16 + off, p.indices_entry_stride};
+  return {p.indices + off, nullptr, p.indices_entry_stride};
+}
+#endif
 
 }  // namespace proxyattn

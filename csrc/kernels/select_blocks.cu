@@ -8,8 +8,9 @@
 // first, then smaller n" (bitonic sort in shared memory of order-preserving uint32 keys of
 // the fp32 scores, -0.0 canonicalised to +0.0, with 16-bit candidate offsets), giving each
 // candidate its rank. A warp per head then writes, in one ascending pass with ballots,
-// every candidate that is forced or ranks below r, and pads the row with -1. The sort is
-// skipped when every head of the row takes all or none of the non-forced candidates.
+// every candidate that is forced or ranks below r, and pads the row with -1 (indices int16:
+// nkb <= 32768). The sort is skipped when every head of the row takes all or none of the
+// non-forced candidates.
 // Deterministic; bit-identical to any implementation of the same total order.
 #include "kernels/select_blocks.h"
 
@@ -22,7 +23,7 @@ constexpr int kSelectThreads = 256;
 constexpr int kSelectWarps = kSelectThreads / 32;
 constexpr uint16_t kPadIndex = 0xffffu;  // > any candidate offset (nkb <= 32768)
 
-static_assert(kSelectMaxBlocks <= 32768, "candidate offsets are stored in 16 bits");
+static_assert(kSelectMaxBlocks <= 32768, "candidate offsets and output indices are stored in 16 bits");
 
 __device__ inline uint32_t order_key(float f) {
   if (f == 0.0f) f = 0.0f;  // -0.0 and +0.0 compare equal: give them one key
@@ -60,7 +61,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const Sel
   const int nqb_seq = static_cast<int>((static_cast<int64_t>(sb.nq) + S - 1) / S);
   if (m >= nqb_seq) {
     for (int hh = warp; hh < hpg; hh += kSelectWarps) {
-      int* out = out_row(h0 + hh);
+      int16_t* out = out_row(h0 + hh);
       if (lane == 0) count_at(h0 + hh) = 0;
       for (int i = lane; i < p.nkb; i += 32) out[i] = -1;
     }
@@ -126,7 +127,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const Sel
     const int h = h0 + hh;
     const int r = take(h);
     const int km = fs.forced + r;
-    int* out = out_row(h);
+    int16_t* out = out_row(h);
     if (lane == 0) count_at(h) = km;
     int pos = 0;
     for (int base = 0; base < c; base += 32) {
@@ -137,7 +138,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const Sel
         else sel = r >= nc ? true : r <= 0 ? false : keys[n - fs.free_lo] < static_cast<uint32_t>(r);
       }
       const unsigned bal = __ballot_sync(0xffffffffu, sel);
-      if (sel) out[pos + __popc(bal & ((1u << lane) - 1u))] = n;
+      if (sel) out[pos + __popc(bal & ((1u << lane) - 1u))] = static_cast<int16_t>(n);
       pos += __popc(bal);
     }
     for (int i = km + lane; i < p.nkb; i += 32) out[i] = -1;

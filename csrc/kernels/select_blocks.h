@@ -1,7 +1,8 @@
 // Stage 3 of DESIGN.md section 2: per (b, h, query block m) pick the forced blocks plus
 // the k_m - f_m best non-forced candidates by descending A[b, group(h), m, n] (ties to the
-// lower n), write counts int32 [B, Hq, nqb] and ascending indices int32 [B, Hq, nqb, nkb]
-// padded with -1. Scores fp32 [B, G, nqb, nkb] and kstar int32 [B, Hq] are contiguous.
+// lower n), write counts int32 [B, Hq, nqb] and ascending indices int16 [B, Hq, nqb, nkb]
+// padded with -1 (int16 suffices: nkb <= kSelectMaxBlocks = 32768, so every index is in
+// [0, 32767]). Scores fp32 [B, G, nqb, nkb] and kstar int32 [B, Hq] are contiguous.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -14,7 +15,7 @@ struct SelectBlocksParams {
   const float* scores;  // [B, G, nqb, nkb] contiguous
   const int* kstar;     // [B, Hq] contiguous
   int* counts;          // [B, Hq, nqb]
-  int* indices;         // [B, Hq, nqb, nkb]
+  int16_t* indices;     // [B, Hq, nqb, nkb], int16
   const int* cu_seqlens_q;  // nullptr for fixed length
   const int* cu_seqlens_k;
   int64_t total_q, total_k;  // rows of q / k when varlen (clamping), else max_seqlen
@@ -26,7 +27,8 @@ struct SelectBlocksParams {
   bool causal;
 };
 
-// Largest nkb the kernel handles (the row of keys lives in shared memory).
+// Largest nkb the kernel handles (the row of keys lives in shared memory; block indices
+// must fit in int16).
 constexpr int kSelectMaxBlocks = 32768;
 
 cudaError_t run_select_blocks(const SelectBlocksParams& p, cudaStream_t stream);

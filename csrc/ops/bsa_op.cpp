@@ -1,7 +1,8 @@
 // Torch glue of torch.ops.proxyattn.block_sparse_attention (DESIGN.md section 2, stage 4) on CUDA:
 // checks, allocation of out (contiguous, like q) and lse (fp32: fixed length [B, Hq, Nq], varlen
-// [Hq, total_q]), the params struct, and the launch on the current stream. Layouts: see
-// csrc/kernels/bsa_params.h. No host synchronisation (cu_seqlens are never read here).
+// [Hq, total_q]), the params struct, and the launch on the current stream. Selection: counts int32,
+// indices int16 (as select_blocks writes them) or int32. Layouts: see csrc/kernels/bsa_params.h.
+// No host synchronisation (cu_seqlens are never read here).
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -94,7 +95,8 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
   const int64_t nqb = ceil_div(nq, block_size);
 
   PROXYATTN_CHECK(counts.scalar_type() == at::kInt, "counts must be int32, got ", counts.scalar_type());
-  PROXYATTN_CHECK(indices.scalar_type() == at::kInt, "indices must be int32, got ", indices.scalar_type());
+  PROXYATTN_CHECK(indices.scalar_type() == at::kShort || indices.scalar_type() == at::kInt,
+                  "indices must be int16 or int32, got ", indices.scalar_type());
   PROXYATTN_CHECK(counts.dim() == 3 && counts.size(0) == batch && counts.size(1) == hq && counts.size(2) == nqb,
                   "counts must have shape [B, Hq, nqb] = [", batch, ", ", hq, ", ", nqb, "], got ", counts.sizes());
   PROXYATTN_CHECK(indices.dim() == 4 && indices.size(0) == batch && indices.size(1) == hq && indices.size(2) == nqb &&
@@ -146,7 +148,12 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
   p.counts_batch_stride = counts.stride(0);
   p.counts_head_stride = counts.stride(1);
   p.counts_block_stride = counts.stride(2);
-  p.indices = indices.data_ptr<int>();
+  // int16 (select_blocks' output) or int32 (hand-made); exactly one pointer is set.
+  if (indices.scalar_type() == at::kShort) {
+    p.indices16 = indices.data_ptr<int16_t>();
+  } else {
+    p.indices = indices.data_ptr<int>();
+  }
   p.indices_batch_stride = indices.stride(0);
   p.indices_head_stride = indices.stride(1);
   p.indices_block_stride = indices.stride(2);

@@ -1,7 +1,7 @@
 // Torch glue of the estimation ops (DESIGN.md section 2, stages 1-3) on CUDA:
 //   proxy_block_scores -> fp32 [B, G, nqb, nkb]     (csrc/kernels/proxy_scores.cu)
 //   head_budgets       -> int32 [B, Hq]             (csrc/kernels/head_budgets.cu)
-//   select_blocks      -> (int32 [B, Hq, nqb], int32 [B, Hq, nqb, nkb])  (csrc/kernels/select_blocks.cu)
+//   select_blocks      -> (int32 [B, Hq, nqb], int16 [B, Hq, nqb, nkb])  (csrc/kernels/select_blocks.cu)
 // Fixed length: q [B, Nq, Hq, D], k [B, Nk, Hkv, D]; varlen: q [total_q, Hq, D],
 // k [total_k, Hkv, D] with cu_seqlens_q/k int32 [B + 1]. Checks name expected vs got; outputs
 // and workspaces come from at::empty (kernels write every output element); no host sync.
@@ -267,13 +267,13 @@ std::tuple<at::Tensor, at::Tensor> select_blocks(const at::Tensor& scores_in, co
   const at::Tensor scores = scores_in.contiguous();
   const at::Tensor kstar = kstar_in.contiguous();
   at::Tensor counts = at::empty({batch, Hq, nqb}, kstar.options());
-  at::Tensor indices = at::empty({batch, Hq, nqb, nkb}, kstar.options());
+  at::Tensor indices = at::empty({batch, Hq, nqb, nkb}, kstar.options().dtype(at::kShort));
 
   SelectBlocksParams p{};
   p.scores = scores.data_ptr<float>();
   p.kstar = kstar.data_ptr<int>();
   p.counts = counts.data_ptr<int>();
-  p.indices = indices.data_ptr<int>();
+  p.indices = indices.data_ptr<int16_t>();
   p.cu_seqlens_q = cu_q.has_value() ? cu_q->data_ptr<int>() : nullptr;
   p.cu_seqlens_k = cu_k.has_value() ? cu_k->data_ptr<int>() : nullptr;
   // Varlen totals are unknown here without a sync; select_blocks reads no q/k rows, so the
