@@ -20,7 +20,7 @@ from .config import ProxyAttnConfig
 class ProxyAttnSelection(NamedTuple):
     """Telemetry of one call, all tensors on the inputs' device (no host sync).
 
-    counts [B, Hq, nqb], indices [B, Hq, nqb, nkb] (ascending, -1 padded), kstar [B, Hq],
+    counts int32 [B, Hq, nqb], indices int16 [B, Hq, nqb, nkb] (ascending, -1 padded), kstar [B, Hq],
     density [B, Hq] (selected / causal candidate block pairs), budget_ratio [B, Hq]
     (kstar / non-forced candidates of the last query block; 0 when none are left).
     `dense` is True when the call ran dense attention (below dense_below).
@@ -66,10 +66,12 @@ def _forced_counts(c: Tensor, sink: int, local: int) -> Tensor:
 
 def full_selection(nq: Tensor, nk: Tensor, nqb: int, nkb: int, hq: int, block: int, causal: bool
                    ) -> Tuple[Tensor, Tensor]:
-    """Every candidate block of every row: counts [B, Hq, nqb], indices [B, Hq, nqb, nkb]."""
+    """Every candidate block of every row: counts int32 [B, Hq, nqb], indices [B, Hq, nqb, nkb]
+    (int16 like select_blocks' while the block numbers fit, else int32)."""
     c = candidate_counts(nq, nk, nqb, block, causal)  # [B, nqb]
     n = torch.arange(nkb, device=nq.device)
-    idx = torch.where(n[None, None, :] < c[:, :, None], n, -1).to(torch.int32)
+    idx = torch.where(n[None, None, :] < c[:, :, None], n, -1)
+    idx = idx.to(torch.int16 if nkb <= ops.MAX_KEY_BLOCKS else torch.int32)
     b = c.shape[0]
     return (c.to(torch.int32)[:, None, :].expand(b, hq, nqb).contiguous(),
             idx[:, None].expand(b, hq, nqb, nkb).contiguous())
@@ -152,6 +154,7 @@ def _run(q, k, v, lay: ops.Layout, cu_q, cu_k, cfg: Optional[ProxyAttnConfig], c
         kstar = torch.zeros(lay.batch, lay.q_heads, dtype=torch.int32, device=q.device)
         return out, _telemetry(*full, kstar, nq, nk, cfg, causal, dense=True)
     mq, mk = lay.max_seqlen_q, lay.max_seqlen_k
+    ops.check_key_blocks(mk, S)  # before any kernel runs
     scores = _stage("proxy_block_scores", q.device, q, k, cu_q, cu_k, mq, mk, S, cfg.num_proxy_heads, cfg.stride,
                     scale, causal)
     kstar = _stage("head_budgets", q.device, q, k, cu_q, cu_k, mq, mk, S, float(cfg.gamma), cfg.sink_blocks,

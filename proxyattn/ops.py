@@ -28,6 +28,20 @@ except ImportError as exc:  # CPU-only use still works through the reference
 
 OP_NAMES = ("proxy_block_scores", "head_budgets", "select_blocks", "block_sparse_attention")
 
+# select_blocks handles up to this many key blocks per row (one row of scores in shared memory);
+# its block indices are int16. block_sparse_attention also takes hand-made int32 indices.
+MAX_KEY_BLOCKS = 32768
+INDEX_DTYPES = (torch.int16, torch.int32)
+
+
+def check_key_blocks(seqlen_k: int, block_size: int) -> None:
+    """ValueError unless ceil(seqlen_k / block_size) <= MAX_KEY_BLOCKS."""
+    nkb = -(-seqlen_k // block_size)
+    if nkb > MAX_KEY_BLOCKS:
+        raise ValueError(f"at most {MAX_KEY_BLOCKS} key blocks are supported (seqlen_k <= "
+                         f"{MAX_KEY_BLOCKS * block_size} at block_size {block_size}), got seqlen_k={seqlen_k}: "
+                         f"{nkb} blocks")
+
 _CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _CUDA_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -191,10 +205,12 @@ def _check_cu_values(name: str, cu: Tensor, total: int, max_seqlen: int) -> None
                          f"has {max(lens)} tokens")
 
 
-def _check_int_tensor(name: str, t, shape: Tuple[int, ...], like: Tensor, last_free: bool = False) -> None:
+def _check_int_tensor(name: str, t, shape: Tuple[int, ...], like: Tensor, last_free: bool = False,
+                      dtypes: Tuple[torch.dtype, ...] = (torch.int32,)) -> None:
     _require_tensor(name, t)
-    if t.dtype != torch.int32:
-        raise TypeError(f"{name} must be int32, got {t.dtype}")
+    if t.dtype not in dtypes:
+        want = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must be {want}, got {t.dtype}")
     if t.device != like.device:
         raise ValueError(f"{name} must be on {like.device}, got {t.device}")
     ok = t.dim() == len(shape) and tuple(t.shape[: len(shape) - (1 if last_free else 0)]) == (
@@ -277,7 +293,10 @@ def select_blocks(scores: Tensor, kstar: Tensor, *, seqlen_q: int, seqlen_k: int
                   sink_blocks: int = 1, local_blocks: int = 1, min_budget: int = 2048, causal: bool = True,
                   cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None
                   ) -> Tuple[Tensor, Tensor]:
-    """Stage 3: counts int32 [B, Hq, nqb] and ascending, -1 padded indices int32 [B, Hq, nqb, nkb].
+    """Stage 3: counts int32 [B, Hq, nqb] and ascending, -1 padded indices int16 [B, Hq, nqb, nkb].
+
+    nkb = ceil(seqlen_k / block_size) is at most MAX_KEY_BLOCKS (32768), so every block index fits
+    int16: at 1M tokens the index tensor takes half the memory int32 would.
 
     seqlen_q/seqlen_k are Nq/Nk (fixed length) or max_seqlen_q/k (varlen)."""
     _require_tensor("scores", scores)
@@ -297,6 +316,7 @@ def select_blocks(scores: Tensor, kstar: Tensor, *, seqlen_q: int, seqlen_k: int
     if scores.dim() != 4:
         raise ValueError(f"scores must have shape [B, G, nqb, nkb], got {tuple(scores.shape)}")
     b, g = scores.shape[0], scores.shape[1]
+    check_key_blocks(seqlen_k, block_size)
     nqb, nkb = _cdiv(seqlen_q, block_size), _cdiv(seqlen_k, block_size)
     if tuple(scores.shape[2:]) != (nqb, nkb):
         raise ValueError(f"scores must have shape [B, G, {nqb}, {nkb}] for seqlen_q={seqlen_q}, seqlen_k={seqlen_k}, "
@@ -329,7 +349,8 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, counts: Tensor, indi
     scale = resolve_scale(softmax_scale, lay.head_dim)
     nqb = _cdiv(lay.max_seqlen_q, block_size)
     _check_int_tensor("counts", counts, (lay.batch, lay.q_heads, nqb), q)
-    _check_int_tensor("indices", indices, (lay.batch, lay.q_heads, nqb, 1), q, last_free=True)
+    _check_int_tensor("indices", indices, (lay.batch, lay.q_heads, nqb, 1), q, last_free=True,
+                      dtypes=INDEX_DTYPES)
     return _call("block_sparse_attention", q.device, q, k, v, counts, indices, cu_seqlens_q, cu_seqlens_k,
                  lay.max_seqlen_q, lay.max_seqlen_k, block_size, scale, causal)
 
@@ -357,7 +378,7 @@ if HAS_EXTENSION:
         b, hq = kstar.shape
         nqb, nkb = scores.shape[2], scores.shape[3]
         return (scores.new_empty((b, hq, nqb), dtype=torch.int32),
-                scores.new_empty((b, hq, nqb, nkb), dtype=torch.int32))
+                scores.new_empty((b, hq, nqb, nkb), dtype=torch.int16))
 
     @torch.library.register_fake("proxyattn::block_sparse_attention")
     def _bsa_fake(q, k, v, counts, indices, cu_q, cu_k, max_q, max_k, block_size, scale, causal):

@@ -3,8 +3,8 @@ baseline block estimators.
 
 Layouts follow the package: q [B, N, Hq, D], k/v [B, N, Hkv, D] (Nq = Nk = N from the
 generator; the metrics take any Nq <= Nk, causal aligned bottom-right). A selection is
-counts int32 [B, Hq, nqb] and indices int32 [B, Hq, nqb, nkb] (ascending, -1 padded), the
-format of proxyattn.select_blocks. No function here builds a token-level N x N tensor:
+counts int32 [B, Hq, nqb] and indices int16 or int32 [B, Hq, nqb, nkb] (ascending, -1 padded),
+the format of proxyattn.select_blocks. No function here builds a token-level N x N tensor:
 attention is evaluated one query block at a time, in head chunks bounded by _CHUNK_ELEMS.
 
 Contents
@@ -347,11 +347,13 @@ def selection_mask(counts: Tensor, indices: Tensor, nkb: int) -> Tensor:
 
 
 def selection_from_mask(keep: Tensor) -> Tuple[Tensor, Tensor]:
-    """counts int32 [..., nqb] and ascending, -1 padded indices int32 [..., nqb, nkb] of a bool mask."""
+    """counts int32 [..., nqb] and ascending, -1 padded indices [..., nqb, nkb] of a bool mask
+    (int16 as select_blocks writes them while block numbers fit, else int32)."""
     nkb = keep.shape[-1]
     n = torch.arange(nkb, device=keep.device)
     idx = torch.sort(torch.where(keep, n, nkb), dim=-1).values
-    return keep.sum(dim=-1).to(torch.int32), torch.where(idx < nkb, idx, -1).to(torch.int32)
+    dtype = torch.int16 if nkb <= 32768 else torch.int32
+    return keep.sum(dim=-1).to(torch.int32), torch.where(idx < nkb, idx, -1).to(dtype)
 
 
 class RecallResult(NamedTuple):

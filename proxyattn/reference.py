@@ -7,8 +7,9 @@ chunks of query rows whose size is bounded by `_CHUNK_ELEMS` elements.
 
 Layouts: fixed length q [B, Nq, Hq, D], k/v [B, Nk, Hkv, D]; varlen q [total_q, Hq, D],
 k/v [total_k, Hkv, D] with int32 cu_seqlens_q/k [B + 1]. Scores fp32 [B, G, nqb, nkb];
-kstar int32 [B, Hq]; counts int32 [B, Hq, nqb]; indices int32 [B, Hq, nqb, nkb]
-(ascending, -1 padded); lse fp32 [B, Hq, Nq] (varlen [Hq, total_q]).
+kstar int32 [B, Hq]; counts int32 [B, Hq, nqb]; indices [B, Hq, nqb, nkb] (ascending, -1 padded;
+int16 from select_blocks, int16 or int32 into block_sparse_attention); lse fp32 [B, Hq, Nq]
+(varlen [Hq, total_q]).
 
 The host reads cu_seqlens here (the reference is not the fast path).
 """
@@ -211,7 +212,7 @@ def select_blocks(scores: Tensor, kstar: Tensor, cu_seqlens_q: Optional[Tensor],
     S = block_size
     dev = scores.device
     counts = torch.zeros(B, hq, nqb, dtype=torch.int32, device=dev)
-    indices = torch.full((B, hq, nqb, nkb), -1, dtype=torch.int32, device=dev)
+    indices = torch.full((B, hq, nqb, nkb), -1, dtype=torch.int16, device=dev)
     if cu_seqlens_q is None:
         lens = [(max_seqlen_q, max_seqlen_k)] * B
     else:
@@ -242,7 +243,7 @@ def select_blocks(scores: Tensor, kstar: Tensor, cu_seqlens_q: Optional[Tensor],
             take = n[None, :] < km_t[:, None]
             chosen = torch.where(take, order, nkb)  # nkb sorts after every real block
             chosen = torch.sort(chosen, dim=-1).values
-            indices[b, h, :nqb_b] = torch.where(chosen < nkb, chosen, -1).to(torch.int32)
+            indices[b, h, :nqb_b] = torch.where(chosen < nkb, chosen, -1).to(torch.int16)
             counts[b, h, :nqb_b] = km_t.to(torch.int32)
     return counts, indices
 

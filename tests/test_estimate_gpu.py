@@ -246,7 +246,7 @@ def _check_selection_sane(counts, idx, nq, nk, S, sink, local, causal):
     assert (idx[~valid] == -1).all()
     assert ((idx >= 0) == valid).all()
     assert (idx < c[None, None, :, None]).all()
-    v = torch.where(valid, idx, torch.iinfo(torch.int32).max)
+    v = torch.where(valid, idx.long(), torch.iinfo(torch.int32).max)
     assert (v[..., 1:] > v[..., :-1])[valid[..., 1:]].all()  # strictly ascending
     # Forced blocks present: sink block 0 and the diagonal block c_m - 1.
     if sink > 0:

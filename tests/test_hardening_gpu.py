@@ -281,7 +281,7 @@ DEFECTS = {
     "counts_int64": (("block_sparse_attention",), ANY, _upd(counts=lambda c: c["counts"].long()),
                      r"counts must be int32", TypeError),
     "indices_int64": (("block_sparse_attention",), ANY, _upd(indices=lambda c: c["indices"].long()),
-                      r"indices must be int32", TypeError),
+                      r"indices must be int16 or int32", TypeError),
     "counts_cpu": (("block_sparse_attention",), ANY, _upd(counts=lambda c: c["counts"].cpu()),
                    r"one device", ValueError),
     "indices_cpu": (("block_sparse_attention",), ANY, _upd(indices=lambda c: c["indices"].cpu()),

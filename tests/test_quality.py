@@ -29,7 +29,7 @@ def _dense_probs(q, k, causal=True):
 def _check_valid(counts, indices, nq, nk, S, sink=1, local=1):
     """Ascending, -1 padded, counts consistent, inside the candidates, forced blocks kept."""
     B, hq, nqb, nkb = indices.shape
-    assert counts.dtype == torch.int32 and indices.dtype == torch.int32
+    assert counts.dtype == torch.int32 and indices.dtype == torch.int16
     assert counts.shape == (B, hq, nqb)
     for m in range(nqb):
         c = reference.candidate_count(m, nq, nk, S, True)

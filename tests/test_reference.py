@@ -111,7 +111,7 @@ def test_selection_invariants(nq, nk, S, sink, local, min_budget, causal):
                                    min_budget=min_budget, **kw)
     nqb, nkb = -(-nq // S), -(-nk // S)
     assert counts.shape == (2, hq, nqb) and idx.shape == (2, hq, nqb, nkb)
-    assert counts.dtype == idx.dtype == torch.int32
+    assert counts.dtype == torch.int32 and idx.dtype == torch.int16
     c_last = _candidates(nqb - 1, nq, nk, S, causal)
     f_last = ref.forced_count(c_last, sink, local)
     for b in range(2):

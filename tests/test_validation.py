@@ -159,3 +159,24 @@ def test_stage_function_checks():
         pa.block_sparse_attention(q, k, v, counts[:, :2], idx, block_size=64)
     with pytest.raises(ValueError, match="indices must have shape"):
         pa.block_sparse_attention(q, k, v, counts, idx[0], block_size=64)
+    with pytest.raises(TypeError, match="indices must be int16 or int32, got torch.int64"):
+        pa.block_sparse_attention(q, k, v, counts, idx.long(), block_size=64)
+
+
+def test_index_dtypes_and_key_block_limit():
+    """select_blocks returns int16 indices; stage 4 gives the same answer for int16 and int32 ones;
+    more key blocks than int16 can number are refused before anything runs."""
+    torch.manual_seed(5)
+    q, k, v = torch.randn(1, 300, 4, 64), torch.randn(1, 300, 2, 64), torch.randn(1, 300, 2, 64)
+    scores = pa.proxy_block_scores(q, k, block_size=64)
+    kstar = pa.head_budgets(q, k, block_size=64, gamma=0.7)
+    counts, idx = pa.select_blocks(scores, kstar, seqlen_q=300, seqlen_k=300, block_size=64, min_budget=0)
+    assert idx.dtype == torch.int16 and counts.dtype == torch.int32
+    assert int(counts.min()) >= 1 and int(counts.max()) <= 5 and (idx >= -1).all() and (idx < 5).all()
+    o16, l16 = pa.block_sparse_attention(q, k, v, counts, idx, block_size=64)
+    o32, l32 = pa.block_sparse_attention(q, k, v, counts, idx.int(), block_size=64)
+    assert torch.equal(o16, o32) and torch.equal(l16, l32)
+    big = 32768 * 64 + 1
+    with pytest.raises(ValueError, match="at most 32768 key blocks"):
+        pa.select_blocks(torch.zeros(1, 1, 1, 32769), torch.zeros(1, 4, dtype=torch.int32), seqlen_q=64,
+                         seqlen_k=big, block_size=64)
