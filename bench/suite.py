@@ -555,6 +555,8 @@ def main(argv=None):
                 progress.write(f"{c.key}: out of memory ({str(e).splitlines()[0]}); continuing")
             del q, k, v
             torch.cuda.empty_cache()
+    except KeyboardInterrupt:  # keep what was measured (e.g. under `timeout -s INT`)
+        progress.write(f"interrupted: writing the {len(cases)} records measured so far")
     finally:
         progress.close()
         src.close()

@@ -153,14 +153,25 @@ def test_generate_prefill_sparse_decode_sdpa(llama):
     assert _stats(name) == {"proxyattn": {0: 1, 1: 1}, "sdpa:decode": {0: 4, 1: 4}}
 
 
-def test_chunked_prefill_with_cache(llama):
-    name = _register("gpu_chunked", dense_layers=1)
-    ids = _ids(1, 1500)
-    ref = _logits(llama, "sdpa", ids)
-    llama.set_attn_implementation(name)
-    cache = DynamicCache(config=llama.config)
+def _chunked(model, impl, ids, split):
+    model.set_attn_implementation(impl)
+    cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        first = llama(ids[:, :1024], cache=cache, use_cache=True).logits.float()
-        second = llama(ids[:, 1024:], cache=cache, use_cache=True).logits.float()
-    assert _rel(torch.cat([first, second], 1), ref) < 2e-2
-    assert _stats(name) == {"proxyattn": {1: 2}, "sdpa:dense_layer": {0: 2}}
+        first = model(ids[:, :split], cache=cache, use_cache=True).logits.float()
+        second = model(ids[:, split:], cache=cache, use_cache=True).logits.float()
+    return first, second
+
+
+def test_chunked_prefill_with_cache(llama):
+    """A prefill in two chunks through a DynamicCache (the second chunk has q_len < kv_len, causal
+    aligned bottom-right) matches `sdpa` run the same way. (On an H200 with transformers 5.24,
+    sdpa's own chunked logits differ from its single pass on this random bf16 model: relative
+    error 1.33 in the second chunk. The CPU test in test_transformers.py checks the single pass.)"""
+    ids = _ids(1, 1500)
+    want = _chunked(llama, "sdpa", ids, 1024)
+    for dense_layers, expected in ((1, {"proxyattn": {1: 2}, "sdpa:dense_layer": {0: 2}}),
+                                   (0, {"proxyattn": {0: 2, 1: 2}})):
+        name = _register(f"gpu_chunked_{dense_layers}", dense_layers=dense_layers)
+        got = _chunked(llama, name, ids, 1024)
+        assert _rel(got[0], want[0]) < 2e-2 and _rel(got[1], want[1]) < 2e-2
+        assert _stats(name) == expected
