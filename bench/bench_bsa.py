@@ -60,6 +60,7 @@ def flex_block_mask(counts, indices, n, s):
     from torch.nn.attention.flex_attention import BlockMask
 
     b, h, nqb, nkb = indices.shape
+    indices = indices.to(torch.int32)  # select_blocks writes int16; BlockMask reads int32
     # Diagonal block (the last selected entry of every row) is partial; the others are full.
     full_num = (counts - 1).clamp(min=0).contiguous()
     full_idx = indices.clamp(min=0).contiguous()  # padding entries are never read; keep them in range
