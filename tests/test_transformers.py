@@ -91,11 +91,11 @@ def _block_mask_oracle(selections, block):
         b, hq, nq, _ = query.shape
         nk = key.shape[2]
         nqb, nkb = -(-nq // block), -(-nk // block)
-        blocks = torch.zeros(b, hq, nqb, nkb + 1, dtype=torch.bool)
+        blocks = torch.zeros(b, hq, nqb, nkb + 1, dtype=torch.bool, device=query.device)
         idx = torch.where(sel.indices >= 0, sel.indices, nkb).long()
         blocks.scatter_(3, idx, True)
         tokens = blocks[..., :nkb].repeat_interleave(block, 2).repeat_interleave(block, 3)[:, :, :nq, :nk]
-        causal = torch.ones(nq, nk, dtype=torch.bool).tril(nk - nq)
+        causal = torch.ones(nq, nk, dtype=torch.bool, device=query.device).tril(nk - nq)
         rep = hq // key.shape[1]
         out = F.scaled_dot_product_attention(query, key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1),
                                              attn_mask=tokens & causal, scale=scaling)

@@ -7,7 +7,6 @@ really drops blocks and must match SDPA run with the block mask the integration 
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -20,6 +19,8 @@ from transformers.modeling_utils import AttentionInterface  # noqa: E402
 import proxyattn  # noqa: E402
 from proxyattn import ProxyAttnConfig  # noqa: E402
 from proxyattn.integrations import transformers as pa_hf  # noqa: E402
+
+import test_transformers as base  # noqa: E402  (the CPU tests' helpers: stats, registration, block-mask oracle)
 
 VOCAB = 1000
 EXACT = ProxyAttnConfig(gamma=1.0, min_budget=1 << 30, dense_below=0)
@@ -49,17 +50,8 @@ def _logits(model, impl, ids, **kw):
         return model(ids, **kw).logits.float()
 
 
-def _stats(name):
-    out = {}
-    for (layer, route), n in pa_hf.get_stats(name).items():
-        out.setdefault(route, {})[layer] = n
-    return out
-
-
 def _register(name, config=EXACT, **kw):
-    pa_hf.register(config, name=name, **kw)
-    pa_hf.reset_stats(name)
-    return name
+    return base._register(name, config, **kw)
 
 
 def _rel(a, b):
@@ -84,7 +76,7 @@ def test_exact_config_matches_sdpa_llama(llama):
     # bf16 end to end through two layers: compare with SDPA's own distance to an fp32 run.
     assert _rel(out, ref) < 2e-2
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.97
-    assert _stats(name) == {"proxyattn": {0: 1, 1: 1}}
+    assert base._stats(name) == {"proxyattn": {0: 1, 1: 1}}
 
 
 def test_exact_config_matches_sdpa_qwen2():
@@ -95,30 +87,7 @@ def test_exact_config_matches_sdpa_qwen2():
     ref = _logits(model, "sdpa", ids)
     out = _logits(model, name, ids)
     assert _rel(out, ref) < 2e-2
-    assert _stats(name) == {"proxyattn": {0: 1, 1: 1}}
-
-
-def _block_mask_oracle(selections, block):
-    """SDPA with exactly the selected blocks (bottom-right causal), on the expanded KV heads."""
-
-    def forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        sel = selections[module.layer_idx]
-        b, hq, nq, d = query.shape
-        nk = key.shape[2]
-        nqb, nkb = -(-nq // block), -(-nk // block)
-        blocks = torch.zeros(b, hq, nqb, nkb + 1, dtype=torch.bool, device=query.device)
-        idx = sel.indices.long()
-        valid = torch.arange(idx.shape[-1], device=idx.device) < sel.counts[..., None]
-        blocks.scatter_(3, torch.where(valid & (idx >= 0), idx, nkb), True)
-        tokens = blocks[..., :nkb].repeat_interleave(block, 2)[:, :, :nq].repeat_interleave(block, 3)[..., :nk]
-        rows = torch.arange(nq, device=query.device)[:, None] + (nk - nq)
-        causal = torch.arange(nk, device=query.device)[None, :] <= rows
-        rep = hq // key.shape[1]
-        out = F.scaled_dot_product_attention(query, key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1),
-                                             attn_mask=tokens & causal, scale=scaling)
-        return out.transpose(1, 2).contiguous(), None
-
-    return forward
+    assert base._stats(name) == {"proxyattn": {0: 1, 1: 1}}
 
 
 def test_sparse_path_matches_its_block_mask(llama):
@@ -126,11 +95,11 @@ def test_sparse_path_matches_its_block_mask(llama):
     name = _register("gpu_sparse", SPARSE, on_selection=lambda layer, sel: selections.__setitem__(layer, sel))
     ids = _ids(1, 2500)
     out = _logits(llama, name, ids)
-    assert _stats(name) == {"proxyattn": {0: 1, 1: 1}}
+    assert base._stats(name) == {"proxyattn": {0: 1, 1: 1}}
     for sel in selections.values():
         assert not sel.dense and sel.indices.is_cuda
         assert float(sel.density.max()) < 0.9  # really sparse
-    AttentionInterface.register("gpu_oracle", _block_mask_oracle(selections, SPARSE.block_size))
+    AttentionInterface.register("gpu_oracle", base._block_mask_oracle(selections, SPARSE.block_size))
     AttentionMaskInterface.register("gpu_oracle", pa_hf.proxyattn_mask)
     oracle = _logits(llama, "gpu_oracle", ids)
     assert _rel(out, oracle) < 2e-2
@@ -150,7 +119,7 @@ def test_generate_prefill_sparse_decode_sdpa(llama):
     assert torch.equal(gen[name][:, :600], ids)
     # bf16 logits may tie differently; the first generated token is robust for random weights.
     assert (gen[name][:, 600] == gen["sdpa"][:, 600]).float().mean() >= 0.5
-    assert _stats(name) == {"proxyattn": {0: 1, 1: 1}, "sdpa:decode": {0: 4, 1: 4}}
+    assert base._stats(name) == {"proxyattn": {0: 1, 1: 1}, "sdpa:decode": {0: 4, 1: 4}}
 
 
 def _chunked(model, impl, ids, split):
@@ -174,4 +143,4 @@ def test_chunked_prefill_with_cache(llama):
         name = _register(f"gpu_chunked_{dense_layers}", dense_layers=dense_layers)
         got = _chunked(llama, name, ids, 1024)
         assert _rel(got[0], want[0]) < 2e-2 and _rel(got[1], want[1]) < 2e-2
-        assert _stats(name) == expected
+        assert base._stats(name) == expected
