@@ -22,8 +22,8 @@ Timing: benchlib.time_cold (256 MiB L2 flush before every run, CUDA events, medi
 runs after warm-up). density = computed / causal block pairs; TFLOP/s counts computed pairs only
 (dense causal: 4 * D * Hq * N^2 / 2 per sequence). Structured inputs are generated on the CPU by
 --gen-workers background processes (the generator is single-threaded and slow at 256k) while
-the GPU measures. Writes the DESIGN.md section 6 JSON (bench/results/<card>-<date>-suite.json
-unless --out) and, with matplotlib, <json stem>-speedup.png and <json stem>-tflops.png.
+the GPU measures. Writes the DESIGN.md section 6 JSON (bench/results/<card>-<date>-suite.json unless
+--out) after every case, so a killed run keeps what it measured, and at the end, with matplotlib, <json stem>-speedup.png and <json stem>-tflops.png.
 """
 from __future__ import annotations
 
@@ -538,6 +538,7 @@ def main(argv=None):
 
     src = InputSource(cases_plan, a)
     t_start = time.time()
+    out = a.out
     try:
         for c in cases_plan:
             ok, need, free = enough_memory(c, a)
@@ -556,12 +557,14 @@ def main(argv=None):
                 progress.write(f"{c.key}: out of memory ({str(e).splitlines()[0]}); continuing")
             del q, k, v
             torch.cuda.empty_cache()
+            # Rewrite the record after every case, so a run that is killed keeps what it measured.
+            out = write_record(cases, a.tag, out)
     except KeyboardInterrupt:  # keep what was measured (e.g. under `timeout -s INT`)
         progress.write(f"interrupted: writing the {len(cases)} records measured so far")
     finally:
         progress.close()
         src.close()
-    out = write_record(cases, a.tag, a.out)
+    out = write_record(cases, a.tag, out)
     print_table(cases)
     print(f"\n{len(cases)} records in {time.time() - t_start:.0f}s; wrote {out}")
     if not a.no_plots:

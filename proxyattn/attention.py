@@ -70,8 +70,7 @@ def full_selection(nq: Tensor, nk: Tensor, nqb: int, nkb: int, hq: int, block: i
     (int16 like select_blocks' while the block numbers fit, else int32)."""
     c = candidate_counts(nq, nk, nqb, block, causal)  # [B, nqb]
     n = torch.arange(nkb, device=nq.device)
-    idx = torch.where(n[None, None, :] < c[:, :, None], n, -1)
-    idx = idx.to(torch.int16 if nkb <= ops.MAX_KEY_BLOCKS else torch.int32)
+    idx = torch.where(n[None, None, :] < c[:, :, None], n, -1).to(ops.index_dtype(nkb))
     b = c.shape[0]
     return (c.to(torch.int32)[:, None, :].expand(b, hq, nqb).contiguous(),
             idx[:, None].expand(b, hq, nqb, nkb).contiguous())

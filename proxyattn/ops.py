@@ -34,6 +34,12 @@ MAX_KEY_BLOCKS = 32768
 INDEX_DTYPES = (torch.int16, torch.int32)
 
 
+def index_dtype(nkb: int) -> torch.dtype:
+    """dtype of a selection's block indices for rows of nkb key blocks: int16 (as select_blocks
+    writes them) while every block number fits, else int32."""
+    return torch.int16 if nkb <= MAX_KEY_BLOCKS else torch.int32
+
+
 def check_key_blocks(seqlen_k: int, block_size: int) -> None:
     """ValueError unless ceil(seqlen_k / block_size) <= MAX_KEY_BLOCKS."""
     nkb = -(-seqlen_k // block_size)

@@ -352,8 +352,7 @@ def selection_from_mask(keep: Tensor) -> Tuple[Tensor, Tensor]:
     nkb = keep.shape[-1]
     n = torch.arange(nkb, device=keep.device)
     idx = torch.sort(torch.where(keep, n, nkb), dim=-1).values
-    dtype = torch.int16 if nkb <= 32768 else torch.int32
-    return keep.sum(dim=-1).to(torch.int32), torch.where(idx < nkb, idx, -1).to(dtype)
+    return keep.sum(dim=-1).to(torch.int32), torch.where(idx < nkb, idx, -1).to(ops.index_dtype(nkb))
 
 
 class RecallResult(NamedTuple):

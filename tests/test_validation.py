@@ -172,6 +172,7 @@ def test_index_dtypes_and_key_block_limit():
     kstar = pa.head_budgets(q, k, block_size=64, gamma=0.7)
     counts, idx = pa.select_blocks(scores, kstar, seqlen_q=300, seqlen_k=300, block_size=64, min_budget=0)
     assert idx.dtype == torch.int16 and counts.dtype == torch.int32
+    assert pa.ops.index_dtype(32768) == torch.int16 and pa.ops.index_dtype(32769) == torch.int32
     assert int(counts.min()) >= 1 and int(counts.max()) <= 5 and (idx >= -1).all() and (idx < 5).all()
     o16, l16 = pa.block_sparse_attention(q, k, v, counts, idx, block_size=64)
     o32, l32 = pa.block_sparse_attention(q, k, v, counts, idx.int(), block_size=64)
