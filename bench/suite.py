@@ -23,7 +23,8 @@ runs after warm-up). density = computed / causal block pairs; TFLOP/s counts com
 (dense causal: 4 * D * Hq * N^2 / 2 per sequence). Structured inputs are generated on the CPU by
 --gen-workers background processes (the generator is single-threaded and slow at 256k) while
 the GPU measures. Writes the DESIGN.md section 6 JSON (bench/results/<card>-<date>-suite.json unless
---out) after every case, so a killed run keeps what it measured, and at the end, with matplotlib, <json stem>-speedup.png and <json stem>-tflops.png.
+--out) after every case, so a killed run keeps what it measured, and at the end, with matplotlib,
+<json stem>-speedup.png and <json stem>-tflops.png.
 """
 from __future__ import annotations
 
