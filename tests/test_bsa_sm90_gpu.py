@@ -10,7 +10,6 @@ tests/test_bsa_gpu.py. Skipped unless the current device has compute capability 
 Run on a Hopper GPU machine: python3 -m pytest -q -m gpu tests/test_bsa_sm90_gpu.py
 """
 import itertools
-import os
 
 import pytest
 import torch
@@ -160,16 +159,9 @@ def test_work_orders_sm90(sm90, monkeypatch, order):
 # count, each CTA strides over the tiles; the default kernel is unchanged. Same checks as above,
 # plus tile counts below / at / around / far above the SM count, varlen, int16 indices, CUDA graphs.
 # ----------------------------------------------------------------------------------------------
-# Not yet run on a GPU: a barrier mistake would hang the whole test process, so these run only when
-# asked (PROXYATTN_TEST_SM90_VARIANTS=1), one variant at a time, until they have passed once.
-RUN_VARIANTS = os.environ.get("PROXYATTN_TEST_SM90_VARIANTS") == "1"
-
-
 @pytest.fixture(params=["persistent", "pingpong"])
 def sm90_persistent(request, monkeypatch):
     """The sm90 path (or an error) in a persistent variant."""
-    if not RUN_VARIANTS:
-        pytest.skip("opt-in kernel variant not yet verified on a GPU; set PROXYATTN_TEST_SM90_VARIANTS=1")
     monkeypatch.delenv("PROXYATTN_BSA_FORCE_SM80", raising=False)
     monkeypatch.setenv("PROXYATTN_BSA_SM90", "require")
     monkeypatch.setenv("PROXYATTN_BSA_SM90_VARIANT", request.param)
