@@ -18,11 +18,6 @@
 //     bsa_launch.h): serial (each wgmma waited for at once), and overlapped (S_j = Q K_j issued with
 //     O += P_{j-1} V_{j-1}; the softmax of S_j runs while the P V wgmma is in flight; O rescaled after).
 //     The two consumer warpgroups are not synchronised with each other (no explicit pingpong).
-//   Opt-in persistent variants (bsa_fwd_sm90_persistent_kernel, PROXYATTN_BSA_SM90_VARIANT=persistent
-//   | pingpong): grid = min(tiles, SMs), each CTA strides over the tiles in bsa_tile order with
-//   barriers initialised once, an empty barrier for sQ so the next tile's Q/K/V loads overlap the
-//   current epilogue, the overlapped mainloop, and (pingpong) the two consumer warpgroups taking
-//   turns issuing their wgmmas through two named barriers. The default kernel is unchanged.
 //
 // Shared memory (SW128 K-major, what TMA writes and wgmma reads): sQ [128, D], sK/sV [2][128, D],
 // 7 mbarriers. D = 128: 160 KB; D = 64: 80 KB.
@@ -117,17 +112,6 @@ struct Sm90Traits {
     uint64_t full_k[kStages], full_v[kStages], empty_k[kStages], empty_v[kStages];
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
-  // The persistent kernel's: the same plus an empty barrier for sQ (Q of the next tile is loaded
-  // as soon as both consumer warpgroups have finished their last Q K^T of the current one).
-  struct PersistentSharedStorage {
-    alignas(1024) Elem q[cosize_v<SmemLayoutQ>];
-    alignas(1024) Elem k[cosize_v<SmemLayoutKV>];
-    alignas(1024) Elem v[cosize_v<SmemLayoutKV>];
-    alignas(8) uint64_t bar_q;
-    uint64_t empty_q;
-    uint64_t full_k[kStages], full_v[kStages], empty_k[kStages], empty_v[kStages];
-  };
-  static constexpr int kPersistentSmemBytes = int(sizeof(PersistentSharedStorage));
 };
 
 template <class Traits>
@@ -137,7 +121,6 @@ struct KernelParams {
   typename Traits::TmaKV tma_k;
   typename Traits::TmaKV tma_v;
   int32_t q_rows_total, k_rows_total, q_batches;  // extents the tensor maps were built with
-  int32_t num_tiles;  // batch * q_heads * num_q_blocks (the persistent kernel strides over them)
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -527,350 +510,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 #endif  // PROXYATTN_BSA_SM90_DEVICE
 }
 
-// ---------------------------------------------------------------------------------------------
-// Persistent variant (opt-in: PROXYATTN_BSA_SM90_VARIANT=persistent | pingpong, bsa_launch.h).
-// ---------------------------------------------------------------------------------------------
-// The per-tile quantities of work item t (same as the one-CTA-per-tile kernel computes inline).
-struct TileWork {
-  int b, h, m, kvh;
-  int64_t q_row0, k_row0;
-  int seqlen_q, seqlen_k, q_start, q_rows, diag, max_key, full_key, nkb, count;
-  bool valid;  // false: the query block starts past its sequence (nothing to do, nothing written)
-};
-
-template <int kBlockM, int kBlockN>
-__device__ __forceinline__ TileWork tile_work(const BsaParams& p, int t) {
-  TileWork w;
-  const BsaTile tile = bsa_tile(t, p);
-  w.b = tile.b;
-  w.h = tile.h;
-  w.m = tile.m;
-  w.q_row0 = 0;
-  w.k_row0 = 0;
-  w.seqlen_q = p.seqlen_q;
-  w.seqlen_k = p.seqlen_k;
-  if (p.cu_seqlens_q != nullptr) {
-    const int64_t q0 = min(max(int64_t(p.cu_seqlens_q[w.b]), int64_t(0)), p.total_q);
-    const int64_t q1 = min(max(int64_t(p.cu_seqlens_q[w.b + 1]), q0), p.total_q);
-    const int64_t k0 = min(max(int64_t(p.cu_seqlens_k[w.b]), int64_t(0)), p.total_k);
-    const int64_t k1 = min(max(int64_t(p.cu_seqlens_k[w.b + 1]), k0), p.total_k);
-    w.q_row0 = q0;
-    w.k_row0 = k0;
-    w.seqlen_q = int(min(q1 - q0, int64_t(p.seqlen_q)));
-    w.seqlen_k = int(min(k1 - k0, int64_t(p.seqlen_k)));
-  }
-  w.q_start = w.m * kBlockM;
-  w.valid = w.q_start < w.seqlen_q;
-  w.q_rows = min(kBlockM, w.seqlen_q - w.q_start);
-  w.diag = w.seqlen_k - w.seqlen_q + w.q_start;
-  w.max_key = w.seqlen_k - 1;
-  if (p.causal) w.max_key = min(w.max_key, w.diag + w.q_rows - 1);
-  w.full_key = p.causal ? min(w.seqlen_k - 1, w.diag) : w.seqlen_k - 1;
-  w.kvh = w.h / (p.q_heads / p.kv_heads);
-  w.nkb = (w.seqlen_k + kBlockN - 1) / kBlockN;
-  int count = 0;
-  if (w.valid) {
-    count = p.counts[w.b * p.counts_batch_stride + w.h * p.counts_head_stride + w.m * p.counts_block_stride];
-    count = min(max(count, 0), p.num_k_blocks);
-    if (w.max_key < 0) count = 0;
-  }
-  w.count = count;
-  return w;
-}
-
-// Persistent: gridDim.x <= number of SMs; CTA c runs tiles c, c + gridDim.x, ... in bsa_tile order.
-// Barriers are initialised once. The producer thread walks the same tiles; per tile with at least one
-// visible selected block it waits for sQ to be released (empty_q), loads Q (bar_q), then K/V into the
-// ring. The ring counter `it` (stage it % kStages, parity (it / kStages) & 1) and the Q counter `qi`
-// (parity qi & 1) run on across tiles, identically in the producer and in every consumer thread: both
-// sides skip exactly the same tiles (invalid, or no visible selected block) and walk the same blocks.
-// Consumers release sQ (one arrive per consumer warp) once the tile's last Q K^T has completed, so
-// the producer fetches the next Q and the first K/V blocks while the consumers finish the last P V
-// and store O. Mainloop: the overlapped one of bsa_fwd_sm90_kernel<.., true>.
-// kPingpong: the two consumer warpgroups take turns issuing their wgmmas (named barriers
-// kSchedBar + wg; FA3-style), so one warpgroup's softmax runs while the other's GEMMs run. Each
-// warpgroup does the same number of turns (both walk the same blocks of the same tiles): per tile
-// with n blocks, n + 1 turns (first S, n - 1 rounds of S + P V, last P V).
-template <class Traits, bool kPingpong>
-__global__ void __launch_bounds__(Traits::kNThreads, 1)
-    bsa_fwd_sm90_persistent_kernel(const __grid_constant__ KernelParams<Traits> kp) {
-#if PROXYATTN_BSA_SM90_DEVICE
-  using Elem = typename Traits::Elem;
-  constexpr int kBlockM = Traits::kBlockM;
-  constexpr int kBlockN = Traits::kBlockN;
-  constexpr int kHeadDim = Traits::kHeadDim;
-  constexpr int kStages = Traits::kStages;
-  using Barrier = cutlass::arch::ClusterTransactionBarrier;
-  using EmptyBarrier = cutlass::arch::ClusterBarrier;
-  static_assert(Traits::kConsumerWarpgroups == 2, "pingpong pairs two consumer warpgroups");
-  constexpr uint32_t kSchedBar = 0;  // user named barriers kSchedBar, kSchedBar + 1 (cutlass offsets them)
-  constexpr uint32_t kSchedThreads = 256;  // the waiting warpgroup's sync + the other's arrive
-  const BsaParams& p = kp.p;
-
-  extern __shared__ __align__(1024) char bsa_smem[];
-  auto& ss = *reinterpret_cast<typename Traits::PersistentSharedStorage*>(bsa_smem);
-
-  const int warpgroup = threadIdx.x / 128;
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-
-  if (threadIdx.x == 0) {
-    Barrier::init(&ss.bar_q, 1);
-    EmptyBarrier::init(&ss.empty_q, Traits::kConsumerWarps);
-    CUTE_UNROLL
-    for (int s = 0; s < kStages; ++s) {
-      Barrier::init(&ss.full_k[s], 1);
-      Barrier::init(&ss.full_v[s], 1);
-      EmptyBarrier::init(&ss.empty_k[s], Traits::kConsumerWarps);
-      EmptyBarrier::init(&ss.empty_v[s], Traits::kConsumerWarps);
-    }
-    cutlass::arch::fence_barrier_init();
-  }
-  __syncthreads();  // the last CTA-wide barrier: producer threads other than one exit below
-
-  const bool varlen = p.cu_seqlens_q != nullptr;
-  const int num_tiles = kp.num_tiles;
-
-  Tensor sQ = make_tensor(make_smem_ptr(ss.q), typename Traits::SmemLayoutQ{});     // (M, D)
-  Tensor sK = make_tensor(make_smem_ptr(ss.k), typename Traits::SmemLayoutKV{});    // (N, D, stage)
-  Tensor sV = make_tensor(make_smem_ptr(ss.v), typename Traits::SmemLayoutKV{});    // (N, D, stage)
-  Tensor sVt = make_tensor(make_smem_ptr(ss.v), typename Traits::SmemLayoutVt{});   // (D, N, stage)
-
-  if (warpgroup == 0) {
-    // ------------------------------- producer -------------------------------
-    cutlass::arch::warpgroup_reg_dealloc<24>();
-    if (warp == 0 && lane == 0) {
-      Tensor mQ = kp.tma_q.get_tma_tensor(make_shape(kp.q_rows_total, Int<kHeadDim>{}, p.q_heads, kp.q_batches));
-      Tensor mK = kp.tma_k.get_tma_tensor(make_shape(kp.k_rows_total, Int<kHeadDim>{}, p.kv_heads, kp.q_batches));
-      Tensor mV = kp.tma_v.get_tma_tensor(make_shape(kp.k_rows_total, Int<kHeadDim>{}, p.kv_heads, kp.q_batches));
-      int it = 0;       // K/V blocks loaded so far (all tiles)
-      uint32_t qi = 0;  // Q tiles loaded so far
-      for (int t = int(blockIdx.x); t < num_tiles; t += int(gridDim.x)) {
-        const TileWork w = tile_work<kBlockM, kBlockN>(p, t);
-        if (!w.valid) continue;
-        BlockCursor cursor(bsa_index_row(p, w.b, w.h, w.m), w.count, w.nkb, w.max_key);
-        if (!cursor.advance(kBlockN)) continue;  // consumers skip the mainloop too (no barrier)
-        const int qb = varlen ? 0 : w.b;
-        const int32_t q_off = int32_t(w.q_row0), k_off = int32_t(w.k_row0);
-        Tensor gQ = local_tile(domain_offset(make_coord(q_off, _0{}), mQ(_, _, w.h, qb)),
-                               Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(w.m, _0{}));     // (M, D)
-        Tensor gK = local_tile(domain_offset(make_coord(k_off, _0{}), mK(_, _, w.kvh, qb)),
-                               Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));       // (N, D, blocks)
-        Tensor gV = local_tile(domain_offset(make_coord(k_off, _0{}), mV(_, _, w.kvh, qb)),
-                               Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));       // (N, D, blocks)
-        auto [tQg, tQs] = tma_partition(kp.tma_q, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
-        auto [tKg, tKs] = tma_partition(kp.tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
-        auto [tVg, tVs] = tma_partition(kp.tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
-
-        EmptyBarrier::wait(&ss.empty_q, (qi & 1) ^ 1);  // fresh barrier: parity 1 passes at once
-        Barrier::arrive_and_expect_tx(&ss.bar_q, Traits::kQBytes);
-        copy(kp.tma_q.with(ss.bar_q), tQg, tQs);
-        ++qi;
-        do {
-          const int s = it % kStages;
-          const uint32_t phase = (it / kStages) & 1;
-          EmptyBarrier::wait(&ss.empty_k[s], phase ^ 1);
-          Barrier::arrive_and_expect_tx(&ss.full_k[s], Traits::kKVBytes);
-          copy(kp.tma_k.with(ss.full_k[s]), tKg(_, cursor.blk), tKs(_, s));
-          EmptyBarrier::wait(&ss.empty_v[s], phase ^ 1);
-          Barrier::arrive_and_expect_tx(&ss.full_v[s], Traits::kKVBytes);
-          copy(kp.tma_v.with(ss.full_v[s]), tVg(_, cursor.blk), tVs(_, s));
-          ++it;
-        } while (cursor.advance(kBlockN));
-      }
-    }
-  } else {
-    // ------------------------------- consumers ------------------------------
-    cutlass::arch::warpgroup_reg_alloc<240>();
-    const int ctid = threadIdx.x - 128;  // 0 .. 255; warpgroup ctid / 128 owns rows 64 (ctid / 128) + [0, 64)
-    const int cwg = ctid / 128;          // consumer warpgroup 0 or 1
-
-    typename Traits::TiledMmaS mma_s;
-    typename Traits::TiledMmaO mma_o;
-    auto thr_s = mma_s.get_thread_slice(ctid);
-    auto thr_o = mma_o.get_thread_slice(ctid);
-    Tensor tSrQ = thr_s.partition_fragment_A(sQ);   // (MMA, MMA_M, MMA_D) descriptors
-    Tensor tSrK = thr_s.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_D, stage) descriptors
-    Tensor tOrV = thr_o.partition_fragment_B(sVt);  // (MMA, MMA_D, MMA_N, stage) descriptors
-    Tensor acc_o = partition_fragment_C(thr_o, Shape<Int<kBlockM>, Int<kHeadDim>>{});  // ((2,2,D/8), 1, 1)
-
-    Tensor cS = make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{});
-    Tensor tScS = thr_s.partition_C(cS);
-    Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
-    Tensor cO = make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{});
-    Tensor tOcO = thr_o.partition_C(cO);
-    Tensor tOcO_rc = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));
-
-    constexpr int kRows = decltype(size<0>(acc_rowcol(acc_o.layout())))::value;
-    Tensor row_max = make_tensor<float>(Shape<Int<kRows>>{});
-    Tensor row_sum = make_tensor<float>(Shape<Int<kRows>>{});
-    Tensor corr = make_tensor<float>(Shape<Int<kRows>>{});
-    const float scale_log2 = p.softmax_scale_log2;
-
-    auto release = [&](uint64_t* bar) {
-      __syncwarp();
-      if (lane == 0) EmptyBarrier::arrive(bar);
-    };
-    // Pingpong turns: wait for this warpgroup's turn, then hand the turn to the other one.
-    auto turn_wait = [&]() {
-      if constexpr (kPingpong) cutlass::arch::NamedBarrier::sync(kSchedThreads, kSchedBar + cwg);
-    };
-    auto turn_pass = [&]() {
-      if constexpr (kPingpong) cutlass::arch::NamedBarrier::arrive(kSchedThreads, kSchedBar + (1 - cwg));
-    };
-    // Consumer warpgroup 0 takes the first turn: warpgroup 1 hands it over up front.
-    if constexpr (kPingpong) {
-      if (cwg == 1) cutlass::arch::NamedBarrier::arrive(kSchedThreads, kSchedBar + 0);
-    }
-
-    int it = 0;       // K/V blocks consumed so far (all tiles), as the producer counts them
-    uint32_t qi = 0;  // Q tiles consumed so far
-    for (int t = int(blockIdx.x); t < num_tiles; t += int(gridDim.x)) {
-      const TileWork w = tile_work<kBlockM, kBlockN>(p, t);
-      if (!w.valid) continue;  // uniform over the CTA (the producer skips it too)
-      BlockCursor cursor(bsa_index_row(p, w.b, w.h, w.m), w.count, w.nkb, w.max_key);
-      fill(row_max, -INFINITY);
-      fill(row_sum, 0.f);
-      clear(acc_o);
-
-      auto softmax_tile = [&](auto& acc_s, int key0) {
-        Tensor sc = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));  // (rows, cols)
-        if (key0 + kBlockN - 1 > w.full_key) {
-          CUTE_UNROLL
-          for (int ri = 0; ri < size<0>(sc); ++ri) {
-            const int r = get<0>(tScS_rc(ri, 0));
-            const int limit = (p.causal ? min(w.seqlen_k - 1, w.diag + r) : w.seqlen_k - 1) - key0;
-            CUTE_UNROLL
-            for (int ci = 0; ci < size<1>(sc); ++ci) {
-              if (get<1>(tScS_rc(0, ci)) > limit) sc(ri, ci) = -INFINITY;
-            }
-          }
-        }
-        CUTE_UNROLL
-        for (int ri = 0; ri < size<0>(sc); ++ri) {
-          float mx = row_max(ri);
-          CUTE_UNROLL
-          for (int ci = 0; ci < size<1>(sc); ++ci) mx = fmaxf(mx, sc(ri, ci));
-          mx = quad_max(mx);
-          const float base = mx == -INFINITY ? 0.f : mx * scale_log2;
-          corr(ri) = exp2f(row_max(ri) * scale_log2 - base);
-          row_max(ri) = mx;
-          float sum = 0.f;
-          CUTE_UNROLL
-          for (int ci = 0; ci < size<1>(sc); ++ci) {
-            const float e = exp2f(sc(ri, ci) * scale_log2 - base);
-            sc(ri, ci) = e;
-            sum += e;
-          }
-          row_sum(ri) = row_sum(ri) * corr(ri) + sum;
-        }
-      };
-      auto rescale_o = [&]() {
-        Tensor o = make_tensor(acc_o.data(), acc_rowcol(acc_o.layout()));
-        CUTE_UNROLL
-        for (int ri = 0; ri < size<0>(o); ++ri) {
-          CUTE_UNROLL
-          for (int cj = 0; cj < size<1>(o); ++cj) o(ri, cj) *= corr(ri);
-        }
-      };
-
-      if (cursor.advance(kBlockN)) {
-        Barrier::wait(&ss.bar_q, qi & 1);
-        Tensor rP = make_tensor<Elem>(partition_fragment_C(thr_s, Shape<Int<kBlockM>, Int<kBlockN>>{}).layout());
-        Tensor tOrP = make_tensor(rP.data(), acc_to_a_operand(rP.layout()));  // ((2,2,2), 1, N/16)
-        {
-          const int s = it % kStages;
-          Tensor acc_s = partition_fragment_C(thr_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
-          Barrier::wait(&ss.full_k[s], (it / kStages) & 1);
-          turn_wait();
-          wg_issue<true>(mma_s, tSrQ, tSrK(_, _, _, s), acc_s);
-          turn_pass();
-          warpgroup_wait<0>();
-          warpgroup_fence_operand(acc_s);
-          release(&ss.empty_k[s]);
-          softmax_tile(acc_s, cursor.blk * kBlockN);  // O is 0: no rescale needed
-          copy(convert_fragment<Elem>(acc_s), rP);
-          ++it;
-        }
-        // Block `it` is the next S; block it - 1 the pending P V.
-        while (cursor.advance(kBlockN)) {
-          const int s = it % kStages, sp = (it - 1) % kStages;
-          const uint32_t phase = (it / kStages) & 1, phase_p = ((it - 1) / kStages) & 1;
-          Tensor acc_s = partition_fragment_C(thr_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
-          Barrier::wait(&ss.full_k[s], phase);
-          Barrier::wait(&ss.full_v[sp], phase_p);
-          turn_wait();
-          wg_issue<true>(mma_s, tSrQ, tSrK(_, _, _, s), acc_s);
-          wg_issue<false>(mma_o, tOrP, tOrV(_, _, _, sp), acc_o);
-          turn_pass();
-          warpgroup_wait<1>();  // S done (groups complete in order)
-          warpgroup_fence_operand(acc_s);
-          release(&ss.empty_k[s]);
-          softmax_tile(acc_s, cursor.blk * kBlockN);
-          warpgroup_wait<0>();  // the previous P V done
-          warpgroup_fence_operand(acc_o);
-          warpgroup_fence_operand(tOrP);
-          release(&ss.empty_v[sp]);
-          rescale_o();
-          copy(convert_fragment<Elem>(acc_s), rP);
-          ++it;
-        }
-        // Every Q K^T of this tile has completed: hand sQ to the producer for the next tile.
-        release(&ss.empty_q);
-        ++qi;
-        const int sp = (it - 1) % kStages;
-        Barrier::wait(&ss.full_v[sp], ((it - 1) / kStages) & 1);
-        turn_wait();
-        wg_issue<false>(mma_o, tOrP, tOrV(_, _, _, sp), acc_o);
-        turn_pass();
-        warpgroup_wait<0>();
-        warpgroup_fence_operand(acc_o);
-        warpgroup_fence_operand(tOrP);
-        release(&ss.empty_v[sp]);
-      }
-
-      // Epilogue (registers to global, no shared memory): normalise, lse, 32-bit stores.
-      Elem* o_ptr = static_cast<Elem*>(p.out) + (varlen ? w.q_row0 * p.out_row_stride : w.b * p.out_batch_stride) +
-                    int64_t(w.q_start) * p.out_row_stride + int64_t(w.h) * p.out_head_stride;
-      float* lse_ptr =
-          p.lse + (varlen ? w.q_row0 : w.b * p.lse_batch_stride) + int64_t(w.h) * p.lse_head_stride + w.q_start;
-      Tensor o = make_tensor(acc_o.data(), acc_rowcol(acc_o.layout()));
-      static_assert(decltype(size<1>(o))::value % 2 == 0, "column pairs");
-      CUTE_UNROLL
-      for (int ri = 0; ri < size<0>(o); ++ri) {
-        const float sum = quad_sum(row_sum(ri));
-        const bool empty = sum == 0.f;
-        const float inv = empty ? 0.f : 1.f / sum;
-        const int r = get<0>(tOcO_rc(ri, 0));
-        if (r < w.q_rows) {
-          if ((lane & 3) == 0) lse_ptr[r] = empty ? -INFINITY : row_max(ri) * p.softmax_scale + logf(sum);
-          Elem* row_ptr = o_ptr + int64_t(r) * p.out_row_stride;
-          CUTE_UNROLL
-          for (int cj = 0; cj < size<1>(o); cj += 2) {
-            const int c = get<1>(tOcO_rc(ri, cj));
-            cutlass::Array<Elem, 2> pair;
-            pair[0] = Elem(o(ri, cj) * inv);
-            pair[1] = Elem(o(ri, cj + 1) * inv);
-            *reinterpret_cast<cutlass::Array<Elem, 2>*>(row_ptr + c) = pair;
-          }
-        }
-      }
-    }
-    // Balance the turn barriers: warpgroup 1 arrived once more on warpgroup 0's barrier (up front)
-    // than warpgroup 0 waited on it; consume that arrival so no named barrier is left half-done.
-    if constexpr (kPingpong) {
-      if (cwg == 0) cutlass::arch::NamedBarrier::sync(kSchedThreads, kSchedBar + 0);
-    }
-  }
-#endif  // PROXYATTN_BSA_SM90_DEVICE
-}
-
 // Strides of a size-1 dimension are never used; give them a value TMA accepts.
 inline int64_t tma_stride(int64_t size, int64_t stride, int64_t fallback) { return size > 1 ? stride : fallback; }
 
-// kKernel: 0 serial, 1 overlapped (one CTA per tile); 2 persistent, 3 persistent + pingpong
-// (gridDim.x = min(tiles, SMs)).
-template <class Traits, int kKernel>
+template <class Traits, bool kOverlap>
 cudaError_t launch(const BsaParams& p, cudaStream_t stream) {
   using Elem = typename Traits::Elem;
   constexpr int D = Traits::kHeadDim;
@@ -885,7 +528,6 @@ cudaError_t launch(const BsaParams& p, cudaStream_t stream) {
   kp.q_rows_total = int32_t(varlen ? p.total_q : p.seqlen_q);
   kp.k_rows_total = int32_t(varlen ? p.total_k : p.seqlen_k);
   kp.q_batches = varlen ? 1 : p.batch;
-  kp.num_tiles = int32_t(grid);
   const int64_t dflt = D;  // 16-byte multiple, used for unused strides
   auto make_g = [&](const void* ptr, int32_t rows, int heads, int64_t rs, int64_t hs, int64_t bs) {
     return make_tensor(make_gmem_ptr(static_cast<Elem const*>(ptr)),
@@ -903,25 +545,11 @@ cudaError_t launch(const BsaParams& p, cudaStream_t stream) {
   kp.tma_v = make_tma_copy(SM90_TMA_LOAD{}, gV, take<0, 2>(typename Traits::SmemLayoutKV{}),
                            Shape<Int<Traits::kBlockN>, Int<D>>{}, _1{});
 
-  if constexpr (kKernel <= 1) {
-    constexpr int kSmem = Traits::kSmemBytes;
-    auto kernel = &bsa_fwd_sm90_kernel<Traits, kKernel == 1>;
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-    if (err != cudaSuccess) return err;
-    kernel<<<dim3(unsigned(grid)), dim3(Traits::kNThreads), kSmem, stream>>>(kp);
-  } else {
-    int dev = 0;
-    cudaError_t err = cudaGetDevice(&dev);
-    if (err != cudaSuccess) return err;
-    const int sms = bsa_num_sms(dev);
-    if (sms < 1) return cudaErrorInvalidDevice;
-    constexpr int kSmem = Traits::kPersistentSmemBytes;
-    auto kernel = &bsa_fwd_sm90_persistent_kernel<Traits, kKernel == 3>;
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-    if (err != cudaSuccess) return err;
-    const int64_t ctas = grid < int64_t(sms) ? grid : int64_t(sms);
-    kernel<<<dim3(unsigned(ctas)), dim3(Traits::kNThreads), kSmem, stream>>>(kp);
-  }
+  constexpr int kSmem = Traits::kSmemBytes;
+  auto kernel = &bsa_fwd_sm90_kernel<Traits, kOverlap>;
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  if (err != cudaSuccess) return err;
+  kernel<<<dim3(unsigned(grid)), dim3(Traits::kNThreads), kSmem, stream>>>(kp);
   return cudaGetLastError();
 }
 
@@ -939,16 +567,8 @@ cudaError_t run_bsa_fwd_sm90(const BsaParams& params, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   if (bsa_device_arch(dev) != 90) return cudaErrorNoKernelImageForDevice;  // sm_90a code only
   using Traits = bsa_sm90::Sm90Traits<CuteElem, kHeadDim>;
-  switch (bsa_sm90_variant()) {
-    case BsaSm90Variant::kPersistent:
-      return bsa_sm90::launch<Traits, 2>(params, stream);
-    case BsaSm90Variant::kPingpong:
-      return bsa_sm90::launch<Traits, 3>(params, stream);
-    default:
-      break;
-  }
-  if (bsa_sm90_overlap()) return bsa_sm90::launch<Traits, 1>(params, stream);
-  return bsa_sm90::launch<Traits, 0>(params, stream);
+  if (bsa_sm90_overlap()) return bsa_sm90::launch<Traits, true>(params, stream);
+  return bsa_sm90::launch<Traits, false>(params, stream);
 }
 
 }  // namespace proxyattn

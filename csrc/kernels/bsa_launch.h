@@ -13,12 +13,6 @@
 //   PROXYATTN_BSA_ORDER          CTA work order, see bsa_kv_section (both paths).
 //   PROXYATTN_BSA_SM90_OVERLAP=0 the serial sm90 variant instead of the default one that overlaps
 //                                the softmax with the P V product.
-//   PROXYATTN_BSA_SM90_VARIANT   opt-in sm90 kernel variants (unset or anything else: the default
-//                                one-CTA-per-tile kernel above): "persistent" (grid = SM count, each CTA
-//                                strides over the tiles in bsa_tile order, the next tile's Q and K/V
-//                                loads overlap the current epilogue; always the overlapped mainloop,
-//                                PROXYATTN_BSA_SM90_OVERLAP is ignored), "pingpong" (persistent, and the
-//                                two consumer warpgroups alternate their wgmmas, FA3-style).
 // Torch-free and CuTe-free, so the torch glue and the C++ benchmark can include it with a host
 // compiler.
 #pragma once
@@ -68,16 +62,6 @@ inline bool bsa_sm90_overlap() {
   return env == nullptr || std::strcmp(env, "0") != 0;
 }
 
-// Opt-in sm90 kernel variant (PROXYATTN_BSA_SM90_VARIANT, read per call; see the top comment).
-enum class BsaSm90Variant { kDefault, kPersistent, kPingpong };
-inline BsaSm90Variant bsa_sm90_variant() {
-  const char* env = std::getenv("PROXYATTN_BSA_SM90_VARIANT");
-  if (env == nullptr) return BsaSm90Variant::kDefault;
-  if (std::strcmp(env, "persistent") == 0) return BsaSm90Variant::kPersistent;
-  if (std::strcmp(env, "pingpong") == 0) return BsaSm90Variant::kPingpong;
-  return BsaSm90Variant::kDefault;
-}
-
 // The CTA work order (BsaParams::kv_section) for these parameters. PROXYATTN_BSA_ORDER=heads gives
 // the head-fastest order (0); kv:<n> sections of n KV heads (tests); otherwise (default) sections
 // of as many KV heads as keep their K and V within kL2Budget bytes, at least one.
@@ -112,22 +96,6 @@ inline int bsa_device_arch(int dev) {
   const int v = major * 10 + minor;
   if (dev >= 0 && dev < 64) cache[dev].store(v, std::memory_order_relaxed);
   return v;
-}
-
-// Number of SMs of device `dev`, queried once per device (no sync); -1 on error.
-inline int bsa_num_sms(int dev) {
-  static std::atomic<int> cache[64] = {};
-  if (dev >= 0 && dev < 64) {
-    const int v = cache[dev].load(std::memory_order_relaxed);
-    if (v != 0) return v;
-  }
-  int n = 0;
-  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n < 1) {
-    (void)cudaGetLastError();
-    return -1;
-  }
-  if (dev >= 0 && dev < 64) cache[dev].store(n, std::memory_order_relaxed);
-  return n;
 }
 
 // Empty when the sm80 kernel supports these parameters, else what is wrong, naming the value.
