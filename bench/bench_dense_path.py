@@ -9,18 +9,51 @@ process with cold L2:
   sdpa_cudnn_gqa        cuDNN SDPA with enable_gqa=True (skipped if this torch refuses it)
   sdpa_default          SDPA with enable_gqa=True and the backend torch picks
   bsa_full              block_sparse_attention on every causal block (our kernel, dense)
+  proxy_attention       proxy_attention with the default config (the dense path below dense_below)
+  flash_direct, cudnn_direct   the aten flash / cuDNN SDPA ops called directly on the GQA views
+                        (no backend selection; skipped if this torch refuses GQA there)
+Every case also reports its host time per call (launches queued behind a GPU sleep, so the host
+never waits) and, with --kernels, the kernels one call launches (torch.profiler).
 Writes the DESIGN section 6 JSON (tag dense-path).
 """
 import argparse
 import sys
+import time
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import proxyattn  # noqa: F401  (registers torch.ops.proxyattn)
+import proxyattn as pa
 from benchlib import causal_tflops, l2_flush_buffer, time_cold, write_record
 from proxyattn.attention import full_selection
+
+
+def host_us(fn, calls: int = 50) -> float:
+    """Host microseconds per call, with the launches queued behind a GPU sleep (the host never waits)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # ~0.1 s on a ~2 GHz GPU: longer than the calls take to issue
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
+
+
+def kernel_list(fn):
+    """(kernel name, device microseconds) for one call."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [(e.name, e.device_time_total) for e in prof.events() if e.device_time_total > 0
+            and e.device_type == torch.autograd.DeviceType.CUDA]
 
 
 def main():
@@ -28,6 +61,7 @@ def main():
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--kernels", action="store_true", help="list the kernels each case launches")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     if not torch.cuda.is_available():
@@ -46,18 +80,17 @@ def main():
         flops = causal_tflops(n, n, hq, d)
         res = {}
 
+        # The backend context is entered outside the timed region (timing it would add its own
+        # host time, tens of microseconds, to the cuDNN numbers).
         def cudnn():
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                return F.scaled_dot_product_attention(qt, ke, ve, is_causal=True)
+            return F.scaled_dot_product_attention(qt, ke, ve, is_causal=True)
 
         def cudnn_expand():
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                return F.scaled_dot_product_attention(qt, kt.repeat_interleave(hq // hkv, 1),
-                                                      vt.repeat_interleave(hq // hkv, 1), is_causal=True)
+            return F.scaled_dot_product_attention(qt, kt.repeat_interleave(hq // hkv, 1),
+                                                  vt.repeat_interleave(hq // hkv, 1), is_causal=True)
 
         def cudnn_gqa():
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
 
         def default():
             return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
@@ -69,16 +102,50 @@ def main():
             return torch.ops.proxyattn.block_sparse_attention(q, k, v, counts, idx, None, None, n, n, 128, d ** -0.5,
                                                               True)
 
-        for name, fn in (("sdpa_cudnn", cudnn), ("sdpa_cudnn_expand", cudnn_expand), ("sdpa_cudnn_gqa", cudnn_gqa),
-                         ("sdpa_default", default), ("bsa_full", bsa_full)):
+        cfg = pa.ProxyAttnConfig()
+        scale = d ** -0.5
+
+        def proxy():
+            return pa.proxy_attention(q, k, v, cfg)
+
+        def flash_direct():
+            return torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt, 0.0, True, False, scale=scale)[0]
+
+        def cudnn_direct():
+            return torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, False, 0.0, True, False,
+                                                                      scale=scale)[0]
+
+        def cudnn_ctx():
+            return sdpa_kernel(SDPBackend.CUDNN_ATTENTION)
+
+        for name, fn, ctx in (("sdpa_cudnn", cudnn, cudnn_ctx), ("sdpa_cudnn_expand", cudnn_expand, cudnn_ctx),
+                              ("sdpa_cudnn_gqa", cudnn_gqa, cudnn_ctx), ("sdpa_default", default, nullcontext),
+                              ("bsa_full", bsa_full, nullcontext), ("proxy_attention", proxy, nullcontext),
+                              ("flash_direct", flash_direct, nullcontext), ("cudnn_direct", cudnn_direct, nullcontext)):
             try:
-                ms = time_cold(fn, a.reps, 3, flush)
+                with ctx():
+                    out = fn()
+                    if name in ("flash_direct", "cudnn_direct"):  # a refused GQA shape must not pass silently
+                        ref = F.scaled_dot_product_attention(qt, ke, ve, is_causal=True)
+                        err = (out.float() - ref.float()).abs().max().item()
+                        if not err < 2e-2:
+                            raise RuntimeError(f"wrong result (max abs error {err:.3g})")
+                    ms = time_cold(fn, a.reps, 3, flush)
+                    host = host_us(fn)
+                    kernels = kernel_list(fn) if a.kernels else None
             except RuntimeError as e:
                 print(f"N={n:6d} {name}: refused ({str(e).splitlines()[0][:100]})")
                 continue
             res[name] = ms
-            cases.append(dict(name=name, **common, ms=ms, tflops=flops / ms / 1e9))
-        print(f"N={n:6d} " + "  ".join(f"{k_} {v_:.3f} ms ({v_ / res['sdpa_cudnn']:.2f}x)" for k_, v_ in res.items()),
+            cases.append(dict(name=name, **common, ms=ms, tflops=flops / ms / 1e9, host_us=host,
+                              out_strides=list(out.stride())))
+            if kernels:
+                cases[-1]["kernels"] = kernels
+                print(f"N={n:6d} {name}: host {host:.1f} us/call, kernels: " +
+                      "; ".join(f"{kn[:70]} {us:.1f} us" for kn, us in kernels), flush=True)
+        host = {c["name"]: c["host_us"] for c in cases if c["seq_len"] == n}
+        print(f"N={n:6d} " + "  ".join(f"{k_} {v_:.3f} ms ({v_ / res['sdpa_cudnn']:.2f}x, host {host[k_]:.0f} us)"
+                                       for k_, v_ in res.items()),
               flush=True)
     print("wrote", write_record(cases, "dense-path", a.out))
 
