@@ -125,6 +125,7 @@ def main():
             try:
                 with ctx():
                     out = fn()
+                    out = out[0] if isinstance(out, tuple) else out
                     if name in ("flash_direct", "cudnn_direct"):  # a refused GQA shape must not pass silently
                         ref = F.scaled_dot_product_attention(qt, ke, ve, is_causal=True)
                         err = (out.float() - ref.float()).abs().max().item()
