@@ -1,6 +1,6 @@
 """One-command benchmark suite: proxy_attention, block_sparse_attention and the anchors, one process, one card.
 
-    python3 bench/suite.py                 # default sweep: 4k-512k, D 64 and 128, varlen (4k-256k took ~4.5 min on an H200)
+    python3 bench/suite.py                 # default sweep: 4k-512k, D 64 and 128, varlen (on an H200: 4k-256k 258 s, 512k alone 400 s)
     python3 bench/suite.py --quick         # N 4k and 32k, D 128, a minute or two
     python3 bench/suite.py --seq-lens 32768 131072 524288 --head-dims 128 --no-varlen
 
