@@ -10,7 +10,8 @@ made. At the --quality-at lengths also attention recall, needle retrieval and ou
 against dense attention. Also, per length, proxy_attention with the full default config
 (`proxy_attention_default`: dense SDPA below config.dense_below) and plain SDPA with GQA and
 the backend torch picks (`sdpa_default`), so the default's ratio to cuDNN is measured at every
-length. Prints the smallest length from which the sparse path is never more than 5% slower
+length; these three are timed interleaved (benchlib.time_cold_interleaved, --dense-reps runs
+at N <= 16k) so that clock drift between measurements cannot decide a 5% comparison. Prints the smallest length from which the sparse path is never more than 5% slower
 than cuDNN (the dense crossover, config.dense_below), and writes the DESIGN section 6 JSON
 (tag e2e).
 """
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import proxyattn as pa
-from benchlib import causal_tflops, l2_flush_buffer, time_cold, write_record
+from benchlib import causal_tflops, l2_flush_buffer, time_cold, time_cold_interleaved, write_record
 from proxyattn import quality
 
 OPS = torch.ops.proxyattn
@@ -40,6 +41,8 @@ def main():
     ap.add_argument("--share", type=float, default=0.8)
     ap.add_argument("--quality-at", type=int, nargs="*", default=[32768, 131072])
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--dense-reps", type=int, default=50,
+                    help="interleaved runs of the dense contenders at N <= 16k (short kernels vary more)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -57,16 +60,20 @@ def main():
         qt = q.transpose(1, 2)
         ke = k.transpose(1, 2).repeat_interleave(hq // hkv, dim=1)
         ve = v.transpose(1, 2).repeat_interleave(hq // hkv, dim=1)
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            dense_ms = time_cold(lambda: F.scaled_dot_product_attention(qt, ke, ve, is_causal=True), reps, 2, flush)
+        kt, vt = k.transpose(1, 2), v.transpose(1, 2)
+        dflt = pa.ProxyAttnConfig()
+        # the three dense-length contenders interleaved, so drift cannot favour one of them
+        med = time_cold_interleaved({
+            "sdpa_cudnn": (lambda: F.scaled_dot_product_attention(qt, ke, ve, is_causal=True),
+                           lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION)),
+            "sdpa_default": (lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True,
+                                                                    enable_gqa=hq != hkv), None),
+            "proxy_attention_default": (lambda: pa.proxy_attention(q, k, v, dflt), None),
+        }, reps=max(reps, a.dense_reps) if n <= 16384 else reps, warmup=2, flush=flush)
+        dense_ms, sdpa_ms, dflt_ms = med["sdpa_cudnn"], med["sdpa_default"], med["proxy_attention_default"]
         flops = causal_tflops(n, n, hq, d)
         cases.append(dict(name="sdpa_cudnn", **common, density=1.0, ms=dense_ms, tflops=flops / dense_ms / 1e9))
-        kt, vt = k.transpose(1, 2), v.transpose(1, 2)
-        sdpa_ms = time_cold(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=hq != hkv),
-                            reps, 2, flush)
         cases.append(dict(name="sdpa_default", **common, density=1.0, ms=sdpa_ms, tflops=flops / sdpa_ms / 1e9))
-        dflt = pa.ProxyAttnConfig()
-        dflt_ms = time_cold(lambda: pa.proxy_attention(q, k, v, dflt), reps, 2, flush)
         dense_path = n < dflt.dense_below
         cases.append(dict(name="proxy_attention_default", **common, density=1.0 if dense_path else None, ms=dflt_ms,
                           tflops=flops / dflt_ms / 1e9 if dense_path else None, dense_path=dense_path,

@@ -1,5 +1,6 @@
 """Shared benchmark plumbing: cold-L2 median timing with CUDA events, and the DESIGN.md
 section 6 record (card, versions, commit, cases) written to bench/results/."""
+import contextlib
 import datetime
 import json
 import os
@@ -32,6 +33,31 @@ def time_cold(fn, reps: int = 10, warmup: int = 3, flush: torch.Tensor = None) -
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def time_cold_interleaved(fns: dict, reps: int = 30, warmup: int = 3, flush: torch.Tensor = None) -> dict:
+    """Medians like time_cold for several {name: (fn, context factory or None)}, their runs
+    interleaved (a, b, c, a, b, c, ...) so clock and thermal drift hits every one alike. The
+    context (e.g. an SDPA backend choice) is entered before the L2 flush and left after the end
+    event is recorded: only fn() is timed."""
+    flush = l2_flush_buffer() if flush is None else flush
+    for fn, ctx in fns.values():
+        with ctx() if ctx is not None else contextlib.nullcontext():
+            for _ in range(warmup):
+                fn()
+    torch.cuda.synchronize()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, (fn, ctx) in fns.items():
+            with ctx() if ctx is not None else contextlib.nullcontext():
+                flush.zero_()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def git_commit() -> str:

@@ -100,10 +100,29 @@ def resolve_scale(softmax_scale, head_dim: int) -> float:
     return float(softmax_scale)
 
 
+def check_aligned(named) -> None:
+    """The kernels move 16 bytes at a time: every row and head of each (name, CUDA tensor) must
+    start 16-byte aligned (size-1 dims excepted). Under torch.compile the storage offset is not
+    traceable; the op's own C++ check still runs. Raises ValueError."""
+    if torch.compiler.is_compiling():
+        return
+    for name, t in named:
+        if not t.is_cuda:
+            continue
+        if t.storage_offset() % 8 or any(st % 8 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1):
+            raise ValueError(f"{name} must start at a multiple of 8 elements with strides that are multiples of 8 "
+                             f"(16-byte aligned rows), got storage offset {t.storage_offset()} and strides "
+                             f"{tuple(t.stride())}; call .contiguous()")
+
+
 def check_qkv(q: Tensor, k: Tensor, v: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
               cu_seqlens_k: Optional[Tensor], max_seqlen_q: Optional[int], max_seqlen_k: Optional[int],
-              causal: bool) -> Layout:
-    """Validate attention inputs; return their layout. Raises TypeError/ValueError."""
+              causal: bool, aligned: bool = True) -> Layout:
+    """Validate attention inputs; return their layout. Raises TypeError/ValueError.
+
+    aligned=False leaves out the 16-byte alignment rule (check_aligned), which only our kernels
+    need: proxy_attention's dense path hands the tensors to SDPA and checks alignment only before
+    its own kernels run."""
     named = [("q", q), ("k", k)] + ([("v", v)] if v is not None else [])
     for name, t in named:
         _require_tensor(name, t)
@@ -137,14 +156,8 @@ def check_qkv(q: Tensor, k: Tensor, v: Optional[Tensor], cu_seqlens_q: Optional[
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides "
                              f"{tuple(t.stride())}; call .contiguous()")
-        # The kernels move 16 bytes at a time: every row and head must start 16-byte aligned. Under
-        # torch.compile the storage offset is not traceable; the op's own C++ check still runs.
-        misaligned = t.is_cuda and not torch.compiler.is_compiling() and (
-            t.storage_offset() % 8 or any(st % 8 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1))
-        if misaligned:
-            raise ValueError(f"{name} must start at a multiple of 8 elements with strides that are multiples of 8 "
-                             f"(16-byte aligned rows), got storage offset {t.storage_offset()} and strides "
-                             f"{tuple(t.stride())}; call .contiguous()")
+    if aligned:
+        check_aligned(named)
     if not varlen:
         b, nq, nk = q.shape[0], q.shape[1], k.shape[1]
         if k.shape[0] != b:

@@ -12,6 +12,7 @@ a 1M-token run with a memory bound, torch.compile, CUDA graphs and opcheck.
 Run on a GPU machine (about 2 minutes on an H200; the 1M test needs 70 GB free):
     python3 -m pytest -q -rs tests/test_hardening_gpu.py
 """
+import dataclasses
 import importlib.util
 import math
 import re
@@ -649,6 +650,26 @@ def test_gap_public_api_misaligned_views(how):
     else:
         _wait()
         assert torch.equal(got, want)
+    _healthy()
+
+
+@need_kernels
+def test_dense_path_takes_misaligned_views():
+    """Below dense_below the fixed-length path is SDPA, which needs no 16-byte alignment: a view
+    8 bytes off runs (the contiguous input's result) instead of being rejected; the sparse
+    path still rejects it with a ValueError before any kernel runs."""
+    q, k, v = (torch.randn(1, 700, h, 64, device="cuda", dtype=torch.bfloat16) for h in (4, 2, 2))
+    qs, ks, vs = (_misaligned(t) for t in (q, k, v))
+    assert qs.storage_offset() % 8 != 0
+    cfg = pa.ProxyAttnConfig(block_size=64)
+    assert 700 < cfg.dense_below
+    want = pa.proxy_attention(q, k, v, cfg)
+    got = pa.proxy_attention(qs, ks, vs, cfg)
+    _wait()
+    # SDPA may pick another backend for the unaligned view: equal up to bf16 rounding
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pa.proxy_attention(qs, ks, vs, dataclasses.replace(cfg, dense_below=0))
     _healthy()
 
 
