@@ -149,8 +149,6 @@ def _run(q, k, v, lay: ops.Layout, cu_q, cu_k, cfg: Optional[ProxyAttnConfig], c
             nq, nk = _lengths(lay, cu_q, cu_k, q.device)
             nqb, nkb = -(-lay.max_seqlen_q // S), -(-lay.max_seqlen_k // S)
             full = full_selection(nq, nk, nqb, nkb, lay.q_heads, S, causal)
-        if lay.varlen and q.is_cuda:  # varlen dense runs our attention kernel
-            ops.check_aligned((("q", q), ("k", k), ("v", v)))
         out = _dense(q, k, v, lay, cu_q, cu_k, scale, causal, full, S)
         if not return_selection:
             return out
@@ -158,7 +156,6 @@ def _run(q, k, v, lay: ops.Layout, cu_q, cu_k, cfg: Optional[ProxyAttnConfig], c
         return out, _telemetry(*full, kstar, nq, nk, cfg, causal, dense=True)
     mq, mk = lay.max_seqlen_q, lay.max_seqlen_k
     ops.check_key_blocks(mk, S)  # before any kernel runs
-    ops.check_aligned((("q", q), ("k", k), ("v", v)))
     scores = _stage("proxy_block_scores", q.device, q, k, cu_q, cu_k, mq, mk, S, cfg.num_proxy_heads, cfg.stride,
                     scale, causal)
     kstar = _stage("head_budgets", q.device, q, k, cu_q, cu_k, mq, mk, S, float(cfg.gamma), cfg.sink_blocks,
@@ -178,7 +175,7 @@ def proxy_attention(q: Tensor, k: Tensor, v: Tensor, config: Optional[ProxyAttnC
     """ProxyAttn over q [B, Nq, Hq, D], k/v [B, Nk, Hkv, D] (bf16/fp16 on CUDA; fp32 too on CPU).
 
     Returns out [B, Nq, Hq, D] (contiguous), and a ProxyAttnSelection if return_selection."""
-    lay = ops.check_qkv(q, k, v, None, None, None, None, causal, aligned=False)  # _run checks it where needed
+    lay = ops.check_qkv(q, k, v, None, None, None, None, causal)
     return _run(q, k, v, lay, None, None, config, causal, return_selection)
 
 
@@ -190,5 +187,5 @@ def proxy_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     cu_seqlens_q/k [B + 1]. Each sequence behaves exactly as if it ran alone."""
     if cu_seqlens_q is None or cu_seqlens_k is None:
         raise ValueError("proxy_attention_varlen needs cu_seqlens_q and cu_seqlens_k")
-    lay = ops.check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, aligned=False)
+    lay = ops.check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
     return _run(q, k, v, lay, cu_seqlens_q, cu_seqlens_k, config, causal, return_selection)

@@ -109,7 +109,11 @@ def check_aligned(named) -> None:
     for name, t in named:
         if not t.is_cuda:
             continue
-        if t.storage_offset() % 8 or any(st % 8 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1):
+        shape, stride = t.shape, t.stride()
+        bad = t.storage_offset() % 8
+        for i in range(t.dim() - 1):
+            bad = bad or (shape[i] > 1 and stride[i] % 8)
+        if bad:
             raise ValueError(f"{name} must start at a multiple of 8 elements with strides that are multiples of 8 "
                              f"(16-byte aligned rows), got storage offset {t.storage_offset()} and strides "
                              f"{tuple(t.stride())}; call .contiguous()")
@@ -117,12 +121,12 @@ def check_aligned(named) -> None:
 
 def check_qkv(q: Tensor, k: Tensor, v: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
               cu_seqlens_k: Optional[Tensor], max_seqlen_q: Optional[int], max_seqlen_k: Optional[int],
-              causal: bool, aligned: bool = True) -> Layout:
+              causal: bool) -> Layout:
     """Validate attention inputs; return their layout. Raises TypeError/ValueError.
 
-    aligned=False leaves out the 16-byte alignment rule (check_aligned), which only our kernels
-    need: proxy_attention's dense path hands the tensors to SDPA and checks alignment only before
-    its own kernels run."""
+    The 16-byte alignment rule (check_aligned) holds for every path, proxy_attention's dense
+    one included: on an H200, SDPA (torch 2.11, cuDNN backend) returned wrong values for views
+    8 bytes off (tests/test_hardening_gpu.py::test_dense_path_rejects_misaligned_views)."""
     named = [("q", q), ("k", k)] + ([("v", v)] if v is not None else [])
     for name, t in named:
         _require_tensor(name, t)
@@ -156,8 +160,7 @@ def check_qkv(q: Tensor, k: Tensor, v: Optional[Tensor], cu_seqlens_q: Optional[
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides "
                              f"{tuple(t.stride())}; call .contiguous()")
-    if aligned:
-        check_aligned(named)
+    check_aligned(named)
     if not varlen:
         b, nq, nk = q.shape[0], q.shape[1], k.shape[1]
         if k.shape[0] != b:
