@@ -116,7 +116,8 @@ def check_aligned(named) -> None:
         if bad:
             raise ValueError(f"{name} must start at a multiple of 8 elements with strides that are multiples of 8 "
                              f"(16-byte aligned rows), got storage offset {t.storage_offset()} and strides "
-                             f"{tuple(t.stride())}; call .contiguous()")
+                             f"{tuple(t.stride())}; pass a fresh copy (.clone(memory_format=torch.contiguous_format)): "
+                             f".contiguous() keeps the storage offset of an already contiguous view")
 
 
 def check_qkv(q: Tensor, k: Tensor, v: Optional[Tensor], cu_seqlens_q: Optional[Tensor],

@@ -658,7 +658,7 @@ def test_dense_path_rejects_misaligned_views():
     """Views 8 bytes off a 16-byte boundary are rejected with a ValueError below dense_below too,
     where the fixed-length path is SDPA: measured on an H200 (torch 2.11), SDPA returned wrong
     values for such views (87% of the elements off, up to 4.4), so they must not reach it. The
-    same values made contiguous run."""
+    same values copied to fresh storage run (.contiguous() would keep the offset)."""
     q, k, v = (torch.randn(1, 700, h, 64, device="cuda", dtype=torch.bfloat16) for h in (4, 2, 2))
     qs, ks, vs = (_misaligned(t) for t in (q, k, v))
     assert qs.storage_offset() % 8 != 0 and torch.equal(qs, q)
@@ -667,7 +667,7 @@ def test_dense_path_rejects_misaligned_views():
     for c in (cfg, dataclasses.replace(cfg, dense_below=0)):
         with pytest.raises(ValueError, match="multiple of 8"):
             pa.proxy_attention(qs, ks, vs, c)
-    got = pa.proxy_attention(qs.contiguous(), ks.contiguous(), vs.contiguous(), cfg)
+    got = pa.proxy_attention(*(t.clone(memory_format=torch.contiguous_format) for t in (qs, ks, vs)), cfg)
     want = pa.proxy_attention(q, k, v, cfg)
     _wait()
     assert torch.equal(got, want)
