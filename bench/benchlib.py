@@ -17,6 +17,16 @@ def l2_flush_buffer(nbytes: int = 256 << 20) -> torch.Tensor:
     return torch.empty(nbytes // 4, dtype=torch.float32, device="cuda")
 
 
+def _cold_run(fn, flush: torch.Tensor):
+    """Evict L2, run fn between two recorded events; returns the (start, end) events."""
+    flush.zero_()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    return start, end
+
+
 def time_cold(fn, reps: int = 10, warmup: int = 3, flush: torch.Tensor = None) -> float:
     """Median milliseconds of `fn` over `reps` runs after `warmup`, L2 evicted before each run."""
     flush = l2_flush_buffer() if flush is None else flush
@@ -25,11 +35,7 @@ def time_cold(fn, reps: int = 10, warmup: int = 3, flush: torch.Tensor = None) -
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
-        flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
+        start, end = _cold_run(fn, flush)
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
@@ -50,11 +56,7 @@ def time_cold_interleaved(fns: dict, reps: int = 30, warmup: int = 3, flush: tor
     for _ in range(reps):
         for name, (fn, ctx) in fns.items():
             with ctx() if ctx is not None else contextlib.nullcontext():
-                flush.zero_()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
+                start, end = _cold_run(fn, flush)
             end.synchronize()
             times[name].append(start.elapsed_time(end))
     return {name: statistics.median(t) for name, t in times.items()}
