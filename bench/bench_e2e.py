@@ -11,9 +11,9 @@ against dense attention. Also, per length, proxy_attention with the full default
 (`proxy_attention_default`: dense SDPA below config.dense_below) and plain SDPA with GQA and
 the backend torch picks (`sdpa_default`), so the default's ratio to cuDNN is measured at every
 length; these three are timed interleaved (benchlib.time_cold_interleaved, --dense-reps runs
-at N <= 16k) so that clock drift between measurements cannot decide a 5% comparison. Prints the smallest length from which the sparse path is never more than 5% slower
-than cuDNN (the dense crossover, config.dense_below), and writes the DESIGN section 6 JSON
-(tag e2e).
+at N <= 16k) so that clock drift between measurements cannot decide a 5% comparison. Prints
+the smallest length from which the sparse path is never more than 5% slower than cuDNN (the
+dense crossover, config.dense_below), and writes the DESIGN section 6 JSON (tag e2e).
 """
 import argparse
 import dataclasses
