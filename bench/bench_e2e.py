@@ -1,6 +1,7 @@
 """proxy_attention end to end beside cuDNN SDPA, on structured inputs, across lengths.
 
-    python3 bench/bench_e2e.py [--seq-lens 1024 ... 131072] [--proxy-heads 1 8] [--quality-at 32768 131072]
+    python3 bench/bench_e2e.py [--seq-lens 1024 ... 131072] [--proxy-heads 1 8] [--gammas 0.95]
+                              [--quality-at 32768 131072]
 
 For each length: structured inputs (proxyattn.quality.make_structured_inputs: sink, RoPE
 recency, shared hubs, needles), cuDNN SDPA dense causal (KV expanded to Hq heads), and
@@ -38,6 +39,8 @@ def main():
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--proxy-heads", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--gammas", type=float, nargs="+", default=[pa.ProxyAttnConfig().gamma],
+                    help="budget mass targets; every (proxy heads, gamma) pair is measured")
     ap.add_argument("--share", type=float, default=0.8)
     ap.add_argument("--quality-at", type=int, nargs="*", default=[32768, 131072])
     ap.add_argument("--reps", type=int, default=10)
@@ -51,7 +54,8 @@ def main():
     hq, hkv, d = a.q_heads, a.kv_heads, a.head_dim
     flush = l2_flush_buffer()
     cases, base_cfg = [], pa.ProxyAttnConfig(dense_below=0)
-    crossover = {g: None for g in a.proxy_heads}
+    variants = [(g, gamma) for g in a.proxy_heads for gamma in a.gammas]
+    crossover = {gg: None for gg in variants}
     for n in a.seq_lens:
         q, k, v, meta = quality.make_structured_inputs(1, n, hq, hkv, d, share=a.share, seed=a.seed + n,
                                                        dtype=torch.bfloat16, device="cuda")
@@ -81,8 +85,9 @@ def main():
         print(f"N={n:7d} sdpa_cudnn {dense_ms:9.3f} ms  sdpa(default backend, GQA) {sdpa_ms:9.3f} ms  "
               f"proxy_attention(default config{', dense' if dense_path else ''}) {dflt_ms:9.3f} ms = "
               f"{dflt_ms / dense_ms:.2f}x cuDNN's time", flush=True)
-        for g in a.proxy_heads:
-            cfg = dataclasses.replace(base_cfg, num_proxy_heads=g)
+        mass = dense_out = None
+        for g, gamma in variants:
+            cfg = dataclasses.replace(base_cfg, num_proxy_heads=g, gamma=gamma)
             out, sel = pa.proxy_attention(q, k, v, cfg, return_selection=True)
             dens = float(sel.density.mean())
             total = time_cold(lambda: pa.proxy_attention(q, k, v, cfg), reps, 2, flush)
@@ -91,8 +96,9 @@ def main():
 
             def estimate():
                 sc = OPS.proxy_block_scores(q, k, None, None, n, n, S, g, cfg.stride, scale, True)
-                ks = OPS.head_budgets(q, k, None, None, n, n, S, cfg.gamma, 1, 1, scale, True)
-                return OPS.select_blocks(sc, ks, None, None, n, n, S, 1, 1, cfg.min_budget, True)
+                ks = OPS.head_budgets(q, k, None, None, n, n, S, cfg.gamma, cfg.sink_blocks, cfg.local_blocks, scale, True)
+                return OPS.select_blocks(sc, ks, None, None, n, n, S, cfg.sink_blocks, cfg.local_blocks,
+                                         cfg.min_budget, True)
 
             est = time_cold(estimate, reps, 2, flush)
             attn = time_cold(lambda: OPS.block_sparse_attention(q, k, v, sel.counts, sel.indices, None, None, n, n, S,
@@ -103,28 +109,27 @@ def main():
                               tflops=dens * flops / total / 1e9, **extra))
             cases.append(dict(name="estimate", **common, density=dens, ms=est, tflops=None, **extra))
             cases.append(dict(name="bsa", **common, density=dens, ms=attn, tflops=dens * flops / attn / 1e9, **extra))
-            line = (f"N={n:7d} G={g}: proxy_attention {total:9.3f} ms (estimate {est:.3f} + attention {attn:.3f}) "
-                    f"density {dens:.3f}  {dense_ms / total:5.2f}x cuDNN")
+            line = (f"N={n:7d} G={g} gamma={gamma}: proxy_attention {total:9.3f} ms "
+                    f"(estimate {est:.3f} + attention {attn:.3f}) density {dens:.3f}  {dense_ms / total:5.2f}x cuDNN")
             if n in a.quality_at:
-                mass = quality.block_mass(q, k, S)
-                dense_out = quality.dense_output(q, k, v)
+                if mass is None:  # once per length, shared by the variants
+                    mass, dense_out = quality.block_mass(q, k, S), quality.dense_output(q, k, v)
                 res = quality.evaluate_selection(q, k, v, sel.counts, sel.indices, S, mass=mass, dense_out=dense_out,
                                                  meta=meta)
                 cases[-3].update(recall=res["recall"], recall_min_head=res["recall_min_head"],
                                  rel_error=res["rel_error"], needle_retrieval=res.get("needle_retrieval"))
                 line += (f"  recall {res['recall']:.3f} (min head {res['recall_min_head']:.3f}) "
                          f"needles {res.get('needle_retrieval')} rel.err {res['rel_error']:.3f}")
-                del mass, dense_out
             print(line, flush=True)
             if total > 1.05 * dense_ms:
-                crossover[g] = None
-            elif crossover[g] is None:
-                crossover[g] = n
+                crossover[g, gamma] = None
+            elif crossover[g, gamma] is None:
+                crossover[g, gamma] = n
             del out, sel
-        del q, k, v, qt, ke, ve
+        del q, k, v, qt, ke, ve, mass, dense_out
         torch.cuda.empty_cache()
-    for g, n in crossover.items():
-        print(f"G={g}: sparse path within 5% of cuDNN from N = {n} on (of the lengths measured)")
+    for (g, gamma), n in crossover.items():
+        print(f"G={g} gamma={gamma}: sparse path within 5% of cuDNN from N = {n} on (of the lengths measured)")
     print("wrote", write_record(cases, "e2e", a.out))
 
 
