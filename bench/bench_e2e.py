@@ -1,6 +1,6 @@
 """proxy_attention end to end beside cuDNN SDPA, on structured inputs, across lengths.
 
-    python3 bench/bench_e2e.py [--seq-lens 1024 ... 131072] [--proxy-heads 1 8] [--gammas 0.95]
+    python3 bench/bench_e2e.py [--seq-lens 1024 ... 131072] [--proxy-heads 1 8] [--gammas 0.95] [--strides 4]
                               [--quality-at 32768 131072]
 
 For each length: structured inputs (proxyattn.quality.make_structured_inputs: sink, RoPE
@@ -40,7 +40,9 @@ def main():
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--proxy-heads", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--gammas", type=float, nargs="+", default=[pa.ProxyAttnConfig().gamma],
-                    help="budget mass targets; every (proxy heads, gamma) pair is measured")
+                    help="budget mass targets; every (proxy heads, gamma, stride) triple is measured")
+    ap.add_argument("--strides", type=int, nargs="+", default=[pa.ProxyAttnConfig().stride],
+                    help="proxy token strides of stage 1")
     ap.add_argument("--share", type=float, default=0.8)
     ap.add_argument("--quality-at", type=int, nargs="*", default=[32768, 131072])
     ap.add_argument("--reps", type=int, default=10)
@@ -54,7 +56,7 @@ def main():
     hq, hkv, d = a.q_heads, a.kv_heads, a.head_dim
     flush = l2_flush_buffer()
     cases, base_cfg = [], pa.ProxyAttnConfig(dense_below=0)
-    variants = [(g, gamma) for g in a.proxy_heads for gamma in a.gammas]
+    variants = [(g, gamma, st) for g in a.proxy_heads for gamma in a.gammas for st in a.strides]
     crossover = {gg: None for gg in variants}
     for n in a.seq_lens:
         q, k, v, meta = quality.make_structured_inputs(1, n, hq, hkv, d, share=a.share, seed=a.seed + n,
@@ -86,8 +88,8 @@ def main():
               f"proxy_attention(default config{', dense' if dense_path else ''}) {dflt_ms:9.3f} ms = "
               f"{dflt_ms / dense_ms:.2f}x cuDNN's time", flush=True)
         mass = dense_out = None
-        for g, gamma in variants:
-            cfg = dataclasses.replace(base_cfg, num_proxy_heads=g, gamma=gamma)
+        for g, gamma, st in variants:
+            cfg = dataclasses.replace(base_cfg, num_proxy_heads=g, gamma=gamma, stride=st)
             out, sel = pa.proxy_attention(q, k, v, cfg, return_selection=True)
             dens = float(sel.density.mean())
             total = time_cold(lambda: pa.proxy_attention(q, k, v, cfg), reps, 2, flush)
@@ -103,13 +105,13 @@ def main():
             est = time_cold(estimate, reps, 2, flush)
             attn = time_cold(lambda: OPS.block_sparse_attention(q, k, v, sel.counts, sel.indices, None, None, n, n, S,
                                                                 scale, True), reps, 2, flush)
-            extra = dict(proxy_heads=g, gamma=cfg.gamma, min_budget=cfg.min_budget, share=a.share,
+            extra = dict(proxy_heads=g, gamma=cfg.gamma, stride=st, min_budget=cfg.min_budget, share=a.share,
                          speedup_vs_cudnn=dense_ms / total)
             cases.append(dict(name="proxy_attention", **common, density=dens, ms=total,
                               tflops=dens * flops / total / 1e9, **extra))
             cases.append(dict(name="estimate", **common, density=dens, ms=est, tflops=None, **extra))
             cases.append(dict(name="bsa", **common, density=dens, ms=attn, tflops=dens * flops / attn / 1e9, **extra))
-            line = (f"N={n:7d} G={g} gamma={gamma}: proxy_attention {total:9.3f} ms "
+            line = (f"N={n:7d} G={g} gamma={gamma} stride={st}: proxy_attention {total:9.3f} ms "
                     f"(estimate {est:.3f} + attention {attn:.3f}) density {dens:.3f}  {dense_ms / total:5.2f}x cuDNN")
             if n in a.quality_at:
                 if mass is None:  # once per length, shared by the variants
@@ -122,14 +124,14 @@ def main():
                          f"needles {res.get('needle_retrieval')} rel.err {res['rel_error']:.3f}")
             print(line, flush=True)
             if total > 1.05 * dense_ms:
-                crossover[g, gamma] = None
-            elif crossover[g, gamma] is None:
-                crossover[g, gamma] = n
+                crossover[g, gamma, st] = None
+            elif crossover[g, gamma, st] is None:
+                crossover[g, gamma, st] = n
             del out, sel
         del q, k, v, qt, ke, ve, mass, dense_out
         torch.cuda.empty_cache()
-    for (g, gamma), n in crossover.items():
-        print(f"G={g} gamma={gamma}: sparse path within 5% of cuDNN from N = {n} on (of the lengths measured)")
+    for (g, gamma, st), n in crossover.items():
+        print(f"G={g} gamma={gamma} stride={st}: sparse path within 5% of cuDNN from N = {n} on (of the lengths measured)")
     print("wrote", write_record(cases, "e2e", a.out))
 
 
