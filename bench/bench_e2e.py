@@ -1,6 +1,6 @@
 """proxy_attention end to end beside cuDNN SDPA, on structured inputs, across lengths.
 
-    python3 bench/bench_e2e.py [--seq-lens 1024 ... 131072] [--proxy-heads 1 8] [--gammas 0.95] [--strides 4]
+    python3 bench/bench_e2e.py [--seq-lens 1024 ... 131072] [--proxy-heads default 1] [--gammas 0.95] [--strides 4]
                               [--quality-at 32768 131072]
 
 For each length: structured inputs (proxyattn.quality.make_structured_inputs: sink, RoPE
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import proxyattn as pa
-from benchlib import causal_tflops, l2_flush_buffer, time_cold, time_cold_interleaved, write_record
+from benchlib import causal_tflops, l2_flush_buffer, proxy_heads_arg, time_cold, time_cold_interleaved, write_record
 from proxyattn import quality
 
 OPS = torch.ops.proxyattn
@@ -38,7 +38,8 @@ def main():
     ap.add_argument("--q-heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--proxy-heads", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--proxy-heads", type=proxy_heads_arg, nargs="+", default=[None, 1],
+                    help="num_proxy_heads values; 'default' is the config's (two query heads per proxy)")
     ap.add_argument("--gammas", type=float, nargs="+", default=[pa.ProxyAttnConfig().gamma],
                     help="budget mass targets; every (proxy heads, gamma, stride) triple is measured")
     ap.add_argument("--strides", type=int, nargs="+", default=[pa.ProxyAttnConfig().stride],
@@ -90,6 +91,7 @@ def main():
         mass = dense_out = None
         for g, gamma, st in variants:
             cfg = dataclasses.replace(base_cfg, num_proxy_heads=g, gamma=gamma, stride=st)
+            G = cfg.proxy_heads(hq, hkv)
             out, sel = pa.proxy_attention(q, k, v, cfg, return_selection=True)
             dens = float(sel.density.mean())
             total = time_cold(lambda: pa.proxy_attention(q, k, v, cfg), reps, 2, flush)
@@ -97,7 +99,7 @@ def main():
             S = cfg.block_size
 
             def estimate():
-                sc = OPS.proxy_block_scores(q, k, None, None, n, n, S, g, cfg.stride, scale, True)
+                sc = OPS.proxy_block_scores(q, k, None, None, n, n, S, G, cfg.stride, scale, True)
                 ks = OPS.head_budgets(q, k, None, None, n, n, S, cfg.gamma, cfg.sink_blocks, cfg.local_blocks, scale, True)
                 return OPS.select_blocks(sc, ks, None, None, n, n, S, cfg.sink_blocks, cfg.local_blocks,
                                          cfg.min_budget, True)
@@ -105,13 +107,13 @@ def main():
             est = time_cold(estimate, reps, 2, flush)
             attn = time_cold(lambda: OPS.block_sparse_attention(q, k, v, sel.counts, sel.indices, None, None, n, n, S,
                                                                 scale, True), reps, 2, flush)
-            extra = dict(proxy_heads=g, gamma=cfg.gamma, stride=st, min_budget=cfg.min_budget, share=a.share,
+            extra = dict(proxy_heads=G, gamma=cfg.gamma, stride=st, min_budget=cfg.min_budget, share=a.share,
                          speedup_vs_cudnn=dense_ms / total)
             cases.append(dict(name="proxy_attention", **common, density=dens, ms=total,
                               tflops=dens * flops / total / 1e9, **extra))
             cases.append(dict(name="estimate", **common, density=dens, ms=est, tflops=None, **extra))
             cases.append(dict(name="bsa", **common, density=dens, ms=attn, tflops=dens * flops / attn / 1e9, **extra))
-            line = (f"N={n:7d} G={g} gamma={gamma} stride={st}: proxy_attention {total:9.3f} ms "
+            line = (f"N={n:7d} G={G} gamma={gamma} stride={st}: proxy_attention {total:9.3f} ms "
                     f"(estimate {est:.3f} + attention {attn:.3f}) density {dens:.3f}  {dense_ms / total:5.2f}x cuDNN")
             if n in a.quality_at:
                 if mass is None:  # once per length, shared by the variants
@@ -131,7 +133,7 @@ def main():
         del q, k, v, qt, ke, ve, mass, dense_out
         torch.cuda.empty_cache()
     for (g, gamma, st), n in crossover.items():
-        print(f"G={g} gamma={gamma} stride={st}: sparse path within 5% of cuDNN from N = {n} on (of the lengths measured)")
+        print(f"G={'default' if g is None else g} gamma={gamma} stride={st}: sparse path within 5% of cuDNN from N = {n} on (of the lengths measured)")
     print("wrote", write_record(cases, "e2e", a.out))
 
 

@@ -87,3 +87,8 @@ def write_record(cases: list, tag: str, out: str = None) -> str:
     with open(out, "w") as f:
         json.dump(rec, f, indent=1)
     return out
+
+
+def proxy_heads_arg(text: str):
+    """argparse type of --proxy-heads: an int, or 'default' (None: the config's own choice)."""
+    return None if text == "default" else int(text)

@@ -24,7 +24,7 @@ import time
 import torch
 
 from proxyattn import quality as Q
-from proxyattn.config import ProxyAttnConfig
+from proxyattn.config import ProxyAttnConfig, default_proxy_heads
 
 
 def _parse(argv=None) -> argparse.Namespace:
@@ -44,7 +44,7 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="default: fresh random seed (printed)")
     p.add_argument("--gammas", type=float, nargs="+", default=None)
     p.add_argument("--proxy-heads", type=int, nargs="+", default=None,
-                   help="num_proxy_heads of the gamma sweep (default: 1 and Hkv)")
+                   help="num_proxy_heads of the gamma sweep (default: 1, Hkv and the config's default)")
     p.add_argument("--sweep-min-budget", type=int, default=None,
                    help="min_budget of the gamma sweep (default: one block, so the budgets alone set density)")
     p.add_argument("--taus", type=float, nargs="+", default=None,
@@ -68,7 +68,7 @@ def _parse(argv=None) -> argparse.Namespace:
     a.oracle_densities = a.oracle_densities or [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5]
     a.q_heads = a.q_heads or (32 if cuda else 8)
     a.kv_heads = a.kv_heads or (8 if cuda else 2)
-    a.proxy_heads = a.proxy_heads or sorted({1, a.kv_heads})
+    a.proxy_heads = a.proxy_heads or sorted({1, a.kv_heads, default_proxy_heads(a.q_heads, a.kv_heads)})
     a.dtype = a.dtype or ("bfloat16" if cuda else "float32")
     a.sweep_min_budget = a.block_size if a.sweep_min_budget is None else a.sweep_min_budget
     if a.seed is None:
@@ -112,7 +112,7 @@ def run_case(a: argparse.Namespace, n: int, share: float) -> list:
         return masses[bs]
 
     def dense_needles():
-        return Q.needle_retrieval(dense, meta, dense).retrieval
+        return Q.needle_retrieval(dense, meta).retrieval
 
     print(f"\nN={n} share={share}: inputs, dense output and block masses ({time.perf_counter() - t0:.1f} s); "
           f"dense attention retrieves {dense_needles():.2f} of the needles by the threshold rule", flush=True)
@@ -129,7 +129,8 @@ def run_case(a: argparse.Namespace, n: int, share: float) -> list:
     print(f"{'N':>7} {'method':<18} {'knob':<22} {'density':>7} {'recall':>7} {'minhead':>7} {'relerr':>8} {'needle':>7}")
     default = ProxyAttnConfig()
     c, i, ks = Q.proxyattn_select(q, k, default)
-    record("proxyattn-default", f"g={default.gamma},mb={default.min_budget}", c, i, default.block_size,
+    record("proxyattn-default", f"G={default.proxy_heads(a.q_heads, a.kv_heads)},g={default.gamma},mb={default.min_budget}", c, i,
+           default.block_size,
            {"kstar": ks.float().mean().item()})
     for G in a.proxy_heads:
         base = ProxyAttnConfig(block_size=S, min_budget=a.sweep_min_budget, num_proxy_heads=G)

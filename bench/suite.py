@@ -49,6 +49,9 @@ ANCHORS = ("sdpa_cudnn", "sdpa_flash", "flex")
 
 
 def parse_args(argv=None):
+    from benchlib import proxy_heads_arg
+    from proxyattn.config import ProxyAttnConfig
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--seq-lens", type=int, nargs="+", default=None,
@@ -57,9 +60,10 @@ def parse_args(argv=None):
     ap.add_argument("--head-dims", type=int, nargs="+", default=None, choices=[64, 128], help="default 64 128")
     ap.add_argument("--q-heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
-    ap.add_argument("--proxy-heads", type=int, nargs="+", default=[1], help="num_proxy_heads values (default 1)")
-    ap.add_argument("--gamma", type=float, default=0.95)
-    ap.add_argument("--min-budget", type=int, default=2048)
+    ap.add_argument("--proxy-heads", type=proxy_heads_arg, nargs="+", default=[None],
+                    help="num_proxy_heads values; 'default' is the config's (two query heads per proxy)")
+    ap.add_argument("--gamma", type=float, default=ProxyAttnConfig().gamma)
+    ap.add_argument("--min-budget", type=int, default=ProxyAttnConfig().min_budget)
     ap.add_argument("--block-size", type=int, default=128, choices=[64, 128])
     ap.add_argument("--share", type=float, default=0.8, help="make_structured_inputs share knob")
     ap.add_argument("--densities", type=float, nargs="+", default=None,
@@ -350,6 +354,7 @@ def run_case(c, q, k, v, a, ctx, record, progress):
     for g in a.proxy_heads:
         cfg = pa.ProxyAttnConfig(num_proxy_heads=g, gamma=a.gamma, min_budget=a.min_budget, block_size=S,
                                  dense_below=0)
+        g = cfg.proxy_heads(hq, hkv)
         if varlen:
             call = lambda: pa.proxy_attention_varlen(q, k, v, cu, cu, mx, mx, cfg)  # noqa: E731
             _, sel = pa.proxy_attention_varlen(q, k, v, cu, cu, mx, mx, cfg, return_selection=True)

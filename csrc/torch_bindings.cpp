@@ -1,4 +1,4 @@
-// Operator schemas of the proxyattn library, and nothing else.
+// Operator schemas of the proxyattn library, and the Python module proxyattn._C.
 //
 // Every op takes fixed-length tensors (q [B, Nq, Hq, D], k/v [B, Nk, Hkv, D])
 // or packed variable-length ones (q [total_q, Hq, D], k/v [total_k, Hkv, D])
@@ -32,9 +32,20 @@ TORCH_LIBRARY(proxyattn, m) {
       "int block_size, float softmax_scale, bool causal) -> (Tensor, Tensor)");
 }
 
-// Importing proxyattn._C loads the library above and every TORCH_LIBRARY_IMPL
-// linked into it; the module itself holds no functions.
+namespace proxyattn {
+// csrc/ops/dense_fast.cpp: proxy_attention's dense path in one call (None when it does not apply).
+PyObject* dense_fast(PyObject* self, PyObject* const* args, Py_ssize_t nargs);
+}  // namespace proxyattn
+
+// Importing proxyattn._C loads the library above and every TORCH_LIBRARY_IMPL linked into
+// it. The module's one function serves proxy_attention's dense path (proxyattn/attention.py).
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static PyMethodDef methods[] = {
+      {"dense_fast", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&proxyattn::dense_fast)),
+       METH_FASTCALL,
+       "dense_fast(q, k, v, causal, dense_below, num_proxy_heads, softmax_scale) -> Tensor or None: "
+       "SDPA for proxy_attention's plain dense case, None when the Python path must decide"},
+      {nullptr, nullptr, 0, nullptr}};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }

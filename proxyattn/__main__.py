@@ -37,9 +37,11 @@ def main(argv=None):
     p.add_argument("--q-heads", type=int, default=32 if cuda else 8)
     p.add_argument("--kv-heads", type=int, default=8 if cuda else 2)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--proxy-heads", type=int, default=1)
-    p.add_argument("--gamma", type=float, default=0.95)
-    p.add_argument("--min-budget", type=int, default=2048)
+    dflt = ProxyAttnConfig()
+    p.add_argument("--proxy-heads", type=int, default=dflt.num_proxy_heads,
+                   help="num_proxy_heads (default: the config's, two query heads per proxy where possible)")
+    p.add_argument("--gamma", type=float, default=dflt.gamma)
+    p.add_argument("--min-budget", type=int, default=dflt.min_budget)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
     a = p.parse_args(argv)
@@ -60,7 +62,7 @@ def main(argv=None):
     res = quality.evaluate_selection(q, k, v, sel.counts, sel.indices, cfg.block_size, mass=mass, dense_out=dense,
                                      meta=meta)
     print(f"structured inputs B=1 N={a.seq_len} Hq={a.q_heads} Hkv={a.kv_heads} D={a.head_dim} {dtype}; "
-          f"config gamma={a.gamma} min_budget={a.min_budget} proxy heads={a.proxy_heads}")
+          f"config gamma={a.gamma} min_budget={a.min_budget} proxy heads={cfg.proxy_heads(a.q_heads, a.kv_heads)}")
     print(f"proxy_attention: {ms:.2f} ms   dense attention: {dense_ms:.2f} ms "
           f"({'reference' if device.type == 'cpu' else 'torch SDPA'}; one run each)")
     print(f"density (computed / causal block pairs): {res['density']:.3f}")

@@ -18,6 +18,9 @@ from .config import ProxyAttnConfig
 
 _DEFAULT_CONFIG = ProxyAttnConfig()  # frozen: shared by calls without a config
 
+# csrc/ops/dense_fast.cpp: the dense path in one C++ call (None without the extension).
+_dense_fast = getattr(ops._C, "dense_fast", None) if ops.HAS_EXTENSION else None
+
 
 class ProxyAttnSelection(NamedTuple):
     """Telemetry of one call, all tensors on the inputs' device (no host sync).
@@ -140,7 +143,7 @@ def _run(q, k, v, lay: ops.Layout, cu_q, cu_k, cfg: Optional[ProxyAttnConfig], c
         cfg = _DEFAULT_CONFIG
     if not isinstance(cfg, ProxyAttnConfig):
         raise TypeError(f"config must be a ProxyAttnConfig or None, got {type(cfg).__name__}")
-    cfg.check_heads(lay.q_heads, lay.kv_heads)
+    G = cfg.proxy_heads(lay.q_heads, lay.kv_heads)
     S = cfg.block_size
     scale = cfg.scale(lay.head_dim)
     if lay.max_seqlen_k < cfg.dense_below:
@@ -156,7 +159,7 @@ def _run(q, k, v, lay: ops.Layout, cu_q, cu_k, cfg: Optional[ProxyAttnConfig], c
         return out, _telemetry(*full, kstar, nq, nk, cfg, causal, dense=True)
     mq, mk = lay.max_seqlen_q, lay.max_seqlen_k
     ops.check_key_blocks(mk, S)  # before any kernel runs
-    scores = _stage("proxy_block_scores", q.device, q, k, cu_q, cu_k, mq, mk, S, cfg.num_proxy_heads, cfg.stride,
+    scores = _stage("proxy_block_scores", q.device, q, k, cu_q, cu_k, mq, mk, S, G, cfg.stride,
                     scale, causal)
     kstar = _stage("head_budgets", q.device, q, k, cu_q, cu_k, mq, mk, S, float(cfg.gamma), cfg.sink_blocks,
                    cfg.local_blocks, scale, causal)
@@ -175,6 +178,14 @@ def proxy_attention(q: Tensor, k: Tensor, v: Tensor, config: Optional[ProxyAttnC
     """ProxyAttn over q [B, Nq, Hq, D], k/v [B, Nk, Hkv, D] (bf16/fp16 on CUDA; fp32 too on CPU).
 
     Returns out [B, Nq, Hq, D] (contiguous), and a ProxyAttnSelection if return_selection."""
+    if _dense_fast is not None and not return_selection and not torch.compiler.is_compiling():
+        # Below dense_below the call is one SDPA kernel; the C++ entry point runs it without the
+        # interpreter's host time in front, or returns None for anything but the plain valid case.
+        cfg = _DEFAULT_CONFIG if config is None else config
+        if type(cfg) is ProxyAttnConfig:
+            out = _dense_fast(q, k, v, causal, cfg.dense_below, cfg.num_proxy_heads, cfg.softmax_scale)
+            if out is not None:
+                return out
     lay = ops.check_qkv(q, k, v, None, None, None, None, causal)
     return _run(q, k, v, lay, None, None, config, causal, return_selection)
 

@@ -171,6 +171,27 @@ def test_needle_rule_by_hand():
     assert Q.needle_retrieval(half, meta, dense, tol=0.01).per_needle[0, 0].item() is False
 
 
+def test_needle_rule_where_dense_misses():
+    """A head whose dense output stays below the threshold is held to dense attention's cosine,
+    not to the threshold: matching dense counts, falling further below does not."""
+    q, k, v, meta = Q.make_structured_inputs(1, 512, 4, 2, 64, seed=_seed(), needles=2)
+    sig = meta.needle_values[0][:, torch.arange(4) // 2]  # [J, Hq, D]
+    dense = torch.randn(1, 512, 4, 64)
+    for j in range(2):
+        dense[0, meta.needle_rows[j]] = sig[j]
+    noise = torch.randn(8, 64)
+    noise -= ((noise @ sig[1, 2]) / sig[1, 2].dot(sig[1, 2]))[:, None] * sig[1, 2]  # orthogonal to the signature
+    noise *= sig[1, 2].norm() / noise.norm(dim=-1, keepdim=True)
+    dense[0, meta.needle_rows[1], 2] = 0.4 * sig[1, 2] + noise  # cosine ~0.37: dense misses it
+    assert Q.needle_retrieval(dense, meta).per_needle.tolist() == [[True, False]]
+    nr = Q.needle_retrieval(dense.clone(), meta, dense)
+    assert nr.retrieval == 1.0 and nr.head_fraction == 1.0
+    worse = dense.clone()
+    worse[0, meta.needle_rows[1], 2] = 0.1 * sig[1, 2] + noise  # well below dense's cosine
+    nr = Q.needle_retrieval(worse, meta, dense)
+    assert nr.per_needle.tolist() == [[True, False]] and nr.head_fraction == 7 / 8
+
+
 # ---------------------------------------------------------------- baselines
 
 

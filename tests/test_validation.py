@@ -1,8 +1,11 @@
 """Bad input is rejected before any kernel runs, with a message naming the problem."""
+import dataclasses
+
 import pytest
 import torch
 
 import proxyattn as pa
+from proxyattn.config import check_proxy_grouping, default_proxy_heads
 
 
 def _qkv(B=1, nq=130, nk=130, hq=4, hkv=2, d=64, dtype=torch.float32):
@@ -88,6 +91,31 @@ def test_proxy_grouping_rule(g, ok):
     else:
         with pytest.raises(ValueError, match=f"num_proxy_heads={g}"):
             pa.proxy_attention(q, k, v, cfg)
+
+
+@pytest.mark.parametrize("hq,hkv,want", [(32, 8, 16), (8, 2, 4), (28, 4, 28), (40, 8, 40), (32, 32, 16),
+                                          (12, 2, 6), (64, 8, 32), (1, 1, 1), (6, 3, 3), (6, 2, 6), (7, 1, 7)])
+def test_default_proxy_heads(hq, hkv, want):
+    """The default G pools two query heads per proxy where DESIGN's grouping rule allows, else one
+    proxy per query head; it is always a valid grouping."""
+    assert default_proxy_heads(hq, hkv) == want
+    check_proxy_grouping(want, hq, hkv)
+    assert pa.ProxyAttnConfig().num_proxy_heads is None
+    assert pa.ProxyAttnConfig().proxy_heads(hq, hkv) == want
+    assert pa.ProxyAttnConfig(num_proxy_heads=1).proxy_heads(hq, hkv) == 1
+
+
+def test_default_proxy_heads_run_as_explicit():
+    """The default config on heads where Hq/2 is not a valid grouping (Hq=6, Hkv=2: G=3 would
+    span KV heads) runs with G=Hq, exactly as the explicit config does."""
+    q, k, v = _qkv(nq=640, nk=640, hq=6, hkv=2)
+    dflt = pa.ProxyAttnConfig(block_size=64, dense_below=0, min_budget=64)
+    out, sel = pa.proxy_attention(q, k, v, dflt, return_selection=True)
+    ref, rsel = pa.proxy_attention(q, k, v, dataclasses.replace(dflt, num_proxy_heads=6), return_selection=True)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert torch.equal(sel.indices, rsel.indices)
+    other = pa.proxy_attention(q, k, v, dataclasses.replace(dflt, num_proxy_heads=1, gamma=0.5), return_selection=True)
+    assert not torch.equal(other[1].counts, sel.counts)  # the config reaches the selection
 
 
 def test_config_type_checked():
