@@ -91,7 +91,7 @@ class _Sub(torch.Tensor):
 @needs_ext
 def test_fast_path_steps_aside():
     """Every case the Python path must see returns None from the C++ entry point."""
-    q, k, v = _qkv(1, 512, 8, 2, 64, torch.bfloat16)
+    q, k, v = _qkv(1, 512, 512, 8, 2, 64, torch.bfloat16)
     cfg = pa.ProxyAttnConfig()
     assert FAST(*_args(q, k, v)) is not None
     declines = {
@@ -99,8 +99,8 @@ def test_fast_path_steps_aside():
         "fp32": _args(q.float(), k.float(), v.float()),
         "dtype mix": _args(q, k.half(), v),
         "rank 3": _args(q[0], k[0], v[0]),
-        "head_dim 96": _args(*_qkv(1, 512, 8, 2, 96, torch.bfloat16)),
-        "heads 6/4": _args(*_qkv(1, 512, 6, 4, 64, torch.bfloat16)),
+        "head_dim 96": _args(*_qkv(1, 512, 512, 8, 2, 96, torch.bfloat16)),
+        "heads 6/4": _args(*_qkv(1, 512, 512, 6, 4, 64, torch.bfloat16)),
         "strided last dim": _args(torch.randn(1, 512, 8, 128, device="cuda", dtype=torch.bfloat16)[..., ::2], k, v),
         "causal chunk": _args(q[:, :256], k, v),
         "sparse length": _args(q, k, v, cfg=dataclasses.replace(cfg, dense_below=512)),
@@ -124,7 +124,7 @@ def test_fast_path_steps_aside():
 @needs_ext
 def test_public_errors_unchanged_on_dense_lengths():
     """Bad input on the dense path still raises the documented errors (the Python path's)."""
-    q, k, v = _qkv(1, 512, 8, 2, 64, torch.bfloat16)
+    q, k, v = _qkv(1, 512, 512, 8, 2, 64, torch.bfloat16)
     with pytest.raises(ValueError, match="16-byte aligned"):
         pa.proxy_attention(_misaligned(q), k, v)
     with pytest.raises(ValueError, match="num_proxy_heads=3"):
@@ -139,7 +139,7 @@ def test_public_errors_unchanged_on_dense_lengths():
 @needs_ext
 def test_fast_path_under_graph_capture():
     """The C++ dense path is capturable and replays the same result."""
-    q, k, v = _qkv(1, 1024, 8, 2, 128, torch.bfloat16)
+    q, k, v = _qkv(1, 1024, 1024, 8, 2, 128, torch.bfloat16)
     eager = pa.proxy_attention(q, k, v)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
