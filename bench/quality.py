@@ -81,6 +81,8 @@ def _parse(argv=None) -> argparse.Namespace:
 
 
 def _commit() -> str:
+    if os.environ.get("PROXYATTN_COMMIT"):  # copies of the tree on a device machine (benchlib.git_commit)
+        return os.environ["PROXYATTN_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
