@@ -16,8 +16,10 @@ DEFAULT_GAMMA = 0.97
 
 # Below this many keys proxy_attention runs dense attention: estimation and the min_budget
 # floor cannot pay off on short inputs. Measured on an H100 (bench/results/*-e2e.json,
-# structured inputs, default config): the sparse path ran 0.85x cuDNN's speed at 8k keys and
-# 1.70x at 16k.
+# structured inputs, G=1): the sparse path ran 0.85x cuDNN's speed at 8k keys and 1.70x at 16k;
+# on an H200 with the current defaults (G=16, gamma 0.97; *-e2e-defaults.json) 1.12x at 8k and
+# 2.12x at 16k on structured inputs, but 1.22x cuDNN's time at 16k on random ones (density ~0.95,
+# *-dense-path-3.json).
 DEFAULT_DENSE_BELOW = 16384
 
 
@@ -106,8 +108,8 @@ def default_proxy_heads(q_heads: int, kv_heads: int) -> int:
 
     Why not one pooled proxy (DESIGN's G=1): on structured inputs where each head keeps a fifth of
     its mass on spans of its own, G=1 reached recall 0.83-0.84 and missed a needle, G=Hq/2 0.95-0.98
-    (bench/NOTES.md). Stage 1 costs grow with G: at 128k on an H200 it is 17 ms of a 26 ms call
-    at G=16, still 9.3x faster than cuDNN's dense attention."""
+    (bench/NOTES.md). Stage 1 costs grow with G: at 128k on an H200 it is 17 ms of a 27 ms call
+    at G=16, still 9.2-9.4x faster than cuDNN's dense attention (19.6x at G=1)."""
     if q_heads % 2 == 0:
         g = q_heads // 2
         if (g <= kv_heads and kv_heads % g == 0) or (g > kv_heads and g % kv_heads == 0):
