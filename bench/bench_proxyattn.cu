@@ -80,8 +80,8 @@ struct Options {
   int batch = 1, q_heads = 32, kv_heads = 8, head_dim = 128, block_size = 128;
   std::vector<double> densities{0.1};
   std::string stage = "all";
-  int proxy_heads = 1, stride = 4;
-  double gamma = 0.95;
+  int proxy_heads = 0, stride = 4;  // 0: the library's default (ProxyAttnConfig: Hq/2 where valid, else Hq)
+  double gamma = 0.97;
   int sink_blocks = 1, local_blocks = 1, min_budget = 2048;
   int iters = 10, warmup = 3;
   bool bf16 = true;
@@ -102,9 +102,10 @@ void print_help() {
       "  --density R[,R...]     bsa: target density of the random causal selection (sink + diagonal\n"
       "                         always kept), default 0.1\n"
       "  --stage S              scores|budgets|select|estimate|bsa|all (default all)\n"
-      "  --proxy-heads G        proxy groups of the scores stage, default 1\n"
+      "  --proxy-heads G        proxy groups of the scores stage; default as ProxyAttnConfig: Hq/2\n"
+      "                         where the grouping rule allows, else Hq (16 at 32/8 heads; 0: that default)\n"
       "  --stride s             proxy stride, default 4\n"
-      "  --gamma g              budget mass, default 0.95\n"
+      "  --gamma g              budget mass, default 0.97\n"
       "  --sink-blocks n, --local-blocks n, --min-budget tokens   defaults 1, 1, 2048\n"
       "  --iters n              timed runs (median), default 10\n"
       "  --warmup n             untimed runs first, default 3\n"
@@ -229,6 +230,12 @@ Options parse_args(int argc, char** argv) {
   if (o.block_size != 64 && o.block_size != 128) usage_error("--block-size must be 64 or 128");
   if (o.batch < 1 || o.q_heads < 1 || o.kv_heads < 1 || o.q_heads % o.kv_heads != 0)
     usage_error("need batch >= 1 and q-heads a positive multiple of kv-heads");
+  if (o.proxy_heads == 0) {  // proxyattn.config.default_proxy_heads
+    const int half = o.q_heads / 2;
+    const bool half_ok = o.q_heads % 2 == 0 &&
+                         (half <= o.kv_heads ? o.kv_heads % half == 0 : half % o.kv_heads == 0);
+    o.proxy_heads = half_ok ? half : o.q_heads;
+  }
   const int G = o.proxy_heads;
   const bool grouping_ok = G >= 1 && (G <= o.kv_heads ? o.kv_heads % G == 0
                                                        : (G % o.kv_heads == 0 && o.q_heads % G == 0));

@@ -28,7 +28,7 @@ OPS = torch.ops.proxyattn
 
 def run_binary(a):
     cmd = [a.binary, "--stage", "all", "--seq-len", str(a.seq_len), "--density", str(a.density),
-           "--proxy-heads", str(a.proxy_heads), "--iters", str(a.reps)]
+           "--proxy-heads", str(a.proxy_heads), "--gamma", str(a.gamma), "--iters", str(a.reps)]
     print("$", " ".join(cmd), flush=True)
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     print(out, flush=True)
@@ -46,6 +46,7 @@ def main():
     ap.add_argument("--seq-len", type=int, default=131072)
     ap.add_argument("--density", type=float, default=0.1)
     ap.add_argument("--proxy-heads", type=int, default=1)
+    ap.add_argument("--gamma", type=float, default=0.95)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -59,7 +60,7 @@ def main():
     v = torch.randn(1, n, hkv, d, device="cuda", dtype=torch.bfloat16, generator=g)
     scale = d ** -0.5
     flush = l2_flush_buffer()
-    fns = estimate_stage_fns(q, k, None, None, n, n, S, a.proxy_heads, 4, 0.95, 2048, scale)
+    fns = estimate_stage_fns(q, k, None, None, n, n, S, a.proxy_heads, 4, a.gamma, 2048, scale)
     counts, indices = fns["estimate_select"]()
     nqb = -(-n // S)
     est_density = float(counts.double().sum() / (hq * nqb * (nqb + 1) / 2))
