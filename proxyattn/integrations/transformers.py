@@ -3,7 +3,7 @@
     from proxyattn import ProxyAttnConfig
     from proxyattn.integrations import transformers as pa_hf
 
-    pa_hf.register(ProxyAttnConfig(gamma=0.95), dense_layers=2)     # name "proxyattn"
+    pa_hf.register(ProxyAttnConfig(), dense_layers=2)               # name "proxyattn"
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="proxyattn")
     # or, on a loaded model: model.set_attn_implementation("proxyattn")
 
