@@ -100,7 +100,8 @@ def main():
 
             def estimate():
                 sc = OPS.proxy_block_scores(q, k, None, None, n, n, S, G, cfg.stride, scale, True)
-                ks = OPS.head_budgets(q, k, None, None, n, n, S, cfg.gamma, cfg.sink_blocks, cfg.local_blocks, scale, True)
+                ks = OPS.head_budgets(q, k, None, None, n, n, S, cfg.gamma, cfg.sink_blocks, cfg.local_blocks,
+                                      scale, True)
                 return OPS.select_blocks(sc, ks, None, None, n, n, S, cfg.sink_blocks, cfg.local_blocks,
                                          cfg.min_budget, True)
 
@@ -133,7 +134,8 @@ def main():
         del q, k, v, qt, ke, ve, mass, dense_out
         torch.cuda.empty_cache()
     for (g, gamma, st), n in crossover.items():
-        print(f"G={'default' if g is None else g} gamma={gamma} stride={st}: sparse path within 5% of cuDNN from N = {n} on (of the lengths measured)")
+        print(f"G={'default' if g is None else g} gamma={gamma} stride={st}: sparse path within 5% of cuDNN "
+              f"from N = {n} on (of the lengths measured)")
     print("wrote", write_record(cases, "e2e", a.out))
 
 

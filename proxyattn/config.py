@@ -110,20 +110,22 @@ def default_proxy_heads(q_heads: int, kv_heads: int) -> int:
     its mass on spans of its own, G=1 reached recall 0.83-0.84 and missed a needle, G=Hq/2 0.95-0.98
     (bench/NOTES.md). Stage 1 costs grow with G: at 128k on an H200 it is 17 ms of a 27 ms call
     at G=16, still 9.2-9.4x faster than cuDNN's dense attention (19.6x at G=1)."""
-    if q_heads % 2 == 0:
-        g = q_heads // 2
-        if (g <= kv_heads and kv_heads % g == 0) or (g > kv_heads and g % kv_heads == 0):
-            return g
-    return q_heads
+    half = q_heads // 2
+    return half if q_heads % 2 == 0 and proxy_grouping_ok(half, q_heads, kv_heads) else q_heads
+
+
+def proxy_grouping_ok(g: int, q_heads: int, kv_heads: int) -> bool:
+    """DESIGN.md section 2's rule: G divides Hkv, or Hkv divides G and G divides Hq."""
+    return g >= 1 and (kv_heads % g == 0 if g <= kv_heads else g % kv_heads == 0 and q_heads % g == 0)
 
 
 def check_proxy_grouping(g: int, q_heads: int, kv_heads: int) -> None:
+    if proxy_grouping_ok(g, q_heads, kv_heads):
+        return
     if g <= kv_heads:
-        if kv_heads % g != 0:
-            raise ValueError(
-                f"num_proxy_heads={g} must divide the {kv_heads} KV heads (or be a multiple of them "
-                f"that divides the {q_heads} query heads)")
-    elif g % kv_heads != 0 or q_heads % g != 0:
         raise ValueError(
-            f"num_proxy_heads={g} exceeds the {kv_heads} KV heads, so it must be a multiple of {kv_heads} "
-            f"that divides the {q_heads} query heads")
+            f"num_proxy_heads={g} must divide the {kv_heads} KV heads (or be a multiple of them "
+            f"that divides the {q_heads} query heads)")
+    raise ValueError(
+        f"num_proxy_heads={g} exceeds the {kv_heads} KV heads, so it must be a multiple of {kv_heads} "
+        f"that divides the {q_heads} query heads")

@@ -21,13 +21,11 @@ def _args(q, k, v, causal=True, cfg=pa.ProxyAttnConfig()):
 @needs_ext
 def test_cpu_tensors_and_junk_step_aside():
     """On the CPU (and for anything that is not three tensors) it returns None; a wrong argument
-    count is a TypeError, not a crash."""
+    count is a TypeError, not a crash. (Argument types on CUDA: test_fast_path_steps_aside.)"""
     q, k, v = torch.randn(1, 256, 4, 64), torch.randn(1, 256, 2, 64), torch.randn(1, 256, 2, 64)
     assert FAST(*_args(q, k, v)) is None
     assert FAST(*_args(q.bfloat16(), k.bfloat16(), v.bfloat16())) is None
     assert FAST(*_args(q.numpy(), k, v)) is None
-    assert FAST(q, k, v, 1, 16384, None, None) is None  # causal must be a bool
-    assert FAST(q, k, v, True, 16384.0, None, None) is None
     with pytest.raises(TypeError, match="7 arguments"):
         FAST(q, k, v)
     # the public call still runs the Python path on the CPU
@@ -108,6 +106,9 @@ def test_fast_path_steps_aside():
         "k on cpu": _args(q, k.cpu(), v),
         "subclass": _args(q.as_subclass(_Sub), k, v),
         "v shape": _args(q, k, v[:, :-1]),
+        "causal not a bool": (q, k, v, 1, cfg.dense_below, None, None),
+        "dense_below not an int": (q, k, v, True, float(cfg.dense_below), None, None),
+        "scale not a number": (q, k, v, True, cfg.dense_below, None, "0.1"),
     }
     for name, a in declines.items():
         assert FAST(*a) is None, name
