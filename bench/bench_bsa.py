@@ -9,6 +9,7 @@ CUDA events, median of --reps runs after warm-up. Effective TFLOP/s counts only 
 density * 4 * D * Hq * N^2 / 2 per batch item.
 
   python3 bench/bench_bsa.py [--seqlens 32768 131072] [--densities 1.0 0.3 0.1] [--out PATH]
+      [--orders auto heads kv:<n>] [--variants default serial overlap pingpong]
 
 Writes bench/results/<card>-<yyyymmdd>-bsa.json (DESIGN.md section 6 format) and prints a table.
 """
@@ -78,6 +79,23 @@ def flex_block_mask(counts, indices, n, s):
                                     seq_lengths=(n, n), **extra)
 
 
+# sm90 kernel variants (csrc/kernels/bsa_launch.h, bsa_sm90_variant): the environment each one needs.
+SM90_VARIANTS = {
+    "default": {},
+    "serial": {"PROXYATTN_BSA_SM90_OVERLAP": "0"},
+    "overlap": {"PROXYATTN_BSA_SM90_OVERLAP": "1", "PROXYATTN_BSA_SM90_PINGPONG": "0"},
+    "pingpong": {"PROXYATTN_BSA_SM90_OVERLAP": "1", "PROXYATTN_BSA_SM90_PINGPONG": "1"},
+}
+VARIANT_ENV = ("PROXYATTN_BSA_SM90_OVERLAP", "PROXYATTN_BSA_SM90_PINGPONG")
+
+
+def set_env(name, value):
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seqlens", type=int, nargs="+", default=[32768, 131072])
@@ -91,6 +109,9 @@ def main():
     ap.add_argument("--orders", nargs="+", default=["auto"],
                     help="CTA work orders to time (PROXYATTN_BSA_ORDER): auto (the default, recorded as bsa), "
                          "heads, kv:<n> (recorded as bsa_order_<name>)")
+    ap.add_argument("--variants", nargs="+", default=["default"], choices=sorted(SM90_VARIANTS),
+                    help="sm90 kernel variants to time on the same masks (default: the op's own choice, recorded "
+                         "as bsa; others recorded as bsa_<variant>)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -143,15 +164,20 @@ def main():
             qf, kf, vf = qt.contiguous(), kt.contiguous(), vt.contiguous()  # [B, H, N, D]
         for target in args.densities:
             counts, indices, density = random_causal_selection(b, hq, n, s, target, gen)
-            for order in args.orders:  # PROXYATTN_BSA_ORDER is read on every call
-                if order == "auto":
-                    os.environ.pop("PROXYATTN_BSA_ORDER", None)
-                else:
-                    os.environ["PROXYATTN_BSA_ORDER"] = order
-                ms = time_cold(lambda: torch.ops.proxyattn.block_sparse_attention(
-                    q, k, v, counts, indices, None, None, n, n, s, scale, True), reps, warmup, flush)
-                record("bsa" if order == "auto" else f"bsa_order_{order}", n, density, ms)
-            os.environ.pop("PROXYATTN_BSA_ORDER", None)
+            saved = {name: os.environ.get(name) for name in VARIANT_ENV + ("PROXYATTN_BSA_ORDER",)}
+            for order in args.orders:  # the environment is read on every call
+                for variant in args.variants:
+                    for name in VARIANT_ENV:
+                        set_env(name, saved[name])
+                    for name, value in SM90_VARIANTS[variant].items():
+                        os.environ[name] = value
+                    set_env("PROXYATTN_BSA_ORDER", saved["PROXYATTN_BSA_ORDER"] if order == "auto" else order)
+                    ms = time_cold(lambda: torch.ops.proxyattn.block_sparse_attention(
+                        q, k, v, counts, indices, None, None, n, n, s, scale, True), reps, warmup, flush)
+                    label = "bsa" if order == "auto" else f"bsa_order_{order}"
+                    record(label if variant == "default" else f"{label}_{variant}", n, density, ms)
+            for name, value in saved.items():
+                set_env(name, value)
             if flex is not None:
                 try:
                     bm = flex_block_mask(counts, indices, n, s)

@@ -3,7 +3,8 @@
 Runs the grid of tests/test_bsa_gpu.py (block size 128: the sm90 path's only size) with
 PROXYATTN_BSA_SM90=require, so the op raises instead of falling back to the sm80 path, and
 compares the sm90 output with the sm80 output (PROXYATTN_BSA_FORCE_SM80=1) on the same inputs.
-Both sm90 kernel variants run (serial, and PROXYATTN_BSA_SM90_OVERLAP=1). The environment is
+All three sm90 kernel variants run (serial: PROXYATTN_BSA_SM90_OVERLAP=0; overlapped, the
+default; overlapped with pingpong: PROXYATTN_BSA_SM90_PINGPONG=1). The environment is
 read by the op on every call (csrc/kernels/bsa_launch.h). Same tolerances as
 tests/test_bsa_gpu.py. Skipped unless the current device has compute capability 9.0.
 
@@ -32,12 +33,21 @@ CASES_128 = [c for c in base.CASES if c[6] == 128] + [
 CASE_IDS = lambda c: "B{}_q{}_k{}_h{}-{}_d{}_s{}_{}_{}".format(*c[:7], "causal" if c[7] else "full", c[8])  # noqa: E731
 
 
-@pytest.fixture(params=["serial", "overlap"])
+VARIANT_ENV = {"serial": ("0", "0"), "overlap": ("1", "0"), "pingpong": ("1", "1")}  # OVERLAP, PINGPONG
+
+
+def set_variant(monkeypatch, variant):
+    overlap, pingpong = VARIANT_ENV[variant]
+    monkeypatch.setenv("PROXYATTN_BSA_SM90_OVERLAP", overlap)
+    monkeypatch.setenv("PROXYATTN_BSA_SM90_PINGPONG", pingpong)
+
+
+@pytest.fixture(params=sorted(VARIANT_ENV))
 def sm90(request, monkeypatch):
-    """The sm90 path (or an error), in both kernel variants (PROXYATTN_BSA_SM90_OVERLAP)."""
+    """The sm90 path (or an error), in each kernel variant (csrc/kernels/bsa_launch.h)."""
     monkeypatch.delenv("PROXYATTN_BSA_FORCE_SM80", raising=False)
     monkeypatch.setenv("PROXYATTN_BSA_SM90", "require")
-    monkeypatch.setenv("PROXYATTN_BSA_SM90_OVERLAP", "1" if request.param == "overlap" else "0")
+    set_variant(monkeypatch, request.param)
 
 
 @pytest.mark.parametrize("dtype", base.DTYPES, ids=["bf16", "fp16"])
@@ -103,10 +113,10 @@ def test_varlen_sm90(sm90, dtype, d, causal):
 @pytest.mark.parametrize("case", [(2, 1000, 1000, 8, 2, 128, 128, True, 0.3), (1, 4096, 4096, 8, 1, 64, 128, True, 0.2),
                                   (1, 300, 1000, 8, 2, 128, 128, True, 0.5), (1, 129, 129, 8, 1, 128, 128, False, 0.5)],
                          ids=CASE_IDS)
-@pytest.mark.parametrize("overlap", ["0", "1"], ids=["serial", "overlap"])
-def test_sm90_matches_sm80(monkeypatch, case, dtype, overlap):
+@pytest.mark.parametrize("variant", sorted(VARIANT_ENV))
+def test_sm90_matches_sm80(monkeypatch, case, dtype, variant):
     """Same inputs through both paths: outputs within the lowp error budget, lse -inf patterns equal."""
-    monkeypatch.setenv("PROXYATTN_BSA_SM90_OVERLAP", overlap)
+    set_variant(monkeypatch, variant)
     monkeypatch.delenv("PROXYATTN_BSA_FORCE_SM80", raising=False)
     b, nq, nk, hq, hkv, d, s, causal, density = case
     gen = torch.Generator(device="cuda").manual_seed(hash(case) % (2**31) + 1)

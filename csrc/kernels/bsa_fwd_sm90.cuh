@@ -14,10 +14,12 @@
 //     the end of the keys, online softmax in fp32 (exp2), P converted to 16 bit in registers,
 //     O += P V by wgmma RS (64 x D x 128, V read MN-major from the same K-major smem tile).
 //     Epilogue: O / rowsum stored straight from registers (32-bit pairs), lse per row.
-//     Two variants (template kOverlap, chosen at run time by PROXYATTN_BSA_SM90_OVERLAP, see
-//     bsa_launch.h): serial (each wgmma waited for at once), and overlapped (S_j = Q K_j issued with
-//     O += P_{j-1} V_{j-1}; the softmax of S_j runs while the P V wgmma is in flight; O rescaled after).
-//     The two consumer warpgroups are not synchronised with each other (no explicit pingpong).
+//     Three variants (template kVariant, chosen at run time by bsa_sm90_variant in bsa_launch.h):
+//     0 serial (each wgmma waited for at once); 1 overlapped, the default (S_j = Q K_j issued with
+//     O += P_{j-1} V_{j-1}; the softmax of S_j runs while the P V wgmma is in flight; O rescaled
+//     after), the two consumer warpgroups not synchronised with each other; 2 overlapped with
+//     pingpong: the warpgroups take turns at issuing their pair of wgmmas (two named barriers), so
+//     one warpgroup's softmax runs while the other's wgmmas hold the tensor cores.
 //
 // Shared memory (SW128 K-major, what TMA writes and wgmma reads): sQ [128, D], sK/sV [2][128, D],
 // 7 mbarriers. D = 128: 160 KB; D = 64: 80 KB.
@@ -146,6 +148,18 @@ __device__ __forceinline__ constexpr auto acc_to_a_operand(Layout const& l) {
                      coalesce(make_layout(get<2, 1>(v), get<2>(l))));
 }
 
+// Converts an fp32 register fragment into a 16-bit one of the same size in place of its registers
+// (packed pairs, cvt.rn.bf16x2/f16x2), without an element-wise copy: a 16-bit element copy makes
+// the compiler unpack and repack every pair (PRMT/LOP3, ~130 extra instructions per tile).
+template <typename To, class TS, class TD>
+__device__ __forceinline__ void convert_into(TS const& src, TD& dst) {
+  constexpr int kN = decltype(size(src))::value;
+  static_assert(kN == decltype(size(dst))::value, "fragments of one size");
+  cutlass::NumericArrayConverter<To, float, kN> conv;
+  *reinterpret_cast<cutlass::Array<To, kN>*>(dst.data()) =
+      conv(*reinterpret_cast<cutlass::Array<float, kN> const*>(src.data()));
+}
+
 template <typename To, class Engine, class Layout>
 __device__ __forceinline__ auto convert_fragment(Tensor<Engine, Layout> const& t) {
   constexpr int kN = decltype(size(t))::value;
@@ -203,21 +217,31 @@ __device__ __forceinline__ void wg_issue(TiledMma& mma, TA const& a, TB const& b
 
 // Walks the selected key blocks of one index row in descending order (one 128-key tile per block),
 // skipping entries outside [0, nkb) and blocks that start past max_key. Producer and consumers each
-// run one and see the same sequence.
+// run one and see the same sequence. fetch() loads the entry the next advance() takes, so a loop
+// can issue that global load early (the consumers do it while a wgmma is in flight) instead of
+// waiting for it at the top of the next iteration; advance() loads whatever was not fetched.
 struct BlockCursor {
   BsaIndexRow row;  // int16 or int32 entries (kernels/bsa_params.h)
   int ord;
   int blk;
+  int next;      // entry ord - 1, valid when fetched
+  bool fetched;
   int nkb;
   int max_key;
 
   __device__ __forceinline__ BlockCursor(const BsaIndexRow& row_, int count, int nkb_, int max_key_)
-      : row(row_), ord(count), blk(-1), nkb(nkb_), max_key(max_key_) {}
+      : row(row_), ord(count), blk(-1), next(-1), fetched(false), nkb(nkb_), max_key(max_key_) {}
+
+  __device__ __forceinline__ void fetch() {
+    if (!fetched && ord > 0) next = row.load(ord - 1);
+    fetched = true;
+  }
 
   __device__ __forceinline__ bool advance(int block_n) {
     while (ord > 0) {
+      blk = fetched ? next : row.load(ord - 1);
+      fetched = false;
       --ord;
-      blk = row.load(ord);
       if (blk >= 0 && blk < nkb && blk * block_n <= max_key) return true;
     }
     return false;
@@ -227,9 +251,10 @@ struct BlockCursor {
 // ---------------------------------------------------------------------------------------------
 // The kernel.
 // ---------------------------------------------------------------------------------------------
-// kOverlap: issue S_j = Q K_j together with O += P_{j-1} V_{j-1} and run the softmax of S_j while
-// the second wgmma is in flight (FA3's intra-warpgroup overlap); false: strictly serial per tile.
-template <class Traits, bool kOverlap>
+// kVariant 1, 2: issue S_j = Q K_j together with O += P_{j-1} V_{j-1} and run the softmax of S_j
+// while the second wgmma is in flight (intra-warpgroup overlap); 2 adds the turns between the
+// consumer warpgroups (pingpong); 0: strictly serial per tile.
+template <class Traits, int kVariant>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
     bsa_fwd_sm90_kernel(const __grid_constant__ KernelParams<Traits> kp) {
 #if PROXYATTN_BSA_SM90_DEVICE
@@ -415,7 +440,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
     bool have = cursor.advance(kBlockN);
     if (have) Barrier::wait(&ss.bar_q, 0);
-    if constexpr (!kOverlap) {
+    if constexpr (kVariant == 0) {
       // Serial: S = Q K^T, softmax, O += P V, one tile after the other.
       int i = 0;
       while (have) {
@@ -439,16 +464,37 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       // Overlapped (one warpgroup): S_j = Q K_j and O += P_{j-1} V_{j-1} are issued together; the
       // softmax of S_j runs while the P V wgmma is in flight; O is rescaled by corr_j only after
       // that wgmma has completed (O then holds tiles < j relative to max_{j-1}).
+      // Pingpong (kVariant 2): every issue (S alone, S with the previous P V, the last P V) is one
+      // turn; a warpgroup waits on its own named barrier before it issues and then arrives on the
+      // other's. Both warpgroups walk the same key blocks, so they take the same number of turns;
+      // warpgroup 1 hands the first turn to warpgroup 0 up front and warpgroup 0 takes that last
+      // arrival back after its loop, so both barriers end balanced (also when there is no key).
+      constexpr bool kPingpong = kVariant == 2;
+      const int cwg = ctid / 128;
+      constexpr uint32_t kTurnBar = 1;  // named barriers 1, 2 (0 is __syncthreads)
+      auto turn_wait = [&]() {
+        if constexpr (kPingpong) cutlass::arch::NamedBarrier::sync(256, kTurnBar + cwg);
+      };
+      auto turn_pass = [&]() {
+        if constexpr (kPingpong) cutlass::arch::NamedBarrier::arrive(256, kTurnBar + (1 - cwg));
+      };
+      if constexpr (kPingpong) {
+        if (cwg == 1) cutlass::arch::NamedBarrier::arrive(256, kTurnBar);
+      }
       if (have) {
         Tensor rP = make_tensor<Elem>(partition_fragment_C(thr_s, Shape<Int<kBlockM>, Int<kBlockN>>{}).layout());
         Tensor tOrP = make_tensor(rP.data(), acc_to_a_operand(rP.layout()));  // ((2,2,2), 1, N/16)
         {
           Tensor acc_s = partition_fragment_C(thr_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
           Barrier::wait(&ss.full_k[0], 0);
-          wg_gemm<true>(mma_s, tSrQ, tSrK(_, _, _, 0), acc_s);
+          turn_wait();
+          wg_issue<true>(mma_s, tSrQ, tSrK(_, _, _, 0), acc_s);
+          turn_pass();
+          warpgroup_wait<0>();
+          warpgroup_fence_operand(acc_s);
           release(&ss.empty_k[0]);
           softmax_tile(acc_s, cursor.blk * kBlockN);  // O is 0: no rescale needed
-          copy(convert_fragment<Elem>(acc_s), rP);
+          convert_into<Elem>(acc_s, rP);
         }
         int i = 1;  // tile i is the next S; tile i - 1 is the pending P V
         while (cursor.advance(kBlockN)) {
@@ -456,25 +502,37 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
           const uint32_t phase = (i / kStages) & 1, phase_p = ((i - 1) / kStages) & 1;
           Tensor acc_s = partition_fragment_C(thr_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
           Barrier::wait(&ss.full_k[s], phase);
+          if constexpr (kPingpong) Barrier::wait(&ss.full_v[sp], phase_p);  // no wait inside a turn
+          turn_wait();
           wg_issue<true>(mma_s, tSrQ, tSrK(_, _, _, s), acc_s);
-          Barrier::wait(&ss.full_v[sp], phase_p);
+          if constexpr (!kPingpong) Barrier::wait(&ss.full_v[sp], phase_p);
           wg_issue<false>(mma_o, tOrP, tOrV(_, _, _, sp), acc_o);
+          turn_pass();
           warpgroup_wait<1>();  // S_i done (groups complete in order)
           warpgroup_fence_operand(acc_s);
           release(&ss.empty_k[s]);
           softmax_tile(acc_s, cursor.blk * kBlockN);
+          cursor.fetch();       // the next entry's load overlaps the P V wgmma
           warpgroup_wait<0>();  // P_{i-1} V_{i-1} done
           warpgroup_fence_operand(acc_o);
           warpgroup_fence_operand(tOrP);
           release(&ss.empty_v[sp]);
           rescale_o();
-          copy(convert_fragment<Elem>(acc_s), rP);
+          convert_into<Elem>(acc_s, rP);
           ++i;
         }
         const int sp = (i - 1) % kStages;
         Barrier::wait(&ss.full_v[sp], ((i - 1) / kStages) & 1);
-        wg_gemm<false>(mma_o, tOrP, tOrV(_, _, _, sp), acc_o);
+        turn_wait();
+        wg_issue<false>(mma_o, tOrP, tOrV(_, _, _, sp), acc_o);
+        turn_pass();
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(acc_o);
+        warpgroup_fence_operand(tOrP);
         release(&ss.empty_v[sp]);
+      }
+      if constexpr (kPingpong) {
+        if (cwg == 0) cutlass::arch::NamedBarrier::sync(256, kTurnBar);
       }
     }
 
@@ -513,7 +571,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 // Strides of a size-1 dimension are never used; give them a value TMA accepts.
 inline int64_t tma_stride(int64_t size, int64_t stride, int64_t fallback) { return size > 1 ? stride : fallback; }
 
-template <class Traits, bool kOverlap>
+template <class Traits, int kVariant>
 cudaError_t launch(const BsaParams& p, cudaStream_t stream) {
   using Elem = typename Traits::Elem;
   constexpr int D = Traits::kHeadDim;
@@ -546,7 +604,7 @@ cudaError_t launch(const BsaParams& p, cudaStream_t stream) {
                            Shape<Int<Traits::kBlockN>, Int<D>>{}, _1{});
 
   constexpr int kSmem = Traits::kSmemBytes;
-  auto kernel = &bsa_fwd_sm90_kernel<Traits, kOverlap>;
+  auto kernel = &bsa_fwd_sm90_kernel<Traits, kVariant>;
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (err != cudaSuccess) return err;
   kernel<<<dim3(unsigned(grid)), dim3(Traits::kNThreads), kSmem, stream>>>(kp);
@@ -567,8 +625,11 @@ cudaError_t run_bsa_fwd_sm90(const BsaParams& params, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   if (bsa_device_arch(dev) != 90) return cudaErrorNoKernelImageForDevice;  // sm_90a code only
   using Traits = bsa_sm90::Sm90Traits<CuteElem, kHeadDim>;
-  if (bsa_sm90_overlap()) return bsa_sm90::launch<Traits, true>(params, stream);
-  return bsa_sm90::launch<Traits, false>(params, stream);
+  switch (bsa_sm90_variant()) {
+    case 0: return bsa_sm90::launch<Traits, 0>(params, stream);
+    case 2: return bsa_sm90::launch<Traits, 2>(params, stream);
+    default: return bsa_sm90::launch<Traits, 1>(params, stream);
+  }
 }
 
 }  // namespace proxyattn

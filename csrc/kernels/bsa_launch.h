@@ -13,6 +13,8 @@
 //   PROXYATTN_BSA_ORDER          CTA work order, see bsa_kv_section (both paths).
 //   PROXYATTN_BSA_SM90_OVERLAP=0 the serial sm90 variant instead of the default one that overlaps
 //                                the softmax with the P V product.
+//   PROXYATTN_BSA_SM90_PINGPONG=1 the overlapped sm90 variant with the two consumer warpgroups
+//                                taking turns at issuing their wgmmas (ignored with OVERLAP=0).
 // Torch-free and CuTe-free, so the torch glue and the C++ benchmark can include it with a host
 // compiler.
 #pragma once
@@ -55,11 +57,13 @@ extern template cudaError_t run_bsa_fwd_sm90<__nv_bfloat16, 128>(const BsaParams
 // Whether the sm90 path is taken when PROXYATTN_BSA_SM90 is unset.
 inline constexpr bool kBsaSm90Default = true;
 
-// Whether the sm90 path runs its overlapped variant (default; PROXYATTN_BSA_SM90_OVERLAP=0 turns
-// it off; read per call).
-inline bool bsa_sm90_overlap() {
+// Which sm90 kernel variant runs (read per call): 0 serial (PROXYATTN_BSA_SM90_OVERLAP=0),
+// 1 overlapped (default), 2 overlapped with pingpong (PROXYATTN_BSA_SM90_PINGPONG=1).
+inline int bsa_sm90_variant() {
   const char* env = std::getenv("PROXYATTN_BSA_SM90_OVERLAP");
-  return env == nullptr || std::strcmp(env, "0") != 0;
+  if (env != nullptr && std::strcmp(env, "0") == 0) return 0;
+  const char* pp = std::getenv("PROXYATTN_BSA_SM90_PINGPONG");
+  return pp != nullptr && std::strcmp(pp, "1") == 0 ? 2 : 1;
 }
 
 // The CTA work order (BsaParams::kv_section) for these parameters. PROXYATTN_BSA_ORDER=heads gives
