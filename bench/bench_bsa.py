@@ -9,7 +9,7 @@ CUDA events, median of --reps runs after warm-up. Effective TFLOP/s counts only 
 density * 4 * D * Hq * N^2 / 2 per batch item.
 
   python3 bench/bench_bsa.py [--seqlens 32768 131072] [--densities 1.0 0.3 0.1] [--out PATH]
-      [--orders auto heads kv:<n>] [--variants default serial overlap pingpong]
+      [--orders auto heads kv:<n>] [--variants default serial overlap pingpong stages2 stages3]
 
 Writes bench/results/<card>-<yyyymmdd>-bsa.json (DESIGN.md section 6 format) and prints a table.
 """
@@ -85,8 +85,10 @@ SM90_VARIANTS = {
     "serial": {"PROXYATTN_BSA_SM90_OVERLAP": "0"},
     "overlap": {"PROXYATTN_BSA_SM90_OVERLAP": "1", "PROXYATTN_BSA_SM90_PINGPONG": "0"},
     "pingpong": {"PROXYATTN_BSA_SM90_OVERLAP": "1", "PROXYATTN_BSA_SM90_PINGPONG": "1"},
+    "stages2": {"PROXYATTN_BSA_SM90_OVERLAP": "1", "PROXYATTN_BSA_SM90_PINGPONG": "0", "PROXYATTN_BSA_SM90_STAGES": "2"},
+    "stages3": {"PROXYATTN_BSA_SM90_OVERLAP": "1", "PROXYATTN_BSA_SM90_PINGPONG": "0", "PROXYATTN_BSA_SM90_STAGES": "3"},
 }
-VARIANT_ENV = ("PROXYATTN_BSA_SM90_OVERLAP", "PROXYATTN_BSA_SM90_PINGPONG")
+VARIANT_ENV = ("PROXYATTN_BSA_SM90_OVERLAP", "PROXYATTN_BSA_SM90_PINGPONG", "PROXYATTN_BSA_SM90_STAGES")
 
 
 def set_env(name, value):

@@ -21,8 +21,9 @@
 //     pingpong: the warpgroups take turns at issuing their pair of wgmmas (two named barriers), so
 //     one warpgroup's softmax runs while the other's wgmmas hold the tensor cores.
 //
-// Shared memory (SW128 K-major, what TMA writes and wgmma reads): sQ [128, D], sK/sV [2][128, D],
-// 7 mbarriers. D = 128: 160 KB; D = 64: 80 KB.
+// Shared memory (SW128 K-major, what TMA writes and wgmma reads): sQ [128, D], sK/sV [stages][128, D],
+// 1 + 4 x stages mbarriers. 2 stages: D = 128 160 KB, D = 64 80 KB; 3 stages (overlapped variant,
+// PROXYATTN_BSA_SM90_STAGES=3): 224 KB, 112 KB.
 //
 // Tensor maps: q/out [rows, D, heads, batch] with the tensors' own strides (varlen: rows = total,
 // batch 1, each sequence reached by a row offset). Rows past a tensor's end read as zero. Rows of a
@@ -65,13 +66,13 @@ namespace bsa_sm90 {
 
 using namespace cute;
 
-template <typename Elem_, int kHeadDim_>
+template <typename Elem_, int kHeadDim_, int kStages_ = 2>
 struct Sm90Traits {
   using Elem = Elem_;  // cutlass::half_t or cutlass::bfloat16_t
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = 128;  // query rows per CTA == block_size
   static constexpr int kBlockN = 128;  // keys per tile == block_size
-  static constexpr int kStages = 2;
+  static constexpr int kStages = kStages_;  // K/V ring depth: 2, or 3 (bsa_sm90_stages)
   static constexpr int kConsumerWarpgroups = kBlockM / 64;
   static constexpr int kNThreads = 128 * (1 + kConsumerWarpgroups);
   static constexpr int kConsumerWarps = 4 * kConsumerWarpgroups;
@@ -624,11 +625,15 @@ cudaError_t run_bsa_fwd_sm90(const BsaParams& params, cudaStream_t stream) {
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
   if (bsa_device_arch(dev) != 90) return cudaErrorNoKernelImageForDevice;  // sm_90a code only
-  using Traits = bsa_sm90::Sm90Traits<CuteElem, kHeadDim>;
+  using Traits = bsa_sm90::Sm90Traits<CuteElem, kHeadDim, 2>;
+  using Traits3 = bsa_sm90::Sm90Traits<CuteElem, kHeadDim, 3>;  // the overlapped variant only
+  static_assert(Traits3::kSmemBytes <= 227 * 1024, "3-stage ring beyond the sm90 shared memory limit");
   switch (bsa_sm90_variant()) {
     case 0: return bsa_sm90::launch<Traits, 0>(params, stream);
     case 2: return bsa_sm90::launch<Traits, 2>(params, stream);
-    default: return bsa_sm90::launch<Traits, 1>(params, stream);
+    default:
+      if (bsa_sm90_stages() == 3) return bsa_sm90::launch<Traits3, 1>(params, stream);
+      return bsa_sm90::launch<Traits, 1>(params, stream);
   }
 }
 
