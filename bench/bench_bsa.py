@@ -9,7 +9,7 @@ CUDA events, median of --reps runs after warm-up. Effective TFLOP/s counts only 
 density * 4 * D * Hq * N^2 / 2 per batch item.
 
   python3 bench/bench_bsa.py [--seqlens 32768 131072] [--densities 1.0 0.3 0.1] [--out PATH]
-      [--orders auto heads kv:<n>] [--variants default serial overlap pingpong stages2 stages3]
+      [--orders auto heads kv:<n>] [--variants default serial pingpong stages3 pf2 stages3+pf2 ...]
 
 Writes bench/results/<card>-<yyyymmdd>-bsa.json (DESIGN.md section 6 format) and prints a table.
 """
@@ -79,16 +79,31 @@ def flex_block_mask(counts, indices, n, s):
                                     seq_lengths=(n, n), **extra)
 
 
-# sm90 kernel variants (csrc/kernels/bsa_launch.h, bsa_sm90_variant): the environment each one needs.
-SM90_VARIANTS = {
-    "default": {},
-    "serial": {"PROXYATTN_BSA_SM90_OVERLAP": "0"},
-    "overlap": {"PROXYATTN_BSA_SM90_OVERLAP": "1", "PROXYATTN_BSA_SM90_PINGPONG": "0"},
-    "pingpong": {"PROXYATTN_BSA_SM90_OVERLAP": "1", "PROXYATTN_BSA_SM90_PINGPONG": "1"},
-    "stages2": {"PROXYATTN_BSA_SM90_OVERLAP": "1", "PROXYATTN_BSA_SM90_PINGPONG": "0", "PROXYATTN_BSA_SM90_STAGES": "2"},
-    "stages3": {"PROXYATTN_BSA_SM90_OVERLAP": "1", "PROXYATTN_BSA_SM90_PINGPONG": "0", "PROXYATTN_BSA_SM90_STAGES": "3"},
-}
-VARIANT_ENV = ("PROXYATTN_BSA_SM90_OVERLAP", "PROXYATTN_BSA_SM90_PINGPONG", "PROXYATTN_BSA_SM90_STAGES")
+# sm90 kernel variants (csrc/kernels/bsa_launch.h): "default" leaves the environment as it is (the
+# op's own choice); any other name is a "+"-joined list of serial | overlap | pingpong | stages<2|3> |
+# pf<n> (L2 prefetch distance) on top of overlap, 2 stages, no prefetch.
+VARIANT_ENV = ("PROXYATTN_BSA_SM90_OVERLAP", "PROXYATTN_BSA_SM90_PINGPONG", "PROXYATTN_BSA_SM90_STAGES",
+               "PROXYATTN_BSA_SM90_PREFETCH")
+
+
+def variant_env(name):
+    if name == "default":
+        return {}
+    env = dict(zip(VARIANT_ENV, ("1", "0", "2", "0")))
+    for part in name.split("+"):
+        if part == "serial":
+            env["PROXYATTN_BSA_SM90_OVERLAP"] = "0"
+        elif part == "overlap":
+            pass
+        elif part == "pingpong":
+            env["PROXYATTN_BSA_SM90_PINGPONG"] = "1"
+        elif part in ("stages2", "stages3"):
+            env["PROXYATTN_BSA_SM90_STAGES"] = part[-1]
+        elif part.startswith("pf") and part[2:].isdigit():
+            env["PROXYATTN_BSA_SM90_PREFETCH"] = part[2:]
+        else:
+            raise argparse.ArgumentTypeError(f"unknown sm90 variant part {part!r} in {name!r}")
+    return env
 
 
 def set_env(name, value):
@@ -111,11 +126,16 @@ def main():
     ap.add_argument("--orders", nargs="+", default=["auto"],
                     help="CTA work orders to time (PROXYATTN_BSA_ORDER): auto (the default, recorded as bsa), "
                          "heads, kv:<n> (recorded as bsa_order_<name>)")
-    ap.add_argument("--variants", nargs="+", default=["default"], choices=sorted(SM90_VARIANTS),
-                    help="sm90 kernel variants to time on the same masks (default: the op's own choice, recorded "
-                         "as bsa; others recorded as bsa_<variant>)")
+    ap.add_argument("--variants", nargs="+", default=["default"],
+                    help="sm90 kernel variants to time on the same masks: default (the op's own choice, recorded "
+                         "as bsa) or '+'-joined serial|overlap|pingpong|stages2|stages3|pf<n> (recorded as "
+                         "bsa_<variant>)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    try:
+        envs = {v: variant_env(v) for v in args.variants}
+    except argparse.ArgumentTypeError as e:
+        ap.error(str(e))
     if not torch.cuda.is_available():
         sys.exit("bench_bsa.py needs a CUDA GPU")
 
@@ -171,7 +191,7 @@ def main():
                 for variant in args.variants:
                     for name in VARIANT_ENV:
                         set_env(name, saved[name])
-                    for name, value in SM90_VARIANTS[variant].items():
+                    for name, value in envs[variant].items():
                         os.environ[name] = value
                     set_env("PROXYATTN_BSA_ORDER", saved["PROXYATTN_BSA_ORDER"] if order == "auto" else order)
                     ms = time_cold(lambda: torch.ops.proxyattn.block_sparse_attention(
