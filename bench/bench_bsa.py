@@ -9,7 +9,7 @@ CUDA events, median of --reps runs after warm-up. Effective TFLOP/s counts only 
 density * 4 * D * Hq * N^2 / 2 per batch item.
 
   python3 bench/bench_bsa.py [--seqlens 32768 131072] [--densities 1.0 0.3 0.1] [--out PATH]
-      [--orders auto heads kv:<n>] [--variants default serial pingpong stages3 pf2 stages3+pf2 ...]
+      [--orders auto heads kv:<n>] [--variants default serial pingpong stages3] [--masks random window]
 
 Writes bench/results/<card>-<yyyymmdd>-bsa.json (DESIGN.md section 6 format) and prints a table.
 """
@@ -57,6 +57,21 @@ def random_causal_selection(b, h, n, s, density, gen):
     return counts, indices, actual
 
 
+def window_selection(counts, indices):
+    """The same row lengths as a selection, but contiguous: the sink block and the count - 1 blocks
+    that end at the row's diagonal (its last entry). Separates the cost of short rows from that of
+    scattered key blocks (L2 locality)."""
+    b, h, nqb, nkb = indices.shape
+    last = indices.gather(-1, (counts.long() - 1).clamp(min=0).unsqueeze(-1)).long()  # diagonal block
+    j = torch.arange(nkb, device=indices.device).view(1, 1, 1, -1)
+    cnt = counts.long().unsqueeze(-1)
+    # entry 0 is the sink (block 0), entries 1 .. cnt - 1 the blocks last - cnt + 2 .. last (ascending)
+    blocks = torch.where(j == 0, torch.zeros_like(last), last - cnt + 1 + j)
+    win = torch.where(j < cnt, blocks, torch.full_like(blocks, -1)).to(indices.dtype)
+    assert (win[j.expand_as(win) < cnt] >= 0).all(), "window selection left the key range"
+    return counts, win
+
+
 def flex_block_mask(counts, indices, n, s):
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -80,16 +95,15 @@ def flex_block_mask(counts, indices, n, s):
 
 
 # sm90 kernel variants (csrc/kernels/bsa_launch.h): "default" leaves the environment as it is (the
-# op's own choice); any other name is a "+"-joined list of serial | overlap | pingpong | stages<2|3> |
-# pf<n> (L2 prefetch distance) on top of overlap, 2 stages, no prefetch.
-VARIANT_ENV = ("PROXYATTN_BSA_SM90_OVERLAP", "PROXYATTN_BSA_SM90_PINGPONG", "PROXYATTN_BSA_SM90_STAGES",
-               "PROXYATTN_BSA_SM90_PREFETCH")
+# op's own choice); any other name is a "+"-joined list of serial | overlap | pingpong | stages<2|3>
+# on top of overlap with 2 stages (the 3-stage ring exists for the overlapped variant without pingpong only).
+VARIANT_ENV = ("PROXYATTN_BSA_SM90_OVERLAP", "PROXYATTN_BSA_SM90_PINGPONG", "PROXYATTN_BSA_SM90_STAGES")
 
 
 def variant_env(name):
     if name == "default":
         return {}
-    env = dict(zip(VARIANT_ENV, ("1", "0", "2", "0")))
+    env = dict(zip(VARIANT_ENV, ("1", "0", "2")))
     for part in name.split("+"):
         if part == "serial":
             env["PROXYATTN_BSA_SM90_OVERLAP"] = "0"
@@ -99,8 +113,6 @@ def variant_env(name):
             env["PROXYATTN_BSA_SM90_PINGPONG"] = "1"
         elif part in ("stages2", "stages3"):
             env["PROXYATTN_BSA_SM90_STAGES"] = part[-1]
-        elif part.startswith("pf") and part[2:].isdigit():
-            env["PROXYATTN_BSA_SM90_PREFETCH"] = part[2:]
         else:
             raise argparse.ArgumentTypeError(f"unknown sm90 variant part {part!r} in {name!r}")
     return env
@@ -128,8 +140,11 @@ def main():
                          "heads, kv:<n> (recorded as bsa_order_<name>)")
     ap.add_argument("--variants", nargs="+", default=["default"],
                     help="sm90 kernel variants to time on the same masks: default (the op's own choice, recorded "
-                         "as bsa) or '+'-joined serial|overlap|pingpong|stages2|stages3|pf<n> (recorded as "
+                         "as bsa) or '+'-joined serial|overlap|pingpong|stages2|stages3 (recorded as "
                          "bsa_<variant>)")
+    ap.add_argument("--masks", nargs="+", default=["random"], choices=["random", "window"],
+                    help="random: random causal blocks (default); window: the same row lengths as contiguous "
+                         "blocks ending at the diagonal (plus the sink), recorded with the suffix _window")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     try:
@@ -187,17 +202,21 @@ def main():
         for target in args.densities:
             counts, indices, density = random_causal_selection(b, hq, n, s, target, gen)
             saved = {name: os.environ.get(name) for name in VARIANT_ENV + ("PROXYATTN_BSA_ORDER",)}
-            for order in args.orders:  # the environment is read on every call
-                for variant in args.variants:
-                    for name in VARIANT_ENV:
-                        set_env(name, saved[name])
-                    for name, value in envs[variant].items():
-                        os.environ[name] = value
-                    set_env("PROXYATTN_BSA_ORDER", saved["PROXYATTN_BSA_ORDER"] if order == "auto" else order)
-                    ms = time_cold(lambda: torch.ops.proxyattn.block_sparse_attention(
-                        q, k, v, counts, indices, None, None, n, n, s, scale, True), reps, warmup, flush)
-                    label = "bsa" if order == "auto" else f"bsa_order_{order}"
-                    record(label if variant == "default" else f"{label}_{variant}", n, density, ms)
+            for mask in args.masks:
+                mc, mi = (counts, indices) if mask == "random" else window_selection(counts, indices)
+                suffix = "" if mask == "random" else f"_{mask}"
+                for order in args.orders:  # the environment is read on every call
+                    for variant in args.variants:
+                        for name in VARIANT_ENV:
+                            set_env(name, saved[name])
+                        for name, value in envs[variant].items():
+                            os.environ[name] = value
+                        set_env("PROXYATTN_BSA_ORDER", saved["PROXYATTN_BSA_ORDER"] if order == "auto" else order)
+                        ms = time_cold(lambda: torch.ops.proxyattn.block_sparse_attention(
+                            q, k, v, mc, mi, None, None, n, n, s, scale, True), reps, warmup, flush)
+                        label = "bsa" if order == "auto" else f"bsa_order_{order}"
+                        record((label if variant == "default" else f"{label}_{variant}") + suffix, n, density, ms)
+                del mc, mi
             for name, value in saved.items():
                 set_env(name, value)
             if flex is not None:

@@ -124,7 +124,6 @@ struct KernelParams {
   typename Traits::TmaKV tma_k;
   typename Traits::TmaKV tma_v;
   int32_t q_rows_total, k_rows_total, q_batches;  // extents the tensor maps were built with
-  int32_t prefetch;  // L2 prefetch distance in selected key blocks (0: none; bsa_sm90_prefetch)
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -349,24 +348,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
         Barrier::arrive_and_expect_tx(&ss.bar_q, Traits::kQBytes);
         copy(kp.tma_q.with(ss.bar_q), tQg, tQs);
-        // L2 prefetch (kp.prefetch > 0): a second cursor runs kp.prefetch selected blocks ahead of
-        // this one and asks TMA to bring those K/V tiles into L2 (no shared memory, no barrier),
-        // so the ring's loads of scattered blocks find them there.
-        BlockCursor pf = cursor;
-        int pf_i = 0;  // ordinal of pf's block
-        bool pf_live = kp.prefetch > 0;
         int i = 0;
         do {
           const int s = i % kStages;
           const uint32_t phase = (i / kStages) & 1;
-          while (pf_live && pf_i < i + kp.prefetch) {
-            pf_live = pf.advance(kBlockN);
-            if (pf_live) {
-              ++pf_i;
-              prefetch(kp.tma_k, tKg(_, pf.blk));
-              prefetch(kp.tma_v, tVg(_, pf.blk));
-            }
-          }
           EmptyBarrier::wait(&ss.empty_k[s], phase ^ 1);  // a fresh barrier passes parity 1 at once
           Barrier::arrive_and_expect_tx(&ss.full_k[s], Traits::kKVBytes);
           copy(kp.tma_k.with(ss.full_k[s]), tKg(_, cursor.blk), tKs(_, s));
@@ -603,7 +588,6 @@ cudaError_t launch(const BsaParams& p, cudaStream_t stream) {
   kp.q_rows_total = int32_t(varlen ? p.total_q : p.seqlen_q);
   kp.k_rows_total = int32_t(varlen ? p.total_k : p.seqlen_k);
   kp.q_batches = varlen ? 1 : p.batch;
-  kp.prefetch = bsa_sm90_prefetch();
   const int64_t dflt = D;  // 16-byte multiple, used for unused strides
   auto make_g = [&](const void* ptr, int32_t rows, int heads, int64_t rs, int64_t hs, int64_t bs) {
     return make_tensor(make_gmem_ptr(static_cast<Elem const*>(ptr)),

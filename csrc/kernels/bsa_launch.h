@@ -16,8 +16,6 @@
 //   PROXYATTN_BSA_SM90_PINGPONG=1 the overlapped sm90 variant with the two consumer warpgroups
 //                                taking turns at issuing their wgmmas (ignored with OVERLAP=0).
 //   PROXYATTN_BSA_SM90_STAGES=3  a 3-stage K/V ring for the overlapped variant (default 2).
-//   PROXYATTN_BSA_SM90_PREFETCH=n the sm90 producer prefetches the K/V tiles n selected blocks
-//                                ahead into L2 (default 0).
 // Torch-free and CuTe-free, so the torch glue and the C++ benchmark can include it with a host
 // compiler.
 #pragma once
@@ -74,15 +72,6 @@ inline int bsa_sm90_variant() {
 inline int bsa_sm90_stages() {
   const char* env = std::getenv("PROXYATTN_BSA_SM90_STAGES");
   return env != nullptr && std::strcmp(env, "3") == 0 ? 3 : 2;
-}
-
-// L2 prefetch distance of the sm90 producer in selected key blocks (read per call):
-// PROXYATTN_BSA_SM90_PREFETCH=<n>, 0 to 8; default 0 (none).
-inline int bsa_sm90_prefetch() {
-  const char* env = std::getenv("PROXYATTN_BSA_SM90_PREFETCH");
-  if (env == nullptr) return 0;
-  const long n = std::strtol(env, nullptr, 10);
-  return n < 0 ? 0 : (n > 8 ? 8 : int(n));
 }
 
 // The CTA work order (BsaParams::kv_section) for these parameters. PROXYATTN_BSA_ORDER=heads gives
