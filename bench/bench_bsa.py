@@ -115,6 +115,14 @@ def variant_env(name):
             env["PROXYATTN_BSA_SM90_STAGES"] = part[-1]
         else:
             raise argparse.ArgumentTypeError(f"unknown sm90 variant part {part!r} in {name!r}")
+    # Combinations the kernel would ignore (csrc/kernels/bsa_launch.h) would be recorded under a
+    # name that does not say what ran: refuse them.
+    serial = env["PROXYATTN_BSA_SM90_OVERLAP"] == "0"
+    if serial and env["PROXYATTN_BSA_SM90_PINGPONG"] == "1":
+        raise argparse.ArgumentTypeError(f"{name!r}: pingpong needs the overlapped kernel, not serial")
+    if env["PROXYATTN_BSA_SM90_STAGES"] == "3" and (serial or env["PROXYATTN_BSA_SM90_PINGPONG"] == "1"):
+        raise argparse.ArgumentTypeError(f"{name!r}: the 3-stage ring exists for the overlapped kernel without "
+                                         "pingpong only")
     return env
 
 

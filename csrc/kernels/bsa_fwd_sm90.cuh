@@ -6,8 +6,9 @@
 // sections of KV heads whose K/V fit in L2 (bsa_tile in kernels/bsa_params.h); 384
 // threads in three warpgroups:
 //   warpgroup 0 (producer, 24 registers): one thread issues TMA loads, Q once, then for every
-//     selected key block (walked from the diagonal down, the same TileCursor as sm80) K and V into
-//     a 2-stage ring; full barriers carry the TMA transaction bytes, empty barriers are released
+//     selected key block (walked from the diagonal down by BlockCursor, the order of sm80's
+//     TileCursor) K and V into a 2-stage ring (3 with PROXYATTN_BSA_SM90_STAGES=3, variant 1 only);
+//     full barriers carry the TMA transaction bytes, empty barriers are released
 //     by the 8 consumer warps.
 //   warpgroups 1, 2 (consumers, 240 registers): each owns 64 of the 128 query rows.
 //     S = Q K^T by wgmma SS (64 x 128 x D), mask only on tiles that cross the causal diagonal or
@@ -22,7 +23,7 @@
 //     one warpgroup's softmax runs while the other's wgmmas hold the tensor cores.
 //
 // Shared memory (SW128 K-major, what TMA writes and wgmma reads): sQ [128, D], sK/sV [stages][128, D],
-// 1 + 4 x stages mbarriers. 2 stages: D = 128 160 KB, D = 64 80 KB; 3 stages (overlapped variant,
+// 1 + 4 x stages mbarriers. 2 stages: D = 128 160 KB, D = 64 80 KB; 3 stages (variant 1 only,
 // PROXYATTN_BSA_SM90_STAGES=3): 224 KB, 112 KB.
 //
 // Tensor maps: q/out [rows, D, heads, batch] with the tensors' own strides (varlen: rows = total,
@@ -473,7 +474,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       // arrival back after its loop, so both barriers end balanced (also when there is no key).
       constexpr bool kPingpong = kVariant == 2;
       const int cwg = ctid / 128;
-      constexpr uint32_t kTurnBar = 1;  // named barriers 1, 2 (0 is __syncthreads)
+      // Named barrier ids 1 and 2 of cutlass::arch::NamedBarrier, which adds its reserved count
+      // (hardware barriers 9 and 10; 0 is __syncthreads).
+      constexpr uint32_t kTurnBar = 1;
       auto turn_wait = [&]() {
         if constexpr (kPingpong) cutlass::arch::NamedBarrier::sync(256, kTurnBar + cwg);
       };
@@ -627,7 +630,7 @@ cudaError_t run_bsa_fwd_sm90(const BsaParams& params, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   if (bsa_device_arch(dev) != 90) return cudaErrorNoKernelImageForDevice;  // sm_90a code only
   using Traits = bsa_sm90::Sm90Traits<CuteElem, kHeadDim, 2>;
-  using Traits3 = bsa_sm90::Sm90Traits<CuteElem, kHeadDim, 3>;  // the overlapped variant only
+  using Traits3 = bsa_sm90::Sm90Traits<CuteElem, kHeadDim, 3>;  // variant 1 (overlapped, no pingpong) only
   static_assert(Traits3::kSmemBytes <= 227 * 1024, "3-stage ring beyond the sm90 shared memory limit");
   switch (bsa_sm90_variant()) {
     case 0: return bsa_sm90::launch<Traits, 0>(params, stream);

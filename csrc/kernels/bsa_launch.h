@@ -15,7 +15,8 @@
 //                                the softmax with the P V product.
 //   PROXYATTN_BSA_SM90_PINGPONG=1 the overlapped sm90 variant with the two consumer warpgroups
 //                                taking turns at issuing their wgmmas (ignored with OVERLAP=0).
-//   PROXYATTN_BSA_SM90_STAGES=3  a 3-stage K/V ring for the overlapped variant (default 2).
+//   PROXYATTN_BSA_SM90_STAGES=3  a 3-stage K/V ring for the default variant (overlapped without
+//                                pingpong); ignored with OVERLAP=0 or PINGPONG=1 (default 2).
 // Torch-free and CuTe-free, so the torch glue and the C++ benchmark can include it with a host
 // compiler.
 #pragma once
@@ -67,8 +68,9 @@ inline int bsa_sm90_variant() {
   return pp != nullptr && std::strcmp(pp, "1") == 0 ? 2 : 1;
 }
 
-// Depth of the sm90 K/V ring for the overlapped variant (read per call): 2 (default) or 3
-// (PROXYATTN_BSA_SM90_STAGES=3; loads issued one key block further ahead of the wgmmas).
+// Depth of the sm90 K/V ring of variant 1 (overlapped without pingpong; read per call): 2 (default)
+// or 3 (PROXYATTN_BSA_SM90_STAGES=3; loads issued one key block further ahead of the wgmmas).
+// The serial and pingpong variants always use 2.
 inline int bsa_sm90_stages() {
   const char* env = std::getenv("PROXYATTN_BSA_SM90_STAGES");
   return env != nullptr && std::strcmp(env, "3") == 0 ? 3 : 2;
