@@ -9,7 +9,7 @@ CUDA events, median of --reps runs after warm-up. Effective TFLOP/s counts only 
 density * 4 * D * Hq * N^2 / 2 per batch item.
 
   python3 bench/bench_bsa.py [--seqlens 32768 131072] [--densities 1.0 0.3 0.1] [--out PATH]
-      [--orders auto heads kv:<n>] [--variants default serial pingpong stages3] [--masks random window]
+      [--orders auto heads kv:<n>] [--variants default serial pingpong stages3] [--masks random window split2 split4]
 
 Writes bench/results/<card>-<yyyymmdd>-bsa.json (DESIGN.md section 6 format) and prints a table.
 """
@@ -70,6 +70,24 @@ def window_selection(counts, indices):
     win = torch.where(j < cnt, blocks, torch.full_like(blocks, -1)).to(indices.dtype)
     assert (win[j.expand_as(win) < cnt] >= 0).all(), "window selection left the key range"
     return counts, win
+
+
+def key_split_selections(counts, indices, parts):
+    """The selection cut into `parts` key ranges of equal block count: for each range, every row keeps
+    its blocks inside it (ascending, -1 padded). Running the parts one after another keeps each
+    part's K/V working set 1/parts of a KV head's; the partial outputs would still need a merge."""
+    b, h, nqb, nkb = indices.shape
+    j = torch.arange(nkb, device=indices.device).view(1, 1, 1, -1)
+    valid = j < counts.long().unsqueeze(-1)
+    idx = indices.long()
+    out = []
+    for part in range(parts):
+        lo, hi = part * nkb // parts, (part + 1) * nkb // parts
+        keep = valid & (idx >= lo) & (idx < hi)
+        key = torch.where(keep, idx, idx.new_full((), 2 * nkb)).sort(-1).values
+        cnt = keep.sum(-1)
+        out.append((cnt.to(counts.dtype), torch.where(j < cnt.unsqueeze(-1), key, -1).to(indices.dtype)))
+    return out
 
 
 def flex_block_mask(counts, indices, n, s):
@@ -150,9 +168,11 @@ def main():
                     help="sm90 kernel variants to time on the same masks: default (the op's own choice, recorded "
                          "as bsa) or '+'-joined serial|overlap|pingpong|stages2|stages3 (recorded as "
                          "bsa_<variant>)")
-    ap.add_argument("--masks", nargs="+", default=["random"], choices=["random", "window"],
+    ap.add_argument("--masks", nargs="+", default=["random"], choices=["random", "window", "split2", "split4"],
                     help="random: random causal blocks (default); window: the same row lengths as contiguous "
-                         "blocks ending at the diagonal (plus the sink), recorded with the suffix _window")
+                         "blocks ending at the diagonal (plus the sink), recorded with the suffix _window; "
+                         "split<k>: the random blocks cut into k key ranges, one call per range in sequence, "
+                         "timed together without merging the partial outputs (suffix _split<k>)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     try:
@@ -211,8 +231,20 @@ def main():
             counts, indices, density = random_causal_selection(b, hq, n, s, target, gen)
             saved = {name: os.environ.get(name) for name in VARIANT_ENV + ("PROXYATTN_BSA_ORDER",)}
             for mask in args.masks:
-                mc, mi = (counts, indices) if mask == "random" else window_selection(counts, indices)
+                if mask == "random":
+                    sels = [(counts, indices)]
+                elif mask == "window":
+                    sels = [window_selection(counts, indices)]
+                else:
+                    sels = key_split_selections(counts, indices, int(mask[len("split"):]))
                 suffix = "" if mask == "random" else f"_{mask}"
+
+                def call(sels=sels):
+                    for mc, mi in sels:
+                        out = torch.ops.proxyattn.block_sparse_attention(
+                            q, k, v, mc, mi, None, None, n, n, s, scale, True)
+                    return out
+
                 for order in args.orders:  # the environment is read on every call
                     for variant in args.variants:
                         for name in VARIANT_ENV:
@@ -220,11 +252,10 @@ def main():
                         for name, value in envs[variant].items():
                             os.environ[name] = value
                         set_env("PROXYATTN_BSA_ORDER", saved["PROXYATTN_BSA_ORDER"] if order == "auto" else order)
-                        ms = time_cold(lambda: torch.ops.proxyattn.block_sparse_attention(
-                            q, k, v, mc, mi, None, None, n, n, s, scale, True), reps, warmup, flush)
+                        ms = time_cold(call, reps, warmup, flush)
                         label = "bsa" if order == "auto" else f"bsa_order_{order}"
                         record((label if variant == "default" else f"{label}_{variant}") + suffix, n, density, ms)
-                del mc, mi
+                del sels
             for name, value in saved.items():
                 set_env(name, value)
             if flex is not None:
