@@ -89,6 +89,26 @@ def group_pool(q_b: Tensor, k_b: Tensor, groups: int) -> Tuple[Tensor, Tensor]:
     return qbar, kbar
 
 
+def _scale_rows(raw: Tensor, scale: float):
+    """(raw * scale, shift) for a softmax or logsumexp over the last dim; masked entries are -inf in
+    raw. Where the product overflows (+inf from a finite raw value: a huge softmax_scale), each row is
+    shifted by its largest entry first and shift = that entry * scale is returned per row (add it back
+    to a logsumexp); softmax is shift-invariant, so the row keeps its distribution, the limit of a huge
+    scale, instead of inf - inf = NaN. Without overflow the product is returned unchanged with shift 0,
+    so ordinary scales round exactly as the plain product does."""
+    masked = torch.isneginf(raw)  # stays -inf also where scale is 0 in fp32 (-inf * 0 would be NaN)
+    logits = (raw * scale).masked_fill_(masked, -math.inf)
+    if not bool((torch.isposinf(logits) & torch.isfinite(raw)).any()):
+        return logits, 0.0
+    mx = raw.amax(dim=-1, keepdim=True)
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))  # rows that see nothing stay -inf
+    shifted = raw - mx
+    # The row's largest entries get logit 0 exactly, also when scale itself exceeds the largest fp32
+    # value (it is inf in this math and 0 * inf would be NaN).
+    logits = torch.where(shifted == 0, torch.zeros_like(shifted), shifted * scale).masked_fill_(masked, -math.inf)
+    return logits, (mx * scale).squeeze(-1)
+
+
 # ---------------------------------------------------------------- stage 1
 
 
@@ -127,9 +147,10 @@ def _scores_one(q_b: Tensor, k_b: Tensor, S: int, G: int, s: int, scale: float, 
         t_vis = (off + int(qi[-1])) // s + 1 if causal else kept_k.numel()  # kept keys any row may see
         for g0 in range(0, G, gchunk):
             g1 = min(G, g0 + gchunk)
-            logits = torch.matmul(qbar[qi, g0:g1].transpose(0, 1), kk[g0:g1, :, :t_vis]) * scale  # [g, R, T]
+            raw = torch.matmul(qbar[qi, g0:g1].transpose(0, 1), kk[g0:g1, :, :t_vis])  # [g, R, T]
             if causal:
-                logits.masked_fill_(kept_k[None, None, :t_vis] > (off + qi)[None, :, None], float("-inf"))
+                raw.masked_fill_(kept_k[None, None, :t_vis] > (off + qi)[None, :, None], float("-inf"))
+            logits, _ = _scale_rows(raw, scale)
             pm = torch.softmax(logits, dim=-1).amax(dim=1)  # [g, T]: max over the block's kept queries
             pm = torch.cat([pm, pm.new_zeros(g1 - g0, 1)], dim=1)
             sl = torch.where((slot >= 0) & (slot < t_vis), slot, t_vis)  # -> the zero column
@@ -169,9 +190,10 @@ def last_block_mass(q_b: Tensor, k_b: Tensor, S: int, scale: float, causal: bool
     per = max(1, _CHUNK_ELEMS // (rows * nk))
     for h0 in range(0, hq, per):
         hs = torch.arange(h0, min(hq, h0 + per), device=q_b.device)
-        logits = torch.matmul(qr[hs], kh[hs // rep]) * scale  # [h, R, Nk]
+        raw = torch.matmul(qr[hs], kh[hs // rep])  # [h, R, Nk]
         if causal:
-            logits.masked_fill_(keys[None, None, :] > pos[None, :, None], float("-inf"))
+            raw.masked_fill_(keys[None, None, :] > pos[None, :, None], float("-inf"))
+        logits, _ = _scale_rows(raw, scale)
         a = torch.softmax(logits, dim=-1)
         a = torch.nn.functional.pad(a, (0, nkb * S - nk))
         w[hs] = a.view(len(hs), rows, nkb, S).sum(dim=-1).mean(dim=1)
@@ -316,19 +338,20 @@ def attention_with_block_mask(q_b: Tensor, k_b: Tensor, v_b: Tensor, block_mask:
             qc = q_b[r0:r1, hs].to(dt).transpose(0, 1)  # [h, R, D]
             kc = k_b[:kend].to(dt)[:, hs // rep].permute(1, 2, 0)  # [h, D, L]
             vc = v_b[:kend].to(dt)[:, hs // rep].transpose(0, 1)  # [h, L, D]
-            logits = torch.matmul(qc, kc) * scale
-            allowed = torch.ones_like(logits, dtype=torch.bool)
+            raw = torch.matmul(qc, kc)
+            allowed = torch.ones_like(raw, dtype=torch.bool)
             if causal:
                 allowed &= keys[None, None, :kend] <= pos[None, :, None]
             if block_mask is not None:
                 bm = block_mask[hs, r0 // S][:, keys[:kend] // S]  # [h, L]
                 allowed &= bm[:, None, :]
-            logits.masked_fill_(~allowed, -math.inf)
+            raw.masked_fill_(~allowed, -math.inf)
+            logits, shift = _scale_rows(raw, scale)
             l = torch.logsumexp(logits, dim=-1)  # -inf for rows that see nothing
             p = torch.exp(logits - torch.where(torch.isinf(l), 0.0, l)[..., None])
             o = torch.matmul(p, vc)  # rows that see nothing: p == 0 -> o == 0
             out[r0:r1, hs] = o.transpose(0, 1).to(q_b.dtype)
-            lse[hs, r0:r1] = l.float()
+            lse[hs, r0:r1] = (l + shift).float()
     return out, lse
 
 

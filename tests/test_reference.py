@@ -341,3 +341,38 @@ def test_compile_fullgraph_cpu():
     want = pa.proxy_attention(q, k, v, cfg)
     got = torch.compile(lambda a, b, c: pa.proxy_attention(a, b, c, cfg), fullgraph=True)(q, k, v)
     assert torch.equal(got, want)
+
+
+def test_huge_softmax_scale_is_the_argmax_limit():
+    """A softmax_scale whose product with q.k overflows fp32 (found by the argument fuzzing) gives the
+    limit of a huge scale, all weight on each row's largest logit, in all three stages, not NaN: the
+    same scores, budgets and outputs as a scale of 1e6, which is already that limit on these inputs."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 130, 4, 64, generator=g) * 3  # q.k up to ~200: times 3.2e37 overflows fp32
+    k = torch.randn(1, 130, 2, 64, generator=g) * 3
+    v = torch.randn(1, 130, 2, 64, generator=g)
+    huge, limit = 3.2e37, 1e6
+    assert torch.isinf(torch.einsum("nd,md->nm", q[0, :, 0], k[0, :, 0]).max() * huge)  # it does overflow
+    sc_h = pa.proxy_block_scores(q, k, softmax_scale=huge)
+    sc_l = pa.proxy_block_scores(q, k, softmax_scale=limit)
+    assert torch.isfinite(sc_h).all() and torch.allclose(sc_h, sc_l, atol=1e-6)
+    assert torch.equal(pa.head_budgets(q, k, softmax_scale=huge), pa.head_budgets(q, k, softmax_scale=limit))
+    out_h, lse_h = ref.dense_attention(q, k, v, None, None, huge, True)
+    out_l, lse_l = ref.dense_attention(q, k, v, None, None, limit, True)
+    assert torch.isfinite(out_h).all() and torch.allclose(out_h, out_l, atol=1e-5)
+    assert not torch.isnan(lse_h).any() and torch.isposinf(lse_h).any()  # beyond fp32: +inf, not NaN
+    # A scale above the largest fp32 value (inf in fp32 math) is the same limit.
+    top = 3.4028235677973366e+38
+    assert torch.allclose(pa.proxy_block_scores(q, k, softmax_scale=top), sc_l, atol=1e-6)
+    assert torch.allclose(ref.dense_attention(q, k, v, None, None, top, True)[0], out_l, atol=1e-5)
+    # A scale that is 0 in fp32 gives uniform weights over the visible keys (masked keys stay out).
+    sc_0 = pa.proxy_block_scores(q, k, softmax_scale=1.5e-185)
+    assert torch.isfinite(sc_0).all() and (sc_0 > 0).sum() > 0
+    out_0, _ = ref.dense_attention(q, k, v, None, None, 1.5e-185, True)
+    assert torch.allclose(out_0[0, 2, 0], v[0, :3, 0].mean(0), atol=1e-6)
+    # An ordinary scale takes the plain product, as softmax(scale * q.k) does.
+    out_1, _ = ref.dense_attention(q[:, :5], k[:, :5], v[:, :5], None, None, 0.125, True)
+    logits = torch.einsum("nd,md->nm", q[0, :5, 0], k[0, :5, 0]) * 0.125
+    logits.masked_fill_(torch.ones(5, 5, dtype=torch.bool).triu(1), -math.inf)
+    want = torch.softmax(logits, -1) @ v[0, :5, 0]
+    assert torch.allclose(out_1[0, :, 0], want, atol=1e-6)
