@@ -9,11 +9,13 @@ CUDA events, median of --reps runs after warm-up. Effective TFLOP/s counts only 
 density * 4 * D * Hq * N^2 / 2 per batch item.
 
   python3 bench/bench_bsa.py [--seqlens 32768 131072] [--densities 1.0 0.3 0.1] [--out PATH]
-      [--orders auto heads kv:<n>] [--variants default serial pingpong stages3] [--masks random window split2 split4]
+      [--orders auto heads kv:<n>] [--variants default serial pingpong stages3 nosort]
+      [--masks random window split2 split4]
 
 Writes bench/results/<card>-<yyyymmdd>-bsa.json (DESIGN.md section 6 format) and prints a table.
 """
 import argparse
+import contextlib
 import inspect
 import os
 import sys
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import proxyattn  # noqa: F401  (loads the extension)
-from benchlib import l2_flush_buffer, time_cold, write_record
+from benchlib import l2_flush_buffer, time_cold, time_cold_interleaved, write_record
 
 
 def causal_candidates(nqb, n, s, device):
@@ -114,14 +116,18 @@ def flex_block_mask(counts, indices, n, s):
 
 # sm90 kernel variants (csrc/kernels/bsa_launch.h): "default" leaves the environment as it is (the
 # op's own choice); any other name is a "+"-joined list of serial | overlap | pingpong | stages<2|3>
-# on top of overlap with 2 stages (the 3-stage ring exists for the overlapped variant without pingpong only).
-VARIANT_ENV = ("PROXYATTN_BSA_SM90_OVERLAP", "PROXYATTN_BSA_SM90_PINGPONG", "PROXYATTN_BSA_SM90_STAGES")
+# on top of overlap with 2 stages (the 3-stage ring exists for the overlapped variant without pingpong only),
+# and sort | nosort (PROXYATTN_BSA_SORT=1 | 0, the CTA order by selected-block count; both paths;
+# unset otherwise, the op's own choice).
+VARIANT_ENV = ("PROXYATTN_BSA_SM90_OVERLAP", "PROXYATTN_BSA_SM90_PINGPONG", "PROXYATTN_BSA_SM90_STAGES",
+               "PROXYATTN_BSA_SORT")
 
 
 def variant_env(name):
+    """Environment of a variant name: a value per VARIANT_ENV name, None for unset."""
     if name == "default":
         return {}
-    env = dict(zip(VARIANT_ENV, ("1", "0", "2")))
+    env = dict(zip(VARIANT_ENV, ("1", "0", "2", None)))
     for part in name.split("+"):
         if part == "serial":
             env["PROXYATTN_BSA_SM90_OVERLAP"] = "0"
@@ -131,6 +137,8 @@ def variant_env(name):
             env["PROXYATTN_BSA_SM90_PINGPONG"] = "1"
         elif part in ("stages2", "stages3"):
             env["PROXYATTN_BSA_SM90_STAGES"] = part[-1]
+        elif part in ("sort", "nosort"):
+            env["PROXYATTN_BSA_SORT"] = "1" if part == "sort" else "0"
         else:
             raise argparse.ArgumentTypeError(f"unknown sm90 variant part {part!r} in {name!r}")
     # Combinations the kernel would ignore (csrc/kernels/bsa_launch.h) would be recorded under a
@@ -151,6 +159,19 @@ def set_env(name, value):
         os.environ[name] = value
 
 
+@contextlib.contextmanager
+def env_vars(values):
+    """Sets {name: value or None (unset)} for the block, then restores what was there."""
+    saved = {name: os.environ.get(name) for name in values}
+    try:
+        for name, value in values.items():
+            set_env(name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            set_env(name, value)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seqlens", type=int, nargs="+", default=[32768, 131072])
@@ -166,13 +187,18 @@ def main():
                          "heads, kv:<n> (recorded as bsa_order_<name>)")
     ap.add_argument("--variants", nargs="+", default=["default"],
                     help="sm90 kernel variants to time on the same masks: default (the op's own choice, recorded "
-                         "as bsa) or '+'-joined serial|overlap|pingpong|stages2|stages3 (recorded as "
+                         "as bsa) or '+'-joined serial|overlap|pingpong|stages2|stages3|sort|nosort (recorded as "
                          "bsa_<variant>)")
     ap.add_argument("--masks", nargs="+", default=["random"], choices=["random", "window", "split2", "split4"],
                     help="random: random causal blocks (default); window: the same row lengths as contiguous "
                          "blocks ending at the diagonal (plus the sink), recorded with the suffix _window; "
                          "split<k>: the random blocks cut into k key ranges, one call per range in sequence, "
                          "timed together without merging the partial outputs (suffix _split<k>)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="per sequence length and density, time cuDNN's dense causal call, every bsa case and "
+                         "flex with their runs interleaved (benchlib.time_cold_interleaved), so clock and thermal "
+                         "drift hits each alike; cuDNN is then recorded once per density, with that density in "
+                         "its field paired_density")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     try:
@@ -194,11 +220,11 @@ def main():
 
     cases = []
 
-    def record(name, n, density, ms):
+    def record(name, n, density, ms, **extra):
         tflops = density * 4 * d * hq * n * n / 2 * b / (ms * 1e-3) / 1e12
         cases.append({"name": name, "seq_len": n, "batch": b, "q_heads": hq, "kv_heads": hkv, "head_dim": d,
                       "dtype": "bf16", "density": round(density, 4), "ms": round(ms, 3),
-                      "tflops": round(tflops, 1)})
+                      "tflops": round(tflops, 1), **extra})
         print(f"{name:12s} N={n:7d} density={density:5.3f} {ms:10.3f} ms {tflops:7.1f} TFLOP/s", flush=True)
 
     for n in args.seqlens:
@@ -210,11 +236,12 @@ def main():
         qt = q.transpose(1, 2)  # [B, H, N, D] views for SDPA / flex
         kt, vt = k.transpose(1, 2), v.transpose(1, 2)
 
+        ke = ve = None
         if "sdpa_flash" not in args.skip or "sdpa_cudnn" not in args.skip:
             ke = kt.repeat_interleave(hq // hkv, dim=1)
             ve = vt.repeat_interleave(hq // hkv, dim=1)
             for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
-                if name in args.skip:
+                if name in args.skip or (args.interleave and name == "sdpa_cudnn"):
                     continue
                 try:
                     with sdpa_kernel(backend):
@@ -223,13 +250,25 @@ def main():
                     record(name, n, 1.0, ms)
                 except RuntimeError as e:
                     print(f"{name}: unavailable ({str(e).splitlines()[0]})")
-            del ke, ve
+        cudnn = None
+        if args.interleave and "sdpa_cudnn" not in args.skip:
+            def cudnn():
+                return F.scaled_dot_product_attention(qt, ke, ve, is_causal=True, scale=scale)
+            try:
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    cudnn()
+            except RuntimeError as e:
+                print(f"sdpa_cudnn: unavailable ({str(e).splitlines()[0]})")
+                cudnn = None
 
         if flex is not None:
             qf, kf, vf = qt.contiguous(), kt.contiguous(), vt.contiguous()  # [B, H, N, D]
         for target in args.densities:
             counts, indices, density = random_causal_selection(b, hq, n, s, target, gen)
             saved = {name: os.environ.get(name) for name in VARIANT_ENV + ("PROXYATTN_BSA_ORDER",)}
+            timed = {}  # --interleave: label -> (fn, context factory), timed together below
+            if cudnn is not None:
+                timed["sdpa_cudnn"] = (cudnn, lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION))
             for mask in args.masks:
                 if mask == "random":
                     sels = [(counts, indices)]
@@ -247,28 +286,39 @@ def main():
 
                 for order in args.orders:  # the environment is read on every call
                     for variant in args.variants:
-                        for name in VARIANT_ENV:
-                            set_env(name, saved[name])
-                        for name, value in envs[variant].items():
-                            os.environ[name] = value
-                        set_env("PROXYATTN_BSA_ORDER", saved["PROXYATTN_BSA_ORDER"] if order == "auto" else order)
-                        ms = time_cold(call, reps, warmup, flush)
+                        env = {name: saved[name] for name in VARIANT_ENV}
+                        env.update(envs[variant])
+                        env["PROXYATTN_BSA_ORDER"] = saved["PROXYATTN_BSA_ORDER"] if order == "auto" else order
                         label = "bsa" if order == "auto" else f"bsa_order_{order}"
-                        record((label if variant == "default" else f"{label}_{variant}") + suffix, n, density, ms)
-                del sels
-            for name, value in saved.items():
-                set_env(name, value)
+                        label = (label if variant == "default" else f"{label}_{variant}") + suffix
+                        if args.interleave:
+                            timed[label] = (call, lambda env=env: env_vars(env))
+                        else:
+                            with env_vars(env):
+                                ms = time_cold(call, reps, warmup, flush)
+                            record(label, n, density, ms)
+            bm = None
             if flex is not None:
                 try:
                     bm = flex_block_mask(counts, indices, n, s)
-                    ms = time_cold(lambda: flex(qf, kf, vf, block_mask=bm, scale=scale, enable_gqa=True),
-                                   reps, warmup + 1, flush)
-                    record("flex", n, density, ms)
-                    del bm
+
+                    def flex_call(bm=bm):
+                        return flex(qf, kf, vf, block_mask=bm, scale=scale, enable_gqa=True)
+                    if args.interleave:
+                        flex_call()  # compile outside the timed runs
+                        timed["flex"] = (flex_call, None)
+                    else:
+                        record("flex", n, density, time_cold(flex_call, reps, warmup + 1, flush))
                 except Exception as e:  # compile problems must not lose the other numbers
                     print(f"flex: failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-            del counts, indices
-        del q, k, v, qt, kt, vt
+            if timed:
+                for label, ms in time_cold_interleaved(timed, reps, warmup, flush).items():
+                    if label == "sdpa_cudnn":
+                        record(label, n, 1.0, ms, paired_density=round(density, 4))
+                    else:
+                        record(label, n, density, ms)
+            del counts, indices, bm, timed
+        del q, k, v, qt, kt, vt, ke, ve
         if flex is not None:
             del qf, kf, vf
         torch.cuda.empty_cache()

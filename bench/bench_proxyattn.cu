@@ -440,6 +440,7 @@ struct Problem {
   DeviceBuffer<int> kstar, counts;
   DeviceBuffer<int16_t> indices;  // select_blocks' output
   DeviceBuffer<int> rand_counts, rand_indices;
+  DeviceBuffer<int> tile_order;  // the sorted CTA order of block_sparse_attention (BsaParams::tile_order)
   ProxyScoresParams sp{};
   HeadBudgetsParams hp{};
   SelectBlocksParams selp{};
@@ -462,7 +463,8 @@ struct Problem {
         counts(size_t(opt.batch) * opt.q_heads * nqb),
         indices(size_t(opt.batch) * opt.q_heads * nqb * nkb),
         rand_counts(size_t(opt.batch) * opt.q_heads * nqb),
-        rand_indices(size_t(opt.batch) * opt.q_heads * nqb * nkb) {
+        rand_indices(size_t(opt.batch) * opt.q_heads * nqb * nkb),
+        tile_order(size_t(opt.batch) * opt.q_heads * nqb) {
     const int B = o.batch, Hq = o.q_heads, Hkv = o.kv_heads, D = o.head_dim, S = o.block_size;
     const float scale = 1.0f / std::sqrt(static_cast<float>(D));
     const int64_t q_row = int64_t(Hq) * D, k_row = int64_t(Hkv) * D;
@@ -578,6 +580,7 @@ struct Problem {
     bp.softmax_scale = scale;
     bp.softmax_scale_log2 = scale * 1.4426950408889634f;
     bp.causal = true;
+    bp.tile_order = tile_order.ptr;
     use_selection(rand_counts.ptr, rand_indices.ptr);
   }
 

@@ -4,6 +4,7 @@ import contextlib
 import datetime
 import json
 import os
+import random
 import statistics
 import subprocess
 
@@ -43,9 +44,11 @@ def time_cold(fn, reps: int = 10, warmup: int = 3, flush: torch.Tensor = None) -
 
 def time_cold_interleaved(fns: dict, reps: int = 30, warmup: int = 3, flush: torch.Tensor = None) -> dict:
     """Medians like time_cold for several {name: (fn, context factory or None)}, their runs
-    interleaved (a, b, c, a, b, c, ...) so clock and thermal drift hits every one alike. The
-    context (e.g. an SDPA backend choice) is entered before the L2 flush and left after the end
-    event is recorded: only fn() is timed."""
+    interleaved: every round runs each once, in an order shuffled per round (fixed seed), so clock
+    and thermal drift, and the lower clock a long power-hungry run leaves behind under the power
+    limit, hit every one alike instead of whichever always follows it. The context (e.g. an SDPA
+    backend choice) is entered before the L2 flush and left after the end event is recorded: only
+    fn() is timed."""
     flush = l2_flush_buffer() if flush is None else flush
     for fn, ctx in fns.values():
         with ctx() if ctx is not None else contextlib.nullcontext():
@@ -53,8 +56,12 @@ def time_cold_interleaved(fns: dict, reps: int = 30, warmup: int = 3, flush: tor
                 fn()
     torch.cuda.synchronize()
     times = {name: [] for name in fns}
+    names = list(fns)
+    shuffle = random.Random(0).shuffle
     for _ in range(reps):
-        for name, (fn, ctx) in fns.items():
+        shuffle(names)
+        for name in names:
+            fn, ctx = fns[name]
             with ctx() if ctx is not None else contextlib.nullcontext():
                 start, end = _cold_run(fn, flush)
             end.synchronize()

@@ -337,15 +337,18 @@ ORDER_CASES = [(2, 1000, 1000, 12, 4, 128, 128, True, 0.3), (3, 700, 900, 8, 4, 
                (2, 500, 500, 6, 3, 128, 64, False, 0.4)]
 
 
+@pytest.mark.parametrize("sort", ["0", "1"], ids=["natural", "sorted"])
 @pytest.mark.parametrize("order", ["heads", "kv:1", "kv:3", "auto"])
 @pytest.mark.parametrize("case", ORDER_CASES, ids=lambda c: "B{}_q{}_k{}_h{}-{}_d{}_s{}".format(*c[:7]))
-def test_work_orders(monkeypatch, order, case):
-    """Every CTA work order (PROXYATTN_BSA_ORDER; kv:3 leaves a smaller last section) covers every
-    (batch, head, query block) exactly once: poisoned outputs, compared with the truth."""
+def test_work_orders(monkeypatch, order, case, sort):
+    """Every CTA work order (PROXYATTN_BSA_ORDER; kv:3 leaves a smaller last section), in bsa_tile's
+    order or sorted by selected-block count (PROXYATTN_BSA_SORT=1, csrc/kernels/bsa_order.cu),
+    covers every (batch, head, query block) exactly once: poisoned outputs, compared with the truth."""
     if order == "auto":
         monkeypatch.delenv("PROXYATTN_BSA_ORDER", raising=False)
     else:
         monkeypatch.setenv("PROXYATTN_BSA_ORDER", order)
+    monkeypatch.setenv("PROXYATTN_BSA_SORT", sort)
     test_fixed_length(case, torch.bfloat16)
     dtype = torch.float16
     b, nq, nk, hq, hkv, d, s, causal, density = case
@@ -361,3 +364,41 @@ def test_work_orders(monkeypatch, order, case):
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), out_r.float(), atol=2e-2, rtol=2e-2)
     assert torch.equal(torch.isfinite(lse), torch.isfinite(lse_r))
+
+
+SORT_CASES = [(2, 8192 + 77, 64, 8, 128, 128), (1, 8192 + 77, 32, 4, 64, 64), (1, 65536 + 200, 2, 1, 128, 128)]
+
+
+@pytest.mark.parametrize("case", SORT_CASES, ids=lambda c: "B{}_n{}_h{}-{}_d{}_s{}".format(*c))
+def test_sorted_order_is_bitwise_the_natural_one(monkeypatch, case):
+    """PROXYATTN_BSA_SORT=1 launches the CTAs sorted by selected-block count (csrc/kernels/bsa_order.cu).
+    Each CTA's result depends on its work item alone, so the sorted order gives bitwise the outputs
+    and lse of the natural order (=0, and unset, the default); each runs on poisoned memory, so a work
+    item the sorted order left out would show as NaN."""
+    b, n, hq, hkv, d, s = case
+    gen = torch.Generator(device="cuda").manual_seed(4242 + n + s)
+    q, k, v = rand_qkv(b, n, n, hq, hkv, d, torch.bfloat16, gen)
+    counts, indices = random_selection(b, hq, n, n, s, True, 0.2 if n < 50000 else 0.03, gen)
+    results = {}
+    for sort in ("0", None, "1"):
+        if sort is None:
+            monkeypatch.delenv("PROXYATTN_BSA_SORT", raising=False)
+        else:
+            monkeypatch.setenv("PROXYATTN_BSA_SORT", sort)
+        poison_allocator()
+        results[sort] = run_op(q, k, v, counts, indices, None, None, n, n, s, d ** -0.5, True)
+    out0, lse0 = results["0"]
+    assert torch.isfinite(out0).all() and torch.isfinite(lse0).all()
+    for sort in (None, "1"):
+        out, lse = results[sort]
+        assert torch.equal(out, out0) and torch.equal(lse, lse0), f"PROXYATTN_BSA_SORT={sort} differs from 0"
+    if n > 50000:
+        return  # the reference's loop over 514 query blocks would dominate the suite
+    # The natural order against the reference on the first and last query blocks of two heads.
+    rows = torch.cat([torch.arange(0, s), torch.arange(n - s - 5, n)]).cuda()
+    g = hq // hkv
+    for h in (0, hq - 1):
+        kh, vh = k[:1, :, h // g:h // g + 1], v[:1, :, h // g:h // g + 1]
+        out_r, _ = ref.block_sparse_attention(q[:1, :, h:h + 1], kh, vh, counts[:1, h:h + 1], indices[:1, h:h + 1],
+                                              None, None, n, n, s, d ** -0.5, True)
+        torch.testing.assert_close(out0[0, rows, h].float(), out_r[0, rows, 0].float(), atol=2e-2, rtol=2e-2)

@@ -5,7 +5,8 @@ PROXYATTN_BSA_SM90=require, so the op raises instead of falling back to the sm80
 compares the sm90 output with the sm80 output (PROXYATTN_BSA_FORCE_SM80=1) on the same inputs.
 Every sm90 kernel variant runs (serial: PROXYATTN_BSA_SM90_OVERLAP=0; overlapped, the default,
 with a 2- or 3-stage K/V ring: PROXYATTN_BSA_SM90_STAGES; overlapped with pingpong:
-PROXYATTN_BSA_SM90_PINGPONG=1). The environment is
+PROXYATTN_BSA_SM90_PINGPONG=1; the default with the CTAs sorted by selected-block count:
+PROXYATTN_BSA_SORT=1). The environment is
 read by the op on every call (csrc/kernels/bsa_launch.h). Same tolerances as
 tests/test_bsa_gpu.py. Skipped unless the current device has compute capability 9.0.
 
@@ -34,14 +35,16 @@ CASES_128 = [c for c in base.CASES if c[6] == 128] + [
 CASE_IDS = lambda c: "B{}_q{}_k{}_h{}-{}_d{}_s{}_{}_{}".format(*c[:7], "causal" if c[7] else "full", c[8])  # noqa: E731
 
 
-# PROXYATTN_BSA_SM90_OVERLAP, _PINGPONG, _STAGES of each variant
-VARIANT_ENV = {"serial": ("0", "0", "2"), "overlap": ("1", "0", "2"), "overlap3": ("1", "0", "3"),
-               "pingpong": ("1", "1", "2")}
+# PROXYATTN_BSA_SM90_OVERLAP, _PINGPONG, _STAGES and PROXYATTN_BSA_SORT of each variant ("sorted":
+# the default kernel with the CTAs in the opt-in order of csrc/kernels/bsa_order.cu)
+VARIANT_ENV = {"serial": ("0", "0", "2", "0"), "overlap": ("1", "0", "2", "0"), "overlap3": ("1", "0", "3", "0"),
+               "pingpong": ("1", "1", "2", "0"), "sorted": ("1", "0", "2", "1")}
 
 
 def set_variant(monkeypatch, variant):
-    for name, value in zip(("OVERLAP", "PINGPONG", "STAGES"), VARIANT_ENV[variant]):
-        monkeypatch.setenv(f"PROXYATTN_BSA_SM90_{name}", value)
+    names = ("SM90_OVERLAP", "SM90_PINGPONG", "SM90_STAGES", "SORT")
+    for name, value in zip(names, VARIANT_ENV[variant]):
+        monkeypatch.setenv(f"PROXYATTN_BSA_{name}", value)
 
 
 @pytest.fixture(params=sorted(VARIANT_ENV))

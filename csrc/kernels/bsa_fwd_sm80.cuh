@@ -242,8 +242,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 2) bsa_fwd_sm80_kernel(cons
   extern __shared__ __align__(128) char bsa_smem[];
 
   const int tid = threadIdx.x;
-  // Work item (kernels/bsa_params.h bsa_tile: heaviest query blocks first, order per kv_section).
-  const BsaTile tile = bsa_tile(int(blockIdx.x), p);
+  // Work item (kernels/bsa_params.h: bsa_tile's order per kv_section, heaviest rows first, or the
+  // sorted order of tile_order).
+  const BsaTile tile = bsa_tile(bsa_cta_work(p), p);
   const int b = tile.b, h = tile.h, m = tile.m;
 
   // Sequence bounds (varlen: clamped into the packed tensors and the max lengths).

@@ -2,8 +2,9 @@
 // math, parameters and layouts as the portable path (kernels/bsa_fwd_sm80.cuh, kernels/bsa_params.h);
 // block_size 128 only (the dispatcher in kernels/bsa_launch.h sends 64 to the sm80 path).
 //
-// One CTA per (query block m, batch b, query head h), heaviest query blocks launched first, in
-// sections of KV heads whose K/V fit in L2 (bsa_tile in kernels/bsa_params.h); 384
+// One CTA per (query block m, batch b, query head h), in sections of KV heads whose K/V fit in L2,
+// heaviest rows launched first: by query block (bsa_tile in kernels/bsa_params.h), or, with
+// PROXYATTN_BSA_SORT=1, by selected-block count (tile_order, sorted by kernels/bsa_order.cu); 384
 // threads in three warpgroups:
 //   warpgroup 0 (producer, 24 registers): one thread issues TMA loads, Q once, then for every
 //     selected key block (walked from the diagonal down by BlockCursor, the order of sm80's
@@ -275,6 +276,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const int warpgroup = threadIdx.x / 128;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
+  // Work item (kernels/bsa_params.h: bsa_tile's order per kv_section, heaviest rows first, or the
+  // sorted order of tile_order); its load is issued before the barrier setup so that hides it.
+  const int work = bsa_cta_work(p);
 
   if (threadIdx.x == 0) {
     Barrier::init(&ss.bar_q, 1);
@@ -289,8 +293,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   }
   __syncthreads();
 
-  // Work item (kernels/bsa_params.h bsa_tile: heaviest query blocks first, order per kv_section).
-  const BsaTile tile = bsa_tile(int(blockIdx.x), p);
+  const BsaTile tile = bsa_tile(work, p);
   const int b = tile.b, h = tile.h, m = tile.m;
 
   const bool varlen = p.cu_seqlens_q != nullptr;

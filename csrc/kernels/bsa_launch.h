@@ -11,6 +11,9 @@
 //                                passed on it on an H200; measured faster than sm80, bench/NOTES.md).
 //   PROXYATTN_BSA_SM90=0         the sm80 path.
 //   PROXYATTN_BSA_ORDER          CTA work order, see bsa_kv_section (both paths).
+//   PROXYATTN_BSA_SORT=1         launch the work items of each section by descending
+//                                selected-block count (bsa_sort_tiles, kernels/bsa_order.cu; both
+//                                paths); otherwise (default) in bsa_tile's order.
 //   PROXYATTN_BSA_SM90_OVERLAP=0 the serial sm90 variant instead of the default one that overlaps
 //                                the softmax with the P V product.
 //   PROXYATTN_BSA_SM90_PINGPONG=1 the overlapped sm90 variant with the two consumer warpgroups
@@ -93,6 +96,26 @@ inline int bsa_kv_section(const BsaParams& p) {
   if (n > p.kv_heads) n = p.kv_heads;
   return int(n);
 }
+
+// Work items of one call (CTAs of the attention kernel), the int32 elements BsaParams::tile_order
+// must hold.
+inline int64_t bsa_tile_order_size(const BsaParams& p) {
+  return p.batch > 0 && p.q_heads > 0 && p.num_q_blocks > 0 ? int64_t(p.batch) * p.q_heads * p.num_q_blocks : 0;
+}
+
+// Whether run_bsa_fwd sorts the work items (given a tile_order workspace; read per call): only with
+// PROXYATTN_BSA_SORT=1. Measured on an H200 at 128k, D=128 (bench/NOTES.md, "CTA order by count"):
+// under a sustained load at the power limit the sorted order is 2.2% faster at density 0.1 (fewer
+// DRAM reads, a higher clock), but with a cold L2 before each call, the benchmark's method, it is
+// 3-3.5% slower at densities 0.1-0.3, so it is not the default.
+inline bool bsa_sort_tiles(const BsaParams&) {
+  const char* env = std::getenv("PROXYATTN_BSA_SORT");
+  return env != nullptr && std::strcmp(env, "1") == 0;
+}
+
+// Writes the sorted work order of p (p.kv_section as the launchers set it) into order
+// (bsa_tile_order_size(p) int32 on the device); kernels/bsa_order.cu.
+cudaError_t run_bsa_tile_order(const BsaParams& p, int* order, cudaStream_t stream);
 
 // Compute capability of device `dev` as major * 10 + minor, queried once per device (no sync).
 inline int bsa_device_arch(int dev) {
@@ -178,10 +201,20 @@ inline BsaPath bsa_choose_path(const BsaParams& params, std::string* why = nullp
 // Runs the forward on `stream`: dispatches on path (bsa_choose_path), dtype and head dim. The
 // default case returns cudaErrorInvalidValue; bsa_unsupported_reason() names the offending value.
 // PROXYATTN_BSA_SM90=require on parameters the sm90 path cannot take returns cudaErrorNotSupported.
-inline cudaError_t run_bsa_fwd(const BsaParams& params, bool is_bf16, cudaStream_t stream) {
-  if (!bsa_unsupported_reason(params).empty()) return cudaErrorInvalidValue;
-  const BsaPath path = bsa_choose_path(params);
+// With params.tile_order set and bsa_sort_tiles, the sort (run_bsa_tile_order) runs first on the
+// same stream; otherwise the kernel runs the natural order.
+inline cudaError_t run_bsa_fwd(const BsaParams& given, bool is_bf16, cudaStream_t stream) {
+  if (!bsa_unsupported_reason(given).empty()) return cudaErrorInvalidValue;
+  const BsaPath path = bsa_choose_path(given);
   if (path == BsaPath::kRefused) return cudaErrorNotSupported;
+  BsaParams params = given;
+  params.kv_section = bsa_kv_section(given);  // what the launchers set; the sort needs the same
+  if (params.tile_order != nullptr && bsa_sort_tiles(params)) {
+    const cudaError_t err = run_bsa_tile_order(params, params.tile_order, stream);
+    if (err != cudaSuccess) return err;
+  } else {
+    params.tile_order = nullptr;
+  }
   if (path == BsaPath::kSm90) {
     switch (params.head_dim) {
       case 64:

@@ -80,6 +80,13 @@ struct BsaParams {
   // Work order of the CTAs (set by the launchers, see bsa_tile below): 0 = all query heads of a
   // query block side by side; n > 0 = sections of n KV heads, each finished before the next.
   int kv_section = 0;
+
+  // Optional device workspace of batch * q_heads * num_q_blocks int32 (bsa_tile_order_size in
+  // kernels/bsa_launch.h), or nullptr. When set and run_bsa_fwd sorts (bsa_sort_tiles), it first
+  // writes there, per segment of the order above (a section of KV heads of one batch item, or the
+  // whole grid with kv_section 0), the segment's work items by descending selected-block count,
+  // and CTA i then runs item tile_order[i] (bsa_cta_work). nullptr or no sort: CTA i runs item i.
+  int* tile_order = nullptr;
 };
 
 struct BsaTile {
@@ -128,6 +135,11 @@ struct BsaIndexRow {
 };
 
 #if defined(__CUDACC__)
+// The work item (bsa_tile's argument) of this CTA.
+__device__ __forceinline__ int bsa_cta_work(const BsaParams& p) {
+  return p.tile_order != nullptr ? __ldg(p.tile_order + blockIdx.x) : int(blockIdx.x);
+}
+
 // The index row of (batch b, query head h, query block m).
 __device__ __forceinline__ BsaIndexRow bsa_index_row(const BsaParams& p, int b, int h, int m) {
   const int64_t off = b * p.indices_batch_stride + h * p.indices_head_stride + m * p.indices_block_stride;

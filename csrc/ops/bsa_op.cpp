@@ -176,6 +176,13 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
   std::string why;
   PROXYATTN_CHECK(bsa_choose_path(p, &why) != BsaPath::kRefused,
                   "block_sparse_attention: PROXYATTN_BSA_SM90=require, but ", why);
+  // The sorted CTA order (kernels/bsa_order.cu), 4 bytes per work item, when run_bsa_fwd sorts
+  // (PROXYATTN_BSA_SORT=1).
+  at::Tensor order;
+  if (bsa_sort_tiles(p)) {
+    order = at::empty({bsa_tile_order_size(p)}, q.options().dtype(at::kInt));
+    p.tile_order = order.data_ptr<int>();
+  }
   PROXYATTN_CUDA_CHECK(run_bsa_fwd(p, q.scalar_type() == at::kBFloat16, current_stream()));
   PROXYATTN_LAUNCH_CHECK();
   return {out, lse};
