@@ -104,10 +104,11 @@ inline int64_t bsa_tile_order_size(const BsaParams& p) {
 }
 
 // Whether run_bsa_fwd sorts the work items (given a tile_order workspace; read per call): only with
-// PROXYATTN_BSA_SORT=1. Measured on an H200 at 128k, D=128 (bench/NOTES.md, "CTA order by count"):
-// under a sustained load at the power limit the sorted order is 2.2% faster at density 0.1 (fewer
-// DRAM reads, a higher clock), but with a cold L2 before each call, the benchmark's method, it is
-// 3-3.5% slower at densities 0.1-0.3, so it is not the default.
+// PROXYATTN_BSA_SORT=1. Measured on an H200 at 128k, D=128 (bench/NOTES.md, "CTA order by
+// selected-block count"): under a sustained load at the power limit the sorted order is 2.2-2.4%
+// faster at density 0.1 (a third fewer DRAM reads, a higher clock), but with a cold L2 before each
+// call, the benchmark's method, between 3.5% slower and 1.4% faster, and 3.5-4.4% slower at 32k, so
+// it is not the default.
 inline bool bsa_sort_tiles(const BsaParams&) {
   const char* env = std::getenv("PROXYATTN_BSA_SORT");
   return env != nullptr && std::strcmp(env, "1") == 0;
