@@ -36,13 +36,15 @@ CASE_IDS = lambda c: "B{}_q{}_k{}_h{}-{}_d{}_s{}_{}_{}".format(*c[:7], "causal" 
 
 
 # PROXYATTN_BSA_SM90_OVERLAP, _PINGPONG, _STAGES and PROXYATTN_BSA_SORT of each variant ("sorted":
-# the default kernel with the CTAs in the opt-in order of csrc/kernels/bsa_order.cu)
-VARIANT_ENV = {"serial": ("0", "0", "2", "0"), "overlap": ("1", "0", "2", "0"), "overlap3": ("1", "0", "3", "0"),
-               "pingpong": ("1", "1", "2", "0"), "sorted": ("1", "0", "2", "1")}
+# the default kernel with the CTAs in the opt-in order of csrc/kernels/bsa_order.cu),
+# and PROXYATTN_BSA_SM90_LAZY_RESCALE ("eager": the softmax reference is the exact running max)
+VARIANT_ENV = {"serial": ("0", "0", "2", "0", "1"), "overlap": ("1", "0", "2", "0", "1"),
+               "overlap3": ("1", "0", "3", "0", "1"), "pingpong": ("1", "1", "2", "0", "1"),
+               "sorted": ("1", "0", "2", "1", "1"), "eager": ("1", "0", "2", "0", "0")}
 
 
 def set_variant(monkeypatch, variant):
-    names = ("SM90_OVERLAP", "SM90_PINGPONG", "SM90_STAGES", "SORT")
+    names = ("SM90_OVERLAP", "SM90_PINGPONG", "SM90_STAGES", "SORT", "SM90_LAZY_RESCALE")
     for name, value in zip(names, VARIANT_ENV[variant]):
         monkeypatch.setenv(f"PROXYATTN_BSA_{name}", value)
 
@@ -167,3 +169,25 @@ def test_work_orders_sm90(sm90, monkeypatch, order):
     for case in [(2, 1000, 1000, 12, 4, 128, 128, True, 0.3), (3, 700, 900, 8, 4, 64, 128, True, 0.5),
                  (2, 500, 500, 6, 3, 128, 128, False, 0.4)]:
         base.test_fixed_length(case, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", base.DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("step", [0.05, 0.3, 2.0, 8.0])
+def test_rising_scores_across_key_blocks_sm90(sm90, dtype, step):
+    """Scores that rise from key block to key block in the order the kernel walks them (from the
+    diagonal down), by about 0.5, 3, 18 and 74 log2 units per block: the softmax reference (moved
+    only by more than 2^8 by default) moves never, every few blocks, every block, and by huge
+    jumps; each against the fp64 truth, in every sm90 variant."""
+    b, n, hq, hkv, d, s = 1, 1024 + 37, 4, 1, 64, 128
+    gen = torch.Generator(device="cuda").manual_seed(int(step * 100) + 7)
+    q = torch.randn(b, n, hq, d, generator=gen, device="cuda").abs().to(dtype)
+    k = torch.randn(b, n, hkv, d, generator=gen, device="cuda")
+    v = torch.randn(b, n, hkv, d, generator=gen, device="cuda").to(dtype)
+    nkb = (n + s - 1) // s
+    blk = torch.arange(n, device="cuda") // s
+    k = (k + step * (nkb - 1 - blk).view(1, n, 1, 1).float()).to(dtype)  # lower blocks score higher
+    counts, indices = base.random_selection(b, hq, n, n, s, True, 1.0, gen)
+    scale = d ** -0.5
+    base.poison_allocator()
+    out, lse = base.run_op(q, k, v, counts, indices, None, None, n, n, s, scale, True)
+    base.check_against_truth(out, lse, q, k, v, counts, indices, s, scale, True, f"rising scores, step {step}")
