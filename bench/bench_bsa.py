@@ -117,18 +117,17 @@ def flex_block_mask(counts, indices, n, s):
 # sm90 kernel variants (csrc/kernels/bsa_launch.h): "default" leaves the environment as it is (the
 # op's own choice); any other name is a "+"-joined list of serial | overlap | pingpong | stages<2|3>
 # on top of overlap with 2 stages (the 3-stage ring exists for the overlapped variant without pingpong only),
-# sort | nosort (PROXYATTN_BSA_SORT=1 | 0, the CTA order by selected-block count; both paths;
-# unset otherwise, the op's own choice) and eager (PROXYATTN_BSA_SM90_LAZY_RESCALE=0: the softmax
-# reference is the exact running max).
+# and sort | nosort (PROXYATTN_BSA_SORT=1 | 0, the CTA order by selected-block count; both paths;
+# unset otherwise, the op's own choice).
 VARIANT_ENV = ("PROXYATTN_BSA_SM90_OVERLAP", "PROXYATTN_BSA_SM90_PINGPONG", "PROXYATTN_BSA_SM90_STAGES",
-               "PROXYATTN_BSA_SORT", "PROXYATTN_BSA_SM90_LAZY_RESCALE")
+               "PROXYATTN_BSA_SORT")
 
 
 def variant_env(name):
     """Environment of a variant name: a value per VARIANT_ENV name, None for unset."""
     if name == "default":
         return {}
-    env = dict(zip(VARIANT_ENV, ("1", "0", "2", None, "1")))
+    env = dict(zip(VARIANT_ENV, ("1", "0", "2", None)))
     for part in name.split("+"):
         if part == "serial":
             env["PROXYATTN_BSA_SM90_OVERLAP"] = "0"
@@ -140,8 +139,6 @@ def variant_env(name):
             env["PROXYATTN_BSA_SM90_STAGES"] = part[-1]
         elif part in ("sort", "nosort"):
             env["PROXYATTN_BSA_SORT"] = "1" if part == "sort" else "0"
-        elif part == "eager":
-            env["PROXYATTN_BSA_SM90_LAZY_RESCALE"] = "0"
         else:
             raise argparse.ArgumentTypeError(f"unknown sm90 variant part {part!r} in {name!r}")
     # Combinations the kernel would ignore (csrc/kernels/bsa_launch.h) would be recorded under a
@@ -190,7 +187,7 @@ def main():
                          "heads, kv:<n> (recorded as bsa_order_<name>)")
     ap.add_argument("--variants", nargs="+", default=["default"],
                     help="sm90 kernel variants to time on the same masks: default (the op's own choice, recorded "
-                         "as bsa) or '+'-joined serial|overlap|pingpong|stages2|stages3|sort|nosort|eager (recorded as "
+                         "as bsa) or '+'-joined serial|overlap|pingpong|stages2|stages3|sort|nosort (recorded as "
                          "bsa_<variant>)")
     ap.add_argument("--masks", nargs="+", default=["random"], choices=["random", "window", "split2", "split4"],
                     help="random: random causal blocks (default); window: the same row lengths as contiguous "

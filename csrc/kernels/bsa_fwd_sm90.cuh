@@ -126,10 +126,6 @@ struct KernelParams {
   typename Traits::TmaKV tma_k;
   typename Traits::TmaKV tma_v;
   int32_t q_rows_total, k_rows_total, q_batches;  // extents the tensor maps were built with
-  // A row's running max moves only when a tile's max exceeds it by more than this (log2 units of
-  // the scaled scores): P then stays below 2^rescale_log2 and O is rescaled only when some row of
-  // a warp moved. 0: every increase moves it (bsa_sm90_rescale_log2 in kernels/bsa_launch.h).
-  float rescale_log2;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -400,14 +396,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
     // Mask (only tiles crossing the diagonal or the end of the keys) and online softmax of one
     // score tile: row_max/row_sum updated, acc_s replaced by exp2(s - max), corr(ri) the factor
-    // the previous O rows must be scaled by (exactly 1 where row_max did not move). row_max is
-    // the reference the exponentials are taken against, not always the exact running max: it
-    // moves only when the tile's max exceeds it by more than kp.rescale_log2 (scaled, log2), so
-    // P <= 2^rescale_log2; row_sum and O use the same reference, so O / row_sum and
-    // lse = row_max * scale + log(row_sum) are exact either way.
+    // the previous O rows must be scaled by.
     Tensor corr = make_tensor<float>(Shape<Int<kRows>>{});
-    const float rescale_log2 = kp.rescale_log2;
-    bool moved = true;  // some row of this thread moved its reference in the last softmax_tile
     auto softmax_tile = [&](auto& acc_s, int key0) {
       Tensor sc = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));  // (rows, cols)
       if (key0 + kBlockN - 1 > full_key) {
@@ -421,22 +411,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
           }
         }
       }
-      moved = false;
       CUTE_UNROLL
       for (int ri = 0; ri < size<0>(sc); ++ri) {
-        const float old = row_max(ri);
-        float mx = old;
+        float mx = row_max(ri);
         CUTE_UNROLL
         for (int ci = 0; ci < size<1>(sc); ++ci) mx = fmaxf(mx, sc(ri, ci));
         mx = quad_max(mx);
-        // Keep the reference unless the tile exceeds it by more than rescale_log2 (always move it
-        // off -inf; -inf - -inf is NaN and compares false, so an all-masked row stays at -inf).
-        const bool move = mx > old && (old == -INFINITY || (mx - old) * scale_log2 > rescale_log2);
-        mx = move ? mx : old;
-        moved |= move;
         // A row with no visible key so far keeps max -inf; base 0 makes exp2(-inf - 0) = 0, not NaN.
         const float base = mx == -INFINITY ? 0.f : mx * scale_log2;
-        corr(ri) = move ? exp2f(old * scale_log2 - base) : 1.f;
+        corr(ri) = exp2f(row_max(ri) * scale_log2 - base);
         row_max(ri) = mx;
         float sum = 0.f;
         CUTE_UNROLL
@@ -449,8 +432,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       }
     };
     auto rescale_o = [&]() {
-      // Skipped, warp-uniformly, when no row of the warp moved its reference (corr all exactly 1).
-      if (!__any_sync(0xffffffffu, moved)) return;
       Tensor o = make_tensor(acc_o.data(), acc_rowcol(acc_o.layout()));
       CUTE_UNROLL
       for (int ri = 0; ri < size<0>(o); ++ri) {
@@ -613,7 +594,6 @@ cudaError_t launch(const BsaParams& p, cudaStream_t stream) {
   kp.q_rows_total = int32_t(varlen ? p.total_q : p.seqlen_q);
   kp.k_rows_total = int32_t(varlen ? p.total_k : p.seqlen_k);
   kp.q_batches = varlen ? 1 : p.batch;
-  kp.rescale_log2 = bsa_sm90_rescale_log2();
   const int64_t dflt = D;  // 16-byte multiple, used for unused strides
   auto make_g = [&](const void* ptr, int32_t rows, int heads, int64_t rs, int64_t hs, int64_t bs) {
     return make_tensor(make_gmem_ptr(static_cast<Elem const*>(ptr)),

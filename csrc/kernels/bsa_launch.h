@@ -18,8 +18,6 @@
 //                                the softmax with the P V product.
 //   PROXYATTN_BSA_SM90_PINGPONG=1 the overlapped sm90 variant with the two consumer warpgroups
 //                                taking turns at issuing their wgmmas (ignored with OVERLAP=0).
-//   PROXYATTN_BSA_SM90_LAZY_RESCALE=0 the sm90 softmax's reference max is the exact running max
-//                                (bsa_sm90_rescale_log2; default: moves only by more than 2^8).
 //   PROXYATTN_BSA_SM90_STAGES=3  a 3-stage K/V ring for the default variant (overlapped without
 //                                pingpong); ignored with OVERLAP=0 or PINGPONG=1 (default 2).
 // Torch-free and CuTe-free, so the torch glue and the C++ benchmark can include it with a host
@@ -79,15 +77,6 @@ inline int bsa_sm90_variant() {
 inline int bsa_sm90_stages() {
   const char* env = std::getenv("PROXYATTN_BSA_SM90_STAGES");
   return env != nullptr && std::strcmp(env, "3") == 0 ? 3 : 2;
-}
-
-// How far (log2 units of the scaled scores) a row's max may rise above the reference the sm90
-// kernel takes its exponentials against before the reference moves and O is rescaled (read per
-// call): 8 (default; P <= 256, exact in 16 bits' range, and most key blocks skip the rescale of O),
-// or 0 with PROXYATTN_BSA_SM90_LAZY_RESCALE=0 (the reference is the exact running max).
-inline float bsa_sm90_rescale_log2() {
-  const char* env = std::getenv("PROXYATTN_BSA_SM90_LAZY_RESCALE");
-  return env != nullptr && std::strcmp(env, "0") == 0 ? 0.f : 8.f;
 }
 
 // The CTA work order (BsaParams::kv_section) for these parameters. PROXYATTN_BSA_ORDER=heads gives
