@@ -230,17 +230,17 @@ Options parse_args(int argc, char** argv) {
   if (o.block_size != 64 && o.block_size != 128) usage_error("--block-size must be 64 or 128");
   if (o.batch < 1 || o.q_heads < 1 || o.kv_heads < 1 || o.q_heads % o.kv_heads != 0)
     usage_error("need batch >= 1 and q-heads a positive multiple of kv-heads");
-  if (o.proxy_heads == 0) {  // proxyattn.config.default_proxy_heads
-    const int half = o.q_heads / 2;
-    const bool half_ok = o.q_heads % 2 == 0 &&
-                         (half <= o.kv_heads ? o.kv_heads % half == 0 : half % o.kv_heads == 0);
-    o.proxy_heads = half_ok ? half : o.q_heads;
-  }
-  const int G = o.proxy_heads;
-  const bool grouping_ok = G >= 1 && (G <= o.kv_heads ? o.kv_heads % G == 0
-                                                       : (G % o.kv_heads == 0 && o.q_heads % G == 0));
-  if (!grouping_ok)
-    usage_error("--proxy-heads must divide --kv-heads, or be a multiple of it that divides --q-heads");
+  // DESIGN.md section 2's rule (proxyattn.config.proxy_grouping_ok): G divides Hkv, or Hkv divides
+  // G and G divides Hq.
+  auto grouping_ok = [&](int G) {
+    return G >= 1 && (G <= o.kv_heads ? o.kv_heads % G == 0 : (G % o.kv_heads == 0 && o.q_heads % G == 0));
+  };
+  if (o.proxy_heads == 0)  // proxyattn.config.default_proxy_heads
+    o.proxy_heads = o.q_heads % 2 == 0 && grouping_ok(o.q_heads / 2) ? o.q_heads / 2 : o.q_heads;
+  if (!grouping_ok(o.proxy_heads))
+    usage_error("--proxy-heads must divide --kv-heads (" + std::to_string(o.kv_heads) +
+                "), or be a multiple of it that divides --q-heads (" + std::to_string(o.q_heads) + "), got " +
+                std::to_string(o.proxy_heads));
   if (o.stride < 1) usage_error("--stride must be >= 1");
   if (!(o.gamma > 0.0 && o.gamma <= 1.0)) usage_error("--gamma must be in (0, 1]");
   if (o.sink_blocks < 0 || o.local_blocks < 0 || o.min_budget < 0) usage_error("negative block counts");
