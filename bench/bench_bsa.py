@@ -117,17 +117,17 @@ def flex_block_mask(counts, indices, n, s):
 # sm90 kernel variants (csrc/kernels/bsa_launch.h): "default" leaves the environment as it is (the
 # op's own choice); any other name is a "+"-joined list of serial | overlap | pingpong | stages<2|3>
 # on top of overlap with 2 stages (the 3-stage ring exists for the overlapped variant without pingpong only),
-# and sort | nosort (PROXYATTN_BSA_SORT=1 | 0, the CTA order by selected-block count; both paths;
+# persistent (the persistent overlapped kernel, 2 stages, no pingpong), and sort | nosort (PROXYATTN_BSA_SORT=1 | 0, the CTA order by selected-block count; both paths;
 # unset otherwise, the op's own choice).
 VARIANT_ENV = ("PROXYATTN_BSA_SM90_OVERLAP", "PROXYATTN_BSA_SM90_PINGPONG", "PROXYATTN_BSA_SM90_STAGES",
-               "PROXYATTN_BSA_SORT")
+               "PROXYATTN_BSA_SORT", "PROXYATTN_BSA_SM90_PERSISTENT")
 
 
 def variant_env(name):
     """Environment of a variant name: a value per VARIANT_ENV name, None for unset."""
     if name == "default":
         return {}
-    env = dict(zip(VARIANT_ENV, ("1", "0", "2", None)))
+    env = dict(zip(VARIANT_ENV, ("1", "0", "2", None, "0")))
     for part in name.split("+"):
         if part == "serial":
             env["PROXYATTN_BSA_SM90_OVERLAP"] = "0"
@@ -137,6 +137,8 @@ def variant_env(name):
             env["PROXYATTN_BSA_SM90_PINGPONG"] = "1"
         elif part in ("stages2", "stages3"):
             env["PROXYATTN_BSA_SM90_STAGES"] = part[-1]
+        elif part == "persistent":
+            env["PROXYATTN_BSA_SM90_PERSISTENT"] = "1"
         elif part in ("sort", "nosort"):
             env["PROXYATTN_BSA_SORT"] = "1" if part == "sort" else "0"
         else:
@@ -149,6 +151,9 @@ def variant_env(name):
     if env["PROXYATTN_BSA_SM90_STAGES"] == "3" and (serial or env["PROXYATTN_BSA_SM90_PINGPONG"] == "1"):
         raise argparse.ArgumentTypeError(f"{name!r}: the 3-stage ring exists for the overlapped kernel without "
                                          "pingpong only")
+    if env["PROXYATTN_BSA_SM90_PERSISTENT"] == "1" and (serial or env["PROXYATTN_BSA_SM90_PINGPONG"] == "1"
+                                                        or env["PROXYATTN_BSA_SM90_STAGES"] == "3"):
+        raise argparse.ArgumentTypeError(f"{name!r}: the persistent kernel is overlapped, 2 stages, no pingpong")
     return env
 
 

@@ -441,6 +441,7 @@ struct Problem {
   DeviceBuffer<int16_t> indices;  // select_blocks' output
   DeviceBuffer<int> rand_counts, rand_indices;
   DeviceBuffer<int> tile_order;  // the sorted CTA order of block_sparse_attention (BsaParams::tile_order)
+  DeviceBuffer<int> tile_counter;  // the persistent sm90 kernel's work counter (BsaParams::tile_counter)
   ProxyScoresParams sp{};
   HeadBudgetsParams hp{};
   SelectBlocksParams selp{};
@@ -464,7 +465,8 @@ struct Problem {
         indices(size_t(opt.batch) * opt.q_heads * nqb * nkb),
         rand_counts(size_t(opt.batch) * opt.q_heads * nqb),
         rand_indices(size_t(opt.batch) * opt.q_heads * nqb * nkb),
-        tile_order(size_t(opt.batch) * opt.q_heads * nqb) {
+        tile_order(size_t(opt.batch) * opt.q_heads * nqb),
+        tile_counter(1) {
     const int B = o.batch, Hq = o.q_heads, Hkv = o.kv_heads, D = o.head_dim, S = o.block_size;
     const float scale = 1.0f / std::sqrt(static_cast<float>(D));
     const int64_t q_row = int64_t(Hq) * D, k_row = int64_t(Hkv) * D;
@@ -654,6 +656,10 @@ struct Problem {
     if (!why.empty()) {
       std::fprintf(stderr, "block_sparse_attention: %s\n", why.c_str());
       std::exit(1);
+    }
+    if (proxyattn::bsa_needs_tile_counter(bp)) {  // zero at every launch, as the torch op does
+      PROXYATTN_BENCH_CHECK(cudaMemsetAsync(tile_counter.ptr, 0, sizeof(int), st));
+      bp.tile_counter = tile_counter.ptr;
     }
     PROXYATTN_BENCH_CHECK(proxyattn::run_bsa_fwd(bp, o.bf16, st));
   }

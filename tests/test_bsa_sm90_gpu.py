@@ -3,10 +3,10 @@
 Runs the grid of tests/test_bsa_gpu.py (block size 128: the sm90 path's only size) with
 PROXYATTN_BSA_SM90=require, so the op raises instead of falling back to the sm80 path, and
 compares the sm90 output with the sm80 output (PROXYATTN_BSA_FORCE_SM80=1) on the same inputs.
-Every sm90 kernel variant runs (serial: PROXYATTN_BSA_SM90_OVERLAP=0; overlapped, the default,
-with a 2- or 3-stage K/V ring: PROXYATTN_BSA_SM90_STAGES; overlapped with pingpong:
-PROXYATTN_BSA_SM90_PINGPONG=1; the default with the CTAs sorted by selected-block count:
-PROXYATTN_BSA_SORT=1). The environment is
+Every sm90 kernel variant runs (the persistent kernel, the default: PROXYATTN_BSA_SM90_PERSISTENT=1;
+one CTA per work item: =0, overlapped with a 2- or 3-stage K/V ring: PROXYATTN_BSA_SM90_STAGES,
+serial: PROXYATTN_BSA_SM90_OVERLAP=0, overlapped with pingpong: PROXYATTN_BSA_SM90_PINGPONG=1; each
+order also sorted by selected-block count: PROXYATTN_BSA_SORT=1). The environment is
 read by the op on every call (csrc/kernels/bsa_launch.h). Same tolerances as
 tests/test_bsa_gpu.py. Skipped unless the current device has compute capability 9.0.
 
@@ -35,14 +35,17 @@ CASES_128 = [c for c in base.CASES if c[6] == 128] + [
 CASE_IDS = lambda c: "B{}_q{}_k{}_h{}-{}_d{}_s{}_{}_{}".format(*c[:7], "causal" if c[7] else "full", c[8])  # noqa: E731
 
 
-# PROXYATTN_BSA_SM90_OVERLAP, _PINGPONG, _STAGES and PROXYATTN_BSA_SORT of each variant ("sorted":
-# the default kernel with the CTAs in the opt-in order of csrc/kernels/bsa_order.cu)
-VARIANT_ENV = {"serial": ("0", "0", "2", "0"), "overlap": ("1", "0", "2", "0"), "overlap3": ("1", "0", "3", "0"),
-               "pingpong": ("1", "1", "2", "0"), "sorted": ("1", "0", "2", "1")}
+# PROXYATTN_BSA_SM90_OVERLAP, _PINGPONG, _STAGES, PROXYATTN_BSA_SORT and PROXYATTN_BSA_SM90_PERSISTENT
+# of each variant ("sorted": one CTA per work item, in the opt-in order of csrc/kernels/bsa_order.cu;
+# "persistent": the default, one CTA per SM taking work items from a counter)
+VARIANT_ENV = {"serial": ("0", "0", "2", "0", "0"), "overlap": ("1", "0", "2", "0", "0"),
+               "overlap3": ("1", "0", "3", "0", "0"), "pingpong": ("1", "1", "2", "0", "0"),
+               "sorted": ("1", "0", "2", "1", "0"), "persistent": ("1", "0", "2", "0", "1"),
+               "persistent_sorted": ("1", "0", "2", "1", "1")}
 
 
 def set_variant(monkeypatch, variant):
-    names = ("SM90_OVERLAP", "SM90_PINGPONG", "SM90_STAGES", "SORT")
+    names = ("SM90_OVERLAP", "SM90_PINGPONG", "SM90_STAGES", "SORT", "SM90_PERSISTENT")
     for name, value in zip(names, VARIANT_ENV[variant]):
         monkeypatch.setenv(f"PROXYATTN_BSA_{name}", value)
 
@@ -189,3 +192,46 @@ def test_rising_scores_across_key_blocks_sm90(sm90, dtype, step):
     base.poison_allocator()
     out, lse = base.run_op(q, k, v, counts, indices, None, None, n, n, s, scale, True)
     base.check_against_truth(out, lse, q, k, v, counts, indices, s, scale, True, f"rising scores, step {step}")
+
+
+PERSISTENT_CASES = [
+    # (B, Nq, Nk, Hq, Hkv, D, causal, density, rows without a block): work items far more than SMs,
+    # rows of very different lengths, rows with no selected block (written by the scheduler warp)
+    (2, 4096, 4096, 16, 4, 128, True, 0.15, 0.0),
+    (1, 8192, 8192, 8, 2, 64, True, 0.1, 0.3),
+    (3, 700, 1500, 8, 8, 128, False, 0.5, 0.5),
+    (1, 2000, 2000, 32, 8, 128, True, 0.05, 0.0),
+]
+
+
+@pytest.mark.parametrize("dtype", base.DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", PERSISTENT_CASES, ids=lambda c: "B{}_q{}_k{}_h{}-{}_d{}_{}_{}_{}".format(*c))
+@pytest.mark.parametrize("sort", ["0", "1"])
+def test_persistent_is_bitwise_one_cta_per_item(monkeypatch, case, dtype, sort):
+    """The persistent kernel walks each row's blocks in the order of the kernel with one CTA per work
+    item, with the same arithmetic, so its outputs and lse equal that kernel's bit for bit; only
+    which CTA runs a work item, and in what sequence, differs."""
+    b, nq, nk, hq, hkv, d, causal, density, empty = case
+    gen = torch.Generator(device="cuda").manual_seed(hash(case) % (2**31) + 7)
+    q, k, v = base.rand_qkv(b, nq, nk, hq, hkv, d, dtype, gen)
+    counts, indices = base.random_selection(b, hq, nq, nk, 128, causal, density, gen)
+    if empty > 0:
+        drop = torch.rand(counts.shape, generator=gen, device="cuda") < empty
+        counts = torch.where(drop, torch.zeros_like(counts), counts)
+    assert b * hq * ((nq + 127) // 128) > 132, "more work items than an H100/H200 has SMs"
+    scale = d ** -0.5
+    monkeypatch.delenv("PROXYATTN_BSA_FORCE_SM80", raising=False)
+    monkeypatch.setenv("PROXYATTN_BSA_SM90", "require")
+    monkeypatch.setenv("PROXYATTN_BSA_SORT", sort)
+    results = {}
+    for persistent in ("0", "1"):
+        set_variant(monkeypatch, "persistent" if persistent == "1" else "overlap")
+        monkeypatch.setenv("PROXYATTN_BSA_SORT", sort)
+        base.poison_allocator()
+        results[persistent] = base.run_op(q, k, v, counts, indices, None, None, nq, nk, 128, scale, causal)
+    (out0, lse0), (out1, lse1) = results["0"], results["1"]
+    assert not torch.isnan(out1).any(), "unwritten (poisoned) outputs"
+    assert torch.equal(out1, out0), f"outputs differ: {(out1.double() - out0.double()).abs().max().item():.3e}"
+    assert torch.equal(lse1, lse0), "lse differs"
+    if empty > 0:
+        assert (counts == 0).any(), "the case was meant to hold rows without a selected block"

@@ -2,22 +2,25 @@
 // math, parameters and layouts as the portable path (kernels/bsa_fwd_sm80.cuh, kernels/bsa_params.h);
 // block_size 128 only (the dispatcher in kernels/bsa_launch.h sends 64 to the sm80 path).
 //
-// One CTA per (query block m, batch b, query head h), in sections of KV heads whose K/V fit in L2,
-// heaviest rows launched first: by query block (bsa_tile in kernels/bsa_params.h), or, with
-// PROXYATTN_BSA_SORT=1, by selected-block count (tile_order, sorted by kernels/bsa_order.cu); 384
-// threads in three warpgroups:
+// Work items are (query block m, batch b, query head h), in sections of KV heads whose K/V fit in
+// L2, heaviest rows first: by query block (bsa_tile in kernels/bsa_params.h), or, with
+// PROXYATTN_BSA_SORT=1, by selected-block count (tile_order, sorted by kernels/bsa_order.cu).
+// Two kernels: bsa_fwd_sm90_persistent_kernel (the default, described where it is defined below:
+// one CTA per SM taking items from a counter, the items' key blocks run as one pipeline) and
+// bsa_fwd_sm90_kernel, one CTA per item, described here. Both use 384 threads in three warpgroups:
 //   warpgroup 0 (producer, 24 registers): one thread issues TMA loads, Q once, then for every
 //     selected key block (walked from the diagonal down by BlockCursor, the order of sm80's
 //     TileCursor) K and V into a 2-stage ring (3 with PROXYATTN_BSA_SM90_STAGES=3, variant 1 only);
 //     full barriers carry the TMA transaction bytes, empty barriers are released
 //     by the 8 consumer warps.
-//   warpgroups 1, 2 (consumers, 240 registers): each owns 64 of the 128 query rows.
+//   warpgroups 1, 2 (consumers, 240 registers; the persistent kernel: 40 and 232): each owns 64 of
+//     the 128 query rows.
 //     S = Q K^T by wgmma SS (64 x 128 x D), mask only on tiles that cross the causal diagonal or
 //     the end of the keys, online softmax in fp32 (exp2), P converted to 16 bit in registers,
 //     O += P V by wgmma RS (64 x D x 128, V read MN-major from the same K-major smem tile).
 //     Epilogue: O / rowsum stored straight from registers (32-bit pairs), lse per row.
 //     Three variants (template kVariant, chosen at run time by bsa_sm90_variant in bsa_launch.h):
-//     0 serial (each wgmma waited for at once); 1 overlapped, the default (S_j = Q K_j issued with
+//     0 serial (each wgmma waited for at once); 1 overlapped (S_j = Q K_j issued with
 //     O += P_{j-1} V_{j-1}; the softmax of S_j runs while the P V wgmma is in flight; O rescaled
 //     after), the two consumer warpgroups not synchronised with each other; 2 overlapped with
 //     pingpong: the warpgroups take turns at issuing their pair of wgmmas (two named barriers), so
@@ -25,7 +28,8 @@
 //
 // Shared memory (SW128 K-major, what TMA writes and wgmma reads): sQ [128, D], sK/sV [stages][128, D],
 // 1 + 4 x stages mbarriers. 2 stages: D = 128 160 KB, D = 64 80 KB; 3 stages (variant 1 only,
-// PROXYATTN_BSA_SM90_STAGES=3): 224 KB, 112 KB.
+// PROXYATTN_BSA_SM90_STAGES=3): 224 KB, 112 KB. The persistent kernel: two sQ buffers, 2 stages,
+// 192 KB at D = 128, 96 KB at D = 64 (plus 160 bytes of stage descriptions and item queue).
 //
 // Tensor maps: q/out [rows, D, heads, batch] with the tensors' own strides (varlen: rows = total,
 // batch 1, each sequence reached by a row offset). Rows past a tensor's end read as zero. Rows of a
@@ -117,6 +121,22 @@ struct Sm90Traits {
     uint64_t full_k[kStages], full_v[kStages], empty_k[kStages], empty_v[kStages];
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
+
+  // Persistent kernel (bsa_fwd_sm90_persistent_kernel): two Q buffers, so the next work item's Q
+  // loads while the current one's last tiles run, the per-stage descriptions the loader hands the
+  // consumers (meta) and the scheduler's 2-slot queue of work items (item).
+  using SmemLayoutQ2 = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>, _2>{}));  // (M, D, buf)
+  struct PersistentStorage {
+    alignas(1024) Elem q[cosize_v<SmemLayoutQ2>];
+    alignas(1024) Elem k[cosize_v<SmemLayoutKV>];
+    alignas(1024) Elem v[cosize_v<SmemLayoutKV>];
+    alignas(16) int meta[kStages][8];
+    alignas(16) int item[2][16];
+    alignas(8) uint64_t full_q[2], empty_q[2];
+    uint64_t full_k[kStages], full_v[kStages], empty_k[kStages], empty_v[kStages];
+    uint64_t item_full[2], item_empty[2];
+  };
+  static constexpr int kPersistentSmemBytes = int(sizeof(PersistentStorage));
 };
 
 template <class Traits>
@@ -576,9 +596,493 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 #endif  // PROXYATTN_BSA_SM90_DEVICE
 }
 
+// ---------------------------------------------------------------------------------------------
+// The persistent kernel (kVariant 3 in run_bsa_fwd_sm90; the default, PROXYATTN_BSA_SM90_PERSISTENT=0
+// turns it off).
+// ---------------------------------------------------------------------------------------------
+// gridDim.x = min(work items, SMs). CTA c runs position c of the work order, then positions
+// gridDim.x + atomicAdd(p.tile_counter, 1), so heavy rows go first and the query heads of a KV head
+// stay side by side (bsa_tile's order, or tile_order), each item to whichever CTA gets there first.
+// The key blocks of all of a CTA's items form one stream through the K/V ring, and the consumers
+// treat it as one loop: the first Q K^T of an item is issued together with the last P V of the
+// item before it, and that item's epilogue runs while nothing waits on it.
+//   warp 0 lane 0 (loader): per item from the scheduler, Q into one of two buffers (full_q/empty_q),
+//     then its selected key blocks' K and V into the ring. Before a stage's full barrier it writes
+//     the stage's description (meta[stage]: block, flags, b, h, m, q_row0, seqlen_q, seqlen_k): the
+//     block, whether it is an item's first (kMetaFirst), and the item; the end is a kMetaStop stage.
+//   warp 1 (scheduler): takes the positions, reads the order, the varlen offsets, the count and the
+//     first visible index entry, and posts the item into a 2-slot queue (item_full / item_empty),
+//     so the loader starts an item without a dependent global load. Items whose query block lies
+//     past their sequence's end are skipped; items with rows but no visible selected block never
+//     reach the consumers: the scheduler warp stores their zeros and lse -inf itself.
+//   consumers: as kVariant 1, with the tile loop running on across items; per-item state (output
+//     offsets, mask bounds, Q buffer) comes from the description of the item's first stage.
+// The loader, the scheduler and the consumers count stages (`it`), Q buffers (`nq`) and queue
+// slots the same way, so barrier parities agree without any other exchange.
+enum : int { kMetaFirst = 1, kMetaStop = 2 };
+enum : int { kItemBlocks = 0, kItemStop = 1 };
+
+// Compiler fence between C++ shared-memory accesses and the barrier asm (which has no memory clobber).
+__device__ __forceinline__ void compiler_fence() { asm volatile("" ::: "memory"); }
+
+// One work item as the consumers need it (from the description of its first stage).
+struct ConsumerItem {
+  int64_t o_off;    // element offset of the item's first output row (head h)
+  int64_t lse_off;  // offset of its first lse entry
+  int q_rows;       // rows of the query block inside the sequence
+  int diag;         // seqlen_k - seqlen_q + q_start
+  int full_key;     // keys <= full_key are visible to every row
+  int seqlen_k;
+  int qbuf;         // Q buffer
+};
+
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kNThreads, 1)
+    bsa_fwd_sm90_persistent_kernel(const __grid_constant__ KernelParams<Traits> kp) {
+#if PROXYATTN_BSA_SM90_DEVICE
+  using Elem = typename Traits::Elem;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kStages = Traits::kStages;
+  using Barrier = cutlass::arch::ClusterTransactionBarrier;
+  using EmptyBarrier = cutlass::arch::ClusterBarrier;
+  const BsaParams& p = kp.p;
+  const int num_items = p.batch * p.q_heads * p.num_q_blocks;  // < 2^31 (the launcher checks)
+
+  extern __shared__ __align__(1024) char bsa_smem[];
+  auto& ss = *reinterpret_cast<typename Traits::PersistentStorage*>(bsa_smem);
+
+  const int warpgroup = threadIdx.x / 128;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+
+  if (threadIdx.x == 0) {
+    CUTE_UNROLL
+    for (int i = 0; i < 2; ++i) {
+      Barrier::init(&ss.full_q[i], 1);
+      EmptyBarrier::init(&ss.empty_q[i], Traits::kConsumerWarps);
+      EmptyBarrier::init(&ss.item_full[i], 1);
+      EmptyBarrier::init(&ss.item_empty[i], 1);
+    }
+    CUTE_UNROLL
+    for (int s = 0; s < kStages; ++s) {
+      Barrier::init(&ss.full_k[s], 1);
+      Barrier::init(&ss.full_v[s], 1);
+      EmptyBarrier::init(&ss.empty_k[s], Traits::kConsumerWarps);
+      EmptyBarrier::init(&ss.empty_v[s], Traits::kConsumerWarps);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();  // the only CTA-wide barrier: idle producer threads leave below
+
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  Tensor sQ = make_tensor(make_smem_ptr(ss.q), typename Traits::SmemLayoutQ2{});    // (M, D, buf)
+  Tensor sK = make_tensor(make_smem_ptr(ss.k), typename Traits::SmemLayoutKV{});    // (N, D, stage)
+  Tensor sV = make_tensor(make_smem_ptr(ss.v), typename Traits::SmemLayoutKV{});    // (N, D, stage)
+  Tensor sVt = make_tensor(make_smem_ptr(ss.v), typename Traits::SmemLayoutVt{});   // (D, N, stage)
+
+  if (warpgroup == 0) {
+    cutlass::arch::warpgroup_reg_dealloc<40>();
+    if (warp == 1) {
+      // ------------------------------- scheduler ------------------------------
+      // The whole warp runs the loop (every lane computes the same item); lane 0 takes positions and
+      // posts, and all lanes store the output of items without a visible block.
+      // Slot fields: 0 kind, 1 b, 2 h, 3 m, 4 q_row0, 5 k_row0, 6 seqlen_q, 7 seqlen_k, 8 max_key,
+      // 9 nkb, 10 first visible block, 11 entries left before it (BlockCursor::ord).
+      uint32_t n = 0;  // slots posted
+      int pos = int(blockIdx.x);
+      while (true) {
+        int f[12] = {kItemStop, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+        int next = num_items;
+        if (pos < num_items) {
+          // Take the next position now; its latency overlaps the work below.
+          // Unsigned: both terms are below 2^31 (the counter, zero at launch, is drawn at most
+          // num_items + 2 x gridDim.x times), so the sum cannot wrap.
+          int got = 0;
+          if (lane == 0) got = atomicAdd(p.tile_counter, 1);
+          const uint32_t nx = gridDim.x + uint32_t(__shfl_sync(0xffffffffu, got, 0));
+          next = nx < uint32_t(num_items) ? int(nx) : num_items;
+          const BsaTile tile = bsa_tile(bsa_order_work(p, pos), p);
+          int64_t q_row0 = 0, k_row0 = 0;
+          int seqlen_q = p.seqlen_q, seqlen_k = p.seqlen_k;
+          if (varlen) {
+            const int64_t q0 = min(max(int64_t(p.cu_seqlens_q[tile.b]), int64_t(0)), p.total_q);
+            const int64_t q1 = min(max(int64_t(p.cu_seqlens_q[tile.b + 1]), q0), p.total_q);
+            const int64_t k0 = min(max(int64_t(p.cu_seqlens_k[tile.b]), int64_t(0)), p.total_k);
+            const int64_t k1 = min(max(int64_t(p.cu_seqlens_k[tile.b + 1]), k0), p.total_k);
+            q_row0 = q0;
+            k_row0 = k0;
+            seqlen_q = int(min(q1 - q0, int64_t(p.seqlen_q)));
+            seqlen_k = int(min(k1 - k0, int64_t(p.seqlen_k)));
+          }
+          const int q_start = tile.m * kBlockM;
+          const int q_rows = min(kBlockM, seqlen_q - q_start);
+          int count = 0, max_key = -1;
+          const int nkb = (seqlen_k + kBlockN - 1) / kBlockN;
+          if (q_rows > 0) {
+            max_key = seqlen_k - 1;
+            if (p.causal) max_key = min(max_key, seqlen_k - seqlen_q + q_start + q_rows - 1);
+            count = p.counts[tile.b * p.counts_batch_stride + tile.h * p.counts_head_stride +
+                             tile.m * p.counts_block_stride];
+            count = min(max(count, 0), p.num_k_blocks);
+            if (max_key < 0) count = 0;
+          }
+          BlockCursor cursor(bsa_index_row(p, tile.b, tile.h, tile.m), count, nkb, max_key);
+          const bool any = cursor.advance(kBlockN);
+          pos = next < num_items ? next : num_items;
+          if (q_rows <= 0) continue;  // past the sequence's end: no rows
+          if (!any) {
+            // No visible key: out 0 and lse -inf for the item's rows (16-byte stores over the rows).
+            Elem* o_ptr = static_cast<Elem*>(p.out) +
+                          (varlen ? q_row0 * p.out_row_stride : int64_t(tile.b) * p.out_batch_stride) +
+                          int64_t(q_start) * p.out_row_stride + int64_t(tile.h) * p.out_head_stride;
+            float* lse_ptr = p.lse + (varlen ? q_row0 : int64_t(tile.b) * p.lse_batch_stride) +
+                             int64_t(tile.h) * p.lse_head_stride + q_start;
+            constexpr int kChunks = kHeadDim * int(sizeof(Elem)) / 16;  // 16-byte pieces per row
+            for (int e = lane; e < q_rows * kChunks; e += 32) {
+              const int r = e / kChunks, c = e % kChunks;
+              reinterpret_cast<uint4*>(o_ptr + int64_t(r) * p.out_row_stride)[c] = make_uint4(0, 0, 0, 0);
+            }
+            for (int r = lane; r < q_rows; r += 32) lse_ptr[r] = -INFINITY;
+            continue;
+          }
+          f[0] = kItemBlocks;
+          f[1] = tile.b;
+          f[2] = tile.h;
+          f[3] = tile.m;
+          f[4] = int(q_row0);  // row counts are below 2^31 on this path (bsa_sm90_unsupported_reason)
+          f[5] = int(k_row0);
+          f[6] = seqlen_q;
+          f[7] = seqlen_k;
+          f[8] = max_key;
+          f[9] = nkb;
+          f[10] = cursor.blk;
+          f[11] = cursor.ord;
+        }
+        const int slot = n & 1;
+        EmptyBarrier::wait(&ss.item_empty[slot], ((n >> 1) & 1) ^ 1);  // fresh: parity 1 passes
+        if (lane == 0) {
+          compiler_fence();
+          CUTE_UNROLL
+          for (int i = 0; i < 12; ++i) ss.item[slot][i] = f[i];
+          compiler_fence();
+          EmptyBarrier::arrive(&ss.item_full[slot]);
+        }
+        __syncwarp();
+        ++n;
+        if (f[0] == kItemStop) break;
+      }
+    } else if (warp == 0 && lane == 0) {
+      // -------------------------------- loader --------------------------------
+      Tensor mQ = kp.tma_q.get_tma_tensor(make_shape(kp.q_rows_total, Int<kHeadDim>{}, p.q_heads, kp.q_batches));
+      Tensor mK = kp.tma_k.get_tma_tensor(make_shape(kp.k_rows_total, Int<kHeadDim>{}, p.kv_heads, kp.q_batches));
+      Tensor mV = kp.tma_v.get_tma_tensor(make_shape(kp.k_rows_total, Int<kHeadDim>{}, p.kv_heads, kp.q_batches));
+      const int group = p.q_heads / p.kv_heads;
+      uint32_t n = 0;   // slots taken
+      int it = 0;       // stages filled
+      uint32_t nq = 0;  // Q buffers filled
+      // Waits for stage s to be free of its K reads and writes its description.
+      auto stage_meta = [&](int s, uint32_t phase, const int (&md)[8]) {
+        EmptyBarrier::wait(&ss.empty_k[s], phase ^ 1);
+        compiler_fence();
+        CUTE_UNROLL
+        for (int i = 0; i < 8; ++i) ss.meta[s][i] = md[i];
+        compiler_fence();
+      };
+      while (true) {
+        const int slot = n & 1;
+        EmptyBarrier::wait(&ss.item_full[slot], (n >> 1) & 1);
+        compiler_fence();
+        int f[12];
+        CUTE_UNROLL
+        for (int i = 0; i < 12; ++i) f[i] = ss.item[slot][i];
+        compiler_fence();
+        EmptyBarrier::arrive(&ss.item_empty[slot]);
+        ++n;
+        const int s0 = it % kStages;
+        const uint32_t phase0 = (it / kStages) & 1;
+        if (f[0] == kItemStop) {
+          const int md[8] = {0, kMetaStop, 0, 0, 0, 0, 0, 0};
+          stage_meta(s0, phase0, md);
+          Barrier::arrive(&ss.full_k[s0]);
+          break;
+        }
+        // Stage description: 0 block, 1 flags, 2 b, 3 h, 4 m, 5 q_row0, 6 seqlen_q, 7 seqlen_k.
+        int md[8] = {f[10], kMetaFirst, f[1], f[2], f[3], f[4], f[6], f[7]};
+        const int b = f[1], h = f[2], m = f[3], kvh = h / group;
+        const int qb = varlen ? 0 : b;
+        BlockCursor cursor(bsa_index_row(p, b, h, m), 0, f[9], f[8]);
+        cursor.ord = f[11];
+        cursor.blk = f[10];
+        Tensor gQ = local_tile(domain_offset(make_coord(f[4], _0{}), mQ(_, _, h, qb)),
+                               Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m, _0{}));   // (M, D)
+        Tensor gK = local_tile(domain_offset(make_coord(f[5], _0{}), mK(_, _, kvh, qb)),
+                               Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));   // (N, D, blocks)
+        Tensor gV = local_tile(domain_offset(make_coord(f[5], _0{}), mV(_, _, kvh, qb)),
+                               Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));   // (N, D, blocks)
+        auto [tQg, tQs] = tma_partition(kp.tma_q, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
+        auto [tKg, tKs] = tma_partition(kp.tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+        auto [tVg, tVs] = tma_partition(kp.tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+        const int qbuf = nq & 1;
+        EmptyBarrier::wait(&ss.empty_q[qbuf], ((nq >> 1) & 1) ^ 1);
+        Barrier::arrive_and_expect_tx(&ss.full_q[qbuf], Traits::kQBytes);
+        copy(kp.tma_q.with(ss.full_q[qbuf]), tQg, tQs(_, qbuf));
+        ++nq;
+        do {
+          const int s = it % kStages;
+          const uint32_t phase = (it / kStages) & 1;
+          md[0] = cursor.blk;
+          stage_meta(s, phase, md);
+          md[1] = 0;
+          Barrier::arrive_and_expect_tx(&ss.full_k[s], Traits::kKVBytes);
+          copy(kp.tma_k.with(ss.full_k[s]), tKg(_, cursor.blk), tKs(_, s));
+          cursor.fetch();  // the next entry's load overlaps the wait below
+          EmptyBarrier::wait(&ss.empty_v[s], phase ^ 1);
+          Barrier::arrive_and_expect_tx(&ss.full_v[s], Traits::kKVBytes);
+          copy(kp.tma_v.with(ss.full_v[s]), tVg(_, cursor.blk), tVs(_, s));
+          ++it;
+        } while (cursor.advance(kBlockN));
+      }
+    }
+  } else {
+    // ------------------------------- consumers ------------------------------
+    cutlass::arch::warpgroup_reg_alloc<232>();
+    const int ctid = threadIdx.x - 128;  // 0 .. 255; warpgroup ctid / 128 owns rows 64 (ctid / 128) + [0, 64)
+
+    typename Traits::TiledMmaS mma_s;
+    typename Traits::TiledMmaO mma_o;
+    auto thr_s = mma_s.get_thread_slice(ctid);
+    auto thr_o = mma_o.get_thread_slice(ctid);
+    Tensor tSrQ = thr_s.partition_fragment_A(sQ);   // (MMA, MMA_M, MMA_D, buf) descriptors
+    Tensor tSrK = thr_s.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_D, stage) descriptors
+    Tensor tOrV = thr_o.partition_fragment_B(sVt);  // (MMA, MMA_D, MMA_N, stage) descriptors
+    Tensor acc_o = partition_fragment_C(thr_o, Shape<Int<kBlockM>, Int<kHeadDim>>{});  // ((2,2,D/8), 1, 1)
+
+    Tensor cS = make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{});
+    Tensor tScS = thr_s.partition_C(cS);
+    Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
+    Tensor cO = make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{});
+    Tensor tOcO = thr_o.partition_C(cO);
+    Tensor tOcO_rc = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));
+
+    constexpr int kRows = decltype(size<0>(acc_rowcol(acc_o.layout())))::value;
+    Tensor row_max = make_tensor<float>(Shape<Int<kRows>>{});
+    Tensor row_sum = make_tensor<float>(Shape<Int<kRows>>{});
+    Tensor old_max = make_tensor<float>(Shape<Int<kRows>>{});
+    Tensor old_sum = make_tensor<float>(Shape<Int<kRows>>{});
+    Tensor corr = make_tensor<float>(Shape<Int<kRows>>{});
+    const float scale_log2 = p.softmax_scale_log2;
+
+    // The item described by a first stage's description md.
+    auto make_item = [&](const int* md, int qbuf) {
+      const int b = md[2], h = md[3], m = md[4], q_row0 = md[5], seqlen_q = md[6], seqlen_k = md[7];
+      const int q_start = m * kBlockM;
+      ConsumerItem w;
+      w.o_off = (varlen ? int64_t(q_row0) * p.out_row_stride : int64_t(b) * p.out_batch_stride) +
+                int64_t(q_start) * p.out_row_stride + int64_t(h) * p.out_head_stride;
+      w.lse_off = (varlen ? int64_t(q_row0) : int64_t(b) * p.lse_batch_stride) + int64_t(h) * p.lse_head_stride +
+                  q_start;
+      w.q_rows = min(kBlockM, seqlen_q - q_start);
+      w.diag = seqlen_k - seqlen_q + q_start;
+      w.full_key = p.causal ? min(seqlen_k - 1, w.diag) : seqlen_k - 1;
+      w.seqlen_k = seqlen_k;
+      w.qbuf = qbuf;
+      return w;
+    };
+    // Mask (tiles crossing the diagonal or the end of the keys) and online softmax of one score
+    // tile of item `w`, as in bsa_fwd_sm90_kernel.
+    auto softmax_tile = [&](auto& acc_s, int key0, const ConsumerItem& w) {
+      Tensor sc = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));  // (rows, cols)
+      if (key0 + kBlockN - 1 > w.full_key) {
+        CUTE_UNROLL
+        for (int ri = 0; ri < size<0>(sc); ++ri) {
+          const int r = get<0>(tScS_rc(ri, 0));
+          const int limit = (p.causal ? min(w.seqlen_k - 1, w.diag + r) : w.seqlen_k - 1) - key0;
+          CUTE_UNROLL
+          for (int ci = 0; ci < size<1>(sc); ++ci) {
+            if (get<1>(tScS_rc(0, ci)) > limit) sc(ri, ci) = -INFINITY;
+          }
+        }
+      }
+      CUTE_UNROLL
+      for (int ri = 0; ri < size<0>(sc); ++ri) {
+        float mx = row_max(ri);
+        CUTE_UNROLL
+        for (int ci = 0; ci < size<1>(sc); ++ci) mx = fmaxf(mx, sc(ri, ci));
+        mx = quad_max(mx);
+        const float base = mx == -INFINITY ? 0.f : mx * scale_log2;
+        corr(ri) = exp2f(row_max(ri) * scale_log2 - base);
+        row_max(ri) = mx;
+        float sum = 0.f;
+        CUTE_UNROLL
+        for (int ci = 0; ci < size<1>(sc); ++ci) {
+          const float e = exp2f(sc(ri, ci) * scale_log2 - base);
+          sc(ri, ci) = e;
+          sum += e;
+        }
+        row_sum(ri) = row_sum(ri) * corr(ri) + sum;
+      }
+    };
+    auto rescale_o = [&]() {
+      Tensor o = make_tensor(acc_o.data(), acc_rowcol(acc_o.layout()));
+      CUTE_UNROLL
+      for (int ri = 0; ri < size<0>(o); ++ri) {
+        CUTE_UNROLL
+        for (int cj = 0; cj < size<1>(o); ++cj) o(ri, cj) *= corr(ri);
+      }
+    };
+    // Normalise and store item w's rows (acc_o, with the statistics mx / sm), lse per row.
+    auto epilogue = [&](const ConsumerItem& w, auto const& mx, auto const& sm) {
+      Elem* o_ptr = static_cast<Elem*>(p.out) + w.o_off;
+      float* lse_ptr = p.lse + w.lse_off;
+      Tensor o = make_tensor(acc_o.data(), acc_rowcol(acc_o.layout()));
+      static_assert(decltype(size<1>(o))::value % 2 == 0, "column pairs");
+      CUTE_UNROLL
+      for (int ri = 0; ri < size<0>(o); ++ri) {
+        const float sum = quad_sum(sm(ri));
+        const bool empty = sum == 0.f;
+        const float inv = empty ? 0.f : 1.f / sum;
+        const int r = get<0>(tOcO_rc(ri, 0));
+        if (r < w.q_rows) {
+          if ((lane & 3) == 0) lse_ptr[r] = empty ? -INFINITY : mx(ri) * p.softmax_scale + logf(sum);
+          Elem* row_ptr = o_ptr + int64_t(r) * p.out_row_stride;
+          CUTE_UNROLL
+          for (int cj = 0; cj < size<1>(o); cj += 2) {
+            const int c = get<1>(tOcO_rc(ri, cj));
+            cutlass::Array<Elem, 2> pair;
+            pair[0] = Elem(o(ri, cj) * inv);
+            pair[1] = Elem(o(ri, cj + 1) * inv);
+            *reinterpret_cast<cutlass::Array<Elem, 2>*>(row_ptr + c) = pair;
+          }
+        }
+      }
+    };
+    auto release = [&](uint64_t* bar) {
+      __syncwarp();
+      if (lane == 0) EmptyBarrier::arrive(bar);
+    };
+
+    Tensor rP = make_tensor<Elem>(partition_fragment_C(thr_s, Shape<Int<kBlockM>, Int<kBlockN>>{}).layout());
+    Tensor tOrP = make_tensor(rP.data(), acc_to_a_operand(rP.layout()));  // ((2,2,2), 1, N/16)
+    int it = 0;       // stages consumed
+    uint32_t nq = 0;  // Q buffers consumed
+    // Waits for stage `it` and reads its block and flags (md[0], md[1]); a first stage's item fields
+    // are read by stage_item. Lane 0 of each warp reads and hands the values to the other lanes,
+    // so every read of a stage's description is ordered before the same thread's release of the
+    // stage (release() arrives from lane 0), after which the loader may rewrite it.
+    auto take_stage = [&](int s, uint32_t phase, int& blk, int& flags) {
+      Barrier::wait(&ss.full_k[s], phase);
+      compiler_fence();
+      int b = 0, f = 0;
+      if (lane == 0) {
+        b = ss.meta[s][0];
+        f = ss.meta[s][1];
+      }
+      compiler_fence();
+      blk = __shfl_sync(0xffffffffu, b, 0);
+      flags = __shfl_sync(0xffffffffu, f, 0);
+    };
+    auto stage_item = [&](int s) {
+      int md[8];
+      compiler_fence();
+      CUTE_UNROLL
+      for (int i = 0; i < 8; ++i) md[i] = lane == 0 ? ss.meta[s][i] : 0;
+      compiler_fence();
+      CUTE_UNROLL
+      for (int i = 0; i < 8; ++i) md[i] = __shfl_sync(0xffffffffu, md[i], 0);
+      const ConsumerItem w = make_item(md, int(nq & 1));
+      Barrier::wait(&ss.full_q[w.qbuf], (nq >> 1) & 1);
+      ++nq;
+      return w;
+    };
+
+    // The first stage: the CTA's first item, or the stop mark when it has none.
+    int blk, flags;
+    take_stage(0, 0, blk, flags);
+    if (flags & kMetaStop) return;
+    ConsumerItem cur = stage_item(0);
+    fill(row_max, -INFINITY);
+    fill(row_sum, 0.f);
+    clear(acc_o);
+    {
+      Tensor acc_s = partition_fragment_C(thr_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+      wg_issue<true>(mma_s, tSrQ(_, _, _, cur.qbuf), tSrK(_, _, _, 0), acc_s);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc_s);
+      release(&ss.empty_k[0]);
+      softmax_tile(acc_s, blk * kBlockN, cur);  // O is 0: no rescale needed
+      convert_into<Elem>(acc_s, rP);
+    }
+    it = 1;
+    // Stage it - 1's P V is pending at the top of every iteration; stage `it` is the next S.
+    while (true) {
+      const int s = it % kStages, sp = (it - 1) % kStages;
+      const uint32_t phase = (it / kStages) & 1, phase_p = ((it - 1) / kStages) & 1;
+      take_stage(s, phase, blk, flags);
+      if (flags & kMetaStop) break;
+      Tensor acc_s = partition_fragment_C(thr_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+      if (flags == 0) {
+        // Another block of the current item: the loop of kVariant 1.
+        wg_issue<true>(mma_s, tSrQ(_, _, _, cur.qbuf), tSrK(_, _, _, s), acc_s);
+        Barrier::wait(&ss.full_v[sp], phase_p);
+        wg_issue<false>(mma_o, tOrP, tOrV(_, _, _, sp), acc_o);
+        warpgroup_wait<1>();  // S done (groups complete in order)
+        warpgroup_fence_operand(acc_s);
+        release(&ss.empty_k[s]);
+        softmax_tile(acc_s, blk * kBlockN, cur);
+        warpgroup_wait<0>();  // the previous P V done
+        warpgroup_fence_operand(acc_o);
+        warpgroup_fence_operand(tOrP);
+        release(&ss.empty_v[sp]);
+        rescale_o();
+      } else {
+        // The first block of the next item, issued with the current item's last P V; the current
+        // item is stored once that P V is done.
+        const ConsumerItem nxt = stage_item(s);
+        wg_issue<true>(mma_s, tSrQ(_, _, _, nxt.qbuf), tSrK(_, _, _, s), acc_s);
+        Barrier::wait(&ss.full_v[sp], phase_p);
+        wg_issue<false>(mma_o, tOrP, tOrV(_, _, _, sp), acc_o);
+        warpgroup_wait<1>();
+        warpgroup_fence_operand(acc_s);
+        release(&ss.empty_k[s]);
+        CUTE_UNROLL
+        for (int ri = 0; ri < kRows; ++ri) {
+          old_max(ri) = row_max(ri);
+          old_sum(ri) = row_sum(ri);
+        }
+        fill(row_max, -INFINITY);
+        fill(row_sum, 0.f);
+        softmax_tile(acc_s, blk * kBlockN, nxt);
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(acc_o);
+        warpgroup_fence_operand(tOrP);
+        release(&ss.empty_v[sp]);
+        epilogue(cur, old_max, old_sum);  // the current item is complete
+        release(&ss.empty_q[cur.qbuf]);
+        clear(acc_o);
+        cur = nxt;
+      }
+      convert_into<Elem>(acc_s, rP);
+      ++it;
+    }
+    // The last item's last P V, then its epilogue.
+    const int sp = (it - 1) % kStages;
+    Barrier::wait(&ss.full_v[sp], ((it - 1) / kStages) & 1);
+    wg_issue<false>(mma_o, tOrP, tOrV(_, _, _, sp), acc_o);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc_o);
+    warpgroup_fence_operand(tOrP);
+    release(&ss.empty_v[sp]);
+    epilogue(cur, row_max, row_sum);
+  }
+#endif  // PROXYATTN_BSA_SM90_DEVICE
+}
+
 // Strides of a size-1 dimension are never used; give them a value TMA accepts.
 inline int64_t tma_stride(int64_t size, int64_t stride, int64_t fallback) { return size > 1 ? stride : fallback; }
 
+// kVariant 0-2: bsa_fwd_sm90_kernel, one CTA per work item; 3: bsa_fwd_sm90_persistent_kernel.
 template <class Traits, int kVariant>
 cudaError_t launch(const BsaParams& p, cudaStream_t stream) {
   using Elem = typename Traits::Elem;
@@ -611,12 +1115,27 @@ cudaError_t launch(const BsaParams& p, cudaStream_t stream) {
   kp.tma_v = make_tma_copy(SM90_TMA_LOAD{}, gV, take<0, 2>(typename Traits::SmemLayoutKV{}),
                            Shape<Int<Traits::kBlockN>, Int<D>>{}, _1{});
 
-  constexpr int kSmem = Traits::kSmemBytes;
-  auto kernel = &bsa_fwd_sm90_kernel<Traits, kVariant>;
-  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-  if (err != cudaSuccess) return err;
-  kernel<<<dim3(unsigned(grid)), dim3(Traits::kNThreads), kSmem, stream>>>(kp);
-  return cudaGetLastError();
+  if constexpr (kVariant == 3) {
+    if (p.tile_counter == nullptr) return cudaErrorInvalidValue;
+    constexpr int kSmem = Traits::kPersistentSmemBytes;
+    static_assert(kSmem <= 227 * 1024, "persistent kernel beyond the sm90 shared memory limit");
+    auto kernel = &bsa_fwd_sm90_persistent_kernel<Traits>;
+    int dev = 0, sms = 0;
+    cudaError_t err = cudaGetDevice(&dev);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    if (err == cudaSuccess) err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    if (err != cudaSuccess) return err;
+    const int ctas = int(grid < int64_t(sms) ? grid : int64_t(sms > 0 ? sms : 1));
+    kernel<<<dim3(unsigned(ctas)), dim3(Traits::kNThreads), kSmem, stream>>>(kp);
+    return cudaGetLastError();
+  } else {
+    constexpr int kSmem = Traits::kSmemBytes;
+    auto kernel = &bsa_fwd_sm90_kernel<Traits, kVariant>;
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    if (err != cudaSuccess) return err;
+    kernel<<<dim3(unsigned(grid)), dim3(Traits::kNThreads), kSmem, stream>>>(kp);
+    return cudaGetLastError();
+  }
 }
 
 }  // namespace bsa_sm90
@@ -638,6 +1157,7 @@ cudaError_t run_bsa_fwd_sm90(const BsaParams& params, cudaStream_t stream) {
   switch (bsa_sm90_variant()) {
     case 0: return bsa_sm90::launch<Traits, 0>(params, stream);
     case 2: return bsa_sm90::launch<Traits, 2>(params, stream);
+    case 3: return bsa_sm90::launch<Traits, 3>(params, stream);
     default:
       if (bsa_sm90_stages() == 3) return bsa_sm90::launch<Traits3, 1>(params, stream);
       return bsa_sm90::launch<Traits, 1>(params, stream);

@@ -14,12 +14,18 @@
 //   PROXYATTN_BSA_SORT=1         launch the work items of each section by descending
 //                                selected-block count (bsa_sort_tiles, kernels/bsa_order.cu; both
 //                                paths); otherwise (default) in bsa_tile's order.
-//   PROXYATTN_BSA_SM90_OVERLAP=0 the serial sm90 variant instead of the default one that overlaps
-//                                the softmax with the P V product.
-//   PROXYATTN_BSA_SM90_PINGPONG=1 the overlapped sm90 variant with the two consumer warpgroups
-//                                taking turns at issuing their wgmmas (ignored with OVERLAP=0).
-//   PROXYATTN_BSA_SM90_STAGES=3  a 3-stage K/V ring for the default variant (overlapped without
-//                                pingpong); ignored with OVERLAP=0 or PINGPONG=1 (default 2).
+//   PROXYATTN_BSA_SM90_OVERLAP=0 the serial sm90 variant instead of the overlapped ones, which
+//                                overlap the softmax with the P V product.
+//   PROXYATTN_BSA_SM90_PINGPONG=1 the overlapped sm90 variant (one CTA per work item) with the two
+//                                consumer warpgroups taking turns at issuing their wgmmas (ignored
+//                                with OVERLAP=0).
+//   PROXYATTN_BSA_SM90_STAGES=3  the overlapped variant with one CTA per work item and a 3-stage
+//                                K/V ring (ignored with OVERLAP=0 or PINGPONG=1).
+//   PROXYATTN_BSA_SM90_PERSISTENT=0 the overlapped variant with one CTA per work item instead of
+//                                the default persistent one (one CTA per SM taking work items from
+//                                a counter, BsaParams::tile_counter; the key blocks of consecutive
+//                                items run as one pipeline). Unset or 1: persistent unless one of
+//                                OVERLAP=0, PINGPONG=1, STAGES=3 is set.
 // Torch-free and CuTe-free, so the torch glue and the C++ benchmark can include it with a host
 // compiler.
 #pragma once
@@ -62,13 +68,19 @@ extern template cudaError_t run_bsa_fwd_sm90<__nv_bfloat16, 128>(const BsaParams
 // Whether the sm90 path is taken when PROXYATTN_BSA_SM90 is unset.
 inline constexpr bool kBsaSm90Default = true;
 
-// Which sm90 kernel variant runs (read per call): 0 serial (PROXYATTN_BSA_SM90_OVERLAP=0),
-// 1 overlapped (default), 2 overlapped with pingpong (PROXYATTN_BSA_SM90_PINGPONG=1).
+// Which sm90 kernel variant runs (read per call): 0 serial (PROXYATTN_BSA_SM90_OVERLAP=0), 1
+// overlapped, one CTA per work item (PROXYATTN_BSA_SM90_PERSISTENT=0, or STAGES=3), 2 overlapped
+// with pingpong (PROXYATTN_BSA_SM90_PINGPONG=1), 3 persistent and overlapped (the default; needs
+// BsaParams::tile_counter).
 inline int bsa_sm90_variant() {
-  const char* env = std::getenv("PROXYATTN_BSA_SM90_OVERLAP");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return 0;
-  const char* pp = std::getenv("PROXYATTN_BSA_SM90_PINGPONG");
-  return pp != nullptr && std::strcmp(pp, "1") == 0 ? 2 : 1;
+  auto is = [](const char* name, const char* value) {
+    const char* env = std::getenv(name);
+    return env != nullptr && std::strcmp(env, value) == 0;
+  };
+  if (is("PROXYATTN_BSA_SM90_OVERLAP", "0")) return 0;
+  if (is("PROXYATTN_BSA_SM90_PINGPONG", "1")) return 2;
+  if (is("PROXYATTN_BSA_SM90_STAGES", "3") || is("PROXYATTN_BSA_SM90_PERSISTENT", "0")) return 1;
+  return 3;
 }
 
 // Depth of the sm90 K/V ring of variant 1 (overlapped without pingpong; read per call): 2 (default)
@@ -117,6 +129,10 @@ inline bool bsa_sort_tiles(const BsaParams&) {
 // Writes the sorted work order of p (p.kv_section as the launchers set it) into order
 // (bsa_tile_order_size(p) int32 on the device); kernels/bsa_order.cu.
 cudaError_t run_bsa_tile_order(const BsaParams& p, int* order, cudaStream_t stream);
+
+// Whether run_bsa_fwd needs BsaParams::tile_counter (a device int32, zero when it is called) for
+// these parameters: the persistent sm90 variant on the sm90 path.
+inline bool bsa_needs_tile_counter(const BsaParams& params);
 
 // Compute capability of device `dev` as major * 10 + minor, queried once per device (no sync).
 inline int bsa_device_arch(int dev) {
@@ -197,6 +213,10 @@ inline BsaPath bsa_choose_path(const BsaParams& params, std::string* why = nullp
   if (reason.empty()) return BsaPath::kSm90;
   if (why != nullptr) *why = reason;
   return require ? BsaPath::kRefused : BsaPath::kSm80;
+}
+
+inline bool bsa_needs_tile_counter(const BsaParams& params) {
+  return bsa_sm90_variant() == 3 && bsa_choose_path(params) == BsaPath::kSm90;
 }
 
 // Runs the forward on `stream`: dispatches on path (bsa_choose_path), dtype and head dim. The

@@ -87,6 +87,11 @@ struct BsaParams {
   // whole grid with kv_section 0), the segment's work items by descending selected-block count,
   // and CTA i then runs item tile_order[i] (bsa_cta_work). nullptr or no sort: CTA i runs item i.
   int* tile_order = nullptr;
+
+  // Device int32 that is zero when the kernel starts, needed by the persistent sm90 kernel
+  // (bsa_needs_tile_counter in kernels/bsa_launch.h): its CTAs take work items i = gridDim.x +
+  // atomicAdd(tile_counter, 1) after their first one (blockIdx.x), in the order above.
+  int* tile_counter = nullptr;
 };
 
 struct BsaTile {
@@ -138,6 +143,11 @@ struct BsaIndexRow {
 // The work item (bsa_tile's argument) of this CTA.
 __device__ __forceinline__ int bsa_cta_work(const BsaParams& p) {
   return p.tile_order != nullptr ? __ldg(p.tile_order + blockIdx.x) : int(blockIdx.x);
+}
+
+// The work item of position i of the order (persistent kernels: positions taken from a counter).
+__device__ __forceinline__ int bsa_order_work(const BsaParams& p, int i) {
+  return p.tile_order != nullptr ? __ldg(p.tile_order + i) : i;
 }
 
 // The index row of (batch b, query head h, query block m).

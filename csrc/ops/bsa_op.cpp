@@ -183,6 +183,12 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
     order = at::empty({bsa_tile_order_size(p)}, q.options().dtype(at::kInt));
     p.tile_order = order.data_ptr<int>();
   }
+  // The persistent sm90 variant's work counter, zero at launch (4 bytes).
+  at::Tensor tile_counter;
+  if (bsa_needs_tile_counter(p)) {
+    tile_counter = at::zeros({1}, q.options().dtype(at::kInt));
+    p.tile_counter = tile_counter.data_ptr<int>();
+  }
   PROXYATTN_CUDA_CHECK(run_bsa_fwd(p, q.scalar_type() == at::kBFloat16, current_stream()));
   PROXYATTN_LAUNCH_CHECK();
   return {out, lse};
