@@ -238,6 +238,89 @@ __device__ __forceinline__ void wg_issue(TiledMma& mma, TA const& a, TB const& b
   warpgroup_commit_batch();
 }
 
+// Mask (only tiles crossing the diagonal or the end of the keys: key0 + kBlockN - 1 > full_key)
+// and online softmax of one score tile acc_s whose first key is key0: row_max / row_sum updated,
+// acc_s replaced by exp2(s - max), corr(ri) the factor the previous O rows must be scaled by.
+// Row r (sequence-local query row q_start + r) sees keys <= diag + r when causal, all keys below
+// seqlen_k otherwise. tScS_rc: the (row, col) coordinates of acc_s's elements.
+template <int kBlockN, class TS, class TC, class TR>
+__device__ __forceinline__ void online_softmax_tile(TS& acc_s, TC const& tScS_rc, int key0, int full_key, int diag,
+                                                    int seqlen_k, bool causal, float scale_log2, TR& row_max,
+                                                    TR& row_sum, TR& corr) {
+  Tensor sc = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));  // (rows, cols)
+  if (key0 + kBlockN - 1 > full_key) {
+    CUTE_UNROLL
+    for (int ri = 0; ri < size<0>(sc); ++ri) {
+      const int r = get<0>(tScS_rc(ri, 0));
+      const int limit = (causal ? min(seqlen_k - 1, diag + r) : seqlen_k - 1) - key0;
+      CUTE_UNROLL
+      for (int ci = 0; ci < size<1>(sc); ++ci) {
+        if (get<1>(tScS_rc(0, ci)) > limit) sc(ri, ci) = -INFINITY;
+      }
+    }
+  }
+  CUTE_UNROLL
+  for (int ri = 0; ri < size<0>(sc); ++ri) {
+    float mx = row_max(ri);
+    CUTE_UNROLL
+    for (int ci = 0; ci < size<1>(sc); ++ci) mx = fmaxf(mx, sc(ri, ci));
+    mx = quad_max(mx);
+    // A row with no visible key so far keeps max -inf; base 0 makes exp2(-inf - 0) = 0, not NaN.
+    const float base = mx == -INFINITY ? 0.f : mx * scale_log2;
+    corr(ri) = exp2f(row_max(ri) * scale_log2 - base);
+    row_max(ri) = mx;
+    float sum = 0.f;
+    CUTE_UNROLL
+    for (int ci = 0; ci < size<1>(sc); ++ci) {
+      const float e = exp2f(sc(ri, ci) * scale_log2 - base);
+      sc(ri, ci) = e;
+      sum += e;
+    }
+    row_sum(ri) = row_sum(ri) * corr(ri) + sum;
+  }
+}
+
+// O rows *= corr.
+template <class TO, class TR>
+__device__ __forceinline__ void rescale_rows(TO& acc_o, TR const& corr) {
+  Tensor o = make_tensor(acc_o.data(), acc_rowcol(acc_o.layout()));
+  CUTE_UNROLL
+  for (int ri = 0; ri < size<0>(o); ++ri) {
+    CUTE_UNROLL
+    for (int cj = 0; cj < size<1>(o); ++cj) o(ri, cj) *= corr(ri);
+  }
+}
+
+// Epilogue: O / rowsum of the rows below q_rows stored straight from registers as 32-bit column
+// pairs at o_ptr (row stride out_row_stride), lse per row at lse_ptr (-inf, and O 0, for a row
+// whose sum is 0). mx / sm: the rows' running max and sum; tOcO_rc: acc_o's (row, col) coordinates.
+template <typename Elem, class TO, class TC, class TR>
+__device__ __forceinline__ void store_rows(TO const& acc_o, TC const& tOcO_rc, TR const& mx, TR const& sm, Elem* o_ptr,
+                                           float* lse_ptr, int q_rows, int64_t out_row_stride, float softmax_scale,
+                                           int lane) {
+  Tensor o = make_tensor(acc_o.data(), acc_rowcol(acc_o.layout()));
+  static_assert(decltype(size<1>(o))::value % 2 == 0, "column pairs");
+  CUTE_UNROLL
+  for (int ri = 0; ri < size<0>(o); ++ri) {
+    const float sum = quad_sum(sm(ri));
+    const bool empty = sum == 0.f;
+    const float inv = empty ? 0.f : 1.f / sum;
+    const int r = get<0>(tOcO_rc(ri, 0));
+    if (r < q_rows) {
+      if ((lane & 3) == 0) lse_ptr[r] = empty ? -INFINITY : mx(ri) * softmax_scale + logf(sum);
+      Elem* row_ptr = o_ptr + int64_t(r) * out_row_stride;
+      CUTE_UNROLL
+      for (int cj = 0; cj < size<1>(o); cj += 2) {
+        const int c = get<1>(tOcO_rc(ri, cj));  // even; cj + 1 holds column c + 1
+        cutlass::Array<Elem, 2> pair;
+        pair[0] = Elem(o(ri, cj) * inv);
+        pair[1] = Elem(o(ri, cj + 1) * inv);
+        *reinterpret_cast<cutlass::Array<Elem, 2>*>(row_ptr + c) = pair;
+      }
+    }
+  }
+}
+
 // Walks the selected key blocks of one index row in descending order (one 128-key tile per block),
 // skipping entries outside [0, nkb) and blocks that start past max_key. Producer and consumers each
 // run one and see the same sequence. fetch() loads the entry the next advance() takes, so a loop
@@ -419,46 +502,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     // the previous O rows must be scaled by.
     Tensor corr = make_tensor<float>(Shape<Int<kRows>>{});
     auto softmax_tile = [&](auto& acc_s, int key0) {
-      Tensor sc = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));  // (rows, cols)
-      if (key0 + kBlockN - 1 > full_key) {
-        CUTE_UNROLL
-        for (int ri = 0; ri < size<0>(sc); ++ri) {
-          const int r = get<0>(tScS_rc(ri, 0));
-          const int limit = (p.causal ? min(seqlen_k - 1, diag + r) : seqlen_k - 1) - key0;
-          CUTE_UNROLL
-          for (int ci = 0; ci < size<1>(sc); ++ci) {
-            if (get<1>(tScS_rc(0, ci)) > limit) sc(ri, ci) = -INFINITY;
-          }
-        }
-      }
-      CUTE_UNROLL
-      for (int ri = 0; ri < size<0>(sc); ++ri) {
-        float mx = row_max(ri);
-        CUTE_UNROLL
-        for (int ci = 0; ci < size<1>(sc); ++ci) mx = fmaxf(mx, sc(ri, ci));
-        mx = quad_max(mx);
-        // A row with no visible key so far keeps max -inf; base 0 makes exp2(-inf - 0) = 0, not NaN.
-        const float base = mx == -INFINITY ? 0.f : mx * scale_log2;
-        corr(ri) = exp2f(row_max(ri) * scale_log2 - base);
-        row_max(ri) = mx;
-        float sum = 0.f;
-        CUTE_UNROLL
-        for (int ci = 0; ci < size<1>(sc); ++ci) {
-          const float e = exp2f(sc(ri, ci) * scale_log2 - base);
-          sc(ri, ci) = e;
-          sum += e;
-        }
-        row_sum(ri) = row_sum(ri) * corr(ri) + sum;
-      }
+      online_softmax_tile<kBlockN>(acc_s, tScS_rc, key0, full_key, diag, seqlen_k, p.causal, scale_log2, row_max,
+                                   row_sum, corr);
     };
-    auto rescale_o = [&]() {
-      Tensor o = make_tensor(acc_o.data(), acc_rowcol(acc_o.layout()));
-      CUTE_UNROLL
-      for (int ri = 0; ri < size<0>(o); ++ri) {
-        CUTE_UNROLL
-        for (int cj = 0; cj < size<1>(o); ++cj) o(ri, cj) *= corr(ri);
-      }
-    };
+    auto rescale_o = [&]() { rescale_rows(acc_o, corr); };
     auto release = [&](uint64_t* bar) {
       __syncwarp();
       if (lane == 0) EmptyBarrier::arrive(bar);
@@ -568,30 +615,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     Elem* o_ptr = static_cast<Elem*>(p.out) + (varlen ? q_row0 * p.out_row_stride : b * p.out_batch_stride) +
                   int64_t(q_start) * p.out_row_stride + int64_t(h) * p.out_head_stride;
     float* lse_ptr = p.lse + (varlen ? q_row0 : b * p.lse_batch_stride) + int64_t(h) * p.lse_head_stride + q_start;
-    Tensor o = make_tensor(acc_o.data(), acc_rowcol(acc_o.layout()));
     Tensor cO = make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{});
     Tensor tOcO = thr_o.partition_C(cO);
     Tensor tOcO_rc = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));
-    static_assert(decltype(size<1>(o))::value % 2 == 0, "column pairs");
-    CUTE_UNROLL
-    for (int ri = 0; ri < size<0>(o); ++ri) {
-      const float sum = quad_sum(row_sum(ri));
-      const bool empty = sum == 0.f;
-      const float inv = empty ? 0.f : 1.f / sum;
-      const int r = get<0>(tOcO_rc(ri, 0));
-      if (r < q_rows) {
-        if ((lane & 3) == 0) lse_ptr[r] = empty ? -INFINITY : row_max(ri) * p.softmax_scale + logf(sum);
-        Elem* row_ptr = o_ptr + int64_t(r) * p.out_row_stride;
-        CUTE_UNROLL
-        for (int cj = 0; cj < size<1>(o); cj += 2) {
-          const int c = get<1>(tOcO_rc(ri, cj));  // even; cj + 1 holds column c + 1
-          cutlass::Array<Elem, 2> pair;
-          pair[0] = Elem(o(ri, cj) * inv);
-          pair[1] = Elem(o(ri, cj + 1) * inv);
-          *reinterpret_cast<cutlass::Array<Elem, 2>*>(row_ptr + c) = pair;
-        }
-      }
-    }
+    store_rows(acc_o, tOcO_rc, row_max, row_sum, o_ptr, lse_ptr, q_rows, p.out_row_stride, p.softmax_scale, lane);
   }
 #endif  // PROXYATTN_BSA_SM90_DEVICE
 }
@@ -890,73 +917,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       w.qbuf = qbuf;
       return w;
     };
-    // Mask (tiles crossing the diagonal or the end of the keys) and online softmax of one score
-    // tile of item `w`, as in bsa_fwd_sm90_kernel.
     auto softmax_tile = [&](auto& acc_s, int key0, const ConsumerItem& w) {
-      Tensor sc = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));  // (rows, cols)
-      if (key0 + kBlockN - 1 > w.full_key) {
-        CUTE_UNROLL
-        for (int ri = 0; ri < size<0>(sc); ++ri) {
-          const int r = get<0>(tScS_rc(ri, 0));
-          const int limit = (p.causal ? min(w.seqlen_k - 1, w.diag + r) : w.seqlen_k - 1) - key0;
-          CUTE_UNROLL
-          for (int ci = 0; ci < size<1>(sc); ++ci) {
-            if (get<1>(tScS_rc(0, ci)) > limit) sc(ri, ci) = -INFINITY;
-          }
-        }
-      }
-      CUTE_UNROLL
-      for (int ri = 0; ri < size<0>(sc); ++ri) {
-        float mx = row_max(ri);
-        CUTE_UNROLL
-        for (int ci = 0; ci < size<1>(sc); ++ci) mx = fmaxf(mx, sc(ri, ci));
-        mx = quad_max(mx);
-        const float base = mx == -INFINITY ? 0.f : mx * scale_log2;
-        corr(ri) = exp2f(row_max(ri) * scale_log2 - base);
-        row_max(ri) = mx;
-        float sum = 0.f;
-        CUTE_UNROLL
-        for (int ci = 0; ci < size<1>(sc); ++ci) {
-          const float e = exp2f(sc(ri, ci) * scale_log2 - base);
-          sc(ri, ci) = e;
-          sum += e;
-        }
-        row_sum(ri) = row_sum(ri) * corr(ri) + sum;
-      }
+      online_softmax_tile<kBlockN>(acc_s, tScS_rc, key0, w.full_key, w.diag, w.seqlen_k, p.causal, scale_log2,
+                                   row_max, row_sum, corr);
     };
-    auto rescale_o = [&]() {
-      Tensor o = make_tensor(acc_o.data(), acc_rowcol(acc_o.layout()));
-      CUTE_UNROLL
-      for (int ri = 0; ri < size<0>(o); ++ri) {
-        CUTE_UNROLL
-        for (int cj = 0; cj < size<1>(o); ++cj) o(ri, cj) *= corr(ri);
-      }
-    };
+    auto rescale_o = [&]() { rescale_rows(acc_o, corr); };
     // Normalise and store item w's rows (acc_o, with the statistics mx / sm), lse per row.
     auto epilogue = [&](const ConsumerItem& w, auto const& mx, auto const& sm) {
-      Elem* o_ptr = static_cast<Elem*>(p.out) + w.o_off;
-      float* lse_ptr = p.lse + w.lse_off;
-      Tensor o = make_tensor(acc_o.data(), acc_rowcol(acc_o.layout()));
-      static_assert(decltype(size<1>(o))::value % 2 == 0, "column pairs");
-      CUTE_UNROLL
-      for (int ri = 0; ri < size<0>(o); ++ri) {
-        const float sum = quad_sum(sm(ri));
-        const bool empty = sum == 0.f;
-        const float inv = empty ? 0.f : 1.f / sum;
-        const int r = get<0>(tOcO_rc(ri, 0));
-        if (r < w.q_rows) {
-          if ((lane & 3) == 0) lse_ptr[r] = empty ? -INFINITY : mx(ri) * p.softmax_scale + logf(sum);
-          Elem* row_ptr = o_ptr + int64_t(r) * p.out_row_stride;
-          CUTE_UNROLL
-          for (int cj = 0; cj < size<1>(o); cj += 2) {
-            const int c = get<1>(tOcO_rc(ri, cj));
-            cutlass::Array<Elem, 2> pair;
-            pair[0] = Elem(o(ri, cj) * inv);
-            pair[1] = Elem(o(ri, cj + 1) * inv);
-            *reinterpret_cast<cutlass::Array<Elem, 2>*>(row_ptr + c) = pair;
-          }
-        }
-      }
+      store_rows(acc_o, tOcO_rc, mx, sm, static_cast<Elem*>(p.out) + w.o_off, p.lse + w.lse_off, w.q_rows,
+                 p.out_row_stride, p.softmax_scale, lane);
     };
     auto release = [&](uint64_t* bar) {
       __syncwarp();
