@@ -116,9 +116,10 @@ def flex_block_mask(counts, indices, n, s):
 
 # sm90 kernel variants (csrc/kernels/bsa_launch.h): "default" leaves the environment as it is (the
 # op's own choice); any other name is a "+"-joined list of serial | overlap | pingpong | stages<2|3>
-# on top of overlap with 2 stages (the 3-stage ring exists for the overlapped variant without pingpong only),
-# persistent (the persistent overlapped kernel, 2 stages, no pingpong), and sort | nosort (PROXYATTN_BSA_SORT=1 | 0, the CTA order by selected-block count; both paths;
-# unset otherwise, the op's own choice).
+# on top of overlap with 2 stages and one CTA per work item (the 3-stage ring exists for the
+# overlapped variant without pingpong only), persistent (the persistent overlapped kernel, 2 stages,
+# no pingpong; the op's default), and sort | nosort (PROXYATTN_BSA_SORT=1 | 0, the work order by
+# selected-block count; both paths; unset otherwise, the op's own choice).
 VARIANT_ENV = ("PROXYATTN_BSA_SM90_OVERLAP", "PROXYATTN_BSA_SM90_PINGPONG", "PROXYATTN_BSA_SM90_STAGES",
                "PROXYATTN_BSA_SORT", "PROXYATTN_BSA_SM90_PERSISTENT")
 

@@ -130,10 +130,6 @@ inline bool bsa_sort_tiles(const BsaParams&) {
 // (bsa_tile_order_size(p) int32 on the device); kernels/bsa_order.cu.
 cudaError_t run_bsa_tile_order(const BsaParams& p, int* order, cudaStream_t stream);
 
-// Whether run_bsa_fwd needs BsaParams::tile_counter (a device int32, zero when it is called) for
-// these parameters: the persistent sm90 variant on the sm90 path.
-inline bool bsa_needs_tile_counter(const BsaParams& params);
-
 // Compute capability of device `dev` as major * 10 + minor, queried once per device (no sync).
 inline int bsa_device_arch(int dev) {
   static std::atomic<int> cache[64] = {};
@@ -215,6 +211,8 @@ inline BsaPath bsa_choose_path(const BsaParams& params, std::string* why = nullp
   return require ? BsaPath::kRefused : BsaPath::kSm80;
 }
 
+// Whether run_bsa_fwd needs BsaParams::tile_counter (a device int32, zero when it is called) for
+// these parameters: the persistent sm90 variant on the sm90 path.
 inline bool bsa_needs_tile_counter(const BsaParams& params) {
   return bsa_sm90_variant() == 3 && bsa_choose_path(params) == BsaPath::kSm90;
 }

@@ -85,7 +85,8 @@ struct BsaParams {
   // kernels/bsa_launch.h), or nullptr. When set and run_bsa_fwd sorts (bsa_sort_tiles), it first
   // writes there, per segment of the order above (a section of KV heads of one batch item, or the
   // whole grid with kv_section 0), the segment's work items by descending selected-block count,
-  // and CTA i then runs item tile_order[i] (bsa_cta_work). nullptr or no sort: CTA i runs item i.
+  // and CTA i (the persistent sm90 kernel: position i, bsa_order_work) then runs item tile_order[i]
+  // (bsa_cta_work). nullptr or no sort: CTA (position) i runs item i.
   int* tile_order = nullptr;
 
   // Device int32 that is zero when the kernel starts, needed by the persistent sm90 kernel
