@@ -31,6 +31,7 @@
 
 #include "kernels/bsa_launch.h"
 #include "kernels/bsa_params.h"
+#include "kernels/estimate_common.cuh"
 
 #ifndef PROXYATTN_BSA_ALWAYS_MASK
 #define PROXYATTN_BSA_ALWAYS_MASK 0
@@ -249,18 +250,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 2) bsa_fwd_sm80_kernel(cons
 
   // Sequence bounds (varlen: clamped into the packed tensors and the max lengths).
   const bool varlen = p.cu_seqlens_q != nullptr;
-  int64_t q_row0 = 0, k_row0 = 0;
-  int seqlen_q = p.seqlen_q, seqlen_k = p.seqlen_k;
-  if (varlen) {
-    const int64_t q0 = min(max(int64_t(p.cu_seqlens_q[b]), int64_t(0)), p.total_q);
-    const int64_t q1 = min(max(int64_t(p.cu_seqlens_q[b + 1]), q0), p.total_q);
-    const int64_t k0 = min(max(int64_t(p.cu_seqlens_k[b]), int64_t(0)), p.total_k);
-    const int64_t k1 = min(max(int64_t(p.cu_seqlens_k[b + 1]), k0), p.total_k);
-    q_row0 = q0;
-    k_row0 = k0;
-    seqlen_q = int(min(q1 - q0, int64_t(p.seqlen_q)));
-    seqlen_k = int(min(k1 - k0, int64_t(p.seqlen_k)));
-  }
+  const SeqBounds sb = load_seq_bounds(p.cu_seqlens_q, p.cu_seqlens_k, b, p.seqlen_q, p.seqlen_k, p.total_q, p.total_k);
+  const int64_t q_row0 = sb.q_start, k_row0 = sb.k_start;
+  const int seqlen_q = sb.nq, seqlen_k = sb.nk;
   const int q_start = m * kBlockM;
   if (q_start >= seqlen_q) return;  // past this sequence: no rows to write
   const int q_rows = min(kBlockM, seqlen_q - q_start);
@@ -284,9 +276,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 2) bsa_fwd_sm80_kernel(cons
 
   // Index row of (b, h, m).
   const int nkb = (seqlen_k + kBlockM - 1) / kBlockM;
-  int count = p.counts[b * p.counts_batch_stride + h * p.counts_head_stride + m * p.counts_block_stride];
-  count = min(max(count, 0), p.num_k_blocks);
-  if (max_key < 0) count = 0;  // no row of this tile sees any key
+  const int count = bsa_row_count(p, b, h, m, max_key);  // 0 when no row of this tile sees any key
   TileCursor<kSub, kBlockN> cursor(bsa_index_row(p, b, h, m), count, nkb, max_key);
 
   // Global views. K/V: the whole sequence as (seqlen_k, D), tiled into (kBlockN, D, n_tiles).

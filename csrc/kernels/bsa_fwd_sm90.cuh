@@ -60,6 +60,7 @@
 
 #include "kernels/bsa_launch.h"
 #include "kernels/bsa_params.h"
+#include "kernels/estimate_common.cuh"
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define PROXYATTN_BSA_SM90_DEVICE 1
@@ -400,18 +401,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const int b = tile.b, h = tile.h, m = tile.m;
 
   const bool varlen = p.cu_seqlens_q != nullptr;
-  int64_t q_row0 = 0, k_row0 = 0;
-  int seqlen_q = p.seqlen_q, seqlen_k = p.seqlen_k;
-  if (varlen) {
-    const int64_t q0 = min(max(int64_t(p.cu_seqlens_q[b]), int64_t(0)), p.total_q);
-    const int64_t q1 = min(max(int64_t(p.cu_seqlens_q[b + 1]), q0), p.total_q);
-    const int64_t k0 = min(max(int64_t(p.cu_seqlens_k[b]), int64_t(0)), p.total_k);
-    const int64_t k1 = min(max(int64_t(p.cu_seqlens_k[b + 1]), k0), p.total_k);
-    q_row0 = q0;
-    k_row0 = k0;
-    seqlen_q = int(min(q1 - q0, int64_t(p.seqlen_q)));
-    seqlen_k = int(min(k1 - k0, int64_t(p.seqlen_k)));
-  }
+  const SeqBounds sb = load_seq_bounds(p.cu_seqlens_q, p.cu_seqlens_k, b, p.seqlen_q, p.seqlen_k, p.total_q, p.total_k);
+  const int64_t q_row0 = sb.q_start, k_row0 = sb.k_start;
+  const int seqlen_q = sb.nq, seqlen_k = sb.nk;
   const int q_start = m * kBlockM;
   if (q_start >= seqlen_q) return;  // uniform over the CTA; no barrier follows for anyone
   const int q_rows = min(kBlockM, seqlen_q - q_start);
@@ -421,9 +413,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
   const int full_key = p.causal ? min(seqlen_k - 1, diag) : seqlen_k - 1;
   const int kvh = h / (p.q_heads / p.kv_heads);
   const int nkb = (seqlen_k + kBlockN - 1) / kBlockN;
-  int count = p.counts[b * p.counts_batch_stride + h * p.counts_head_stride + m * p.counts_block_stride];
-  count = min(max(count, 0), p.num_k_blocks);
-  if (max_key < 0) count = 0;
+  const int count = bsa_row_count(p, b, h, m, max_key);
   const BsaIndexRow idx_row = bsa_index_row(p, b, h, m);
 
   Tensor sQ = make_tensor(make_smem_ptr(ss.q), typename Traits::SmemLayoutQ{});     // (M, D)
@@ -731,18 +721,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
           const uint32_t nx = gridDim.x + uint32_t(__shfl_sync(0xffffffffu, got, 0));
           next = nx < uint32_t(num_items) ? int(nx) : num_items;
           const BsaTile tile = bsa_tile(bsa_order_work(p, pos), p);
-          int64_t q_row0 = 0, k_row0 = 0;
-          int seqlen_q = p.seqlen_q, seqlen_k = p.seqlen_k;
-          if (varlen) {
-            const int64_t q0 = min(max(int64_t(p.cu_seqlens_q[tile.b]), int64_t(0)), p.total_q);
-            const int64_t q1 = min(max(int64_t(p.cu_seqlens_q[tile.b + 1]), q0), p.total_q);
-            const int64_t k0 = min(max(int64_t(p.cu_seqlens_k[tile.b]), int64_t(0)), p.total_k);
-            const int64_t k1 = min(max(int64_t(p.cu_seqlens_k[tile.b + 1]), k0), p.total_k);
-            q_row0 = q0;
-            k_row0 = k0;
-            seqlen_q = int(min(q1 - q0, int64_t(p.seqlen_q)));
-            seqlen_k = int(min(k1 - k0, int64_t(p.seqlen_k)));
-          }
+          const SeqBounds sb = load_seq_bounds(p.cu_seqlens_q, p.cu_seqlens_k, tile.b, p.seqlen_q, p.seqlen_k,
+                                               p.total_q, p.total_k);
+          const int64_t q_row0 = sb.q_start, k_row0 = sb.k_start;
+          const int seqlen_q = sb.nq, seqlen_k = sb.nk;
           const int q_start = tile.m * kBlockM;
           const int q_rows = min(kBlockM, seqlen_q - q_start);
           int count = 0, max_key = -1;
@@ -750,10 +732,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
           if (q_rows > 0) {
             max_key = seqlen_k - 1;
             if (p.causal) max_key = min(max_key, seqlen_k - seqlen_q + q_start + q_rows - 1);
-            count = p.counts[tile.b * p.counts_batch_stride + tile.h * p.counts_head_stride +
-                             tile.m * p.counts_block_stride];
-            count = min(max(count, 0), p.num_k_blocks);
-            if (max_key < 0) count = 0;
+            count = bsa_row_count(p, tile.b, tile.h, tile.m, max_key);
           }
           BlockCursor cursor(bsa_index_row(p, tile.b, tile.h, tile.m), count, nkb, max_key);
           const bool any = cursor.advance(kBlockN);

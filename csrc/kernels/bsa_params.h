@@ -151,6 +151,13 @@ __device__ __forceinline__ int bsa_order_work(const BsaParams& p, int i) {
   return p.tile_order != nullptr ? __ldg(p.tile_order + i) : i;
 }
 
+// Selected-block count of (b, h, m), clamped into [0, num_k_blocks]; 0 when no row of the query
+// block sees a key (max_key < 0).
+__device__ __forceinline__ int bsa_row_count(const BsaParams& p, int b, int h, int m, int max_key) {
+  const int count = p.counts[b * p.counts_batch_stride + h * p.counts_head_stride + m * p.counts_block_stride];
+  return max_key < 0 ? 0 : min(max(count, 0), p.num_k_blocks);
+}
+
 // The index row of (batch b, query head h, query block m).
 __device__ __forceinline__ BsaIndexRow bsa_index_row(const BsaParams& p, int b, int h, int m) {
   const int64_t off = b * p.indices_batch_stride + h * p.indices_head_stride + m * p.indices_block_stride;
