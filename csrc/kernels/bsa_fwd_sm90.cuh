@@ -281,6 +281,20 @@ __device__ __forceinline__ void online_softmax_tile(TS& acc_s, TC const& tScS_rc
   }
 }
 
+// Keeps a tile's softmax ahead of the wait for the P V wgmma meant to overlap it. Without it ptxas
+// moved the persistent kernel's wait above all the exponentials (its conversion of P writes the
+// registers the in-flight P V still reads, and it hoisted the wait to start those conversions
+// early), so the softmax ran after the P V instead of beside it. A branch on a value that needs
+// every exponential of the tile (the row sums) is a boundary ptxas does not schedule across; it is
+// never taken (a sum of exponentials is not negative, and NaN compares false).
+template <class TR>
+__device__ __forceinline__ void softmax_fence(TR const& row_sum) {
+  float t = 0.f;
+  CUTE_UNROLL
+  for (int ri = 0; ri < decltype(size(row_sum))::value; ++ri) t += row_sum(ri);
+  if (t < 0.f) asm volatile("membar.cta;" ::: "memory");
+}
+
 // O rows *= corr.
 template <class TO, class TR>
 __device__ __forceinline__ void rescale_rows(TO& acc_o, TR const& corr) {
@@ -979,11 +993,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         warpgroup_fence_operand(acc_s);
         release(&ss.empty_k[s]);
         softmax_tile(acc_s, blk * kBlockN, cur);
+        softmax_fence(row_sum);
         warpgroup_wait<0>();  // the previous P V done
         warpgroup_fence_operand(acc_o);
         warpgroup_fence_operand(tOrP);
         release(&ss.empty_v[sp]);
         rescale_o();
+        convert_into<Elem>(acc_s, rP);
       } else {
         // The first block of the next item, issued with the current item's last P V; the current
         // item is stored once that P V is done.
@@ -1002,6 +1018,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         fill(row_max, -INFINITY);
         fill(row_sum, 0.f);
         softmax_tile(acc_s, blk * kBlockN, nxt);
+        softmax_fence(row_sum);
         warpgroup_wait<0>();
         warpgroup_fence_operand(acc_o);
         warpgroup_fence_operand(tOrP);
@@ -1010,8 +1027,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         release(&ss.empty_q[cur.qbuf]);
         clear(acc_o);
         cur = nxt;
+        convert_into<Elem>(acc_s, rP);
       }
-      convert_into<Elem>(acc_s, rP);
       ++it;
     }
     // The last item's last P V, then its epilogue.
