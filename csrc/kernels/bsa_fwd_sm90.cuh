@@ -284,9 +284,10 @@ __device__ __forceinline__ void online_softmax_tile(TS& acc_s, TC const& tScS_rc
 // Keeps a tile's softmax ahead of the wait for the P V wgmma meant to overlap it. Without it ptxas
 // moved the persistent kernel's wait above all the exponentials (its conversion of P writes the
 // registers the in-flight P V still reads, and it hoisted the wait to start those conversions
-// early), so the softmax ran after the P V instead of beside it. A branch on a value that needs
-// every exponential of the tile (the row sums) is a boundary ptxas does not schedule across; it is
-// never taken (a sum of exponentials is not negative, and NaN compares false).
+// early), so the softmax ran after the P V instead of beside it. With a branch here on a value that
+// needs every exponential of the tile (the row sums), ptxas keeps the wait after the softmax; the
+// branch is never taken (a sum of exponentials is not negative, and NaN compares false).
+// tests/test_sass.py checks the order in the compiled code of every Hopper kernel.
 template <class TR>
 __device__ __forceinline__ void softmax_fence(TR const& row_sum) {
   float t = 0.f;
