@@ -121,15 +121,14 @@ def flex_block_mask(counts, indices, n, s):
 # no pingpong; the op's default), and sort | nosort (PROXYATTN_BSA_SORT=1 | 0, the work order by
 # selected-block count; both paths; unset otherwise, the op's own choice).
 VARIANT_ENV = ("PROXYATTN_BSA_SM90_OVERLAP", "PROXYATTN_BSA_SM90_PINGPONG", "PROXYATTN_BSA_SM90_STAGES",
-               "PROXYATTN_BSA_SORT", "PROXYATTN_BSA_SM90_PERSISTENT", "PROXYATTN_BSA_SM90_POLY",
-               "PROXYATTN_BSA_SM90_PSTAGES", "PROXYATTN_BSA_SM90_STAGGER")
+               "PROXYATTN_BSA_SORT", "PROXYATTN_BSA_SM90_PERSISTENT")
 
 
 def variant_env(name):
     """Environment of a variant name: a value per VARIANT_ENV name, None for unset."""
     if name == "default":
         return {}
-    env = dict(zip(VARIANT_ENV, ("1", "0", "2", None, "0", None, None, None)))
+    env = dict(zip(VARIANT_ENV, ("1", "0", "2", None, "0")))
     for part in name.split("+"):
         if part == "serial":
             env["PROXYATTN_BSA_SM90_OVERLAP"] = "0"
@@ -141,12 +140,6 @@ def variant_env(name):
             env["PROXYATTN_BSA_SM90_STAGES"] = part[-1]
         elif part == "persistent":
             env["PROXYATTN_BSA_SM90_PERSISTENT"] = "1"
-        elif part in ("poly0", "poly4", "poly8"):
-            env["PROXYATTN_BSA_SM90_POLY"] = part[4:]
-        elif part in ("pstages2", "pstages3"):
-            env["PROXYATTN_BSA_SM90_PSTAGES"] = part[-1]
-        elif part in ("stagger", "nostagger"):
-            env["PROXYATTN_BSA_SM90_STAGGER"] = "1" if part == "stagger" else "0"
         elif part in ("sort", "nosort"):
             env["PROXYATTN_BSA_SORT"] = "1" if part == "sort" else "0"
         else:

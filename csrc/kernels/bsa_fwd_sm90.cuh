@@ -147,7 +147,6 @@ struct KernelParams {
   typename Traits::TmaKV tma_k;
   typename Traits::TmaKV tma_v;
   int32_t q_rows_total, k_rows_total, q_batches;  // extents the tensor maps were built with
-  int stagger;  // persistent kernel: consumer warpgroup 1 starts after warpgroup 0's first softmax
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -240,31 +239,12 @@ __device__ __forceinline__ void wg_issue(TiledMma& mma, TA const& a, TB const& b
   warpgroup_commit_batch();
 }
 
-// 2^x on the FMA pipe, for part of a tile's exponentials, so fewer wait for the MUFU unit (16 per
-// clock per SM, the softmax's bound at head dim 64). x = j + f with j = round(x) (the 1.5 x 2^23 add
-// leaves j in the low mantissa bits) and f in [-0.5, 0.5]; 2^f by a degree-3 polynomial (relative
-// error below 7.5e-5, fitted for minimax relative error; bf16 keeps 2^-9 of P, fp16 2^-12), times
-// 2^j built from j's bits. x below -127 (masked keys, -inf) gives 0; NaN stays NaN (max.NaN).
-__device__ __forceinline__ float exp2_poly(float x) {
-  asm("max.NaN.f32 %0, %0, 0fC2FE0000;" : "+f"(x));  // max(x, -127)
-  const float t = __fadd_rn(x, 12582912.f);          // 1.5 x 2^23 + round(x)
-  const float f = __fadd_rn(x, -__fadd_rn(t, -12582912.f));
-  float p = __fmaf_rn(0.05517153814435005f, f, 0.2426111400127411f);
-  p = __fmaf_rn(p, f, 0.6932610273361206f);
-  p = __fmaf_rn(p, f, 0.9999280571937561f);
-  // (bits(t) << 23) mod 2^32 = j << 23 (the 0x4B400000 of the offset shifts out); + 127 << 23: 2^j.
-  const uint32_t scale = __float_as_uint(t) * 8388608u + 0x3F800000u;
-  return __fmul_rn(p, __uint_as_float(scale));
-}
-
 // Mask (only tiles crossing the diagonal or the end of the keys: key0 + kBlockN - 1 > full_key)
 // and online softmax of one score tile acc_s whose first key is key0: row_max / row_sum updated,
 // acc_s replaced by exp2(s - max), corr(ri) the factor the previous O rows must be scaled by.
 // Row r (sequence-local query row q_start + r) sees keys <= diag + r when causal, all keys below
 // seqlen_k otherwise. tScS_rc: the (row, col) coordinates of acc_s's elements.
-// kPolyEvery > 0: every kPolyEvery-th column pair of a row's values (ci % kPolyEvery == kPolyEvery - 1)
-// takes exp2_poly instead of the MUFU exp2.
-template <int kBlockN, int kPolyEvery = 0, class TS, class TC, class TR>
+template <int kBlockN, class TS, class TC, class TR>
 __device__ __forceinline__ void online_softmax_tile(TS& acc_s, TC const& tScS_rc, int key0, int full_key, int diag,
                                                     int seqlen_k, bool causal, float scale_log2, TR& row_max,
                                                     TR& row_sum, TR& corr) {
@@ -293,13 +273,7 @@ __device__ __forceinline__ void online_softmax_tile(TS& acc_s, TC const& tScS_rc
     float sum = 0.f;
     CUTE_UNROLL
     for (int ci = 0; ci < size<1>(sc); ++ci) {
-      const float x = sc(ri, ci) * scale_log2 - base;
-      float e;
-      if constexpr (kPolyEvery > 0) {
-        e = ci % kPolyEvery == kPolyEvery - 1 ? exp2_poly(x) : exp2f(x);
-      } else {
-        e = exp2f(x);
-      }
+      const float e = exp2f(sc(ri, ci) * scale_log2 - base);
       sc(ri, ci) = e;
       sum += e;
     }
@@ -694,7 +668,7 @@ struct ConsumerItem {
   int qbuf;         // Q buffer
 };
 
-template <class Traits, int kPolyEvery>
+template <class Traits>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
     bsa_fwd_sm90_persistent_kernel(const __grid_constant__ KernelParams<Traits> kp) {
 #if PROXYATTN_BSA_SM90_DEVICE
@@ -938,7 +912,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       return w;
     };
     auto softmax_tile = [&](auto& acc_s, int key0, const ConsumerItem& w) {
-      online_softmax_tile<kBlockN, kPolyEvery>(acc_s, tScS_rc, key0, w.full_key, w.diag, w.seqlen_k, p.causal, scale_log2,
+      online_softmax_tile<kBlockN>(acc_s, tScS_rc, key0, w.full_key, w.diag, w.seqlen_k, p.causal, scale_log2,
                                    row_max, row_sum, corr);
     };
     auto rescale_o = [&]() { rescale_rows(acc_o, corr); };
@@ -990,9 +964,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     int blk, flags;
     take_stage(0, 0, blk, flags);
     if (flags & kMetaStop) return;
-    const int cwg = ctid / 128;
-    constexpr uint32_t kStaggerBar = 3;  // cutlass::arch::NamedBarrier id (hardware barrier 11)
-    if (kp.stagger && cwg == 1) cutlass::arch::NamedBarrier::sync(256, kStaggerBar);
     ConsumerItem cur = stage_item(0);
     fill(row_max, -INFINITY);
     fill(row_sum, 0.f);
@@ -1006,7 +977,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       softmax_tile(acc_s, blk * kBlockN, cur);  // O is 0: no rescale needed
       convert_into<Elem>(acc_s, rP);
     }
-    if (kp.stagger && cwg == 0) cutlass::arch::NamedBarrier::arrive(256, kStaggerBar);
     it = 1;
     // Stage it - 1's P V is pending at the top of every iteration; stage `it` is the next S.
     while (true) {
@@ -1111,13 +1081,11 @@ cudaError_t launch(const BsaParams& p, cudaStream_t stream) {
   kp.tma_v = make_tma_copy(SM90_TMA_LOAD{}, gV, take<0, 2>(typename Traits::SmemLayoutKV{}),
                            Shape<Int<Traits::kBlockN>, Int<D>>{}, _1{});
 
-  kp.stagger = bsa_sm90_stagger() ? 1 : 0;
-  if constexpr (kVariant >= 3) {
+  if constexpr (kVariant == 3) {
     if (p.tile_counter == nullptr) return cudaErrorInvalidValue;
     constexpr int kSmem = Traits::kPersistentSmemBytes;
     static_assert(kSmem <= 227 * 1024, "persistent kernel beyond the sm90 shared memory limit");
-    // kVariant 3: MUFU exponentials only; 4, 8: every 4th / 8th column pair by exp2_poly.
-    auto kernel = &bsa_fwd_sm90_persistent_kernel<Traits, kVariant == 3 ? 0 : kVariant>;
+    auto kernel = &bsa_fwd_sm90_persistent_kernel<Traits>;
     int dev = 0, sms = 0;
     cudaError_t err = cudaGetDevice(&dev);
     if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
@@ -1155,16 +1123,7 @@ cudaError_t run_bsa_fwd_sm90(const BsaParams& params, cudaStream_t stream) {
   switch (bsa_sm90_variant()) {
     case 0: return bsa_sm90::launch<Traits, 0>(params, stream);
     case 2: return bsa_sm90::launch<Traits, 2>(params, stream);
-    case 3:
-      if constexpr (kHeadDim == 64) {
-        if (bsa_sm90_pstages() == 3) return bsa_sm90::launch<Traits3, 3>(params, stream);
-        switch (bsa_sm90_poly()) {
-          case 4: return bsa_sm90::launch<Traits, 4>(params, stream);
-          case 8: return bsa_sm90::launch<Traits, 8>(params, stream);
-          default: break;
-        }
-      }
-      return bsa_sm90::launch<Traits, 3>(params, stream);
+    case 3: return bsa_sm90::launch<Traits, 3>(params, stream);
     default:
       if (bsa_sm90_stages() == 3) return bsa_sm90::launch<Traits3, 1>(params, stream);
       return bsa_sm90::launch<Traits, 1>(params, stream);

@@ -91,18 +91,6 @@ inline int bsa_sm90_stages() {
   return env != nullptr && std::strcmp(env, "3") == 0 ? 3 : 2;
 }
 
-// Experiments on the persistent sm90 kernel at head dim 64 (read per call):
-// PROXYATTN_BSA_SM90_POLY=4|8: every 4th / 8th exponential on the FMA pipe (exp2_poly);
-// PROXYATTN_BSA_SM90_PSTAGES=3: a 3-stage K/V ring; PROXYATTN_BSA_SM90_STAGGER=1 (any head dim):
-// consumer warpgroup 1 starts after warpgroup 0's first softmax.
-inline int bsa_env_int(const char* name, int fallback) {
-  const char* env = std::getenv(name);
-  return env != nullptr && *env != 0 ? int(std::strtol(env, nullptr, 10)) : fallback;
-}
-inline int bsa_sm90_poly() { return bsa_env_int("PROXYATTN_BSA_SM90_POLY", 0); }
-inline int bsa_sm90_pstages() { return bsa_env_int("PROXYATTN_BSA_SM90_PSTAGES", 2); }
-inline bool bsa_sm90_stagger() { return bsa_env_int("PROXYATTN_BSA_SM90_STAGGER", 0) == 1; }
-
 // The CTA work order (BsaParams::kv_section) for these parameters. PROXYATTN_BSA_ORDER=heads gives
 // the head-fastest order (0); kv:<n> sections of n KV heads (tests); otherwise (default) sections
 // of as many KV heads as keep their K and V within kL2Budget bytes, at least one.
