@@ -222,11 +222,10 @@ def test_persistent_is_bitwise_one_cta_per_item(monkeypatch, case, dtype, sort):
     scale = d ** -0.5
     monkeypatch.delenv("PROXYATTN_BSA_FORCE_SM80", raising=False)
     monkeypatch.setenv("PROXYATTN_BSA_SM90", "require")
-    monkeypatch.setenv("PROXYATTN_BSA_SORT", sort)
     results = {}
     for persistent in ("0", "1"):
         set_variant(monkeypatch, "persistent" if persistent == "1" else "overlap")
-        monkeypatch.setenv("PROXYATTN_BSA_SORT", sort)
+        monkeypatch.setenv("PROXYATTN_BSA_SORT", sort)  # after set_variant, which sets its own
         base.poison_allocator()
         results[persistent] = base.run_op(q, k, v, counts, indices, None, None, nq, nk, 128, scale, causal)
     (out0, lse0), (out1, lse1) = results["0"], results["1"]
