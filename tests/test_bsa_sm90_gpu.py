@@ -173,12 +173,15 @@ def test_work_orders_sm90(sm90, monkeypatch, order):
 
 
 @pytest.mark.parametrize("dtype", base.DTYPES, ids=["bf16", "fp16"])
-@pytest.mark.parametrize("step", [0.05, 0.3, 2.0, 8.0])
+@pytest.mark.parametrize("step", [0.05, 0.3, 0.75, 2.0, 8.0])
 def test_rising_scores_across_key_blocks_sm90(sm90, dtype, step):
     """Scores that rise from key block to key block in the order the kernel walks them (from the
-    diagonal down), by about 0.5, 3, 18 and 74 log2 units per block (against noise of about 1.4), so
-    the running max moves often, by small and by huge steps, and O is rescaled by factors from near
-    1 down to 2^-74; against the fp64 truth, in every sm90 variant."""
+    diagonal down), by about 0.5, 3, 7.5, 18 and 74 log2 units per block (against noise of about
+    1.4), so the running max moves often, by small and by huge steps, and O is rescaled by factors
+    from near 1 down to 2^-74; against the fp64 truth, in every sm90 variant. The kernels move a
+    row's reference max only when the running max exceeds it by more than 8 log2 units (lazy
+    rescaling): at 0.5 per block it never moves after the first block, at 3 and 7.5 it moves every
+    few blocks, with exponentials up to about 2^8 in between, at 18 and 74 on every block."""
     b, n, hq, hkv, d, s = 1, 1024 + 37, 4, 1, 64, 128
     gen = torch.Generator(device="cuda").manual_seed(int(step * 100) + 7)
     q = torch.randn(b, n, hq, d, generator=gen, device="cuda").abs().to(dtype)

@@ -16,8 +16,9 @@
 //   warpgroups 1, 2 (consumers, 240 registers; the persistent kernel: 40 and 232): each owns 64 of
 //     the 128 query rows.
 //     S = Q K^T by wgmma SS (64 x 128 x D), mask only on tiles that cross the causal diagonal or
-//     the end of the keys, online softmax in fp32 (exp2), P converted to 16 bit in registers,
-//     O += P V by wgmma RS (64 x D x 128, V read MN-major from the same K-major smem tile).
+//     the end of the keys, online softmax in fp32 (exp2; O rescaled only when a row's max rises
+//     more than 2^8 above the reference it was scaled to: online_softmax_tile), P converted to 16 bit
+//     in registers, O += P V by wgmma RS (64 x D x 128, V read MN-major from the same K-major smem tile).
 //     Epilogue: O / rowsum stored straight from registers (32-bit pairs), lse per row.
 //     Three variants (template kVariant, chosen at run time by bsa_sm90_variant in bsa_launch.h):
 //     0 serial (each wgmma waited for at once); 1 overlapped (S_j = Q K_j issued with
@@ -101,12 +102,6 @@ struct Sm90Traits {
       GMMA::rs_op_selector<Elem, Elem, float, Shape<_64, Int<kHeadDim>, Int<kBlockN>>, GMMA::Major::K,
                            GMMA::Major::MN>(),
       Layout<Shape<Int<kConsumerWarpgroups>, _1, _1>>{}));
-  // Row sums of P on the tensor cores (persistent kernel, kPMode & 1): l (64 x 8) += P (64 x 128) x
-  // ones (128 x 8); every column of l is the row sum of the 16-bit P.
-  using TiledMmaL = decltype(make_tiled_mma(
-      GMMA::rs_op_selector<Elem, Elem, float, Shape<_64, _8, Int<kBlockN>>, GMMA::Major::K, GMMA::Major::K>(),
-      Layout<Shape<Int<kConsumerWarpgroups>, _1, _1>>{}));
-  using SmemLayoutOnes = decltype(tile_to_shape(GMMA::Layout_K_INTER_Atom<Elem>{}, Shape<_8, Int<kBlockN>>{}));
 
   // Global views for the tensor maps: (rows, D, heads, batch).
   using GShape = Shape<int32_t, Int<kHeadDim>, int32_t, int32_t>;
@@ -137,7 +132,6 @@ struct Sm90Traits {
     alignas(1024) Elem q[cosize_v<SmemLayoutQ2>];
     alignas(1024) Elem k[cosize_v<SmemLayoutKV>];
     alignas(1024) Elem v[cosize_v<SmemLayoutKV>];
-    alignas(128) Elem ones[cosize_v<SmemLayoutOnes>];
     alignas(16) int meta[kStages][8];
     alignas(16) int item[2][16];
     alignas(8) uint64_t full_q[2], empty_q[2];
@@ -246,29 +240,18 @@ __device__ __forceinline__ void wg_issue(TiledMma& mma, TA const& a, TB const& b
   warpgroup_commit_batch();
 }
 
-// O += P V together with l += P ones (row sums on the tensor cores), one wgmma batch, committed,
-// not waited for.
-template <class MmaO, class MmaL, class TA, class TBO, class TCO, class TBL, class TCL>
-__device__ __forceinline__ void wg_issue_pv_sum(MmaO& mma_o, MmaL& mma_l, TA const& a, TBO const& bo, TCO& co,
-                                                TBL const& bl, TCL& cl) {
-  warpgroup_fence_operand(const_cast<TA&>(a));
-  warpgroup_fence_operand(co);
-  warpgroup_fence_operand(cl);
-  warpgroup_arrive();
-  CUTE_UNROLL
-  for (int kb = 0; kb < size<2>(a); ++kb) {
-    cute::gemm(mma_o, a(_, _, kb), bo(_, _, kb), co);
-    cute::gemm(mma_l, a(_, _, kb), bl(_, _, kb), cl);
-  }
-  warpgroup_commit_batch();
-}
-
 // Mask (only tiles crossing the diagonal or the end of the keys: key0 + kBlockN - 1 > full_key)
 // and online softmax of one score tile acc_s whose first key is key0: row_max / row_sum updated,
-// acc_s replaced by exp2(s - max), corr(ri) the factor the previous O rows must be scaled by.
+// acc_s replaced by exp2(s - row_max), corr(ri) the factor the previous O rows must be scaled by.
 // Row r (sequence-local query row q_start + r) sees keys <= diag + r when causal, all keys below
 // seqlen_k otherwise. tScS_rc: the (row, col) coordinates of acc_s's elements.
-template <int kBlockN, bool kRowSum = true, bool kLazy = false, class TS, class TC, class TR>
+// Lazy rescaling: row_max is the row's reference max, not always its running max. It moves to the
+// running max only when that exceeds it by more than kLazyLog2 (log2 units, after the softmax
+// scale), so every exponential is at most 2^kLazyLog2 (exact in fp32; P in bf16/fp16 keeps its
+// relative precision) and corr is exactly 1 on the tiles where no row moves. Returns whether a row
+// of this thread moved; the caller rescales O only when a row of the warp did.
+constexpr float kLazyLog2 = 8.f;
+template <int kBlockN, class TS, class TC, class TR>
 __device__ __forceinline__ bool online_softmax_tile(TS& acc_s, TC const& tScS_rc, int key0, int full_key, int diag,
                                                     int seqlen_k, bool causal, float scale_log2, TR& row_max,
                                                     TR& row_sum, TR& corr) {
@@ -284,47 +267,38 @@ __device__ __forceinline__ bool online_softmax_tile(TS& acc_s, TC const& tScS_rc
       }
     }
   }
-  bool rescale = false;
+  bool moved = false;
   CUTE_UNROLL
   for (int ri = 0; ri < size<0>(sc); ++ri) {
     float mx = row_max(ri);
     CUTE_UNROLL
     for (int ci = 0; ci < size<1>(sc); ++ci) mx = fmaxf(mx, sc(ri, ci));
     mx = quad_max(mx);
-    float base;
-    if constexpr (kLazy) {
-      // The reference max moves only when the row's max exceeds it by more than 8 (log2 units), so
-      // P <= 2^8 and O is rescaled only on those tiles (corr 1 exactly otherwise). -inf -> finite:
-      // +inf > 8 moves it; -inf -> -inf: NaN > 8 is false, base 0 keeps exp2(-inf) = 0.
-      const float olds = row_max(ri) * scale_log2, mxs = mx * scale_log2;
-      const bool move = mxs - olds > 8.f;
-      corr(ri) = move ? exp2f(olds - mxs) : 1.f;
-      base = move ? mxs : (row_max(ri) == -INFINITY ? 0.f : olds);
-      if (move) row_max(ri) = mx;
-      rescale |= move;
-    } else {
-      // A row with no visible key so far keeps max -inf; base 0 makes exp2(-inf - 0) = 0, not NaN.
-      base = mx == -INFINITY ? 0.f : mx * scale_log2;
-      corr(ri) = exp2f(row_max(ri) * scale_log2 - base);
-      row_max(ri) = mx;
-      rescale = true;
-    }
+    // First visible key (reference -inf, max finite): +inf > kLazyLog2 moves it, corr exp2(-inf) = 0.
+    // No visible key so far (both -inf): NaN > kLazyLog2 is false; base 0 makes exp2(-inf - 0) = 0.
+    const float ref = row_max(ri) * scale_log2, run = mx * scale_log2;
+    const bool move = run - ref > kLazyLog2;
+    corr(ri) = move ? exp2f(ref - run) : 1.f;
+    const float base = move ? run : (row_max(ri) == -INFINITY ? 0.f : ref);
+    if (move) row_max(ri) = mx;
+    moved |= move;
     float sum = 0.f;
     CUTE_UNROLL
     for (int ci = 0; ci < size<1>(sc); ++ci) {
       const float e = exp2f(sc(ri, ci) * scale_log2 - base);
       sc(ri, ci) = e;
-      if constexpr (kRowSum) sum += e;
+      sum += e;
     }
-    if constexpr (kRowSum) row_sum(ri) = row_sum(ri) * corr(ri) + sum;
+    row_sum(ri) = row_sum(ri) * corr(ri) + sum;
   }
-  return rescale;
+  return moved;
 }
 
 // Keeps a tile's softmax ahead of the wait for the P V wgmma meant to overlap it. Without it ptxas
 // moved the persistent kernel's wait above all the exponentials (its conversion of P writes the
 // registers the in-flight P V still reads, and it hoisted the wait to start those conversions
-// early), so the softmax ran after the P V instead of beside it. With a branch here on a value that
+// early), so the softmax ran after the P V instead of beside it; in the kernel with one CTA per item
+// it moved one exponential below the wait once the rescale became conditional. With a branch here on a value that
 // needs every exponential of the tile (the row sums), ptxas keeps the wait after the softmax; the
 // branch is never taken (a sum of exponentials is not negative, and NaN compares false).
 // tests/test_sass.py checks the order in the compiled code of every Hopper kernel.
@@ -336,9 +310,11 @@ __device__ __forceinline__ void softmax_fence(TR const& row_sum) {
   if (t < 0.f) asm volatile("membar.cta;" ::: "memory");
 }
 
-// O rows *= corr.
+// O rows *= corr, when a row of the warp moved its reference max (moved: this thread's rows;
+// corr is 1 for the rows that did not). The condition is uniform over the warp.
 template <class TO, class TR>
-__device__ __forceinline__ void rescale_rows(TO& acc_o, TR const& corr) {
+__device__ __forceinline__ void rescale_rows(TO& acc_o, TR const& corr, bool moved) {
+  if (!__any_sync(0xffffffffu, moved)) return;
   Tensor o = make_tensor(acc_o.data(), acc_rowcol(acc_o.layout()));
   CUTE_UNROLL
   for (int ri = 0; ri < size<0>(o); ++ri) {
@@ -350,7 +326,7 @@ __device__ __forceinline__ void rescale_rows(TO& acc_o, TR const& corr) {
 // Epilogue: O / rowsum of the rows below q_rows stored straight from registers as 32-bit column
 // pairs at o_ptr (row stride out_row_stride), lse per row at lse_ptr (-inf, and O 0, for a row
 // whose sum is 0). mx / sm: the rows' running max and sum; tOcO_rc: acc_o's (row, col) coordinates.
-template <typename Elem, bool kQuadSum = true, class TO, class TC, class TR>
+template <typename Elem, class TO, class TC, class TR>
 __device__ __forceinline__ void store_rows(TO const& acc_o, TC const& tOcO_rc, TR const& mx, TR const& sm, Elem* o_ptr,
                                            float* lse_ptr, int q_rows, int64_t out_row_stride, float softmax_scale,
                                            int lane) {
@@ -358,7 +334,7 @@ __device__ __forceinline__ void store_rows(TO const& acc_o, TC const& tOcO_rc, T
   static_assert(decltype(size<1>(o))::value % 2 == 0, "column pairs");
   CUTE_UNROLL
   for (int ri = 0; ri < size<0>(o); ++ri) {
-    const float sum = kQuadSum ? quad_sum(sm(ri)) : sm(ri);
+    const float sum = quad_sum(sm(ri));
     const bool empty = sum == 0.f;
     const float inv = empty ? 0.f : 1.f / sum;
     const int r = get<0>(tOcO_rc(ri, 0));
@@ -547,10 +523,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     // the previous O rows must be scaled by.
     Tensor corr = make_tensor<float>(Shape<Int<kRows>>{});
     auto softmax_tile = [&](auto& acc_s, int key0) {
-      online_softmax_tile<kBlockN>(acc_s, tScS_rc, key0, full_key, diag, seqlen_k, p.causal, scale_log2, row_max,
-                                   row_sum, corr);
+      return online_softmax_tile<kBlockN>(acc_s, tScS_rc, key0, full_key, diag, seqlen_k, p.causal, scale_log2,
+                                          row_max, row_sum, corr);
     };
-    auto rescale_o = [&]() { rescale_rows(acc_o, corr); };
+    auto rescale_o = [&](bool moved) { rescale_rows(acc_o, corr, moved); };
     auto release = [&](uint64_t* bar) {
       __syncwarp();
       if (lane == 0) EmptyBarrier::arrive(bar);
@@ -568,8 +544,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         Barrier::wait(&ss.full_k[s], phase);
         wg_gemm<true>(mma_s, tSrQ, tSrK(_, _, _, s), acc_s);
         release(&ss.empty_k[s]);
-        softmax_tile(acc_s, cursor.blk * kBlockN);
-        rescale_o();
+        const bool moved = softmax_tile(acc_s, cursor.blk * kBlockN);
+        rescale_o(moved);
         Tensor p_elem = convert_fragment<Elem>(acc_s);
         Tensor tOrP = make_tensor(p_elem.data(), acc_to_a_operand(p_elem.layout()));  // ((2,2,2), 1, N/16)
         Barrier::wait(&ss.full_v[s], phase);
@@ -631,13 +607,14 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
           warpgroup_wait<1>();  // S_i done (groups complete in order)
           warpgroup_fence_operand(acc_s);
           release(&ss.empty_k[s]);
-          softmax_tile(acc_s, cursor.blk * kBlockN);
+          const bool moved = softmax_tile(acc_s, cursor.blk * kBlockN);
+          softmax_fence(row_sum);
           cursor.fetch();       // the next entry's load overlaps the P V wgmma
           warpgroup_wait<0>();  // P_{i-1} V_{i-1} done
           warpgroup_fence_operand(acc_o);
           warpgroup_fence_operand(tOrP);
           release(&ss.empty_v[sp]);
-          rescale_o();
+          rescale_o(moved);
           convert_into<Elem>(acc_s, rP);
           ++i;
         }
@@ -708,10 +685,7 @@ struct ConsumerItem {
   int qbuf;         // Q buffer
 };
 
-// kPMode bit 0: row sums by wgmma against a ones tile (TiledMmaL) instead of FADDs in the softmax;
-// bit 1: lazy rescaling (online_softmax_tile's kLazy), O rescaled only when a row of the warp moved
-// its reference max.
-template <class Traits, int kPMode>
+template <class Traits>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
     bsa_fwd_sm90_persistent_kernel(const __grid_constant__ KernelParams<Traits> kp) {
 #if PROXYATTN_BSA_SM90_DEVICE
@@ -727,19 +701,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
   extern __shared__ __align__(1024) char bsa_smem[];
   auto& ss = *reinterpret_cast<typename Traits::PersistentStorage*>(bsa_smem);
-  constexpr bool kMmaSum = (kPMode & 1) != 0;
-  constexpr bool kLazy = (kPMode & 2) != 0;
 
   const int warpgroup = threadIdx.x / 128;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
 
-  if constexpr (kMmaSum) {
-    // The ones tile, read by wgmma (async proxy) after the barrier below.
-    constexpr int kOnes = cosize_v<typename Traits::SmemLayoutOnes>;
-    for (int i = threadIdx.x; i < kOnes; i += Traits::kNThreads) ss.ones[i] = Elem(1.f);
-    cutlass::arch::fence_view_async_shared();
-  }
   if (threadIdx.x == 0) {
     CUTE_UNROLL
     for (int i = 0; i < 2; ++i) {
@@ -924,14 +890,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
     typename Traits::TiledMmaS mma_s;
     typename Traits::TiledMmaO mma_o;
-    typename Traits::TiledMmaL mma_l;
     auto thr_s = mma_s.get_thread_slice(ctid);
     auto thr_o = mma_o.get_thread_slice(ctid);
-    auto thr_l = mma_l.get_thread_slice(ctid);
-    Tensor sOnes = make_tensor(make_smem_ptr(ss.ones), typename Traits::SmemLayoutOnes{});  // (8, N)
-    Tensor tLrOnes = thr_l.partition_fragment_B(sOnes);  // (MMA, 1, MMA_N) descriptors
-    Tensor acc_l = partition_fragment_C(thr_l, Shape<Int<kBlockM>, _8>{});  // ((2,2,1), 1, 1)
-    Tensor acc_l_rc = make_tensor(acc_l.data(), acc_rowcol(acc_l.layout()));
     Tensor tSrQ = thr_s.partition_fragment_A(sQ);   // (MMA, MMA_M, MMA_D, buf) descriptors
     Tensor tSrK = thr_s.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_D, stage) descriptors
     Tensor tOrV = thr_o.partition_fragment_B(sVt);  // (MMA, MMA_D, MMA_N, stage) descriptors
@@ -969,31 +929,14 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
       return w;
     };
     auto softmax_tile = [&](auto& acc_s, int key0, const ConsumerItem& w) {
-      return online_softmax_tile<kBlockN, !kMmaSum, kLazy>(acc_s, tScS_rc, key0, w.full_key, w.diag, w.seqlen_k,
-                                                           p.causal, scale_log2, row_max, row_sum, corr);
+      return online_softmax_tile<kBlockN>(acc_s, tScS_rc, key0, w.full_key, w.diag, w.seqlen_k, p.causal,
+                                          scale_log2, row_max, row_sum, corr);
     };
-    auto rescale_o = [&](bool any) {
-      if (!kLazy || __any_sync(0xffffffffu, any)) {
-        rescale_rows(acc_o, corr);
-        if constexpr (kMmaSum) rescale_rows(acc_l, corr);
-      }
-    };
-    auto clear_acc = [&]() {
-      clear(acc_o);
-      if constexpr (kMmaSum) clear(acc_l);
-    };
+    auto rescale_o = [&](bool moved) { rescale_rows(acc_o, corr, moved); };
     // Normalise and store item w's rows (acc_o, with the statistics mx / sm), lse per row.
     auto epilogue = [&](const ConsumerItem& w, auto const& mx, auto const& sm) {
-      if constexpr (kMmaSum) {
-        Tensor lsum = make_tensor<float>(Shape<Int<kRows>>{});
-        CUTE_UNROLL
-        for (int ri = 0; ri < kRows; ++ri) lsum(ri) = acc_l_rc(ri, 0);
-        store_rows<Elem, false>(acc_o, tOcO_rc, mx, lsum, static_cast<Elem*>(p.out) + w.o_off, p.lse + w.lse_off,
-                                w.q_rows, p.out_row_stride, p.softmax_scale, lane);
-      } else {
-        store_rows(acc_o, tOcO_rc, mx, sm, static_cast<Elem*>(p.out) + w.o_off, p.lse + w.lse_off, w.q_rows,
-                   p.out_row_stride, p.softmax_scale, lane);
-      }
+      store_rows(acc_o, tOcO_rc, mx, sm, static_cast<Elem*>(p.out) + w.o_off, p.lse + w.lse_off, w.q_rows,
+                 p.out_row_stride, p.softmax_scale, lane);
     };
     auto release = [&](uint64_t* bar) {
       __syncwarp();
@@ -1002,18 +945,6 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
     Tensor rP = make_tensor<Elem>(partition_fragment_C(thr_s, Shape<Int<kBlockM>, Int<kBlockN>>{}).layout());
     Tensor tOrP = make_tensor(rP.data(), acc_to_a_operand(rP.layout()));  // ((2,2,2), 1, N/16)
-    auto issue_pv = [&](int sp) {
-      if constexpr (kMmaSum) {
-        wg_issue_pv_sum(mma_o, mma_l, tOrP, tOrV(_, _, _, sp), acc_o, tLrOnes, acc_l);
-      } else {
-        wg_issue<false>(mma_o, tOrP, tOrV(_, _, _, sp), acc_o);
-      }
-    };
-    auto fence_acc = [&]() {
-      warpgroup_fence_operand(acc_o);
-      if constexpr (kMmaSum) warpgroup_fence_operand(acc_l);
-      warpgroup_fence_operand(tOrP);
-    };
     int it = 0;       // stages consumed
     uint32_t nq = 0;  // Q buffers consumed
     // Waits for stage `it` and reads its block and flags (md[0], md[1]); a first stage's item fields
@@ -1053,7 +984,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     ConsumerItem cur = stage_item(0);
     fill(row_max, -INFINITY);
     fill(row_sum, 0.f);
-    clear_acc();
+    clear(acc_o);
     {
       Tensor acc_s = partition_fragment_C(thr_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
       wg_issue<true>(mma_s, tSrQ(_, _, _, cur.qbuf), tSrK(_, _, _, 0), acc_s);
@@ -1075,16 +1006,17 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         // Another block of the current item: the loop of kVariant 1.
         wg_issue<true>(mma_s, tSrQ(_, _, _, cur.qbuf), tSrK(_, _, _, s), acc_s);
         Barrier::wait(&ss.full_v[sp], phase_p);
-        issue_pv(sp);
+        wg_issue<false>(mma_o, tOrP, tOrV(_, _, _, sp), acc_o);
         warpgroup_wait<1>();  // S done (groups complete in order)
         warpgroup_fence_operand(acc_s);
         release(&ss.empty_k[s]);
-        const bool any = softmax_tile(acc_s, blk * kBlockN, cur);
-        softmax_fence(kMmaSum ? row_max : row_sum);
+        const bool moved = softmax_tile(acc_s, blk * kBlockN, cur);
+        softmax_fence(row_sum);
         warpgroup_wait<0>();  // the previous P V done
-        fence_acc();
+        warpgroup_fence_operand(acc_o);
+        warpgroup_fence_operand(tOrP);
         release(&ss.empty_v[sp]);
-        rescale_o(any);
+        rescale_o(moved);
         convert_into<Elem>(acc_s, rP);
       } else {
         // The first block of the next item, issued with the current item's last P V; the current
@@ -1092,7 +1024,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         const ConsumerItem nxt = stage_item(s);
         wg_issue<true>(mma_s, tSrQ(_, _, _, nxt.qbuf), tSrK(_, _, _, s), acc_s);
         Barrier::wait(&ss.full_v[sp], phase_p);
-        issue_pv(sp);
+        wg_issue<false>(mma_o, tOrP, tOrV(_, _, _, sp), acc_o);
         warpgroup_wait<1>();
         warpgroup_fence_operand(acc_s);
         release(&ss.empty_k[s]);
@@ -1104,13 +1036,14 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
         fill(row_max, -INFINITY);
         fill(row_sum, 0.f);
         softmax_tile(acc_s, blk * kBlockN, nxt);
-        softmax_fence(kMmaSum ? row_max : row_sum);
+        softmax_fence(row_sum);
         warpgroup_wait<0>();
-        fence_acc();
+        warpgroup_fence_operand(acc_o);
+        warpgroup_fence_operand(tOrP);
         release(&ss.empty_v[sp]);
         epilogue(cur, old_max, old_sum);  // the current item is complete
         release(&ss.empty_q[cur.qbuf]);
-        clear_acc();
+        clear(acc_o);
         cur = nxt;
         convert_into<Elem>(acc_s, rP);
       }
@@ -1119,9 +1052,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     // The last item's last P V, then its epilogue.
     const int sp = (it - 1) % kStages;
     Barrier::wait(&ss.full_v[sp], ((it - 1) / kStages) & 1);
-    issue_pv(sp);
+    wg_issue<false>(mma_o, tOrP, tOrV(_, _, _, sp), acc_o);
     warpgroup_wait<0>();
-    fence_acc();
+    warpgroup_fence_operand(acc_o);
+    warpgroup_fence_operand(tOrP);
     release(&ss.empty_v[sp]);
     epilogue(cur, row_max, row_sum);
   }
@@ -1164,12 +1098,11 @@ cudaError_t launch(const BsaParams& p, cudaStream_t stream) {
   kp.tma_v = make_tma_copy(SM90_TMA_LOAD{}, gV, take<0, 2>(typename Traits::SmemLayoutKV{}),
                            Shape<Int<Traits::kBlockN>, Int<D>>{}, _1{});
 
-  if constexpr (kVariant >= 3) {
+  if constexpr (kVariant == 3) {
     if (p.tile_counter == nullptr) return cudaErrorInvalidValue;
     constexpr int kSmem = Traits::kPersistentSmemBytes;
     static_assert(kSmem <= 227 * 1024, "persistent kernel beyond the sm90 shared memory limit");
-    // kVariant 3 + kPMode (bsa_sm90_pmode()).
-    auto kernel = &bsa_fwd_sm90_persistent_kernel<Traits, kVariant - 3>;
+    auto kernel = &bsa_fwd_sm90_persistent_kernel<Traits>;
     int dev = 0, sms = 0;
     cudaError_t err = cudaGetDevice(&dev);
     if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
@@ -1207,13 +1140,7 @@ cudaError_t run_bsa_fwd_sm90(const BsaParams& params, cudaStream_t stream) {
   switch (bsa_sm90_variant()) {
     case 0: return bsa_sm90::launch<Traits, 0>(params, stream);
     case 2: return bsa_sm90::launch<Traits, 2>(params, stream);
-    case 3:
-      switch (bsa_sm90_pmode()) {
-        case 1: return bsa_sm90::launch<Traits, 4>(params, stream);
-        case 2: return bsa_sm90::launch<Traits, 5>(params, stream);
-        case 3: return bsa_sm90::launch<Traits, 6>(params, stream);
-        default: return bsa_sm90::launch<Traits, 3>(params, stream);
-      }
+    case 3: return bsa_sm90::launch<Traits, 3>(params, stream);
     default:
       if (bsa_sm90_stages() == 3) return bsa_sm90::launch<Traits3, 1>(params, stream);
       return bsa_sm90::launch<Traits, 1>(params, stream);

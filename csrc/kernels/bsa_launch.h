@@ -91,13 +91,6 @@ inline int bsa_sm90_stages() {
   return env != nullptr && std::strcmp(env, "3") == 0 ? 3 : 2;
 }
 
-// Experiment on the persistent sm90 kernel (read per call): PROXYATTN_BSA_SM90_PMODE=1 row sums on
-// the tensor cores, 2 lazy rescaling, 3 both (bsa_fwd_sm90_persistent_kernel's kPMode).
-inline int bsa_sm90_pmode() {
-  const char* env = std::getenv("PROXYATTN_BSA_SM90_PMODE");
-  return env != nullptr && *env != 0 ? int(std::strtol(env, nullptr, 10)) : 0;
-}
-
 // The CTA work order (BsaParams::kv_section) for these parameters. PROXYATTN_BSA_ORDER=heads gives
 // the head-fastest order (0); kv:<n> sections of n KV heads (tests); otherwise (default) sections
 // of as many KV heads as keep their K and V within kL2Budget bytes, at least one.
