@@ -121,14 +121,14 @@ def flex_block_mask(counts, indices, n, s):
 # no pingpong; the op's default), and sort | nosort (PROXYATTN_BSA_SORT=1 | 0, the work order by
 # selected-block count; both paths; unset otherwise, the op's own choice).
 VARIANT_ENV = ("PROXYATTN_BSA_SM90_OVERLAP", "PROXYATTN_BSA_SM90_PINGPONG", "PROXYATTN_BSA_SM90_STAGES",
-               "PROXYATTN_BSA_SORT", "PROXYATTN_BSA_SM90_PERSISTENT")
+               "PROXYATTN_BSA_SORT", "PROXYATTN_BSA_SM90_PERSISTENT", "PROXYATTN_BSA_SM90_LAZY")
 
 
 def variant_env(name):
     """Environment of a variant name: a value per VARIANT_ENV name, None for unset."""
     if name == "default":
         return {}
-    env = dict(zip(VARIANT_ENV, ("1", "0", "2", None, "0")))
+    env = dict(zip(VARIANT_ENV, ("1", "0", "2", None, "0", None)))
     for part in name.split("+"):
         if part == "serial":
             env["PROXYATTN_BSA_SM90_OVERLAP"] = "0"
@@ -140,6 +140,8 @@ def variant_env(name):
             env["PROXYATTN_BSA_SM90_STAGES"] = part[-1]
         elif part == "persistent":
             env["PROXYATTN_BSA_SM90_PERSISTENT"] = "1"
+        elif part.startswith("lazy"):
+            env["PROXYATTN_BSA_SM90_LAZY"] = part[4:]
         elif part in ("sort", "nosort"):
             env["PROXYATTN_BSA_SORT"] = "1" if part == "sort" else "0"
         else:

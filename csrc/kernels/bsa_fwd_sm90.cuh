@@ -148,6 +148,7 @@ struct KernelParams {
   typename Traits::TmaKV tma_k;
   typename Traits::TmaKV tma_v;
   int32_t q_rows_total, k_rows_total, q_batches;  // extents the tensor maps were built with
+  float lazy_log2;  // experiment: online_softmax_tile's threshold (PROXYATTN_BSA_SM90_LAZY)
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -254,7 +255,7 @@ constexpr float kLazyLog2 = 8.f;
 template <int kBlockN, class TS, class TC, class TR>
 __device__ __forceinline__ bool online_softmax_tile(TS& acc_s, TC const& tScS_rc, int key0, int full_key, int diag,
                                                     int seqlen_k, bool causal, float scale_log2, TR& row_max,
-                                                    TR& row_sum, TR& corr) {
+                                                    TR& row_sum, TR& corr, float lazy_log2) {
   Tensor sc = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));  // (rows, cols)
   if (key0 + kBlockN - 1 > full_key) {
     CUTE_UNROLL
@@ -277,7 +278,7 @@ __device__ __forceinline__ bool online_softmax_tile(TS& acc_s, TC const& tScS_rc
     // First visible key (reference -inf, max finite): +inf > kLazyLog2 moves it, corr exp2(-inf) = 0.
     // No visible key so far (both -inf): NaN > kLazyLog2 is false; base 0 makes exp2(-inf - 0) = 0.
     const float ref = row_max(ri) * scale_log2, run = mx * scale_log2;
-    const bool move = run - ref > kLazyLog2;
+    const bool move = run - ref > lazy_log2;
     corr(ri) = move ? exp2f(ref - run) : 1.f;
     const float base = move ? run : (row_max(ri) == -INFINITY ? 0.f : ref);
     if (move) row_max(ri) = mx;
@@ -524,7 +525,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     Tensor corr = make_tensor<float>(Shape<Int<kRows>>{});
     auto softmax_tile = [&](auto& acc_s, int key0) {
       return online_softmax_tile<kBlockN>(acc_s, tScS_rc, key0, full_key, diag, seqlen_k, p.causal, scale_log2,
-                                          row_max, row_sum, corr);
+                                          row_max, row_sum, corr, kp.lazy_log2);
     };
     auto rescale_o = [&](bool moved) { rescale_rows(acc_o, corr, moved); };
     auto release = [&](uint64_t* bar) {
@@ -930,7 +931,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     };
     auto softmax_tile = [&](auto& acc_s, int key0, const ConsumerItem& w) {
       return online_softmax_tile<kBlockN>(acc_s, tScS_rc, key0, w.full_key, w.diag, w.seqlen_k, p.causal,
-                                          scale_log2, row_max, row_sum, corr);
+                                          scale_log2, row_max, row_sum, corr, kp.lazy_log2);
     };
     auto rescale_o = [&](bool moved) { rescale_rows(acc_o, corr, moved); };
     // Normalise and store item w's rows (acc_o, with the statistics mx / sm), lse per row.
@@ -1081,6 +1082,7 @@ cudaError_t launch(const BsaParams& p, cudaStream_t stream) {
   kp.q_rows_total = int32_t(varlen ? p.total_q : p.seqlen_q);
   kp.k_rows_total = int32_t(varlen ? p.total_k : p.seqlen_k);
   kp.q_batches = varlen ? 1 : p.batch;
+  kp.lazy_log2 = bsa_sm90_lazy_log2();
   const int64_t dflt = D;  // 16-byte multiple, used for unused strides
   auto make_g = [&](const void* ptr, int32_t rows, int heads, int64_t rs, int64_t hs, int64_t bs) {
     return make_tensor(make_gmem_ptr(static_cast<Elem const*>(ptr)),

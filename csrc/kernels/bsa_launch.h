@@ -91,6 +91,13 @@ inline int bsa_sm90_stages() {
   return env != nullptr && std::strcmp(env, "3") == 0 ? 3 : 2;
 }
 
+// Experiment: the lazy-rescaling threshold of the sm90 kernels in log2 units (read per call;
+// PROXYATTN_BSA_SM90_LAZY, default 8; 0 moves the reference whenever the max rises).
+inline float bsa_sm90_lazy_log2() {
+  const char* env = std::getenv("PROXYATTN_BSA_SM90_LAZY");
+  return env != nullptr && *env != 0 ? std::strtof(env, nullptr) : 8.f;
+}
+
 // The CTA work order (BsaParams::kv_section) for these parameters. PROXYATTN_BSA_ORDER=heads gives
 // the head-fastest order (0); kv:<n> sections of n KV heads (tests); otherwise (default) sections
 // of as many KV heads as keep their K and V within kL2Budget bytes, at least one.
