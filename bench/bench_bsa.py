@@ -118,10 +118,19 @@ def flex_block_mask(counts, indices, n, s):
 # op's own choice); any other name is a "+"-joined list of serial | overlap | pingpong | stages<2|3>
 # on top of overlap with 2 stages and one CTA per work item (the 3-stage ring exists for the
 # overlapped variant without pingpong only), persistent (the persistent overlapped kernel, 2 stages,
-# no pingpong; the op's default), and sort | nosort (PROXYATTN_BSA_SORT=1 | 0, the work order by
-# selected-block count; both paths; unset otherwise, the op's own choice).
+# no pingpong; the op's default), sort | nosort (PROXYATTN_BSA_SORT=1 | 0, the work order by
+# selected-block count; both paths; unset otherwise, the op's own choice), and lazy<t>
+# (PROXYATTN_BSA_SM90_LAZY=t, the lazy-rescaling threshold; unset otherwise).
 VARIANT_ENV = ("PROXYATTN_BSA_SM90_OVERLAP", "PROXYATTN_BSA_SM90_PINGPONG", "PROXYATTN_BSA_SM90_STAGES",
                "PROXYATTN_BSA_SORT", "PROXYATTN_BSA_SM90_PERSISTENT", "PROXYATTN_BSA_SM90_LAZY")
+
+
+def _is_number(text):
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def variant_env(name):
@@ -140,7 +149,7 @@ def variant_env(name):
             env["PROXYATTN_BSA_SM90_STAGES"] = part[-1]
         elif part == "persistent":
             env["PROXYATTN_BSA_SM90_PERSISTENT"] = "1"
-        elif part.startswith("lazy"):
+        elif part.startswith("lazy") and _is_number(part[4:]):
             env["PROXYATTN_BSA_SM90_LAZY"] = part[4:]
         elif part in ("sort", "nosort"):
             env["PROXYATTN_BSA_SORT"] = "1" if part == "sort" else "0"
@@ -195,8 +204,8 @@ def main():
                          "heads, kv:<n> (recorded as bsa_order_<name>)")
     ap.add_argument("--variants", nargs="+", default=["default"],
                     help="sm90 kernel variants to time on the same masks: default (the op's own choice, recorded "
-                         "as bsa) or '+'-joined serial|overlap|pingpong|stages2|stages3|sort|nosort (recorded as "
-                         "bsa_<variant>)")
+                         "as bsa) or '+'-joined serial|overlap|pingpong|stages2|stages3|persistent|sort|nosort|lazy<t> "
+                         "(recorded as bsa_<variant>)")
     ap.add_argument("--masks", nargs="+", default=["random"], choices=["random", "window", "split2", "split4"],
                     help="random: random causal blocks (default); window: the same row lengths as contiguous "
                          "blocks ending at the diagonal (plus the sink), recorded with the suffix _window; "

@@ -174,14 +174,17 @@ def test_work_orders_sm90(sm90, monkeypatch, order):
 
 @pytest.mark.parametrize("dtype", base.DTYPES, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("step", [0.05, 0.3, 0.75, 2.0, 8.0])
-def test_rising_scores_across_key_blocks_sm90(sm90, dtype, step):
+@pytest.mark.parametrize("lazy", ["0", "8"])
+def test_rising_scores_across_key_blocks_sm90(sm90, monkeypatch, dtype, step, lazy):
     """Scores that rise from key block to key block in the order the kernel walks them (from the
     diagonal down), by about 0.5, 3, 7.5, 18 and 74 log2 units per block (against noise of about
     1.4), so the running max moves often, by small and by huge steps, and O is rescaled by factors
     from near 1 down to 2^-74; against the fp64 truth, in every sm90 variant. The kernels move a
-    row's reference max only when the running max exceeds it by more than 8 log2 units (lazy
-    rescaling): at 0.5 per block it never moves after the first block, at 3 and 7.5 it moves every
-    few blocks, with exponentials up to about 2^8 in between, at 18 and 74 on every block."""
+    row's reference max only when the running max exceeds it by more than t log2 units
+    (PROXYATTN_BSA_SM90_LAZY=t): at t = 0 on every rise; at t = 8 and 0.5 per block it never moves
+    after the first block, at 3 and 7.5 every few blocks, with exponentials up to about 2^8 in
+    between, at 18 and 74 on every block."""
+    monkeypatch.setenv("PROXYATTN_BSA_SM90_LAZY", lazy)
     b, n, hq, hkv, d, s = 1, 1024 + 37, 4, 1, 64, 128
     gen = torch.Generator(device="cuda").manual_seed(int(step * 100) + 7)
     q = torch.randn(b, n, hq, d, generator=gen, device="cuda").abs().to(dtype)
@@ -195,6 +198,41 @@ def test_rising_scores_across_key_blocks_sm90(sm90, dtype, step):
     base.poison_allocator()
     out, lse = base.run_op(q, k, v, counts, indices, None, None, n, n, s, scale, True)
     base.check_against_truth(out, lse, q, k, v, counts, indices, s, scale, True, f"rising scores, step {step}")
+
+
+@pytest.mark.parametrize("dtype", base.DTYPES, ids=["bf16", "fp16"])
+def test_lazy_rescaling_settings_sm90(sm90, monkeypatch, dtype):
+    """PROXYATTN_BSA_SM90_LAZY: unset, 0 and values outside (0, 8] (taken as 0) give the same out and
+    lse bit for bit; -1 (O rescaled on every key block) the same out, and lse within rounding of the
+    max; 8 (lazy) an output that differs from those (P rounded against another reference) but is
+    within the tolerance against the fp64 truth."""
+    b, n, hq, hkv, d, s = 1, 2000, 8, 2, 128, 128
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    q, k, v = base.rand_qkv(b, n, n, hq, hkv, d, dtype, gen)
+    q = q * 2  # sharper rows: the running max rises less often, so lazy rescaling keeps stale references
+    counts, indices = base.random_selection(b, hq, n, n, s, True, 0.6, gen)
+    scale = d ** -0.5
+    results = {}
+    for value in (None, "0", "junk", "9", "-0.5", "nan", "-1", "8"):
+        if value is None:
+            monkeypatch.delenv("PROXYATTN_BSA_SM90_LAZY", raising=False)
+        else:
+            monkeypatch.setenv("PROXYATTN_BSA_SM90_LAZY", value)
+        base.poison_allocator()
+        results[value] = base.run_op(q, k, v, counts, indices, None, None, n, n, s, scale, True)
+    out0, lse0 = results[None]
+    assert not torch.isnan(out0).any(), "unwritten (poisoned) outputs"
+    for value in ("0", "junk", "9", "-0.5", "nan"):
+        assert torch.equal(results[value][0], out0), f"LAZY={value}: out differs from the default"
+        assert torch.equal(results[value][1], lse0), f"LAZY={value}: lse differs from the default"
+    out_all, lse_all = results["-1"]
+    assert torch.equal(out_all, out0), "LAZY=-1: out differs from the default"
+    fin = torch.isfinite(lse0)
+    assert torch.equal(fin, torch.isfinite(lse_all))
+    assert (lse_all[fin] - lse0[fin]).abs().max().item() <= 1e-5
+    out8, lse8 = results["8"]
+    assert not torch.equal(out8, out0), "LAZY=8 gave the default's output: the setting had no effect"
+    base.check_against_truth(out8, lse8, q, k, v, counts, indices, s, scale, True, "LAZY=8")
 
 
 PERSISTENT_CASES = [

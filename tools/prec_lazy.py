@@ -1,7 +1,21 @@
-# Output error against fp64 truth, bf16, dense causal selection, for lazy thresholds; torch's bf16 SDPA beside.
-import os, torch, json, sys
-import proxyattn  # noqa: F401
+"""Output error of block_sparse_attention against an fp64 truth for lazy-rescaling thresholds.
+
+    python3 tools/prec_lazy.py OUT.json      (on a GPU; the thresholds matter on sm_90 only)
+
+bf16, B=1, N=4096, Hq=8, Hkv=2, D=128, block 128, every causal block selected; q scaled by 1, 2
+and 4 (sharper rows). For each: (max-abs error, relative Frobenius error) of torch's bf16 SDPA, of
+the op with PROXYATTN_BSA_SM90_LAZY = 0, 1, 2, 8, and of the portable kernel
+(PROXYATTN_BSA_FORCE_SM80=1). Prints one line per sharpness and writes the list as JSON.
+"""
+import json
+import os
+import sys
+
+import torch
 import torch.nn.functional as F
+
+import proxyattn  # noqa: F401  (registers the ops)
+
 B, N, HQ, HKV, D, S = 1, 4096, 8, 2, 128, 128
 nqb = N // S
 counts = torch.arange(1, nqb + 1, dtype=torch.int32, device="cuda").view(1, 1, nqb).expand(B, HQ, nqb).contiguous()

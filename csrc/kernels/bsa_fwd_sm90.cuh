@@ -16,9 +16,9 @@
 //   warpgroups 1, 2 (consumers, 240 registers; the persistent kernel: 40 and 232): each owns 64 of
 //     the 128 query rows.
 //     S = Q K^T by wgmma SS (64 x 128 x D), mask only on tiles that cross the causal diagonal or
-//     the end of the keys, online softmax in fp32 (exp2; O rescaled only when a row's max rises
-//     more than 2^8 above the reference it was scaled to: online_softmax_tile), P converted to 16 bit
-//     in registers, O += P V by wgmma RS (64 x D x 128, V read MN-major from the same K-major smem tile).
+//     the end of the keys, online softmax in fp32 (exp2; O rescaled only on key blocks where a row
+//     of the warp raised its max, or with PROXYATTN_BSA_SM90_LAZY=t moved it more than t log2 units
+//     past its reference: online_softmax_tile), P converted to 16 bit in registers, O += P V by wgmma RS (64 x D x 128, V read MN-major from the same K-major smem tile).
 //     Epilogue: O / rowsum stored straight from registers (32-bit pairs), lse per row.
 //     Three variants (template kVariant, chosen at run time by bsa_sm90_variant in bsa_launch.h):
 //     0 serial (each wgmma waited for at once); 1 overlapped (S_j = Q K_j issued with
@@ -148,7 +148,7 @@ struct KernelParams {
   typename Traits::TmaKV tma_k;
   typename Traits::TmaKV tma_v;
   int32_t q_rows_total, k_rows_total, q_batches;  // extents the tensor maps were built with
-  float lazy_log2;  // experiment: online_softmax_tile's threshold (PROXYATTN_BSA_SM90_LAZY)
+  float lazy_log2;  // online_softmax_tile's threshold (bsa_sm90_lazy_log2, PROXYATTN_BSA_SM90_LAZY)
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -246,12 +246,12 @@ __device__ __forceinline__ void wg_issue(TiledMma& mma, TA const& a, TB const& b
 // acc_s replaced by exp2(s - row_max), corr(ri) the factor the previous O rows must be scaled by.
 // Row r (sequence-local query row q_start + r) sees keys <= diag + r when causal, all keys below
 // seqlen_k otherwise. tScS_rc: the (row, col) coordinates of acc_s's elements.
-// Lazy rescaling: row_max is the row's reference max, not always its running max. It moves to the
-// running max only when that exceeds it by more than kLazyLog2 (log2 units, after the softmax
-// scale), so every exponential is at most 2^kLazyLog2 (exact in fp32; P in bf16/fp16 keeps its
-// relative precision) and corr is exactly 1 on the tiles where no row moves. Returns whether a row
-// of this thread moved; the caller rescales O only when a row of the warp did.
-constexpr float kLazyLog2 = 8.f;
+// row_max is the row's reference max. It moves to the running max only when that exceeds it by
+// more than lazy_log2 (log2 units, after the softmax scale; 0 by default: the exact running max,
+// PROXYATTN_BSA_SM90_LAZY in kernels/bsa_launch.h), so every exponential is at most 2^lazy_log2.
+// corr is exactly 1 for a row that did not move. Returns whether a row of this thread moved; the
+// caller rescales O only when a row of the warp did (a multiplication by 1 skipped, so at 0 the
+// output is that of rescaling every tile).
 template <int kBlockN, class TS, class TC, class TR>
 __device__ __forceinline__ bool online_softmax_tile(TS& acc_s, TC const& tScS_rc, int key0, int full_key, int diag,
                                                     int seqlen_k, bool causal, float scale_log2, TR& row_max,
@@ -275,8 +275,8 @@ __device__ __forceinline__ bool online_softmax_tile(TS& acc_s, TC const& tScS_rc
     CUTE_UNROLL
     for (int ci = 0; ci < size<1>(sc); ++ci) mx = fmaxf(mx, sc(ri, ci));
     mx = quad_max(mx);
-    // First visible key (reference -inf, max finite): +inf > kLazyLog2 moves it, corr exp2(-inf) = 0.
-    // No visible key so far (both -inf): NaN > kLazyLog2 is false; base 0 makes exp2(-inf - 0) = 0.
+    // First visible key (reference -inf, max finite): +inf > lazy_log2 moves it, corr exp2(-inf) = 0.
+    // No visible key so far (both -inf): NaN > lazy_log2 is false; base 0 makes exp2(-inf - 0) = 0.
     const float ref = row_max(ri) * scale_log2, run = mx * scale_log2;
     const bool move = run - ref > lazy_log2;
     corr(ri) = move ? exp2f(ref - run) : 1.f;

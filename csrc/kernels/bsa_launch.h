@@ -26,6 +26,16 @@
 //                                a counter, BsaParams::tile_counter; the key blocks of consecutive
 //                                items run as one pipeline). Unset or 1: persistent unless one of
 //                                OVERLAP=0, PINGPONG=1, STAGES=3 is set.
+//   PROXYATTN_BSA_SM90_LAZY=<t>  0 < t <= 8: lazy rescaling in every sm90 variant. A row's
+//                                reference max moves only when its running max exceeds it by more
+//                                than t (log2 units of the scaled scores), so P reaches up to 2^t
+//                                and a dominant key's P is rounded to 16 bits like any other
+//                                (measured: up to 1.8x the max error against fp64 on peaked rows
+//                                at t = 8; 1-2% faster, bench/NOTES.md). Unset or any other value:
+//                                t = 0, the exact running max; O is still rescaled only on the key
+//                                blocks where a row of the warp raised its max (corr 1 otherwise).
+//                                -1: O rescaled on every key block (for comparison; same output
+//                                as 0).
 // Torch-free and CuTe-free, so the torch glue and the C++ benchmark can include it with a host
 // compiler.
 #pragma once
@@ -91,11 +101,16 @@ inline int bsa_sm90_stages() {
   return env != nullptr && std::strcmp(env, "3") == 0 ? 3 : 2;
 }
 
-// Experiment: the lazy-rescaling threshold of the sm90 kernels in log2 units (read per call;
-// PROXYATTN_BSA_SM90_LAZY, default 8; 0 moves the reference whenever the max rises).
+// The lazy-rescaling threshold t of the sm90 kernels, log2 units (read per call; see the list at
+// the top): PROXYATTN_BSA_SM90_LAZY, a number with 0 < t <= 8, or -1; unset or anything else: 0.
 inline float bsa_sm90_lazy_log2() {
   const char* env = std::getenv("PROXYATTN_BSA_SM90_LAZY");
-  return env != nullptr && *env != 0 ? std::strtof(env, nullptr) : 8.f;
+  if (env == nullptr || *env == 0) return 0.f;
+  char* end = nullptr;
+  const float t = std::strtof(env, &end);
+  if (*end != 0) return 0.f;
+  if (t == -1.f) return -1.f;
+  return t > 0.f && t <= 8.f ? t : 0.f;  // NaN fails t > 0
 }
 
 // The CTA work order (BsaParams::kv_section) for these parameters. PROXYATTN_BSA_ORDER=heads gives
