@@ -31,11 +31,11 @@
 //                                than t (log2 units of the scaled scores), so P reaches up to 2^t
 //                                and a dominant key's P is rounded to 16 bits like any other
 //                                (measured: up to 1.8x the max error against fp64 on peaked rows
-//                                at t = 8; 1-2% faster, bench/NOTES.md). Unset or any other value:
-//                                t = 0, the exact running max; O is still rescaled only on the key
-//                                blocks where a row of the warp raised its max (corr 1 otherwise).
-//                                -1: O rescaled on every key block (for comparison; same output
-//                                as 0).
+//                                at t = 8; 0.4-2.4% faster at density 0.1, bench/NOTES.md). -1: O
+//                                rescaled on every key block (for comparison; same output as 0).
+//                                Unset or any other value: t = 0, the exact running max; O is
+//                                still rescaled only on the key blocks where a row of the warp
+//                                raised its max (corr 1 otherwise).
 // Torch-free and CuTe-free, so the torch glue and the C++ benchmark can include it with a host
 // compiler.
 #pragma once
