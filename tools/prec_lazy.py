@@ -17,33 +17,41 @@ import torch.nn.functional as F
 import proxyattn  # noqa: F401  (registers the ops)
 
 B, N, HQ, HKV, D, S = 1, 4096, 8, 2, 128, 128
+GROUP = HQ // HKV
 nqb = N // S
 counts = torch.arange(1, nqb + 1, dtype=torch.int32, device="cuda").view(1, 1, nqb).expand(B, HQ, nqb).contiguous()
 indices = torch.arange(nqb, dtype=torch.int32, device="cuda").view(1, 1, 1, nqb).expand(B, HQ, nqb, nqb).contiguous()
+
+
+def run_op(q, k, v):
+    return torch.ops.proxyattn.block_sparse_attention(q, k, v, counts, indices, None, None, N, N, S, D ** -0.5,
+                                                      True)[0]
+
+
+def error(o, truth):
+    """(max-abs error, relative Frobenius error) of o against truth."""
+    e = o.double() - truth
+    return round(e.abs().max().item(), 6), round((e.norm() / truth.norm()).item(), 7)
+
+
 res = []
 for sharp in (1.0, 2.0, 4.0):
     g = torch.Generator(device="cuda").manual_seed(int(sharp * 10))
     q = (sharp * torch.randn(B, N, HQ, D, generator=g, device="cuda")).bfloat16()
     k = torch.randn(B, N, HKV, D, generator=g, device="cuda").bfloat16()
     v = torch.randn(B, N, HKV, D, generator=g, device="cuda").bfloat16()
-    qt, kt, vt = (x.transpose(1, 2).double() for x in (q, k, v))
-    kt = kt.repeat_interleave(HQ // HKV, 1); vt = vt.repeat_interleave(HQ // HKV, 1)
-    truth = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True).transpose(1, 2)
-    def err(o):
-        e = o.double() - truth
-        return round(e.abs().max().item(), 6), round((e.norm() / truth.norm()).item(), 7)
+    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, N, D]
+    kh, vh = kh.repeat_interleave(GROUP, 1), vh.repeat_interleave(GROUP, 1)
+    truth = F.scaled_dot_product_attention(qh.double(), kh.double(), vh.double(), is_causal=True).transpose(1, 2)
     row = {"sharp": sharp}
-    qb, kb, vb = (x.transpose(1, 2) for x in (q, k, v))
-    row["torch_sdpa_bf16"] = err(F.scaled_dot_product_attention(qb, kb.repeat_interleave(4, 1), vb.repeat_interleave(4, 1), is_causal=True).transpose(1, 2))
+    row["torch_sdpa_bf16"] = error(F.scaled_dot_product_attention(qh, kh, vh, is_causal=True).transpose(1, 2), truth)
     for lz in ("0", "1", "2", "8"):
         os.environ["PROXYATTN_BSA_SM90_LAZY"] = lz
-        out, _ = torch.ops.proxyattn.block_sparse_attention(q, k, v, counts, indices, None, None, N, N, S, D ** -0.5, True)
-        row["lazy" + lz] = err(out)
+        row["lazy" + lz] = error(run_op(q, k, v), truth)
     os.environ.pop("PROXYATTN_BSA_SM90_LAZY")
     os.environ["PROXYATTN_BSA_FORCE_SM80"] = "1"
-    out, _ = torch.ops.proxyattn.block_sparse_attention(q, k, v, counts, indices, None, None, N, N, S, D ** -0.5, True)
+    row["sm80"] = error(run_op(q, k, v), truth)
     os.environ.pop("PROXYATTN_BSA_FORCE_SM80")
-    row["sm80"] = err(out)
     print(row, flush=True)
     res.append(row)
 json.dump(res, open(sys.argv[1], "w"), indent=1)

@@ -18,7 +18,8 @@
 //     S = Q K^T by wgmma SS (64 x 128 x D), mask only on tiles that cross the causal diagonal or
 //     the end of the keys, online softmax in fp32 (exp2; O rescaled only on key blocks where a row
 //     of the warp raised its max, or with PROXYATTN_BSA_SM90_LAZY=t moved it more than t log2 units
-//     past its reference: online_softmax_tile), P converted to 16 bit in registers, O += P V by wgmma RS (64 x D x 128, V read MN-major from the same K-major smem tile).
+//     past its reference: online_softmax_tile), P converted to 16 bit in registers, O += P V by
+//     wgmma RS (64 x D x 128, V read MN-major from the same K-major smem tile).
 //     Epilogue: O / rowsum stored straight from registers (32-bit pairs), lse per row.
 //     Three variants (template kVariant, chosen at run time by bsa_sm90_variant in bsa_launch.h):
 //     0 serial (each wgmma waited for at once); 1 overlapped (S_j = Q K_j issued with
@@ -298,10 +299,11 @@ __device__ __forceinline__ bool online_softmax_tile(TS& acc_s, TC const& tScS_rc
 // Keeps a tile's softmax ahead of the wait for the P V wgmma meant to overlap it. Without it ptxas
 // moved the persistent kernel's wait above all the exponentials (its conversion of P writes the
 // registers the in-flight P V still reads, and it hoisted the wait to start those conversions
-// early), so the softmax ran after the P V instead of beside it; in the kernel with one CTA per item
-// it moved one exponential below the wait once the rescale became conditional. With a branch here on a value that
-// needs every exponential of the tile (the row sums), ptxas keeps the wait after the softmax; the
-// branch is never taken (a sum of exponentials is not negative, and NaN compares false).
+// early), so the softmax ran after the P V instead of beside it; in the kernel with one CTA per
+// item it moved one exponential below the wait once the rescale became conditional. With a branch
+// here on a value that needs every exponential of the tile (the row sums), ptxas keeps the wait
+// after the softmax; the branch is never taken (a sum of exponentials is not negative, and NaN
+// compares false).
 // tests/test_sass.py checks the order in the compiled code of every Hopper kernel.
 template <class TR>
 __device__ __forceinline__ void softmax_fence(TR const& row_sum) {
