@@ -652,7 +652,8 @@ struct Problem {
   }
   void run_select(cudaStream_t st) { PROXYATTN_BENCH_CHECK(proxyattn::run_select_blocks(selp, st)); }
   void run_bsa(cudaStream_t st) {
-    const std::string why = proxyattn::bsa_unsupported_reason(bp);
+    std::string why = proxyattn::bsa_unsupported_reason(bp);
+    if (why.empty()) why = proxyattn::bsa_sm90_lazy_error();
     if (!why.empty()) {
       std::fprintf(stderr, "block_sparse_attention: %s\n", why.c_str());
       std::exit(1);

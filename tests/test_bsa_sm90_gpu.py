@@ -202,10 +202,10 @@ def test_rising_scores_across_key_blocks_sm90(sm90, monkeypatch, dtype, step, la
 
 @pytest.mark.parametrize("dtype", base.DTYPES, ids=["bf16", "fp16"])
 def test_lazy_rescaling_settings_sm90(sm90, monkeypatch, dtype):
-    """PROXYATTN_BSA_SM90_LAZY: unset, 0 and values outside (0, 8] (taken as 0) give the same out and
-    lse bit for bit; -1 (O rescaled on every key block) the same out, and lse within rounding of the
-    max; 8 (lazy) an output that differs from those (P rounded against another reference) but is
-    within the tolerance against the fp64 truth."""
+    """PROXYATTN_BSA_SM90_LAZY: unset, empty and 0 give the same out and lse bit for bit; -1 (O
+    rescaled on every key block) the same out, and lse within rounding of the max; 8 (lazy) an output
+    that differs from those (P rounded against another reference) but is within the tolerance
+    against the fp64 truth; any other value is refused before a kernel runs, naming it."""
     b, n, hq, hkv, d, s = 1, 2000, 8, 2, 128, 128
     gen = torch.Generator(device="cuda").manual_seed(11)
     q, k, v = base.rand_qkv(b, n, n, hq, hkv, d, dtype, gen)
@@ -213,7 +213,17 @@ def test_lazy_rescaling_settings_sm90(sm90, monkeypatch, dtype):
     counts, indices = base.random_selection(b, hq, n, n, s, True, 0.6, gen)
     scale = d ** -0.5
     results = {}
-    for value in (None, "0", "junk", "9", "-0.5", "nan", "-1", "8"):
+    for bad in ("junk", "9", "-0.5", "nan", "8x"):
+        monkeypatch.setenv("PROXYATTN_BSA_SM90_LAZY", bad)
+        with pytest.raises(RuntimeError, match=f"PROXYATTN_BSA_SM90_LAZY must be a number .*got '{bad}'"):
+            base.run_op(q, k, v, counts, indices, None, None, n, n, s, scale, True)
+    monkeypatch.setenv("PROXYATTN_BSA_FORCE_SM80", "1")  # refused on the portable path too
+    monkeypatch.setenv("PROXYATTN_BSA_SM90", "0")
+    with pytest.raises(RuntimeError, match="PROXYATTN_BSA_SM90_LAZY must be a number .*got '8x'"):
+        base.run_op(q, k, v, counts, indices, None, None, n, n, s, scale, True)
+    monkeypatch.delenv("PROXYATTN_BSA_FORCE_SM80")
+    monkeypatch.setenv("PROXYATTN_BSA_SM90", "require")
+    for value in (None, "", "0", "-1", "8"):
         if value is None:
             monkeypatch.delenv("PROXYATTN_BSA_SM90_LAZY", raising=False)
         else:
@@ -222,7 +232,7 @@ def test_lazy_rescaling_settings_sm90(sm90, monkeypatch, dtype):
         results[value] = base.run_op(q, k, v, counts, indices, None, None, n, n, s, scale, True)
     out0, lse0 = results[None]
     assert not torch.isnan(out0).any(), "unwritten (poisoned) outputs"
-    for value in ("0", "junk", "9", "-0.5", "nan"):
+    for value in ("", "0"):
         assert torch.equal(results[value][0], out0), f"LAZY={value}: out differs from the default"
         assert torch.equal(results[value][1], lse0), f"LAZY={value}: lse differs from the default"
     out_all, lse_all = results["-1"]

@@ -33,9 +33,9 @@
 //                                (measured: up to 1.8x the max error against fp64 on peaked rows
 //                                at t = 8; 0.4-2.4% faster at density 0.1, bench/NOTES.md). -1: O
 //                                rescaled on every key block (for comparison; same output as 0).
-//                                Unset or any other value: t = 0, the exact running max; O is
-//                                still rescaled only on the key blocks where a row of the warp
-//                                raised its max (corr 1 otherwise).
+//                                Unset, empty or 0: the exact running max; O is still rescaled only
+//                                on the key blocks where a row of the warp raised its max (corr 1
+//                                otherwise). Any other value is refused (bsa_sm90_lazy_error).
 // Torch-free and CuTe-free, so the torch glue and the C++ benchmark can include it with a host
 // compiler.
 #pragma once
@@ -102,15 +102,30 @@ inline int bsa_sm90_stages() {
 }
 
 // The lazy-rescaling threshold t of the sm90 kernels, log2 units (read per call; see the list at
-// the top): PROXYATTN_BSA_SM90_LAZY, a number with 0 < t <= 8, or -1; unset or anything else: 0.
-inline float bsa_sm90_lazy_log2() {
+// the top): PROXYATTN_BSA_SM90_LAZY, a number with 0 <= t <= 8, or -1; unset or empty: 0. False
+// (t left as it was) for any other value.
+inline bool bsa_sm90_lazy_parse(float* t) {
   const char* env = std::getenv("PROXYATTN_BSA_SM90_LAZY");
-  if (env == nullptr || *env == 0) return 0.f;
+  if (env == nullptr || *env == 0) {
+    *t = 0.f;
+    return true;
+  }
   char* end = nullptr;
-  const float t = std::strtof(env, &end);
-  if (*end != 0) return 0.f;
-  if (t == -1.f) return -1.f;
-  return t > 0.f && t <= 8.f ? t : 0.f;  // NaN fails t > 0
+  const float v = std::strtof(env, &end);
+  if (*end != 0 || !(v == -1.f || (v >= 0.f && v <= 8.f))) return false;  // NaN fails both
+  *t = v;
+  return true;
+}
+inline float bsa_sm90_lazy_log2() {
+  float t = 0.f;
+  return bsa_sm90_lazy_parse(&t) ? t : 0.f;
+}
+// Empty when PROXYATTN_BSA_SM90_LAZY is valid, else what was expected and what it holds.
+inline std::string bsa_sm90_lazy_error() {
+  float t = 0.f;
+  if (bsa_sm90_lazy_parse(&t)) return {};
+  return std::string("PROXYATTN_BSA_SM90_LAZY must be a number t with 0 <= t <= 8, or -1 (unset: 0), got '") +
+         std::getenv("PROXYATTN_BSA_SM90_LAZY") + "'";
 }
 
 // The CTA work order (BsaParams::kv_section) for these parameters. PROXYATTN_BSA_ORDER=heads gives
@@ -240,12 +255,13 @@ inline bool bsa_needs_tile_counter(const BsaParams& params) {
 }
 
 // Runs the forward on `stream`: dispatches on path (bsa_choose_path), dtype and head dim. The
-// default case returns cudaErrorInvalidValue; bsa_unsupported_reason() names the offending value.
+// default case returns cudaErrorInvalidValue; bsa_unsupported_reason() names the offending value
+// (bsa_sm90_lazy_error() an invalid PROXYATTN_BSA_SM90_LAZY, also refused on every path).
 // PROXYATTN_BSA_SM90=require on parameters the sm90 path cannot take returns cudaErrorNotSupported.
 // With params.tile_order set and bsa_sort_tiles, the sort (run_bsa_tile_order) runs first on the
 // same stream; otherwise the kernel runs the natural order.
 inline cudaError_t run_bsa_fwd(const BsaParams& given, bool is_bf16, cudaStream_t stream) {
-  if (!bsa_unsupported_reason(given).empty()) return cudaErrorInvalidValue;
+  if (!bsa_unsupported_reason(given).empty() || !bsa_sm90_lazy_error().empty()) return cudaErrorInvalidValue;
   const BsaPath path = bsa_choose_path(given);
   if (path == BsaPath::kRefused) return cudaErrorNotSupported;
   BsaParams params = given;

@@ -173,6 +173,8 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
 
   const std::string reason = bsa_unsupported_reason(p);
   PROXYATTN_CHECK(reason.empty(), "block_sparse_attention: ", reason);
+  const std::string lazy = bsa_sm90_lazy_error();
+  PROXYATTN_CHECK(lazy.empty(), "block_sparse_attention: ", lazy);
   std::string why;
   PROXYATTN_CHECK(bsa_choose_path(p, &why) != BsaPath::kRefused,
                   "block_sparse_attention: PROXYATTN_BSA_SM90=require, but ", why);
