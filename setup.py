@@ -86,9 +86,8 @@ def extension():
 
     sources = ["csrc/torch_bindings.cpp"]
     sources += sorted(glob.glob("csrc/ops/*.cpp"))
-    sources += sorted(glob.glob("csrc/ops/*.cu"))
-    sources += sorted(glob.glob("csrc/instantiations/*.cu"))
-    sources += sorted(glob.glob("csrc/kernels/*.cu"))
+    for folder in ("ops", "instantiations", "kernels"):  # every .cu below them, subfolders included
+        sources += sorted(glob.glob(f"csrc/{folder}/**/*.cu", recursive=True))
     include_dirs = [os.path.join(ROOT, "csrc")] + cutlass_include_dirs()
     nvcc_threads = os.environ.get("NVCC_THREADS", "2")
     common = ["-O3", "-DNDEBUG", "-std=c++20"]

@@ -43,6 +43,7 @@
 
 #include "kernels/bsa_launch.h"
 #include "kernels/bsa_params.h"
+#include "kernels/estimate_common.cuh"
 #include "kernels/head_budgets.h"
 #include "kernels/proxy_scores.h"
 #include "kernels/select_blocks.h"
@@ -790,14 +791,14 @@ std::vector<float> host_floats(const DeviceBuffer<uint16_t>& x, bool bf16) {
   return out;
 }
 
-int candidate_count(int m, int nq, int nk, int S) {  // causal, bottom-right
-  return (nk - nq + std::min((m + 1) * S, nq) - 1) / S + 1;
+// The candidate and forced-block rules of the kernels (kernels/estimate_common.cuh), causal: the
+// binary's queries and keys have one length, n.
+int candidate_count(int m, int n, int S) { return proxyattn::candidate_count(m, n, n, S, true); }
+proxyattn::ForcedSplit forced_split(const Options& o, int m, int n) {
+  const int S = o.block_size;
+  return proxyattn::split_forced(m, n, n, S, candidate_count(m, n, S), o.sink_blocks, o.local_blocks, true);
 }
-int forced_count(int c, int sink, int local) {
-  const int s = std::min(sink, c);
-  return s + (c - std::max(std::max(0, c - local), s));
-}
-bool is_forced(int n, int c, int sink, int local) { return n < c && (n < sink || n >= c - local); }
+bool is_forced(int x, int c, const proxyattn::ForcedSplit& f) { return x < c && (x < f.free_lo || x >= f.free_hi); }
 
 // Stage 1 (DESIGN section 2) in double: [B, G, nqb, nkb].
 std::vector<double> cpu_scores(const Options& o, int n, const std::vector<float>& q, const std::vector<float>& k) {
@@ -858,7 +859,8 @@ BudgetRef cpu_budgets(const Options& o, int n, const std::vector<float>& q, cons
   const int B = o.batch, Hq = o.q_heads, Hkv = o.kv_heads, D = o.head_dim, S = o.block_size;
   const double scale = 1.0 / std::sqrt(double(D));
   const int rows = std::min(S, n);
-  const int c_last = candidate_count(cdiv(n, S) - 1, n, n, S);
+  const int c_last = candidate_count(cdiv(n, S) - 1, n, S);
+  const proxyattn::ForcedSplit f_last = forced_split(o, cdiv(n, S) - 1, n);
   const float gamma = static_cast<float>(o.gamma);
   BudgetRef ref{std::vector<int>(size_t(B) * Hq, 0), std::vector<bool>(size_t(B) * Hq, false)};
   std::vector<double> logits(n), w(c_last);
@@ -887,7 +889,7 @@ BudgetRef cpu_budgets(const Options& o, int n, const std::vector<float>& q, cons
       float base = 0.f;
       std::vector<float> rest;
       for (int c = 0; c < c_last; ++c) {
-        if (is_forced(c, c_last, o.sink_blocks, o.local_blocks)) base += wf[c];
+        if (is_forced(c, c_last, f_last)) base += wf[c];
         else rest.push_back(wf[c]);
       }
       std::stable_sort(rest.begin(), rest.end(), [](float a, float b) { return a > b; });
@@ -919,8 +921,8 @@ void cpu_select(const Options& o, int n, const std::vector<float>& scores, const
   const int B = o.batch, Hq = o.q_heads, G = o.proxy_heads, S = o.block_size, nqb = cdiv(n, S), nkb = nqb;
   counts.assign(size_t(B) * Hq * nqb, 0);
   indices.assign(size_t(B) * Hq * nqb * nkb, -1);
-  const int c_last = candidate_count(nqb - 1, n, n, S);
-  const int f_last = forced_count(c_last, o.sink_blocks, o.local_blocks);
+  const int c_last = candidate_count(nqb - 1, n, S);
+  const int f_last = forced_split(o, nqb - 1, n).forced;
   const int min_blocks = cdiv(o.min_budget, S);
   std::vector<int> order(nkb);
   for (int b = 0; b < B; ++b)
@@ -928,13 +930,15 @@ void cpu_select(const Options& o, int n, const std::vector<float>& scores, const
       const int kh = std::min(std::max(kstar[size_t(b) * Hq + h], 0), c_last - f_last);
       const float* sc_g = &scores[(size_t(b) * G + h / (Hq / G)) * nqb * nkb];
       for (int m = 0; m < nqb; ++m) {
-        const int c = candidate_count(m, n, n, S), f = forced_count(c, o.sink_blocks, o.local_blocks);
+        const int c = candidate_count(m, n, S);
+        const proxyattn::ForcedSplit fs = forced_split(o, m, n);
+        const int f = fs.forced;
         const int extra = c_last > f_last ? cdiv(int64_t(kh) * (c - f), c_last - f_last) : 0;
         const int km = std::min(c, std::max(f + extra, min_blocks));
         const float* row = sc_g + size_t(m) * nkb;
         std::iota(order.begin(), order.begin() + c, 0);
         auto key = [&](int x) {
-          return is_forced(x, c, o.sink_blocks, o.local_blocks) ? INFINITY : row[x];
+          return is_forced(x, c, fs) ? INFINITY : row[x];
         };
         std::stable_sort(order.begin(), order.begin() + c, [&](int a, int bb) { return key(a) > key(bb); });
         std::vector<int> chosen(order.begin(), order.begin() + km);

@@ -63,10 +63,20 @@ def candidate_counts(nq: Tensor, nk: Tensor, nqb: int, block: int, causal: bool)
     return torch.where(live, c, 0)
 
 
-def _forced_counts(c: Tensor, sink: int, local: int) -> Tensor:
-    s = torch.clamp(c, max=sink)
-    ls = torch.clamp(c - local, min=0)
-    return s + c - torch.maximum(ls, s)
+def _forced_last(c_last: Tensor, nq: Tensor, nk: Tensor, cfg: ProxyAttnConfig, causal: bool) -> Tensor:
+    """f_last [B, 1]: the forced blocks of each sequence's last query block (reference.forced_range,
+    on device tensors)."""
+    S, local = cfg.block_size, cfg.local_blocks
+    sink = torch.clamp(c_last, max=cfg.sink_blocks)
+    if local == 0:
+        start = c_last
+    elif causal:
+        m = torch.clamp((nq + S - 1) // S - 1, min=0)[:, None]
+        start = torch.div(m * S + (nk - nq)[:, None], S, rounding_mode="floor") - local + 1
+    else:
+        start = c_last - local
+    start = torch.minimum(torch.clamp(start, min=0), c_last)
+    return sink + c_last - torch.maximum(start, sink)
 
 
 def full_selection(nq: Tensor, nk: Tensor, nqb: int, nkb: int, hq: int, block: int, causal: bool
@@ -88,7 +98,7 @@ def _telemetry(counts: Tensor, indices: Tensor, kstar: Tensor, nq: Tensor, nk: T
     density = counts.sum(dim=2).double() / c.sum(dim=1, keepdim=True).double()
     last = torch.clamp((nq + cfg.block_size - 1) // cfg.block_size - 1, min=0)
     c_last = torch.gather(c, 1, last[:, None])  # [B, 1]
-    free = c_last - _forced_counts(c_last, cfg.sink_blocks, cfg.local_blocks)
+    free = c_last - _forced_last(c_last, nq, nk, cfg, causal)
     ratio = torch.where(free > 0, kstar.double() / free.clamp(min=1).double(), 0.0)
     return ProxyAttnSelection(counts, indices, kstar, density.float(), ratio.float(), dense)
 

@@ -62,16 +62,35 @@ def candidate_count(m: int, nq: int, nk: int, block: int, causal: bool) -> int:
     return (nk - nq + last_row) // block + 1
 
 
-def forced_mask(c: int, sink_blocks: int, local_blocks: int, width: int, device=None) -> Tensor:
-    """Bool [width]: the forced blocks of a row with c candidates."""
-    n = torch.arange(width, device=device)
-    return (n < c) & ((n < sink_blocks) | (n >= c - local_blocks))
+def local_start(m: int, nq: int, nk: int, block: int, local_blocks: int, causal: bool, c: int) -> int:
+    """First local block of query block m with c candidates (DESIGN.md section 2): the key blocks
+    that hold some row's own position, plus local_blocks - 1 before the earliest. Causal: from
+    floor(a_m / S) - local_blocks + 1 (a_m = m*S + Nk - Nq, the block's first row's position) to the
+    last candidate; when Nk - Nq is a multiple of S that is the last local_blocks candidates.
+    Non-causal: the last local_blocks candidates. No local blocks (local_blocks 0): c."""
+    if local_blocks <= 0:
+        return c
+    start = (m * block + nk - nq) // block - local_blocks + 1 if causal else c - local_blocks
+    return min(max(start, 0), c)
 
 
-def forced_count(c: int, sink_blocks: int, local_blocks: int) -> int:
-    sink = min(sink_blocks, c)
-    local_start = max(0, c - local_blocks)
-    return sink + (c - max(local_start, sink))
+def forced_range(m: int, nq: int, nk: int, block: int, sink_blocks: int, local_blocks: int, causal: bool
+                 ) -> Tuple[int, int, int]:
+    """(c, free_lo, free_hi) of query block m: c candidates; the forced blocks are [0, free_lo)
+    (the sink) and [free_hi, c) (the local blocks), the others [free_lo, free_hi)."""
+    c = candidate_count(m, nq, nk, block, causal)
+    lo = min(sink_blocks, c)
+    return c, lo, max(lo, local_start(m, nq, nk, block, local_blocks, causal, c))
+
+
+def forced_rows(nq: int, nk: int, block: int, sink_blocks: int, local_blocks: int, causal: bool, width: int,
+                device=None) -> Tuple[Tensor, Tensor]:
+    """Bool [nqb, width] candidates and forced blocks of every query block of one sequence."""
+    rows = [forced_range(m, nq, nk, block, sink_blocks, local_blocks, causal) for m in range(_cdiv(nq, block))]
+    c, lo, hi = (torch.tensor([r[i] for r in rows], device=device).view(-1, 1) for i in range(3))
+    n = torch.arange(width, device=device).view(1, -1)
+    cand = n < c
+    return cand, cand & ((n < lo) | (n >= hi))
 
 
 def group_pool(q_b: Tensor, k_b: Tensor, groups: int) -> Tuple[Tensor, Tensor]:
@@ -205,8 +224,10 @@ def last_block_mass(q_b: Tensor, k_b: Tensor, S: int, scale: float, causal: bool
 def _kstar_from_mass(w: Tensor, nq: int, nk: int, S: int, gamma: float, sink: int, local: int,
                      causal: bool) -> np.ndarray:
     """k* per head: base (forced mass) first, then sorted masses added one at a time in fp32."""
-    c_last = w.shape[-1]
-    forced = forced_mask(c_last, sink, local, c_last).numpy()
+    c_last, lo, hi = forced_range(_cdiv(nq, S) - 1, nq, nk, S, sink, local, causal)
+    assert c_last == w.shape[-1]
+    n = np.arange(c_last)
+    forced = (n < lo) | (n >= hi)
     wn = w.detach().cpu().numpy().astype(np.float32)
     g = np.float32(gamma)
     out = np.zeros(wn.shape[0], dtype=np.int32)
@@ -246,12 +267,14 @@ def select_blocks(scores: Tensor, kstar: Tensor, cu_seqlens_q: Optional[Tensor],
     n = torch.arange(nkb, device=dev)
     for b, (nq, nk) in enumerate(lens):
         nqb_b = _cdiv(nq, S)
-        c = [candidate_count(m, nq, nk, S, causal) for m in range(nqb_b)]
-        f = [forced_count(cm, sink_blocks, local_blocks) for cm in c]
+        rows = [forced_range(m, nq, nk, S, sink_blocks, local_blocks, causal) for m in range(nqb_b)]
+        c = [r[0] for r in rows]
+        f = [r[0] - (r[2] - r[1]) for r in rows]
         c_last, f_last = c[-1], f[-1]
-        c_t = torch.tensor(c, device=dev)
-        cand = n[None, :] < c_t[:, None]  # [nqb_b, nkb]
-        forced = cand & ((n[None, :] < sink_blocks) | (n[None, :] >= (c_t - local_blocks)[:, None]))
+        cand, forced = forced_rows(nq, nk, S, sink_blocks, local_blocks, causal, nkb, dev)
+        # Rank classes: forced first, then candidates with a score (any number, infinities
+        # included), then candidates whose score is NaN, then the rest (DESIGN.md section 2).
+        rank = torch.where(forced, 3, torch.where(cand, 2, 0))
         for h in range(hq):
             kh = min(max(int(ks[b, h]), 0), c_last - f_last)  # budgets are clamped to what exists
             km = []
@@ -259,8 +282,12 @@ def select_blocks(scores: Tensor, kstar: Tensor, cu_seqlens_q: Optional[Tensor],
                 extra = _cdiv(kh * (cm - fm), c_last - f_last) if c_last > f_last else 0
                 km.append(min(cm, max(fm + extra, min_blocks)))
             sc = scores[b, h // per_group, :nqb_b].to(torch.float32)
-            key = torch.where(forced, torch.inf, torch.where(cand, sc, -torch.inf))
-            order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+            nan = torch.isnan(sc)
+            cls = torch.where(nan & (rank == 2), 1, rank)
+            # Descending score, ties to the lower block (stable), then the class as primary key.
+            order = torch.sort(torch.where(nan, -torch.inf, sc), dim=-1, descending=True, stable=True).indices
+            order = torch.gather(order, 1, torch.sort(torch.gather(cls, 1, order), dim=-1, descending=True,
+                                                      stable=True).indices)
             km_t = torch.tensor(km, device=dev)
             take = n[None, :] < km_t[:, None]
             chosen = torch.where(take, order, nkb)  # nkb sorts after every real block

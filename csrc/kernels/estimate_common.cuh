@@ -56,25 +56,42 @@ __device__ inline SeqBounds load_seq_bounds(const int* cu_q, const int* cu_k, in
 
 // Candidates of query block m: the prefix [0, c_m) of key blocks (conventions).
 // Causal: c_m = floor((Nk - Nq + min((m+1)S, Nq) - 1) / S) + 1, clamped into [0, nkb].
-__device__ inline int candidate_count(int m, int nq, int nk, int S, bool causal) {
+__host__ __device__ inline int candidate_count(int m, int nq, int nk, int S, bool causal) {
   const int nkb = static_cast<int>((static_cast<int64_t>(nk) + S - 1) / S);
   if (!causal) return nkb;
-  const int64_t last = static_cast<int64_t>(nk) - nq + min(static_cast<int64_t>(m + 1) * S, static_cast<int64_t>(nq)) - 1;
+  const int64_t end = static_cast<int64_t>(m + 1) * S;
+  const int64_t last = static_cast<int64_t>(nk) - nq + (end < nq ? end : nq) - 1;
   const int64_t c = floor_div64(last, S) + 1;
-  return static_cast<int>(min(max(c, int64_t(0)), static_cast<int64_t>(nkb)));
+  return static_cast<int>(c < 0 ? 0 : c > nkb ? nkb : c);
 }
 
-// Forced blocks of a row with c candidates: [0, min(sink, c)) U [max(0, c - local), c).
+// First local block of query block m with c candidates (DESIGN.md section 2): every key block that
+// holds some row's own position, plus local - 1 before the earliest. Causal: the own positions of
+// the block's rows run from a_m = m*S + Nk - Nq to the last candidate, so the local blocks are
+// [max(0, floor(a_m / S) - local + 1), c); with Nk - Nq a multiple of S that is the last `local`
+// candidates, otherwise a query block straddles two key blocks and keeps both. Non-causal: the
+// last `local` candidates. local == 0: none (returns c).
+__host__ __device__ inline int local_start(int m, int nq, int nk, int S, int local, bool causal, int c) {
+  if (local <= 0) return c;
+  int64_t start = static_cast<int64_t>(c) - local;
+  if (causal) start = floor_div64(static_cast<int64_t>(m) * S + nk - nq, S) - local + 1;
+  start = start < 0 ? 0 : start;
+  return static_cast<int>(start > c ? c : start);
+}
+
+// Forced blocks of query block m with c candidates: [0, min(sink, c)) U [local_start, c).
 // The non-forced candidates are the contiguous range [free_lo, free_hi) (maybe empty).
 struct ForcedSplit {
   int free_lo, free_hi;  // non-forced candidates
   int forced;            // f = c - (free_hi - free_lo)
 };
 
-__device__ inline ForcedSplit split_forced(int c, int sink, int local) {
+__host__ __device__ inline ForcedSplit split_forced(int m, int nq, int nk, int S, int c, int sink, int local,
+                                                    bool causal) {
   ForcedSplit f;
-  f.free_lo = min(sink, c);
-  f.free_hi = max(f.free_lo, max(0, c - local));
+  f.free_lo = sink < c ? sink : c;
+  const int ls = local_start(m, nq, nk, S, local, causal, c);
+  f.free_hi = ls > f.free_lo ? ls : f.free_lo;
   f.forced = c - (f.free_hi - f.free_lo);
   return f;
 }

@@ -238,7 +238,8 @@ __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const HeadBu
     if (tid == 0) p.kstar[bh] = 0;
     return;
   }
-  const ForcedSplit fl = split_forced(c_last, p.sink_blocks, p.local_blocks);
+  const ForcedSplit fl =
+      split_forced(nqb_seq - 1, sb.nq, sb.nk, S, c_last, p.sink_blocks, p.local_blocks, p.causal);
   const int R = min(S, sb.nq);
 
   // Row statistics: merge the splits (in split order).

@@ -6,8 +6,8 @@
 // non-forced candidates (a contiguous range of key blocks, see split_forced).
 // The non-forced candidates are sorted once per row by the total order "larger score
 // first, then smaller n" (bitonic sort in shared memory of order-preserving uint32 keys of
-// the fp32 scores, -0.0 canonicalised to +0.0, with 16-bit candidate offsets), giving each
-// candidate its rank. A warp per head then writes, in one ascending pass with ballots,
+// the fp32 scores, -0.0 canonicalised to +0.0, NaN below every number, with 16-bit candidate
+// offsets), giving each candidate its rank. A warp per head then writes, in one ascending pass with ballots,
 // every candidate that is forced or ranks below r, and pads the row with -1 (indices int16:
 // nkb <= 32768). The sort is skipped when every head of the row takes all or none of the
 // non-forced candidates.
@@ -25,9 +25,13 @@ constexpr uint16_t kPadIndex = 0xffffu;  // > any candidate offset (nkb <= 32768
 
 static_assert(kSelectMaxBlocks <= 32768, "candidate offsets and output indices are stored in 16 bits");
 
+// Order-preserving key of a score: larger scores get larger keys, -inf the smallest number key
+// (0x007fffff); NaN (either sign) ranks below every number with key 0, so it never outranks a
+// number (DESIGN.md section 2). Forced blocks are never sorted, so no score can displace them.
 __device__ inline uint32_t order_key(float f) {
-  if (f == 0.0f) f = 0.0f;  // -0.0 and +0.0 compare equal: give them one key
   const uint32_t u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0u;  // NaN, by its bits (fast math may drop isnan)
+  if ((u & 0x7fffffffu) == 0u) return 0x80000000u;  // -0.0 and +0.0 compare equal: one key
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
@@ -68,9 +72,10 @@ __global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const Sel
     return;
   }
   const int c = candidate_count(m, sb.nq, sb.nk, S, p.causal);
-  const ForcedSplit fs = split_forced(c, p.sink_blocks, p.local_blocks);
+  const ForcedSplit fs = split_forced(m, sb.nq, sb.nk, S, c, p.sink_blocks, p.local_blocks, p.causal);
   const int c_last = candidate_count(nqb_seq - 1, sb.nq, sb.nk, S, p.causal);
-  const ForcedSplit fl = split_forced(c_last, p.sink_blocks, p.local_blocks);
+  const ForcedSplit fl =
+      split_forced(nqb_seq - 1, sb.nq, sb.nk, S, c_last, p.sink_blocks, p.local_blocks, p.causal);
   const int64_t free_last = c_last - fl.forced;
   const int nc = fs.free_hi - fs.free_lo;
   const int64_t min_blocks = ceil_div64(p.min_budget, S);
