@@ -112,6 +112,16 @@ def extension():
     )
 
 
+def torch_requirement():
+    """The torch this build compiles against, pinned to major.minor.patch: the extension's ABI
+    follows torch's C++ API, so the installed distribution requires that torch release (any
+    local build label, e.g. +cu130, matches)."""
+    import torch
+
+    release = torch.__version__.split("+")[0]
+    return f"torch=={release}"
+
+
 def build_ext_cls():
     from torch.utils.cpp_extension import BuildExtension
 
@@ -122,5 +132,6 @@ if __name__ == "__main__":
     setup(
         packages=find_packages(include=["proxyattn", "proxyattn.*"]),
         ext_modules=[extension()],
+        install_requires=[torch_requirement()],
         cmdclass={"build_ext": build_ext_cls()},
     )
