@@ -6,7 +6,6 @@ Below `config.dense_below` keys the call runs dense attention instead.
 """
 from __future__ import annotations
 
-import warnings
 from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -103,48 +102,36 @@ def _telemetry(counts: Tensor, indices: Tensor, kstar: Tensor, nq: Tensor, nk: T
     return ProxyAttnSelection(counts, indices, kstar, density.float(), ratio.float(), dense)
 
 
-def _dense(q: Tensor, k: Tensor, v: Tensor, lay: ops.Layout, cu_q, cu_k, scale: float, causal: bool,
-           full: Optional[Tuple[Tensor, Tensor]], block: int) -> Tensor:
-    """Dense attention; `full` (every candidate block) is needed only for varlen on CUDA."""
-    if q.device.type == "cpu":
-        return reference.dense_attention(q, k, v, cu_q, cu_k, scale, causal)[0]
-    if not lay.varlen:
-        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-        mask = None
-        is_causal = causal and lay.max_seqlen_q == lay.max_seqlen_k
-        if causal and not is_causal:
-            from torch.nn.attention.bias import causal_lower_right
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> Tensor:
+    """Dense attention of fixed-length CUDA tensors [B, N, H, D] with torch SDPA (bottom-right
+    causal mask when Nq != Nk; GQA without repeating K/V); differentiable."""
+    nq, nk = q.shape[1], k.shape[1]
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    mask = None
+    if causal and nq != nk:
+        from torch.nn.attention.bias import causal_lower_right
 
-            mask = causal_lower_right(lay.max_seqlen_q, lay.max_seqlen_k)
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=is_causal, scale=scale,
-                                             enable_gqa=lay.q_heads != lay.kv_heads)
-        return out.transpose(1, 2).contiguous()
-    return _stage4(q, k, v, *full, cu_q, cu_k, lay, block, scale, causal)
+        mask = causal_lower_right(nq, nk)
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=causal and nq == nk, scale=scale,
+                                         enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2).contiguous()
+
+
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, softmax_scale: Optional[float] = None
+                    ) -> Tensor:
+    """Dense attention in proxy_attention's fixed-length layout (q [B, Nq, Hq, D], k/v [B, Nk, Hkv, D];
+    causal aligned bottom-right): torch SDPA on CUDA, the reference on CPU. The library's one dense
+    helper (proxy_attention's dense path, and the baseline of proxyattn.metrics)."""
+    lay = ops.check_qkv(q, k, v, None, None, None, None, causal)
+    scale = ops.resolve_scale(softmax_scale, lay.head_dim)
+    if q.is_cuda:
+        return _sdpa(q, k, v, scale, causal)
+    return reference.dense_attention(q, k, v, None, None, scale, causal)[0]
 
 
 def _stage4(q, k, v, counts, indices, cu_q, cu_k, lay, block, scale, causal) -> Tensor:
-    args = (q, k, v, counts, indices, cu_q, cu_k, lay.max_seqlen_q, lay.max_seqlen_k, block, scale, causal)
-    if q.is_cuda and not ops.cuda_kernel_available("block_sparse_attention"):
-        _warn_reference("block_sparse_attention")
-        return reference.block_sparse_attention(*args)[0]
-    return ops._call("block_sparse_attention", q.device, *args)[0]
-
-
-_warned = set()
-
-
-def _warn_reference(name: str) -> None:
-    if name not in _warned:
-        _warned.add(name)
-        warnings.warn(f"proxyattn: no CUDA kernel for {name} in this build; running the (slow) reference on the GPU",
-                      RuntimeWarning, stacklevel=3)
-
-
-def _stage(name: str, device: torch.device, *args):
-    if device.type == "cuda" and not ops.cuda_kernel_available(name):
-        _warn_reference(name)
-        return getattr(reference, name)(*args)
-    return ops._call(name, device, *args)
+    return ops.call("block_sparse_attention", q, k, v, counts, indices, cu_q, cu_k, lay.max_seqlen_q,
+                    lay.max_seqlen_k, block, scale, causal)[0]
 
 
 def _run(q, k, v, lay: ops.Layout, cu_q, cu_k, cfg: Optional[ProxyAttnConfig], causal: bool,
@@ -156,25 +143,34 @@ def _run(q, k, v, lay: ops.Layout, cu_q, cu_k, cfg: Optional[ProxyAttnConfig], c
     G = cfg.proxy_heads(lay.q_heads, lay.kv_heads)
     S = cfg.block_size
     scale = cfg.scale(lay.head_dim)
-    if lay.max_seqlen_k < cfg.dense_below:
+    dense = cfg.runs_dense(lay.max_seqlen_k)
+    if not dense or (lay.varlen and q.is_cuda):
+        # These paths run proxyattn's ops, which have no backward; the dense ones below (SDPA, and
+        # the reference on CPU) are torch math and keep their gradients.
+        ops.check_no_grad("proxy_attention" + ("" if dense else "'s sparse path"), [("q", q), ("k", k), ("v", v)])
+    if dense:
         full = None
         if return_selection or (lay.varlen and q.is_cuda):
             nq, nk = _lengths(lay, cu_q, cu_k, q.device)
             nqb, nkb = -(-lay.max_seqlen_q // S), -(-lay.max_seqlen_k // S)
             full = full_selection(nq, nk, nqb, nkb, lay.q_heads, S, causal)
-        out = _dense(q, k, v, lay, cu_q, cu_k, scale, causal, full, S)
+        if not q.is_cuda:
+            out = reference.dense_attention(q, k, v, cu_q, cu_k, scale, causal)[0]
+        elif lay.varlen:
+            out = _stage4(q, k, v, *full, cu_q, cu_k, lay, S, scale, causal)
+        else:
+            out = _sdpa(q, k, v, scale, causal)
         if not return_selection:
             return out
         kstar = torch.zeros(lay.batch, lay.q_heads, dtype=torch.int32, device=q.device)
         return out, _telemetry(*full, kstar, nq, nk, cfg, causal, dense=True)
     mq, mk = lay.max_seqlen_q, lay.max_seqlen_k
     ops.check_key_blocks(mk, S)  # before any kernel runs
-    scores = _stage("proxy_block_scores", q.device, q, k, cu_q, cu_k, mq, mk, S, G, cfg.stride,
-                    scale, causal)
-    kstar = _stage("head_budgets", q.device, q, k, cu_q, cu_k, mq, mk, S, float(cfg.gamma), cfg.sink_blocks,
-                   cfg.local_blocks, scale, causal)
-    counts, indices = _stage("select_blocks", q.device, scores, kstar, cu_q, cu_k, mq, mk, S, cfg.sink_blocks,
-                             cfg.local_blocks, cfg.min_budget, causal)
+    scores = ops.call("proxy_block_scores", q, k, cu_q, cu_k, mq, mk, S, G, cfg.stride, scale, causal)
+    kstar = ops.call("head_budgets", q, k, cu_q, cu_k, mq, mk, S, float(cfg.gamma), cfg.sink_blocks,
+                     cfg.local_blocks, scale, causal)
+    counts, indices = ops.call("select_blocks", scores, kstar, cu_q, cu_k, mq, mk, S, cfg.sink_blocks,
+                               cfg.local_blocks, cfg.min_budget, causal)
     out = _stage4(q, k, v, counts, indices, cu_q, cu_k, lay, S, scale, causal)
     if not return_selection:
         return out
@@ -187,7 +183,10 @@ def proxy_attention(q: Tensor, k: Tensor, v: Tensor, config: Optional[ProxyAttnC
                     ) -> Union[Tensor, Tuple[Tensor, ProxyAttnSelection]]:
     """ProxyAttn over q [B, Nq, Hq, D], k/v [B, Nk, Hkv, D] (bf16/fp16 on CUDA; fp32 too on CPU).
 
-    Returns out [B, Nq, Hq, D] (contiguous), and a ProxyAttnSelection if return_selection."""
+    Returns out [B, Nq, Hq, D] (contiguous), and a ProxyAttnSelection if return_selection.
+    Inference only: with grad mode on and an input that requires grad, the sparse path raises
+    RuntimeError; the dense path on CUDA (fewer keys than dense_below; torch SDPA) stays
+    differentiable."""
     if _dense_fast is not None and not return_selection and not torch.compiler.is_compiling():
         # Below dense_below the call is one SDPA kernel; the C++ entry point runs it without the
         # interpreter's host time in front, or returns None for anything but the plain valid case.
@@ -205,7 +204,8 @@ def proxy_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
                            causal: bool = True, return_selection: bool = False
                            ) -> Union[Tensor, Tuple[Tensor, ProxyAttnSelection]]:
     """ProxyAttn over packed sequences: q [total_q, Hq, D], k/v [total_k, Hkv, D], int32
-    cu_seqlens_q/k [B + 1]. Each sequence behaves exactly as if it ran alone."""
+    cu_seqlens_q/k [B + 1]. Each sequence behaves exactly as if it ran alone. Inference only
+    (every path runs proxyattn's ops, which have no backward)."""
     if cu_seqlens_q is None or cu_seqlens_k is None:
         raise ValueError("proxy_attention_varlen needs cu_seqlens_q and cu_seqlens_k")
     lay = ops.check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)

@@ -23,6 +23,13 @@ DEFAULT_GAMMA = 0.97
 DEFAULT_DENSE_BELOW = 16384
 
 
+# Upper bounds of the integer fields: they travel through the op schemas (int64) into int32
+# kernel parameters, so block counts and token budgets stay within int32; dense_below is compared
+# with sequence lengths only.
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+
+
 def check_int(name: str, value, low: int, high: Optional[int] = None) -> int:
     """Return `value` if it is an int (not a bool) in [low, high]; else TypeError/ValueError."""
     if isinstance(value, bool) or not isinstance(value, int):
@@ -33,13 +40,63 @@ def check_int(name: str, value, low: int, high: Optional[int] = None) -> int:
     return value
 
 
-def _check_int(name: str, value, low: int, high: Optional[int] = None) -> None:
-    check_int(f"ProxyAttnConfig.{name}", value, low, high)
+def check_block_size(block_size, name: str = "block_size") -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise TypeError(f"{name} must be an int, got {type(block_size).__name__}")
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"{name} must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size}")
+    return block_size
+
+
+def check_gamma(gamma, name: str = "gamma") -> float:
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(gamma).__name__}")
+    if math.isnan(gamma) or not (0.0 < float(gamma) <= 1.0):
+        raise ValueError(f"{name} must be in (0, 1], got {gamma}")
+    return float(gamma)
+
+
+def check_softmax_scale(scale, name: str = "softmax_scale") -> Optional[float]:
+    """None, or a finite float > 0."""
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{name} must be a float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {scale}")
+    return float(scale)
+
+
+# Each integer field's range, the one place it is stated (the stage functions check their
+# arguments of the same names through check_field).
+_INT_RANGES = {
+    "num_proxy_heads": (1, INT32_MAX),
+    "stride": (1, MAX_STRIDE),
+    "min_budget": (0, INT32_MAX),
+    "sink_blocks": (0, INT32_MAX),
+    "local_blocks": (0, INT32_MAX),
+    "dense_below": (0, INT64_MAX),
+}
+
+
+def check_field(name: str, value, prefix: str = ""):
+    """Validate one config field's value (TypeError/ValueError naming `prefix + name`)."""
+    label = prefix + name
+    if name == "block_size":
+        return check_block_size(value, label)
+    if name == "gamma":
+        return check_gamma(value, label)
+    if name == "softmax_scale":
+        return check_softmax_scale(value, label)
+    if name == "num_proxy_heads" and value is None:
+        return None
+    low, high = _INT_RANGES[name]
+    return check_int(label, value, low, high)
 
 
 @dataclasses.dataclass(frozen=True)
 class ProxyAttnConfig:
-    """Configuration of proxy_attention (DESIGN.md section 2).
+    """Configuration of proxy_attention (docs/design.md).
 
     block_size: tokens per query/key block (64 or 128).
     num_proxy_heads: pooled proxy heads G. Either G divides Hkv, or Hkv divides G
@@ -48,7 +105,10 @@ class ProxyAttnConfig:
     stride: keep one query/key token in every `stride` for the proxy scores (1..16).
     gamma: cumulative attention mass each head's budget must reach, in (0, 1].
     min_budget: minimum tokens attended per query block (rounded up to blocks).
-    sink_blocks / local_blocks: key blocks always kept at the start / on the diagonal.
+    sink_blocks: key blocks always kept at the start.
+    local_blocks: every key block holding some row's own position is kept, plus
+        local_blocks - 1 before the earliest of them (0: none); so a query block behind a prefix
+        whose length is not a multiple of block_size keeps both key blocks on its diagonal.
     dense_below: sequences with fewer keys than this run dense attention.
     softmax_scale: defaults to head_dim ** -0.5.
     """
@@ -64,26 +124,8 @@ class ProxyAttnConfig:
     softmax_scale: Optional[float] = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
-            raise TypeError(f"ProxyAttnConfig.block_size must be an int, got {type(self.block_size).__name__}")
-        if self.block_size not in SUPPORTED_BLOCK_SIZES:
-            raise ValueError(f"ProxyAttnConfig.block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {self.block_size}")
-        if self.num_proxy_heads is not None:
-            _check_int("num_proxy_heads", self.num_proxy_heads, 1)
-        _check_int("stride", self.stride, 1, MAX_STRIDE)
-        _check_int("min_budget", self.min_budget, 0)
-        _check_int("sink_blocks", self.sink_blocks, 0)
-        _check_int("local_blocks", self.local_blocks, 0)
-        _check_int("dense_below", self.dense_below, 0)
-        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)):
-            raise TypeError(f"ProxyAttnConfig.gamma must be a float, got {type(self.gamma).__name__}")
-        if not (0.0 < float(self.gamma) <= 1.0) or math.isnan(self.gamma):
-            raise ValueError(f"ProxyAttnConfig.gamma must be in (0, 1], got {self.gamma}")
-        if self.softmax_scale is not None:
-            if isinstance(self.softmax_scale, bool) or not isinstance(self.softmax_scale, (int, float)):
-                raise TypeError(f"ProxyAttnConfig.softmax_scale must be a float or None, got {type(self.softmax_scale).__name__}")
-            if not math.isfinite(self.softmax_scale) or self.softmax_scale <= 0:
-                raise ValueError(f"ProxyAttnConfig.softmax_scale must be finite and > 0, got {self.softmax_scale}")
+        for f in dataclasses.fields(self):
+            check_field(f.name, getattr(self, f.name), "ProxyAttnConfig.")
 
     def proxy_heads(self, q_heads: int, kv_heads: int) -> int:
         """G for these head counts: num_proxy_heads, or default_proxy_heads when it is None.
@@ -96,6 +138,12 @@ class ProxyAttnConfig:
     def check_heads(self, q_heads: int, kv_heads: int) -> None:
         """Raise ValueError if num_proxy_heads cannot group these head counts."""
         self.proxy_heads(q_heads, kv_heads)
+
+    def runs_dense(self, seqlen_k: int) -> bool:
+        """Whether proxy_attention runs dense attention for (longest) sequences of seqlen_k keys:
+        below dense_below the estimate cannot pay off. The one statement of this rule
+        (csrc/ops/dense_fast.cpp runs the dense case it is handed, and decides nothing)."""
+        return seqlen_k < self.dense_below
 
     def scale(self, head_dim: int) -> float:
         return float(self.softmax_scale) if self.softmax_scale is not None else head_dim ** -0.5

@@ -14,8 +14,10 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+import warnings
+
 from . import reference
-from .config import MAX_STRIDE, SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_DIMS, check_int, check_proxy_grouping
+from .config import INT32_MAX, SUPPORTED_HEAD_DIMS, ProxyAttnConfig, check_field, check_int, check_softmax_scale
 
 try:
     from . import _C  # noqa: F401  (loads the TORCH_LIBRARY schemas and the CUDA kernels)
@@ -74,30 +76,22 @@ def _require_tensor(name: str, t) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
 
 
-def check_block_size(block_size) -> int:
-    if isinstance(block_size, bool) or not isinstance(block_size, int):
-        raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
-    if block_size not in SUPPORTED_BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size}")
-    return block_size
-
-
-def check_gamma(gamma) -> float:
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
-        raise TypeError(f"gamma must be a float, got {type(gamma).__name__}")
-    if not (0.0 < float(gamma) <= 1.0):
-        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
-    return float(gamma)
-
-
 def resolve_scale(softmax_scale, head_dim: int) -> float:
-    if softmax_scale is None:
-        return head_dim ** -0.5
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-    if not math.isfinite(softmax_scale) or softmax_scale <= 0:
-        raise ValueError(f"softmax_scale must be finite and > 0, got {softmax_scale}")
-    return float(softmax_scale)
+    scale = check_softmax_scale(softmax_scale)
+    return head_dim ** -0.5 if scale is None else scale
+
+
+def check_no_grad(what: str, named) -> None:
+    """RuntimeError if grad mode is on and a tensor of (name, tensor) pairs requires grad: the ops
+    are inference-only (no backward), and an output without the gradient the caller asked for would
+    be a silent wrong answer."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in named:
+        if isinstance(t, Tensor) and t.requires_grad:
+            raise RuntimeError(
+                f"{what} is inference-only (it has no backward), but {name} requires grad while grad mode is on; "
+                f"run it under torch.no_grad() or torch.inference_mode(), or pass {name}.detach()")
 
 
 def check_aligned(named) -> None:
@@ -138,6 +132,8 @@ def check_qkv(q: Tensor, k: Tensor, v: Optional[Tensor], cu_seqlens_q: Optional[
             raise TypeError(f"q, k and v must share one dtype: q is {q.dtype}, {name} is {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"q, k and v must be on one device: q is on {q.device}, {name} is on {t.device}")
+    if q.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"proxyattn runs on CPU and CUDA tensors, got q on {q.device}")
     allowed = _CUDA_DTYPES if q.is_cuda else _CPU_DTYPES
     if q.dtype not in allowed:
         raise TypeError(f"unsupported dtype {q.dtype} on {q.device.type}: expected one of {list(allowed)}")
@@ -180,19 +176,13 @@ def check_qkv(q: Tensor, k: Tensor, v: Optional[Tensor], cu_seqlens_q: Optional[
     if _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q) != batch:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length, got "
                          f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
-    mq = check_int("max_seqlen_q", max_seqlen_q, 1)
-    mk = check_int("max_seqlen_k", max_seqlen_k, 1)
+    mq = check_int("max_seqlen_q", max_seqlen_q, 1, INT32_MAX)
+    mk = check_int("max_seqlen_k", max_seqlen_k, 1, INT32_MAX)
     if cu_seqlens_q.device.type == "cpu" and cu_seqlens_k.device.type == "cpu":
         _check_cu_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], mq)
         _check_cu_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], mk)
         if causal:
-            lq = torch.diff(cu_seqlens_q)
-            lk = torch.diff(cu_seqlens_k)
-            bad = torch.nonzero(lq > lk).flatten().tolist()
-            if bad:
-                i = bad[0]
-                raise ValueError(f"causal attention needs seqlen_q <= seqlen_k in every sequence; sequence {i} has "
-                                 f"{int(lq[i])} queries and {int(lk[i])} keys")
+            _check_causal_lengths(cu_seqlens_q, cu_seqlens_k)
     return Layout(True, batch, mq, mk, hq, hkv, d)
 
 
@@ -211,7 +201,9 @@ def _check_cu_seqlens(name: str, cu, like: Tensor) -> int:
     return cu.numel() - 1
 
 
-def _check_cu_values(name: str, cu: Tensor, total: int, max_seqlen: int) -> None:
+def _check_cu_values(name: str, cu: Tensor, total: Optional[int], max_seqlen: int) -> None:
+    """Values of a CPU cu_seqlens: from 0, non-decreasing, no empty sequence, ending at `total`
+    (when given), no sequence longer than max_seqlen."""
     vals = cu.tolist()
     if vals[0] != 0:
         raise ValueError(f"{name} must start at 0, got {vals[0]}")
@@ -221,11 +213,20 @@ def _check_cu_values(name: str, cu: Tensor, total: int, max_seqlen: int) -> None
             raise ValueError(f"{name} must be non-decreasing, but entry {i + 1} ({vals[i + 1]}) < entry {i} ({vals[i]})")
         if n == 0:
             raise ValueError(f"{name} describes a zero-length sequence at index {i}")
-    if vals[-1] != total:
+    if total is not None and vals[-1] != total:
         raise ValueError(f"{name} must end at the total token count {total}, got {vals[-1]}")
     if max(lens) > max_seqlen:
         raise ValueError(f"max_seqlen for {name} is {max_seqlen}, but sequence {lens.index(max(lens))} "
                          f"has {max(lens)} tokens")
+
+
+def _check_causal_lengths(cu_q: Tensor, cu_k: Tensor) -> None:
+    lq, lk = torch.diff(cu_q), torch.diff(cu_k)
+    bad = torch.nonzero(lq > lk).flatten().tolist()
+    if bad:
+        i = bad[0]
+        raise ValueError(f"causal attention needs seqlen_q <= seqlen_k in every sequence; sequence {i} has "
+                         f"{int(lq[i])} queries and {int(lk[i])} keys")
 
 
 def _check_int_tensor(name: str, t, shape: Tuple[int, ...], like: Tensor, last_free: bool = False,
@@ -263,17 +264,25 @@ def cuda_kernel_available(name: str) -> bool:
     return _has_cuda_kernel(name)
 
 
-def _call(name: str, device: torch.device, *args):
-    if device.type == "cuda":
-        if not HAS_EXTENSION:
-            raise RuntimeError(f"proxyattn.{name} on CUDA needs the compiled extension proxyattn._C, which failed "
-                               f"to import ({EXTENSION_ERROR}); reinstall with `pip install --no-build-isolation .`")
-        if not _has_cuda_kernel(name):
-            raise NotImplementedError(f"proxyattn.{name} has no CUDA kernel in this build; run it on CPU tensors "
-                                      f"(reference implementation) or use proxyattn.reference.{name}")
-        return getattr(torch.ops.proxyattn, name)(*args)
-    if device.type != "cpu":
-        raise ValueError(f"proxyattn supports CPU and CUDA tensors, got device {device}")
+_warned = set()
+
+
+def call(name: str, *args):
+    """The one dispatch of the library: torch.ops.proxyattn.<name> (the CUDA kernel, or on CPU the
+    reference registered as its CPU kernel); on CUDA without a kernel in this build (or without the
+    extension), the reference on the GPU, with one warning per op. Raises the inference-only error
+    (check_no_grad) before anything runs. args: the op's schema arguments, tensors first."""
+    check_no_grad(f"proxyattn.{name}", [(f"argument {i}", a) for i, a in enumerate(args) if isinstance(a, Tensor)])
+    device = args[0].device
+    if device.type == "cuda" and not _has_cuda_kernel(name):
+        if name not in _warned:
+            _warned.add(name)
+            why = f"the extension failed to import ({EXTENSION_ERROR})" if not HAS_EXTENSION else "this build has none"
+            warnings.warn(f"proxyattn: no CUDA kernel for {name} ({why}); running the slow reference on the GPU",
+                          RuntimeWarning, stacklevel=3)
+        return getattr(reference, name)(*args)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"proxyattn runs on CPU and CUDA tensors, got {device}")
     if HAS_EXTENSION:
         return getattr(torch.ops.proxyattn, name)(*args)
     return getattr(reference, name)(*args)
@@ -282,54 +291,62 @@ def _call(name: str, device: torch.device, *args):
 # ------------------------------------------------------------------ public stage functions
 
 
-def proxy_block_scores(q: Tensor, k: Tensor, *, block_size: int = 128, num_proxy_heads: int = 1, stride: int = 4,
+_D = ProxyAttnConfig()  # the stage functions' defaults are the config's
+
+
+def proxy_block_scores(q: Tensor, k: Tensor, *, block_size: int = _D.block_size,
+                       num_proxy_heads: Optional[int] = _D.num_proxy_heads, stride: int = _D.stride,
                        softmax_scale: Optional[float] = None, causal: bool = True,
                        cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
                        max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None) -> Tensor:
-    """Stage 1: fp32 [B, G, nqb, nkb] max-pooled softmax scores of the pooled proxy heads."""
+    """Stage 1: fp32 [B, G, nqb, nkb] max-pooled softmax scores of the pooled proxy heads.
+    num_proxy_heads None: the config's default for these head counts (default_proxy_heads)."""
     lay = check_qkv(q, k, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
-    check_block_size(block_size)
-    check_int("num_proxy_heads", num_proxy_heads, 1)
-    check_proxy_grouping(num_proxy_heads, lay.q_heads, lay.kv_heads)
-    check_int("stride", stride, 1, MAX_STRIDE)
+    check_field("block_size", block_size)
+    check_field("num_proxy_heads", num_proxy_heads)
+    check_field("stride", stride)
+    g = ProxyAttnConfig(num_proxy_heads=num_proxy_heads).proxy_heads(lay.q_heads, lay.kv_heads)
     scale = resolve_scale(softmax_scale, lay.head_dim)
-    return _call("proxy_block_scores", q.device, q, k, cu_seqlens_q, cu_seqlens_k, lay.max_seqlen_q,
-                 lay.max_seqlen_k, block_size, num_proxy_heads, stride, scale, causal)
+    return call("proxy_block_scores", q, k, cu_seqlens_q, cu_seqlens_k, lay.max_seqlen_q, lay.max_seqlen_k,
+                block_size, g, stride, scale, causal)
 
 
-def head_budgets(q: Tensor, k: Tensor, *, block_size: int = 128, gamma: float = 0.95, sink_blocks: int = 1,
-                 local_blocks: int = 1, softmax_scale: Optional[float] = None, causal: bool = True,
+def head_budgets(q: Tensor, k: Tensor, *, block_size: int = _D.block_size, gamma: float = _D.gamma,
+                 sink_blocks: int = _D.sink_blocks, local_blocks: int = _D.local_blocks,
+                 softmax_scale: Optional[float] = None, causal: bool = True,
                  cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
                  max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None) -> Tensor:
     """Stage 2: int32 [B, Hq] k*, the non-forced blocks each head needs to reach gamma."""
     lay = check_qkv(q, k, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
-    check_block_size(block_size)
-    gamma = check_gamma(gamma)
-    check_int("sink_blocks", sink_blocks, 0)
-    check_int("local_blocks", local_blocks, 0)
+    check_field("block_size", block_size)
+    gamma = check_field("gamma", gamma)
+    check_field("sink_blocks", sink_blocks)
+    check_field("local_blocks", local_blocks)
     scale = resolve_scale(softmax_scale, lay.head_dim)
-    return _call("head_budgets", q.device, q, k, cu_seqlens_q, cu_seqlens_k, lay.max_seqlen_q, lay.max_seqlen_k,
-                 block_size, gamma, sink_blocks, local_blocks, scale, causal)
+    return call("head_budgets", q, k, cu_seqlens_q, cu_seqlens_k, lay.max_seqlen_q, lay.max_seqlen_k, block_size,
+                gamma, sink_blocks, local_blocks, scale, causal)
 
 
-def select_blocks(scores: Tensor, kstar: Tensor, *, seqlen_q: int, seqlen_k: int, block_size: int = 128,
-                  sink_blocks: int = 1, local_blocks: int = 1, min_budget: int = 2048, causal: bool = True,
+def select_blocks(scores: Tensor, kstar: Tensor, *, seqlen_q: int, seqlen_k: int, block_size: int = _D.block_size,
+                  sink_blocks: int = _D.sink_blocks, local_blocks: int = _D.local_blocks,
+                  min_budget: int = _D.min_budget, causal: bool = True,
                   cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None
                   ) -> Tuple[Tensor, Tensor]:
     """Stage 3: counts int32 [B, Hq, nqb] and ascending, -1 padded indices int16 [B, Hq, nqb, nkb].
 
     nkb = ceil(seqlen_k / block_size) is at most MAX_KEY_BLOCKS (32768), so every block index fits
-    int16: at 1M tokens the index tensor takes half the memory int32 would.
+    int16: at 1M tokens the index tensor takes half the memory int32 would. NaN scores rank below
+    every number and never displace a forced block.
 
     seqlen_q/seqlen_k are Nq/Nk (fixed length) or max_seqlen_q/k (varlen)."""
     _require_tensor("scores", scores)
     _require_tensor("kstar", kstar)
-    check_block_size(block_size)
-    check_int("seqlen_q", seqlen_q, 1)
-    check_int("seqlen_k", seqlen_k, 1)
-    check_int("sink_blocks", sink_blocks, 0)
-    check_int("local_blocks", local_blocks, 0)
-    check_int("min_budget", min_budget, 0)
+    check_field("block_size", block_size)
+    check_int("seqlen_q", seqlen_q, 1, INT32_MAX)
+    check_int("seqlen_k", seqlen_k, 1, INT32_MAX)
+    check_field("sink_blocks", sink_blocks)
+    check_field("local_blocks", local_blocks)
+    check_field("min_budget", min_budget)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if causal and seqlen_q > seqlen_k and cu_seqlens_q is None:
@@ -356,26 +373,37 @@ def select_blocks(scores: Tensor, kstar: Tensor, *, seqlen_q: int, seqlen_k: int
         for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
             if _check_cu_seqlens(name, cu, scores) != b:
                 raise ValueError(f"{name} must have B + 1 = {b + 1} entries, got {cu.numel()}")
-    return _call("select_blocks", scores.device, scores, kstar, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k,
-                 block_size, sink_blocks, local_blocks, min_budget, causal)
+        if cu_seqlens_q.device.type == "cpu" and cu_seqlens_k.device.type == "cpu":
+            _check_cu_values("cu_seqlens_q", cu_seqlens_q, None, seqlen_q)
+            _check_cu_values("cu_seqlens_k", cu_seqlens_k, None, seqlen_k)
+            if causal:
+                _check_causal_lengths(cu_seqlens_q, cu_seqlens_k)
+    return call("select_blocks", scores, kstar, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, block_size,
+                sink_blocks, local_blocks, min_budget, causal)
 
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, counts: Tensor, indices: Tensor, *,
-                           block_size: int = 128, softmax_scale: Optional[float] = None, causal: bool = True,
-                           cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
-                           max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None
-                           ) -> Tuple[Tensor, Tensor]:
+                           block_size: int = _D.block_size, softmax_scale: Optional[float] = None,
+                           causal: bool = True, cu_seqlens_q: Optional[Tensor] = None,
+                           cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: Optional[int] = None,
+                           max_seqlen_k: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """Stage 4: attention over the selected key blocks. Returns out (like q) and lse fp32
-    ([B, Hq, Nq]; varlen [Hq, total_q]). Rows that see no key: out 0, lse -inf."""
+    ([B, Hq, Nq]; varlen [Hq, total_q]). Rows that see no key: out 0, lse -inf.
+
+    The selection of (b, h, query block m) is read as a set: the distinct values among the first
+    counts[b, h, m] entries of indices[b, h, m] (a count below 0 reads as 0, one above K as K) that
+    lie in [0, nkb) of that sequence. Order and repetition do not matter, other entries are
+    ignored, and keys a row may not see stay masked by causality; so any counts/indices (int16 or
+    int32) are memory-safe, and CPU and CUDA compute the same thing. Inference only."""
     lay = check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
-    check_block_size(block_size)
+    check_field("block_size", block_size)
     scale = resolve_scale(softmax_scale, lay.head_dim)
     nqb = _cdiv(lay.max_seqlen_q, block_size)
     _check_int_tensor("counts", counts, (lay.batch, lay.q_heads, nqb), q)
     _check_int_tensor("indices", indices, (lay.batch, lay.q_heads, nqb, 1), q, last_free=True,
                       dtypes=INDEX_DTYPES)
-    return _call("block_sparse_attention", q.device, q, k, v, counts, indices, cu_seqlens_q, cu_seqlens_k,
-                 lay.max_seqlen_q, lay.max_seqlen_k, block_size, scale, causal)
+    return call("block_sparse_attention", q, k, v, counts, indices, cu_seqlens_q, cu_seqlens_k, lay.max_seqlen_q,
+                lay.max_seqlen_k, block_size, scale, causal)
 
 
 # ------------------------------------------------------------------ CPU kernels and fakes

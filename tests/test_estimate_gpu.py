@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import proxyattn  # noqa: F401  (loads the extension and registers torch.ops.proxyattn)
+import selection_rules as rules
 from proxyattn import reference as ref
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -148,8 +149,9 @@ def _reference_runs(q, k, cu_q, cu_k, S, gamma, sink, local, scale, causal):
     seqs = ref._sequences(q, k, None, cu_q, cu_k)
     for b, _, q_b, k_b, _ in seqs:
         w = ref.last_block_mass(q_b, k_b, S, scale, causal)
-        c_last = w.shape[-1]
-        forced = ref.forced_mask(c_last, sink, local, c_last).numpy()
+        nq_b, nk_b = q_b.shape[0], k_b.shape[0]
+        last = rules.forced(_cdiv(nq_b, S) - 1, nq_b, nk_b, S, sink, local, causal)
+        forced = np.array([n in last for n in range(w.shape[-1])])
         wn = w.cpu().numpy().astype(np.float32)
         for h in range(wn.shape[0]):
             base = np.float32(0.0)
@@ -238,8 +240,8 @@ def test_stages_end_to_end(shape, G):
 
 def _check_selection_sane(counts, idx, nq, nk, S, sink, local, causal):
     nqb = _cdiv(nq, S)
-    c = torch.tensor([ref.candidate_count(m, nq, nk, S, causal) for m in range(nqb)], device=counts.device)
-    f = torch.tensor([ref.forced_count(int(x), sink, local) for x in c.tolist()], device=counts.device)
+    c = torch.tensor([rules.candidates(m, nq, nk, S, causal) for m in range(nqb)], device=counts.device)
+    f = torch.tensor([len(rules.forced(m, nq, nk, S, sink, local, causal)) for m in range(nqb)], device=counts.device)
     assert (counts >= f).all() and (counts <= c).all()
     pos = torch.arange(idx.shape[-1], device=idx.device)
     valid = pos < counts[..., None]

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import proxyattn as pa
+import selection_rules as rules
 from proxyattn import reference as ref
 
 
@@ -112,8 +113,6 @@ def test_selection_invariants(nq, nk, S, sink, local, min_budget, causal):
     nqb, nkb = -(-nq // S), -(-nk // S)
     assert counts.shape == (2, hq, nqb) and idx.shape == (2, hq, nqb, nkb)
     assert counts.dtype == torch.int32 and idx.dtype == torch.int16
-    c_last = _candidates(nqb - 1, nq, nk, S, causal)
-    f_last = ref.forced_count(c_last, sink, local)
     for b in range(2):
         for h in range(hq):
             for m in range(nqb):
@@ -124,16 +123,13 @@ def test_selection_invariants(nq, nk, S, sink, local, min_budget, causal):
                 assert all(x == -1 for x in row[cnt:]), "padding must be -1"
                 assert sel == sorted(sel) and len(set(sel)) == cnt, "ascending, distinct"
                 assert all(0 <= x < c for x in sel), "only candidates"
-                forced = set(range(min(sink, c))) | set(range(max(0, c - local), c))
-                assert forced <= set(sel), "forced blocks kept"
-                f = len(forced)
-                ks = int(kstar[b, h])
-                extra = -(-ks * (c - f) // (c_last - f_last)) if c_last > f_last else 0
-                assert cnt == min(c, max(f + extra, -(-min_budget // S)))
+                assert rules.forced(m, nq, nk, S, sink, local, causal) <= set(sel), "forced blocks kept"
+                assert cnt == rules.budget(m, nqb - 1, nq, nk, S, sink, local, int(kstar[b, h]), min_budget, causal)
 
 
-def _naive_select(scores_row, c, sink, local, k_m):
-    forced = set(range(min(sink, c))) | set(range(max(0, c - local), c))
+def _naive_select(scores_row, m, nq, nk, S, sink, local, k_m):
+    c = rules.candidates(m, nq, nk, S)
+    forced = rules.forced(m, nq, nk, S, sink, local)
     rest = sorted((n for n in range(c) if n not in forced), key=lambda n: (-scores_row[n], n))
     return sorted(forced | set(rest[: k_m - len(forced)]))
 
@@ -148,8 +144,7 @@ def test_select_blocks_matches_naive_with_ties():
         for h in range(hq):
             for m in range(nqb):
                 cnt = int(counts[b, h, m])
-                c = _candidates(m, nq, nk, S, True)
-                want = _naive_select(scores[b, h // (hq // G), m].tolist(), c, 1, 1, cnt)
+                want = _naive_select(scores[b, h // (hq // G), m].tolist(), m, nq, nk, S, 1, 1, cnt)
                 assert idx[b, h, m, :cnt].tolist() == want
 
 
@@ -184,7 +179,7 @@ def _naive_kstar(q, k, S, gamma, sink, local, scale):
                 w[t // S] += a[t]
         w = (w / len(rows)).astype(np.float32)
         w = w / w.sum()
-        forced = set(range(min(sink, nkb))) | set(range(max(0, nkb - local), nkb))
+        forced = rules.forced(-(-nq // S) - 1, nq, nk, S, sink, local)
         base = np.float32(sum(np.float32(w[n]) for n in sorted(forced)))
         if base >= np.float32(gamma):
             out.append(0)

@@ -16,6 +16,9 @@ Routing (per call of one attention layer). The attention function runs
 q_len < kv_len that follows a cached prefix is handled) only when all of these hold:
 
 - the layer is not dense by the per-layer options (`dense_layers`, `layer_configs`);
+- no gradient is needed: proxyattn is inference-only (its ops have no backward), so with grad
+  mode on and a query/key/value that requires grad (training, fine-tuning) the call runs SDPA,
+  and the first such call says so with one RuntimeWarning;
 - the module is causal (`is_causal` kwarg, else `module.is_causal`, default True);
 - q_len > 1 (decoding steps always go to SDPA: estimation cannot pay off for one row);
 - `attention_mask is None` (see the mask rule below);
@@ -55,6 +58,7 @@ import collections
 import dataclasses
 import functools
 import inspect
+import warnings
 from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -83,7 +87,7 @@ DEFAULT_NAME = "proxyattn"
 
 ROUTE_PROXY = "proxyattn"
 # Routes of calls that go to transformers' "sdpa" attention function.
-FALLBACK_REASONS = ("dense_layer", "non_causal", "decode", "mask", "dropout", "unsupported_kwarg",
+FALLBACK_REASONS = ("dense_layer", "grad", "non_causal", "decode", "mask", "dropout", "unsupported_kwarg",
                     "sliding_window", "head_dim", "dtype", "device", "shape")
 
 _MASK_PARAMS = set(inspect.signature(sdpa_mask).parameters)
@@ -266,9 +270,29 @@ def proxyattn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, k
 _UNSUPPORTED_KWARGS = ("softcap", "s_aux", "position_bias")
 
 
+def _needs_grad(query: Tensor, key: Tensor, value: Tensor) -> bool:
+    return torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+
+
+_warned_grad = False
+
+
+def _warn_grad_once() -> None:
+    global _warned_grad
+    if not _warned_grad:
+        _warned_grad = True
+        warnings.warn("proxyattn: attention inputs require grad with grad mode on (training or fine-tuning); "
+                      "proxyattn is inference-only (its ops have no backward), so these calls run transformers' "
+                      "SDPA attention instead. Run inference under torch.no_grad() or torch.inference_mode() to "
+                      "use proxyattn.", RuntimeWarning, stacklevel=4)
+
+
 def _fallback_reason(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, dropout: float,
                      causal: bool, kwargs) -> Optional[str]:
     q_len, kv_len = query.shape[2], key.shape[2]
+    if _needs_grad(query, key, value):
+        _warn_grad_once()
+        return "grad"
     if not causal:
         return "non_causal"
     if q_len == 1:
