@@ -3,8 +3,8 @@
     python3 bench/bench_e2e.py [--seq-lens 1024 ... 131072] [--proxy-heads default 1] [--gammas 0.95] [--strides 4]
                               [--quality-at 32768 131072]
 
-For each length: structured inputs (proxyattn.quality.make_structured_inputs: sink, RoPE
-recency, shared hubs, needles), cuDNN SDPA dense causal (KV expanded to Hq heads), and
+For each length: structured inputs (synthetic.make_structured_inputs, generated on the GPU: sink,
+RoPE recency, shared hubs, needles), cuDNN SDPA dense causal (KV expanded to Hq heads), and
 proxy_attention on its sparse path (dense_below=0) with the default config, timed whole and
 as estimation (stages 1-3) and attention (stage 4) apart; the density of the selection it
 made. At the --quality-at lengths also attention recall, needle retrieval and output error
@@ -26,7 +26,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import proxyattn as pa
 from benchlib import causal_tflops, l2_flush_buffer, proxy_heads_arg, time_cold, time_cold_interleaved, write_record
-from proxyattn import quality
+from proxyattn import metrics
+from proxyattn.attention import dense_attention
+from synthetic import make_structured_inputs
 
 OPS = torch.ops.proxyattn
 
@@ -60,8 +62,8 @@ def main():
     variants = [(g, gamma, st) for g in a.proxy_heads for gamma in a.gammas for st in a.strides]
     crossover = {gg: None for gg in variants}
     for n in a.seq_lens:
-        q, k, v, meta = quality.make_structured_inputs(1, n, hq, hkv, d, share=a.share, seed=a.seed + n,
-                                                       dtype=torch.bfloat16, device="cuda")
+        q, k, v, meta = make_structured_inputs(1, n, hq, hkv, d, share=a.share, seed=a.seed + n, dtype=torch.bfloat16,
+                                               device="cuda")
         reps = a.reps if n <= 65536 else max(5, a.reps // 2)
         common = dict(seq_len=n, batch=1, q_heads=hq, kv_heads=hkv, head_dim=d, dtype="bf16")
         qt = q.transpose(1, 2)
@@ -118,9 +120,9 @@ def main():
                     f"(estimate {est:.3f} + attention {attn:.3f}) density {dens:.3f}  {dense_ms / total:5.2f}x cuDNN")
             if n in a.quality_at:
                 if mass is None:  # once per length, shared by the variants
-                    mass, dense_out = quality.block_mass(q, k, S), quality.dense_output(q, k, v)
-                res = quality.evaluate_selection(q, k, v, sel.counts, sel.indices, S, mass=mass, dense_out=dense_out,
-                                                 meta=meta)
+                    mass, dense_out = metrics.block_mass(q, k, S), dense_attention(q, k, v)
+                res = metrics.evaluate_selection(q, k, v, sel.counts, sel.indices, S, mass=mass, dense_out=dense_out,
+                                                 needles=meta)
                 cases[-3].update(recall=res["recall"], recall_min_head=res["recall_min_head"],
                                  rel_error=res["rel_error"], needle_retrieval=res.get("needle_retrieval"))
                 line += (f"  recall {res['recall']:.3f} (min head {res['recall_min_head']:.3f}) "

@@ -1,5 +1,6 @@
 """Quality benchmark: ProxyAttn vs sequence-pooling, antidiagonal (XAttention-style) and
-oracle block selection on structured synthetic attention (proxyattn.quality).
+oracle block selection on structured synthetic attention (synthetic.py, peers.py,
+proxyattn.metrics).
 
 For every sequence length: density (computed / causal block pairs), mean attention recall
 (true softmax mass inside the selection), relative output error vs dense attention, and
@@ -23,7 +24,10 @@ import time
 
 import torch
 
-from proxyattn import quality as Q
+import peers
+import synthetic
+from proxyattn import metrics as M
+from proxyattn.attention import dense_attention
 from proxyattn.config import ProxyAttnConfig, default_proxy_heads
 
 
@@ -103,18 +107,19 @@ def run_case(a: argparse.Namespace, n: int, share: float) -> list:
     dev, S = torch.device(a.device), a.block_size
     dtype = getattr(torch, a.dtype)
     t0 = time.perf_counter()
-    q, k, v, meta = Q.make_structured_inputs(a.batch, n, a.q_heads, a.kv_heads, a.head_dim, share=share,
-                                             needles=a.needles, hubs=a.hubs, seed=a.seed + n, dtype=dtype, device=dev)
-    dense = Q.dense_output(q, k, v)
+    q, k, v, meta = synthetic.make_structured_inputs(a.batch, n, a.q_heads, a.kv_heads, a.head_dim, share=share,
+                                                     needles=a.needles, hubs=a.hubs, seed=a.seed + n, dtype=dtype,
+                                                     device=dev)
+    dense = dense_attention(q, k, v)
     masses = {}
 
     def mass(bs):
         if bs not in masses:
-            masses[bs] = Q.block_mass(q, k, bs)
+            masses[bs] = M.block_mass(q, k, bs)
         return masses[bs]
 
     def dense_needles():
-        return Q.needle_retrieval(dense, meta).retrieval
+        return M.needle_retrieval(dense, meta).retrieval
 
     print(f"\nN={n} share={share}: inputs, dense output and block masses ({time.perf_counter() - t0:.1f} s); "
           f"dense attention retrieves {dense_needles():.2f} of the needles by the threshold rule", flush=True)
@@ -122,7 +127,7 @@ def run_case(a: argparse.Namespace, n: int, share: float) -> list:
 
     def record(method, knob, counts, indices, bs, extra=None):
         t = time.perf_counter()
-        r = Q.evaluate_selection(q, k, v, counts, indices, bs, mass=mass(bs), dense_out=dense, meta=meta)
+        r = M.evaluate_selection(q, k, v, counts, indices, bs, mass=mass(bs), dense_out=dense, needles=meta)
         r.update(dict(seq_len=n, share=share, method=method, knob=knob, block_size=bs, **(extra or {})))
         rows.append(r)
         print(f"{n:>7} {method:<18} {str(knob):<22} {r['density']:7.3f} {r['recall']:7.4f} {r['recall_min_head']:7.4f}"
@@ -130,25 +135,25 @@ def run_case(a: argparse.Namespace, n: int, share: float) -> list:
 
     print(f"{'N':>7} {'method':<18} {'knob':<22} {'density':>7} {'recall':>7} {'minhead':>7} {'relerr':>8} {'needle':>7}")
     default = ProxyAttnConfig()
-    c, i, ks = Q.proxyattn_select(q, k, default)
+    c, i, ks = peers.proxyattn_select(q, k, default)
     record("proxyattn-default", f"G={default.proxy_heads(a.q_heads, a.kv_heads)},g={default.gamma},mb={default.min_budget}", c, i,
            default.block_size,
            {"kstar": ks.float().mean().item()})
     for G in a.proxy_heads:
         base = ProxyAttnConfig(block_size=S, min_budget=a.sweep_min_budget, num_proxy_heads=G)
-        scores = Q.proxy_scores(q, k, base)
+        scores = peers.proxy_scores(q, k, base)
         for g in a.gammas:
             cfg = dataclasses.replace(base, gamma=g)
-            c, i, ks = Q.proxyattn_select(q, k, cfg, scores=scores)
+            c, i, ks = peers.proxyattn_select(q, k, cfg, scores=scores)
             record(f"proxyattn-G{G}", f"gamma={g},mb={cfg.min_budget}", c, i, S, {"gamma": g, "proxy_heads": G})
     for tau in a.taus:
-        c, i = Q.mean_pooling_select(q, k, S, tau)
+        c, i = peers.mean_pooling_select(q, k, S, tau)
         record("mean-pooling", f"tau={tau}", c, i, S, {"tau": tau})
     for tau in a.taus:
-        c, i = Q.antidiagonal_select(q, k, S, tau, stride=a.xattn_stride)
+        c, i = peers.antidiagonal_select(q, k, S, tau, stride=a.xattn_stride)
         record("antidiagonal", f"tau={tau},s={a.xattn_stride}", c, i, S, {"tau": tau})
     for d in a.oracle_densities:
-        c, i = Q.oracle_select(q, k, S, target_density=d, mass=mass(S))
+        c, i = peers.oracle_select(q, k, S, target_density=d, mass=mass(S))
         record("oracle", f"density={d}", c, i, S, {"target_density": d})
     return rows
 
@@ -209,14 +214,19 @@ def main(argv=None) -> int:
         pr = "n/a (outside the pooling curve)" if s["pooling_recall_at_density"] is None else \
             f"{s['pooling_recall_at_density']:.4f} (advantage {s['advantage']:+.4f})"
         print(f"  N={s['seq_len']:>7} share={s['share']} {s['method']:<13} {s['knob']:<18} density {s['density']:.3f} recall {s['recall']:.4f} vs {pr}")
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        matplotlib = None
     rec = {"device": torch.cuda.get_device_name() if a.device.startswith("cuda") else platform.processor() or "cpu",
-           "torch": torch.__version__, "matplotlib": matplotlib.__version__, "commit": _commit(),
+           "torch": torch.__version__, "matplotlib": getattr(matplotlib, "__version__", None), "commit": _commit(),
            "args": {k: v for k, v in vars(a).items() if k not in ("out", "plot")}, "cases": rows, "summary": summary}
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(rec, f, indent=1)
+    if matplotlib is None:
+        print(f"\nwrote {a.out} (matplotlib not importable: no plot)")
+        return 0
     plot(rows, a.plot)
     print(f"\nwrote {a.out} and {a.plot}")
     return 0

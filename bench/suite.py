@@ -5,7 +5,7 @@
     python3 bench/suite.py --seq-lens 32768 131072 524288 --head-dims 128 --no-varlen
 
 For every length N and head dim D (B = 1, q [1, N, Hq, D], k/v [1, N, Hkv, D], bf16, causal), on
-structured inputs (proxyattn.quality.make_structured_inputs: sink, RoPE recency, shared hubs,
+structured inputs (bench/synthetic.py make_structured_inputs: sink, RoPE recency, shared hubs,
 needles; so the selection's density means something), timed on the same tensors:
   sdpa_cudnn, sdpa_flash   dense causal SDPA with KV expanded to Hq heads (DESIGN.md section 5)
   proxy_attention          end to end (sparse path, dense_below = 0), with the density it chose
@@ -20,9 +20,9 @@ times proxy_attention_varlen, its estimate and bsa, and SDPA looped over the seq
 
 Timing: benchlib.time_cold (256 MiB L2 flush before every run, CUDA events, median of --reps >= 10
 runs after warm-up). density = computed / causal block pairs; TFLOP/s counts computed pairs only
-(dense causal: 4 * D * Hq * N^2 / 2 per sequence). Structured inputs are generated on the CPU by
---gen-workers background processes (the generator is single-threaded and slow at 256k) while
-the GPU measures. Writes the DESIGN.md section 6 JSON (bench/results/<card>-<date>-suite.json unless
+(dense causal: 4 * D * Hq * N^2 / 2 per sequence). Structured inputs are generated on the GPU
+before each case (--gen-device cuda), or on the CPU by --gen-workers background processes while
+the GPU measures (--gen-device cpu; single-threaded, minutes at 512k). Writes the DESIGN.md section 6 JSON (bench/results/<card>-<date>-suite.json unless
 --out) after every case, so a killed run keeps what it measured, and at the end, with matplotlib,
 <json stem>-speedup.png and <json stem>-tflops.png.
 """
@@ -80,8 +80,12 @@ def parse_args(argv=None):
     ap.add_argument("--reps", type=int, default=10, help="timed runs per measurement (median; >= 10)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up runs (default 3, 1 above 64k)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gen-device", choices=["cuda", "cpu"], default="cuda",
+                    help="where structured inputs are generated: on the GPU before each case (default; seconds at "
+                         "512k), or on the CPU by --gen-workers processes ahead of the GPU (minutes at 512k). The "
+                         "two draw different random numbers from the same distribution")
     ap.add_argument("--gen-workers", type=int, default=3,
-                    help="processes generating structured inputs ahead of the GPU (0: inline)")
+                    help="with --gen-device cpu: processes generating inputs ahead of the GPU (0: inline)")
     ap.add_argument("--quick", action="store_true", help="N 4096 32768, D 128, one density, varlen total 32768")
     ap.add_argument("--tag", default="suite")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/<card>-<date>-<tag>.json)")
@@ -112,32 +116,40 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------ structured inputs
 
 
-def _generate(batch_lens, hq, hkv, d, share, seed, path):
-    """Worker: structured q, k, v (bf16, CPU) per sequence length, concatenated along tokens
-    ([sum N, H, D]); saved to `path`. Runs in a separate process (spawn), one CPU thread."""
-    torch.set_num_threads(1)
-    from proxyattn import quality
+def structured(lens, hq, hkv, d, share, seed, device):
+    """Structured q, k, v (bf16, on `device`) per sequence length, concatenated along tokens
+    ([sum N, H, D])."""
+    from synthetic import make_structured_inputs
 
     qs, ks, vs = [], [], []
-    for i, n in enumerate(batch_lens):
-        q, k, v, _ = quality.make_structured_inputs(1, n, hq, hkv, d, share=share, seed=seed + 1000003 * i,
-                                                    dtype=torch.bfloat16, device="cpu")
+    for i, n in enumerate(lens):
+        q, k, v, _ = make_structured_inputs(1, n, hq, hkv, d, share=share, seed=seed + 1000003 * i,
+                                            dtype=torch.bfloat16, device=device)
         qs.append(q[0])
         ks.append(k[0])
         vs.append(v[0])
-    torch.save({"q": torch.cat(qs), "k": torch.cat(ks), "v": torch.cat(vs)}, path)
+    return torch.cat(qs), torch.cat(ks), torch.cat(vs)
+
+
+def _generate(batch_lens, hq, hkv, d, share, seed, path):
+    """Worker (--gen-device cpu): structured(...) on the CPU, saved to `path`. Runs in a separate
+    process (spawn), one CPU thread."""
+    torch.set_num_threads(1)
+    q, k, v = structured(batch_lens, hq, hkv, d, share, seed, "cpu")
+    torch.save({"q": q, "k": k, "v": v}, path)
     return path
 
 
 class InputSource:
-    """Structured inputs per case, generated ahead by worker processes (or inline)."""
+    """Structured inputs per case: generated on the GPU just before the case (--gen-device cuda),
+    or ahead by CPU worker processes (or inline)."""
 
     def __init__(self, cases, args):
         self.args = args
         self.dir = tempfile.mkdtemp(prefix="proxyattn-suite-")
         self.futures = {}
         self.pool = None
-        if args.gen_workers > 0:
+        if args.gen_device == "cpu" and args.gen_workers > 0:
             import multiprocessing as mp
 
             self.pool = ProcessPoolExecutor(max_workers=args.gen_workers, mp_context=mp.get_context("spawn"))
@@ -146,8 +158,14 @@ class InputSource:
                                                        args.share, c.seed, os.path.join(self.dir, f"{c.key}.pt"))
 
     def get(self, c):
-        path = os.path.join(self.dir, f"{c.key}.pt")
         t0 = time.time()
+        if self.args.gen_device == "cuda":
+            q, k, v = structured(c.lens, self.args.q_heads, self.args.kv_heads, c.head_dim, self.args.share, c.seed,
+                                 "cuda")
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # the generator's fp64 temporaries
+            return q, k, v, time.time() - t0
+        path = os.path.join(self.dir, f"{c.key}.pt")
         if c.key in self.futures:
             self.futures.pop(c.key).result()
         else:
@@ -369,7 +387,8 @@ def run_case(c, q, k, v, a, ctx, record, progress):
         density = float((dens_b * torch.tensor(c.lens, device=dens_b.device, dtype=torch.float64) ** 2).sum()
                         / sum(n * n for n in c.lens))  # pair-weighted over the batch
         flops = float(sum(float(db) * 4 * d * hq * n * n / 2 for db, n in zip(dens_b.tolist(), c.lens)))
-        extra = dict(selection="proxy", proxy_heads=g, gamma=a.gamma, min_budget=a.min_budget, share=a.share)
+        extra = dict(selection="proxy", proxy_heads=g, gamma=a.gamma, min_budget=a.min_budget, share=a.share,
+                     gen_device=a.gen_device)
         total = timed("proxy_attention", call)
         rec = record("proxy_attention", base, density, total, flops, **extra,
                      speedup_vs_cudnn=(round(dense_ms / total, 3) if dense_ms else None))
@@ -555,7 +574,7 @@ def main(argv=None):
                 continue
             q, k, v, wait = src.get(c)
             if wait > 1:
-                progress.write(f"{c.key}: waited {wait:.1f}s for structured inputs")
+                progress.write(f"{c.key}: {wait:.1f}s for structured inputs ({a.gen_device})")
             q, k, v = (t.to("cuda", non_blocking=False) for t in (q, k, v))
             try:
                 run_case(c, q, k, v, a, ctx, record, progress)

@@ -1,18 +1,36 @@
 """python -m proxyattn: run proxy_attention once on structured inputs and report what it did.
 
 On a machine without a GPU this runs the pure-PyTorch reference on the CPU at a small
-default length, and says so. The inputs come from proxyattn.quality.make_structured_inputs
+default length, and says so. The inputs come from the source checkout's bench/synthetic.py
 (attention sink, RoPE recency, shared hub spans, planted needles), so the selection has
-structure to find; recall, needle retrieval and error are measured against dense attention.
+structure to find; recall, needle retrieval and error (proxyattn.metrics) are measured against
+dense attention. The demo needs that checkout (an editable install, `pip install -e .`).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from . import ProxyAttnConfig, ops, proxy_attention, quality
+from . import ProxyAttnConfig, metrics, ops, proxy_attention
+from .attention import dense_attention
+
+
+def _synthetic():
+    """bench/synthetic.py of the source checkout this package was installed from."""
+    path = Path(__file__).resolve().parent.parent / "bench" / "synthetic.py"
+    if not path.is_file():
+        sys.exit(f"python -m proxyattn needs the source checkout: its structured inputs come from bench/synthetic.py, "
+                 f"which is not at {path} (a non-editable install). Install with `pip install -e .` from a clone.")
+    spec = importlib.util.spec_from_file_location("proxyattn_bench_synthetic", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _time(fn, device):
@@ -47,6 +65,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     device = torch.device("cuda" if cuda and not a.cpu else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    synthetic = _synthetic()
     cfg = ProxyAttnConfig(gamma=a.gamma, min_budget=a.min_budget, num_proxy_heads=a.proxy_heads, dense_below=0)
     if device.type == "cpu":
         print(f"no GPU in use: running the pure-PyTorch reference on the CPU (N={a.seq_len}; slow, for checking)")
@@ -54,13 +73,13 @@ def main(argv=None):
         missing = [n for n in ops.OP_NAMES if not ops.cuda_kernel_available(n)]
         print(f"GPU: {torch.cuda.get_device_name()}; stages without a CUDA kernel (run on the reference): "
               f"{missing or 'none'}")
-    q, k, v, meta = quality.make_structured_inputs(1, a.seq_len, a.q_heads, a.kv_heads, a.head_dim, seed=a.seed,
-                                                   dtype=dtype, device=device)
+    print(f"sparse path forced (dense_below=0) so that short lengths show the estimate's cost; proxy_attention's "
+          f"default config runs dense attention below {dflt.dense_below} keys")
+    q, k, v, meta = synthetic.make_structured_inputs(1, a.seq_len, a.q_heads, a.kv_heads, a.head_dim, seed=a.seed,
+                                                     dtype=dtype, device=device)
     (out, sel), ms = _time(lambda: proxy_attention(q, k, v, cfg, return_selection=True), device)
-    dense, dense_ms = _time(lambda: quality.dense_output(q, k, v), device)
-    mass = quality.block_mass(q, k, cfg.block_size)
-    res = quality.evaluate_selection(q, k, v, sel.counts, sel.indices, cfg.block_size, mass=mass, dense_out=dense,
-                                     meta=meta)
+    dense, dense_ms = _time(lambda: dense_attention(q, k, v), device)
+    res = metrics.evaluate_selection(q, k, v, sel.counts, sel.indices, cfg.block_size, dense_out=dense, needles=meta)
     print(f"structured inputs B=1 N={a.seq_len} Hq={a.q_heads} Hkv={a.kv_heads} D={a.head_dim} {dtype}; "
           f"config gamma={a.gamma} min_budget={a.min_budget} proxy heads={cfg.proxy_heads(a.q_heads, a.kv_heads)}")
     print(f"proxy_attention: {ms:.2f} ms   dense attention: {dense_ms:.2f} ms "
