@@ -5,6 +5,7 @@ candidate block (gamma=1, huge min_budget, dense_below=0): logits must equal SDP
 sparsity is checked against SDPA with the block mask the integration reported it used.
 """
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -297,3 +298,30 @@ def test_register_validation():
     del module.layer_idx
     with pytest.raises(ValueError, match="layer_idx"):
         AttentionInterface._global_mapping[name](module, *_qkv(nq=100, nk=100), None)
+
+
+def test_calls_that_need_a_gradient_run_sdpa(llama):
+    """proxyattn is inference-only: with grad mode on and parameters that require grad (fine-tuning),
+    every layer's call goes to SDPA, the first one says so with one RuntimeWarning, and the gradients
+    are those of SDPA."""
+    name = _register("pa_grad", SPARSE)
+    ids = torch.randint(0, VOCAB, (1, 320))
+    llama.set_attn_implementation(name)
+    pa_hf._warned_grad = False
+    with pytest.warns(RuntimeWarning, match="inference-only"):
+        loss = llama(ids).logits.float().logsumexp(-1).mean()
+    assert _stats(name) == {"sdpa:grad": {0: 1, 1: 1}}
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in llama.named_parameters() if p.grad is not None}
+    llama.zero_grad(set_to_none=True)
+    llama.set_attn_implementation("sdpa")
+    llama(ids).logits.float().logsumexp(-1).mean().backward()
+    assert grads and all(torch.equal(grads[n], p.grad) for n, p in llama.named_parameters() if n in grads)
+    llama.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once, not again
+        llama.set_attn_implementation(name)
+        llama(ids)
+    with torch.no_grad():  # inference: the sparse path again
+        llama(ids)
+    assert _stats(name) == {"sdpa:grad": {0: 2, 1: 2}, "proxyattn": {0: 1, 1: 1}}
