@@ -153,9 +153,9 @@ def test_proxy_block_scores_random_arguments(kw):
     """Stage 1 keyword arguments of any type/value: accepted exactly when valid."""
     q = torch.randn(1, 130, 4, 64)
     k = torch.randn(1, 130, 2, 64)
-    g = kw.get("num_proxy_heads", 1)
+    g = kw.get("num_proxy_heads")  # None: the config's default for Hq=4, Hkv=2, two heads per proxy
     ok = (kw.get("block_size", 128) in (64, 128) and _is_int(kw.get("block_size", 128), 64)
-          and _is_int(g, 1) and (g in (1, 2, 4)) and _is_int(kw.get("stride", 4), 1, 16)
+          and (g is None or (_is_int(g, 1) and g in (1, 2, 4))) and _is_int(kw.get("stride", 4), 1, 16)
           and _is_scale(kw.get("softmax_scale")) and isinstance(kw.get("causal", True), bool))
     try:
         sc = pa.proxy_block_scores(q, k, **kw)
@@ -164,7 +164,7 @@ def test_proxy_block_scores_random_arguments(kw):
         return
     assert ok, f"invalid arguments accepted: {kw}"
     s = kw.get("block_size", 128)
-    assert sc.shape == (1, g, -(-130 // s), -(-130 // s)) and torch.isfinite(sc).all()
+    assert sc.shape == (1, 2 if g is None else g, -(-130 // s), -(-130 // s)) and torch.isfinite(sc).all()
 
 
 @SETTINGS
