@@ -1,16 +1,32 @@
-"""Rewrite the README results section from the benchmark records in bench/results/*.json.
+"""Write docs/results.md and the README's headline table from the benchmark records in bench/results.
 
-    python3 tools/results_table.py [--readme README.md] [--results bench/results] [--check]
+    python3 tools/results_table.py [--results bench/results] [--doc docs/results.md]
+                                   [--readme README.md] [--check]
 
-Reads every DESIGN.md section 6 record (`{"card", "torch", "cuda", "commit", "cases": [...]}`;
-files without a `cases` list of timed entries are skipped with a note on stderr) and replaces
-the text between `<!-- results:begin -->` and `<!-- results:end -->` with one markdown table
-per card and file: name, variant (proxy heads, selection, layout), N, B, heads, D, dtype,
-density, ms, TFLOP/s, and, for every anchor the file holds (sdpa_cudnn, sdpa_flash, flex), the
-ratio anchor ms / ms on the same shape (> 1: faster than the anchor). flex is matched on the same
-density and selection too, since it runs on the same block mask. Cards sorted by name, files by
-name, rows in file order: the output depends only on the files. --check exits 1 (and writes
-nothing) when the README is not up to date.
+Records are the JSON files of docs/design.md section 6 (`{"card", "torch", "cuda", "commit",
+"cases": [...]}`), named `<card>-<yyyymmdd>[-<tag>].json`; files without a `cases` list of timed
+entries are listed as not tabulated (and noted on stderr).
+
+Suites. A suite file has the tag `suite` or `suite-<anything>` (a split sweep, e.g.
+`suite-512k`), except `suite-quick`. A suite run is the suite files of one card with the same
+date and commit (one sweep may be several invocations, one file each). Per card the newest run
+wins: the latest date; on one date, a run whose proxy_attention cases all use the current default
+configuration (proxyattn/config.py) before one that does not; then the later file name. So a new
+full suite replaces the old one in the docs without any edit.
+
+docs/results.md (whole file, generated): per card, the newest suite run (its plots and one
+table per file), then every other record (older suites, kernel and quality records) under
+"Other records". The README's text between `<!-- results:begin -->` and `<!-- results:end -->`
+becomes a short headline per card: proxy_attention of the newest suite at one head dim (128
+where measured), fixed-length layout, against cuDNN and FA2 in the same file, and the suite's
+speedup plot.
+
+Tables: name, variant (proxy heads, selection, layout), N, B, heads, D, dtype, density, ms,
+TFLOP/s, and for every anchor the file holds (sdpa_cudnn, sdpa_flash, flex) the ratio
+anchor ms / ms on the same shape (> 1: faster than the anchor); flex is matched on the same
+density and selection too, since it runs on the same block mask. The output depends only on the
+files and the defaults in proxyattn/config.py. --check exits 1 (and writes nothing) when either
+output is out of date.
 """
 from __future__ import annotations
 
@@ -18,11 +34,14 @@ import argparse
 import glob
 import json
 import os
+import re
+import importlib.util
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 ANCHORS = ("sdpa_cudnn", "sdpa_flash", "flex")
+NAME_RE = re.compile(r"^(?P<card>.+?)-(?P<date>\d{8})(?:-(?P<tag>.+))?\.json$")
 
 
 def _fmt_n(n):
@@ -33,6 +52,9 @@ def _fmt_n(n):
 
 
 def _fmt_ms(ms):
+    if ms is None:
+        return "-"
+    ms = float(ms)
     if ms >= 100:
         return f"{ms:.1f}"
     if ms >= 10:
@@ -68,27 +90,101 @@ def _mask_key(c):
     return _shape_key(c) + (None if dens is None else round(float(dens), 3), c.get("selection"))
 
 
+def _timed(rec):
+    return [c for c in rec["cases"] if isinstance(c, dict) and "name" in c and c.get("ms") is not None]
+
+
+class Record:
+    """One usable results file: its path, parsed name and JSON object."""
+
+    def __init__(self, path, rec):
+        self.path, self.rec = path, rec
+        self.base = os.path.basename(path)
+        m = NAME_RE.match(self.base)
+        self.date = m.group("date") if m else ""
+        self.tag = (m.group("tag") or "") if m else ""
+        self.card = str(rec.get("card") or "unknown card")
+        self.commit = str(rec.get("commit") or "unknown")
+
+    @property
+    def is_suite(self):
+        return (self.tag == "suite" or self.tag.startswith("suite-")) and self.tag != "suite-quick"
+
+    @property
+    def rel(self):
+        return f"bench/results/{self.base}"
+
+
 def load_records(results_dir):
-    """[(path, record)] of the usable files, sorted by file name; notes for the skipped ones."""
-    out, notes = [], []
+    """(records sorted by file name, names of files that are not tabulated, notes for stderr)."""
+    out, skipped, notes = [], [], []
     for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
+        base = os.path.basename(path)
         try:
             with open(path) as f:
                 rec = json.load(f)
         except (OSError, ValueError) as e:
-            notes.append(f"{os.path.basename(path)}: unreadable ({e})")
+            notes.append(f"{base}: unreadable ({e})")
+            skipped.append(base)
             continue
         cases = rec.get("cases") if isinstance(rec, dict) else None
         if not isinstance(cases, list) or not any(isinstance(c, dict) and "name" in c and c.get("ms") is not None
                                                   for c in cases):
-            notes.append(f"{os.path.basename(path)}: no DESIGN section 6 cases, skipped")
+            notes.append(f"{base}: no docs/design.md section 6 cases, not tabulated")
+            skipped.append(base)
             continue
-        out.append((path, rec))
-    return out, notes
+        out.append(Record(path, rec))
+    return out, skipped, notes
+
+
+def load_default_config(root=ROOT):
+    """proxyattn/config.py's defaults as a predicate on a proxy_attention case (gamma, min_budget and
+    proxy heads), read from the file without importing the package (so without torch); None if the
+    file cannot be read."""
+    path = os.path.join(root, "proxyattn", "config.py")
+    name = "_results_table_proxyattn_config"
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod  # dataclasses look their module up while the class is made
+        spec.loader.exec_module(mod)
+        cfg = mod.ProxyAttnConfig()
+    except Exception:  # noqa: BLE001 - a broken or moved config only loses the tie-break
+        return None
+    finally:
+        sys.modules.pop(name, None)
+
+    def is_default(c):
+        try:
+            return (c.get("gamma") == cfg.gamma and c.get("min_budget") == cfg.min_budget
+                    and c.get("proxy_heads") == cfg.proxy_heads(int(c["q_heads"]), int(c["kv_heads"])))
+        except Exception:  # noqa: BLE001 - missing or odd fields: not the default
+            return False
+
+    return is_default
+
+
+def _at_default(files, is_default):
+    pa = [c for f in files for c in _timed(f.rec) if c["name"] == "proxy_attention"]
+    return bool(pa) and is_default is not None and all(is_default(c) for c in pa)
+
+
+def newest_suites(records, is_default=None):
+    """{card: [records of the newest suite run]}, each list in file-name order."""
+    runs = {}
+    for r in records:
+        if r.is_suite:
+            runs.setdefault((r.card, r.date, r.commit), []).append(r)
+    best = {}
+    for (card, date, _), files in runs.items():
+        key = (date, _at_default(files, is_default), max(f.base for f in files))
+        if card not in best or key > best[card][0]:
+            best[card] = (key, files)
+    return {card: sorted(files, key=lambda f: f.base) for card, (_, files) in best.items()}
 
 
 def file_table(rec):
-    cases = [c for c in rec["cases"] if isinstance(c, dict) and "name" in c and c.get("ms") is not None]
+    cases = _timed(rec)
     present = [a for a in ANCHORS if any(c["name"] == a for c in cases)]
     anchor_ms = {}
     for c in cases:  # first record of an anchor per key wins
@@ -102,7 +198,7 @@ def file_table(rec):
     for c in cases:
         row = [c["name"], _variant(c), _fmt_n(c.get("seq_len")), _fmt(c.get("batch"), "d"),
                f"{c.get('q_heads', '-')}/{c.get('kv_heads', '-')}", _fmt(c.get("head_dim"), "d"),
-               str(c.get("dtype", "-")), _fmt(c.get("density"), ".3f"), _fmt_ms(float(c["ms"])),
+               str(c.get("dtype", "-")), _fmt(c.get("density"), ".3f"), _fmt_ms(c["ms"]),
                _fmt(c.get("tflops"), ".1f")]
         for a in present:
             key = (a, _mask_key(c) if a == "flex" else _shape_key(c))
@@ -112,58 +208,166 @@ def file_table(rec):
     return lines
 
 
-def render(records):
-    """The markdown between the markers (without them), one section per card, then per file."""
-    by_card = {}
-    for path, rec in records:
-        by_card.setdefault(str(rec.get("card") or "unknown card"), []).append((path, rec))
-    if not by_card:
-        return "\n(no benchmark records yet)\n"
-    out = ["", "Columns `vs <anchor>`: anchor ms / ms on the same shape in the same file (flex: on the same "
-               "block mask); > 1 is faster than the anchor. N in tokens (k = 1024); density: computed / causal "
-               "block pairs."]
-    for card in sorted(by_card):
-        out += ["", f"### {card}"]
-        for path, rec in by_card[card]:
-            commit = str(rec.get("commit") or "unknown")[:7]
-            out += ["", f"`bench/results/{os.path.basename(path)}`: commit {commit}, torch {rec.get('torch', '?')}, "
-                        f"CUDA {rec.get('cuda', '?')}.", ""]
-            out += file_table(rec)
+def _source_line(r):
+    return (f"`{r.rel}`: commit {r.commit[:7]}, torch {r.rec.get('torch', '?')}, "
+            f"CUDA {r.rec.get('cuda', '?')}.")
+
+
+def _plots(r, results_dir, prefix):
+    stem = os.path.splitext(r.base)[0]
+    out = []
+    for kind in ("speedup", "tflops"):
+        png = f"{stem}-{kind}.png"
+        if os.path.exists(os.path.join(results_dir, png)):
+            out.append(f"![{stem} {kind}]({prefix}{png})")
+    return out
+
+
+READING = ("Columns `vs <anchor>`: anchor ms / ms on the same shape in the same file (flex: on the same "
+           "block mask); > 1 is faster than the anchor. N in tokens (k = 1024); density: computed / causal "
+           "block pairs; TFLOP/s counts computed block pairs only.")
+
+
+def render_doc(records, skipped, results_dir, is_default):
+    """The whole of docs/results.md."""
+    out = ["# Results", "",
+           "Generated by `python3 tools/results_table.py` from `bench/results/*.json` (do not edit by hand). "
+           "Every file was measured in one process on one card, the anchors beside our kernels "
+           "(docs/design.md section 5); bench/NOTES.md has the analysis.", "", READING]
+    if not records:
+        return "\n".join(out + ["", "(no benchmark records yet)", ""])
+    suites = newest_suites(records, is_default)
+    shown = set()
+    for card in sorted(suites):
+        files = suites[card]
+        shown.update(f.base for f in files)
+        date = files[0].date
+        out += ["", f"## {card}: suite of {date[:4]}-{date[4:6]}-{date[6:]}, commit {files[0].commit[:7]}", ""]
+        out += ["`python3 bench/suite.py` on structured inputs; proxy_attention with the sparse path forced "
+                "(dense_below = 0) at every length."]
+        for r in files:
+            out += ["", f"### {r.base}", "", _source_line(r), ""]
+            plots = _plots(r, results_dir, "../bench/results/")
+            if plots:
+                out += plots + [""]
+            out += file_table(r.rec)
+    others = [r for r in records if r.base not in shown]
+    if others:
+        out += ["", "## Other records", "",
+                "Older suites and the records that kernel, configuration and quality claims rest on "
+                "(docs/kernels.md, bench/NOTES.md)."]
+        by_card = {}
+        for r in others:
+            by_card.setdefault(r.card, []).append(r)
+        for card in sorted(by_card):
+            out += ["", f"### {card}"]
+            for r in by_card[card]:
+                out += ["", f"#### {r.base}", "", _source_line(r), ""]
+                out += file_table(r.rec)
+    if skipped:
+        out += ["", "Not tabulated (no timed cases; read the JSON): "
+                + ", ".join(f"`{b}`" for b in skipped) + "."]
+    return "\n".join(out) + "\n"
+
+
+def _same(rows, key):
+    vals = {c.get(key) for c in rows}
+    return vals.pop() if len(vals) == 1 else None
+
+
+def headline(records, results_dir, is_default):
+    """The README text between the markers (without them)."""
+    suites = newest_suites(records, is_default)
+    if not suites:
+        return "\n(no benchmark suite yet; see docs/results.md)\n"
+    out = []
+    for card in sorted(suites):
+        files = suites[card]
+        cases = [(r, c) for r in files for c in _timed(r.rec)]
+        pa = [(r, c) for r, c in cases if c["name"] == "proxy_attention" and c.get("layout", "fixed") == "fixed"]
+        if not pa:
+            continue
+        dims = sorted({c.get("head_dim") for _, c in pa if c.get("head_dim") is not None})
+        dim = 128 if 128 in dims else (dims[-1] if dims else None)
+        pa = [(r, c) for r, c in pa if c.get("head_dim") == dim]
+        anchors = {}
+        for r, c in cases:
+            if c["name"] in ("sdpa_cudnn", "sdpa_flash"):
+                anchors.setdefault((r.base, c["name"], _shape_key(c)), float(c["ms"]))
+        rows = [c for _, c in pa]
+        shape = [f"B={_same(rows, 'batch')}" if _same(rows, "batch") is not None else None,
+                 f"Hq={_same(rows, 'q_heads')}, Hkv={_same(rows, 'kv_heads')}"
+                 if _same(rows, "q_heads") is not None and _same(rows, "kv_heads") is not None else None,
+                 f"D={dim}", _same(rows, "dtype")]
+        srcs = ", ".join(f"`{r.rel}`" for r in files if any(r is rr for rr, _ in pa))
+        config = "the default configuration" if _at_default(files, is_default) else "the configuration in the file"
+        out += ["", f"**{card}**, {', '.join(s for s in shape if s)}, causal, structured inputs, {config}, sparse "
+                    f"path at every length ({srcs}, commit {files[0].commit[:7]}, torch "
+                    f"{files[0].rec.get('torch', '?')}):", ""]
+        out += ["| N | proxy heads | density | proxy_attention ms | of which estimate | cuDNN ms | vs cuDNN | vs FA2 |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r, c in sorted(pa, key=lambda rc: (-(rc[1].get("proxy_heads") or 0), rc[1].get("seq_len") or 0)):
+            ms = float(c["ms"])
+            cud = anchors.get((r.base, "sdpa_cudnn", _shape_key(c)))
+            fa2 = anchors.get((r.base, "sdpa_flash", _shape_key(c)))
+            out.append("| " + " | ".join([
+                _fmt_n(c.get("seq_len")), str(c.get("proxy_heads", "-")), _fmt(c.get("density"), ".3f"),
+                _fmt_ms(ms), _fmt_ms(c.get("estimate_ms")), _fmt_ms(cud),
+                f"{cud / ms:.2f}x" if cud and ms > 0 else "-",
+                f"{fa2 / ms:.2f}x" if fa2 and ms > 0 else "-"]) + " |")
+        for r in files:
+            plots = _plots(r, results_dir, "bench/results/")
+            if plots and any(r is rr for rr, _ in pa):
+                out += ["", plots[0]]
+                break
+    out += ["", "All tables, the other head dim, varlen batches, random-mask sweeps and FlexAttention on the "
+                "same masks: [docs/results.md](docs/results.md)."]
     return "\n".join(out) + "\n"
 
 
 def rewrite(text, body):
     i, j = text.find(BEGIN), text.find(END)
     if i < 0 or j < 0 or j < i:
-        raise ValueError(f"README must hold {BEGIN} followed by {END}")
+        raise ValueError(f"must hold {BEGIN} followed by {END}")
     return text[: i + len(BEGIN)] + "\n" + body.lstrip("\n") + text[j:]
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
     ap.add_argument("--results", default=os.path.join(ROOT, "bench", "results"))
-    ap.add_argument("--check", action="store_true", help="exit 1 if the README is out of date; write nothing")
+    ap.add_argument("--doc", default=os.path.join(ROOT, "docs", "results.md"))
+    ap.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
+    ap.add_argument("--check", action="store_true", help="exit 1 if an output is out of date; write nothing")
     a = ap.parse_args(argv)
-    records, notes = load_records(a.results)
+    records, skipped, notes = load_records(a.results)
     for n in notes:
         print(f"results_table: {n}", file=sys.stderr)
+    is_default = load_default_config()
     with open(a.readme) as f:
-        text = f.read()
+        readme = f.read()
     try:
-        new = rewrite(text, render(records))
+        new_readme = rewrite(readme, headline(records, a.results, is_default))
     except ValueError as e:
         print(f"results_table: {a.readme}: {e}", file=sys.stderr)
         return 2
+    new_doc = render_doc(records, skipped, a.results, is_default)
+    old_doc = None
+    if os.path.exists(a.doc):
+        with open(a.doc) as f:
+            old_doc = f.read()
     if a.check:
-        if new != text:
-            print(f"results_table: {a.readme} is out of date; run python3 tools/results_table.py", file=sys.stderr)
-            return 1
-        return 0
-    if new != text:
+        stale = [p for p, old, new in ((a.readme, readme, new_readme), (a.doc, old_doc, new_doc)) if old != new]
+        for p in stale:
+            print(f"results_table: {p} is out of date; run python3 tools/results_table.py", file=sys.stderr)
+        return 1 if stale else 0
+    if new_readme != readme:
         with open(a.readme, "w") as f:
-            f.write(new)
-    print(f"results_table: {len(records)} files -> {a.readme}")
+            f.write(new_readme)
+    if new_doc != old_doc:
+        os.makedirs(os.path.dirname(os.path.abspath(a.doc)), exist_ok=True)
+        with open(a.doc, "w") as f:
+            f.write(new_doc)
+    print(f"results_table: {len(records)} files -> {a.doc}, headline -> {a.readme}")
     return 0
 
 
