@@ -1,16 +1,29 @@
 """Benchmark torch.ops.proxyattn.block_sparse_attention against same-run anchors.
 
-Anchors (DESIGN.md sections 5 and 6): SDPA flash (FA2) and cuDNN SDPA on dense causal attention
-(KV expanded to Hq heads with repeat_interleave), and compiled FlexAttention fed a BlockMask built
-from the same block selection (diagonal blocks partial with a causal mask_mod, the others full).
+Anchors (DESIGN.md sections 5 and 6), all on the same inputs in the same process:
+  sdpa_flash, sdpa_cudnn  dense causal SDPA (KV expanded to Hq heads with repeat_interleave)
+  fa4                     flash-attn-4 dense causal (flash_attn.cute.flash_attn_func, native GQA)
+  flex                    compiled FlexAttention (Triton) on a BlockMask of the same selection
+                          (diagonal blocks partial with a causal mask_mod, the others full)
+  flex_flash              the same FlexAttention call with kernel_options={"BACKEND": "FLASH"}
+                          (FA4's kernels through torch)
+  fa4_sparse              flash-attn-4 block sparsity on the same selection (BlockSparseTensorsTorch:
+                          diagonal blocks as masked blocks, the others as full blocks, causal=True)
+fa4, flex_flash and fa4_sparse need the optional flash-attn-4 wheels (../shared/GPU.md); where
+flash_attn.cute does not import they are skipped with one line saying why. Each anchor is set up in
+its own try/except: one that fails is reported and the others still run. On the first selection of
+every length the outputs of flex_flash and fa4_sparse are compared with ours (max_abs_diff_vs_bsa
+in their records).
+
 Random causal block selections keep the sink block and the diagonal block; density = computed
 block pairs / causal block pairs. Cold L2 (a 256 MB buffer is rewritten before every timed run),
 CUDA events, median of --reps runs after warm-up. Effective TFLOP/s counts only computed pairs:
-density * 4 * D * Hq * N^2 / 2 per batch item.
+density * 4 * D * Hq * N^2 / 2 per batch item. --backends also times our kernel with
+PROXYATTN_BSA_BACKEND=portable or hopper (records bsa_portable, bsa_hopper; `auto`, the default,
+leaves the variable as it is and records bsa).
 
   python3 bench/bench_bsa.py [--seqlens 32768 131072] [--densities 1.0 0.3 0.1] [--out PATH]
-      [--orders auto heads kv:<n>] [--variants default serial pingpong stages3 nosort]
-      [--masks random window split2 split4]
+      [--backends auto portable] [--masks random window split2 split4] [--interleave]
 
 Writes bench/results/<card>-<yyyymmdd>-bsa.json (DESIGN.md section 6 format) and prints a table.
 """
@@ -24,8 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import proxyattn  # noqa: F401  (loads the extension)
 from benchlib import l2_flush_buffer, time_cold, time_cold_interleaved, write_record
+
+BACKEND_ENV = "PROXYATTN_BSA_BACKEND"  # auto | portable | hopper: the op's one kernel switch
+FA4_ANCHORS = ("fa4", "fa4_sparse", "flex_flash")
 
 
 def causal_candidates(nqb, n, s, device):
@@ -92,81 +107,119 @@ def key_split_selections(counts, indices, parts):
     return out
 
 
+def _causal(b_, h_, q_idx, kv_idx):
+    """FlexAttention mask_mod of the partial (diagonal) blocks. One module-level function, so a
+    compiled flex call is not recompiled for every new BlockMask."""
+    return q_idx >= kv_idx
+
+
 def flex_block_mask(counts, indices, n, s):
+    """FlexAttention BlockMask of a causal selection (Nq == Nk = n): the diagonal block (the last
+    selected entry of every row) partial with a causal mask_mod, the others full."""
     from torch.nn.attention.flex_attention import BlockMask
 
     b, h, nqb, nkb = indices.shape
     indices = indices.to(torch.int32)  # select_blocks writes int16; BlockMask reads int32
-    # Diagonal block (the last selected entry of every row) is partial; the others are full.
     full_num = (counts - 1).clamp(min=0).contiguous()
     full_idx = indices.clamp(min=0).contiguous()  # padding entries are never read; keep them in range
     part_num = torch.ones_like(counts)
     part_idx = torch.zeros_like(indices)
     part_idx[..., 0] = torch.arange(nqb, device=indices.device, dtype=torch.int32).view(1, 1, -1)
-
-    def causal(b_, h_, q_idx, kv_idx):
-        return q_idx >= kv_idx
-
     extra = {}
     if "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters:
         extra["compute_q_blocks"] = False  # forward only: skip the transposed (backward) indices
-    return BlockMask.from_kv_blocks(part_num, part_idx, full_num, full_idx, BLOCK_SIZE=s, mask_mod=causal,
+    return BlockMask.from_kv_blocks(part_num, part_idx, full_num, full_idx, BLOCK_SIZE=s, mask_mod=_causal,
                                     seq_lengths=(n, n), **extra)
 
 
-# sm90 kernel variants (csrc/kernels/bsa_launch.h): "default" leaves the environment as it is (the
-# op's own choice); any other name is a "+"-joined list of serial | overlap | pingpong | stages<2|3>
-# on top of overlap with 2 stages and one CTA per work item (the 3-stage ring exists for the
-# overlapped variant without pingpong only), persistent (the persistent overlapped kernel, 2 stages,
-# no pingpong; the op's default), sort | nosort (PROXYATTN_BSA_SORT=1 | 0, the work order by
-# selected-block count; both paths; unset otherwise, the op's own choice), and lazy<t>
-# (PROXYATTN_BSA_SM90_LAZY=t, the lazy-rescaling threshold; unset otherwise).
-VARIANT_ENV = ("PROXYATTN_BSA_SM90_OVERLAP", "PROXYATTN_BSA_SM90_PINGPONG", "PROXYATTN_BSA_SM90_STAGES",
-               "PROXYATTN_BSA_SORT", "PROXYATTN_BSA_SM90_PERSISTENT", "PROXYATTN_BSA_SM90_LAZY")
+# ------------------------------------------------------------------ FlashAttention-4 anchors
+#
+# Read from flash-attn-4 4.0.0b36 (the wheel ../shared/tools/fa4-prep.sh fetches), flash_attn/cute/:
+# - interface.py: flash_attn_func(q, k, v, qv=None, gather_kv_indices=None, softmax_scale=None,
+#   causal=False, ..., block_sparse_tensors=None, ..., return_lse=False) -> (out, lse); q [B, N, Hq, D],
+#   k/v [B, N, Hkv, D] (our layout, GQA native); lse is None unless asked for.
+# - block_sparsity.py: BlockSparseTensorsTorch(mask_block_cnt, mask_block_idx, full_block_cnt=None,
+#   full_block_idx=None, cu_total_m_blocks=None, cu_block_idx_offsets=None, block_size=None, ...):
+#   counts int32 CUDA [B, H, M], indices int32 CUDA [B, H, M, <= N] (entries 0..cnt-1 are read, so
+#   the last dim may be compact), H = Hq (or 1, broadcast), M = ceil(Nq / block_size[0]),
+#   N = ceil(Nk / block_size[1]); block_size (q, kv) must be a multiple of the kernel's tile: on
+#   sm90 128 x 128 for D = 128 (tile_m 192 for D = 64 unless the sparse q block is not a multiple of
+#   192, then 128; 64-token blocks shrink the tiles to 64). "mask" blocks get the mask (causal
+#   here, with causal=True), "full" blocks none; per-head (H = Hq) tensors turn pack_gqa off.
+# - torch 2.14's FlexAttention FLASH backend (torch/_inductor/kernel/flex/flex_flash_attention.py,
+#   templates/flash_attention.py.jinja) lowers a compiled flex_attention call with
+#   kernel_options={"BACKEND": "FLASH"} to the same _flash_attn_fwd with the BlockMask's kv blocks
+#   (partial blocks as mask blocks with the mask_mod, causal=False); it raises RuntimeError when
+#   flash_attn.cute is not importable, and GQA goes through enable_gqa=True (FA4's native GQA).
 
 
-def _is_number(text):
+class FA4:
+    """flash_attn.cute's entry points (flash_attn_func, BlockSparseTensorsTorch) and version."""
+
+    def __init__(self):
+        from flash_attn.cute import flash_attn_func
+        from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+
+        self.func, self.BlockSparseTensorsTorch = flash_attn_func, BlockSparseTensorsTorch
+        try:
+            from importlib.metadata import version
+
+            self.version = version("flash-attn-4")
+        except Exception:  # a source tree on PYTHONPATH has no distribution metadata
+            self.version = "unknown"
+
+    def dense(self, q, k, v, scale):
+        """Dense causal attention, q [B, N, Hq, D], k/v [B, N, Hkv, D] -> out like q."""
+        res = self.func(q, k, v, softmax_scale=scale, causal=True)
+        return res[0] if isinstance(res, tuple) else res
+
+    def sparse_tensors(self, counts, indices, block):
+        """BlockSparseTensorsTorch of a causal selection (Nq == Nk): each row's last selected entry
+        (its diagonal block) as the one masked block, the others as full blocks."""
+        cnt = counts.to(torch.int32)
+        width = max(1, int(cnt.max()))  # compact index rows (FA4 reads entries 0..cnt-1 only)
+        idx = indices[..., :width].to(torch.int32)
+        last = idx.gather(-1, (cnt.long() - 1).clamp(min=0).unsqueeze(-1))  # [B, Hq, nqb, 1]
+        fields = dict(mask_block_cnt=(cnt > 0).to(torch.int32).contiguous(), mask_block_idx=last.contiguous(),
+                      full_block_cnt=(cnt - 1).clamp(min=0).contiguous(), full_block_idx=idx.clamp(min=0).contiguous())
+        if "block_size" in self.BlockSparseTensorsTorch._fields:
+            fields["block_size"] = (block, block)
+        return self.BlockSparseTensorsTorch(**fields)
+
+    def sparse(self, q, k, v, tensors, scale):
+        res = self.func(q, k, v, softmax_scale=scale, causal=True, block_sparse_tensors=tensors)
+        return res[0] if isinstance(res, tuple) else res
+
+
+def load_fa4(note=print):
+    """(FA4, None) if flash_attn.cute imports, else (None, reason) after one line (via `note`) saying why."""
     try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+        fa4 = FA4()
+    except Exception as e:  # ImportError, or the CuTe DSL failing to load
+        why = f"flash_attn.cute does not import: {failure(e)}"
+        note(f"{', '.join(FA4_ANCHORS)}: skipped ({why})")
+        return None, why
+    note(f"flash-attn-4 {fa4.version}: timing {', '.join(FA4_ANCHORS)}")
+    return fa4, None
 
 
-def variant_env(name):
-    """Environment of a variant name: a value per VARIANT_ENV name, None for unset."""
-    if name == "default":
-        return {}
-    env = dict(zip(VARIANT_ENV, ("1", "0", "2", None, "0", None)))
-    for part in name.split("+"):
-        if part == "serial":
-            env["PROXYATTN_BSA_SM90_OVERLAP"] = "0"
-        elif part == "overlap":
-            pass
-        elif part == "pingpong":
-            env["PROXYATTN_BSA_SM90_PINGPONG"] = "1"
-        elif part in ("stages2", "stages3"):
-            env["PROXYATTN_BSA_SM90_STAGES"] = part[-1]
-        elif part == "persistent":
-            env["PROXYATTN_BSA_SM90_PERSISTENT"] = "1"
-        elif part.startswith("lazy") and _is_number(part[4:]):
-            env["PROXYATTN_BSA_SM90_LAZY"] = part[4:]
-        elif part in ("sort", "nosort"):
-            env["PROXYATTN_BSA_SORT"] = "1" if part == "sort" else "0"
-        else:
-            raise argparse.ArgumentTypeError(f"unknown sm90 variant part {part!r} in {name!r}")
-    # Combinations the kernel would ignore (csrc/kernels/bsa_launch.h) would be recorded under a
-    # name that does not say what ran: refuse them.
-    serial = env["PROXYATTN_BSA_SM90_OVERLAP"] == "0"
-    if serial and env["PROXYATTN_BSA_SM90_PINGPONG"] == "1":
-        raise argparse.ArgumentTypeError(f"{name!r}: pingpong needs the overlapped kernel, not serial")
-    if env["PROXYATTN_BSA_SM90_STAGES"] == "3" and (serial or env["PROXYATTN_BSA_SM90_PINGPONG"] == "1"):
-        raise argparse.ArgumentTypeError(f"{name!r}: the 3-stage ring exists for the overlapped kernel without "
-                                         "pingpong only")
-    if env["PROXYATTN_BSA_SM90_PERSISTENT"] == "1" and (serial or env["PROXYATTN_BSA_SM90_PINGPONG"] == "1"
-                                                        or env["PROXYATTN_BSA_SM90_STAGES"] == "3"):
-        raise argparse.ArgumentTypeError(f"{name!r}: the persistent kernel is overlapped, 2 stages, no pingpong")
-    return env
+def make_flex_flash():
+    """Compiled FlexAttention with the FLASH backend: fn(q, k, v, block_mask, scale) on [B, H, N, D]."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def flex_flash(q, k, v, block_mask, scale):
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True,
+                              kernel_options={"BACKEND": "FLASH"})
+
+    return torch.compile(flex_flash, dynamic=False)
+
+
+def max_abs_diff(a, b):
+    return float((a.float() - b.float()).abs().max())
+
+
+def failure(e):
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def set_env(name, value):
@@ -198,51 +251,57 @@ def main():
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--skip", nargs="*", default=[], help="anchors to skip: sdpa_flash sdpa_cudnn flex")
-    ap.add_argument("--orders", nargs="+", default=["auto"],
-                    help="CTA work orders to time (PROXYATTN_BSA_ORDER): auto (the default, recorded as bsa), "
-                         "heads, kv:<n> (recorded as bsa_order_<name>)")
-    ap.add_argument("--variants", nargs="+", default=["default"],
-                    help="sm90 kernel variants to time on the same masks: default (the op's own choice, recorded "
-                         "as bsa) or '+'-joined serial|overlap|pingpong|stages2|stages3|persistent|sort|nosort|lazy<t> "
-                         "(recorded as bsa_<variant>)")
+    ap.add_argument("--skip", nargs="*", default=[],
+                    choices=["sdpa_flash", "sdpa_cudnn", "flex", "flex_flash", "fa4", "fa4_sparse"],
+                    help="anchors to skip")
+    ap.add_argument("--backends", nargs="+", default=["auto"], choices=["auto", "portable", "hopper"],
+                    help=f"our kernel under {BACKEND_ENV}: auto leaves the variable as it is (recorded as bsa), "
+                         "portable / hopper set it around the call (recorded as bsa_portable / bsa_hopper)")
     ap.add_argument("--masks", nargs="+", default=["random"], choices=["random", "window", "split2", "split4"],
                     help="random: random causal blocks (default); window: the same row lengths as contiguous "
                          "blocks ending at the diagonal (plus the sink), recorded with the suffix _window; "
                          "split<k>: the random blocks cut into k key ranges, one call per range in sequence, "
                          "timed together without merging the partial outputs (suffix _split<k>)")
     ap.add_argument("--interleave", action="store_true",
-                    help="per sequence length and density, time cuDNN's dense causal call, every bsa case and "
-                         "flex with their runs interleaved (benchlib.time_cold_interleaved), so clock and thermal "
-                         "drift hits each alike; cuDNN is then recorded once per density, with that density in "
-                         "its field paired_density")
+                    help="per sequence length and density, time the dense anchors (cuDNN, FA4), every bsa case and "
+                         "the block-sparse anchors with their runs interleaved (benchlib.time_cold_interleaved), so "
+                         "clock and thermal drift hits each alike; the dense anchors are then recorded once per "
+                         "density, with that density in their field paired_density")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    try:
-        envs = {v: variant_env(v) for v in args.variants}
-    except argparse.ArgumentTypeError as e:
-        ap.error(str(e))
     if not torch.cuda.is_available():
         sys.exit("bench_bsa.py needs a CUDA GPU")
+    import proxyattn  # noqa: F401  (loads the extension)
 
     b, hq, hkv, d, s = 1, args.q_heads, args.kv_heads, args.head_dim, args.block_size
     dtype = torch.bfloat16
     scale = d ** -0.5
     flush = l2_flush_buffer()
     gen = torch.Generator(device="cuda").manual_seed(0)
-    flex = None
-    if "flex" not in args.skip:
-        from torch.nn.attention.flex_attention import flex_attention
-        flex = torch.compile(flex_attention, dynamic=False)
+    from torch.nn.attention.flex_attention import flex_attention
+    flex = None if "flex" in args.skip else torch.compile(flex_attention, dynamic=False)
+    failed = {}  # anchor -> reason it was skipped or failed (in the JSON as "skipped"); not tried again
+    fa4 = None
+    if not all(x in args.skip for x in FA4_ANCHORS):
+        fa4, why = load_fa4()
+        failed.update({x: why for x in FA4_ANCHORS if fa4 is None and x not in args.skip})
+    flex_flash = None if fa4 is None or "flex_flash" in args.skip else make_flex_flash()
+    use = {name: fa4 is not None and name not in args.skip for name in ("fa4", "fa4_sparse")}
 
     cases = []
 
     def record(name, n, density, ms, **extra):
         tflops = density * 4 * d * hq * n * n / 2 * b / (ms * 1e-3) / 1e12
+        if name in FA4_ANCHORS:
+            extra["fa4_version"] = fa4.version
         cases.append({"name": name, "seq_len": n, "batch": b, "q_heads": hq, "kv_heads": hkv, "head_dim": d,
                       "dtype": "bf16", "density": round(density, 4), "ms": round(ms, 3),
                       "tflops": round(tflops, 1), **extra})
-        print(f"{name:12s} N={n:7d} density={density:5.3f} {ms:10.3f} ms {tflops:7.1f} TFLOP/s", flush=True)
+        print(f"{name:16s} N={n:7d} density={density:5.3f} {ms:10.3f} ms {tflops:7.1f} TFLOP/s", flush=True)
+
+    def fail(name, e):
+        failed[name] = failure(e)
+        print(f"{name}: failed ({failed[name]}); not tried again", flush=True)
 
     for n in args.seqlens:
         reps = args.reps
@@ -253,39 +312,45 @@ def main():
         qt = q.transpose(1, 2)  # [B, H, N, D] views for SDPA / flex
         kt, vt = k.transpose(1, 2), v.transpose(1, 2)
 
+        # dense anchors: {name: (fn, context factory)}; timed here, or with every density (--interleave)
+        dense = {}
         ke = ve = None
         if "sdpa_flash" not in args.skip or "sdpa_cudnn" not in args.skip:
             ke = kt.repeat_interleave(hq // hkv, dim=1)
             ve = vt.repeat_interleave(hq // hkv, dim=1)
-            for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
-                if name in args.skip or (args.interleave and name == "sdpa_cudnn"):
-                    continue
-                try:
-                    with sdpa_kernel(backend):
-                        ms = time_cold(lambda: F.scaled_dot_product_attention(qt, ke, ve, is_causal=True, scale=scale),
-                                       reps, warmup, flush)
-                    record(name, n, 1.0, ms)
-                except RuntimeError as e:
-                    print(f"{name}: unavailable ({str(e).splitlines()[0]})")
-        cudnn = None
-        if args.interleave and "sdpa_cudnn" not in args.skip:
-            def cudnn():
-                return F.scaled_dot_product_attention(qt, ke, ve, is_causal=True, scale=scale)
-            try:
-                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                    cudnn()
-            except RuntimeError as e:
-                print(f"sdpa_cudnn: unavailable ({str(e).splitlines()[0]})")
-                cudnn = None
+            for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION),
+                                  ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+                if name not in args.skip:
+                    dense[name] = (lambda: F.scaled_dot_product_attention(qt, ke, ve, is_causal=True, scale=scale),
+                                   lambda backend=backend: sdpa_kernel(backend))
+        if use["fa4"] and "fa4" not in failed:
+            dense["fa4"] = (lambda: fa4.dense(q, k, v, scale), None)
+        for name, (fn, ctx) in list(dense.items()):
+            try:  # compiles (FA4: tens of seconds) and checks that the anchor runs at all
+                with ctx() if ctx is not None else contextlib.nullcontext():
+                    fn()
+                torch.cuda.synchronize()
+            except Exception as e:
+                del dense[name]
+                if name == "fa4":
+                    fail(name, e)
+                else:
+                    print(f"{name}: unavailable ({failure(e)})")
+        for name, (fn, ctx) in list(dense.items()):
+            # SDPA flash (slow) is timed once per length; with --interleave the others join every density's rounds
+            if not args.interleave or name == "sdpa_flash":
+                with ctx() if ctx is not None else contextlib.nullcontext():
+                    ms = time_cold(fn, reps, warmup, flush)
+                record(name, n, 1.0, ms)
+                del dense[name]
 
-        if flex is not None:
+        if flex is not None or flex_flash is not None:
             qf, kf, vf = qt.contiguous(), kt.contiguous(), vt.contiguous()  # [B, H, N, D]
-        for target in args.densities:
+        for i_density, target in enumerate(args.densities):
             counts, indices, density = random_causal_selection(b, hq, n, s, target, gen)
-            saved = {name: os.environ.get(name) for name in VARIANT_ENV + ("PROXYATTN_BSA_ORDER",)}
-            timed = {}  # --interleave: label -> (fn, context factory), timed together below
-            if cudnn is not None:
-                timed["sdpa_cudnn"] = (cudnn, lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION))
+            verify = i_density == 0  # compare the block-sparse anchors' outputs with ours once per length
+            timed = dict(dense)  # --interleave: label -> (fn, context factory), timed together below
+            extras = {}
             for mask in args.masks:
                 if mask == "random":
                     sels = [(counts, indices)]
@@ -301,49 +366,71 @@ def main():
                             q, k, v, mc, mi, None, None, n, n, s, scale, True)
                     return out
 
-                for order in args.orders:  # the environment is read on every call
-                    for variant in args.variants:
-                        env = {name: saved[name] for name in VARIANT_ENV}
-                        env.update(envs[variant])
-                        env["PROXYATTN_BSA_ORDER"] = saved["PROXYATTN_BSA_ORDER"] if order == "auto" else order
-                        label = "bsa" if order == "auto" else f"bsa_order_{order}"
-                        label = (label if variant == "default" else f"{label}_{variant}") + suffix
-                        if args.interleave:
-                            timed[label] = (call, lambda env=env: env_vars(env))
-                        else:
-                            with env_vars(env):
-                                ms = time_cold(call, reps, warmup, flush)
-                            record(label, n, density, ms)
+                for backend in args.backends:  # the op reads the variable on every call
+                    label = ("bsa" if backend == "auto" else f"bsa_{backend}") + suffix
+                    env = {} if backend == "auto" else {BACKEND_ENV: backend}
+                    if args.interleave:
+                        timed[label] = (call, lambda env=env: env_vars(env))
+                    else:
+                        with env_vars(env):
+                            ms = time_cold(call, reps, warmup, flush)
+                        record(label, n, density, ms)
+
+            ours = None
+            if verify and (flex_flash is not None or use["fa4_sparse"]):
+                ours = torch.ops.proxyattn.block_sparse_attention(q, k, v, counts, indices, None, None, n, n, s,
+                                                                  scale, True)[0]
+            anchors = {}  # block-sparse anchors on the random selection: name -> fn
             bm = None
-            if flex is not None:
+            if flex is not None or flex_flash is not None:
                 try:
                     bm = flex_block_mask(counts, indices, n, s)
-
-                    def flex_call(bm=bm):
-                        return flex(qf, kf, vf, block_mask=bm, scale=scale, enable_gqa=True)
-                    if args.interleave:
-                        flex_call()  # compile outside the timed runs
-                        timed["flex"] = (flex_call, None)
-                    else:
-                        record("flex", n, density, time_cold(flex_call, reps, warmup + 1, flush))
+                except Exception as e:
+                    print(f"flex BlockMask: failed ({failure(e)})")
+            if bm is not None and flex is not None and "flex" not in failed:
+                anchors["flex"] = lambda bm=bm: flex(qf, kf, vf, block_mask=bm, scale=scale, enable_gqa=True)
+            if bm is not None and flex_flash is not None and "flex_flash" not in failed:
+                anchors["flex_flash"] = lambda bm=bm: flex_flash(qf, kf, vf, bm, scale)
+            if use["fa4_sparse"] and "fa4_sparse" not in failed:
+                try:
+                    bst = fa4.sparse_tensors(counts, indices, s)
+                    anchors["fa4_sparse"] = lambda bst=bst: fa4.sparse(q, k, v, bst, scale)
+                except Exception as e:
+                    fail("fa4_sparse", e)
+            for name, fn in list(anchors.items()):
+                try:  # compile outside the timed runs; the first selection is checked against ours
+                    out = fn()
+                    if ours is not None:
+                        out = out.transpose(1, 2) if name == "flex_flash" else out
+                        extras[name] = {"max_abs_diff_vs_bsa": round(max_abs_diff(out, ours), 5)}
+                        print(f"{name}: max |out - bsa| = {extras[name]['max_abs_diff_vs_bsa']} "
+                              f"(N={n}, density {density:.3f})", flush=True)
+                    del out
                 except Exception as e:  # compile problems must not lose the other numbers
-                    print(f"flex: failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-            if timed:
+                    del anchors[name]
+                    fail(name, e)
+            del ours
+            for name, fn in anchors.items():
+                if args.interleave:
+                    timed[name] = (fn, None)
+                else:
+                    record(name, n, density, time_cold(fn, reps, warmup + 1, flush), **extras.get(name, {}))
+            if args.interleave and timed:
                 for label, ms in time_cold_interleaved(timed, reps, warmup, flush).items():
-                    if label == "sdpa_cudnn":
+                    if label in dense:
                         record(label, n, 1.0, ms, paired_density=round(density, 4))
                     else:
-                        record(label, n, density, ms)
-            del counts, indices, bm, timed
-        del q, k, v, qt, kt, vt, ke, ve
-        if flex is not None:
+                        record(label, n, density, ms, **extras.get(label, {}))
+            del counts, indices, bm, timed, anchors
+        del q, k, v, qt, kt, vt, ke, ve, dense
+        if flex is not None or flex_flash is not None:
             del qf, kf, vf
         torch.cuda.empty_cache()
 
-    out_path = write_record(cases, "bsa", args.out)
-    print(f"\n{'name':12s} {'N':>7s} {'density':>8s} {'ms':>10s} {'TFLOP/s':>8s}")
+    out_path = write_record(cases, "bsa", args.out, skipped=failed or None)
+    print(f"\n{'name':16s} {'N':>7s} {'density':>8s} {'ms':>10s} {'TFLOP/s':>8s}")
     for c in cases:
-        print(f"{c['name']:12s} {c['seq_len']:7d} {c['density']:8.3f} {c['ms']:10.3f} {c['tflops']:8.1f}")
+        print(f"{c['name']:16s} {c['seq_len']:7d} {c['density']:8.3f} {c['ms']:10.3f} {c['tflops']:8.1f}")
     print(f"wrote {out_path}")
 
 

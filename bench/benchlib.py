@@ -84,10 +84,13 @@ def causal_tflops(n_q: int, n_k: int, q_heads: int, head_dim: int, batch: int = 
     return density * 4 * head_dim * q_heads * n_q * (n_k - n_q / 2) * batch
 
 
-def write_record(cases: list, tag: str, out: str = None) -> str:
+def write_record(cases: list, tag: str, out: str = None, skipped: dict = None) -> str:
+    """Writes the record; `skipped` ({anchor: reason}), when given, says which anchors did not run."""
     card = torch.cuda.get_device_name()
     rec = {"card": card, "torch": torch.__version__, "cuda": torch.version.cuda, "commit": git_commit(),
            "cases": cases}
+    if skipped:
+        rec["skipped"] = skipped
     out = out or os.path.join(ROOT, "bench", "results",
                               f"{card.replace(' ', '_')}-{datetime.date.today():%Y%m%d}-{tag}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

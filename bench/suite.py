@@ -8,23 +8,36 @@ For every length N and head dim D (B = 1, q [1, N, Hq, D], k/v [1, N, Hkv, D], b
 structured inputs (bench/synthetic.py make_structured_inputs: sink, RoPE recency, shared hubs,
 needles; so the selection's density means something), timed on the same tensors:
   sdpa_cudnn, sdpa_flash   dense causal SDPA with KV expanded to Hq heads (DESIGN.md section 5)
+  fa4                      flash-attn-4 dense causal (flash_attn.cute.flash_attn_func)
   proxy_attention          end to end (sparse path, dense_below = 0), with the density it chose
   estimate, estimate_*     stages 1-3 chained, and each stage alone
   bsa                      block_sparse_attention alone on proxy_attention's selection
-  flex                     compiled FlexAttention on the same selection as a BlockMask
-At the --density-at lengths also bsa and flex on random causal selections (sink and diagonal
-kept; bench_bsa.random_causal_selection) at each --densities value, for TFLOP/s vs density; these
-are the cases bench_proxyattn --stage bsa --density R reproduces. A varlen batch (packed
-sequences of --varlen-split fractions of each --varlen-totals value, structured per sequence)
-times proxy_attention_varlen, its estimate and bsa, and SDPA looped over the sequences (no flex).
+  flex                     compiled FlexAttention (Triton) on the same selection as a BlockMask
+  flex_flash               the same with kernel_options={"BACKEND": "FLASH"} (FA4's kernels)
+  fa4_sparse               flash-attn-4 block sparsity on the same selection (bench_bsa.FA4)
+fa4, flex_flash and fa4_sparse need the optional flash-attn-4 wheels (../shared/GPU.md): where
+flash_attn.cute does not import they are skipped with one line saying why (and the JSON's
+"skipped"); an anchor that fails is reported and skipped for that head dim from then on. On the
+first fixed-length case of each head dim, on its proxy and on its random selection, the
+block-sparse anchors' outputs are compared with ours (max_abs_diff_vs_bsa in their records).
+At the --density-at lengths also bsa and the block-sparse anchors on random causal selections
+(sink and diagonal kept; bench_bsa.random_causal_selection) at each --densities value, for TFLOP/s
+vs density; these are the cases bench_proxyattn --stage bsa --density R reproduces. A varlen
+batch (packed sequences of --varlen-split fractions of each --varlen-totals value, structured
+per sequence) times proxy_attention_varlen, its estimate and bsa, and SDPA looped over the
+sequences (no FA4, no flex).
 
-Timing: benchlib.time_cold (256 MiB L2 flush before every run, CUDA events, median of --reps >= 10
-runs after warm-up). density = computed / causal block pairs; TFLOP/s counts computed pairs only
+Timing: cold L2 (256 MiB flush before every run), CUDA events, median of --reps >= 10 runs after
+warm-up. The dense anchors of a case run in shuffled interleaved rounds
+(benchlib.time_cold_interleaved), and so do bsa and the block-sparse anchors of each selection,
+so clock drift hits the contenders alike; proxy_attention and the estimate stages are timed alone
+(benchlib.time_cold). density = computed / causal block pairs; TFLOP/s counts computed pairs only
 (dense causal: 4 * D * Hq * N^2 / 2 per sequence). Structured inputs are generated on the GPU
 before each case (--gen-device cuda), or on the CPU by --gen-workers background processes while
-the GPU measures (--gen-device cpu; single-threaded, minutes at 512k). Writes the DESIGN.md section 6 JSON (bench/results/<card>-<date>-suite.json unless
---out) after every case, so a killed run keeps what it measured, and at the end, with matplotlib,
-<json stem>-speedup.png and <json stem>-tflops.png.
+the GPU measures (--gen-device cpu; single-threaded, minutes at 512k). Writes the DESIGN.md
+section 6 JSON (bench/results/<card>-<date>-suite.json unless --out) after every case, so a
+killed run keeps what it measured, and at the end, with matplotlib, <json stem>-speedup.png and
+<json stem>-tflops.png.
 """
 from __future__ import annotations
 
@@ -45,7 +58,9 @@ if HERE not in sys.path:
 if os.path.dirname(HERE) not in sys.path:
     sys.path.insert(0, os.path.dirname(HERE))
 
-ANCHORS = ("sdpa_cudnn", "sdpa_flash", "flex")
+DENSE_ANCHORS = ("sdpa_cudnn", "sdpa_flash", "fa4")  # dense causal (DESIGN.md section 6 names)
+SPARSE_ANCHORS = ("flex", "flex_flash", "fa4_sparse")  # on the same selection as bsa
+FA4_ANCHORS = ("fa4", "fa4_sparse", "flex_flash")  # need the optional flash-attn-4 wheels
 
 
 def parse_args(argv=None):
@@ -75,8 +90,9 @@ def parse_args(argv=None):
     ap.add_argument("--varlen-split", type=float, nargs="+", default=[0.5, 0.25, 0.125, 0.125],
                     help="fractions of the total per sequence (default 0.5 0.25 0.125 0.125)")
     ap.add_argument("--no-varlen", action="store_true")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["sdpa_cudnn", "sdpa_flash", "flex", "bsa", "estimate"],
-                    help="measurements to skip")
+    ap.add_argument("--skip", nargs="*", default=[], choices=list(DENSE_ANCHORS + SPARSE_ANCHORS) + ["bsa", "estimate"],
+                    help="measurements to skip (fa4, fa4_sparse and flex_flash are skipped anyway, with one line "
+                         "saying why, where flash_attn.cute does not import)")
     ap.add_argument("--reps", type=int, default=10, help="timed runs per measurement (median; >= 10)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up runs (default 3, 1 above 64k)")
     ap.add_argument("--seed", type=int, default=0)
@@ -215,19 +231,20 @@ def plan(a):
 
 
 def steps_of(c, a):
-    """Names of the timed measurements of one case (for the progress bar)."""
-    s = [x for x in ("sdpa_cudnn", "sdpa_flash") if x not in a.skip]
+    """Names of the timed measurements of one case (for the progress bar). a.anchors: the anchors
+    that run (set in main)."""
+    fixed = c.layout == "fixed"
+    s = [x for x in DENSE_ANCHORS if x in a.anchors and (fixed or x.startswith("sdpa_"))]
+    sparse = ["bsa"] if "bsa" not in a.skip else []
+    sparse += [x for x in SPARSE_ANCHORS if x in a.anchors and fixed]
     for _ in a.proxy_heads:
         s.append("proxy_attention")
         if "estimate" not in a.skip:
-            s += ["estimate"] + (["estimate_scores", "estimate_budgets", "estimate_select"] if c.layout == "fixed" else [])
-        if "bsa" not in a.skip:
-            s.append("bsa")
-        if c.layout == "fixed" and "flex" not in a.skip:
-            s.append("flex")
+            s += ["estimate"] + (["estimate_scores", "estimate_budgets", "estimate_select"] if fixed else [])
+        s += sparse
     if c.density_sweep:
         for _ in a.densities:
-            s += [x for x in ("bsa", "flex") if x not in a.skip]
+            s += sparse
     return s
 
 
@@ -286,13 +303,15 @@ def enough_memory(c, a):
 
 
 def run_case(c, q, k, v, a, ctx, record, progress):
+    import contextlib
+
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import proxyattn as pa
-    from bench_bsa import flex_block_mask, random_causal_selection
+    from bench_bsa import failure, flex_block_mask, max_abs_diff, random_causal_selection
     from bench_estimate import estimate_stage_fns
-    from benchlib import time_cold
+    from benchlib import time_cold, time_cold_interleaved
 
     OPS = torch.ops.proxyattn
     hq, hkv, d, S = a.q_heads, a.kv_heads, c.head_dim, a.block_size
@@ -300,11 +319,52 @@ def run_case(c, q, k, v, a, ctx, record, progress):
     varlen = c.layout == "varlen"
     warm = a.warmup if a.warmup is not None else (3 if max(c.lens) <= 65536 else 1)
     flush = ctx["flush"]
+    fa4, flex, flex_flash = ctx.get("fa4"), ctx.get("flex"), ctx.get("flex_flash")
 
     def timed(name, fn, warmup=warm):
         ms = time_cold(fn, a.reps, warmup, flush)
         progress.step(f"{name} {c.key}")
         return ms
+
+    def fail(name, e):
+        """An anchor that failed is not tried again at this head dim; the JSON says why."""
+        ctx["failed"][name, d] = why = failure(e)
+        ctx["skipped"][name] = f"D={d}: {why}"
+        progress.write(f"{name}: failed at {c.key} ({why}); skipped for D={d} from here on")
+
+    def timed_group(entries, ours=None):
+        """{name: (fn, context factory or None)}: each runs once first (compiles, and shows that it runs
+        at all; one that fails is dropped with its reason), then the rest are timed together in shuffled
+        interleaved rounds (benchlib.time_cold_interleaved), so drift hits them alike. With `ours` (our
+        kernel's output) the outputs are compared with it: {name: max_abs_diff_vs_bsa}. Returns
+        ({name: ms}, diffs)."""
+        ok, diffs = {}, {}
+        for name, (fn, cm) in entries.items():
+            try:
+                with cm() if cm is not None else contextlib.nullcontext():
+                    out = fn()
+                torch.cuda.synchronize()
+                if ours is not None and name != "bsa":
+                    out = out.transpose(1, 2) if name in ("flex", "flex_flash") else out  # [B, H, N, D] -> ours
+                    diffs[name] = round(max_abs_diff(out, ours), 5)
+                    progress.write(f"{name}: max |out - bsa| = {diffs[name]} at {c.key}")
+                out = None
+                ok[name] = (fn, cm)
+            except Exception as e:  # a compile or launch problem must not lose the other numbers
+                progress.step(f"{name} failed")
+                if name.startswith("sdpa_"):
+                    progress.write(f"{name}: unavailable ({failure(e)})")
+                else:
+                    fail(name, e)
+        if not ok:
+            return {}, diffs
+        res = time_cold_interleaved(ok, a.reps, warm, flush)
+        for name in res:
+            progress.step(f"{name} {c.key}")
+        return res, diffs
+
+    def usable(name):
+        return name in a.anchors and (name, d) not in ctx["failed"]
 
     flops_dense = sum(4 * d * hq * n * n / 2 for n in c.lens)
     base = dict(seq_len=c.total, batch=len(c.lens), q_heads=hq, kv_heads=hkv, head_dim=d, dtype="bf16",
@@ -317,56 +377,82 @@ def run_case(c, q, k, v, a, ctx, record, progress):
     else:
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # [1, N, H, D]
 
-    # ---- dense anchors: KV expanded to Hq heads, [B, H, N, D] views
-    dense_ms = None
-    for name, backend in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION)):
-        if name in a.skip:
-            continue
-        try:
-            if varlen:
-                views = []
-                for b in range(len(c.lens)):
-                    sl = slice(starts[b], starts[b + 1])
-                    views.append((q[sl].transpose(0, 1).unsqueeze(0),
-                                  k[sl].transpose(0, 1).repeat_interleave(hq // hkv, dim=0).unsqueeze(0),
-                                  v[sl].transpose(0, 1).repeat_interleave(hq // hkv, dim=0).unsqueeze(0)))
+    # ---- dense anchors, interleaved: SDPA with KV expanded to Hq heads ([B, H, N, D] views), FA4 (fixed length)
+    dense = {}
+    if "sdpa_cudnn" not in a.skip or "sdpa_flash" not in a.skip:
+        if varlen:
+            views = []
+            for b in range(len(c.lens)):
+                sl = slice(starts[b], starts[b + 1])
+                views.append((q[sl].transpose(0, 1).unsqueeze(0),
+                              k[sl].transpose(0, 1).repeat_interleave(hq // hkv, dim=0).unsqueeze(0),
+                              v[sl].transpose(0, 1).repeat_interleave(hq // hkv, dim=0).unsqueeze(0)))
 
-                def fn(views=views):
-                    for qt, ke, ve in views:
-                        F.scaled_dot_product_attention(qt, ke, ve, is_causal=True, scale=scale)
-            else:
-                qt = q.transpose(1, 2)
-                ke = k.transpose(1, 2).repeat_interleave(hq // hkv, dim=1)
-                ve = v.transpose(1, 2).repeat_interleave(hq // hkv, dim=1)
-
-                def fn(qt=qt, ke=ke, ve=ve):
+            def sdpa(views=views):
+                for qt, ke, ve in views:
                     F.scaled_dot_product_attention(qt, ke, ve, is_causal=True, scale=scale)
-            with sdpa_kernel(backend):
-                ms = timed(name, fn)
-            record(name, base, 1.0, ms, flops_dense)
-            if name == "sdpa_cudnn":
-                dense_ms = ms
-        except RuntimeError as e:
-            progress.step(f"{name} unavailable")
-            progress.write(f"{name}: unavailable ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
-        finally:
-            fn = views = qt = ke = ve = None  # noqa: F841  (free the expanded copies)
-            torch.cuda.empty_cache()
+        else:
+            qt = q.transpose(1, 2)
+            ke = k.transpose(1, 2).repeat_interleave(hq // hkv, dim=1)
+            ve = v.transpose(1, 2).repeat_interleave(hq // hkv, dim=1)
 
-    flex = ctx.get("flex")
-    if flex is not None and not varlen:
+            def sdpa(qt=qt, ke=ke, ve=ve):
+                return F.scaled_dot_product_attention(qt, ke, ve, is_causal=True, scale=scale)
+        for name, backend in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION)):
+            if name not in a.skip:
+                dense[name] = (sdpa, lambda backend=backend: sdpa_kernel(backend))
+    if not varlen and usable("fa4"):
+        dense["fa4"] = (lambda: fa4.dense(q, k, v, scale), None)
+    dense_res, _ = timed_group(dense)
+    for name, ms in dense_res.items():
+        record(name, base, 1.0, ms, flops_dense)
+    dense_ms = dense_res.get("sdpa_cudnn")
+    dense = sdpa = views = qt = ke = ve = None  # noqa: F841  (free the expanded copies)
+    torch.cuda.empty_cache()
+
+    if not varlen and (flex is not None or flex_flash is not None):
         qf, kf, vf = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # [1, H, N, D]
 
-    def run_flex(counts, indices, density, extra):
-        if flex is None or varlen:
-            return
-        try:
-            bm = flex_block_mask(counts, indices, c.total, S)
-            ms = timed("flex", lambda: flex(qf, kf, vf, block_mask=bm, scale=scale, enable_gqa=True), warm + 1)
-            record("flex", base, density, ms, density * flops_dense, **extra)
-        except Exception as e:  # compile problems must not lose the other numbers
-            progress.step("flex failed")
-            progress.write(f"flex: failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    def sparse_group(counts, indices):
+        """bsa and the block-sparse anchors on one selection, as timed_group entries."""
+        group = {}
+        if "bsa" not in a.skip:
+            group["bsa"] = (lambda: OPS.block_sparse_attention(q, k, v, counts, indices, cu_q, cu_k, mq, mk, S, scale,
+                                                               True)[0], None)
+        if varlen:
+            return group
+        if (usable("flex") and flex is not None) or (usable("flex_flash") and flex_flash is not None):
+            try:
+                bm = flex_block_mask(counts, indices, c.total, S)
+                if usable("flex") and flex is not None:
+                    group["flex"] = (lambda: flex(qf, kf, vf, block_mask=bm, scale=scale, enable_gqa=True), None)
+                if usable("flex_flash") and flex_flash is not None:
+                    group["flex_flash"] = (lambda: flex_flash(qf, kf, vf, bm, scale), None)
+            except Exception as e:
+                progress.write(f"flex BlockMask: failed ({failure(e)})")
+        if usable("fa4_sparse"):
+            try:
+                bst = fa4.sparse_tensors(counts, indices, S)
+                group["fa4_sparse"] = (lambda: fa4.sparse(q, k, v, bst, scale), None)
+            except Exception as e:
+                fail("fa4_sparse", e)
+        return group
+
+    def run_sparse(counts, indices, density, flops, extra):
+        """Times sparse_group(counts, indices) and records it; on the first fixed-length case of each head
+        dim and selection kind (proxy, random) the anchors' outputs are compared with ours. Returns bsa's
+        ms (None if not timed)."""
+        ours = None
+        key = (d, extra["selection"])
+        if not varlen and key not in ctx["verified"] and any(usable(x) for x in SPARSE_ANCHORS):
+            ctx["verified"].add(key)
+            ours = OPS.block_sparse_attention(q, k, v, counts, indices, None, None, mq, mk, S, scale, True)[0]
+        res, diffs = timed_group(sparse_group(counts, indices), ours)
+        del ours
+        for name, ms in res.items():
+            more = {"max_abs_diff_vs_bsa": diffs[name]} if name in diffs else {}
+            record(name, base, density, ms, flops, **extra, **more)
+        return res.get("bsa")
 
     # ---- proxy_attention end to end, estimation and attention apart, on its own selection
     for g in a.proxy_heads:
@@ -392,7 +478,7 @@ def run_case(c, q, k, v, a, ctx, record, progress):
         total = timed("proxy_attention", call)
         rec = record("proxy_attention", base, density, total, flops, **extra,
                      speedup_vs_cudnn=(round(dense_ms / total, 3) if dense_ms else None))
-        est_ms = attn_ms = None
+        est_ms = None
         if "estimate" not in a.skip:
             fns = estimate_stage_fns(q, k, cu_q, cu_k, mq, mk, S, g, cfg.stride, a.gamma, a.min_budget, scale,
                                      cfg.sink_blocks, cfg.local_blocks)
@@ -402,28 +488,19 @@ def run_case(c, q, k, v, a, ctx, record, progress):
                 for stage in ("estimate_scores", "estimate_budgets", "estimate_select"):
                     record(stage, base, None, timed(stage, fns[stage]), None, **extra)
             del fns
-        if "bsa" not in a.skip:
-            attn_ms = timed("bsa", lambda: OPS.block_sparse_attention(q, k, v, sel.counts, sel.indices, cu_q, cu_k,
-                                                                      mq, mk, S, scale, True))
-            record("bsa", base, density, attn_ms, flops, **extra)
+        attn_ms = run_sparse(sel.counts, sel.indices, density, flops, extra)
         rec.update(estimate_ms=None if est_ms is None else round(est_ms, 4),
                    attention_ms=None if attn_ms is None else round(attn_ms, 4))
-        if not varlen and "flex" not in a.skip:
-            run_flex(sel.counts, sel.indices, density, extra)
         sel = None  # free the selection before the next one
 
     # ---- random causal selections: TFLOP/s vs density (the bench_proxyattn --stage bsa cases)
     if c.density_sweep and not varlen:
         gen = torch.Generator(device="cuda").manual_seed(a.seed + c.total)
+        cu_q = cu_k = None
+        mq = mk = c.total
         for target in a.densities:
             counts, indices, density = random_causal_selection(1, hq, c.total, S, target, gen)
-            extra = dict(selection="random", target_density=target)
-            if "bsa" not in a.skip:
-                ms = timed("bsa", lambda: OPS.block_sparse_attention(q, k, v, counts, indices, None, None, c.total,
-                                                                     c.total, S, scale, True))
-                record("bsa", base, density, ms, density * flops_dense, **extra)
-            if "flex" not in a.skip:
-                run_flex(counts, indices, density, extra)
+            run_sparse(counts, indices, density, density * flops_dense, dict(selection="random", target_density=target))
             del counts, indices
 
 
@@ -448,7 +525,8 @@ def plots(cases, json_path, note):
     fig, axes = plt.subplots(1, max(1, len(dims)), figsize=(6 * max(1, len(dims)), 4.5), squeeze=False)
     for ax, d in zip(axes[0], dims):
         cudnn = {c["seq_len"]: c["ms"] for c in fixed if c["head_dim"] == d and c["name"] == "sdpa_cudnn"}
-        for name, style in (("proxy_attention", "o-"), ("bsa", "s--"), ("flex", "^:"), ("sdpa_flash", "x-.")):
+        for name, style in (("proxy_attention", "o-"), ("bsa", "s--"), ("flex", "^:"), ("flex_flash", "v:"),
+                            ("fa4_sparse", "P--"), ("sdpa_flash", "x-."), ("fa4", "d-.")):
             pts = sorted((c["seq_len"], cudnn[c["seq_len"]] / c["ms"]) for c in fixed
                          if c["head_dim"] == d and c["name"] == name and c["seq_len"] in cudnn
                          and c.get("selection", "proxy") == "proxy")
@@ -470,15 +548,15 @@ def plots(cases, json_path, note):
     # effective TFLOP/s vs density
     fig, axes = plt.subplots(1, max(1, len(dims)), figsize=(6 * max(1, len(dims)), 4.5), squeeze=False)
     for ax, d in zip(axes[0], dims):
-        for name, marker in (("bsa", "o"), ("flex", "^")):
+        for i, (name, marker) in enumerate((("bsa", "o"), ("flex", "^"), ("flex_flash", "v"), ("fa4_sparse", "P"))):
             for sel, fill in (("random", "full"), ("proxy", "none")):
                 pts = [(c["density"], c["tflops"]) for c in fixed if c["head_dim"] == d and c["name"] == name
                        and c.get("selection") == sel and c["tflops"]]
                 if pts:
-                    col = "C0" if name == "bsa" else "C1"
+                    col = f"C{i}"
                     ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, edgecolors=col,
                                facecolors=col if fill == "full" else "none", label=f"{name} ({sel} selection)")
-        for name, ls in (("sdpa_cudnn", "--"), ("sdpa_flash", ":")):
+        for name, ls in (("sdpa_cudnn", "--"), ("sdpa_flash", ":"), ("fa4", "-.")):
             vals = [c["tflops"] for c in fixed if c["head_dim"] == d and c["name"] == name]
             if vals:
                 ax.axhline(sorted(vals)[len(vals) // 2], ls=ls, color="gray", label=f"{name} dense (median)")
@@ -509,8 +587,9 @@ def print_table(cases):
         ratio = f"{ref / c['ms']:.2f}x" if ref and c["name"] != "sdpa_cudnn" else "-"
         sel = c.get("selection", "")
         name = c["name"] + ("*" if sel == "random" else "")
+        diff = f"  max|out-bsa| {c['max_abs_diff_vs_bsa']}" if "max_abs_diff_vs_bsa" in c else ""
         print(f"{name:17s} {c['layout']:6s} {c['seq_len']:8d} {c['head_dim']:4d} {dens:>8s} {c['ms']:10.3f} "
-              f"{tf:>8s} {ratio:>9s}")
+              f"{tf:>8s} {ratio:>9s}{diff}")
     print("* random causal selection at the target density (bench_proxyattn --stage bsa reproduces these)")
 
 
@@ -526,8 +605,17 @@ def main(argv=None):
     if missing:
         sys.exit(f"bench/suite.py: the proxyattn extension has no CUDA kernel for {missing} "
                  f"(extension error: {pa.EXTENSION_ERROR}); build it first (pip install --no-build-isolation -e .)")
+    from bench_bsa import load_fa4, make_flex_flash
     from benchlib import l2_flush_buffer, write_record
 
+    ctx = {"flush": l2_flush_buffer(), "failed": {}, "skipped": {}, "verified": set()}
+    a.anchors = {x for x in DENSE_ANCHORS + SPARSE_ANCHORS if x not in a.skip and x not in FA4_ANCHORS}
+    if not all(x in a.skip for x in FA4_ANCHORS):
+        ctx["fa4"], why = load_fa4()
+        if ctx["fa4"] is None:
+            ctx["skipped"].update({x: why for x in FA4_ANCHORS if x not in a.skip})
+        else:
+            a.anchors |= {x for x in FA4_ANCHORS if x not in a.skip}
     cases_plan = plan(a)
     total_steps = sum(len(steps_of(c, a)) for c in cases_plan)
     card = torch.cuda.get_device_name()
@@ -535,8 +623,7 @@ def main(argv=None):
           f"Hq={a.q_heads} Hkv={a.kv_heads} S={a.block_size} bf16 causal, proxy heads {a.proxy_heads}, "
           f"gamma {a.gamma}, min_budget {a.min_budget}", flush=True)
 
-    ctx = {"flush": l2_flush_buffer()}
-    if "flex" not in a.skip:
+    if "flex" in a.anchors or "flex_flash" in a.anchors:
         import torch._dynamo.config as dynamo_config
         from torch.nn.attention.flex_attention import flex_attention
 
@@ -544,13 +631,18 @@ def main(argv=None):
                      "accumulated_recompile_limit"):
             if hasattr(dynamo_config, knob):  # one compile per shape; never fall back to eager flex
                 setattr(dynamo_config, knob, max(256, getattr(dynamo_config, knob)))
-        ctx["flex"] = torch.compile(flex_attention, dynamic=False)
+        if "flex" in a.anchors:
+            ctx["flex"] = torch.compile(flex_attention, dynamic=False)
+        if "flex_flash" in a.anchors:
+            ctx["flex_flash"] = make_flex_flash()
 
     cases = []
     progress = Progress(total_steps)
 
     def record(name, base, density, ms, flops, **extra):
         tflops = flops / (ms * 1e-3) / 1e12 if flops else None
+        if name in FA4_ANCHORS:
+            extra["fa4_version"] = ctx["fa4"].version
         rec = dict(name=name, **base, density=None if density is None else round(density, 4), ms=round(ms, 4),
                    tflops=None if tflops is None else round(tflops, 1), **extra)
         cases.append(rec)
@@ -583,14 +675,16 @@ def main(argv=None):
             del q, k, v
             torch.cuda.empty_cache()
             # Rewrite the record after every case, so a run that is killed keeps what it measured.
-            out = write_record(cases, a.tag, out)
+            out = write_record(cases, a.tag, out, skipped=ctx["skipped"])
     except KeyboardInterrupt:  # keep what was measured (e.g. under `timeout -s INT`)
         progress.write(f"interrupted: writing the {len(cases)} records measured so far")
     finally:
         progress.close()
         src.close()
-    out = write_record(cases, a.tag, out)
+    out = write_record(cases, a.tag, out, skipped=ctx["skipped"])
     print_table(cases)
+    for name, why in ctx["skipped"].items():
+        print(f"{name}: not measured ({why})")
     print(f"\n{len(cases)} records in {time.time() - t_start:.0f}s; wrote {out}")
     if not a.no_plots:
         for p in plots(cases, out, print):
