@@ -23,6 +23,9 @@
 // section 2 (scores within 1e-3 relative, kstar exactly except heads whose cumulative mass lies
 // within 1e-5 of gamma, the selection exactly given the kernel's scores/kstar), and the attention
 // against a naive fp32 CUDA kernel over the same selection; exits 1 on a mismatch.
+// --backend auto|portable|hopper picks the attention kernel (BsaBackend in
+// kernels/common/bsa_launch.h; the torch op reads PROXYATTN_BSA_BACKEND instead); the kernel that
+// runs is printed.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_profiler_api.h>
@@ -41,12 +44,12 @@
 #include <string>
 #include <vector>
 
-#include "kernels/bsa_launch.h"
-#include "kernels/bsa_params.h"
-#include "kernels/estimate_common.cuh"
-#include "kernels/head_budgets.h"
-#include "kernels/proxy_scores.h"
-#include "kernels/select_blocks.h"
+#include "kernels/common/bsa_launch.h"
+#include "kernels/common/bsa_params.h"
+#include "kernels/estimate/estimate_common.cuh"
+#include "kernels/estimate/head_budgets.h"
+#include "kernels/estimate/proxy_scores.h"
+#include "kernels/estimate/select_blocks.h"
 
 // Every CUDA call goes through this: on failure print the call, file:line and the error, exit 1.
 #define PROXYATTN_BENCH_CHECK(expr)                                                                    \
@@ -87,6 +90,7 @@ struct Options {
   int iters = 10, warmup = 3;
   bool bf16 = true;
   bool verify = false;
+  proxyattn::BsaBackend backend = proxyattn::BsaBackend::kAuto;
   bool seq_lens_given = false;
   uint64_t seed = 0;
 };
@@ -111,6 +115,8 @@ void print_help() {
       "  --iters n              timed runs (median), default 10\n"
       "  --warmup n             untimed runs first, default 3\n"
       "  --dtype bf16|fp16      default bf16\n"
+      "  --backend B            attention kernel: auto (Hopper where it runs, else portable; default),\n"
+      "                         portable (sm80 kernel), hopper (Hopper kernel or an error)\n"
       "  --seed n               input seed, default 0\n"
       "  --verify               check every stage against simple references on the given (small,\n"
       "                         N <= %d) cases instead of timing; exit 1 on a mismatch\n"
@@ -219,6 +225,10 @@ Options parse_args(int argc, char** argv) {
       else usage_error("--dtype must be bf16 or fp16, got '" + d + "'");
     } else if (a == "--verify") {
       o.verify = true;
+    } else if (a == "--backend") {
+      const std::string b = value(a);
+      if (!proxyattn::bsa_backend_parse(b.c_str(), &o.backend) || b.empty())
+        usage_error(std::string("--backend must be one of ") + proxyattn::kBsaBackendNames + ", got '" + b + "'");
     } else {
       usage_error("unknown option '" + a + "'");
     }
@@ -355,10 +365,19 @@ __global__ void naive_bsa_kernel(BsaParams p, float* truth, float* lowp, float* 
     for (int d = 0; d < D; ++d) s += qf[d] * to_float(kr[d]);
     return s * p.softmax_scale;
   };
+  // The row's blocks as a set (DESIGN.md section 2, stage 4): entry e counts unless an earlier
+  // entry holds the same value.
+  auto taken = [&](int e) {
+    const int n = index_at(e);
+    if (n < 0 || n >= nkb_seq) return false;
+    for (int e2 = 0; e2 < e; ++e2)
+      if (index_at(e2) == n) return false;
+    return true;
+  };
   float mx = -INFINITY;
   for (int e = 0; e < min(cnt, p.num_k_blocks); ++e) {
+    if (!taken(e)) continue;
     const int n = index_at(e);
-    if (n < 0 || n >= nkb_seq) continue;
     for (int j = n * S; j < min((n + 1) * S, p.seqlen_k) && j <= last_key; ++j) mx = fmaxf(mx, logit(j));
   }
   float acc[128], acc_low[128];
@@ -366,8 +385,8 @@ __global__ void naive_bsa_kernel(BsaParams p, float* truth, float* lowp, float* 
   float l = 0.f;
   if (mx > -INFINITY) {
     for (int e = 0; e < min(cnt, p.num_k_blocks); ++e) {
+      if (!taken(e)) continue;
       const int n = index_at(e);
-      if (n < 0 || n >= nkb_seq) continue;
       for (int j = n * S; j < min((n + 1) * S, p.seqlen_k) && j <= last_key; ++j) {
         const float pr = expf(logit(j) - mx);
         const float pr_low = to_float(from_float<T>(pr));
@@ -441,12 +460,12 @@ struct Problem {
   DeviceBuffer<int> kstar, counts;
   DeviceBuffer<int16_t> indices;  // select_blocks' output
   DeviceBuffer<int> rand_counts, rand_indices;
-  DeviceBuffer<int> tile_order;  // the sorted CTA order of block_sparse_attention (BsaParams::tile_order)
-  DeviceBuffer<int> tile_counter;  // the persistent sm90 kernel's work counter (BsaParams::tile_counter)
+  DeviceBuffer<int> tile_counter;  // the Hopper kernel's work counter (BsaParams::tile_counter)
   ProxyScoresParams sp{};
   HeadBudgetsParams hp{};
   SelectBlocksParams selp{};
   BsaParams bp{};
+  proxyattn::BsaPlan plan;  // the attention kernel of every bsa run (bsa_plan of bp and --backend)
 
   Problem(const Options& opt, int seq_len)
       : o(opt),
@@ -466,7 +485,6 @@ struct Problem {
         indices(size_t(opt.batch) * opt.q_heads * nqb * nkb),
         rand_counts(size_t(opt.batch) * opt.q_heads * nqb),
         rand_indices(size_t(opt.batch) * opt.q_heads * nqb * nkb),
-        tile_order(size_t(opt.batch) * opt.q_heads * nqb),
         tile_counter(1) {
     const int B = o.batch, Hq = o.q_heads, Hkv = o.kv_heads, D = o.head_dim, S = o.block_size;
     const float scale = 1.0f / std::sqrt(static_cast<float>(D));
@@ -583,9 +601,18 @@ struct Problem {
     bp.softmax_scale = scale;
     bp.softmax_scale_log2 = scale * 1.4426950408889634f;
     bp.causal = true;
-    bp.tile_order = tile_order.ptr;
     use_selection(rand_counts.ptr, rand_indices.ptr);
+    // Decided once: the selection pointers, the only fields that change later, do not enter it.
+    plan = proxyattn::bsa_plan(bp, o.backend);
+    if (!plan.error.empty() && (o.verify || o.stage == "bsa" || o.stage == "all")) {
+      std::fprintf(stderr, "block_sparse_attention%s: %s\n", plan.refused ? " (--backend hopper)" : "",
+                   plan.error.c_str());
+      std::exit(1);
+    }
+    bp.tile_counter = tile_counter.ptr;
   }
+
+  const char* kernel_name() const { return plan.path == proxyattn::BsaPath::kHopper ? "hopper" : "portable"; }
 
   void use_selection(const int* c, const int* idx) {
     bp.counts = c;
@@ -653,17 +680,9 @@ struct Problem {
   }
   void run_select(cudaStream_t st) { PROXYATTN_BENCH_CHECK(proxyattn::run_select_blocks(selp, st)); }
   void run_bsa(cudaStream_t st) {
-    std::string why = proxyattn::bsa_unsupported_reason(bp);
-    if (why.empty()) why = proxyattn::bsa_sm90_lazy_error();
-    if (!why.empty()) {
-      std::fprintf(stderr, "block_sparse_attention: %s\n", why.c_str());
-      std::exit(1);
-    }
-    if (proxyattn::bsa_needs_tile_counter(bp)) {  // zero at every launch, as the torch op does
+    if (plan.path == proxyattn::BsaPath::kHopper)  // zero at every launch, as the torch op does
       PROXYATTN_BENCH_CHECK(cudaMemsetAsync(tile_counter.ptr, 0, sizeof(int), st));
-      bp.tile_counter = tile_counter.ptr;
-    }
-    PROXYATTN_BENCH_CHECK(proxyattn::run_bsa_fwd(bp, o.bf16, st));
+    PROXYATTN_BENCH_CHECK(proxyattn::run_bsa_fwd(bp, o.bf16, plan, st));
   }
 };
 
@@ -755,6 +774,7 @@ void benchmark(const Options& o) {
                 }),
                 0);
     if (wants(o, "bsa")) {
+      std::printf("# bsa N=%d: %s kernel\n", n, pb.kernel_name());
       for (double target : o.densities) {
         const double density = pb.make_random_selection(target, mix64(o.seed ^ (uint64_t(n) << 20)) + uint64_t(target * 1e6));
         const double flops = density * 4.0 * o.head_dim * o.q_heads * double(n) * n / 2 * o.batch;
@@ -1026,6 +1046,7 @@ int verify(const Options& o) {
     std::printf("verify: N=%d B=%d Hq=%d Hkv=%d D=%d S=%d %s G=%d stride=%d gamma=%.3f\n", n, o.batch, o.q_heads,
                 o.kv_heads, o.head_dim, o.block_size, o.bf16 ? "bf16" : "fp16", o.proxy_heads, o.stride, o.gamma);
     Problem pb(o, n);
+    std::printf("  attention: %s kernel\n", pb.kernel_name());
     // Heads of different temperature, so budgets range from a few blocks to nearly all.
     std::vector<float> temps(o.q_heads);
     for (int h = 0; h < o.q_heads; ++h) temps[h] = o.q_heads == 1 ? 1.f : 0.5f + 5.5f * h / (o.q_heads - 1);

@@ -1,6 +1,6 @@
 // Explicit instantiation of the sm80 block-sparse attention forward for fp16, head dim 128
-// (both block sizes, 64 and 128). Kernel body: csrc/kernels/bsa_fwd_sm80.cuh.
-#include "kernels/bsa_fwd_sm80.cuh"
+// (both block sizes, 64 and 128). Kernel: csrc/kernels/bsa_sm80/.
+#include "kernels/bsa_sm80/launch.cuh"
 
 namespace proxyattn {
 template cudaError_t run_bsa_fwd_sm80<__half, 128>(const BsaParams&, cudaStream_t);

@@ -1,6 +1,6 @@
 // Explicit instantiation of the Hopper (sm_90a) block-sparse attention forward for bf16, head dim 64
-// (block size 128). Kernel body: csrc/kernels/bsa_fwd_sm90.cuh (empty on non-sm_90a targets).
-#include "kernels/bsa_fwd_sm90.cuh"
+// (block size 128). Kernel: csrc/kernels/bsa_sm90/ (empty body on non-sm_90a targets).
+#include "kernels/bsa_sm90/launch.cuh"
 
 namespace proxyattn {
 template cudaError_t run_bsa_fwd_sm90<__nv_bfloat16, 64>(const BsaParams&, cudaStream_t);

@@ -1,16 +1,22 @@
 // Torch glue of torch.ops.proxyattn.block_sparse_attention (DESIGN.md section 2, stage 4) on CUDA:
-// checks, allocation of out (contiguous, like q) and lse (fp32: fixed length [B, Hq, Nq], varlen
-// [Hq, total_q]), the params struct, and the launch on the current stream. Selection: counts int32,
-// indices int16 (as select_blocks writes them) or int32. Layouts: see csrc/kernels/bsa_params.h.
-// No host synchronisation (cu_seqlens are never read here).
+// checks, the choice of kernel, allocation of out (contiguous, like q) and lse (fp32: fixed length
+// [B, Hq, Nq], varlen [Hq, total_q]), the params struct, and the launch on the current stream.
+// Selection: counts int32, indices int16 (as select_blocks writes them) or int32. Layouts: see
+// csrc/kernels/common/bsa_params.h. No host synchronisation (cu_seqlens are never read here).
+//
+// Kernel choice, read once per call, before anything else: environment variable
+// PROXYATTN_BSA_BACKEND = auto (also unset or empty: the Hopper kernel where the device is sm_90
+// and the parameters suit it, else the portable one), portable (the sm80 kernel), hopper (the
+// Hopper kernel, or an error saying why not). Any other value is an error naming it.
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <string>
 #include <tuple>
 
-#include "kernels/bsa_launch.h"
-#include "kernels/bsa_params.h"
+#include "kernels/common/bsa_launch.h"
+#include "kernels/common/bsa_params.h"
 #include "ops/common.h"
 
 namespace proxyattn {
@@ -30,6 +36,14 @@ void check_rows_aligned(const at::Tensor& t, const char* name) {
 
 constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
 
+BsaBackend backend_from_env() {
+  const char* env = std::getenv("PROXYATTN_BSA_BACKEND");
+  BsaBackend backend = BsaBackend::kAuto;
+  PROXYATTN_CHECK(bsa_backend_parse(env, &backend), "PROXYATTN_BSA_BACKEND must be one of ", kBsaBackendNames,
+                  " (unset or empty: auto), got '", env, "'");
+  return backend;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
@@ -37,6 +51,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
     const at::Tensor& indices, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
     int64_t block_size, double softmax_scale, bool causal) {
+  const BsaBackend backend = backend_from_env();
   check_cuda(q, "q");
   check_cuda(k, "k");
   check_cuda(v, "v");
@@ -109,35 +124,20 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
   check_rows_aligned(v, "v");
 
   const c10::cuda::CUDAGuard guard(q.device());
-  // Fixed length: the kernel writes every element. Varlen: packed rows outside every sequence
-  // (cu_seqlens_q[B] < total_q, or a sequence longer than max_seqlen_q) read as out 0, lse -inf.
-  at::Tensor out = varlen ? at::zeros(q.sizes(), q.options()) : at::empty(q.sizes(), q.options());
-  at::Tensor lse = varlen ? at::full({hq, q.size(0)}, -std::numeric_limits<float>::infinity(),
-                                     q.options().dtype(at::kFloat))
-                          : at::empty({batch, hq, nq}, q.options().dtype(at::kFloat));
-  if (out.numel() == 0 || nqb == 0 || batch == 0) return {out, lse};
-
   BsaParams p;
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
   const int r = varlen ? 0 : 1;  // dim of rows
   p.q_batch_stride = varlen ? 0 : q.stride(0);
   p.k_batch_stride = varlen ? 0 : k.stride(0);
   p.v_batch_stride = varlen ? 0 : v.stride(0);
-  p.out_batch_stride = varlen ? 0 : out.stride(0);
   p.q_row_stride = q.stride(r);
   p.k_row_stride = k.stride(r);
   p.v_row_stride = v.stride(r);
-  p.out_row_stride = out.stride(r);
   p.q_head_stride = q.stride(r + 1);
   p.k_head_stride = k.stride(r + 1);
   p.v_head_stride = v.stride(r + 1);
-  p.out_head_stride = out.stride(r + 1);
-  p.lse_batch_stride = varlen ? 0 : lse.stride(0);
-  p.lse_head_stride = varlen ? lse.stride(0) : lse.stride(1);
   if (varlen) {
     p.cu_seqlens_q = cu_seqlens_q->data_ptr<int>();
     p.cu_seqlens_k = cu_seqlens_k->data_ptr<int>();
@@ -171,27 +171,32 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
   p.softmax_scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
   p.causal = causal;
 
-  const std::string reason = bsa_unsupported_reason(p);
-  PROXYATTN_CHECK(reason.empty(), "block_sparse_attention: ", reason);
-  const std::string lazy = bsa_sm90_lazy_error();
-  PROXYATTN_CHECK(lazy.empty(), "block_sparse_attention: ", lazy);
-  std::string why;
-  PROXYATTN_CHECK(bsa_choose_path(p, &why) != BsaPath::kRefused,
-                  "block_sparse_attention: PROXYATTN_BSA_SM90=require, but ", why);
-  // The sorted CTA order (kernels/bsa_order.cu), 4 bytes per work item, when run_bsa_fwd sorts
-  // (PROXYATTN_BSA_SORT=1).
-  at::Tensor order;
-  if (bsa_sort_tiles(p)) {
-    order = at::empty({bsa_tile_order_size(p)}, q.options().dtype(at::kInt));
-    p.tile_order = order.data_ptr<int>();
-  }
-  // The persistent sm90 variant's work counter, zero at launch (4 bytes).
+  // The kernel for this call, decided once (device arch, supported shapes, work order).
+  const BsaPlan plan = bsa_plan(p, backend);
+  PROXYATTN_CHECK(!plan.refused, "block_sparse_attention: PROXYATTN_BSA_BACKEND=hopper, but ", plan.error);
+  PROXYATTN_CHECK(plan.error.empty(), "block_sparse_attention: ", plan.error);
+
+  // Fixed length: the kernel writes every element. Varlen: packed rows outside every sequence
+  // (cu_seqlens_q[B] < total_q, or a sequence longer than max_seqlen_q) read as out 0, lse -inf.
+  at::Tensor out = varlen ? at::zeros(q.sizes(), q.options()) : at::empty(q.sizes(), q.options());
+  at::Tensor lse = varlen ? at::full({hq, q.size(0)}, -std::numeric_limits<float>::infinity(),
+                                     q.options().dtype(at::kFloat))
+                          : at::empty({batch, hq, nq}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0 || nqb == 0 || batch == 0) return {out, lse};
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.out_batch_stride = varlen ? 0 : out.stride(0);
+  p.out_row_stride = out.stride(r);
+  p.out_head_stride = out.stride(r + 1);
+  p.lse_batch_stride = varlen ? 0 : lse.stride(0);
+  p.lse_head_stride = varlen ? lse.stride(0) : lse.stride(1);
+  // The Hopper kernel's work counter, zero at launch (4 bytes).
   at::Tensor tile_counter;
-  if (bsa_needs_tile_counter(p)) {
+  if (plan.path == BsaPath::kHopper) {
     tile_counter = at::zeros({1}, q.options().dtype(at::kInt));
     p.tile_counter = tile_counter.data_ptr<int>();
   }
-  PROXYATTN_CUDA_CHECK(run_bsa_fwd(p, q.scalar_type() == at::kBFloat16, current_stream()));
+  PROXYATTN_CUDA_CHECK(run_bsa_fwd(p, q.scalar_type() == at::kBFloat16, plan, current_stream()));
   PROXYATTN_LAUNCH_CHECK();
   return {out, lse};
 }

@@ -1,7 +1,7 @@
 // Torch glue of the estimation ops (DESIGN.md section 2, stages 1-3) on CUDA:
-//   proxy_block_scores -> fp32 [B, G, nqb, nkb]     (csrc/kernels/proxy_scores.cu)
-//   head_budgets       -> int32 [B, Hq]             (csrc/kernels/head_budgets.cu)
-//   select_blocks      -> (int32 [B, Hq, nqb], int16 [B, Hq, nqb, nkb])  (csrc/kernels/select_blocks.cu)
+//   proxy_block_scores -> fp32 [B, G, nqb, nkb]     (csrc/kernels/estimate/proxy_scores.cu)
+//   head_budgets       -> int32 [B, Hq]             (csrc/kernels/estimate/head_budgets.cu)
+//   select_blocks      -> (int32 [B, Hq, nqb], int16 [B, Hq, nqb, nkb])  (csrc/kernels/estimate/select_blocks.cu)
 // Fixed length: q [B, Nq, Hq, D], k [B, Nk, Hkv, D]; varlen: q [total_q, Hq, D],
 // k [total_k, Hkv, D] with cu_seqlens_q/k int32 [B + 1]. Checks name expected vs got; outputs
 // and workspaces come from at::empty (kernels write every output element); no host sync.
@@ -12,9 +12,9 @@
 
 #include <cmath>
 
-#include "kernels/head_budgets.h"
-#include "kernels/proxy_scores.h"
-#include "kernels/select_blocks.h"
+#include "kernels/estimate/head_budgets.h"
+#include "kernels/estimate/proxy_scores.h"
+#include "kernels/estimate/select_blocks.h"
 #include "ops/common.h"
 
 namespace proxyattn {

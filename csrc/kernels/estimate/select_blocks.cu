@@ -12,9 +12,9 @@
 // nkb <= 32768). The sort is skipped when every head of the row takes all or none of the
 // non-forced candidates.
 // Deterministic; bit-identical to any implementation of the same total order.
-#include "kernels/select_blocks.h"
+#include "kernels/estimate/select_blocks.h"
 
-#include "kernels/estimate_common.cuh"
+#include "kernels/estimate/estimate_common.cuh"
 
 namespace proxyattn {
 namespace {

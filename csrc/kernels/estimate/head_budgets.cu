@@ -18,11 +18,11 @@
 // rounding (~1e-6 relative, different summation order and mma accumulation), so kstar is
 // identical except for heads whose reference cumulative sum lands within ~1e-5 of gamma at
 // the crossing (or whose sorted order swaps two w within that tolerance at the crossing).
-#include "kernels/head_budgets.h"
+#include "kernels/estimate/head_budgets.h"
 
 #include <climits>
 
-#include "kernels/estimate_common.cuh"
+#include "kernels/estimate/estimate_common.cuh"
 
 namespace proxyattn {
 namespace {

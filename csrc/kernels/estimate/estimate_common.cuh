@@ -1,7 +1,7 @@
-// Device helpers shared by the estimation kernels (stages 1-3 of DESIGN.md section 2):
-// per-sequence bounds (fixed length or varlen, lengths clamped into [0, max_seqlen]),
-// the candidate / forced-block arithmetic of the conventions, and thin mma.sync wrappers
-// (m16n8k16, fp32 accumulate) for fp16 and bf16 operands. No torch headers.
+// Device helpers shared by the estimation kernels (stages 1-3 of DESIGN.md section 2): the
+// candidate / forced-block arithmetic of the conventions, thin mma.sync wrappers (m16n8k16, fp32
+// accumulate) for fp16 and bf16 operands, cp.async and the merge of online-softmax statistics.
+// Sequence bounds and Python-style integer division come from kernels/common/. No torch headers.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -10,49 +10,12 @@
 
 #include <cstdint>
 
+#include "kernels/common/int_math.h"
+#include "kernels/common/seq_bounds.cuh"
+
 namespace proxyattn {
 
 constexpr float kLog2e = 1.4426950408889634f;
-
-__host__ __device__ inline int64_t floor_div64(int64_t a, int64_t b) {
-  int64_t q = a / b;
-  return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
-}
-__host__ __device__ inline int64_t floor_mod64(int64_t a, int64_t b) { return a - floor_div64(a, b) * b; }
-// Python-style ceil division (-(-a // b)), also right for negative a.
-__host__ __device__ inline int64_t ceil_div64(int64_t a, int64_t b) { return -floor_div64(-a, b); }
-
-// One sequence of a (possibly varlen) batch. Fixed length: starts 0 (the batch stride
-// addresses the item), lengths = max_seqlen. Varlen: starts and lengths from cu_seqlens,
-// clamped so that a bad cu_seqlens value can never index outside [0, total).
-struct SeqBounds {
-  int64_t q_start, k_start;
-  int nq, nk;
-};
-
-__device__ inline SeqBounds load_seq_bounds(const int* cu_q, const int* cu_k, int b, int max_q, int max_k,
-                                            int64_t total_q, int64_t total_k) {
-  SeqBounds s;
-  if (cu_q == nullptr) {
-    s.q_start = 0;
-    s.nq = max_q;
-  } else {
-    int64_t a = min(max(static_cast<int64_t>(cu_q[b]), int64_t(0)), total_q);
-    int64_t e = min(max(static_cast<int64_t>(cu_q[b + 1]), a), total_q);
-    s.q_start = a;
-    s.nq = static_cast<int>(min(e - a, static_cast<int64_t>(max_q)));
-  }
-  if (cu_k == nullptr) {
-    s.k_start = 0;
-    s.nk = max_k;
-  } else {
-    int64_t a = min(max(static_cast<int64_t>(cu_k[b]), int64_t(0)), total_k);
-    int64_t e = min(max(static_cast<int64_t>(cu_k[b + 1]), a), total_k);
-    s.k_start = a;
-    s.nk = static_cast<int>(min(e - a, static_cast<int64_t>(max_k)));
-  }
-  return s;
-}
 
 // Candidates of query block m: the prefix [0, c_m) of key blocks (conventions).
 // Causal: c_m = floor((Nk - Nq + min((m+1)S, Nq) - 1) / S) + 1, clamped into [0, nkb].

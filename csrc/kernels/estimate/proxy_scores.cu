@@ -25,12 +25,12 @@
 //      into block runs.
 // Values are within ~1e-5 relative of an fp64 evaluation for |pooled values| well inside
 // the fp16 range (|qbar * sm * log2e|, |kbar| < 6e4).
-#include "kernels/proxy_scores.h"
+#include "kernels/estimate/proxy_scores.h"
 
 #include <algorithm>
 #include <climits>
 
-#include "kernels/estimate_common.cuh"
+#include "kernels/estimate/estimate_common.cuh"
 
 namespace proxyattn {
 namespace {

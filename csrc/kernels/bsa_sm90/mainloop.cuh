@@ -1,0 +1,333 @@
+// Main loop of the persistent Hopper kernel: the producer (one loader thread, warp 0 lane 0 of
+// warpgroup 0) and the consumers (warpgroups 1 and 2, 64 query rows each).
+//
+// The key blocks of all of a CTA's work items form one stream through the 2-stage K/V ring, and
+// the consumers treat it as one loop.
+//   loader: per item from the scheduler's queue (tile_scheduler.cuh), Q by TMA into one of two
+//     buffers (full_q / empty_q), then the K and V tiles of its selected key blocks (BlockCursor,
+//     resumed after the block the scheduler took) into the ring; full barriers carry the TMA
+//     transaction bytes, empty barriers are released by the 8 consumer warps. Before a stage's
+//     full barrier it writes the stage's description (meta[stage], StageMeta): the block, whether
+//     it is an item's first (kMetaFirst) and the item; the end is a kMetaStop stage.
+//   consumers: S = Q K^T by wgmma SS (64 x 128 x D) issued together with O += P V of the previous
+//     tile by wgmma RS (64 x D x 128, V read MN-major from the same K-major smem tile); the
+//     softmax of S (softmax.cuh: mask only on tiles crossing the causal diagonal or the end of
+//     the keys, exact running max) runs while the P V wgmma is in flight; O is rescaled after it
+//     completes; P is converted to 16 bits in registers. The first Q K^T of an item is issued
+//     together with the last P V of the item before it, and that item's epilogue (epilogue.cuh)
+//     runs while nothing waits on it.
+// The loader, the scheduler and the consumers count stages (`it`), Q buffers (`nq`) and queue
+// slots the same way, so barrier parities agree without any other exchange.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+
+#include "kernels/bsa_sm90/block_cursor.cuh"
+#include "kernels/bsa_sm90/epilogue.cuh"
+#include "kernels/bsa_sm90/softmax.cuh"
+#include "kernels/bsa_sm90/tile_scheduler.cuh"
+#include "kernels/bsa_sm90/traits.cuh"
+#include "kernels/bsa_sm90/utils.cuh"
+#include "kernels/common/bsa_selection.cuh"
+#include "kernels/common/fragment.cuh"
+
+namespace proxyattn {
+namespace bsa_sm90 {
+
+using namespace cute;
+
+// Stage description fields (int32) and flags.
+enum StageMeta : int { kMetaBlock = 0, kMetaFlags, kMetaB, kMetaH, kMetaM, kMetaQRow0, kMetaSeqlenQ, kMetaSeqlenK };
+enum : int { kMetaFirst = 1, kMetaStop = 2 };
+
+template <class Traits>
+__device__ __forceinline__ void run_loader(const KernelParams<Traits>& kp, typename Traits::SharedStorage& ss) {
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kStages = Traits::kStages;
+  using Barrier = cutlass::arch::ClusterTransactionBarrier;
+  using EmptyBarrier = cutlass::arch::ClusterBarrier;
+  const BsaParams& p = kp.p;
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  Tensor sQ = make_tensor(make_smem_ptr(ss.q), typename Traits::SmemLayoutQ2{});  // (M, D, buf)
+  Tensor sK = make_tensor(make_smem_ptr(ss.k), typename Traits::SmemLayoutKV{});  // (N, D, stage)
+  Tensor sV = make_tensor(make_smem_ptr(ss.v), typename Traits::SmemLayoutKV{});  // (N, D, stage)
+  // Coordinate tensors of the tensor maps: (rows, D, heads, batch).
+  Tensor mQ = kp.tma_q.get_tma_tensor(make_shape(kp.q_rows_total, Int<kHeadDim>{}, p.q_heads, kp.q_batches));
+  Tensor mK = kp.tma_k.get_tma_tensor(make_shape(kp.k_rows_total, Int<kHeadDim>{}, p.kv_heads, kp.q_batches));
+  Tensor mV = kp.tma_v.get_tma_tensor(make_shape(kp.k_rows_total, Int<kHeadDim>{}, p.kv_heads, kp.q_batches));
+  const int group = p.q_heads / p.kv_heads;
+  uint32_t n = 0;   // slots taken
+  int it = 0;       // stages filled
+  uint32_t nq = 0;  // Q buffers filled
+  // Waits for stage s to be free of its K reads and writes its description.
+  auto stage_meta = [&](int s, uint32_t phase, const int (&md)[8]) {
+    EmptyBarrier::wait(&ss.empty_k[s], phase ^ 1);
+    compiler_fence();
+    CUTE_UNROLL
+    for (int i = 0; i < 8; ++i) ss.meta[s][i] = md[i];
+    compiler_fence();
+  };
+  while (true) {
+    const int slot = n & 1;
+    EmptyBarrier::wait(&ss.item_full[slot], (n >> 1) & 1);
+    compiler_fence();
+    int f[kItemFields];
+    CUTE_UNROLL
+    for (int i = 0; i < kItemFields; ++i) f[i] = ss.item[slot][i];
+    compiler_fence();
+    EmptyBarrier::arrive(&ss.item_empty[slot]);
+    ++n;
+    const int s0 = it % kStages;
+    const uint32_t phase0 = (it / kStages) & 1;
+    if (f[kItemKind] == kItemStop) {
+      const int md[8] = {0, kMetaStop, 0, 0, 0, 0, 0, 0};
+      stage_meta(s0, phase0, md);
+      Barrier::arrive(&ss.full_k[s0]);
+      break;
+    }
+    int md[8] = {f[kItemFirstBlock], kMetaFirst, f[kItemB], f[kItemH], f[kItemM], f[kItemQRow0], f[kItemSeqlenQ],
+                 f[kItemSeqlenK]};
+    const int b = f[kItemB], h = f[kItemH], m = f[kItemM], kvh = h / group;
+    const int qb = varlen ? 0 : b;
+    BlockCursor cursor(bsa_index_row(p, b, h, m), f[kItemCount], f[kItemLastBlock]);
+    cursor.resume(f[kItemFirstOrd], f[kItemFirstBlock]);
+    Tensor gQ = local_tile(domain_offset(make_coord(f[kItemQRow0], _0{}), mQ(_, _, h, qb)),
+                           Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m, _0{}));   // (M, D)
+    Tensor gK = local_tile(domain_offset(make_coord(f[kItemKRow0], _0{}), mK(_, _, kvh, qb)),
+                           Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));   // (N, D, blocks)
+    Tensor gV = local_tile(domain_offset(make_coord(f[kItemKRow0], _0{}), mV(_, _, kvh, qb)),
+                           Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));   // (N, D, blocks)
+    auto [tQg, tQs] = tma_partition(kp.tma_q, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
+    auto [tKg, tKs] = tma_partition(kp.tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+    auto [tVg, tVs] = tma_partition(kp.tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+    const int qbuf = nq & 1;
+    EmptyBarrier::wait(&ss.empty_q[qbuf], ((nq >> 1) & 1) ^ 1);
+    Barrier::arrive_and_expect_tx(&ss.full_q[qbuf], Traits::kQBytes);
+    copy(kp.tma_q.with(ss.full_q[qbuf]), tQg, tQs(_, qbuf));
+    ++nq;
+    do {
+      const int s = it % kStages;
+      const uint32_t phase = (it / kStages) & 1;
+      md[kMetaBlock] = cursor.blk;
+      stage_meta(s, phase, md);
+      md[kMetaFlags] = 0;
+      Barrier::arrive_and_expect_tx(&ss.full_k[s], Traits::kKVBytes);
+      copy(kp.tma_k.with(ss.full_k[s]), tKg(_, cursor.blk), tKs(_, s));
+      cursor.fetch();  // the next entry's load overlaps the wait below
+      EmptyBarrier::wait(&ss.empty_v[s], phase ^ 1);
+      Barrier::arrive_and_expect_tx(&ss.full_v[s], Traits::kKVBytes);
+      copy(kp.tma_v.with(ss.full_v[s]), tVg(_, cursor.blk), tVs(_, s));
+      ++it;
+    } while (cursor.advance());
+  }
+}
+
+// One work item as the consumers need it (from the description of its first stage).
+struct ConsumerItem {
+  int64_t o_off;    // element offset of the item's first output row (head h)
+  int64_t lse_off;  // offset of its first lse entry
+  int q_rows;       // rows of the query block inside the sequence
+  int diag;         // seqlen_k - seqlen_q + q_start
+  int full_key;     // keys <= full_key are visible to every row
+  int seqlen_k;
+  int qbuf;         // Q buffer
+};
+
+template <class Traits>
+__device__ __forceinline__ void run_consumers(const KernelParams<Traits>& kp, typename Traits::SharedStorage& ss,
+                                              int lane) {
+  using Elem = typename Traits::Elem;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kStages = Traits::kStages;
+  using Barrier = cutlass::arch::ClusterTransactionBarrier;
+  using EmptyBarrier = cutlass::arch::ClusterBarrier;
+  const BsaParams& p = kp.p;
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  const int ctid = threadIdx.x - 128;  // 0 .. 255; warpgroup ctid / 128 owns rows 64 (ctid / 128) + [0, 64)
+  Tensor sQ = make_tensor(make_smem_ptr(ss.q), typename Traits::SmemLayoutQ2{});    // (M, D, buf)
+  Tensor sK = make_tensor(make_smem_ptr(ss.k), typename Traits::SmemLayoutKV{});    // (N, D, stage)
+  Tensor sVt = make_tensor(make_smem_ptr(ss.v), typename Traits::SmemLayoutVt{});   // (D, N, stage)
+
+  typename Traits::TiledMmaS mma_s;
+  typename Traits::TiledMmaO mma_o;
+  auto thr_s = mma_s.get_thread_slice(ctid);
+  auto thr_o = mma_o.get_thread_slice(ctid);
+  Tensor tSrQ = thr_s.partition_fragment_A(sQ);   // (MMA, MMA_M, MMA_D, buf) descriptors
+  Tensor tSrK = thr_s.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_D, stage) descriptors
+  Tensor tOrV = thr_o.partition_fragment_B(sVt);  // (MMA, MMA_D, MMA_N, stage) descriptors
+  Tensor acc_o = partition_fragment_C(thr_o, Shape<Int<kBlockM>, Int<kHeadDim>>{});  // ((2,2,D/8), 1, 1)
+
+  Tensor cS = make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{});
+  Tensor tScS = thr_s.partition_C(cS);
+  Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
+  Tensor cO = make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{});
+  Tensor tOcO = thr_o.partition_C(cO);
+  Tensor tOcO_rc = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));
+
+  constexpr int kRows = decltype(size<0>(acc_rowcol(acc_o.layout())))::value;
+  Tensor row_max = make_tensor<float>(Shape<Int<kRows>>{});
+  Tensor row_sum = make_tensor<float>(Shape<Int<kRows>>{});
+  Tensor old_max = make_tensor<float>(Shape<Int<kRows>>{});
+  Tensor old_sum = make_tensor<float>(Shape<Int<kRows>>{});
+  Tensor corr = make_tensor<float>(Shape<Int<kRows>>{});
+  const float scale_log2 = p.softmax_scale_log2;
+
+  // The item described by a first stage's description md.
+  auto make_item = [&](const int* md, int qbuf) {
+    const int b = md[kMetaB], h = md[kMetaH], m = md[kMetaM], q_row0 = md[kMetaQRow0];
+    const int seqlen_q = md[kMetaSeqlenQ], seqlen_k = md[kMetaSeqlenK];
+    const int q_start = m * kBlockM;
+    ConsumerItem w;
+    w.o_off = (varlen ? int64_t(q_row0) * p.out_row_stride : int64_t(b) * p.out_batch_stride) +
+              int64_t(q_start) * p.out_row_stride + int64_t(h) * p.out_head_stride;
+    w.lse_off = (varlen ? int64_t(q_row0) : int64_t(b) * p.lse_batch_stride) + int64_t(h) * p.lse_head_stride +
+                q_start;
+    w.q_rows = min(kBlockM, seqlen_q - q_start);
+    w.diag = seqlen_k - seqlen_q + q_start;
+    w.full_key = p.causal ? min(seqlen_k - 1, w.diag) : seqlen_k - 1;
+    w.seqlen_k = seqlen_k;
+    w.qbuf = qbuf;
+    return w;
+  };
+  auto softmax_tile = [&](auto& acc_s, int key0, const ConsumerItem& w) {
+    return online_softmax_tile<kBlockN>(acc_s, tScS_rc, key0, w.full_key, w.diag, w.seqlen_k, p.causal, scale_log2,
+                                        row_max, row_sum, corr);
+  };
+  auto rescale_o = [&](bool moved) { rescale_rows(acc_o, corr, moved); };
+  // Normalise and store item w's rows (acc_o, with the statistics mx / sm), lse per row.
+  auto epilogue = [&](const ConsumerItem& w, auto const& mx, auto const& sm) {
+    store_rows(acc_o, tOcO_rc, mx, sm, static_cast<Elem*>(p.out) + w.o_off, p.lse + w.lse_off, w.q_rows,
+               p.out_row_stride, p.softmax_scale, lane);
+  };
+  auto release = [&](uint64_t* bar) {
+    __syncwarp();
+    if (lane == 0) EmptyBarrier::arrive(bar);
+  };
+
+  Tensor rP = make_tensor<Elem>(partition_fragment_C(thr_s, Shape<Int<kBlockM>, Int<kBlockN>>{}).layout());
+  Tensor tOrP = make_tensor(rP.data(), acc_to_a_operand(rP.layout()));  // ((2,2,2), 1, N/16)
+  int it = 0;       // stages consumed
+  uint32_t nq = 0;  // Q buffers consumed
+  // Waits for stage `it` and reads its block and flags; a first stage's item fields are read by
+  // stage_item. Lane 0 of each warp reads and hands the values to the other lanes, so every read of
+  // a stage's description is ordered before the same thread's release of the stage (release()
+  // arrives from lane 0), after which the loader may rewrite it.
+  auto take_stage = [&](int s, uint32_t phase, int& blk, int& flags) {
+    Barrier::wait(&ss.full_k[s], phase);
+    compiler_fence();
+    int b = 0, f = 0;
+    if (lane == 0) {
+      b = ss.meta[s][kMetaBlock];
+      f = ss.meta[s][kMetaFlags];
+    }
+    compiler_fence();
+    blk = __shfl_sync(0xffffffffu, b, 0);
+    flags = __shfl_sync(0xffffffffu, f, 0);
+  };
+  auto stage_item = [&](int s) {
+    int md[8];
+    compiler_fence();
+    CUTE_UNROLL
+    for (int i = 0; i < 8; ++i) md[i] = lane == 0 ? ss.meta[s][i] : 0;
+    compiler_fence();
+    CUTE_UNROLL
+    for (int i = 0; i < 8; ++i) md[i] = __shfl_sync(0xffffffffu, md[i], 0);
+    const ConsumerItem w = make_item(md, int(nq & 1));
+    Barrier::wait(&ss.full_q[w.qbuf], (nq >> 1) & 1);
+    ++nq;
+    return w;
+  };
+
+  // The first stage: the CTA's first item, or the stop mark when it has none.
+  int blk, flags;
+  take_stage(0, 0, blk, flags);
+  if (flags & kMetaStop) return;
+  ConsumerItem cur = stage_item(0);
+  fill(row_max, -INFINITY);
+  fill(row_sum, 0.f);
+  clear(acc_o);
+  {
+    Tensor acc_s = partition_fragment_C(thr_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    wg_issue<true>(mma_s, tSrQ(_, _, _, cur.qbuf), tSrK(_, _, _, 0), acc_s);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc_s);
+    release(&ss.empty_k[0]);
+    softmax_tile(acc_s, blk * kBlockN, cur);  // O is 0: no rescale needed
+    convert_into<Elem>(acc_s, rP);
+  }
+  it = 1;
+  // Stage it - 1's P V is pending at the top of every iteration; stage `it` is the next S.
+  while (true) {
+    const int s = it % kStages, sp = (it - 1) % kStages;
+    const uint32_t phase = (it / kStages) & 1, phase_p = ((it - 1) / kStages) & 1;
+    take_stage(s, phase, blk, flags);
+    if (flags & kMetaStop) break;
+    Tensor acc_s = partition_fragment_C(thr_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    if (flags == 0) {
+      // Another block of the current item.
+      wg_issue<true>(mma_s, tSrQ(_, _, _, cur.qbuf), tSrK(_, _, _, s), acc_s);
+      Barrier::wait(&ss.full_v[sp], phase_p);
+      wg_issue<false>(mma_o, tOrP, tOrV(_, _, _, sp), acc_o);
+      warpgroup_wait<1>();  // S done (groups complete in order)
+      warpgroup_fence_operand(acc_s);
+      release(&ss.empty_k[s]);
+      const bool moved = softmax_tile(acc_s, blk * kBlockN, cur);
+      softmax_fence(row_sum);
+      warpgroup_wait<0>();  // the previous P V done
+      warpgroup_fence_operand(acc_o);
+      warpgroup_fence_operand(tOrP);
+      release(&ss.empty_v[sp]);
+      rescale_o(moved);
+      convert_into<Elem>(acc_s, rP);
+    } else {
+      // The first block of the next item, issued with the current item's last P V; the current
+      // item is stored once that P V is done.
+      const ConsumerItem nxt = stage_item(s);
+      wg_issue<true>(mma_s, tSrQ(_, _, _, nxt.qbuf), tSrK(_, _, _, s), acc_s);
+      Barrier::wait(&ss.full_v[sp], phase_p);
+      wg_issue<false>(mma_o, tOrP, tOrV(_, _, _, sp), acc_o);
+      warpgroup_wait<1>();
+      warpgroup_fence_operand(acc_s);
+      release(&ss.empty_k[s]);
+      CUTE_UNROLL
+      for (int ri = 0; ri < kRows; ++ri) {
+        old_max(ri) = row_max(ri);
+        old_sum(ri) = row_sum(ri);
+      }
+      fill(row_max, -INFINITY);
+      fill(row_sum, 0.f);
+      softmax_tile(acc_s, blk * kBlockN, nxt);
+      softmax_fence(row_sum);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc_o);
+      warpgroup_fence_operand(tOrP);
+      release(&ss.empty_v[sp]);
+      epilogue(cur, old_max, old_sum);  // the current item is complete
+      release(&ss.empty_q[cur.qbuf]);
+      clear(acc_o);
+      cur = nxt;
+      convert_into<Elem>(acc_s, rP);
+    }
+    ++it;
+  }
+  // The last item's last P V, then its epilogue.
+  const int sp = (it - 1) % kStages;
+  Barrier::wait(&ss.full_v[sp], ((it - 1) / kStages) & 1);
+  wg_issue<false>(mma_o, tOrP, tOrV(_, _, _, sp), acc_o);
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(acc_o);
+  warpgroup_fence_operand(tOrP);
+  release(&ss.empty_v[sp]);
+  epilogue(cur, row_max, row_sum);
+}
+
+}  // namespace bsa_sm90
+}  // namespace proxyattn

@@ -1,0 +1,55 @@
+// Small device helpers of the Hopper kernel: views of wgmma accumulator fragments, the issue of one
+// warpgroup-wide wgmma batch, and a compiler fence around shared-memory hand-offs.
+#pragma once
+
+#include <type_traits>
+
+#include <cute/tensor.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+
+namespace proxyattn {
+namespace bsa_sm90 {
+
+using namespace cute;
+
+// sm90 accumulator layout ((2, 2, N/8), MMA_M, MMA_N) -> (rows (2, MMA_M), cols (2, N/8, MMA_N)).
+// Value (v0, v1, v2) of a thread holds row lane/4 + 8 v1 (+ 16 warp), column 2 (lane%4) + v0 + 8 v2.
+template <class Layout>
+__device__ __forceinline__ constexpr auto acc_rowcol(Layout const& l) {
+  static_assert(decltype(rank(l))::value == 3, "expected an MMA accumulator layout");
+  static_assert(decltype(rank<0>(l))::value == 3, "expected an sm90 GMMA accumulator");
+  return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<0, 2>(l), get<2>(l)));
+}
+
+// Accumulator layout ((2, 2, N/8), MMA_M, MMA_N) of S -> register A-operand layout
+// ((2, 2, 2), MMA_M, N/16 * MMA_N) of P for the 64xDx16 RS wgmma: value (v0, v1, v2) of the A
+// fragment is row lane/4 + 8 v1, k 2 (lane%4) + v0 + 8 v2, so two adjacent n8 groups form one k16.
+template <class Layout>
+__device__ __forceinline__ constexpr auto acc_to_a_operand(Layout const& l) {
+  auto v = logical_divide(get<0>(l), Shape<Underscore, Underscore, _2>{});  // (2, 2, (2, N/16))
+  return make_layout(make_layout(get<0>(v), get<1>(v), get<2, 0>(v)), get<1>(l),
+                     coalesce(make_layout(get<2, 1>(v), get<2>(l))));
+}
+
+// Issues one wgmma batch (acc (= or +=) A B over all k-blocks) and commits it, without waiting: the
+// caller waits with warpgroup_wait<n>() and fences the accumulator (and a register A) afterwards.
+template <bool kZeroInit, class TiledMma, class TA, class TB, class TC>
+__device__ __forceinline__ void wg_issue(TiledMma& mma, TA const& a, TB const& b, TC& c) {
+  constexpr bool kRegA = !std::is_base_of_v<GMMA::DescriptorIterator, typename TiledMma::FrgTypeA>;
+  if constexpr (kRegA) warpgroup_fence_operand(const_cast<TA&>(a));
+  warpgroup_fence_operand(c);
+  warpgroup_arrive();
+  if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
+  CUTE_UNROLL
+  for (int kb = 0; kb < size<2>(a); ++kb) {
+    cute::gemm(mma, a(_, _, kb), b(_, _, kb), c);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+}
+
+// Compiler fence between C++ shared-memory accesses and the barrier asm (which has no memory clobber).
+__device__ __forceinline__ void compiler_fence() { asm volatile("" ::: "memory"); }
+
+}  // namespace bsa_sm90
+}  // namespace proxyattn
