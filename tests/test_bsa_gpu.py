@@ -1,5 +1,9 @@
 """GPU tests of torch.ops.proxyattn.block_sparse_attention (DESIGN.md section 2, stage 4).
 
+The tests of this file run the portable kernel (PROXYATTN_BSA_BACKEND=portable, set per test; it
+runs on every GPU, block sizes 64 and 128); tests/test_bsa_sm90_gpu.py runs the same grid on the
+Hopper kernel. The backend override itself is tested here too (test_backend_*).
+
 The kernel is compared with an fp64 ground truth built from the expanded token mask (chunked over
 query rows, never a full N x N tensor), and with ``proxyattn.reference.block_sparse_attention``.
 Tolerance: the kernel's max-abs error vs the truth is at most 2x the error of the same math done
@@ -11,6 +15,7 @@ Run on a GPU machine: python3 -m pytest -q -m gpu tests/test_bsa_gpu.py
 """
 import itertools
 import math
+import re
 
 import pytest
 import torch
@@ -21,6 +26,7 @@ from proxyattn import reference as ref
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 DTYPES = [torch.bfloat16, torch.float16]
+BACKEND_ENV = "PROXYATTN_BSA_BACKEND"
 SLACK = {torch.bfloat16: 1e-3, torch.float16: 2e-4}
 LSE_ATOL = 2e-3
 
@@ -28,6 +34,16 @@ LSE_ATOL = 2e-3
 # ----------------------------------------------------------------------------------------------
 # Selections
 # ----------------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def portable_backend(monkeypatch):
+    """Every test of this file runs the portable kernel unless it sets the backend itself."""
+    monkeypatch.setenv(BACKEND_ENV, "portable")
+
+
+def is_hopper():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
 def num_candidates(m, nq, nk, s, causal):
     """c_m: key blocks [0, c_m) hold a key some row of query block m may see (conventions.md)."""
     nkb = (nk + s - 1) // s
@@ -333,72 +349,115 @@ def test_rejects_bad_inputs():
         run_op(q, k, k, counts, indices, None, None, 128, 64, 128, 0.1, True)
 
 
-ORDER_CASES = [(2, 1000, 1000, 12, 4, 128, 128, True, 0.3), (3, 700, 900, 8, 4, 64, 64, True, 0.5),
-               (2, 500, 500, 6, 3, 128, 64, False, 0.4)]
-
-
-@pytest.mark.parametrize("sort", ["0", "1"], ids=["natural", "sorted"])
-@pytest.mark.parametrize("order", ["heads", "kv:1", "kv:3", "auto"])
-@pytest.mark.parametrize("case", ORDER_CASES, ids=lambda c: "B{}_q{}_k{}_h{}-{}_d{}_s{}".format(*c[:7]))
-def test_work_orders(monkeypatch, order, case, sort):
-    """Every CTA work order (PROXYATTN_BSA_ORDER; kv:3 leaves a smaller last section), in bsa_tile's
-    order or sorted by selected-block count (PROXYATTN_BSA_SORT=1, csrc/kernels/bsa_order.cu),
-    covers every (batch, head, query block) exactly once: poisoned outputs, compared with the truth."""
-    if order == "auto":
-        monkeypatch.delenv("PROXYATTN_BSA_ORDER", raising=False)
-    else:
-        monkeypatch.setenv("PROXYATTN_BSA_ORDER", order)
-    monkeypatch.setenv("PROXYATTN_BSA_SORT", sort)
-    test_fixed_length(case, torch.bfloat16)
-    dtype = torch.float16
-    b, nq, nk, hq, hkv, d, s, causal, density = case
-    gen = torch.Generator(device="cuda").manual_seed(17 + b)
-    cu_q = torch.tensor([0, nq // 3, nq], dtype=torch.int32, device="cuda")
-    cu_k = torch.tensor([0, nk // 3, nk], dtype=torch.int32, device="cuda")
-    q, k, v = rand_qkv(1, nq, nk, hq, hkv, d, dtype, gen)
-    counts, indices = random_selection(2, hq, nq, nk, s, causal, density, gen)
+def test_work_order_with_a_smaller_last_section():
+    """Nk = 16384 at D = 128 puts 3 KV heads in a section of the work order (24 MiB of K/V,
+    kernels/common/bsa_launch.h bsa_kv_section), so 4 KV heads make sections of 3 and 1: every
+    (batch, head, query block) is still computed exactly once (poisoned outputs, against the truth)."""
+    b, nq, nk, hq, hkv, d, s = 2, 300, 16384, 8, 4, 128, 128
+    gen = torch.Generator(device="cuda").manual_seed(23)
+    q, k, v = rand_qkv(b, nq, nk, hq, hkv, d, torch.bfloat16, gen)
+    counts, indices = random_selection(b, hq, nq, nk, s, True, 0.1, gen)
     poison_allocator()
-    out, lse = run_op(q[0], k[0], v[0], counts, indices, cu_q, cu_k, nq, nk, s, d ** -0.5, causal)
-    out_r, lse_r = ref.block_sparse_attention(q[0], k[0], v[0], counts, indices, cu_q, cu_k, nq, nk, s, d ** -0.5,
-                                              causal)
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(out.float(), out_r.float(), atol=2e-2, rtol=2e-2)
-    assert torch.equal(torch.isfinite(lse), torch.isfinite(lse_r))
+    out, lse = run_op(q, k, v, counts, indices, None, None, nq, nk, s, d ** -0.5, True)
+    check_against_truth(out, lse, q, k, v, counts, indices, s, d ** -0.5, True, "sections of 3 and 1 KV heads")
 
 
-SORT_CASES = [(2, 8192 + 77, 64, 8, 128, 128), (1, 8192 + 77, 32, 4, 64, 64), (1, 65536 + 200, 2, 1, 128, 128)]
+# ----------------------------------------------------------------------------------------------
+# The backend override (PROXYATTN_BSA_BACKEND, read by the op glue csrc/ops/bsa_op.cpp per call)
+# ----------------------------------------------------------------------------------------------
+def kernel_names(fn):
+    """Names of the CUDA kernels fn launches, from the torch profiler; None where the profiler
+    records no kernels on this machine (then the callers check outputs only)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
+    except Exception:  # no CUPTI: nothing to read
+        return None
+    return names or None
 
 
-@pytest.mark.parametrize("case", SORT_CASES, ids=lambda c: "B{}_n{}_h{}-{}_d{}_s{}".format(*c))
-def test_sorted_order_is_bitwise_the_natural_one(monkeypatch, case):
-    """PROXYATTN_BSA_SORT=1 launches the CTAs sorted by selected-block count (csrc/kernels/bsa_order.cu).
-    Each CTA's result depends on its work item alone, so the sorted order gives bitwise the outputs
-    and lse of the natural order (=0, and unset, the default); each runs on poisoned memory, so a work
-    item the sorted order left out would show as NaN."""
-    b, n, hq, hkv, d, s = case
-    gen = torch.Generator(device="cuda").manual_seed(4242 + n + s)
+def backend_case(s=128):
+    b, n, hq, hkv, d = 1, 1000, 8, 2, 128
+    gen = torch.Generator(device="cuda").manual_seed(31 + s)
     q, k, v = rand_qkv(b, n, n, hq, hkv, d, torch.bfloat16, gen)
-    counts, indices = random_selection(b, hq, n, n, s, True, 0.2 if n < 50000 else 0.03, gen)
-    results = {}
-    for sort in ("0", None, "1"):
-        if sort is None:
-            monkeypatch.delenv("PROXYATTN_BSA_SORT", raising=False)
+    counts, indices = random_selection(b, hq, n, n, s, True, 0.4, gen)
+    return q, k, v, counts, indices, n, s, d ** -0.5
+
+
+def test_backend_override_selects_the_kernel(monkeypatch):
+    """Unset, empty and auto run one kernel (bitwise the same output): the Hopper kernel on an sm_90
+    device, else the portable one; portable and hopper run the kernel they name (checked by kernel
+    name where the profiler records kernels), each within the tolerance of the truth; hopper on a
+    device that is not sm_90 is refused, naming why."""
+    q, k, v, counts, indices, n, s, scale = backend_case()
+    results, names = {}, {}
+    for value in (None, "", "auto", "portable", "hopper"):
+        if value is None:
+            monkeypatch.delenv(BACKEND_ENV, raising=False)
         else:
-            monkeypatch.setenv("PROXYATTN_BSA_SORT", sort)
+            monkeypatch.setenv(BACKEND_ENV, value)
+        if value == "hopper" and not is_hopper():
+            with pytest.raises(RuntimeError, match="PROXYATTN_BSA_BACKEND=hopper, but .*compute capability 9.0"):
+                run_op(q, k, v, counts, indices, None, None, n, n, s, scale, True)
+            continue
         poison_allocator()
-        results[sort] = run_op(q, k, v, counts, indices, None, None, n, n, s, d ** -0.5, True)
-    out0, lse0 = results["0"]
-    assert torch.isfinite(out0).all() and torch.isfinite(lse0).all()
-    for sort in (None, "1"):
-        out, lse = results[sort]
-        assert torch.equal(out, out0) and torch.equal(lse, lse0), f"PROXYATTN_BSA_SORT={sort} differs from 0"
-    if n > 50000:
-        return  # the reference's loop over 514 query blocks would dominate the suite
-    # The natural order against the reference on the first and last query blocks of two heads.
-    rows = torch.cat([torch.arange(0, s), torch.arange(n - s - 5, n)]).cuda()
-    g = hq // hkv
-    for h in (0, hq - 1):
-        kh, vh = k[:1, :, h // g:h // g + 1], v[:1, :, h // g:h // g + 1]
-        out_r, _ = ref.block_sparse_attention(q[:1, :, h:h + 1], kh, vh, counts[:1, h:h + 1], indices[:1, h:h + 1],
-                                              None, None, n, n, s, d ** -0.5, True)
-        torch.testing.assert_close(out0[0, rows, h].float(), out_r[0, rows, 0].float(), atol=2e-2, rtol=2e-2)
+        results[value] = run_op(q, k, v, counts, indices, None, None, n, n, s, scale, True)
+        names[value] = kernel_names(lambda: run_op(q, k, v, counts, indices, None, None, n, n, s, scale, True))
+    for value in ("", "auto"):
+        assert torch.equal(results[value][0], results[None][0]) and torch.equal(results[value][1], results[None][1])
+    default = "hopper" if is_hopper() else "portable"
+    assert torch.equal(results[default][0], results[None][0]) and torch.equal(results[default][1], results[None][1])
+    for value, (out, lse) in results.items():
+        check_against_truth(out, lse, q, k, v, counts, indices, s, scale, True, f"{BACKEND_ENV}={value}")
+    expect = {None: default, "": default, "auto": default, "portable": "portable", "hopper": "hopper"}
+    pattern = {"portable": "bsa_fwd_sm80_kernel", "hopper": "bsa_fwd_sm90_persistent_kernel"}
+    for value, got in names.items():
+        if got is not None:
+            want = pattern[expect[value]]
+            assert any(want in name for name in got), f"{BACKEND_ENV}={value}: expected {want}, ran {got}"
+            other = pattern["hopper" if expect[value] == "portable" else "portable"]
+            assert not any(other in name for name in got), f"{BACKEND_ENV}={value}: ran {got}"
+
+
+@pytest.mark.parametrize("value", ["junk", "HOPPER", "sm90", " auto", "portable ", "1"])
+def test_backend_invalid_value_is_refused_before_any_kernel(monkeypatch, value):
+    """Any other value raises an error naming it and the accepted ones, before the op allocates
+    (so before any kernel, its output fills included, runs) and before it looks at the inputs."""
+    monkeypatch.setenv(BACKEND_ENV, value)
+    lens = [300, 129]
+    cu = torch.tensor([0, 300, 429], dtype=torch.int32, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    q, k, v = rand_qkv(1, 429, 429, 4, 2, 64, torch.bfloat16, gen)
+    counts, indices = random_selection(2, 4, 300, 300, 128, True, 0.5, gen)
+    message = re.escape(f"PROXYATTN_BSA_BACKEND must be one of auto, portable, hopper (unset or empty: auto), "
+                        f"got '{value}'")
+    torch.cuda.synchronize()
+    allocated = torch.cuda.memory_stats().get("allocation.all.allocated", 0)
+    with pytest.raises(RuntimeError, match=message):  # varlen: the op would allocate out with zeros
+        run_op(q[0], k[0], v[0], counts, indices, cu, cu, max(lens), max(lens), 128, 0.125, True)
+    assert torch.cuda.memory_stats().get("allocation.all.allocated", 0) == allocated, "the op allocated"
+    bad_head_dim = torch.randn(1, 128, 4, 96, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=message):  # checked before the inputs
+        run_op(bad_head_dim, bad_head_dim, bad_head_dim, counts[:1, :, :1], indices[:1, :, :1], None, None, 128, 128,
+               128, 0.1, True)
+
+
+def test_backend_hopper_refusal_is_clear(monkeypatch):
+    """hopper where the Hopper kernel cannot run (block_size 64 on an sm_90 device; any shape on
+    another device): an error naming the variable and the reason, nothing allocated."""
+    monkeypatch.setenv(BACKEND_ENV, "hopper")
+    q, k, v, counts, indices, n, s, scale = backend_case(s=64)
+    why = "block_size 128, got 64" if is_hopper() else "compute capability 9.0"
+    torch.cuda.synchronize()
+    allocated = torch.cuda.memory_stats().get("allocation.all.allocated", 0)
+    with pytest.raises(RuntimeError, match=f"PROXYATTN_BSA_BACKEND=hopper, but the Hopper kernel cannot run .*{why}"):
+        run_op(q, k, v, counts, indices, None, None, n, n, s, scale, True)
+    assert torch.cuda.memory_stats().get("allocation.all.allocated", 0) == allocated, "the op allocated"
+    monkeypatch.setenv(BACKEND_ENV, "auto")  # auto takes the portable kernel there
+    out, lse = run_op(q, k, v, counts, indices, None, None, n, n, s, scale, True)
+    check_against_truth(out, lse, q, k, v, counts, indices, s, scale, True, "auto at block_size 64")

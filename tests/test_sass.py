@@ -1,16 +1,18 @@
-"""The sm_90a code of the compiled extension, read with cuobjdump (no GPU needed).
+"""The sm_90a code of the compiled extension, read with cuobjdump (no GPU needed; runs in CI).
 
-Issue 7 asks for SASS with HGMMA. The overlapped Hopper kernels also rely on an instruction order
-that ptxas chooses: the softmax of key tile j (64 MUFU.EX2 per thread at block size 128) has to sit
-between the wait for S_j = Q K_j^T (WARPGROUP.DEPBAR.LE gsb0, 0x1) and the wait for the P V wgmma
-of tile j - 1 (the next WARPGROUP.DEPBAR), or it runs after that P V instead of beside it. ptxas
-once moved the persistent kernel's second wait above all the exponentials, with every other test
-still passing (bench/NOTES.md, "Softmax overlap restored": with the wait back in place that kernel
-ran 1.4-8.0% ahead of one CTA per item in the same rounds, against -3.4% to +4.6% in earlier runs
-without it); this test catches it.
+The extension holds exactly one Hopper attention kernel per (dtype, head dim): the persistent
+kernel bsa_fwd_sm90_persistent_kernel for bf16/fp16 x D = 64/128 (csrc/kernels/bsa_sm90/). Each
+must use wgmma (HGMMA) and TMA loads (UTMALDG), and keep an instruction order that ptxas chooses:
+the softmax of key tile j (64 MUFU.EX2 per thread at block size 128) has to sit between the wait
+for S_j = Q K_j^T (WARPGROUP.DEPBAR.LE gsb0, 0x1) and the wait for the P V wgmma of tile j - 1 (the
+next WARPGROUP.DEPBAR), or it runs after that P V instead of beside it. ptxas once moved the
+kernel's second wait above all the exponentials, with every other test still passing (bench/NOTES.md,
+"Softmax overlap restored"); this test catches it.
 
-Skipped when the extension is not built, was built without sm_90a (PROXYATTN_ARCHS), or no
-cuobjdump is found (PATH, CUDA_HOME/bin, or the copy Triton ships).
+Fails when the extension was built for sm_90a (PROXYATTN_ARCHS, default "80;90a", the variable the
+build reads) but holds no sm_90a code or not exactly the expected kernels. Skips, printing why, only
+when no cuobjdump is found (PATH, CUDA_HOME/bin, or the copy Triton ships), when the extension is not
+built, or when PROXYATTN_ARCHS excludes 90a and the build holds no sm_90a code.
 """
 import importlib.util
 import os
@@ -21,6 +23,12 @@ import subprocess
 import pytest
 
 EXP_PER_TILE = 64  # exponentials per consumer thread per 64 x 128 score tile
+EXPECTED_KERNELS = {(dtype, d) for dtype in ("bfloat16_t", "half_t") for d in (64, 128)}
+
+
+def _skip(reason):
+    print(f"test_sass skipped: {reason}")
+    pytest.skip(reason)
 
 
 def _cuobjdump():
@@ -38,6 +46,18 @@ def _cuobjdump():
     return None
 
 
+def _build_wants_sm90a():
+    archs = [a.strip() for a in os.environ.get("PROXYATTN_ARCHS", "80;90a").split(";") if a.strip()]
+    return "90a" in archs
+
+
+def _kernel_key(name):
+    """(dtype, head dim) of a mangled bsa_fwd_sm90_persistent_kernel name, e.g.
+    ..._persistent_kernelINS0_10Sm90TraitsIN7cutlass10bfloat16_tELi128EEEEEv..."""
+    m = re.search(r"Sm90TraitsIN7cutlass\d+(bfloat16_t|half_t)ELi(\d+)E", name)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
 @pytest.fixture(scope="module")
 def sm90_functions():
     """{mangled name: SASS text} of the extension's sm_90a Hopper attention kernels."""
@@ -46,22 +66,28 @@ def sm90_functions():
     except ImportError:
         spec = None
     if spec is None or not spec.origin:
-        pytest.skip("the extension proxyattn._C is not built")
+        _skip("the extension proxyattn._C is not built: nothing to read")
     tool = _cuobjdump()
     if tool is None:
-        pytest.skip("no cuobjdump (PATH, CUDA_HOME/bin or Triton's copy)")
+        _skip("no cuobjdump (PATH, CUDA_HOME/bin or Triton's copy)")
+    elf = subprocess.run([tool, "-lelf", spec.origin], capture_output=True, text=True, timeout=600)
+    assert elf.returncode == 0, f"cuobjdump -lelf failed: {elf.stderr[-2000:]}"
+    archs = set(re.findall(r"\bsm_(\d+a?)\b", elf.stdout))
+    if "90a" not in archs:
+        if not _build_wants_sm90a():
+            _skip(f"the build excluded 90a (PROXYATTN_ARCHS={os.environ.get('PROXYATTN_ARCHS')}; "
+                  f"device code for sm_{', sm_'.join(sorted(archs))})")
+        pytest.fail(f"the extension holds no sm_90a code (device code for: {sorted(archs)}), but "
+                    f"PROXYATTN_ARCHS={os.environ.get('PROXYATTN_ARCHS', '80;90a (default)')} asks for 90a; "
+                    "rebuild, or set PROXYATTN_ARCHS to what the build used")
     run = subprocess.run([tool, "-sass", "-arch", "sm_90a", spec.origin], capture_output=True, text=True,
                          timeout=600)
-    if run.returncode != 0 and "does not contain" in (run.stderr + run.stdout):
-        pytest.skip("the extension holds no sm_90a code (built without 90a in PROXYATTN_ARCHS)")
-    assert run.returncode == 0, f"cuobjdump failed: {run.stderr[-2000:]}"
+    assert run.returncode == 0, f"cuobjdump -sass failed: {run.stderr[-2000:]}"
     functions = {}
     for part in re.split(r"\n\s*Function : ", run.stdout)[1:]:
         name, _, body = part.partition("\n")
         if "bsa_fwd_sm90" in name:
             functions[name.strip()] = body
-    if not functions:
-        pytest.skip("the extension holds no sm_90a attention kernels (built without 90a in PROXYATTN_ARCHS)")
     return functions
 
 
@@ -90,7 +116,8 @@ def _exp_between_waits(ops):
 
 
 def test_parser_on_a_known_listing():
-    """The two helpers on a hand-written listing: one overlapped tile, one whose wait was hoisted."""
+    """The helpers on hand-written listings: one overlapped tile, one whose wait was hoisted, and
+    the kernel names of the four instantiations."""
     good = "\n".join(["        /*0010*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;",
                       "        /*0020*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;"]
                      + [f"        /*{0x30 + 16 * i:04x}*/                   MUFU.EX2 R{i}, R{i} ;" for i in range(64)]
@@ -99,23 +126,34 @@ def test_parser_on_a_known_listing():
         "WARPGROUP.DEPBAR.LE gsb0, 0x1 ;", "WARPGROUP.DEPBAR.LE gsb0, 0x1 ;\n        /*0025*/   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;")
     assert _exp_between_waits(_opcodes(good)) == [64]
     assert _exp_between_waits(_opcodes(hoisted)) == [0]
+    name = ("_ZN9proxyattn8bsa_sm9030bsa_fwd_sm90_persistent_kernelINS0_10Sm90TraitsIN7cutlass10bfloat16_t"
+            "ELi128EEEEEvNS0_12KernelParamsIT_EE")
+    assert _kernel_key(name) == ("bfloat16_t", 128)
+    assert _kernel_key(name.replace("10bfloat16_tELi128", "6half_tELi64")) == ("half_t", 64)
+
+
+def test_exactly_the_persistent_kernels(sm90_functions):
+    """One Hopper kernel per (dtype, head dim), all of them the persistent kernel."""
+    others = sorted(n for n in sm90_functions if "bsa_fwd_sm90_persistent_kernel" not in n)
+    assert not others, f"Hopper attention kernels other than the persistent one: {others}"
+    keys = sorted(_kernel_key(n) for n in sm90_functions)
+    assert None not in keys and len(keys) == len(set(keys)), f"unexpected kernels: {sorted(sm90_functions)}"
+    assert set(keys) == EXPECTED_KERNELS, f"expected {sorted(EXPECTED_KERNELS)}, found {keys}"
 
 
 def test_hopper_kernels_use_hgmma(sm90_functions):
+    assert sm90_functions, "no Hopper attention kernel in the sm_90a code"
     for name, body in sm90_functions.items():
         assert "HGMMA" in body, f"{name}: no HGMMA in its sm_90a code"
         assert "UTMALDG" in body, f"{name}: no TMA load (UTMALDG) in its sm_90a code"
 
 
 def test_softmax_overlaps_the_pv_wgmma(sm90_functions):
-    persistent = {n: b for n, b in sm90_functions.items() if "persistent" in n}
-    # bf16 and fp16, head dims 64 and 128
-    assert len(persistent) == 4, f"expected 4 persistent kernels, found {sorted(persistent)}"
+    assert len(sm90_functions) == len(EXPECTED_KERNELS), f"found {sorted(sm90_functions)}"
     for name, body in sm90_functions.items():
         counts = _exp_between_waits(_opcodes(body))
-        if name in persistent:
-            # the steady-state loop and the item-boundary branch each overlap one tile's softmax
-            assert len(counts) >= 2, f"{name}: expected two overlapped loops, found waits {counts}"
+        # the steady-state loop and the item-boundary branch each overlap one tile's softmax
+        assert len(counts) >= 2, f"{name}: expected two overlapped loops, found waits {counts}"
         for n in counts:
             assert n >= EXP_PER_TILE, (f"{name}: only {n} MUFU.EX2 between the wait for S and the wait for "
                                        f"the previous P V (expected >= {EXP_PER_TILE}; waits: {counts})")
