@@ -811,8 +811,8 @@ std::vector<float> host_floats(const DeviceBuffer<uint16_t>& x, bool bf16) {
   return out;
 }
 
-// The candidate and forced-block rules of the kernels (kernels/estimate_common.cuh), causal: the
-// binary's queries and keys have one length, n.
+// The candidate and forced-block rules of the kernels (kernels/estimate/estimate_common.cuh),
+// causal: the binary's queries and keys have one length, n.
 int candidate_count(int m, int n, int S) { return proxyattn::candidate_count(m, n, n, S, true); }
 proxyattn::ForcedSplit forced_split(const Options& o, int m, int n) {
   const int S = o.block_size;
