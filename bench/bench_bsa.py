@@ -151,6 +151,9 @@ def flex_block_mask(counts, indices, n, s):
 #   kernel_options={"BACKEND": "FLASH"} to the same _flash_attn_fwd with the BlockMask's kv blocks
 #   (partial blocks as mask blocks with the mask_mod, causal=False); it raises RuntimeError when
 #   flash_attn.cute is not importable, and GQA goes through enable_gqa=True (FA4's native GQA).
+# Checked on an H200 (torch 2.11, flash-attn-4 4.0.0b36, Hq=32, Hkv=8, bf16, N=4096, random causal
+# selection of density 0.3, D=128 and 64): fa4 within 0.004 of SDPA; fa4_sparse, flex_flash and flex
+# all within 0.016 (one bf16 step) of proxyattn.reference.block_sparse_attention.
 
 
 class FA4:
