@@ -1,6 +1,6 @@
 """Benchmark torch.ops.proxyattn.block_sparse_attention against same-run anchors.
 
-Anchors (DESIGN.md sections 5 and 6), all on the same inputs in the same process:
+Anchors (docs/design.md sections 5 and 6), all on the same inputs in the same process:
   sdpa_flash, sdpa_cudnn  dense causal SDPA (KV expanded to Hq heads with repeat_interleave)
   fa4                     flash-attn-4 dense causal (flash_attn.cute.flash_attn_func, native GQA)
   flex                    compiled FlexAttention (Triton) on a BlockMask of the same selection
@@ -25,7 +25,7 @@ leaves the variable as it is and records bsa).
   python3 bench/bench_bsa.py [--seqlens 32768 131072] [--densities 1.0 0.3 0.1] [--out PATH]
       [--backends auto portable] [--masks random window split2 split4] [--interleave]
 
-Writes bench/results/<card>-<yyyymmdd>-bsa.json (DESIGN.md section 6 format) and prints a table.
+Writes bench/results/<card>-<yyyymmdd>-bsa.json (docs/design.md section 6 format) and prints a table.
 """
 import argparse
 import contextlib

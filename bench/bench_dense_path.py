@@ -14,7 +14,7 @@ process with cold L2:
                         (no backend selection; skipped if this torch refuses GQA there)
 Every case also reports its host time per call (launches queued behind a GPU sleep, so the host
 never waits) and, with --kernels, the kernels one call launches (torch.profiler).
-Writes the DESIGN section 6 JSON (tag dense-path).
+Writes the docs/design.md section 6 JSON (tag dense-path).
 """
 import argparse
 import sys

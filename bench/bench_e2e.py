@@ -14,7 +14,7 @@ the backend torch picks (`sdpa_default`), so the default's ratio to cuDNN is mea
 length; these three are timed interleaved (benchlib.time_cold_interleaved, --dense-reps runs
 at N <= 16k) so that clock drift between measurements cannot decide a 5% comparison. Prints
 the smallest length from which the sparse path is never more than 5% slower than cuDNN (the
-dense crossover, config.dense_below), and writes the DESIGN section 6 JSON (tag e2e).
+dense crossover, config.dense_below), and writes the docs/design.md section 6 JSON (tag e2e).
 """
 import argparse
 import dataclasses

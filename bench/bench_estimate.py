@@ -1,4 +1,4 @@
-"""Time the estimation stages (DESIGN.md section 2, stages 1-3) beside cuDNN SDPA dense causal.
+"""Time the estimation stages (docs/design.md section 2, stages 1-3) beside cuDNN SDPA dense causal.
 
     python bench/bench_estimate.py [--seq-len 131072] [--groups 1 8] [--reps 10] [--out PATH]
 
@@ -7,7 +7,7 @@ median of --reps runs after warm-up, L2 flushed before every run (cold L2). The 
 cuDNN SDPA (torch.nn.attention.sdpa_kernel(SDPBackend.CUDNN_ATTENTION)) on the same inputs
 with KV expanded to Hq heads. Prints each stage's time, its floors (exponentials over the
 SFU rate, bytes over copy bandwidth) and the ratio to cuDNN (targets: stages 1+2+3 <= 2% of
-cuDNN with G = 1, <= 5% with G = 8), and writes the DESIGN.md section 6 JSON
+cuDNN with G = 1, <= 5% with G = 8), and writes the docs/design.md section 6 JSON
 (default bench/results/<card>-<yyyymmdd>-estimate.json).
 
 Importable: estimate_stage_fns() returns the three stage calls (and their chain) for one input,

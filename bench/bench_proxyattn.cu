@@ -1,6 +1,6 @@
 // bench_proxyattn: standalone benchmark and self-check of the torch-free kernels (no torch, no
 // Python). It fills the same params structs as the torch glue (csrc/ops/*.cpp) and calls the
-// launchers of csrc/kernels/: proxy scores, head budgets, select blocks (DESIGN.md section 2,
+// launchers of csrc/kernels/: proxy scores, head budgets, select blocks (docs/design.md section 2,
 // stages 1-3, "estimate" = the three in a row) and block-sparse attention (stage 4).
 //
 // Layouts as in the extension: q [B, N, Hq, D], k/v [B, N, Hkv, D] contiguous (Nq = Nk = N,
@@ -12,14 +12,14 @@
 // 256 MiB cudaMemsetAsync that evicts L2, bracketed by CUDA events; median and min reported.
 // cudaProfilerStart/Stop enclose the timed loops and every timed run sits in an NVTX push/pop
 // range named after its stage ("scores", "budgets", "select", "estimate", "bsa"), so Nsight
-// Compute can pick them: ncu --nvtx --nvtx-include "bsa/" ... (see README, Profiling).
+// Compute can pick them: ncu --nvtx --nvtx-include "bsa/" ... (see docs/kernels.md, Profiling).
 // Inputs: N(0, 1) from a counter-based hash (never zeros). The bsa stage runs on a random causal
 // selection that keeps the sink block and the diagonal block and the others with the probability
 // that makes the expected density (computed / causal block pairs) equal --density (as
 // bench/bench_bsa.py random_causal_selection); the measured density is printed. TFLOP/s counts
 // computed pairs only: density * 4 * D * Hq * N^2 / 2 per batch item.
 //
-// --verify checks, on small N, the estimation stages against CPU reimplementations of DESIGN
+// --verify checks, on small N, the estimation stages against CPU reimplementations of docs/design.md
 // section 2 (scores within 1e-3 relative, kstar exactly except heads whose cumulative mass lies
 // within 1e-5 of gamma, the selection exactly given the kernel's scores/kstar), and the attention
 // against a naive fp32 CUDA kernel over the same selection; exits 1 on a mismatch.
@@ -97,7 +97,7 @@ struct Options {
 
 void print_help() {
   std::printf(
-      "bench_proxyattn: time the proxyattn kernels without torch (DESIGN.md sections 2 and 6).\n\n"
+      "bench_proxyattn: time the proxyattn kernels without torch (docs/design.md sections 2 and 6).\n\n"
       "  --seq-len N[,N...]     sequence lengths (also space-separated); default 32768 (1000,4096 with --verify)\n"
       "  --batch B              batch size (fixed length), default 1\n"
       "  --q-heads H            query heads, default 32\n"
@@ -241,7 +241,7 @@ Options parse_args(int argc, char** argv) {
   if (o.block_size != 64 && o.block_size != 128) usage_error("--block-size must be 64 or 128");
   if (o.batch < 1 || o.q_heads < 1 || o.kv_heads < 1 || o.q_heads % o.kv_heads != 0)
     usage_error("need batch >= 1 and q-heads a positive multiple of kv-heads");
-  // DESIGN.md section 2's rule (proxyattn.config.proxy_grouping_ok): G divides Hkv, or Hkv divides
+  // docs/design.md section 2's rule (proxyattn.config.proxy_grouping_ok): G divides Hkv, or Hkv divides
   // G and G divides Hq.
   auto grouping_ok = [&](int G) {
     return G >= 1 && (G <= o.kv_heads ? o.kv_heads % G == 0 : (G % o.kv_heads == 0 && o.q_heads % G == 0));
@@ -365,7 +365,7 @@ __global__ void naive_bsa_kernel(BsaParams p, float* truth, float* lowp, float* 
     for (int d = 0; d < D; ++d) s += qf[d] * to_float(kr[d]);
     return s * p.softmax_scale;
   };
-  // The row's blocks as a set (DESIGN.md section 2, stage 4): entry e counts unless an earlier
+  // The row's blocks as a set (docs/design.md section 2, stage 4): entry e counts unless an earlier
   // entry holds the same value.
   auto taken = [&](int e) {
     const int n = index_at(e);
@@ -820,7 +820,7 @@ proxyattn::ForcedSplit forced_split(const Options& o, int m, int n) {
 }
 bool is_forced(int x, int c, const proxyattn::ForcedSplit& f) { return x < c && (x < f.free_lo || x >= f.free_hi); }
 
-// Stage 1 (DESIGN section 2) in double: [B, G, nqb, nkb].
+// Stage 1 (docs/design.md section 2) in double: [B, G, nqb, nkb].
 std::vector<double> cpu_scores(const Options& o, int n, const std::vector<float>& q, const std::vector<float>& k) {
   const int B = o.batch, Hq = o.q_heads, Hkv = o.kv_heads, D = o.head_dim, S = o.block_size, G = o.proxy_heads;
   const int s = o.stride, nqb = cdiv(n, S), nkb = cdiv(n, S);

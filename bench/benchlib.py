@@ -1,4 +1,4 @@
-"""Shared benchmark plumbing: cold-L2 median timing with CUDA events, and the DESIGN.md
+"""Shared benchmark plumbing: cold-L2 median timing with CUDA events, and the docs/design.md
 section 6 record (card, versions, commit, cases) written to bench/results/."""
 import contextlib
 import datetime

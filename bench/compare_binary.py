@@ -7,7 +7,7 @@ Runs `bench_proxyattn --stage all` (scores, budgets, select, the estimate chain,
 random causal selection of --density), then times the same stages in
 this process with the torch ops on fresh random inputs of the same shapes (bench_estimate's
 stage calls, bench_bsa's random causal selection), cold L2, median of --reps. Prints each
-stage's two medians and their ratio (target: within 5%) and writes the DESIGN section 6 JSON
+stage's two medians and their ratio (target: within 5%) and writes the docs/design.md section 6 JSON
 (tag binary-vs-python) with both sets of cases (names prefixed `binary_` for the C++ side).
 The two sides draw different random numbers, so selections differ in detail; the densities are
 printed beside the times.

@@ -41,7 +41,7 @@ def _math_dtype(t: Tensor) -> torch.dtype:
 
 def _forced_and_cands(nq: int, nk: int, S: int, sink: int, local: int, causal: bool, device
                       ) -> Tuple[Tensor, Tensor]:
-    """Bool [nqb, nkb] candidates and forced blocks (DESIGN.md section 2, stage 3)."""
+    """Bool [nqb, nkb] candidates and forced blocks (docs/design.md section 2, stage 3)."""
     return reference.forced_rows(nq, nk, S, sink, local, causal, _cdiv(nk, S), device)
 
 

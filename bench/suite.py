@@ -7,7 +7,7 @@
 For every length N and head dim D (B = 1, q [1, N, Hq, D], k/v [1, N, Hkv, D], bf16, causal), on
 structured inputs (bench/synthetic.py make_structured_inputs: sink, RoPE recency, shared hubs,
 needles; so the selection's density means something), timed on the same tensors:
-  sdpa_cudnn, sdpa_flash   dense causal SDPA with KV expanded to Hq heads (DESIGN.md section 5)
+  sdpa_cudnn, sdpa_flash   dense causal SDPA with KV expanded to Hq heads (docs/design.md section 5)
   fa4                      flash-attn-4 dense causal (flash_attn.cute.flash_attn_func)
   proxy_attention          end to end (sparse path, dense_below = 0), with the density it chose
   estimate, estimate_*     stages 1-3 chained, and each stage alone
@@ -34,7 +34,7 @@ so clock drift hits the contenders alike; proxy_attention and the estimate stage
 (benchlib.time_cold). density = computed / causal block pairs; TFLOP/s counts computed pairs only
 (dense causal: 4 * D * Hq * N^2 / 2 per sequence). Structured inputs are generated on the GPU
 before each case (--gen-device cuda), or on the CPU by --gen-workers background processes while
-the GPU measures (--gen-device cpu; single-threaded, minutes at 512k). Writes the DESIGN.md
+the GPU measures (--gen-device cpu; single-threaded, minutes at 512k). Writes the docs/design.md
 section 6 JSON (bench/results/<card>-<date>-suite.json unless --out) after every case, so a
 killed run keeps what it measured, and at the end, with matplotlib, <json stem>-speedup.png and
 <json stem>-tflops.png.
@@ -58,7 +58,7 @@ if HERE not in sys.path:
 if os.path.dirname(HERE) not in sys.path:
     sys.path.insert(0, os.path.dirname(HERE))
 
-DENSE_ANCHORS = ("sdpa_cudnn", "sdpa_flash", "fa4")  # dense causal (DESIGN.md section 6 names)
+DENSE_ANCHORS = ("sdpa_cudnn", "sdpa_flash", "fa4")  # dense causal (docs/design.md section 6 names)
 SPARSE_ANCHORS = ("flex", "flex_flash", "fa4_sparse")  # on the same selection as bsa
 FA4_ANCHORS = ("fa4", "fa4_sparse", "flex_flash")  # need the optional flash-attn-4 wheels
 
@@ -119,7 +119,7 @@ def parse_args(argv=None):
     a.density_at = a.density_at if a.density_at is not None else [32768, 131072]
     a.varlen_totals = [] if a.no_varlen else (a.varlen_totals if a.varlen_totals is not None else [32768, 131072])
     if a.reps < 10:
-        ap.error("--reps must be >= 10 (DESIGN.md section 5: medians of at least 10 runs)")
+        ap.error("--reps must be >= 10 (docs/design.md section 5: medians of at least 10 runs)")
     if a.q_heads % a.kv_heads:
         ap.error("--q-heads must be a multiple of --kv-heads")
     if not all(0 < d <= 1 for d in a.densities):

@@ -1,4 +1,4 @@
-"""Structured synthetic attention inputs (DESIGN.md section 5): sinks, RoPE recency windows,
+"""Structured synthetic attention inputs (docs/design.md section 5): sinks, RoPE recency windows,
 shared "hub" spans, per-head private spans, planted needles, per-head temperatures.
 
     from synthetic import make_structured_inputs   # with bench/ on sys.path

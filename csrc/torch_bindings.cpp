@@ -4,7 +4,7 @@
 // or packed variable-length ones (q [total_q, Hq, D], k/v [total_k, Hkv, D])
 // with cu_seqlens_q/k int32 [B + 1]. max_seqlen_q/k are Nq/Nk for fixed
 // length and the longest sequence for varlen; output shapes depend only on
-// input shapes and these ints. DESIGN.md section 2 defines what each computes.
+// input shapes and these ints. docs/design.md section 2 defines what each computes.
 // Implementations: csrc/ops/*.cpp (CUDA), proxyattn/reference.py (CPU).
 #include <Python.h>
 #include <torch/library.h>
@@ -43,7 +43,7 @@ extern "C" PyObject* PyInit__C(void) {
   static PyMethodDef methods[] = {
       {"dense_fast", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&proxyattn::dense_fast)),
        METH_FASTCALL,
-       "dense_fast(q, k, v, causal, dense_below, num_proxy_heads, softmax_scale) -> Tensor or None: "
+       "dense_fast(q, k, v, causal, num_proxy_heads, softmax_scale) -> Tensor or None: "
        "SDPA for proxy_attention's plain dense case, None when the Python path must decide"},
       {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};

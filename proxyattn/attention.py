@@ -188,11 +188,11 @@ def proxy_attention(q: Tensor, k: Tensor, v: Tensor, config: Optional[ProxyAttnC
     RuntimeError; the dense path on CUDA (fewer keys than dense_below; torch SDPA) stays
     differentiable."""
     if _dense_fast is not None and not return_selection and not torch.compiler.is_compiling():
-        # Below dense_below the call is one SDPA kernel; the C++ entry point runs it without the
-        # interpreter's host time in front, or returns None for anything but the plain valid case.
+        # A dense call is one SDPA kernel; the C++ entry point runs it without the interpreter's
+        # host time in front, or returns None for anything but the plain valid case.
         cfg = _DEFAULT_CONFIG if config is None else config
-        if type(cfg) is ProxyAttnConfig:
-            out = _dense_fast(q, k, v, causal, cfg.dense_below, cfg.num_proxy_heads, cfg.softmax_scale)
+        if type(cfg) is ProxyAttnConfig and type(k) is Tensor and k.dim() == 4 and cfg.runs_dense(k.shape[1]):
+            out = _dense_fast(q, k, v, causal, cfg.num_proxy_heads, cfg.softmax_scale)
             if out is not None:
                 return out
     lay = ops.check_qkv(q, k, v, None, None, None, None, causal)

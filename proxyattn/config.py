@@ -141,8 +141,8 @@ class ProxyAttnConfig:
 
     def runs_dense(self, seqlen_k: int) -> bool:
         """Whether proxy_attention runs dense attention for (longest) sequences of seqlen_k keys:
-        below dense_below the estimate cannot pay off. The one statement of this rule
-        (csrc/ops/dense_fast.cpp runs the dense case it is handed, and decides nothing)."""
+        below dense_below the estimate cannot pay off. The one statement of this rule (the C++
+        dense path, csrc/ops/dense_fast.cpp, runs the calls it is handed and decides nothing)."""
         return seqlen_k < self.dense_below
 
     def scale(self, head_dim: int) -> float:
@@ -151,10 +151,10 @@ class ProxyAttnConfig:
 
 def default_proxy_heads(q_heads: int, kv_heads: int) -> int:
     """The default G: Hq / 2 (each proxy pools two query heads) when that groups the heads
-    (DESIGN.md section 2: G divides Hkv, or Hkv divides G and G divides Hq), else Hq (one proxy
+    (docs/design.md section 2: G divides Hkv, or Hkv divides G and G divides Hq), else Hq (one proxy
     per query head). Hq=32, Hkv=8 gives 16; Hq=28, Hkv=4 gives 28; Hq=Hkv=32 gives 16.
 
-    Why not one pooled proxy (DESIGN's G=1): on structured inputs where each head keeps a fifth of
+    Why not one pooled proxy (the design's G=1): on structured inputs where each head keeps a fifth of
     its mass on spans of its own, G=1 reached recall 0.83-0.84 and missed a needle, G=Hq/2 0.95-0.98
     (bench/NOTES.md). Stage 1 costs grow with G: at 128k on an H200 it is 17 ms of a 27 ms call
     at G=16, still 9.2-9.4x faster than cuDNN's dense attention (19.6x at G=1)."""
@@ -163,7 +163,7 @@ def default_proxy_heads(q_heads: int, kv_heads: int) -> int:
 
 
 def proxy_grouping_ok(g: int, q_heads: int, kv_heads: int) -> bool:
-    """DESIGN.md section 2's rule: G divides Hkv, or Hkv divides G and G divides Hq."""
+    """docs/design.md section 2's rule: G divides Hkv, or Hkv divides G and G divides Hq."""
     return g >= 1 and (kv_heads % g == 0 if g <= kv_heads else g % kv_heads == 0 and q_heads % g == 0)
 
 

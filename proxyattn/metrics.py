@@ -1,4 +1,4 @@
-"""Quality metrics of a block selection (DESIGN.md section 5): block mass, attention recall,
+"""Quality metrics of a block selection (docs/design.md section 5): block mass, attention recall,
 density, relative output error, needle retrieval.
 
 Layouts follow the package: q [B, Nq, Hq, D], k/v [B, Nk, Hkv, D], any Nq <= Nk, causal aligned

@@ -1,4 +1,4 @@
-"""Plain-PyTorch ProxyAttn (DESIGN.md section 2): the oracle the kernels are tested against.
+"""Plain-PyTorch ProxyAttn (docs/design.md section 2): the oracle the kernels are tested against.
 
 Functions mirror the op schemas positionally, so they double as the CPU kernels of
 torch.ops.proxyattn.*. They run on CPU or CUDA tensors, compute in fp32 (fp64 for
@@ -63,7 +63,7 @@ def candidate_count(m: int, nq: int, nk: int, block: int, causal: bool) -> int:
 
 
 def local_start(m: int, nq: int, nk: int, block: int, local_blocks: int, causal: bool, c: int) -> int:
-    """First local block of query block m with c candidates (DESIGN.md section 2): the key blocks
+    """First local block of query block m with c candidates (docs/design.md section 2): the key blocks
     that hold some row's own position, plus local_blocks - 1 before the earliest. Causal: from
     floor(a_m / S) - local_blocks + 1 (a_m = m*S + Nk - Nq, the block's first row's position) to the
     last candidate; when Nk - Nq is a multiple of S that is the last local_blocks candidates.
@@ -273,7 +273,7 @@ def select_blocks(scores: Tensor, kstar: Tensor, cu_seqlens_q: Optional[Tensor],
         c_last, f_last = c[-1], f[-1]
         cand, forced = forced_rows(nq, nk, S, sink_blocks, local_blocks, causal, nkb, dev)
         # Rank classes: forced first, then candidates with a score (any number, infinities
-        # included), then candidates whose score is NaN, then the rest (DESIGN.md section 2).
+        # included), then candidates whose score is NaN, then the rest (docs/design.md section 2).
         rank = torch.where(forced, 3, torch.where(cand, 2, 0))
         for h in range(hq):
             kh = min(max(int(ks[b, h]), 0), c_last - f_last)  # budgets are clamped to what exists

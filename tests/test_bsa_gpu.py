@@ -1,4 +1,4 @@
-"""GPU tests of torch.ops.proxyattn.block_sparse_attention (DESIGN.md section 2, stage 4).
+"""GPU tests of torch.ops.proxyattn.block_sparse_attention (docs/design.md section 2, stage 4).
 
 The tests of this file run the portable kernel (PROXYATTN_BSA_BACKEND=portable, set per test; it
 runs on every GPU, block sizes 64 and 128); tests/test_bsa_sm90_gpu.py runs the same grid on the

@@ -1,4 +1,4 @@
-"""block_sparse_attention reads each index row as a set (DESIGN.md section 2, stage 4), on both
+"""block_sparse_attention reads each index row as a set (docs/design.md section 2, stage 4), on both
 kernels (PROXYATTN_BSA_BACKEND=portable and hopper).
 
 The selected blocks of (b, h, m) are the distinct values among the first counts[b, h, m] entries

@@ -15,7 +15,7 @@ FAST = attention._dense_fast
 
 
 def _args(q, k, v, causal=True, cfg=pa.ProxyAttnConfig()):
-    return (q, k, v, causal, cfg.dense_below, cfg.num_proxy_heads, cfg.softmax_scale)
+    return (q, k, v, causal, cfg.num_proxy_heads, cfg.softmax_scale)
 
 
 @needs_ext
@@ -26,7 +26,7 @@ def test_cpu_tensors_and_junk_step_aside():
     assert FAST(*_args(q, k, v)) is None
     assert FAST(*_args(q.bfloat16(), k.bfloat16(), v.bfloat16())) is None
     assert FAST(*_args(q.numpy(), k, v)) is None
-    with pytest.raises(TypeError, match="7 arguments"):
+    with pytest.raises(TypeError, match="6 arguments"):
         FAST(q, k, v)
     # the public call still runs the Python path on the CPU
     out = pa.proxy_attention(q, k, v)
@@ -65,6 +65,8 @@ def test_fast_path_equals_python_path(case, monkeypatch):
     monkeypatch.setattr(attention, "_dense_fast", spy)
     fast = pa.proxy_attention(q, k, v, cfg, causal=causal)
     assert calls == [True]  # the public call took the C++ path
+    pa.proxy_attention(q, k, v, dataclasses.replace(cfg, dense_below=n), causal=causal)
+    assert calls == [True]  # a sparse-length call is not handed to it (ProxyAttnConfig.runs_dense)
     monkeypatch.setattr(attention, "_dense_fast", None)
     slow = pa.proxy_attention(q, k, v, cfg, causal=causal)
     assert fast.shape == q.shape and fast.is_contiguous() and fast.dtype == dt
@@ -101,14 +103,13 @@ def test_fast_path_steps_aside():
         "heads 6/4": _args(*_qkv(1, 512, 512, 6, 4, 64, torch.bfloat16)),
         "strided last dim": _args(torch.randn(1, 512, 8, 128, device="cuda", dtype=torch.bfloat16)[..., ::2], k, v),
         "causal chunk": _args(q[:, :256], k, v),
-        "sparse length": _args(q, k, v, cfg=dataclasses.replace(cfg, dense_below=512)),
         "bad grouping": _args(q, k, v, cfg=dataclasses.replace(cfg, num_proxy_heads=3)),
         "k on cpu": _args(q, k.cpu(), v),
         "subclass": _args(q.as_subclass(_Sub), k, v),
         "v shape": _args(q, k, v[:, :-1]),
-        "causal not a bool": (q, k, v, 1, cfg.dense_below, None, None),
-        "dense_below not an int": (q, k, v, True, float(cfg.dense_below), None, None),
-        "scale not a number": (q, k, v, True, cfg.dense_below, None, "0.1"),
+        "causal not a bool": (q, k, v, 1, None, None),
+        "grouping not an int": (q, k, v, True, 2.0, None),
+        "scale not a number": (q, k, v, True, None, "0.1"),
     }
     for name, a in declines.items():
         assert FAST(*a) is None, name

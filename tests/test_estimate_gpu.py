@@ -1,4 +1,4 @@
-"""CUDA estimation kernels (DESIGN.md section 2, stages 1-3) against proxyattn.reference.
+"""CUDA estimation kernels (docs/design.md section 2, stages 1-3) against proxyattn.reference.
 
 - select_blocks: counts and indices identical to the reference given the same scores and
   budgets (deliberate ties, random kstar, varlen, Nq < Nk, block 64/128, sink/local/min_budget).

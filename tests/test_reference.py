@@ -1,4 +1,4 @@
-"""CPU tests of the reference pipeline (DESIGN.md section 2) and of the public API on CPU.
+"""CPU tests of the reference pipeline (docs/design.md section 2) and of the public API on CPU.
 
 Independent oracles here (per-row Python loops) check the vectorised reference."""
 import math

@@ -7,7 +7,7 @@ the softmax of key tile j (64 MUFU.EX2 per thread at block size 128) has to sit 
 for S_j = Q K_j^T (WARPGROUP.DEPBAR.LE gsb0, 0x1) and the wait for the P V wgmma of tile j - 1 (the
 next WARPGROUP.DEPBAR), or it runs after that P V instead of beside it. ptxas once moved the
 kernel's second wait above all the exponentials, with every other test still passing (bench/NOTES.md,
-"Softmax overlap restored"); this test catches it.
+"Fence fix: the softmax back beside P V"); this test catches it.
 
 Fails when the extension was built for sm_90a (PROXYATTN_ARCHS, default "80;90a", the variable the
 build reads) but holds no sm_90a code or not exactly the expected kernels. Skips, printing why, only

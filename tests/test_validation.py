@@ -96,7 +96,7 @@ def test_proxy_grouping_rule(g, ok):
 @pytest.mark.parametrize("hq,hkv,want", [(32, 8, 16), (8, 2, 4), (28, 4, 28), (40, 8, 40), (32, 32, 16),
                                           (12, 2, 6), (64, 8, 32), (1, 1, 1), (6, 3, 3), (6, 2, 6), (7, 1, 7)])
 def test_default_proxy_heads(hq, hkv, want):
-    """The default G pools two query heads per proxy where DESIGN's grouping rule allows, else one
+    """The default G pools two query heads per proxy where the design's grouping rule allows, else one
     proxy per query head; it is always a valid grouping."""
     assert default_proxy_heads(hq, hkv) == want
     check_proxy_grouping(want, hq, hkv)

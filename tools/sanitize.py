@@ -6,10 +6,10 @@
 Shapes cover lengths that are not multiples of the block, Nq < Nk, GQA, both head dims and
 dtypes, both block sizes, varlen, and hand-made selections with padding and bad entries.
 Garbage device-resident inputs the kernels must survive without an out-of-bounds access
-(DESIGN/conventions: cu_seqlens are never read on the host; kernels clamp lengths into
+(docs/design.md: cu_seqlens are never read on the host; kernels clamp lengths into
 [0, max_seqlen] and skip out-of-range block indices) run in every mode. The pipeline grid runs
 the default kernel choice; the hand-made selections, the garbage inputs and the set-semantics rows
-(DESIGN.md section 2, stage 4: repeated, unsorted, out-of-range, negative and INT16/INT32-extreme
+(docs/design.md section 2, stage 4: repeated, unsorted, out-of-range, negative and INT16/INT32-extreme
 entries, negative counts, counts past K, future blocks; fixed length and varlen, int16 and int32)
 run on each attention kernel the device has (PROXYATTN_BSA_BACKEND=portable, and hopper on sm_90).
 

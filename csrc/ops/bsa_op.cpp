@@ -1,4 +1,4 @@
-// Torch glue of torch.ops.proxyattn.block_sparse_attention (DESIGN.md section 2, stage 4) on CUDA:
+// Torch glue of torch.ops.proxyattn.block_sparse_attention (docs/design.md section 2, stage 4) on CUDA:
 // checks, the choice of kernel, allocation of out (contiguous, like q) and lse (fp32: fixed length
 // [B, Hq, Nq], varlen [Hq, total_q]), the params struct, and the launch on the current stream.
 // Selection: counts int32, indices int16 (as select_blocks writes them) or int32. Layouts: see

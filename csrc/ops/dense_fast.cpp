@@ -1,12 +1,14 @@
-// proxy_attention's dense path (fewer keys than dense_below) in one C++ call.
+// proxy_attention's dense path in one C++ call. Whether a call is dense is decided in one place,
+// ProxyAttnConfig.runs_dense (fewer keys than dense_below); proxyattn/attention.py asks it and hands
+// this function only the calls it runs dense.
 //
-// Below dense_below the whole call is one SDPA kernel of tens of microseconds, so the host
+// A dense call is one SDPA kernel of tens of microseconds at such lengths, so the host
 // time in front of it shows in the latency of an idle GPU. This entry point does the work of
 // the Python path (validate, transpose to [B, H, N, D], SDPA with enable_gqa, transpose back)
 // without the Python interpreter in between. It never raises for bad input: whenever anything
 // is not the plain valid dense case (a non-tensor or tensor subclass, CPU tensors, a dtype,
 // rank, shape, stride or alignment the Python validation would reject, causal with Nq != Nk,
-// a torch function mode, an invalid proxy grouping, Nk >= dense_below) it returns None and the
+// a torch function mode, an invalid proxy grouping) it returns None and the
 // caller runs the Python path, which then raises the documented error or handles the case.
 // So the rules below may be narrower than the Python ones, never wider.
 #include <Python.h>
@@ -31,7 +33,7 @@ bool dense_fast_aligned(const at::Tensor& t) {
   return true;
 }
 
-// DESIGN.md section 2: G divides Hkv, or Hkv divides G and G divides Hq (config.check_proxy_grouping).
+// docs/design.md section 2: G divides Hkv, or Hkv divides G and G divides Hq (config.check_proxy_grouping).
 bool dense_fast_grouping_ok(int64_t g, int64_t hq, int64_t hkv) {
   if (g < 1) return false;
   if (g <= hkv) return hkv % g == 0;
@@ -40,27 +42,21 @@ bool dense_fast_grouping_ok(int64_t g, int64_t hq, int64_t hkv) {
 
 }  // namespace
 
-// Python: dense_fast(q, k, v, causal, dense_below, num_proxy_heads, softmax_scale) -> Tensor or None.
+// Python: dense_fast(q, k, v, causal, num_proxy_heads, softmax_scale) -> Tensor or None.
 // num_proxy_heads and softmax_scale may be None (the config's defaults).
 PyObject* dense_fast(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (nargs != 7) {
-    PyErr_Format(PyExc_TypeError, "dense_fast expects 7 arguments, got %zd", nargs);
+  if (nargs != 6) {
+    PyErr_Format(PyExc_TypeError, "dense_fast expects 6 arguments, got %zd", nargs);
     return nullptr;
   }
-  PyObject *pq = args[0], *pk = args[1], *pv = args[2], *pcausal = args[3], *pbelow = args[4], *pg = args[5],
-           *pscale = args[6];
+  PyObject *pq = args[0], *pk = args[1], *pv = args[2], *pcausal = args[3], *pg = args[4], *pscale = args[5];
   if (!THPVariable_CheckExact(pq) || !THPVariable_CheckExact(pk) || !THPVariable_CheckExact(pv)) Py_RETURN_NONE;
   if (pcausal != Py_True && pcausal != Py_False) Py_RETURN_NONE;
-  if (!PyLong_CheckExact(pbelow) || (pg != Py_None && !PyLong_CheckExact(pg))) Py_RETURN_NONE;
+  if (pg != Py_None && !PyLong_CheckExact(pg)) Py_RETURN_NONE;
   if (pscale != Py_None && !PyFloat_CheckExact(pscale) && !PyLong_CheckExact(pscale)) Py_RETURN_NONE;
   if (at::impl::torch_function_mode_enabled()) Py_RETURN_NONE;
   const bool causal = pcausal == Py_True;
-  const long long dense_below = PyLong_AsLongLong(pbelow);
-  if (dense_below == -1 && PyErr_Occurred()) {
-    PyErr_Clear();
-    Py_RETURN_NONE;
-  }
 
   const at::Tensor& q = THPVariable_Unpack(pq);
   const at::Tensor& k = THPVariable_Unpack(pk);
@@ -76,7 +72,6 @@ PyObject* dense_fast(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs
   if (hq == 0 || hkv == 0 || hq % hkv != 0 || b == 0 || nq == 0 || nk == 0) Py_RETURN_NONE;
   if (!dense_fast_aligned(q) || !dense_fast_aligned(k) || !dense_fast_aligned(v)) Py_RETURN_NONE;
   if (causal && nq != nk) Py_RETURN_NONE;  // bottom-right mask: the Python path builds it
-  if (nk >= dense_below) Py_RETURN_NONE;   // the sparse path
   if (pg != Py_None) {
     const long long g = PyLong_AsLongLong(pg);
     if (g == -1 && PyErr_Occurred()) {

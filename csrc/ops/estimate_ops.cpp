@@ -1,4 +1,4 @@
-// Torch glue of the estimation ops (DESIGN.md section 2, stages 1-3) on CUDA:
+// Torch glue of the estimation ops (docs/design.md section 2, stages 1-3) on CUDA:
 //   proxy_block_scores -> fp32 [B, G, nqb, nkb]     (csrc/kernels/estimate/proxy_scores.cu)
 //   head_budgets       -> int32 [B, Hq]             (csrc/kernels/estimate/head_budgets.cu)
 //   select_blocks      -> (int32 [B, Hq, nqb], int16 [B, Hq, nqb, nkb])  (csrc/kernels/estimate/select_blocks.cu)

@@ -1,4 +1,4 @@
-// Plain-data parameters of the block-sparse attention forward (DESIGN.md section 2, stage 4), and
+// Plain-data parameters of the block-sparse attention forward (docs/design.md section 2, stage 4), and
 // the order in which the kernels take their work items.
 //
 // out[b, i, h, :] = softmax_j(scale * q[b, i, h, :] . k[b, j, kvh, :]) @ v[b, j, kvh, :] over the keys j

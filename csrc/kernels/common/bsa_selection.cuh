@@ -1,4 +1,4 @@
-// Device-side reading of a block-sparse attention selection (DESIGN.md section 2, stage 4): the
+// Device-side reading of a block-sparse attention selection (docs/design.md section 2, stage 4): the
 // clamped count of one (b, h, m), its index row (int16 or int32 entries, any stride), and the test
 // that makes the row a set.
 //

@@ -1,4 +1,4 @@
-// Device helpers shared by the estimation kernels (stages 1-3 of DESIGN.md section 2): the
+// Device helpers shared by the estimation kernels (stages 1-3 of docs/design.md section 2): the
 // candidate / forced-block arithmetic of the conventions, thin mma.sync wrappers (m16n8k16, fp32
 // accumulate) for fp16 and bf16 operands, cp.async and the merge of online-softmax statistics.
 // Sequence bounds and Python-style integer division come from kernels/common/. No torch headers.
@@ -28,7 +28,7 @@ __host__ __device__ inline int candidate_count(int m, int nq, int nk, int S, boo
   return static_cast<int>(c < 0 ? 0 : c > nkb ? nkb : c);
 }
 
-// First local block of query block m with c candidates (DESIGN.md section 2): every key block that
+// First local block of query block m with c candidates (docs/design.md section 2): every key block that
 // holds some row's own position, plus local - 1 before the earliest. Causal: the own positions of
 // the block's rows run from a_m = m*S + Nk - Nq to the last candidate, so the local blocks are
 // [max(0, floor(a_m / S) - local + 1), c); with Nk - Nq a multiple of S that is the last `local`

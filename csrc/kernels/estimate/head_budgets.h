@@ -1,4 +1,4 @@
-// Stage 2 of DESIGN.md section 2 (head_budgets): per (b, query head h), probe the last
+// Stage 2 of docs/design.md section 2 (head_budgets): per (b, query head h), probe the last
 // min(S, Nq) query rows against every key of the head's KV head (unstrided, causal
 // bottom-right, fp32 softmax per row), form the block masses w[n] over the c_last
 // candidates (mean over rows, normalised to sum 1), and count the fewest non-forced blocks

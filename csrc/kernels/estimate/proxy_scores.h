@@ -1,4 +1,4 @@
-// Stage 1 of DESIGN.md section 2 (proxy_block_scores): per proxy group j, pooled heads
+// Stage 1 of docs/design.md section 2 (proxy_block_scores): per proxy group j, pooled heads
 // qbar_j (mean of the group's query heads) and kbar_j (mean of its distinct KV heads); kept
 // queries are those whose absolute position Nk - Nq + i is a multiple of the stride s, kept
 // keys those with t % s == 0; each kept query takes a softmax (scale sm) over the kept keys

@@ -27,7 +27,7 @@ static_assert(kSelectMaxBlocks <= 32768, "candidate offsets and output indices a
 
 // Order-preserving key of a score: larger scores get larger keys, -inf the smallest number key
 // (0x007fffff); NaN (either sign) ranks below every number with key 0, so it never outranks a
-// number (DESIGN.md section 2). Forced blocks are never sorted, so no score can displace them.
+// number (docs/design.md section 2). Forced blocks are never sorted, so no score can displace them.
 __device__ inline uint32_t order_key(float f) {
   const uint32_t u = __float_as_uint(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return 0u;  // NaN, by its bits (fast math may drop isnan)

@@ -1,4 +1,4 @@
-// Stage 3 of DESIGN.md section 2: per (b, h, query block m) pick the forced blocks plus
+// Stage 3 of docs/design.md section 2: per (b, h, query block m) pick the forced blocks plus
 // the k_m - f_m best non-forced candidates by descending A[b, group(h), m, n] (ties to the
 // lower n), write counts int32 [B, Hq, nqb] and ascending indices int16 [B, Hq, nqb, nkb]
 // padded with -1 (int16 suffices: nkb <= kSelectMaxBlocks = 32768, so every index is in
