@@ -40,7 +40,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-ANCHORS = ("sdpa_cudnn", "sdpa_flash", "flex")
+ANCHORS = ("sdpa_cudnn", "sdpa_flash", "fa4", "flex", "flex_flash", "fa4_sparse")
+DENSE_ANCHORS = ("sdpa_cudnn", "sdpa_flash", "fa4")  # matched on shape; the others on the mask
 NAME_RE = re.compile(r"^(?P<card>.+?)-(?P<date>\d{8})(?:-(?P<tag>.+))?\.json$")
 
 
@@ -188,10 +189,10 @@ def file_table(rec):
     present = [a for a in ANCHORS if any(c["name"] == a for c in cases)]
     anchor_ms = {}
     for c in cases:  # first record of an anchor per key wins
-        if c["name"] in ("sdpa_cudnn", "sdpa_flash"):
+        if c["name"] in DENSE_ANCHORS:
             anchor_ms.setdefault((c["name"], _shape_key(c)), float(c["ms"]))
-        elif c["name"] == "flex":
-            anchor_ms.setdefault(("flex", _mask_key(c)), float(c["ms"]))
+        elif c["name"] in ANCHORS:
+            anchor_ms.setdefault((c["name"], _mask_key(c)), float(c["ms"]))
     head = ["name", "variant", "N", "B", "Hq/Hkv", "D", "dtype", "density", "ms", "TFLOP/s"]
     head += [f"vs {a}" for a in present]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
@@ -201,7 +202,7 @@ def file_table(rec):
                str(c.get("dtype", "-")), _fmt(c.get("density"), ".3f"), _fmt_ms(c["ms"]),
                _fmt(c.get("tflops"), ".1f")]
         for a in present:
-            key = (a, _mask_key(c) if a == "flex" else _shape_key(c))
+            key = (a, _shape_key(c) if a in DENSE_ANCHORS else _mask_key(c))
             ref = anchor_ms.get(key)
             row.append(f"{ref / float(c['ms']):.2f}x" if ref and c["name"] != a and float(c["ms"]) > 0 else "-")
         lines.append("| " + " | ".join(row) + " |")
