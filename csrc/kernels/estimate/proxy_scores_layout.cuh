@@ -1,0 +1,73 @@
+// Stage 1 (proxy_block_scores): the constants, the kept-row arithmetic, the mapping of query
+// blocks onto a CTA's warps and the workspace layout shared by the pool and scores kernels and
+// their launcher (proxy_scores.cu, which describes the algorithm). Workspace [B, G, kept rows, D]
+// fp16 hi/lo halves of the pooled queries and keys, a flag per 64-key tile, the unit counter and
+// the per-CTA scratch of block maxima.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/estimate/estimate_common.cuh"
+#include "kernels/estimate/proxy_scores.h"
+
+namespace proxyattn {
+namespace scores {
+
+constexpr int kPoolWarps = 8;
+constexpr int kScoreWarps = 8;
+constexpr int kScoreThreads = kScoreWarps * 32;
+constexpr int kCtaRows = kScoreWarps * 16;  // query rows a CTA holds = scratch rows per slot
+constexpr int kKeyTile = 64;
+constexpr int kSubKeys = 32;
+constexpr int kStagePitch = kSubKeys + 1;  // floats per staged logit row (generic path)
+
+__device__ inline int kept_query_offset(int nq, int nk, int s) {
+  return static_cast<int>(floor_mod64(-(static_cast<int64_t>(nk) - nq), s));
+}
+__device__ inline int kept_count(int n, int first, int s) { return n > first ? (n - first + s - 1) / s : 0; }
+
+// How query blocks map onto the 8 warps of a CTA (host and device).
+struct ScoreGeometry {
+  int upb;       // warps (16-row slices) per query block
+  int bpc;       // query blocks per unit
+  int nmb;       // units per (b, group)
+  bool aligned;  // S % s == 0 and (S / s) % 8 == 0
+};
+__host__ __device__ inline ScoreGeometry score_geometry(int S, int s, int nqb) {
+  ScoreGeometry g;
+  const int rows = (S + s - 1) / s;  // kept queries of a query block, at most (<= 128)
+  g.upb = (rows + 15) / 16;
+  g.bpc = kScoreWarps / g.upb;
+  g.nmb = (nqb + g.bpc - 1) / g.bpc;
+  g.aligned = S % s == 0 && (S / s) % 8 == 0;
+  return g;
+}
+
+inline int64_t align256(int64_t x) { return (x + 255) & ~static_cast<int64_t>(255); }
+
+// Byte offsets of the workspace parts.
+struct ScoreWorkspace {
+  int64_t rows_q, rows_k, ktiles;
+  int64_t q_hi, q_lo, k_hi, k_lo, flags, counter, scratch, total;
+};
+inline ScoreWorkspace score_workspace(const ProxyScoresParams& p, int slots) {
+  ScoreWorkspace w;
+  w.rows_q = proxy_scores_kept_rows(p.max_seqlen_q, p.stride);
+  w.rows_k = proxy_scores_kept_rows(p.max_seqlen_k, p.stride);
+  w.ktiles = (w.rows_k + kKeyTile - 1) / kKeyTile;
+  const int64_t bg = static_cast<int64_t>(p.batch) * p.num_groups;
+  const int64_t qb = bg * w.rows_q * p.head_dim * 2, kb = bg * w.rows_k * p.head_dim * 2;
+  int64_t o = 0;
+  w.q_hi = o, o = align256(o + qb);
+  w.q_lo = o, o = align256(o + qb);
+  w.k_hi = o, o = align256(o + kb);
+  w.k_lo = o, o = align256(o + kb);
+  w.flags = o, o += bg * w.ktiles * 4;
+  w.counter = o = (o + 7) & ~static_cast<int64_t>(7), o = align256(o + 8);
+  w.scratch = o, o += static_cast<int64_t>(slots) * p.nkb * kCtaRows * 4;
+  w.total = o;
+  return w;
+}
+
+}  // namespace scores
+}  // namespace proxyattn
