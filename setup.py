@@ -91,7 +91,10 @@ def extension():
     include_dirs = [os.path.join(ROOT, "csrc")] + cutlass_include_dirs()
     nvcc_threads = os.environ.get("NVCC_THREADS", "2")
     common = ["-O3", "-DNDEBUG", "-std=c++20"]
-    nvcc = common + gencode_flags() + [
+    gencode = gencode_flags()
+    if "arch=compute_90a,code=sm_90a" in gencode:
+        common.append("-DPROXYATTN_HOPPER_KERNELS")  # the Hopper kernel has code to run (bsa_launch.h)
+    nvcc = common + gencode + [
         "-lineinfo",
         "--use_fast_math",
         "--expt-relaxed-constexpr",

@@ -394,7 +394,10 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, counts: Tensor, indi
     counts[b, h, m] entries of indices[b, h, m] (a count below 0 reads as 0, one above K as K) that
     lie in [0, nkb) of that sequence. Order and repetition do not matter, other entries are
     ignored, and keys a row may not see stay masked by causality; so any counts/indices (int16 or
-    int32) are memory-safe, and CPU and CUDA compute the same thing. Inference only."""
+    int32) are memory-safe, and CPU and CUDA compute the same thing. Speed does depend on order:
+    ascending rows (as select_blocks writes them) are walked in one pass, rows in another order
+    pay a scan of the entries already walked for each entry (up to count^2 loads per row), so sort
+    hand-made rows ascending. Inference only."""
     lay = check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
     check_field("block_size", block_size)
     scale = resolve_scale(softmax_scale, lay.head_dim)

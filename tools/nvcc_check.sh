@@ -19,13 +19,13 @@ IFS=: read -ra tinc <<<"$TORCH_INC"; for d in "${tinc[@]}"; do inc+=(-isystem "$
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda-13.0}
 out=${OUT_OBJ:-/tmp/nvcc_check_$(basename "$src").o}
 case "$src" in
-  *.cu) "$CUDA_HOME/bin/nvcc" -c "$src" -o "$out" -std=c++20 -O3 -DNDEBUG -lineinfo --use_fast_math \
+  *.cu) "$CUDA_HOME/bin/nvcc" -c "$src" -o "$out" -std=c++20 -O3 -DNDEBUG -DPROXYATTN_HOPPER_KERNELS -lineinfo --use_fast_math \
           --expt-relaxed-constexpr --expt-extended-lambda -Xptxas=--warn-on-spills,-v \
           -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a \
           -U__CUDA_NO_HALF_OPERATORS__ -U__CUDA_NO_HALF_CONVERSIONS__ \
           -U__CUDA_NO_BFLOAT16_OPERATORS__ -U__CUDA_NO_BFLOAT16_CONVERSIONS__ \
           -Xcompiler -fPIC -D_GLIBCXX_USE_CXX11_ABI=1 "${inc[@]}" "$@" ;;
-  *.cpp) g++ -c "$src" -o "$out" -std=c++20 -O2 -fPIC -DNDEBUG -D_GLIBCXX_USE_CXX11_ABI=1 \
+  *.cpp) g++ -c "$src" -o "$out" -std=c++20 -O2 -fPIC -DNDEBUG -DPROXYATTN_HOPPER_KERNELS -D_GLIBCXX_USE_CXX11_ABI=1 \
           "${inc[@]}" -I"$CUDA_HOME/include" "$@" ;;
 esac
 echo "ok: $src -> $out"

@@ -63,6 +63,7 @@ cudaError_t launch(const BsaParams& p, cudaStream_t stream) {
   auto kernel = &bsa_fwd_sm90_persistent_kernel<Traits>;
   int dev = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess && bsa_device_arch(dev) != 90) return cudaErrorNoKernelImageForDevice;
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   if (err == cudaSuccess) err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (err != cudaSuccess) return err;

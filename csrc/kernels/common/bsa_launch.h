@@ -106,10 +106,17 @@ inline std::string bsa_unsupported_reason(const BsaParams& p) {
 }
 
 // Empty when the Hopper kernel takes these (already supported) parameters on the current device,
-// else why not: a compute capability 9.0 device; block size 128; q/k/v strides of dimensions
+// else why not: a build with sm_90a code (PROXYATTN_HOPPER_KERNELS, set by setup.py and CMake when
+// PROXYATTN_ARCHS holds 90a); a compute capability 9.0 device; block size 128; q/k/v strides of dimensions
 // longer than 1 positive, 16-byte multiples, below 2^40 bytes, 16-byte aligned pointers (TMA); row
 // counts within int32 (TMA coordinates).
 inline std::string bsa_hopper_unsupported_reason(const BsaParams& p) {
+#if !defined(PROXYATTN_HOPPER_KERNELS)
+  // Built without sm_90a code (PROXYATTN_ARCHS lacks 90a): the kernel's body is empty for every
+  // target, so taking this path would launch a kernel that writes nothing.
+  (void)p;
+  return "this build has no sm_90a code (PROXYATTN_ARCHS lacks 90a)";
+#else
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) {
     (void)cudaGetLastError();
@@ -132,6 +139,7 @@ inline std::string bsa_hopper_unsupported_reason(const BsaParams& p) {
   auto misaligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 != 0; };
   if (misaligned(p.q) || misaligned(p.k) || misaligned(p.v)) return "it needs 16-byte aligned q/k/v";
   return {};
+#endif
 }
 
 // The work order (BsaParams::kv_section): sections of as many KV heads as keep their K and V within
