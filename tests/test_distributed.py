@@ -17,8 +17,22 @@ SPARSE = pa.ProxyAttnConfig(block_size=64, min_budget=128, gamma=0.9, dense_belo
 DENSE = pa.ProxyAttnConfig(block_size=64)  # 1024 keys < dense_below: dense attention everywhere
 
 
-def _shard(t, spans):
+def shard(t, spans):
     return torch.cat([t[:, s:e] for s, e in spans], dim=1).contiguous()
+
+
+def check_rank(q, k, v, cfg, world, rank, layout, tol):
+    """This rank's proxy_attention_cp against proxy_attention on the whole sequence: the same
+    budgets and selection rows exactly, outputs within tol. Returns the one-process selection."""
+    spans = chunk_spans(q.shape[1], world, rank, layout)
+    out, sel = proxy_attention_cp(shard(q, spans), shard(k, spans), shard(v, spans), cfg, layout=layout,
+                                  return_selection=True)
+    want, wsel = pa.proxy_attention(q, k, v, cfg, return_selection=True)
+    assert torch.equal(sel.kstar, wsel.kstar)
+    assert torch.equal(sel.counts, wsel.counts[:, :, sel.query_blocks])
+    assert torch.equal(sel.indices, wsel.indices[:, :, sel.query_blocks])
+    torch.testing.assert_close(out, shard(want, spans), rtol=tol, atol=tol)
+    return wsel
 
 
 def _worker(rank, world, init, n, layout, cfg_name):
@@ -27,14 +41,7 @@ def _worker(rank, world, init, n, layout, cfg_name):
     try:
         cfg = SPARSE if cfg_name == "sparse" else DENSE
         q, k, v, _ = chunked.synthetic.make_structured_inputs(1, n, 4, 2, 64, seed=7, hubs=6, needles=2)
-        spans = chunk_spans(n, world, rank, layout)
-        out, sel = proxy_attention_cp(_shard(q, spans), _shard(k, spans), _shard(v, spans), cfg, layout=layout,
-                                      return_selection=True)
-        want, wsel = pa.proxy_attention(q, k, v, cfg, return_selection=True)
-        assert torch.equal(sel.kstar, wsel.kstar)
-        assert torch.equal(sel.counts, wsel.counts[:, :, sel.query_blocks])
-        assert torch.equal(sel.indices, wsel.indices[:, :, sel.query_blocks])
-        torch.testing.assert_close(out, _shard(want, spans), rtol=1e-5, atol=1e-5)
+        wsel = check_rank(q, k, v, cfg, world, rank, layout, 1e-5)
         if cfg_name == "sparse":
             assert float(wsel.density.mean()) < 0.9, "the test needs a sparse selection"
     finally:

@@ -10,13 +10,9 @@ import torch.multiprocessing as mp
 
 import chunked
 import proxyattn as pa
-from proxyattn.distributed import chunk_spans, proxy_attention_cp
+from test_distributed import check_rank
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-
-
-def _shard(t, spans):
-    return torch.cat([t[:, s:e] for s, e in spans], dim=1).contiguous()
 
 
 def _worker(rank, world, init, n, layout):
@@ -26,15 +22,7 @@ def _worker(rank, world, init, n, layout):
         dev = torch.device("cuda", rank)
         q, k, v, _ = chunked.synthetic.make_structured_inputs(1, n, 8, 2, 128, seed=5, dtype=torch.bfloat16,
                                                               device=dev)
-        spans = chunk_spans(n, world, rank, layout)
-        cfg = pa.ProxyAttnConfig()
-        out, sel = proxy_attention_cp(_shard(q, spans), _shard(k, spans), _shard(v, spans), cfg, layout=layout,
-                                      return_selection=True)
-        want, wsel = pa.proxy_attention(q, k, v, cfg, return_selection=True)
-        assert torch.equal(sel.kstar, wsel.kstar)
-        assert torch.equal(sel.counts, wsel.counts[:, :, sel.query_blocks])
-        assert torch.equal(sel.indices, wsel.indices[:, :, sel.query_blocks])
-        torch.testing.assert_close(out, _shard(want, spans), rtol=2e-2, atol=2e-2)
+        check_rank(q, k, v, pa.ProxyAttnConfig(), world, rank, layout, 2e-2)
     finally:
         dist.destroy_process_group()
 
