@@ -63,18 +63,12 @@ def candidate_counts(nq: Tensor, nk: Tensor, nqb: int, block: int, causal: bool)
 
 
 def _forced_last(c_last: Tensor, nq: Tensor, nk: Tensor, cfg: ProxyAttnConfig, causal: bool) -> Tensor:
-    """f_last [B, 1]: the forced blocks of each sequence's last query block (reference.forced_range,
-    on device tensors)."""
-    S, local = cfg.block_size, cfg.local_blocks
+    """f_last [B, 1]: the forced blocks of each sequence's last query block (reference.forced_range's
+    rule, on device tensors)."""
+    S = cfg.block_size
+    m = torch.clamp((nq + S - 1) // S - 1, min=0)[:, None]
+    start = reference.local_start(m, nq[:, None], nk[:, None], S, cfg.local_blocks, causal, c_last)
     sink = torch.clamp(c_last, max=cfg.sink_blocks)
-    if local == 0:
-        start = c_last
-    elif causal:
-        m = torch.clamp((nq + S - 1) // S - 1, min=0)[:, None]
-        start = torch.div(m * S + (nk - nq)[:, None], S, rounding_mode="floor") - local + 1
-    else:
-        start = c_last - local
-    start = torch.minimum(torch.clamp(start, min=0), c_last)
     return sink + c_last - torch.maximum(start, sink)
 
 

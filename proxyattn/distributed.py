@@ -122,7 +122,6 @@ def proxy_attention_cp(q: Tensor, k: Tensor, v: Tensor, config: Optional[ProxyAt
         q_chunks.append(q[:, pos:pos + e - s])
         pos += e - s
     batch = q.shape[0]
-    kstar = None
     counts = indices = None
     if not cfg.runs_dense(n):
         ops.check_key_blocks(n, S)

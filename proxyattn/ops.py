@@ -8,7 +8,6 @@ a CUDA tensor on the host would synchronise, so device-resident cu_seqlens are t
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional, Tuple
 
 import torch

@@ -62,15 +62,18 @@ def candidate_count(m: int, nq: int, nk: int, block: int, causal: bool) -> int:
     return (nk - nq + last_row) // block + 1
 
 
-def local_start(m: int, nq: int, nk: int, block: int, local_blocks: int, causal: bool, c: int) -> int:
+def local_start(m, nq, nk, block: int, local_blocks: int, causal: bool, c):
     """First local block of query block m with c candidates (docs/design.md section 2): the key blocks
     that hold some row's own position, plus local_blocks - 1 before the earliest. Causal: from
     floor(a_m / S) - local_blocks + 1 (a_m = m*S + Nk - Nq, the block's first row's position) to the
     last candidate; when Nk - Nq is a multiple of S that is the last local_blocks candidates.
-    Non-causal: the last local_blocks candidates. No local blocks (local_blocks 0): c."""
+    Non-causal: the last local_blocks candidates. No local blocks (local_blocks 0): c.
+    m, nq, nk, c: ints, or integer tensors that broadcast (telemetry on the device, no host read)."""
     if local_blocks <= 0:
         return c
     start = (m * block + nk - nq) // block - local_blocks + 1 if causal else c - local_blocks
+    if isinstance(start, Tensor):
+        return torch.minimum(torch.clamp(start, min=0), c)
     return min(max(start, 0), c)
 
 

@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 #include "kernels/common/bsa_params.h"
 
@@ -185,29 +186,19 @@ inline cudaError_t run_bsa_fwd(const BsaParams& given, bool is_bf16, const BsaPl
   if (!plan.error.empty() || plan.kv_section < 1) return cudaErrorInvalidValue;
   BsaParams params = given;
   params.kv_section = plan.kv_section;
-  if (plan.path == BsaPath::kHopper) {
-    if (params.tile_counter == nullptr) return cudaErrorInvalidValue;
-    switch (params.head_dim) {
-      case 64:
-        return is_bf16 ? run_bsa_fwd_sm90<__nv_bfloat16, 64>(params, stream)
-                       : run_bsa_fwd_sm90<__half, 64>(params, stream);
-      case 128:
-        return is_bf16 ? run_bsa_fwd_sm90<__nv_bfloat16, 128>(params, stream)
-                       : run_bsa_fwd_sm90<__half, 128>(params, stream);
-      default:
-        return cudaErrorInvalidValue;  // unreachable: bsa_unsupported_reason names head_dim
-    }
-  }
-  switch (params.head_dim) {
-    case 64:
-      return is_bf16 ? run_bsa_fwd_sm80<__nv_bfloat16, 64>(params, stream)
-                     : run_bsa_fwd_sm80<__half, 64>(params, stream);
-    case 128:
-      return is_bf16 ? run_bsa_fwd_sm80<__nv_bfloat16, 128>(params, stream)
-                     : run_bsa_fwd_sm80<__half, 128>(params, stream);
-    default:
-      return cudaErrorInvalidValue;  // unreachable: bsa_unsupported_reason names head_dim
-  }
+  const bool hopper = plan.path == BsaPath::kHopper;
+  if (hopper && params.tile_counter == nullptr) return cudaErrorInvalidValue;
+  // One instantiation per (dtype, head dim); head_dim is one of these (bsa_unsupported_reason).
+  auto run = [&](auto elem, auto head_dim) {
+    using Elem = decltype(elem);
+    constexpr int kD = decltype(head_dim)::value;
+    return hopper ? run_bsa_fwd_sm90<Elem, kD>(params, stream) : run_bsa_fwd_sm80<Elem, kD>(params, stream);
+  };
+  using D64 = std::integral_constant<int, 64>;
+  using D128 = std::integral_constant<int, 128>;
+  if (params.head_dim == 64) return is_bf16 ? run(__nv_bfloat16{}, D64{}) : run(__half{}, D64{});
+  if (params.head_dim == 128) return is_bf16 ? run(__nv_bfloat16{}, D128{}) : run(__half{}, D128{});
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace proxyattn
