@@ -1,7 +1,8 @@
 """proxyattn: training-free block-sparse attention for long-context prefill, guided by
 pooled proxy heads with per-head dynamic budgets (ProxyAttn, arXiv 2509.24745).
 
-Public API: ProxyAttnConfig, proxy_attention, proxy_attention_varlen, and the four stages
+Public API: ProxyAttnConfig, proxy_attention, proxy_attention_varlen, proxy_attention_paged (a
+paged KV cache; gather_paged_kv gives the stages its keys), and the four stages
 proxy_block_scores, head_budgets, select_blocks, block_sparse_attention. CPU tensors run the
 pure-PyTorch reference (proxyattn.reference); CUDA tensors run the compiled kernels.
 """
@@ -17,6 +18,7 @@ from .ops import (
     proxy_block_scores,
     select_blocks,
 )
+from .paged import PagedKV, gather_paged_kv, proxy_attention_paged
 
 __version__ = "0.1.0"
 
@@ -25,6 +27,9 @@ __all__ = [
     "ProxyAttnSelection",
     "proxy_attention",
     "proxy_attention_varlen",
+    "proxy_attention_paged",
+    "gather_paged_kv",
+    "PagedKV",
     "proxy_block_scores",
     "head_budgets",
     "select_blocks",

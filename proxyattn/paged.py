@@ -1,0 +1,235 @@
+"""Paged KV cache input: proxy_attention_paged, and gather_paged_kv for the stage functions.
+
+Serving engines keep K and V in pages: k_cache, v_cache [num_pages, page_size, Hkv, D] (any page,
+token and head strides, last dim contiguous), and per sequence a row of page_table int32
+[B, max_pages] naming its pages in order; the keys of sequence b are its first seqlens_k[b] slots
+through those pages. This release gathers those keys into packed K/V on the device and runs
+proxy_attention_varlen on them, so a paged call computes exactly what the varlen call computes on
+the same keys. Copy-free kernels that read through the page table (TMA page loads on Hopper, a
+cp.async gather in the portable kernel) are planned and not in this release.
+
+Memory: on CUDA the gathered K and V hold B * max_seqlen_k rows each (a fixed size, so a call
+can be captured in a CUDA graph): 2 * B * max_seqlen_k * Hkv * D elements beyond the cache, the
+same order as the keys themselves. Rows past cu_seqlens_k[-1] are padding (copies of the last
+key) that no op reads. On the CPU the seqlens are host values and exactly cu_seqlens_k[-1] rows
+are gathered.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops
+from .attention import ProxyAttnSelection, proxy_attention_varlen
+from .config import INT32_MAX, ProxyAttnConfig, check_int
+
+# Page sizes the paged entry point takes. Why these: the planned Hopper kernel loads K/V pages
+# with TMA, so a key block (64 or 128 tokens) must be a whole number of pages or lie inside one
+# page, which powers of two give; below 16 tokens a 128-token block would take more than 8 page
+# loads (page size 1, SGLang's default, is a gather of single tokens: raise it with --page-size);
+# above 256 no kernel has been measured.
+PAGE_SIZES = (16, 32, 64, 128, 256)
+
+_DEFAULT_CONFIG = ProxyAttnConfig()
+
+
+class PagedKV(NamedTuple):
+    """Keys and values gathered from a paged cache, packed for the varlen stage calls.
+
+    k, v: [rows, Hkv, D] contiguous (v is None when no v_cache was given); sequence b holds rows
+    cu_seqlens_k[b] .. cu_seqlens_k[b + 1]. rows = B * max_seqlen_k on CUDA (rows past
+    cu_seqlens_k[-1] are unused padding), cu_seqlens_k[-1] on the CPU.
+    cu_seqlens_k: int32 [B + 1] on the cache's device. max_seqlen_k: the int that was passed.
+    """
+
+    k: Tensor
+    v: Optional[Tensor]
+    cu_seqlens_k: Tensor
+    max_seqlen_k: int
+
+
+# ------------------------------------------------------------------ validation
+
+
+def _page_size_error(page_size: int) -> str:
+    return (f"k_cache.shape[1] is the page size and must be one of {PAGE_SIZES}, got {page_size}. "
+            f"The planned copy-free kernels load whole pages (TMA on Hopper), so a key block of 64 or 128 "
+            f"tokens must be a whole number of pages or lie inside one page (powers of two); pages under 16 "
+            f"tokens would make a block more than 8 separate loads (SGLang's default page size 1: start it "
+            f"with --page-size 16 or more); pages over 256 tokens are not measured")
+
+
+def _check_cache(k_cache, v_cache, page_table, seqlens_k, max_seqlen_k, batch: Optional[int]) -> None:
+    """The paged arguments alone (shapes, dtypes, devices, page size, capacity; values where they
+    are on the CPU). batch: the batch size the caller's other arguments give, or None."""
+    ops._require_tensor("k_cache", k_cache)
+    if v_cache is not None:
+        ops._require_tensor("v_cache", v_cache)
+    if k_cache.dim() != 4:
+        raise ValueError(f"k_cache must have rank 4 [num_pages, page_size, Hkv, D], got shape {tuple(k_cache.shape)}")
+    if v_cache is not None and v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache must have the shape of k_cache {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
+    if v_cache is not None and (v_cache.device != k_cache.device or v_cache.dtype != k_cache.dtype):
+        raise TypeError(f"v_cache must have the dtype and device of k_cache ({k_cache.dtype} on {k_cache.device}), "
+                        f"got {v_cache.dtype} on {v_cache.device}")
+    num_pages, page_size = k_cache.shape[0], k_cache.shape[1]
+    if page_size not in PAGE_SIZES:
+        raise ValueError(_page_size_error(page_size))
+    if num_pages < 1:
+        raise ValueError(f"k_cache must hold at least one page, got shape {tuple(k_cache.shape)}")
+    max_seqlen_k = check_int("max_seqlen_k", max_seqlen_k, 1, INT32_MAX)
+    ops._require_tensor("page_table", page_table)
+    if page_table.dim() != 2:
+        raise ValueError(f"page_table must have shape [B, max_pages], got {tuple(page_table.shape)}")
+    b = page_table.shape[0] if batch is None else batch
+    ops._check_int_tensor("page_table", page_table, (b, 1), k_cache, last_free=True)
+    ops._check_int_tensor("seqlens_k", seqlens_k, (b,), k_cache)
+    capacity = page_table.shape[1] * page_size
+    if capacity < max_seqlen_k:
+        raise ValueError(f"page_table has room for {page_table.shape[1]} pages of {page_size} tokens "
+                         f"({capacity} keys) per sequence, fewer than max_seqlen_k={max_seqlen_k}")
+    if seqlens_k.device.type != "cpu":
+        return  # device values are trusted (reading them would synchronise) and clamped by the gather
+    lens = seqlens_k.tolist()
+    for i, n in enumerate(lens):
+        if not 1 <= n <= max_seqlen_k:
+            raise ValueError(f"seqlens_k[{i}] = {n} is outside [1, max_seqlen_k={max_seqlen_k}]")
+    used = torch.arange(page_table.shape[1])[None, :] < torch.tensor([-(-n // page_size) for n in lens])[:, None]
+    bad = torch.nonzero(used & ((page_table < 0) | (page_table >= num_pages)))
+    if bad.numel():
+        i, j = bad[0].tolist()
+        raise ValueError(f"page_table[{i}, {j}] = {int(page_table[i, j])} is not a page of k_cache (which has "
+                         f"{num_pages}); sequence {i} reads its first {-(-lens[i] // page_size)} entries")
+
+
+def _standins(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Tensor, cu_seqlens_q: Tensor,
+              max_seqlen_k: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """k, v and cu_seqlens_k as check_qkv should see them, built without running anything on the
+    device: views of the caches' first slot expanded to the gathered row count (dtype, device,
+    head and last-dim strides of the caches), and the cumulated seqlens where they are on the CPU
+    (so check_qkv checks the per-sequence causal lengths too). On CUDA check_qkv reads no
+    cu_seqlens values, so cu_seqlens_q (validated, B + 1 entries) stands in for cu_seqlens_k."""
+    if seqlens_k.device.type == "cpu" and cu_seqlens_q.device.type == "cpu":
+        cu_k = F.pad(torch.cumsum(seqlens_k, 0, dtype=torch.int32), (1, 0))
+        rows = int(cu_k[-1])
+    else:
+        cu_k, rows = cu_seqlens_q, cu_seqlens_q.shape[0] * max_seqlen_k
+    return (k_cache[0, :1].expand(rows, -1, -1), v_cache[0, :1].expand(rows, -1, -1), cu_k)
+
+
+def check_paged(q: Tensor, k_cache: Tensor, v_cache: Tensor, page_table: Tensor, seqlens_k: Tensor,
+                cu_seqlens_q: Tensor, max_seqlen_q: int, max_seqlen_k: int, config: Optional[ProxyAttnConfig],
+                causal: bool) -> ops.Layout:
+    """Validate the arguments of proxy_attention_paged; return the layout of the gathered call.
+    Raises TypeError/ValueError (RuntimeError where a gradient would be needed) before anything
+    runs on the device. The rules on q, K/V and cu_seqlens_q are ops.check_qkv's, applied to the
+    keys the call will gather; those of the config are the ones proxy_attention_varlen applies."""
+    ops._require_tensor("q", q)
+    ops._require_tensor("v_cache", v_cache)
+    batch = ops._check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q)
+    _check_cache(k_cache, v_cache, page_table, seqlens_k, max_seqlen_k, batch)
+    ops.check_no_grad("proxy_attention_paged", [("q", q), ("k_cache", k_cache), ("v_cache", v_cache)])
+    ops.check_aligned([("k_cache", k_cache), ("v_cache", v_cache)])
+    k, v, cu_k = _standins(q, k_cache, v_cache, seqlens_k, cu_seqlens_q, max_seqlen_k)
+    try:
+        lay = ops.check_qkv(q, k, v, cu_seqlens_q, cu_k, max_seqlen_q, max_seqlen_k, causal)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{exc} (proxy_attention_paged: k and v are the keys and values it gathers from k_cache "
+                        f"and v_cache through page_table, cu_seqlens_k the prefix sums of seqlens_k)") from None
+    # What proxy_attention_varlen checks of the config once the keys are gathered, checked here first.
+    if config is not None and not isinstance(config, ProxyAttnConfig):
+        raise TypeError(f"config must be a ProxyAttnConfig or None, got {type(config).__name__}")
+    cfg = _DEFAULT_CONFIG if config is None else config
+    cfg.proxy_heads(lay.q_heads, lay.kv_heads)
+    if not cfg.runs_dense(lay.max_seqlen_k):
+        ops.check_key_blocks(lay.max_seqlen_k, cfg.block_size)
+    return lay
+
+
+# ------------------------------------------------------------------ gather
+
+
+def _gather(k_cache: Tensor, v_cache: Optional[Tensor], page_table: Tensor, seqlens_k: Tensor,
+            max_seqlen_k: int) -> PagedKV:
+    """The gather itself, on validated arguments; plain torch ops, no host sync on CUDA. Device
+    values are clamped, so bad ones cannot read outside the cache: lengths into
+    [0, max_seqlen_k], page numbers into [0, num_pages)."""
+    b, page_size, num_pages = page_table.shape[0], k_cache.shape[1], k_cache.shape[0]
+    dev = k_cache.device
+    lens = seqlens_k.to(torch.int64).clamp(0, max_seqlen_k)
+    cu = F.pad(torch.cumsum(lens, 0), (1, 0))  # int64 [B + 1]
+    rows = int(cu[-1]) if dev.type == "cpu" else b * max_seqlen_k
+    # Row r of the packed keys: sequence seq[r], position pos[r] in it. Padding rows (r past the
+    # last key) repeat the last key, so every row holds a finite cache value.
+    r = torch.minimum(torch.arange(rows, device=dev), (cu[-1] - 1).clamp(min=0))
+    seq = torch.searchsorted(cu[1:], r, right=True).clamp_(max=b - 1)
+    pos = r - cu[seq]
+    page = page_table[seq, torch.div(pos, page_size, rounding_mode="floor")].long().clamp_(0, num_pages - 1)
+    slot = pos % page_size
+    k = k_cache[page, slot]
+    v = None if v_cache is None else v_cache[page, slot]
+    return PagedKV(k, v, cu.to(torch.int32), max_seqlen_k)
+
+
+def gather_paged_kv(k_cache: Tensor, v_cache: Optional[Tensor], page_table: Tensor, seqlens_k: Tensor,
+                    max_seqlen_k: int) -> PagedKV:
+    """Gather the keys (and values) of a paged cache into packed K/V for the varlen stage calls.
+
+    k_cache, v_cache [num_pages, page_size, Hkv, D] (any strides; v_cache may be None, stages 1-3
+    need only keys), page_table int32 [B, max_pages], seqlens_k int32 [B] on the cache's device,
+    max_seqlen_k >= every seqlens_k. Page sizes: PAGE_SIZES (16 to 256, powers of two).
+    Returns PagedKV(k, v, cu_seqlens_k, max_seqlen_k); on CUDA k and v have B * max_seqlen_k rows
+    (fixed size: no host sync, graph-capturable; rows past cu_seqlens_k[-1] are padding), on the
+    CPU exactly the keys. The stage functions then take them as varlen keys, for example
+    proxy_block_scores(q, kv.k, cu_seqlens_q=cu_q, cu_seqlens_k=kv.cu_seqlens_k,
+    max_seqlen_q=max_q, max_seqlen_k=kv.max_seqlen_k). Costs a copy of the keys: O(B *
+    max_seqlen_k) memory; copy-free paged kernels are planned, not in this release."""
+    _check_cache(k_cache, v_cache, page_table, seqlens_k, max_seqlen_k, None)
+    return _gather(k_cache, v_cache, page_table, seqlens_k, max_seqlen_k)
+
+
+# ------------------------------------------------------------------ entry point
+
+
+def proxy_attention_paged(q: Tensor, k_cache: Tensor, v_cache: Tensor, page_table: Tensor, seqlens_k: Tensor,
+                          cu_seqlens_q: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                          config: Optional[ProxyAttnConfig] = None, *, causal: bool = True,
+                          return_selection: bool = False
+                          ) -> Union[Tensor, Tuple[Tensor, ProxyAttnSelection]]:
+    """ProxyAttn over packed queries and a paged KV cache, as serving engines hold it.
+
+    q [total_q, Hq, D] packed like proxy_attention_varlen's, cu_seqlens_q int32 [B + 1];
+    k_cache, v_cache [num_pages, page_size, Hkv, D] (any page, token and head strides, last dim
+    contiguous, 16-byte aligned rows on CUDA; vLLM's views with head stride 2D are fine);
+    page_table int32 [B, max_pages], the pages of each sequence in order (entries past a
+    sequence's last page are never read); seqlens_k int32 [B], the keys of sequence b being the
+    first seqlens_k[b] slots through its pages, the chunk's own keys already written (a prefill
+    chunk of Nq rows behind a cached prefix has seqlens_k = prefix + Nq). max_seqlen_q and
+    max_seqlen_k bound the lengths; max_pages * page_size must reach max_seqlen_k.
+
+    Computes exactly proxy_attention_varlen on the gathered keys: causal attention aligned
+    bottom-right in each sequence, the local-block rule for prefixes of any length, dense
+    attention below config.dense_below. Returns out [total_q, Hq, D], and a ProxyAttnSelection if
+    return_selection.
+
+    Page sizes: 16, 32, 64, 128 or 256 tokens (PAGE_SIZES); others are refused because the
+    planned Hopper kernel loads whole pages with TMA and a key block must be a whole number of
+    pages or lie inside one; pages under 16 tokens would split a block into more than 8 loads
+    (SGLang's default page size 1 must be raised with --page-size); larger pages are unmeasured.
+
+    This release gathers the keys into packed K/V on the device first (gather_paged_kv): no host
+    sync, graph-capturable, but a copy of 2 * B * max_seqlen_k * Hkv * D elements. Copy-free
+    kernels (TMA page loads, cp.async gather) are planned and not in this release.
+
+    Validation runs before anything on the device: every argument's dtype, device, shape and
+    strides; on the CPU also the values (seqlens_k in [1, max_seqlen_k], the page numbers a
+    sequence reads in [0, num_pages), cu_seqlens_q). Device values are not read (that would
+    synchronise); the gather clamps them. Inference only."""
+    check_paged(q, k_cache, v_cache, page_table, seqlens_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, config,
+                causal)
+    kv = _gather(k_cache, v_cache, page_table, seqlens_k, max_seqlen_k)
+    return proxy_attention_varlen(q, kv.k, kv.v, cu_seqlens_q, kv.cu_seqlens_k, max_seqlen_q, kv.max_seqlen_k,
+                                  config, causal=causal, return_selection=return_selection)

@@ -1,0 +1,138 @@
+"""proxy_attention_paged on CUDA (bf16, 16k-64k tokens): for every page size and cache layout the
+paged call equals proxy_attention_varlen on the same keys bit for bit, outputs and selections (the
+same kernels run on the same keys; the gathered buffer only adds padding rows that no kernel
+reads); a 64k sequence prefilled chunk by chunk into the cache equals the contiguous chunk calls;
+the paged call is captured in a CUDA graph and replayed on new caches, page tables and lengths;
+no host synchronisation happens. Pages that no sequence reads, and slots past a sequence's last
+key, hold NaN. Helpers: tests/test_paged.py (the CPU version)."""
+import pytest
+import torch
+
+import chunked
+import proxyattn as pa
+from proxyattn.paged import PAGE_SIZES
+from test_paged import LAYOUTS, PagedBatch, assert_same_selection, cu_of
+from test_pipeline_gpu import _poison_allocator
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+ALL_KERNELS = pa.HAS_EXTENSION and all(pa.cuda_kernel_available(n) for n in pa.ops.OP_NAMES)
+need_kernels = pytest.mark.skipif(not ALL_KERNELS, reason="this build lacks a CUDA kernel for some stage")
+
+HQ, HKV, D = 8, 2, 128
+# Three sequences, 64k keys in all: a chunk of 4099 behind a prefix of 32901, a whole prefill of
+# 20011 whose first pages are sequence 0's (a shared prefix), a chunk of 1500 behind 5501.
+LENS_K, LENS_Q = (37000, 20011, 7001), (4099, 20011, 1500)
+SHARED = 8192  # tokens of sequence 0 that sequence 1 shares (whole pages at every page size)
+
+
+def _structured(n, seed):
+    q, k, v, _ = chunked.synthetic.make_structured_inputs(1, n, HQ, HKV, D, seed=seed, dtype=torch.bfloat16,
+                                                          device="cuda")
+    return q[0], k[0], v[0]
+
+
+def _batch(page_size, layout, gen):
+    """The sequences of LENS_K in a paged cache, and their query rows (the last LENS_Q of each)."""
+    pb = PagedBatch(page_size, max(LENS_K), HKV, D, layout, batch=3, dtype=torch.bfloat16, device="cuda", gen=gen)
+    qs = []
+    for b, (nk, nq) in enumerate(zip(LENS_K, LENS_Q)):
+        q, k, v = _structured(nk, seed=10 + b)
+        if b == 1:
+            pb.share_prefix(0, 1, SHARED // page_size)
+            k, v = k[SHARED:], v[SHARED:]
+        pb.append(b, k, v)
+        qs.append(q[nk - nq:])
+    return pb, torch.cat(qs), cu_of(LENS_Q, "cuda")
+
+
+@need_kernels
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+def test_paged_equals_varlen_gpu(page_size, layout):
+    pb, q, cu_q = _batch(page_size, layout, torch.Generator().manual_seed(page_size))
+    cfg = pa.ProxyAttnConfig()
+    mq, mk = max(LENS_Q), max(LENS_K)
+    _poison_allocator()
+    out, sel = pa.proxy_attention_paged(q, pb.k_cache, pb.v_cache, pb.page_table, pb.seqlens_k(), cu_q, mq, mk, cfg,
+                                        return_selection=True)
+    k, v, cu_k = pb.packed()
+    want, want_sel = pa.proxy_attention_varlen(q, k, v, cu_q, cu_k, mq, mk, cfg, return_selection=True)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
+    assert_same_selection(sel, want_sel)
+    assert torch.equal(out, want)
+    assert float(sel.density[0].mean()) < 0.5, "the test needs a sparse selection"
+
+
+@need_kernels
+@pytest.mark.parametrize("page_size", (16, 128))
+def test_chunked_prefill_into_the_cache_gpu(page_size):
+    """A 64k sequence prefilled in chunks of random lengths (not multiples of 128), each chunk's
+    K/V written into the cache before its call: every chunk equals the varlen call on the
+    contiguous prefix, outputs and selections (so it keeps their recall: tests/test_chunked_prefill_gpu.py)."""
+    n = 65536
+    q, k, v = _structured(n, seed=3)
+    gen = torch.Generator().manual_seed(page_size)
+    lengths = chunked.random_chunks(n, 3000, 12000, 128, gen)
+    cfg = pa.ProxyAttnConfig()
+    pb = PagedBatch(page_size, n, HKV, D, "nhd", dtype=torch.bfloat16, device="cuda", gen=gen)
+    pos = 0
+    for ln in lengths:
+        pb.append(0, k[pos:pos + ln], v[pos:pos + ln])
+        qc, cu_q = q[pos:pos + ln], cu_of([ln], "cuda")
+        got, sel = pa.proxy_attention_paged(qc, pb.k_cache, pb.v_cache, pb.page_table, pb.seqlens_k(), cu_q, ln,
+                                            pos + ln, cfg, return_selection=True)
+        want, want_sel = pa.proxy_attention_varlen(qc, k[:pos + ln], v[:pos + ln], cu_q, cu_of([pos + ln], "cuda"), ln,
+                                                   pos + ln, cfg, return_selection=True)
+        assert torch.equal(got, want), (pos, ln)
+        assert_same_selection(sel, want_sel)
+        pos += ln
+
+
+@need_kernels
+def test_paged_cuda_graph_and_no_host_sync():
+    """Capture the paged call once; replays with new queries, cache contents, page tables and
+    lengths (same shapes and maxima) equal eager calls bit for bit. An eager call under
+    torch.cuda.set_sync_debug_mode("error") raises on any synchronising CUDA call."""
+    gen = torch.Generator().manual_seed(7)
+    ps, mq, mk = 64, max(LENS_Q), max(LENS_K)
+    cfg = pa.ProxyAttnConfig()
+    pb, q, cu_q = _batch(ps, "kv_split", gen)
+    static = dict(q=q.clone(), k_cache=pb.k_cache, v_cache=pb.v_cache, page_table=pb.page_table.clone(),
+                  seqlens_k=pb.seqlens_k(), cu_seqlens_q=cu_q.clone())
+
+    def call(a):
+        return pa.proxy_attention_paged(a["q"], a["k_cache"], a["v_cache"], a["page_table"], a["seqlens_k"],
+                                        a["cu_seqlens_q"], mq, mk, cfg)
+
+    call(static)  # warm-up outside the graph
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        call(static)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = call(static)
+    for step, lens_q in enumerate((LENS_Q, (20011, 1500, 4099))):  # same total rows, same maxima
+        lens_k = [max(nq, nk - 1000 * step) for nq, nk in zip(lens_q, LENS_K)]
+        # New contents: a fresh batch's pages copied into the captured caches, its own page table.
+        fresh = PagedBatch(ps, max(LENS_K), HKV, D, "nhd", batch=3, dtype=torch.bfloat16, device="cuda", gen=gen)
+        qs = []
+        for b, (nk, nq) in enumerate(zip(lens_k, lens_q)):
+            qq, kk, vv = _structured(nk, seed=100 * step + b)
+            fresh.append(b, kk, vv)
+            qs.append(qq[nk - nq:])
+        static["k_cache"].copy_(fresh.k_cache)
+        static["v_cache"].copy_(fresh.v_cache)
+        for name, t in (("q", torch.cat(qs)), ("page_table", fresh.page_table), ("seqlens_k", fresh.seqlens_k()),
+                        ("cu_seqlens_q", cu_of(lens_q, "cuda"))):
+            static[name].copy_(t)
+        g.replay()
+        torch.cuda.synchronize()
+        want = call({**static, "q": static["q"].clone()})
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all(), step
+        assert torch.equal(out, want), step
