@@ -190,6 +190,10 @@ class FA4:
         return self.BlockSparseTensorsTorch(**fields)
 
     def sparse(self, q, k, v, tensors, scale):
+        """FA4's block-sparse kernel with causal=True: it applies the causal mask to the full blocks
+        too (flash_fwd_sm90.py passes mask_causal to every block), so this anchor is a little slower
+        than FA4's sparse kernel can be; flex_flash (FA4's kernel with the mask applied to partial
+        blocks only) is the fair block-sparse bar."""
         res = self.func(q, k, v, softmax_scale=scale, causal=True, block_sparse_tensors=tensors)
         return res[0] if isinstance(res, tuple) else res
 
