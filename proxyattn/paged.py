@@ -163,7 +163,8 @@ def _gather(k_cache: Tensor, v_cache: Optional[Tensor], page_table: Tensor, seql
     cu = F.pad(torch.cumsum(lens, 0), (1, 0))  # int64 [B + 1]
     rows = int(cu[-1]) if dev.type == "cpu" else b * max_seqlen_k
     # Row r of the packed keys: sequence seq[r], position pos[r] in it. Padding rows (r past the
-    # last key) repeat the last key, so every row holds a finite cache value.
+    # last key) repeat the last key: a kernel tile that runs past a sequence's end reads keys
+    # (and masks them), never a slot that holds none.
     r = torch.minimum(torch.arange(rows, device=dev), (cu[-1] - 1).clamp(min=0))
     seq = torch.searchsorted(cu[1:], r, right=True).clamp_(max=b - 1)
     pos = r - cu[seq]

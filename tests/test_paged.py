@@ -4,7 +4,8 @@ that no sequence reads (and every slot past a sequence's last key) filled with N
 wrong read shows. For every page size the paged call equals proxy_attention_varlen on the same
 keys bit for bit (the same reference path runs), outputs and selections; at gamma = 1 it is dense
 attention; a sequence prefilled chunk by chunk into the cache matches one call over the whole
-sequence. Refusals name the argument. The GPU version at 16k-64k tokens, with CUDA graph capture,
+sequence; on fake CUDA tensors nothing is read on the host and torch.compile traces one graph.
+Refusals name the argument. The GPU version at 16k-64k tokens, with CUDA graph capture,
 is tests/test_paged_gpu.py; the helpers below serve both."""
 import dataclasses
 import math
@@ -311,6 +312,35 @@ def test_fake_cuda_tensors_no_host_reads():
         assert out.shape == q.shape and out.dtype == q.dtype and out.device.type == "cuda"
         assert sel.indices.shape == (b, 4, cdiv(mq, 64), cdiv(mk, 64))
         assert kv.k.shape == (b * mk, 2, 64) and kv.cu_seqlens_k.shape == (b + 1,)
+
+
+def test_compile_traces_one_graph_on_fake_cuda_tensors():
+    """torch.compile(fullgraph=True) traces the paged call on fake CUDA tensors into one graph
+    holding the gather and the four ops (no graph break, no host read)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append([str(n.target) for n in gm.graph.nodes if n.op == "call_function"])
+        return gm.forward
+
+    def paged(q, kc, vc, pt, sk, cu_q):
+        return pa.proxy_attention_paged(q, kc, vc, pt, sk, cu_q, 200, 700, SPARSE)
+
+    torch._dynamo.reset()
+    with FakeTensorMode():
+        dev = dict(device="cuda")
+        q = torch.empty(490, 4, 64, dtype=torch.bfloat16, **dev)
+        kc = torch.empty(40, 64, 2, 64, dtype=torch.bfloat16, **dev)
+        args = (q, kc, kc.clone(), torch.empty(3, 11, dtype=torch.int32, **dev), torch.empty(3, dtype=torch.int32, **dev),
+                torch.empty(4, dtype=torch.int32, **dev))
+        out = torch.compile(paged, backend=backend, fullgraph=True)(*args)
+    torch._dynamo.reset()
+    assert out.shape == q.shape and len(graphs) == 1
+    called = " ".join(graphs[0])
+    for name in ("searchsorted", *pa.ops.OP_NAMES):
+        assert name in called, name
 
 
 # ---------------------------------------------------------------- refusals

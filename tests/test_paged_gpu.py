@@ -3,7 +3,7 @@ paged call equals proxy_attention_varlen on the same keys bit for bit, outputs a
 same kernels run on the same keys; the gathered buffer only adds padding rows that no kernel
 reads); a 64k sequence prefilled chunk by chunk into the cache equals the contiguous chunk calls;
 the paged call is captured in a CUDA graph and replayed on new caches, page tables and lengths;
-no host synchronisation happens. Pages that no sequence reads, and slots past a sequence's last
+no host synchronisation happens; torch.compile(fullgraph=True) equals the eager call. Pages that no sequence reads, and slots past a sequence's last
 key, hold NaN. Helpers: tests/test_paged.py (the CPU version)."""
 import pytest
 import torch
@@ -136,3 +136,21 @@ def test_paged_cuda_graph_and_no_host_sync():
         torch.cuda.synchronize()
         assert torch.isfinite(out).all(), step
         assert torch.equal(out, want), step
+
+
+@need_kernels
+def test_compile_fullgraph_paged_gpu():
+    """torch.compile(fullgraph=True) of the paged call equals the eager call bit for bit."""
+    torch._dynamo.reset()
+    pb, q, cu_q = _batch(32, "hnd", torch.Generator().manual_seed(5))
+    mq, mk = max(LENS_Q), max(LENS_K)
+    cfg = pa.ProxyAttnConfig()
+
+    def paged(q, kc, vc, pt, sk, cu):
+        return pa.proxy_attention_paged(q, kc, vc, pt, sk, cu, mq, mk, cfg)
+
+    args = (q, pb.k_cache, pb.v_cache, pb.page_table, pb.seqlens_k(), cu_q)
+    got = torch.compile(paged, fullgraph=True)(*args)
+    want = paged(*args)
+    torch.cuda.synchronize()
+    assert torch.equal(got, want)
