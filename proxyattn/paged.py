@@ -24,14 +24,8 @@ from torch import Tensor
 
 from . import ops
 from .attention import ProxyAttnSelection, proxy_attention_varlen
-from .config import INT32_MAX, ProxyAttnConfig, check_int
-
-# Page sizes the paged entry point takes. Why these: the planned Hopper kernel loads K/V pages
-# with TMA, so a key block (64 or 128 tokens) must be a whole number of pages or lie inside one
-# page, which powers of two give; below 16 tokens a 128-token block would take more than 8 page
-# loads (page size 1, SGLang's default, is a gather of single tokens: raise it with --page-size);
-# above 256 no kernel has been measured.
-PAGE_SIZES = (16, 32, 64, 128, 256)
+from .config import ProxyAttnConfig
+from .ops import PAGE_SIZES  # noqa: F401  (re-exported: the page sizes proxy_attention_paged takes)
 
 _DEFAULT_CONFIG = ProxyAttnConfig()
 
@@ -52,57 +46,6 @@ class PagedKV(NamedTuple):
 
 
 # ------------------------------------------------------------------ validation
-
-
-def _page_size_error(page_size: int) -> str:
-    return (f"k_cache.shape[1] is the page size and must be one of {PAGE_SIZES}, got {page_size}. "
-            f"The planned copy-free kernels load whole pages (TMA on Hopper), so a key block of 64 or 128 "
-            f"tokens must be a whole number of pages or lie inside one page (powers of two); pages under 16 "
-            f"tokens would make a block more than 8 separate loads (SGLang's default page size 1: start it "
-            f"with --page-size 16 or more); pages over 256 tokens are not measured")
-
-
-def _check_cache(k_cache, v_cache, page_table, seqlens_k, max_seqlen_k, batch: Optional[int]) -> None:
-    """The paged arguments alone (shapes, dtypes, devices, page size, capacity; values where they
-    are on the CPU). batch: the batch size the caller's other arguments give, or None."""
-    ops._require_tensor("k_cache", k_cache)
-    if v_cache is not None:
-        ops._require_tensor("v_cache", v_cache)
-    if k_cache.dim() != 4:
-        raise ValueError(f"k_cache must have rank 4 [num_pages, page_size, Hkv, D], got shape {tuple(k_cache.shape)}")
-    if v_cache is not None and v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache must have the shape of k_cache {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
-    if v_cache is not None and (v_cache.device != k_cache.device or v_cache.dtype != k_cache.dtype):
-        raise TypeError(f"v_cache must have the dtype and device of k_cache ({k_cache.dtype} on {k_cache.device}), "
-                        f"got {v_cache.dtype} on {v_cache.device}")
-    num_pages, page_size = k_cache.shape[0], k_cache.shape[1]
-    if page_size not in PAGE_SIZES:
-        raise ValueError(_page_size_error(page_size))
-    if num_pages < 1:
-        raise ValueError(f"k_cache must hold at least one page, got shape {tuple(k_cache.shape)}")
-    max_seqlen_k = check_int("max_seqlen_k", max_seqlen_k, 1, INT32_MAX)
-    ops._require_tensor("page_table", page_table)
-    if page_table.dim() != 2:
-        raise ValueError(f"page_table must have shape [B, max_pages], got {tuple(page_table.shape)}")
-    b = page_table.shape[0] if batch is None else batch
-    ops._check_int_tensor("page_table", page_table, (b, 1), k_cache, last_free=True)
-    ops._check_int_tensor("seqlens_k", seqlens_k, (b,), k_cache)
-    capacity = page_table.shape[1] * page_size
-    if capacity < max_seqlen_k:
-        raise ValueError(f"page_table has room for {page_table.shape[1]} pages of {page_size} tokens "
-                         f"({capacity} keys) per sequence, fewer than max_seqlen_k={max_seqlen_k}")
-    if seqlens_k.device.type != "cpu":
-        return  # device values are trusted (reading them would synchronise) and clamped by the gather
-    lens = seqlens_k.tolist()
-    for i, n in enumerate(lens):
-        if not 1 <= n <= max_seqlen_k:
-            raise ValueError(f"seqlens_k[{i}] = {n} is outside [1, max_seqlen_k={max_seqlen_k}]")
-    used = torch.arange(page_table.shape[1])[None, :] < torch.tensor([-(-n // page_size) for n in lens])[:, None]
-    bad = torch.nonzero(used & ((page_table < 0) | (page_table >= num_pages)))
-    if bad.numel():
-        i, j = bad[0].tolist()
-        raise ValueError(f"page_table[{i}, {j}] = {int(page_table[i, j])} is not a page of k_cache (which has "
-                         f"{num_pages}); sequence {i} reads its first {-(-lens[i] // page_size)} entries")
 
 
 def _standins(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Tensor, cu_seqlens_q: Tensor,
@@ -130,7 +73,7 @@ def check_paged(q: Tensor, k_cache: Tensor, v_cache: Tensor, page_table: Tensor,
     ops._require_tensor("q", q)
     ops._require_tensor("v_cache", v_cache)
     batch = ops._check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q)
-    _check_cache(k_cache, v_cache, page_table, seqlens_k, max_seqlen_k, batch)
+    ops.check_paged_cache(k_cache, v_cache, page_table, seqlens_k, max_seqlen_k, batch)
     ops.check_no_grad("proxy_attention_paged", [("q", q), ("k_cache", k_cache), ("v_cache", v_cache)])
     ops.check_aligned([("k_cache", k_cache), ("v_cache", v_cache)])
     k, v, cu_k = _standins(q, k_cache, v_cache, seqlens_k, cu_seqlens_q, max_seqlen_k)
@@ -188,7 +131,7 @@ def gather_paged_kv(k_cache: Tensor, v_cache: Optional[Tensor], page_table: Tens
     proxy_block_scores(q, kv.k, cu_seqlens_q=cu_q, cu_seqlens_k=kv.cu_seqlens_k,
     max_seqlen_q=max_q, max_seqlen_k=kv.max_seqlen_k). Costs a copy of the keys: O(B *
     max_seqlen_k) memory; copy-free paged kernels are planned, not in this release."""
-    _check_cache(k_cache, v_cache, page_table, seqlens_k, max_seqlen_k, None)
+    ops.check_paged_cache(k_cache, v_cache, page_table, seqlens_k, max_seqlen_k, None)
     return _gather(k_cache, v_cache, page_table, seqlens_k, max_seqlen_k)
 
 

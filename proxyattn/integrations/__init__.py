@@ -1,6 +1,8 @@
 """Integrations of proxyattn with model libraries.
 
 `proxyattn.integrations.transformers`: an attention function for Hugging Face transformers
-(sparse ProxyAttn prefill, transformers' own SDPA for decoding and everything else). It is
-imported on demand so that `import proxyattn` never needs transformers.
+(sparse ProxyAttn prefill, transformers' own SDPA for decoding and everything else).
+`proxyattn.integrations.sglang`: an SGLang attention backend for prefill (extend) over SGLang's
+paged KV pool, through proxy_attention_paged; decoding stays with another backend.
+Each is imported on demand, so `import proxyattn` never needs transformers or SGLang.
 """
