@@ -4,7 +4,8 @@
 #   tools/gpu_run.sh build            build only
 #   tools/gpu_run.sh test [pytest args]   GPU tests (default: -m gpu tests)
 #   tools/gpu_run.sh bench SCRIPT [args]  a benchmark script under bench/
-# Logs go to $OUT (or ./out) so they come back from the device machine.
+# Logs go to $OUT (or ./out) so they come back from the device machine. PROXYATTN_BUILD_TEMP: the
+# object folder (default /tmp/proxyattn_build_temp; tools/gpu_ab.sh gives its second tree its own).
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
@@ -20,7 +21,8 @@ export CC=/usr/bin/gcc CXX=/usr/bin/g++
 export MAX_JOBS=${MAX_JOBS:-16} NVCC_THREADS=${NVCC_THREADS:-2} PROXYATTN_ARCHS=${PROXYATTN_ARCHS:-90a}
 what=${1:-test}; shift || true
 t0=$(date +%s)
-python3 setup.py build_ext --inplace --build-temp /tmp/proxyattn_build_temp > "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
+python3 setup.py build_ext --inplace --build-temp "${PROXYATTN_BUILD_TEMP:-/tmp/proxyattn_build_temp}" > "$OUT/build.log" 2>&1 ||
+  { tail -60 "$OUT/build.log"; exit 1; }
 echo "build ok in $(( $(date +%s) - t0 )) s"; grep -E "[1-9][0-9]* bytes spill" "$OUT/build.log" | sort | uniq -c | head -20
 case "$what" in
   build) ;;
