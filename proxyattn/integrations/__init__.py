@@ -4,5 +4,7 @@
 (sparse ProxyAttn prefill, transformers' own SDPA for decoding and everything else).
 `proxyattn.integrations.sglang`: an SGLang attention backend for prefill (extend) over SGLang's
 paged KV pool, through proxy_attention_paged; decoding stays with another backend.
-Each is imported on demand, so `import proxyattn` never needs transformers or SGLang.
+`proxyattn.integrations.vllm`: a vLLM (V1) attention backend, FlashAttention's with prefill rows
+through proxy_attention_paged.
+Each is imported on demand, so `import proxyattn` never needs transformers, SGLang or vLLM.
 """

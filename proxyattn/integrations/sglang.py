@@ -35,32 +35,21 @@ own TorchNativeAttnBackend.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
-import os
 from typing import Dict, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import INT64_MAX, ProxyAttnConfig
+from ..config import ProxyAttnConfig
 from ..paged import PAGE_SIZES, proxy_attention_paged
+from ._common import BackendSettings, layer_config, make_settings, settings_from_env
 
 TESTED_SGLANG_VERSION = "0.5.23"
 DEFAULT_NAME = "proxyattn"
 CONFIG_ENV = "PROXYATTN_SGLANG_CONFIG"
 DENSE_LAYERS_ENV = "PROXYATTN_SGLANG_DENSE_LAYERS"
-
-
-@dataclasses.dataclass(frozen=True)
-class BackendSettings:
-    """What `register` stored under one name: the config of sparse layers, and how many first
-    layers (layer_id < dense_layers) run dense attention."""
-
-    config: ProxyAttnConfig
-    dense_layers: int
 
 
 _SETTINGS: Dict[str, BackendSettings] = {}
@@ -127,12 +116,7 @@ def register(config: Optional[ProxyAttnConfig] = None, *, dense_layers: int = 0,
         raise TypeError(f"name must be a non-empty str, got {name!r}")
     if name in ATTENTION_BACKENDS and name not in _SETTINGS:
         raise ValueError(f"name {name!r} is already an SGLang attention backend; choose another name")
-    cfg = ProxyAttnConfig() if config is None else config
-    if not isinstance(cfg, ProxyAttnConfig):
-        raise TypeError(f"config must be a ProxyAttnConfig, got {type(cfg).__name__}")
-    if isinstance(dense_layers, bool) or not isinstance(dense_layers, int) or dense_layers < 0:
-        raise ValueError(f"dense_layers must be an int >= 0, got {dense_layers!r}")
-    _SETTINGS[name] = BackendSettings(cfg, dense_layers)
+    _SETTINGS[name] = make_settings(config, dense_layers)
     register_attention_backend(name)(functools.partial(_create_backend, name))
     if name not in ATTENTION_BACKEND_CHOICES:
         add_attention_backend_choices([name])
@@ -143,10 +127,8 @@ def plugin() -> None:
     """Entry point of the "sglang.srt.plugins" group (see the module docstring): register() with
     the config of PROXYATTN_SGLANG_CONFIG (a JSON object of ProxyAttnConfig fields, e.g.
     '{"gamma": 0.95}') and PROXYATTN_SGLANG_DENSE_LAYERS (an int), both optional."""
-    fields = json.loads(os.environ.get(CONFIG_ENV) or "{}")
-    if not isinstance(fields, dict):
-        raise ValueError(f"{CONFIG_ENV} must be a JSON object of ProxyAttnConfig fields, got {fields!r}")
-    register(ProxyAttnConfig(**fields), dense_layers=int(os.environ.get(DENSE_LAYERS_ENV) or 0))
+    settings = settings_from_env(CONFIG_ENV, DENSE_LAYERS_ENV)
+    register(settings.config, dense_layers=settings.dense_layers)
 
 
 def get_settings(name: str = DEFAULT_NAME) -> BackendSettings:
@@ -215,10 +197,7 @@ def _backend_class():
             key = (layer.layer_id, float(layer.scaling))
             cfg = self._configs.get(key)
             if cfg is None:
-                changes = dict(softmax_scale=float(layer.scaling))
-                if layer.layer_id < self.settings.dense_layers:
-                    changes["dense_below"] = INT64_MAX
-                cfg = self._configs[key] = dataclasses.replace(self.settings.config, **changes)
+                cfg = self._configs[key] = layer_config(self.settings, layer.layer_id, layer.scaling)
             return cfg
 
         def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache: bool = True, **kwargs):

@@ -1,0 +1,47 @@
+"""What the serving-engine backends (sglang.py, vllm.py) share: the settings `register` stores,
+reading them from the environment in an entry-point `plugin`, and the config of one layer."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Optional
+
+from ..config import INT64_MAX, ProxyAttnConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendSettings:
+    """What `register` stored: the config of sparse layers, and how many first layers
+    (layer index < dense_layers) run dense attention."""
+
+    config: ProxyAttnConfig
+    dense_layers: int
+
+
+def make_settings(config: Optional[ProxyAttnConfig], dense_layers: int) -> BackendSettings:
+    """Validated settings; config None means ProxyAttnConfig()."""
+    cfg = ProxyAttnConfig() if config is None else config
+    if not isinstance(cfg, ProxyAttnConfig):
+        raise TypeError(f"config must be a ProxyAttnConfig, got {type(cfg).__name__}")
+    if isinstance(dense_layers, bool) or not isinstance(dense_layers, int) or dense_layers < 0:
+        raise ValueError(f"dense_layers must be an int >= 0, got {dense_layers!r}")
+    return BackendSettings(cfg, dense_layers)
+
+
+def settings_from_env(config_env: str, dense_layers_env: str) -> BackendSettings:
+    """Settings from the environment: config_env holds a JSON object of ProxyAttnConfig fields
+    (e.g. '{"gamma": 0.95}'), dense_layers_env an int; both optional."""
+    fields = json.loads(os.environ.get(config_env) or "{}")
+    if not isinstance(fields, dict):
+        raise ValueError(f"{config_env} must be a JSON object of ProxyAttnConfig fields, got {fields!r}")
+    return make_settings(ProxyAttnConfig(**fields), int(os.environ.get(dense_layers_env) or 0))
+
+
+def layer_config(settings: BackendSettings, layer_index: int, scale: float) -> ProxyAttnConfig:
+    """The config of one layer: the registered one with the layer's softmax scale, and dense
+    (dense_below past any length) for layer_index < dense_layers."""
+    changes = dict(softmax_scale=float(scale))
+    if layer_index < settings.dense_layers:
+        changes["dense_below"] = INT64_MAX
+    return dataclasses.replace(settings.config, **changes)
