@@ -11,9 +11,6 @@ contiguous keys bit for bit. Skipped without SGLang (tested with 0.5.23, which p
 """
 import dataclasses
 import math
-import os
-import subprocess
-import sys
 import types
 
 import pytest
@@ -22,6 +19,7 @@ import torch
 import proxyattn as pa
 from proxyattn.integrations import sglang as pa_sgl
 from proxyattn.paged import PAGE_SIZES
+from lazy_import import assert_imports_lazily
 
 HQ, HKV, D = 4, 2, 64
 SCALE = 0.11  # not D ** -0.5: the layer's scaling must reach the call
@@ -36,12 +34,7 @@ def sgl():
 
 
 def test_import_does_not_import_sglang():
-    code = ("import sys, proxyattn, proxyattn.integrations.sglang as m; "
-            "assert 'sglang' not in sys.modules, 'sglang imported'; print(m.DEFAULT_NAME)")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert res.returncode == 0 and res.stdout.strip() == "proxyattn", res.stderr
+    assert_imports_lazily("proxyattn.integrations.sglang", "sglang", "proxyattn")
 
 
 def test_cache_pages_views():

@@ -14,9 +14,6 @@ replaced by a dense reference that reads exactly the metadata it is given. Skipp
 import dataclasses
 import json
 import math
-import os
-import subprocess
-import sys
 import types
 
 import pytest
@@ -25,6 +22,7 @@ import torch
 import proxyattn as pa
 from proxyattn.integrations import vllm as pa_vllm
 from proxyattn.paged import PAGE_SIZES
+from lazy_import import assert_imports_lazily
 
 HQ, HKV, D = 4, 2, 64
 SCALE = 0.11  # not D ** -0.5: the impl's scale must reach the call
@@ -52,12 +50,7 @@ def model_dir(vllm, tmp_path_factory):
 
 
 def test_import_does_not_import_vllm():
-    code = ("import sys, proxyattn, proxyattn.integrations.vllm as m; "
-            "assert 'vllm' not in sys.modules, 'vllm imported'; print(m.DEFAULT_NAME)")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert res.returncode == 0 and res.stdout.strip() == "PROXYATTN", res.stderr
+    assert_imports_lazily("proxyattn.integrations.vllm", "vllm", "PROXYATTN")
 
 
 def test_paged_prefill_split_and_padding():
