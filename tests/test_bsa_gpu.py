@@ -170,6 +170,13 @@ def rand_qkv(b, nq, nk, hq, hkv, d, dtype, gen):
     return q, k, v
 
 
+def pack_varlen(qs, ks, vs, lens_q, lens_k):
+    """Per-sequence q, k, v [N, H, D] packed for a varlen call: (q, k, v, cu_seqlens_q, cu_seqlens_k)."""
+    def cu(lens):
+        return torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device="cuda")
+    return torch.cat(qs), torch.cat(ks), torch.cat(vs), cu(lens_q), cu(lens_k)
+
+
 def run_op(q, k, v, counts, indices, cu_q, cu_k, max_q, max_k, s, scale, causal):
     return torch.ops.proxyattn.block_sparse_attention(q, k, v, counts, indices, cu_q, cu_k, max_q, max_k, s, scale,
                                                       causal)
@@ -288,9 +295,7 @@ def test_varlen(dtype, d, s, causal):
         counts[i, :, :c.shape[2]] = c[0]
         indices[i, :, :ix.shape[2], :ix.shape[3]] = ix[0]
         qs.append(q[0]), ks.append(k[0]), vs.append(v[0]), cs.append(c), ids.append(ix)
-    cu_q = torch.tensor([0] + list(itertools.accumulate(lens_q)), dtype=torch.int32, device="cuda")
-    cu_k = torch.tensor([0] + list(itertools.accumulate(lens_k)), dtype=torch.int32, device="cuda")
-    qp, kp, vp = torch.cat(qs), torch.cat(ks), torch.cat(vs)
+    qp, kp, vp, cu_q, cu_k = pack_varlen(qs, ks, vs, lens_q, lens_k)
     scale = d ** -0.5
     poison_allocator()
     out, lse = run_op(qp, kp, vp, counts, indices, cu_q, cu_k, max_q, max_k, s, scale, causal)

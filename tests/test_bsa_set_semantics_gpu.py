@@ -195,9 +195,7 @@ def test_set_semantics_varlen(backend, d, dtype, s, idx_dtype):
         counts[i] = c[0]
         indices[i] = ix[0]
         qs.append(q[0]), ks.append(k[0]), vs.append(v[0]), parts.append((c, ix, kinds))
-    cu_q = torch.tensor([0] + list(itertools.accumulate(lens_q)), dtype=torch.int32, device="cuda")
-    cu_k = torch.tensor([0] + list(itertools.accumulate(lens_k)), dtype=torch.int32, device="cuda")
-    qp, kp, vp = torch.cat(qs), torch.cat(ks), torch.cat(vs)
+    qp, kp, vp, cu_q, cu_k = base.pack_varlen(qs, ks, vs, lens_q, lens_k)
     scale = d ** -0.5
     base.poison_allocator()
     out, lse = base.run_op(qp, kp, vp, counts, indices, cu_q, cu_k, max_q, max_k, s, scale, causal)

@@ -8,7 +8,6 @@ Skipped unless the current device has compute capability 9.0.
 
 Run on a Hopper GPU machine: python3 -m pytest -q -m gpu tests/test_bsa_sm90_gpu.py
 """
-import itertools
 
 import pytest
 import torch
@@ -79,9 +78,7 @@ def test_varlen_sm90(dtype, d, causal):
         counts[i, :, :c.shape[2]] = c[0]
         indices[i, :, :ix.shape[2], :ix.shape[3]] = ix[0]
         qs.append(q[0]), ks.append(k[0]), vs.append(v[0]), cs.append(c), ids.append(ix)
-    cu_q = torch.tensor([0] + list(itertools.accumulate(lens_q)), dtype=torch.int32, device="cuda")
-    cu_k = torch.tensor([0] + list(itertools.accumulate(lens_k)), dtype=torch.int32, device="cuda")
-    qp, kp, vp = torch.cat(qs), torch.cat(ks), torch.cat(vs)
+    qp, kp, vp, cu_q, cu_k = base.pack_varlen(qs, ks, vs, lens_q, lens_k)
     scale = d ** -0.5
     base.poison_allocator()
     out, lse = base.run_op(qp, kp, vp, counts, indices, cu_q, cu_k, max_q, max_k, s, scale, causal)
