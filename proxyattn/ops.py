@@ -331,6 +331,9 @@ def check_paged_cache(k_cache, v_cache, page_table, seqlens_k, max_seqlen_k, bat
     b = page_table.shape[0] if batch is None else batch
     _check_int_tensor("page_table", page_table, (b, 1), k_cache, last_free=True)
     _check_int_tensor("seqlens_k", seqlens_k, (b,), k_cache)
+    if b * max_seqlen_k > INT32_MAX:
+        raise ValueError(f"batch * max_seqlen_k = {b} * {max_seqlen_k} must be below 2^31 (the int32 prefix sums of "
+                         f"the key lengths, and the rows of a gather, must not overflow)")
     capacity = page_table.shape[1] * page_size
     if capacity < max_seqlen_k:
         raise ValueError(f"page_table has room for {page_table.shape[1]} pages of {page_size} tokens "

@@ -401,6 +401,8 @@ REFUSALS = [
     ("fewer keys than queries", lambda a: _seqlen(a, 1, 300), ValueError,
      r"sequence 1 has 520 queries and 300 keys.*seqlens_k"),
     ("max_seqlen_k type", lambda a: dict(a, max_seqlen_k=700.0), TypeError, r"max_seqlen_k must be an int"),
+    ("batch * max_seqlen_k", lambda a: dict(a, max_seqlen_k=2 ** 30), ValueError,
+     r"batch \* max_seqlen_k = 3 \* 1073741824 must be below 2\^31"),
     ("cache dtype", lambda a: dict(a, k_cache=a["k_cache"].half(), v_cache=a["v_cache"].half()), TypeError,
      r"q is torch.float32, k is torch.float16.*k_cache"),
     ("v_cache dtype", lambda a: dict(a, v_cache=a["v_cache"].half()), TypeError, r"v_cache must have the dtype"),
