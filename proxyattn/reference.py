@@ -59,7 +59,7 @@ def candidate_count(m: int, nq: int, nk: int, block: int, causal: bool) -> int:
     if not causal:
         return nkb
     last_row = min((m + 1) * block, nq) - 1
-    return (nk - nq + last_row) // block + 1
+    return max(0, min(nkb, (nk - nq + last_row) // block + 1))
 
 
 def local_start(m, nq, nk, block: int, local_blocks: int, causal: bool, c):
@@ -226,7 +226,8 @@ def last_block_mass(q_b: Tensor, k_b: Tensor, S: int, scale: float, causal: bool
 
 def _kstar_from_mass(w: Tensor, nq: int, nk: int, S: int, gamma: float, sink: int, local: int,
                      causal: bool) -> np.ndarray:
-    """k* per head: base (forced mass) first, then sorted masses added one at a time in fp32."""
+    """k* per head: base (forced mass) first, then sorted masses added one at a time in fp32. A head
+    whose masses are not numbers (NaN inputs, or no mass at all) gets 0: its forced blocks only."""
     c_last, lo, hi = forced_range(_cdiv(nq, S) - 1, nq, nk, S, sink, local, causal)
     assert c_last == w.shape[-1]
     n = np.arange(c_last)
@@ -235,6 +236,8 @@ def _kstar_from_mass(w: Tensor, nq: int, nk: int, S: int, gamma: float, sink: in
     g = np.float32(gamma)
     out = np.zeros(wn.shape[0], dtype=np.int32)
     for h in range(wn.shape[0]):
+        if np.isnan(wn[h]).any():
+            continue
         base = np.float32(0.0)
         for x in wn[h][forced]:  # ascending block order, fp32
             base = np.float32(base + x)

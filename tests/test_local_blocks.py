@@ -184,6 +184,33 @@ def test_sparse_path_refuses_inputs_that_need_grad():
         pa.proxy_attention_varlen(qv, k[0], v[0], cu, cu, 156, 156, sparse)
 
 
+def test_rows_that_see_no_key_get_count_zero():
+    """A causal sequence with fewer keys than queries (reachable through the ops with device
+    cu_seqlens): query blocks whose rows see no key have c_m = 0 and count 0, as in the kernels, never
+    a negative count."""
+    S, nq, nk = 128, 300, 10
+    assert [ref.candidate_count(m, nq, nk, S, True) for m in range(3)] == [rules.candidates(m, nq, nk, S)
+                                                                         for m in range(3)] == [0, 0, 1]
+    cu_q = torch.tensor([0, nq], dtype=torch.int32)
+    cu_k = torch.tensor([0, nk], dtype=torch.int32)
+    counts, idx = ref.select_blocks(torch.rand(1, 1, 3, 1), torch.zeros(1, 2, dtype=torch.int32), cu_q, cu_k, nq, nk,
+                                    S, 1, 1, 0, True)
+    assert counts.tolist() == [[[0, 0, 1], [0, 0, 1]]]
+    assert idx[0, :, 2, 0].tolist() == [0, 0] and (idx[0, :, :2] == -1).all()
+
+
+def test_budget_of_a_head_with_nan_masses_is_zero():
+    """NaN inputs make a head's block masses NaN: k* = 0 (its forced blocks only), as the kernel's
+    finalize gives, and the other heads keep their budgets."""
+    torch.manual_seed(0)
+    S, n = 64, 256
+    q, k = torch.randn(1, n, 2, 32), torch.randn(1, n, 1, 32)
+    good = ref.head_budgets(q, k, None, None, n, n, S, 0.9, 1, 1, 32 ** -0.5, True)
+    q[0, -1, 1, 0] = float("nan")  # the last row of head 1
+    got = ref.head_budgets(q, k, None, None, n, n, S, 0.9, 1, 1, 32 ** -0.5, True)
+    assert got[0, 1] == 0 and got[0, 0] == good[0, 0] and good[0, 1] > 0
+
+
 # ---------------------------------------------------------------- clear errors
 
 
