@@ -167,13 +167,17 @@ def _scores_one(q_b: Tensor, k_b: Tensor, S: int, G: int, s: int, scale: float, 
         if qi.numel() == 0:
             continue  # no kept query: the row stays 0
         t_vis = (off + int(qi[-1])) // s + 1 if causal else kept_k.numel()  # kept keys any row may see
+        if t_vis <= 0:
+            continue  # no row of the block sees a kept key (a sequence with fewer keys than queries)
         for g0 in range(0, G, gchunk):
             g1 = min(G, g0 + gchunk)
             raw = torch.matmul(qbar[qi, g0:g1].transpose(0, 1), kk[g0:g1, :, :t_vis])  # [g, R, T]
             if causal:
                 raw.masked_fill_(kept_k[None, None, :t_vis] > (off + qi)[None, :, None], float("-inf"))
             logits, _ = _scale_rows(raw, scale)
-            pm = torch.softmax(logits, dim=-1).amax(dim=1)  # [g, T]: max over the block's kept queries
+            p = torch.softmax(logits, dim=-1)
+            p = torch.where(torch.isneginf(raw).all(dim=-1, keepdim=True), 0.0, p)  # rows that see no key
+            pm = p.amax(dim=1)  # [g, T]: max over the block's kept queries
             pm = torch.cat([pm, pm.new_zeros(g1 - g0, 1)], dim=1)
             sl = torch.where((slot >= 0) & (slot < t_vis), slot, t_vis)  # -> the zero column
             res[g0:g1, m] = pm[:, sl].amax(dim=-1)

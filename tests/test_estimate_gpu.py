@@ -132,6 +132,16 @@ def test_proxy_block_scores_shapes(shape, S, causal, stride):
     _check_scores(got, want)
 
 
+@pytest.mark.parametrize("stride", [300, 2**31 - 1, 2**40])
+def test_proxy_block_scores_huge_stride(stride):
+    """A direct op call with a stride past every sequence's span keeps position 0 alone, like the
+    reference, without overflowing the kernels' int32 row arithmetic."""
+    q, k, cu_q, cu_k, mq, mk = _inputs(3, None, None, 4, 2, 64, torch.float16, [(300, 700), (100, 100), (17, 517)])
+    got = OPS.proxy_block_scores(q, k, cu_q, cu_k, mq, mk, 128, 2, stride, 0.125, True)
+    want = ref.proxy_block_scores(q.double(), k.double(), cu_q, cu_k, mq, mk, 128, 2, stride, 0.125, True)
+    _check_scores(got, want)
+
+
 def test_proxy_block_scores_strided_views():
     qkv = torch.randn(1, 900, 8 + 2 * 2, 128, device="cuda", dtype=torch.bfloat16)
     q, k = qkv[:, :, :8], qkv[:, :, 8:10]

@@ -199,6 +199,21 @@ def test_rows_that_see_no_key_get_count_zero():
     assert idx[0, :, 2, 0].tolist() == [0, 0] and (idx[0, :, :2] == -1).all()
 
 
+def test_scores_of_a_sequence_with_fewer_keys_than_queries():
+    """Stage 1 on a causal varlen sequence with Nk < Nq: query blocks whose rows see no key score 0
+    (never NaN), and the others score as the same rows do in a sequence without the unseeing rows
+    (Nq - Nk = 128 keeps the block boundaries and the kept positions)."""
+    torch.manual_seed(1)
+    nq, nk, S, s, d = 228, 100, 64, 2, 32
+    q, k = torch.randn(nq, 2, d), torch.randn(nk, 1, d)
+    cu_q, cu_k = (torch.tensor([0, n], dtype=torch.int32) for n in (nq, nk))
+    A = ref.proxy_block_scores(q, k, cu_q, cu_k, nq, nk, S, 1, s, d ** -0.5, True)[0, 0]
+    cu_t = torch.tensor([0, nk], dtype=torch.int32)
+    trimmed = ref.proxy_block_scores(q[nq - nk:], k, cu_t, cu_k, nk, nk, S, 1, s, d ** -0.5, True)[0, 0]
+    assert torch.isfinite(A).all() and A[:2].eq(0).all()
+    assert torch.equal(A[2:], trimmed) and trimmed.gt(0).any()
+
+
 def test_budget_of_a_head_with_nan_masses_is_zero():
     """NaN inputs make a head's block masses NaN: k* = 0 (its forced blocks only), as the kernel's
     finalize gives, and the other heads keep their budgets."""

@@ -10,6 +10,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "kernels/estimate/head_budgets.h"
@@ -151,7 +152,9 @@ at::Tensor proxy_block_scores(const at::Tensor& q, const at::Tensor& k, const st
   p.nqb = nqb;
   p.nkb = nkb;
   p.block_size = static_cast<int>(block_size);
-  p.stride = static_cast<int>(std::min<int64_t>(stride, INT32_MAX));
+  // A stride of at least every sequence's span keeps the same tokens (position 0 alone), so clamping
+  // it there changes nothing and keeps the kernels' kept-row arithmetic inside int32.
+  p.stride = static_cast<int>(std::min<int64_t>(stride, std::max<int64_t>({max_q, max_k, 1})));
   p.softmax_scale = static_cast<float>(softmax_scale);
   p.causal = causal;
   p.scores = scores.data_ptr<float>();

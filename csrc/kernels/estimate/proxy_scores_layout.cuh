@@ -24,7 +24,9 @@ constexpr int kStagePitch = kSubKeys + 1;  // floats per staged logit row (gener
 __device__ inline int kept_query_offset(int nq, int nk, int s) {
   return static_cast<int>(floor_mod64(-(static_cast<int64_t>(nk) - nq), s));
 }
-__device__ inline int kept_count(int n, int first, int s) { return n > first ? (n - first + s - 1) / s : 0; }
+__device__ inline int kept_count(int n, int first, int s) {
+  return n > first ? static_cast<int>((static_cast<int64_t>(n) - first + s - 1) / s) : 0;
+}
 
 // How query blocks map onto the 8 warps of a CTA (host and device).
 struct ScoreGeometry {
@@ -35,7 +37,7 @@ struct ScoreGeometry {
 };
 __host__ __device__ inline ScoreGeometry score_geometry(int S, int s, int nqb) {
   ScoreGeometry g;
-  const int rows = (S + s - 1) / s;  // kept queries of a query block, at most (<= 128)
+  const int rows = static_cast<int>((static_cast<int64_t>(S) + s - 1) / s);  // kept queries of a block, at most
   g.upb = (rows + 15) / 16;
   g.bpc = kScoreWarps / g.upb;
   g.nmb = (nqb + g.bpc - 1) / g.bpc;
