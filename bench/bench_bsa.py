@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from benchlib import l2_flush_buffer, time_cold, time_cold_interleaved, write_record
+from benchlib import add_head_args, l2_flush_buffer, time_cold, time_cold_interleaved, write_record
 
 BACKEND_ENV = "PROXYATTN_BSA_BACKEND"  # auto | portable | hopper: the op's one kernel switch
 FA4_ANCHORS = ("fa4", "fa4_sparse", "flex_flash")
@@ -253,9 +253,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seqlens", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.3, 0.1])
-    ap.add_argument("--q-heads", type=int, default=32)
-    ap.add_argument("--kv-heads", type=int, default=8)
-    ap.add_argument("--head-dim", type=int, default=128)
+    add_head_args(ap)
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--skip", nargs="*", default=[],

@@ -22,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
 import proxyattn as pa  # noqa: E402
-from benchlib import write_record  # noqa: E402
+from benchlib import add_head_args, write_record  # noqa: E402
 from proxyattn.distributed import chunk_spans, proxy_attention_cp  # noqa: E402
 from synthetic import make_structured_inputs  # noqa: E402
 
@@ -46,9 +46,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[262144, 524288, 1048576])
     ap.add_argument("--layouts", nargs="+", default=["zigzag", "contiguous"], choices=["zigzag", "contiguous"])
-    ap.add_argument("--q-heads", type=int, default=32)
-    ap.add_argument("--kv-heads", type=int, default=8)
-    ap.add_argument("--head-dim", type=int, default=128)
+    add_head_args(ap)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()

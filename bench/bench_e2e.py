@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import proxyattn as pa
-from benchlib import causal_tflops, l2_flush_buffer, proxy_heads_arg, time_cold, time_cold_interleaved, write_record
+from benchlib import (add_head_args, causal_tflops, l2_flush_buffer, proxy_heads_arg, time_cold,
+                      time_cold_interleaved, write_record)
 from proxyattn import metrics
 from proxyattn.attention import dense_attention
 from synthetic import make_structured_inputs
@@ -37,9 +38,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seq-lens", type=int, nargs="+",
                     default=[1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072])
-    ap.add_argument("--q-heads", type=int, default=32)
-    ap.add_argument("--kv-heads", type=int, default=8)
-    ap.add_argument("--head-dim", type=int, default=128)
+    add_head_args(ap)
     ap.add_argument("--proxy-heads", type=proxy_heads_arg, nargs="+", default=[None, 1],
                     help="num_proxy_heads values; 'default' is the config's (two query heads per proxy)")
     ap.add_argument("--gammas", type=float, nargs="+", default=[pa.ProxyAttnConfig().gamma],

@@ -18,7 +18,7 @@ import argparse
 import torch
 
 import proxyattn  # noqa: F401  (registers torch.ops.proxyattn)
-from benchlib import l2_flush_buffer, time_cold, write_record
+from benchlib import add_head_args, l2_flush_buffer, time_cold, write_record
 
 OPS = torch.ops.proxyattn
 EXP_RATE = 132 * 16 * 1.755e9  # H100 SXM: SMs x MUFU ops/clk/SM x clock ~ 3.7e12 exp/s
@@ -56,9 +56,7 @@ def estimate_stage_fns(q, k, cu_q, cu_k, max_q, max_k, block_size, num_proxy_hea
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq-len", type=int, default=131072)
-    ap.add_argument("--q-heads", type=int, default=32)
-    ap.add_argument("--kv-heads", type=int, default=8)
-    ap.add_argument("--head-dim", type=int, default=128)
+    add_head_args(ap)
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--stride", type=int, default=4)
     ap.add_argument("--groups", type=int, nargs="+", default=[1, 8])

@@ -102,3 +102,11 @@ def write_record(cases: list, tag: str, out: str = None, skipped: dict = None) -
 def proxy_heads_arg(text: str):
     """argparse type of --proxy-heads: an int, or 'default' (None: the config's own choice)."""
     return None if text == "default" else int(text)
+
+
+def add_head_args(ap) -> None:
+    """The attention shape arguments every benchmark shares: --q-heads (32), --kv-heads (8) and
+    --head-dim (128), a Llama-3-8B-like layer."""
+    ap.add_argument("--q-heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
