@@ -50,17 +50,18 @@ def _time(fn, device):
 
 def main(argv=None):
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(prog="python -m proxyattn", description=__doc__.split("\n\n")[0])
-    p.add_argument("--seq-len", type=int, default=32768 if cuda else 4096)
-    p.add_argument("--q-heads", type=int, default=32 if cuda else 8)
-    p.add_argument("--kv-heads", type=int, default=8 if cuda else 2)
-    p.add_argument("--head-dim", type=int, default=128)
+    p = argparse.ArgumentParser(prog="python -m proxyattn", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--seq-len", type=int, default=32768 if cuda else 4096, help="tokens (query = key length)")
+    p.add_argument("--q-heads", type=int, default=32 if cuda else 8, help="query heads Hq")
+    p.add_argument("--kv-heads", type=int, default=8 if cuda else 2, help="key/value heads Hkv")
+    p.add_argument("--head-dim", type=int, default=128, help="head dim D: 64 or 128")
     dflt = ProxyAttnConfig()
     p.add_argument("--proxy-heads", type=int, default=dflt.num_proxy_heads,
-                   help="num_proxy_heads (default: the config's, two query heads per proxy where possible)")
-    p.add_argument("--gamma", type=float, default=dflt.gamma)
-    p.add_argument("--min-budget", type=int, default=dflt.min_budget)
-    p.add_argument("--seed", type=int, default=0)
+                   help="num_proxy_heads; None: the config's, two query heads per proxy where possible")
+    p.add_argument("--gamma", type=float, default=dflt.gamma, help="attention mass each head's budget reaches")
+    p.add_argument("--min-budget", type=int, default=dflt.min_budget, help="minimum tokens per query block")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
     a = p.parse_args(argv)
     device = torch.device("cuda" if cuda and not a.cpu else "cpu")

@@ -199,8 +199,9 @@ def proxy_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
                            causal: bool = True, return_selection: bool = False
                            ) -> Union[Tensor, Tuple[Tensor, ProxyAttnSelection]]:
     """ProxyAttn over packed sequences: q [total_q, Hq, D], k/v [total_k, Hkv, D], int32
-    cu_seqlens_q/k [B + 1]. Each sequence behaves exactly as if it ran alone. Inference only
-    (every path runs proxyattn's ops, which have no backward)."""
+    cu_seqlens_q/k [B + 1]. Each sequence behaves exactly as if it ran alone with the call's
+    max_seqlen_k: the whole call runs dense when max_seqlen_k < dense_below, else every sequence
+    runs sparse. Inference only (every path runs proxyattn's ops, which have no backward)."""
     if cu_seqlens_q is None or cu_seqlens_k is None:
         raise ValueError("proxy_attention_varlen needs cu_seqlens_q and cu_seqlens_k")
     lay = ops.check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)

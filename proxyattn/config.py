@@ -155,7 +155,7 @@ def default_proxy_heads(q_heads: int, kv_heads: int) -> int:
     per query head). Hq=32, Hkv=8 gives 16; Hq=28, Hkv=4 gives 28; Hq=Hkv=32 gives 16.
 
     Why not one pooled proxy (the design's G=1): on structured inputs where each head keeps a fifth of
-    its mass on spans of its own, G=1 reached recall 0.83-0.84 and missed a needle, G=Hq/2 0.95-0.98
+    its mass on spans of its own, G=1 reached recall 0.83-0.84, G=Hq/2 0.95-0.98
     (bench/NOTES.md). Stage 1 costs grow with G: at 128k on an H200 it is 17 ms of a 27 ms call
     at G=16, still 9.2-9.4x faster than cuDNN's dense attention (19.6x at G=1)."""
     half = q_heads // 2
