@@ -1,45 +1,78 @@
 #!/usr/bin/env bash
-# A same-run comparison of this tree (A) and this tree with a patch applied (B), on a GPU machine
-# without git: builds A in place (tools/gpu_run.sh build) and B in a copy, then runs one benchmark
-# script under each, A and B alternating for ROUNDS rounds (default 2), so that clock drift hits
-# both. The patch is what a branch changes, made on the development machine and carried as an
-# untracked file of the working tree:
+# A same-run comparison of this tree (a) and this tree with each of one or more patches applied
+# (b1, b2, ...), on a GPU machine without git. Builds a in place (tools/gpu_run.sh build), keeps a
+# copy of the built tree, then for each patch applies it in place, rebuilds (incrementally: only the
+# files the patch touches recompile), keeps a copy of that tree and takes the patch back out. Then
+# it runs one benchmark script under every variant, alternating for ROUNDS rounds (default 2), so
+# that clock drift hits all of them. A patch is what a branch changes, made on the development
+# machine and carried as an untracked file of the working tree:
 #
-#   git diff main..est16 > ab.patch          # here, untracked (not committed)
-#   tools/gpu_ab.sh ab.patch bench_estimate.py --seq-len 131072 --groups 16 1     # there
+#   git diff main..rowmax4 > rowmax4.patch; git diff main..unroll2 > unroll2.patch   # here
+#   tools/gpu_ab.sh rowmax4.patch unroll2.patch -- bench_bsa.py --interleave --seqlens 131072  # there
+#   tools/gpu_ab.sh est16.patch bench_estimate.py --seq-len 131072      # one patch: no -- needed
 #
-# Records: $OUT/{a,b}<round>-<script>.json (the script's --out), logs beside them; the build logs
-# in $OUT/{a,b}-build.log. Extra tests for B: GPU_AB_TESTS="tests/test_estimate_gpu.py ..." runs
-# them under B before the benchmark (log $OUT/b-tests.log).
+# Records: <variant>-r<round>-<script>.json (the script's --out), logs beside them, build logs
+# <variant>-build.log, packed into $OUT/ab.tgz after every round (a device call brings back at most 8
+# files). GPU_AB_TESTS="tests/test_estimate_gpu.py ..." runs those tests under every patched variant
+# before the benchmark (log <variant>-tests.log).
 set -o pipefail
-patch_file=${1:?usage: tools/gpu_ab.sh PATCH SCRIPT [args]}
-script=${2:?usage: tools/gpu_ab.sh PATCH SCRIPT [args]}
-shift 2
-OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
+usage="usage: tools/gpu_ab.sh PATCH [PATCH ...] [--] SCRIPT [args]"
+patches=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --) shift; break ;;
+    *.patch|*.diff) patches+=("$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"); shift ;;
+    *) break ;;
+  esac
+done
+script=${1:?$usage}
+shift
+[ ${#patches[@]} -ge 1 ] || { echo "$usage"; exit 2; }
+top=${OUT:-$PWD/out}
+OUT=$top/ab; mkdir -p "$OUT"
+pack() { tar czf "$top/ab.tgz.part" -C "$top" ab && mv "$top/ab.tgz.part" "$top/ab.tgz"; }
 here=$(cd "$(dirname "$0")/.." && pwd)
-patch_file=$(cd "$(dirname "$patch_file")" && pwd)/$(basename "$patch_file")
-b_tree=/tmp/proxyattn_b
+copies=/tmp/proxyattn_ab
+rm -rf "$copies" && mkdir -p "$copies"
 
-OUT=$OUT/a-build bash "$here/tools/gpu_run.sh" build || exit 1
-mv "$OUT/a-build/build.log" "$OUT/a-build.log" && rmdir "$OUT/a-build"
-rm -rf "$b_tree" && mkdir -p "$b_tree"
-(cd "$here" && tar --exclude=./build --exclude='./proxyattn/_C*.so' -cf - .) | (cd "$b_tree" && tar -xf -)
-(cd "$b_tree" && patch -p1 --forward --quiet < "$patch_file") || { echo "the patch does not apply"; exit 1; }
-(cd "$b_tree" && OUT=$OUT/b-build PROXYATTN_BUILD_TEMP=/tmp/proxyattn_build_temp_b bash tools/gpu_run.sh build) || exit 1
-mv "$OUT/b-build/build.log" "$OUT/b-build.log" && rmdir "$OUT/b-build"
+build_copy() {  # variant name: build this tree as it stands, then copy it (with the extension) aside
+  local v=$1
+  (cd "$here" && OUT=$OUT/$v-build bash tools/gpu_run.sh build) || return 1
+  mv "$OUT/$v-build/build.log" "$OUT/$v-build.log" && rmdir "$OUT/$v-build"
+  mkdir -p "$copies/$v" && (cd "$here" && tar --exclude=./build --exclude=./.git --exclude=./out -cf - .) | (cd "$copies/$v" && tar -xf -)
+}
+
+build_copy a || { pack; exit 1; }
+variants=(a)
+i=0
+for p in "${patches[@]}"; do
+  i=$((i + 1))
+  v=b$i
+  (cd "$here" && patch -p1 --forward --quiet < "$p") || { echo "$(basename "$p") does not apply"; exit 1; }
+  build_copy "$v"; ok=$?
+  (cd "$here" && patch -p1 -R --quiet < "$p") || { echo "$(basename "$p") does not come back out"; pack; exit 1; }
+  [ $ok -eq 0 ] || { pack; exit 1; }
+  echo "$v = $(basename "$p")" | tee -a "$OUT/variants.txt"
+  variants+=("$v")
+done
 
 SITE=/tmp/proxyattn_site
 export CUTLASS_PATH=$SITE/cutlass_library/source/include PYTHONUNBUFFERED=1
 if [ -n "${GPU_AB_TESTS:-}" ]; then
-  # shellcheck disable=SC2086
-  (cd "$b_tree" && PYTHONPATH=$b_tree:$SITE python3 -m pytest -q -rs $GPU_AB_TESTS 2>&1 | tee "$OUT/b-tests.log" | tail -15)
+  for v in "${variants[@]:1}"; do
+    # shellcheck disable=SC2086
+    (cd "$copies/$v" && PYTHONPATH=$copies/$v:$SITE python3 -m pytest -q -rs $GPU_AB_TESTS 2>&1 |
+       tee "$OUT/$v-tests.log" | tail -15)
+  done
 fi
 name=$(basename "$script" .py)
 for round in $(seq 1 "${ROUNDS:-2}"); do
-  for side in a b; do
-    tree=$here; [ "$side" = b ] && tree=$b_tree
-    echo "== $side, round $round"
-    (cd "$tree" && PYTHONPATH=$tree:$SITE python3 "bench/$script" "$@" --out "$OUT/$side$round-$name.json" 2>&1 |
-       tee "$OUT/$side$round-$name.log" | tail -25)
+  for v in "${variants[@]}"; do
+    echo "== $v, round $round"
+    (cd "$copies/$v" && PYTHONPATH=$copies/$v:$SITE python3 "bench/$script" "$@" --out "$OUT/$v-r$round-$name.json" 2>&1 |
+       tee "$OUT/$v-r$round-$name.log" | tail -25)
   done
+  pack
 done
+rm -rf "$OUT"
+echo "records and logs: $top/ab.tgz"

@@ -5,7 +5,8 @@
 #   tools/gpu_run.sh test [pytest args]   GPU tests (default: -m gpu tests)
 #   tools/gpu_run.sh bench SCRIPT [args]  a benchmark script under bench/
 # Logs go to $OUT (or ./out) so they come back from the device machine. PROXYATTN_BUILD_TEMP: the
-# object folder (default /tmp/proxyattn_build_temp; tools/gpu_ab.sh gives its second tree its own).
+# object folder (default /tmp/proxyattn_build_temp; tools/gpu_ab.sh builds every variant in place over it,
+# so a patched variant recompiles only what its patch touches).
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
