@@ -56,8 +56,7 @@ def candidate_counts(nq: Tensor, nk: Tensor, nqb: int, block: int, causal: bool)
     live = m * block < nq[:, None]
     if causal:
         last_row = torch.minimum((m + 1) * block, nq[:, None]) - 1
-        c = torch.clamp((nk[:, None] - nq[:, None] + last_row) // block + 1, min=0)
-        c = torch.minimum(c, nkb)
+        c = ((nk[:, None] - nq[:, None] + last_row) // block + 1).clamp(min=0)  # 0: rows that see no key
     else:
         c = nkb.expand(-1, nqb)
     return torch.where(live, c, 0)

@@ -352,7 +352,6 @@ def check_paged_cache(k_cache, v_cache, page_table, seqlens_k, max_seqlen_k, bat
                          f"{num_pages}); sequence {i} reads its first {-(-lens[i] // page_size)} entries")
 
 
-
 # ------------------------------------------------------------------ public stage functions
 
 

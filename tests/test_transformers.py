@@ -285,6 +285,8 @@ def test_register_validation():
         pa_hf.register("fast")
     with pytest.raises(ValueError, match="dense_layers must be >= 0"):
         pa_hf.register(dense_layers=-1)
+    with pytest.raises(TypeError, match="dense_layers must be an int, got str '2'"):
+        pa_hf.register(dense_layers="2")
     with pytest.raises(TypeError, match="layer_configs must be"):
         pa_hf.register(layer_configs="all")
     with pytest.raises(TypeError, match=r"layer_configs\[2\] must be a ProxyAttnConfig"):
@@ -325,3 +327,18 @@ def test_calls_that_need_a_gradient_run_sdpa(llama):
     with torch.no_grad():  # inference: the sparse path again
         llama(ids)
     assert _stats(name) == {"sdpa:grad": {0: 2, 1: 2}, "proxyattn": {0: 1, 1: 1}}
+
+
+def test_engine_backend_settings_check_like_register():
+    """The SGLang and vLLM backends' settings (integrations/_common.py) refuse what register refuses,
+    with the same errors; importing them needs no engine."""
+    from proxyattn.integrations import _common
+
+    with pytest.raises(ValueError, match="dense_layers must be >= 0, got -1"):
+        _common.make_settings(None, -1)
+    with pytest.raises(TypeError, match="dense_layers must be an int, got bool True"):
+        _common.make_settings(None, True)
+    with pytest.raises(TypeError, match="config must be a ProxyAttnConfig, got float"):
+        _common.make_settings(0.9, 0)
+    assert _common.make_settings(None, 2).dense_layers == 2
+

@@ -7,7 +7,7 @@ import json
 import os
 from typing import Optional
 
-from ..config import INT64_MAX, ProxyAttnConfig
+from ..config import INT64_MAX, ProxyAttnConfig, check_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,9 +24,7 @@ def make_settings(config: Optional[ProxyAttnConfig], dense_layers: int) -> Backe
     cfg = ProxyAttnConfig() if config is None else config
     if not isinstance(cfg, ProxyAttnConfig):
         raise TypeError(f"config must be a ProxyAttnConfig, got {type(cfg).__name__}")
-    if isinstance(dense_layers, bool) or not isinstance(dense_layers, int) or dense_layers < 0:
-        raise ValueError(f"dense_layers must be an int >= 0, got {dense_layers!r}")
-    return BackendSettings(cfg, dense_layers)
+    return BackendSettings(cfg, check_int("dense_layers", dense_layers, 0))
 
 
 def settings_from_env(config_env: str, dense_layers_env: str) -> BackendSettings:

@@ -66,7 +66,7 @@ from torch import Tensor
 
 from .. import ops
 from ..attention import ProxyAttnSelection, proxy_attention
-from ..config import SUPPORTED_HEAD_DIMS, ProxyAttnConfig
+from ..config import SUPPORTED_HEAD_DIMS, ProxyAttnConfig, check_int
 
 try:
     import transformers
@@ -192,10 +192,7 @@ def register(config: Optional[ProxyAttnConfig] = None, *, dense_layers: int = 0,
         raise ValueError(f"name {name!r} is already a transformers attention implementation; choose another name")
     cfg = ProxyAttnConfig() if config is None else config
     _check_config("config", cfg)
-    if isinstance(dense_layers, bool) or not isinstance(dense_layers, int):
-        raise TypeError(f"dense_layers must be an int, got {type(dense_layers).__name__}")
-    if dense_layers < 0:
-        raise ValueError(f"dense_layers must be >= 0, got {dense_layers}")
+    check_int("dense_layers", dense_layers, 0)
     if on_selection is not None and not callable(on_selection):
         raise TypeError(f"on_selection must be callable or None, got {type(on_selection).__name__}")
     _SETTINGS[name] = IntegrationSettings(cfg, dense_layers, _normalise_layer_configs(layer_configs), on_selection)
