@@ -252,7 +252,8 @@ Options parse_args(int argc, char** argv) {
     usage_error("--proxy-heads must divide --kv-heads (" + std::to_string(o.kv_heads) +
                 "), or be a multiple of it that divides --q-heads (" + std::to_string(o.q_heads) + "), got " +
                 std::to_string(o.proxy_heads));
-  if (o.stride < 1 || o.stride > 16) usage_error("--stride must be in 1..16 (the config's range)");
+  if (o.stride < 1 || o.stride > 16)
+    usage_error("--stride must be in 1..16 (the config's range), got " + std::to_string(o.stride));
   if (!(o.gamma > 0.0 && o.gamma <= 1.0)) usage_error("--gamma must be in (0, 1]");
   if (o.sink_blocks < 0 || o.local_blocks < 0 || o.min_budget < 0) usage_error("negative block counts");
   if (o.iters < 1 || o.warmup < 0) usage_error("--iters must be >= 1 and --warmup >= 0");
