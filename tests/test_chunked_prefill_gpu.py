@@ -26,7 +26,10 @@ def test_chunked_prefill_64k():
     out, recall, worst = chunked.run_chunks(q, k, v, ragged, exact)
     dense = chunked.dense_chunks(q, k, v, ragged)
     err = (out.float() - dense.float()).abs()
-    assert float(err.max()) < 3e-2 and float(err.mean()) < 1e-3, (float(err.max()), float(err.mean()))
+    # Two bf16 ulps of each output (2^-7 relative) plus an absolute floor for outputs near zero:
+    # the two kernels sum in different orders, so a one-ulp difference at |out| >= 4 is 0.031.
+    bound = dense.float().abs() * 2.0**-7 + 1e-2
+    assert bool((err <= bound).all()) and float(err.mean()) < 1e-3, (float((err - bound).max()), float(err.mean()))
     assert abs(recall - 1.0) < 1e-4 and worst > -float("inf")
     _, r_ragged, worst = chunked.run_chunks(q, k, v, ragged, cfg)
     _, r_aligned, w_aligned = chunked.run_chunks(q, k, v, aligned, cfg)
