@@ -96,19 +96,41 @@ def forced_rows(nq: int, nk: int, block: int, sink_blocks: int, local_blocks: in
     return cand, cand & ((n < lo) | (n >= hi))
 
 
-def group_pool(q_b: Tensor, k_b: Tensor, groups: int) -> Tuple[Tensor, Tensor]:
-    """Pooled proxies: qbar [Nq, G, D] (mean of each group's query heads) and
-    kbar [Nk, G, D] (mean of each group's distinct KV heads), in math precision."""
+def _head_mean(x: Tensor, groups: int) -> Tensor:
+    """[N, H, D] -> [N, G, D] fp32: each group's heads summed in fp32 in head order, divided by
+    their count (the kernels' order of operations, so the 16-bit rounding below matches)."""
+    n, h, d = x.shape
+    xs = x.float().reshape(n, groups, h // groups, d)
+    acc = xs[:, :, 0]
+    for j in range(1, h // groups):
+        acc = acc + xs[:, :, j]
+    return acc / (h // groups)
+
+
+def group_pool(q_b: Tensor, k_b: Tensor, groups: int, stride: int) -> Tuple[Tensor, Tensor]:
+    """Stage 1's pooled proxies, rounded as docs/design.md section 2 allows: qbar [Nq, G, D] (mean of
+    each group's query heads) and kbar [Nk, G, D] (mean of each group's distinct KV heads), computed
+    in fp32 and rounded to fp16, or, for a group where a finite mean of a kept row (query rows at
+    positions Nk - Nq + i and keys t that are multiples of the stride) overflows fp16, to bf16
+    (fp32's range); returned in math precision. The dot products of the rounded vectors are then
+    exact in fp32 up to the order of the sum, on every implementation."""
     dt = _math_dtype(q_b)
     nq, hq, d = q_b.shape
     nk, hkv, _ = k_b.shape
-    qbar = q_b.to(dt).reshape(nq, groups, hq // groups, d).mean(dim=2)
+    qbar = _head_mean(q_b, groups)
     if groups <= hkv:
-        kbar = k_b.to(dt).reshape(nk, groups, hkv // groups, d).mean(dim=2)
+        kbar = _head_mean(k_b, groups)
     else:
-        kv_of_group = torch.arange(groups, device=k_b.device) // (groups // hkv)
-        kbar = k_b.to(dt)[:, kv_of_group]
-    return qbar, kbar
+        kbar = k_b.float()[:, torch.arange(groups, device=k_b.device) // (groups // hkv)]
+    first_q = (-(nk - nq)) % stride
+    over = torch.zeros(groups, dtype=torch.bool, device=q_b.device)
+    for x in (qbar[first_q::stride], kbar[::stride]):
+        over |= (torch.isinf(x.half()) & torch.isfinite(x)).any(dim=2).any(dim=0)
+
+    def rounded(x: Tensor) -> Tensor:
+        return torch.where(over[None, :, None], x.bfloat16().to(dt), x.half().to(dt))
+
+    return rounded(qbar), rounded(kbar)
 
 
 def _scale_rows(raw: Tensor, scale: float):
@@ -150,7 +172,7 @@ def _scores_one(q_b: Tensor, k_b: Tensor, S: int, G: int, s: int, scale: float, 
     nq, nk = q_b.shape[0], k_b.shape[0]
     nqb, nkb = _cdiv(nq, S), _cdiv(nk, S)
     dev = q_b.device
-    qbar, kbar = group_pool(q_b, k_b, G)
+    qbar, kbar = group_pool(q_b, k_b, G, s)
     off = nk - nq
     kept_k = torch.arange(0, nk, s, device=dev)
     kk = kbar[kept_k].permute(1, 2, 0)  # [G, D, T]

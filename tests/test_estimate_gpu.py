@@ -2,7 +2,8 @@
 
 - select_blocks: counts and indices identical to the reference given the same scores and
   budgets (deliberate ties, random kstar, varlen, Nq < Nk, block 64/128, sink/local/min_budget).
-- proxy_block_scores: within 1e-4 relative of the reference run in float64.
+- proxy_block_scores: within 1e-4 relative of the reference run in float64 on the same 16-bit
+  pooled vectors (fp16, bf16 for a group that overflows fp16).
 - head_budgets: identical to the reference except heads whose reference cumulative sum lands
   within NEAR_GAMMA of gamma (those are skipped, and must be rare).
 - stages 1-3 end to end vs the reference: selections equal except rows whose reference scores
@@ -243,6 +244,51 @@ def test_stages_end_to_end(shape, G):
     r_idx[~keep] = -1
     frac = _check_selection_near_ties(idx, r_idx, r_sc, hq, G, E2E_TIE_RTOL)
     assert frac < 0.01, frac
+
+
+def test_stages_end_to_end_structured_default_config():
+    """Structured 16k-token inputs at the default config (G = Hq/2): the kernels' selections equal the
+    reference's except between blocks whose reference scores tie within E2E_TIE_RTOL (both round the
+    pooled vectors to fp16 the same way; what is left is the fp32 summation order)."""
+    import chunked
+
+    n, hq, hkv, d = 16384, 8, 2, 128
+    q, k, _, _ = chunked.synthetic.make_structured_inputs(1, n, hq, hkv, d, seed=2, dtype=torch.bfloat16,
+                                                        device="cuda")
+    cfg = proxyattn.ProxyAttnConfig()
+    G, S, scale = cfg.proxy_heads(hq, hkv), cfg.block_size, d ** -0.5
+    args = (None, None, n, n)
+    sc = OPS.proxy_block_scores(q, k, *args, S, G, cfg.stride, scale, True)
+    r_sc = ref.proxy_block_scores(q, k, *args, S, G, cfg.stride, scale, True)
+    _check_scores(sc, r_sc.double())
+    ks = ref.head_budgets(q, k, *args, S, cfg.gamma, cfg.sink_blocks, cfg.local_blocks, scale, True)
+    sel = (cfg.sink_blocks, cfg.local_blocks, cfg.min_budget, True)
+    counts, idx = OPS.select_blocks(sc, ks, *args, S, *sel)
+    r_counts, r_idx = ref.select_blocks(r_sc, ks, *args, S, *sel)
+    assert torch.equal(counts, r_counts)
+    frac = _check_selection_near_ties(idx, r_idx, r_sc, hq, G, E2E_TIE_RTOL)
+    assert frac < 0.01, frac
+
+
+@pytest.mark.parametrize("where", ["kept", "dropped"])
+def test_proxy_block_scores_bf16_fallback(where):
+    """A bf16 key whose pooled value overflows fp16 in a kept row (t % stride == 0) makes its group
+    round to bf16, in the kernel as in the reference; the same value in a row the stride drops changes
+    nothing. Other groups keep fp16 either way."""
+    nq = nk = 700
+    hq, hkv, d, G, s = 8, 4, 128, 4, 4
+    q, k, _, _, _, _ = _inputs(1, nq, nk, hq, hkv, d, torch.bfloat16)
+    row = 300 if where == "kept" else 301
+    k[0, row, 1, :8] = 3e5  # group 1 (KV head 1) only
+    got = OPS.proxy_block_scores(q, k, None, None, nq, nk, 128, G, s, d ** -0.5, True)
+    want = ref.proxy_block_scores(q.double(), k.double(), None, None, nq, nk, 128, G, s, d ** -0.5, True)
+    _check_scores(got, want)
+    # The means of two bf16 query heads have 9 significant bits: fp16 keeps them, bf16 does not.
+    qbar, _ = ref.group_pool(q[0], k[0], G, s)
+    def is_bf16(x):
+        return torch.equal(x, x.bfloat16().float())
+    assert is_bf16(qbar[:, 1]) == (where == "kept")
+    assert not is_bf16(qbar[:, 0])  # group 0 stays fp16
 
 
 # ---------------------------------------------------------------- scale and graphs

@@ -216,8 +216,9 @@ def test_proxy_pooling_matches_hand_computation(G, nq, nk, stride):
     for g in range(G):
         qheads = list(range(g * hq // G, (g + 1) * hq // G))
         kheads = sorted({h // (hq // hkv) for h in qheads})
-        qbar = sum(q[0, :, h].double() for h in qheads) / len(qheads)
-        kbar = sum(k[0, :, h].double() for h in kheads) / len(kheads)
+        # fp32 means in head order, rounded to fp16 (the values fit): docs/design.md section 2.
+        qbar = (sum(q[0, :, h].float() for h in qheads) / len(qheads)).half().double()
+        kbar = (sum(k[0, :, h].float() for h in kheads) / len(kheads)).half().double()
         for i in range(nq):
             pos = nk - nq + i
             if pos % stride:
@@ -371,3 +372,76 @@ def test_huge_softmax_scale_is_the_argmax_limit():
     logits.masked_fill_(torch.ones(5, 5, dtype=torch.bool).triu(1), -math.inf)
     want = torch.softmax(logits, -1) @ v[0, :5, 0]
     assert torch.allclose(out_1[0, :, 0], want, atol=1e-6)
+
+
+# ---------------------------------------------------------------- stage 1's 16-bit pooled vectors
+
+
+def test_pooled_vectors_round_to_fp16_or_bf16_per_group():
+    """docs/design.md section 2: fp32 means rounded to fp16; a group with a kept row whose mean
+    overflows fp16 rounds to bf16 instead (only that group; rows the stride drops do not count)."""
+    g = torch.Generator().manual_seed(3)
+    nq = nk = 64
+    q = torch.randn(nq, 4, 32, generator=g)
+    k = torch.randn(nk, 2, 32, generator=g)
+
+    def kind(x):
+        return "bf16" if torch.equal(x, x.bfloat16().float()) else "fp16" if torch.equal(x, x.half().float()) else "?"
+
+    qbar, kbar = ref.group_pool(q, k, 2, 4)
+    assert [kind(qbar[:, j]) for j in range(2)] == ["fp16", "fp16"]
+    assert torch.equal(qbar, (q.view(nq, 2, 2, 32).sum(2) / 2).half().float())
+    k[9, 1, 0] = 1e6  # row 9: dropped by stride 4
+    qbar, kbar = ref.group_pool(q, k, 2, 4)
+    assert [kind(qbar[:, j]) for j in range(2)] == ["fp16", "fp16"]
+    assert torch.isinf(kbar[9, 1, 0])  # the dropped row is not read by stage 1
+    k[8, 1, 0] = 1e6  # row 8: kept
+    qbar, kbar = ref.group_pool(q, k, 2, 4)
+    assert [kind(qbar[:, j]) for j in range(2)] == ["fp16", "bf16"]
+    assert float(kbar[8, 1, 0]) == 999424.0  # 1e6 in bf16
+    # Queries count from the first kept row: position Nk - Nq + i a multiple of the stride.
+    q2 = q[:60].clone()
+    q2[2, 0, 0] = 2e5  # mean 1e5 at position 64 - 60 + 2 = 6: kept at stride 3, dropped at stride 4
+    assert kind(ref.group_pool(q2, k, 2, 3)[0][:, 0]) == "bf16"
+    assert kind(ref.group_pool(q2, k, 2, 4)[0][:, 0]) == "fp16"
+
+
+def test_rounded_pooling_keeps_the_selection():
+    """The 16-bit pooled vectors against fp32 ones on structured inputs at the default config: scores
+    within 2e-3 relative, selections equal except between blocks whose scores tie within that, and
+    attention recall within 0.002."""
+    import chunked
+    from proxyattn import metrics
+
+    n, hq, hkv, d = 8192, 8, 2, 128
+    q, k, v, _ = chunked.synthetic.make_structured_inputs(1, n, hq, hkv, d, seed=1, dtype=torch.bfloat16)
+    cfg = pa.ProxyAttnConfig(dense_below=0)
+    G = cfg.proxy_heads(hq, hkv)
+    assert G > hkv  # fp32_pool's key branch
+
+    def fp32_pool(q_b, k_b, groups, stride):  # group_pool without the rounding (G > Hkv here)
+        return ref._head_mean(q_b, groups), k_b.float()[:, torch.arange(groups) // (groups // k_b.shape[1])]
+
+    def run():
+        sc = pa.proxy_block_scores(q, k, num_proxy_heads=G)
+        counts, idx = pa.select_blocks(sc, pa.head_budgets(q, k), seqlen_q=n, seqlen_k=n)
+        return sc, counts, idx
+
+    sc, counts, idx = run()
+    orig = ref.group_pool
+    ref.group_pool = fp32_pool
+    try:
+        sc32, counts32, idx32 = run()
+    finally:
+        ref.group_pool = orig
+    assert not torch.equal(sc, sc32)  # the rounding is there
+    rel = ((sc - sc32).abs() / sc32.abs().clamp_min(1e-6)).max()
+    assert rel < 2e-3, float(rel)
+    assert torch.equal(counts, counts32)
+    for b, h, m in (idx != idx32).any(-1).nonzero().tolist():
+        a, r = set(idx[b, h, m].tolist()) - {-1}, set(idx32[b, h, m].tolist()) - {-1}
+        row = sc32[b, h // (hq // G), m]
+        assert float(row[sorted(a - r)].min()) >= float(row[sorted(r - a)].max()) * (1 - 2e-3)
+    r16 = metrics.attention_recall(q, k, counts, idx, cfg.block_size).mean
+    r32 = metrics.attention_recall(q, k, counts32, idx32, cfg.block_size).mean
+    assert abs(r16 - r32) <= 0.002, (r16, r32)

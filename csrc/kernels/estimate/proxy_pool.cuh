@@ -1,6 +1,11 @@
-// Stage 1 (proxy_block_scores), kernel 1 of 2: pool_kernel, the pooled proxy rows (the fp32
-// mean of a group's heads, queries also times sm * log2(e)) as fp16 hi + lo halves in the
-// workspace (proxy_scores_layout.cuh); proxy_scores.cu describes the algorithm.
+// Stage 1 (proxy_block_scores), kernel 1 of 2: the pooled proxy rows, rounded to 16 bits for the
+// scores kernel's single tensor-core product (proxy_scores.cu describes the algorithm).
+//   pool_kernel: one warp per kept row of one (b, group): the mean of the group's heads, summed in
+//     fp32 in head order and divided by the head count (IEEE division), rounded to fp16; a finite
+//     mean whose fp16 rounding overflows marks the (b, group) in `flags`.
+//   fix_kernel: for each marked (b, group), the queries and keys again, rounded to bf16 (fp32's
+//     range) into the same rows. Without a mark it returns at once.
+// reference.pool_rounded computes the same values.
 #pragma once
 
 #include "kernels/estimate/proxy_scores_layout.cuh"
@@ -8,23 +13,17 @@
 namespace proxyattn {
 namespace scores {
 
-template <typename T, int D, bool kQuery>
-__global__ void __launch_bounds__(kPoolWarps * 32) pool_kernel(const ProxyScoresParams p, int64_t rows_alloc,
-                                                             half* out_hi, half* out_lo, int* kflags,
-                                                             int64_t ktiles) {
+// The kept row j of one (b, group): the mean of its heads, this lane's D/32 elements (0 past the
+// sequence's kept rows).
+template <typename T, int D>
+__device__ inline void pooled_row(const ProxyScoresParams& p, const SeqBounds& sb, int b, int grp, bool query,
+                                  int64_t j, int lane, float (&out)[D / 32]) {
   constexpr int kPer = D / 32;  // elements per lane (even)
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * kPoolWarps + warp;
-  const int grp = blockIdx.y, b = blockIdx.z;
-  if (j >= rows_alloc) return;
-  const SeqBounds sb = load_seq_bounds(p.cu_seqlens_q, p.cu_seqlens_k, b, p.max_seqlen_q, p.max_seqlen_k,
-                                       p.total_q, p.total_k);
   const int s = p.stride;
   int first, n, h0, nh;
   int64_t start, row_stride, head_stride;
   const T* base;
-  float scale;
-  if (kQuery) {
+  if (query) {
     first = kept_query_offset(sb.nq, sb.nk, s);
     n = sb.nq;
     nh = p.num_heads / p.num_groups;
@@ -33,7 +32,6 @@ __global__ void __launch_bounds__(kPoolWarps * 32) pool_kernel(const ProxyScores
     row_stride = p.q_row_stride;
     head_stride = p.q_head_stride;
     base = static_cast<const T*>(p.q) + b * p.q_batch_stride;
-    scale = p.softmax_scale * kLog2e / nh;
   } else {
     first = 0;
     n = sb.nk;
@@ -48,36 +46,82 @@ __global__ void __launch_bounds__(kPoolWarps * 32) pool_kernel(const ProxyScores
     row_stride = p.k_row_stride;
     head_stride = p.k_head_stride;
     base = static_cast<const T*>(p.k) + b * p.k_batch_stride;
-    scale = 1.f / nh;
   }
-  const int64_t out_row = ((static_cast<int64_t>(b) * p.num_groups + grp) * rows_alloc + j) * D + lane * kPer;
-  float acc[kPer];
 #pragma unroll
-  for (int e = 0; e < kPer; ++e) acc[e] = 0.f;
-  if (j < kept_count(n, first, s)) {
-    const T* src = base + (start + first + j * s) * row_stride + lane * kPer;
-    for (int hh = 0; hh < nh; ++hh) {
-      const T* hp = src + (h0 + hh) * head_stride;
+  for (int e = 0; e < kPer; ++e) out[e] = 0.f;
+  if (j >= kept_count(n, first, s)) return;
+  const T* src = base + (start + first + j * s) * row_stride + lane * kPer;
+  for (int hh = 0; hh < nh; ++hh) {
+    const T* hp = src + (h0 + hh) * head_stride;
 #pragma unroll
-      for (int e = 0; e < kPer; e += 2) {
-        const float2 v = MmaTraits<T>::to_float2(*reinterpret_cast<const uint32_t*>(hp + e));
-        acc[e] += v.x;
-        acc[e + 1] += v.y;
-      }
+    for (int e = 0; e < kPer; e += 2) {
+      const float2 v = MmaTraits<T>::to_float2(*reinterpret_cast<const uint32_t*>(hp + e));
+      out[e] += v.x;
+      out[e + 1] += v.y;
     }
   }
-  bool lo_nonzero = false;
+  const float fnh = static_cast<float>(nh);
+#pragma unroll
+  for (int e = 0; e < kPer; ++e) out[e] = __fdiv_rn(out[e], fnh);
+}
+
+__device__ inline uint32_t pack16(half a, half b) {
+  const __half2 h = __halves2half2(a, b);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+__device__ inline uint32_t pack16(__nv_bfloat16 a, __nv_bfloat16 b) {
+  const __nv_bfloat162 h = __halves2bfloat162(a, b);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+template <typename T, int D, bool kQuery>
+__global__ void __launch_bounds__(kPoolWarps * 32) pool_kernel(const ProxyScoresParams p, int64_t rows_alloc,
+                                                             uint16_t* out, int* flags) {
+  constexpr int kPer = D / 32;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kPoolWarps + warp;
+  const int grp = blockIdx.y, b = blockIdx.z;
+  if (j >= rows_alloc) return;
+  const SeqBounds sb = load_seq_bounds(p.cu_seqlens_q, p.cu_seqlens_k, b, p.max_seqlen_q, p.max_seqlen_k,
+                                       p.total_q, p.total_k);
+  float v[kPer];
+  pooled_row<T, D>(p, sb, b, grp, kQuery, j, lane, v);
+  const int64_t bg = static_cast<int64_t>(b) * p.num_groups + grp;
+  uint16_t* row = out + (bg * rows_alloc + j) * D + lane * kPer;
+  bool overflow = false;
 #pragma unroll
   for (int e = 0; e < kPer; e += 2) {
-    const float v0 = acc[e] * scale, v1 = acc[e + 1] * scale;
-    const half h0v = __float2half_rn(v0), h1v = __float2half_rn(v1);
-    const half l0 = __float2half_rn(v0 - __half2float(h0v)), l1 = __float2half_rn(v1 - __half2float(h1v));
-    lo_nonzero |= __half2float(l0) != 0.f || __half2float(l1) != 0.f;
-    *reinterpret_cast<__half2*>(out_hi + out_row + e) = __halves2half2(h0v, h1v);
-    *reinterpret_cast<__half2*>(out_lo + out_row + e) = __halves2half2(l0, l1);
+    const half a = __float2half_rn(v[e]), c = __float2half_rn(v[e + 1]);
+    overflow |= (__hisinf(a) && isfinite(v[e])) || (__hisinf(c) && isfinite(v[e + 1]));
+    *reinterpret_cast<uint32_t*>(row + e) = pack16(a, c);
   }
-  if (!kQuery && __any_sync(0xffffffffu, lo_nonzero) && lane == 0)
-    atomicOr(kflags + (static_cast<int64_t>(b) * p.num_groups + grp) * ktiles + j / kKeyTile, 1);
+  if (__any_sync(0xffffffffu, overflow) && lane == 0) flags[bg] = 1;
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kPoolWarps * 32) fix_kernel(const ProxyScoresParams p, int64_t rows_q,
+                                                            int64_t rows_k, uint16_t* q16, uint16_t* k16,
+                                                            const int* flags) {
+  constexpr int kPer = D / 32;
+  const int grp = blockIdx.y, b = blockIdx.z;
+  const int64_t bg = static_cast<int64_t>(b) * p.num_groups + grp;
+  if (flags[bg] == 0) return;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const SeqBounds sb = load_seq_bounds(p.cu_seqlens_q, p.cu_seqlens_k, b, p.max_seqlen_q, p.max_seqlen_k,
+                                       p.total_q, p.total_k);
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kPoolWarps;
+  for (int which = 0; which < 2; ++which) {
+    const int64_t rows = which == 0 ? rows_q : rows_k;
+    uint16_t* out = which == 0 ? q16 : k16;
+    for (int64_t j = static_cast<int64_t>(blockIdx.x) * kPoolWarps + warp; j < rows; j += step) {
+      float v[kPer];
+      pooled_row<T, D>(p, sb, b, grp, which == 0, j, lane, v);
+      uint16_t* row = out + (bg * rows + j) * D + lane * kPer;
+#pragma unroll
+      for (int e = 0; e < kPer; e += 2)
+        *reinterpret_cast<uint32_t*>(row + e) = pack16(__float2bfloat16_rn(v[e]), __float2bfloat16_rn(v[e + 1]));
+    }
+  }
 }
 
 }  // namespace scores

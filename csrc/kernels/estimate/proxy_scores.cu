@@ -1,34 +1,35 @@
-// Stage 1 (proxy_block_scores) kernels, v2 (one pass over the logits).
-//   1. pool_kernel<T, D, is_query>: one warp per kept row j of one (b, group): the fp32 mean
-//      of the group's heads (query rows additionally times sm * log2(e)), split into two
-//      fp16 halves hi + lo (hi = rn(v), lo = rn(v - hi): ~22 significant bits) and stored in
-//      the workspace [B, G, kept rows, D]; rows past the sequence's kept count are zero.
-//      Kept query j sits at sequence-local row i0 + j*s with i0 = (-(Nk - Nq)) mod s; kept
-//      key j at t = j*s. Key rows also set a flag per 64-key tile when any lo part is
-//      nonzero (for a single bf16/fp16 KV head per group, kbar is exact in fp16 and lo == 0).
-//   2. scores_kernel<D, kAligned>: persistent, 8 warps, one work unit at a time from an
-//      atomic counter (heaviest causal units first). A unit is `bpc` consecutive query
-//      blocks of one (b, group); each block's kept queries are split over `upb` warps of
-//      16 rows (upb = ceil(ceil(S/s)/16), bpc = 8/upb). Kept keys stream through shared
-//      memory in tiles of 64 (cp.async, double-buffered). Logits x (log2 domain) = fp16
-//      mma.sync m16n8k16 with fp32 accumulation: lo*hi + hi*lo + hi*hi (the hi*lo product is
-//      skipped on tiles whose key lo parts are all zero: adding exact zeros changes nothing).
-//      One pass: per row an online (max, sum) of exp2(x) per thread, and the max logit of
-//      the row over each key block, L[row][n], written to this CTA's slot of a global
-//      scratch [nkb][128 rows]. At the end of the unit, with the rows' final max M_r and
-//      sum l_r: A[m, n] = max over rows r of block m of exp2(L[r][n] - M_r) / l_r (exp2 is
-//      monotonic, so this is the max of the row's probabilities inside block n); every
-//      element of the unit's rows of A is written (0 where no kept pair).
-//      kAligned (S % s == 0 and (S/s) % 8 == 0): an 8-key group never straddles key blocks,
-//      so block maxima come from per-thread maxima + two quad shuffles. Otherwise each warp
-//      stages its 16 x 32 logits in shared memory and lanes 0..15 fold their row's columns
-//      into block runs.
-// Values are within ~1e-5 relative of an fp64 evaluation for |pooled values| well inside
-// the fp16 range (|qbar * sm * log2e|, |kbar| < 6e4).
+// Stage 1 (proxy_block_scores) kernels: one pass over the logits, one 16-bit product per logit.
+//   1. pool_kernel<T, D, is_query>: one warp per kept row j of one (b, group): the mean of the
+//      group's heads (fp32 sum in head order, IEEE division by the head count), rounded to fp16
+//      into the workspace [B, G, kept rows, D]; rows past the sequence's kept count are zero.
+//      Kept query j sits at sequence-local row i0 + j*s with i0 = (-(Nk - Nq)) mod s; kept key j
+//      at t = j*s. A finite mean that overflows fp16 marks its (b, group); fix_kernel<T, D> then
+//      writes that (b, group)'s rows again as bf16 (docs/design.md section 2: fp16 where the values
+//      fit, else a type with fp32's range). reference.pool_rounded is the same rounding.
+//   2. scores_kernel<D, kAligned>: persistent, 8 warps, one work unit at a time from an atomic
+//      counter (heaviest causal units first). A unit is `bpc` consecutive query blocks of one
+//      (b, group); each block's kept queries are split over `upb` warps of 32 rows, two m16 tiles
+//      that share every key fragment (upb = ceil(ceil(S/s)/32), bpc = 8/upb). Kept keys stream
+//      through shared memory in tiles of 64 (cp.async, double-buffered). Raw logits x = qbar.kbar
+//      from one fp16 (or bf16) mma.sync m16n8k16 per 16x8x16 piece, fp32 accumulation: the
+//      products of 16-bit values are exact, so x differs from an fp32 or fp64 evaluation of the
+//      rounded vectors only by the order of the fp32 sum. Weights are exp2((x - max) * c) with c =
+//      sm * log2(e). One pass: per row an online (max, sum) per thread (the sum rescaled only when
+//      the max grows), and the max logit of the row over each key block, L[row][n], written to
+//      this CTA's slot of a global scratch [nkb][256 rows]. At the end of the unit, with the rows'
+//      final max M_r and sum l_r: A[m, n] = max over rows r of block m of
+//      exp2((L[r][n] - M_r) * c) / l_r (monotonic, so this is the max of the row's probabilities
+//      inside block n); every element of the unit's rows of A is written (0 where no kept pair).
+//      kAligned (S % s == 0 and (S/s) % 8 == 0): an 8-key group never straddles key blocks, so
+//      block maxima come from per-thread maxima + two quad shuffles. Otherwise each warp stages
+//      its 32 x sub-tile logits in shared memory and lane r folds row r's columns into block runs.
+// Scores are within ~1e-5 relative of an fp64 evaluation on the same rounded vectors.
 #include "kernels/estimate/proxy_scores.h"
 
 #include <algorithm>
+#include <cfloat>
 #include <climits>
+#include <type_traits>
 
 #include "kernels/estimate/proxy_pool.cuh"
 #include "kernels/estimate/proxy_scores_kernel.cuh"
@@ -62,13 +63,19 @@ cudaError_t score_slots(int* slots, const ProxyScoresParams& p) {
   return cudaErrorInvalidValue;
 }
 
+// The weights' scale c = sm * log2(e) in [FLT_MIN, FLT_MAX]: 0 would make masked logits NaN (-inf * 0)
+// and an infinite c the row maximum NaN (0 * inf); both limits keep their meaning clamped.
+inline float weight_scale(float softmax_scale) {
+  const float c = static_cast<float>(static_cast<double>(softmax_scale) * 1.4426950408889634);
+  return std::min(std::max(c, FLT_MIN), FLT_MAX);
+}
+
 template <int D, bool kAligned>
 void launch_scores_kernel(const ProxyScoresParams& p, const ScoreWorkspace& w, int slots, cudaStream_t stream) {
   char* ws = static_cast<char*>(p.workspace);
   scores_kernel<D, kAligned><<<slots, kScoreThreads, score_smem_bytes<D, kAligned>(), stream>>>(
-      p, w.rows_q, w.rows_k, w.ktiles, reinterpret_cast<const half*>(ws + w.q_hi),
-      reinterpret_cast<const half*>(ws + w.q_lo), reinterpret_cast<const half*>(ws + w.k_hi),
-      reinterpret_cast<const half*>(ws + w.k_lo), reinterpret_cast<const int*>(ws + w.flags),
+      p, weight_scale(p.softmax_scale), w.rows_q, w.rows_k, reinterpret_cast<const uint16_t*>(ws + w.q16),
+      reinterpret_cast<const uint16_t*>(ws + w.k16), reinterpret_cast<const int*>(ws + w.flags),
       reinterpret_cast<unsigned long long*>(ws + w.counter), reinterpret_cast<float*>(ws + w.scratch));
 }
 
@@ -81,18 +88,28 @@ cudaError_t launch_scores(const ProxyScoresParams& p, cudaStream_t stream) {
   char* ws = static_cast<char*>(p.workspace);
   if ((e = cudaMemsetAsync(ws + w.flags, 0, static_cast<size_t>(w.counter + 8 - w.flags), stream)) != cudaSuccess)
     return e;
+  uint16_t* q16 = reinterpret_cast<uint16_t*>(ws + w.q16);
+  uint16_t* k16 = reinterpret_cast<uint16_t*>(ws + w.k16);
+  int* flags = reinterpret_cast<int*>(ws + w.flags);
   const dim3 pool_q((w.rows_q + kPoolWarps - 1) / kPoolWarps, p.num_groups, p.batch);
   const dim3 pool_k((w.rows_k + kPoolWarps - 1) / kPoolWarps, p.num_groups, p.batch);
   if (w.rows_q > 0) {
-    pool_kernel<T, D, true><<<pool_q, kPoolWarps * 32, 0, stream>>>(p, w.rows_q, reinterpret_cast<half*>(ws + w.q_hi),
-                                                                    reinterpret_cast<half*>(ws + w.q_lo), nullptr, 0);
+    pool_kernel<T, D, true><<<pool_q, kPoolWarps * 32, 0, stream>>>(p, w.rows_q, q16, flags);
     if ((e = cudaGetLastError()) != cudaSuccess) return e;
   }
   if (w.rows_k > 0) {
-    pool_kernel<T, D, false><<<pool_k, kPoolWarps * 32, 0, stream>>>(
-        p, w.rows_k, reinterpret_cast<half*>(ws + w.k_hi), reinterpret_cast<half*>(ws + w.k_lo),
-        reinterpret_cast<int*>(ws + w.flags), w.ktiles);
+    pool_kernel<T, D, false><<<pool_k, kPoolWarps * 32, 0, stream>>>(p, w.rows_k, k16, flags);
     if ((e = cudaGetLastError()) != cudaSuccess) return e;
+  }
+  // fp16 inputs never overflow fp16 (a mean is within its inputs' range).
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    const int64_t rows = std::max(w.rows_q, w.rows_k);
+    const dim3 fix(static_cast<unsigned>(std::min<int64_t>(16, (rows + kPoolWarps - 1) / kPoolWarps)), p.num_groups,
+                   p.batch);
+    if (rows > 0) {
+      fix_kernel<T, D><<<fix, kPoolWarps * 32, 0, stream>>>(p, w.rows_q, w.rows_k, q16, k16, flags);
+      if ((e = cudaGetLastError()) != cudaSuccess) return e;
+    }
   }
   if (score_geometry(p.block_size, p.stride, p.nqb).aligned) launch_scores_kernel<D, true>(p, w, slots, stream);
   else launch_scores_kernel<D, false>(p, w, slots, stream);

@@ -38,11 +38,11 @@ inline int64_t proxy_scores_kept_rows(int max_seqlen, int stride) {
 }
 
 // Workspace of run_proxy_scores for these params (every field but scores / workspace set):
-// pooled q and k as fp16 (hi, lo) pairs [B, G, kept rows, D], one flag per 64-key tile of the
-// pooled k (lo part nonzero), a work counter, and the per-row block-max scratch of the
-// persistent scores kernel: (resident CTAs) x nkb x 128 fp32, i.e. 512 bytes per key block
-// per resident CTA (~2 per SM): 135 MB at nkb = 1024 (128k tokens, 132 SMs), 1.1 GB at 1M.
-// Queries the current device (SM count, occupancy); no synchronisation.
+// pooled q and k as 16-bit rows [B, G, kept rows, D], one flag per (b, group) (fp16 or bf16), a
+// work counter, and the per-row block-max scratch of the persistent scores kernel: (resident CTAs)
+// x nkb x 256 fp32, i.e. 1 KiB per key block per resident CTA (~2 per SM): 270 MB at nkb = 1024
+// (128k tokens, 132 SMs), 2.2 GB at 1M. Queries the current device (SM count, occupancy); no
+// synchronisation.
 int64_t proxy_scores_workspace_bytes(const ProxyScoresParams& p);
 
 template <typename T>

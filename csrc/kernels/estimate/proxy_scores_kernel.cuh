@@ -1,6 +1,6 @@
-// Stage 1 (proxy_block_scores), kernel 2 of 2: scores_kernel, the persistent one-pass kernel
-// over the kept logits (mma.sync on the fp16 halves of pool_kernel's rows, an online row max and
-// sum, block maxima into the scratch, A written per unit); proxy_scores.cu describes the algorithm.
+// Stage 1 (proxy_block_scores), kernel 2 of 2: scores_kernel, the persistent one-pass kernel over
+// the kept logits (one 16-bit mma.sync product on pool_kernel's rows, an online row max and sum,
+// block maxima into the scratch, A written per unit); proxy_scores.cu describes the algorithm.
 #pragma once
 
 #include "kernels/estimate/proxy_scores_layout.cuh"
@@ -15,47 +15,63 @@ __device__ inline void ldmatrix_x4(uint32_t r[4], const uint16_t* smem) {
                : "r"(a));
 }
 
-// Logits of the warp's 16 rows x kSubKeys keys. bhi / blo point at this lane's ldmatrix row
-// of the sub-tile (hi / lo halves of the keys, row pitch D + 8). acc[nt][2e + c] = row
-// g + 8e, key 8 nt + 2 t4 + c. Order per product: lo*hi, hi*lo (kLo), hi*hi.
-template <int D, bool kLo>
-__device__ inline void subtile_logits(float (&acc)[kSubKeys / 8][4], const uint32_t (&qh)[D / 16][4],
-                                      const uint32_t (&ql)[D / 16][4], const uint16_t* bhi, const uint16_t* blo) {
-  constexpr int kStride = D + 8;
+// Keys per sub-tile (the logits a warp holds at once): 16 at D = 128 keeps the two m16 tiles'
+// query fragments, accumulators and row state within the 128 registers of two CTAs per SM.
+template <int D>
+constexpr int sub_keys() {
+  return D >= 128 ? 16 : 32;
+}
+
+// Logits (raw q.k, fp32) of the warp's 32 rows x sub_keys<D>() keys. b points at this lane's
+// ldmatrix row of the sub-tile (row pitch D + 8). acc[mt][nt][2e + c] = row 16 mt + 8 e + g, key
+// 8 nt + 2 t4 + c. Each key fragment feeds both m16 tiles.
+template <typename T16, int D>
+__device__ inline void subtile_logits(float (&acc)[2][sub_keys<D>() / 8][4], const uint32_t (&qa)[2][D / 16][4],
+                                      const uint16_t* b) {
+  constexpr int kStride = D + 8, kNt = sub_keys<D>() / 8;
 #pragma unroll
-  for (int nt = 0; nt < kSubKeys / 8; ++nt)
+  for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+    for (int nt = 0; nt < kNt; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
 #pragma unroll
-    for (int np = 0; np < kSubKeys / 16; ++np) {
-      uint32_t bh[4], bl[4];
-      ldmatrix_x4(bh, bhi + np * 16 * kStride + kk * 16);
-      if (kLo) ldmatrix_x4(bl, blo + np * 16 * kStride + kk * 16);
+    for (int np = 0; np < kNt / 2; ++np) {
+      uint32_t bf[4];
+      ldmatrix_x4(bf, b + np * 16 * kStride + kk * 16);
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        MmaTraits<half>::mma(acc[2 * np + h], ql[kk], &bh[2 * h]);
-        if (kLo) MmaTraits<half>::mma(acc[2 * np + h], qh[kk], &bl[2 * h]);
-        MmaTraits<half>::mma(acc[2 * np + h], qh[kk], &bh[2 * h]);
-      }
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) MmaTraits<T16>::mma(acc[mt][2 * np + h], qa[mt][kk], &bf[2 * h]);
     }
   }
 }
 
 template <int D, bool kAligned>
 constexpr int score_smem_bytes() {
-  return 2 * 2 * kKeyTile * (D + 8) * 2 + (kAligned ? 0 : kScoreWarps * 16 * kStagePitch * 4);
+  return 2 * kKeyTile * (D + 8) * 2 + (kAligned ? 0 : kScoreWarps * kWarpRows * (sub_keys<D>() + 1) * 4);
 }
 
+// Merge two (max, sum) pairs of an online softmax of raw logits x with weights exp2((x - max) * c).
+__device__ inline void merge_scaled(float& m, float& l, float m2, float l2, float c) {
+  const float mn = fmaxf(m, m2);
+  if (mn == -INFINITY) return;
+  l = l * exp2f((m - mn) * c) + l2 * exp2f((m2 - mn) * c);
+  m = mn;
+}
+
+// c = sm * log2(e), clamped into [FLT_MIN, FLT_MAX] by the launcher: logits are raw q.k and every
+// weight is exp2((x - max) * c), finite and without 0 * inf for any scale.
 template <int D, bool kAligned>
 __global__ void __launch_bounds__(kScoreThreads, 2)
-    scores_kernel(const ProxyScoresParams p, int64_t rows_q, int64_t rows_k, int64_t ktiles, const half* q_hi,
-                  const half* q_lo, const half* k_hi, const half* k_lo, const int* kflags,
-                  unsigned long long* counter, float* scratch_all) {
+    scores_kernel(const ProxyScoresParams p, float c, int64_t rows_q, int64_t rows_k, const uint16_t* q16,
+                  const uint16_t* k16, const int* flags, unsigned long long* counter, float* scratch_all) {
+  constexpr int kSub = sub_keys<D>(), kNt = kSub / 8, kPitch = kSub + 1;
   constexpr int kStride = D + 8;  // halves per smem key row
   constexpr int kTileHalves = kKeyTile * kStride;
-  extern __shared__ __align__(16) uint16_t smem[];  // [2 buffers][hi, lo][kKeyTile][kStride] (+ stage)
+  extern __shared__ __align__(16) uint16_t smem[];  // [2 buffers][kKeyTile][kStride] (+ stage)
   __shared__ long long s_unit;
   __shared__ int s_warp_lim[kScoreWarps];
   __shared__ int s_warp_nmax[kScoreWarps];
@@ -69,10 +85,10 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
   const int64_t bg_count = static_cast<int64_t>(p.batch) * p.num_groups;
   const long long units = bg_count * geo.nmb;
   float* scratch = scratch_all + static_cast<int64_t>(blockIdx.x) * p.nkb * kCtaRows;
-  float* stage = reinterpret_cast<float*>(smem + 4 * kTileHalves) + warp * 16 * kStagePitch;  // !kAligned only
+  float* stage = reinterpret_cast<float*>(smem + 2 * kTileHalves) + warp * kWarpRows * kPitch;  // !kAligned only
   const int pshift = kAligned ? __ffs(S / s) - 1 : 0;
   const int ld_off = ((lane >> 4) * 8 + (lane & 7)) * kStride + ((lane >> 3) & 1) * 8;  // ldmatrix row (halves)
-  const int slot0 = warp * 16;  // this warp's scratch rows: slot0 + g + 8e
+  const int slot0 = warp * kWarpRows;  // this warp's scratch rows: slot0 + 8 i + g
 
   for (;;) {
     if (threadIdx.x == 0) s_unit = static_cast<long long>(atomicAdd(counter, 1ull));
@@ -88,8 +104,10 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
     const int i0 = kept_query_offset(sb.nq, sb.nk, s);
     const int nkk = kept_count(sb.nk, 0, s);  // kept keys of this sequence
     const int nqb_seq = static_cast<int>((static_cast<int64_t>(sb.nq) + S - 1) / S);
+    const int64_t bgrow = static_cast<int64_t>(b) * p.num_groups + grp;
+    const bool bf16 = flags[bgrow] != 0;  // this (b, group)'s rows are bf16 (block-uniform)
 
-    // This warp: query block m, rows [j_lo + sub*16, +16) of the block's kept queries.
+    // This warp: query block m, rows [j_lo + sub*32, +32) of the block's kept queries.
     const int blk = warp / geo.upb, sub = warp % geo.upb;
     const int m = mb * geo.bpc + blk;
     const bool warp_on = blk < geo.bpc && m < nqb_seq;
@@ -98,21 +116,22 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
       j_lo = kept_count(m * S, i0, s);
       j_hi = kept_count(min((m + 1) * S, sb.nq), i0, s);
     }
-    // lim[e]: last kept key row g + 8e may see, -1 when it is padding or sees nothing.
-    int lim[2], jrow[2];
+    // Row i of this thread (i = 2 mt + e) is warp row 8 i + g. lim[i]: the last kept key it may
+    // see, -1 when it is padding or sees nothing.
+    int lim[4], jrow[4];
     int my_lim = -1, my_min = INT_MAX;
 #pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      jrow[e] = j_lo + sub * 16 + g + 8 * e;
-      const bool valid = jrow[e] < j_hi;
-      const int64_t pos = static_cast<int64_t>(off) + i0 + static_cast<int64_t>(jrow[e]) * s;
-      lim[e] = !valid     ? -1
+    for (int i = 0; i < 4; ++i) {
+      jrow[i] = j_lo + sub * kWarpRows + 8 * i + g;
+      const bool valid = jrow[i] < j_hi;
+      const int64_t pos = static_cast<int64_t>(off) + i0 + static_cast<int64_t>(jrow[i]) * s;
+      lim[i] = !valid     ? -1
                : !p.causal ? nkk - 1
                : pos < 0   ? -1
                            : static_cast<int>(min(pos / s, static_cast<int64_t>(nkk - 1)));
-      if (lim[e] >= 0) {
-        my_lim = max(my_lim, lim[e]);
-        my_min = min(my_min, lim[e]);
+      if (lim[i] >= 0) {
+        my_lim = max(my_lim, lim[i]);
+        my_min = min(my_min, lim[i]);
       }
     }
 #pragma unroll
@@ -130,57 +149,56 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
     for (int w = 0; w < kScoreWarps; ++w) cta_lim = max(cta_lim, s_warp_lim[w]);
     const int ntiles = (cta_lim + kKeyTile) / kKeyTile;  // tiles holding kept keys [0, cta_lim]
 
-    // Query fragments hi/lo (A operand) from the pooled workspace.
-    const int64_t bgrow = static_cast<int64_t>(b) * p.num_groups + grp;
-    uint32_t qa_hi[D / 16][4], qa_lo[D / 16][4];
+    // Query fragments (A operand) of the two m16 tiles, from the pooled workspace.
+    uint32_t qa[2][D / 16][4];
 #pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const bool valid = lim[e] >= 0;
-      const int64_t r = (bgrow * rows_q + (valid ? jrow[e] : 0)) * D;
+    for (int i = 0; i < 4; ++i) {
+      const int mt = i >> 1, e = i & 1;
+      const bool valid = lim[i] >= 0;
+      const int64_t r = (bgrow * rows_q + (valid ? jrow[i] : 0)) * D;
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
         const int64_t c0 = r + kk * 16 + 2 * t4;
-        qa_hi[kk][e] = valid ? *reinterpret_cast<const uint32_t*>(q_hi + c0) : 0u;
-        qa_hi[kk][e + 2] = valid ? *reinterpret_cast<const uint32_t*>(q_hi + c0 + 8) : 0u;
-        qa_lo[kk][e] = valid ? *reinterpret_cast<const uint32_t*>(q_lo + c0) : 0u;
-        qa_lo[kk][e + 2] = valid ? *reinterpret_cast<const uint32_t*>(q_lo + c0 + 8) : 0u;
+        qa[mt][kk][e] = valid ? *reinterpret_cast<const uint32_t*>(q16 + c0) : 0u;
+        qa[mt][kk][e + 2] = valid ? *reinterpret_cast<const uint32_t*>(q16 + c0 + 8) : 0u;
       }
     }
 
     const int64_t krow0 = bgrow * rows_k;
-    const int* tflags = kflags + bgrow * ktiles;
     auto load_tile = [&](int tile, int buf) {
-      constexpr int kChunks = kKeyTile * D / 8;  // 16-byte chunks per array
-      const int n_chunks = tflags[tile] != 0 ? 2 * kChunks : kChunks;
-      for (int c = threadIdx.x; c < n_chunks; c += kScoreThreads) {
-        const int which = c / kChunks, cc = c % kChunks;
-        const int kr = cc / (D / 8), kc = cc % (D / 8);
+      constexpr int kChunks = kKeyTile * D / 8;  // 16-byte chunks per tile
+      for (int ch = threadIdx.x; ch < kChunks; ch += kScoreThreads) {
+        const int kr = ch / (D / 8), kc = ch % (D / 8);
         const int kk = tile * kKeyTile + kr;
         const bool ok = kk < nkk;
-        const half* srcb = which ? k_lo : k_hi;
-        const half* src = ok ? srcb + (krow0 + kk) * D + kc * 8 : srcb;
-        cp_async_16(&smem[(buf * 2 + which) * kTileHalves + kr * kStride + kc * 8], src, ok ? 16 : 0);
+        const uint16_t* src = ok ? k16 + (krow0 + kk) * D + kc * 8 : k16;
+        cp_async_16(&smem[buf * kTileHalves + kr * kStride + kc * 8], src, ok ? 16 : 0);
       }
       cp_async_commit();
     };
 
-    float row_m[2] = {-INFINITY, -INFINITY}, row_l[2] = {0.f, 0.f};
+    float row_m[4], row_l[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) row_m[i] = -INFINITY, row_l[i] = 0.f;
     // kAligned: the current key block run (warp-uniform n) and its per-thread maxima.
     int run_n = -1;
-    float run_v[2] = {-INFINITY, -INFINITY};
+    float run_v[4];
     auto flush_run = [&]() {
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        float v = run_v[e];
+      for (int i = 0; i < 4; ++i) {
+        float v = run_v[i];
         v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
         v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
-        if (t4 == 0 && lim[e] >= 0) scratch[static_cast<int64_t>(run_n) * kCtaRows + slot0 + g + 8 * e] = v;
+        if (t4 == 0 && lim[i] >= 0) scratch[static_cast<int64_t>(run_n) * kCtaRows + slot0 + 8 * i + g] = v;
       }
     };
-    // !kAligned: lane r < 16 owns row r (= g' + 8e') for the block runs.
-    const int lim_g0 = __shfl_sync(0xffffffffu, lim[0], (lane & 7) * 4);
-    const int lim_g1 = __shfl_sync(0xffffffffu, lim[1], (lane & 7) * 4);
-    const int gen_lim = lane < 16 ? ((lane & 8) ? lim_g1 : lim_g0) : -1;
+    // !kAligned: lane r owns warp row r (= 8 i + g') for the block runs.
+    int gen_lim = -1;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int li = __shfl_sync(0xffffffffu, lim[i], (lane & 7) * 4);
+      if ((lane >> 3) == i) gen_lim = li;
+    }
     int gen_n = -1;
     float gen_v = -INFINITY;
 
@@ -193,68 +211,73 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
         cp_async_wait<0>();
       }
       __syncthreads();
-      const bool has_lo = tflags[j] != 0;
 #pragma unroll 1
-      for (int st = 0; st < kKeyTile / kSubKeys; ++st) {
-        const int kk0 = j * kKeyTile + st * kSubKeys;
+      for (int st = 0; st < kKeyTile / kSub; ++st) {
+        const int kk0 = j * kKeyTile + st * kSub;
         if (kk0 > my_lim) continue;  // warp-uniform
-        const uint16_t* bhi = smem + ((j & 1) * 2) * kTileHalves + st * kSubKeys * kStride + ld_off;
-        float acc[kSubKeys / 8][4];
-        if (has_lo) subtile_logits<D, true>(acc, qa_hi, qa_lo, bhi, bhi + kTileHalves);
-        else subtile_logits<D, false>(acc, qa_hi, qa_lo, bhi, bhi + kTileHalves);
-        if (kk0 + kSubKeys - 1 > my_min) {  // causal edge or past the last key: mask
+        const uint16_t* bt = smem + (j & 1) * kTileHalves + st * kSub * kStride + ld_off;
+        float acc[2][kNt][4];
+        if (bf16) subtile_logits<__nv_bfloat16, D>(acc, qa, bt);
+        else subtile_logits<half, D>(acc, qa, bt);
+        if (kk0 + kSub - 1 > my_min) {  // causal edge or past the last key: mask
 #pragma unroll
-          for (int nt = 0; nt < kSubKeys / 8; ++nt)
+          for (int i = 0; i < 4; ++i)
 #pragma unroll
-            for (int e = 0; e < 2; ++e)
+            for (int nt = 0; nt < kNt; ++nt)
 #pragma unroll
-              for (int c = 0; c < 2; ++c)
-                if (kk0 + nt * 8 + 2 * t4 + c > lim[e]) acc[nt][2 * e + c] = -INFINITY;
+              for (int cc = 0; cc < 2; ++cc)
+                if (kk0 + nt * 8 + 2 * t4 + cc > lim[i]) acc[i >> 1][nt][2 * (i & 1) + cc] = -INFINITY;
         }
-        // Online (max, sum) per thread and row.
+        // Online (max, sum) per thread and row; the sum is rescaled only when the max grows.
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
+        for (int i = 0; i < 4; ++i) {
+          const int mt = i >> 1, e = i & 1;
           float tmax = -INFINITY;
 #pragma unroll
-          for (int nt = 0; nt < kSubKeys / 8; ++nt) tmax = fmaxf(tmax, fmaxf(acc[nt][2 * e], acc[nt][2 * e + 1]));
-          const float mn = fmaxf(row_m[e], tmax);
-          if (mn != -INFINITY) {
-            float sum = row_l[e] * exp2f(row_m[e] - mn);
+          for (int nt = 0; nt < kNt; ++nt) tmax = fmaxf(tmax, fmaxf(acc[mt][nt][2 * e], acc[mt][nt][2 * e + 1]));
+          if (tmax > row_m[i]) {
+            row_l[i] *= exp2f((row_m[i] - tmax) * c);
+            row_m[i] = tmax;
+          }
+          if (row_m[i] != -INFINITY) {
+            float sum = 0.f;
 #pragma unroll
-            for (int nt = 0; nt < kSubKeys / 8; ++nt)
+            for (int nt = 0; nt < kNt; ++nt)
 #pragma unroll
-              for (int c = 0; c < 2; ++c) sum += exp2f(acc[nt][2 * e + c] - mn);
-            row_m[e] = mn;
-            row_l[e] = sum;
+              for (int cc = 0; cc < 2; ++cc) sum += exp2f((acc[mt][nt][2 * e + cc] - row_m[i]) * c);
+            row_l[i] += sum;
           }
         }
         // Per-row maxima per key block.
         if (kAligned) {
 #pragma unroll
-          for (int nt = 0; nt < kSubKeys / 8; ++nt) {
+          for (int nt = 0; nt < kNt; ++nt) {
             if (kk0 + nt * 8 > my_lim) break;  // masked for every row; n could pass nkb - 1
             const int n = (kk0 + nt * 8) >> pshift;  // warp-uniform
             if (n != run_n) {
               if (run_n >= 0) flush_run();
               run_n = n;
-              run_v[0] = run_v[1] = -INFINITY;
+#pragma unroll
+              for (int i = 0; i < 4; ++i) run_v[i] = -INFINITY;
             }
 #pragma unroll
-            for (int e = 0; e < 2; ++e) run_v[e] = fmaxf(run_v[e], fmaxf(acc[nt][2 * e], acc[nt][2 * e + 1]));
+            for (int i = 0; i < 4; ++i)
+              run_v[i] = fmaxf(run_v[i], fmaxf(acc[i >> 1][nt][2 * (i & 1)], acc[i >> 1][nt][2 * (i & 1) + 1]));
           }
         } else {
 #pragma unroll
-          for (int nt = 0; nt < kSubKeys / 8; ++nt)
+          for (int i = 0; i < 4; ++i)
 #pragma unroll
-            for (int e = 0; e < 2; ++e)
+            for (int nt = 0; nt < kNt; ++nt)
 #pragma unroll
-              for (int c = 0; c < 2; ++c) stage[(g + 8 * e) * kStagePitch + nt * 8 + 2 * t4 + c] = acc[nt][2 * e + c];
+              for (int cc = 0; cc < 2; ++cc)
+                stage[(8 * i + g) * kPitch + nt * 8 + 2 * t4 + cc] = acc[i >> 1][nt][2 * (i & 1) + cc];
           __syncwarp();
           if (gen_lim >= kk0) {
-            const int cend = min(kSubKeys, gen_lim - kk0 + 1);
-            for (int c = 0; c < cend; ++c) {
-              const int n = static_cast<int>(static_cast<int64_t>(kk0 + c) * s / S);
-              const float x = stage[lane * kStagePitch + c];
+            const int cend = min(kSub, gen_lim - kk0 + 1);
+            for (int cc = 0; cc < cend; ++cc) {
+              const int n = static_cast<int>(static_cast<int64_t>(kk0 + cc) * s / S);
+              const float x = stage[lane * kPitch + cc];
               if (n != gen_n) {
                 if (gen_n >= 0) scratch[static_cast<int64_t>(gen_n) * kCtaRows + slot0 + lane] = gen_v;
                 gen_n = n;
@@ -277,25 +300,25 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
 
     // Final row statistics: merge the four lanes of each row.
 #pragma unroll
-    for (int e = 0; e < 2; ++e) {
+    for (int i = 0; i < 4; ++i) {
 #pragma unroll
       for (int o = 1; o < 4; o <<= 1) {
-        const float m2 = __shfl_xor_sync(0xffffffffu, row_m[e], o);
-        const float l2 = __shfl_xor_sync(0xffffffffu, row_l[e], o);
-        merge_max_sum(row_m[e], row_l[e], m2, l2);
+        const float m2 = __shfl_xor_sync(0xffffffffu, row_m[i], o);
+        const float l2 = __shfl_xor_sync(0xffffffffu, row_l[i], o);
+        merge_scaled(row_m[i], row_l[i], m2, l2, c);
       }
       if (t4 == 0) {
-        const int r = slot0 + g + 8 * e;
-        const bool on = lim[e] >= 0 && row_l[e] > 0.f;
-        s_m[r] = on ? row_m[e] : 0.f;
-        s_inv[r] = on ? 1.f / row_l[e] : 0.f;
-        s_nlim[r] = on ? static_cast<int>(static_cast<int64_t>(lim[e]) * s / S) : -1;
+        const int r = slot0 + 8 * i + g;
+        const bool on = lim[i] >= 0 && row_l[i] > 0.f;
+        s_m[r] = on ? row_m[i] : 0.f;
+        s_inv[r] = on ? 1.f / row_l[i] : 0.f;
+        s_nlim[r] = on ? static_cast<int>(static_cast<int64_t>(lim[i]) * s / S) : -1;
       }
     }
     __syncthreads();  // scratch rows and row statistics are visible to the whole CTA
 
     // A[b, grp, m, :] of the unit's query blocks, every element.
-    const int rows_blk = geo.upb * 16;
+    const int rows_blk = geo.upb * kWarpRows;
     float* A0 = p.scores + bgrow * p.nqb * p.nkb;
     for (int idx = threadIdx.x; idx < geo.bpc * p.nkb; idx += kScoreThreads) {
       const int bl = idx / p.nkb, n = idx - bl * p.nkb;
@@ -314,7 +337,7 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
 #pragma unroll 8
         for (int r = 0; r < rows_blk; ++r) {  // entries past a row's last block are stale: not read
           const int rr = bl * rows_blk + r;
-          if (n <= s_nlim[rr]) v = fmaxf(v, exp2f(Ln[r] - s_m[rr]) * s_inv[rr]);
+          if (n <= s_nlim[rr]) v = fmaxf(v, exp2f((Ln[r] - s_m[rr]) * c) * s_inv[rr]);
         }
       }
       A0[static_cast<int64_t>(mm) * p.nkb + n] = v;

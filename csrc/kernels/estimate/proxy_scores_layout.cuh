@@ -1,8 +1,9 @@
 // Stage 1 (proxy_block_scores): the constants, the kept-row arithmetic, the mapping of query
 // blocks onto a CTA's warps and the workspace layout shared by the pool and scores kernels and
-// their launcher (proxy_scores.cu, which describes the algorithm). Workspace [B, G, kept rows, D]
-// fp16 hi/lo halves of the pooled queries and keys, a flag per 64-key tile, the unit counter and
-// the per-CTA scratch of block maxima.
+// their launcher (proxy_scores.cu, which describes the algorithm). Workspace: the pooled queries
+// and keys [B, G, kept rows, D] as 16-bit values (fp16, or bf16 for a (b, group) whose pooled values
+// do not fit fp16), a flag per (b, group) saying which, the unit counter and the per-CTA scratch of
+// block maxima.
 #pragma once
 
 #include <cstdint>
@@ -16,7 +17,8 @@ namespace scores {
 constexpr int kPoolWarps = 8;
 constexpr int kScoreWarps = 8;
 constexpr int kScoreThreads = kScoreWarps * 32;
-constexpr int kCtaRows = kScoreWarps * 16;  // query rows a CTA holds = scratch rows per slot
+constexpr int kWarpRows = 32;                      // query rows per warp: two m16 tiles share each key fragment
+constexpr int kCtaRows = kScoreWarps * kWarpRows;  // query rows a CTA holds = scratch rows per slot
 constexpr int kKeyTile = 64;
 constexpr int kSubKeys = 32;
 constexpr int kStagePitch = kSubKeys + 1;  // floats per staged logit row (generic path)
@@ -30,7 +32,7 @@ __device__ inline int kept_count(int n, int first, int s) {
 
 // How query blocks map onto the 8 warps of a CTA (host and device).
 struct ScoreGeometry {
-  int upb;       // warps (16-row slices) per query block
+  int upb;       // warps (32-row slices) per query block
   int bpc;       // query blocks per unit
   int nmb;       // units per (b, group)
   bool aligned;  // S % s == 0 and (S / s) % 8 == 0
@@ -38,7 +40,7 @@ struct ScoreGeometry {
 __host__ __device__ inline ScoreGeometry score_geometry(int S, int s, int nqb) {
   ScoreGeometry g;
   const int rows = static_cast<int>((static_cast<int64_t>(S) + s - 1) / s);  // kept queries of a block, at most
-  g.upb = (rows + 15) / 16;
+  g.upb = (rows + kWarpRows - 1) / kWarpRows;
   g.bpc = kScoreWarps / g.upb;
   g.nmb = (nqb + g.bpc - 1) / g.bpc;
   g.aligned = S % s == 0 && (S / s) % 8 == 0;
@@ -49,22 +51,19 @@ inline int64_t align256(int64_t x) { return (x + 255) & ~static_cast<int64_t>(25
 
 // Byte offsets of the workspace parts.
 struct ScoreWorkspace {
-  int64_t rows_q, rows_k, ktiles;
-  int64_t q_hi, q_lo, k_hi, k_lo, flags, counter, scratch, total;
+  int64_t rows_q, rows_k;
+  int64_t q16, k16, flags, counter, scratch, total;
 };
 inline ScoreWorkspace score_workspace(const ProxyScoresParams& p, int slots) {
   ScoreWorkspace w;
   w.rows_q = proxy_scores_kept_rows(p.max_seqlen_q, p.stride);
   w.rows_k = proxy_scores_kept_rows(p.max_seqlen_k, p.stride);
-  w.ktiles = (w.rows_k + kKeyTile - 1) / kKeyTile;
   const int64_t bg = static_cast<int64_t>(p.batch) * p.num_groups;
   const int64_t qb = bg * w.rows_q * p.head_dim * 2, kb = bg * w.rows_k * p.head_dim * 2;
   int64_t o = 0;
-  w.q_hi = o, o = align256(o + qb);
-  w.q_lo = o, o = align256(o + qb);
-  w.k_hi = o, o = align256(o + kb);
-  w.k_lo = o, o = align256(o + kb);
-  w.flags = o, o += bg * w.ktiles * 4;
+  w.q16 = o, o = align256(o + qb);
+  w.k16 = o, o = align256(o + kb);
+  w.flags = o, o += bg * 4;
   w.counter = o = (o + 7) & ~static_cast<int64_t>(7), o = align256(o + 8);
   w.scratch = o, o += static_cast<int64_t>(slots) * p.nkb * kCtaRows * 4;
   w.total = o;
