@@ -104,7 +104,9 @@ def _head_mean(x: Tensor, groups: int) -> Tensor:
     acc = xs[:, :, 0]
     for j in range(1, h // groups):
         acc = acc + xs[:, :, j]
-    return acc / (h // groups)
+    # Correctly rounded fp32 quotient (the kernels' IEEE division): fp64 holds it exactly enough for
+    # one rounding to fp32, where torch's fp32 division by a number may multiply by its reciprocal.
+    return (acc.double() / (h // groups)).float()
 
 
 def group_pool(q_b: Tensor, k_b: Tensor, groups: int, stride: int) -> Tuple[Tensor, Tensor]:

@@ -120,6 +120,18 @@ def test_proxy_block_scores_fp64(dtype, d, G, stride):
     _check_scores(got, want)
 
 
+@pytest.mark.parametrize("G", [1, 2])
+def test_proxy_block_scores_seven_heads_per_group(G):
+    """Hq = 14 (a head count that is not a power of two per group): the kernels' IEEE division of the
+    head sum rounds to the same fp16 vectors as the reference, on the GPU as on the CPU."""
+    q, k, cu_q, cu_k, mq, mk = _inputs(1, 900, 900, 14, 2, 128, torch.bfloat16, qscale=30.0)
+    got = OPS.proxy_block_scores(q, k, cu_q, cu_k, mq, mk, 128, G, 4, 128 ** -0.5, True)
+    want = ref.proxy_block_scores(q, k, cu_q, cu_k, mq, mk, 128, G, 4, 128 ** -0.5, True)
+    _check_scores(got, want.double())
+    gpu, cpu = ref.group_pool(q[0], k[0], G, 4), ref.group_pool(q[0].cpu(), k[0].cpu(), G, 4)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(gpu, cpu))  # the rounded vectors, bit for bit
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}{'-varlen' if s[3] else ''}")
 @pytest.mark.parametrize("S", [64, 128])
 @pytest.mark.parametrize("causal", [True, False])

@@ -391,6 +391,13 @@ def test_pooled_vectors_round_to_fp16_or_bf16_per_group():
     qbar, kbar = ref.group_pool(q, k, 2, 4)
     assert [kind(qbar[:, j]) for j in range(2)] == ["fp16", "fp16"]
     assert torch.equal(qbar, (q.view(nq, 2, 2, 32).sum(2) / 2).half().float())
+    # Seven heads per group: the sum in head order, then a correctly rounded fp32 division.
+    q7 = torch.randn(nq, 7, 32, generator=g) * 1000
+    want = q7[:, 0].numpy().copy()
+    for j in range(1, 7):
+        want = want + q7[:, j].numpy()
+    want = torch.from_numpy(want / np.float32(7)).half().float()
+    assert torch.equal(ref.group_pool(q7, k, 1, 4)[0][:, 0], want)
     k[9, 1, 0] = 1e6  # row 9: dropped by stride 4
     qbar, kbar = ref.group_pool(q, k, 2, 4)
     assert [kind(qbar[:, j]) for j in range(2)] == ["fp16", "fp16"]

@@ -5,7 +5,7 @@
 //     mean whose fp16 rounding overflows marks the (b, group) in `flags`.
 //   fix_kernel: for each marked (b, group), the queries and keys again, rounded to bf16 (fp32's
 //     range) into the same rows. Without a mark it returns at once.
-// reference.pool_rounded computes the same values.
+// reference.group_pool computes the same values.
 #pragma once
 
 #include "kernels/estimate/proxy_scores_layout.cuh"

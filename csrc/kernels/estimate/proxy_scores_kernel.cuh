@@ -16,7 +16,8 @@ __device__ inline void ldmatrix_x4(uint32_t r[4], const uint16_t* smem) {
 }
 
 // Keys per sub-tile (the logits a warp holds at once): 16 at D = 128 keeps the two m16 tiles'
-// query fragments, accumulators and row state within the 128 registers of two CTAs per SM.
+// query fragments, accumulators and row state near the 128 registers of two CTAs per SM (ptxas
+// spills a few bytes of per-unit values, read once per key tile).
 template <int D>
 constexpr int sub_keys() {
   return D >= 128 ? 16 : 32;

@@ -20,8 +20,6 @@ constexpr int kScoreThreads = kScoreWarps * 32;
 constexpr int kWarpRows = 32;                      // query rows per warp: two m16 tiles share each key fragment
 constexpr int kCtaRows = kScoreWarps * kWarpRows;  // query rows a CTA holds = scratch rows per slot
 constexpr int kKeyTile = 64;
-constexpr int kSubKeys = 32;
-constexpr int kStagePitch = kSubKeys + 1;  // floats per staged logit row (generic path)
 
 __device__ inline int kept_query_offset(int nq, int nk, int s) {
   return static_cast<int>(floor_mod64(-(static_cast<int64_t>(nk) - nq), s));
