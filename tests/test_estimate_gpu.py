@@ -155,6 +155,16 @@ def test_proxy_block_scores_huge_stride(stride):
     _check_scores(got, want)
 
 
+def test_proxy_block_scores_refuses_a_negative_scale():
+    """The weights are max-relative (exp2((x - max) * c)), a softmax only for c >= 0: a direct op call
+    with a negative scale gets an error naming it (the Python API takes positive scales only)."""
+    q, k, _, _, _, _ = _inputs(1, 300, 300, 4, 2, 64, torch.float16)
+    with pytest.raises(RuntimeError, match=r"softmax_scale must be finite and >= 0, got -0.1"):
+        OPS.proxy_block_scores(q, k, None, None, 300, 300, 128, 2, 4, -0.1, True)
+    zero = OPS.proxy_block_scores(q, k, None, None, 300, 300, 128, 2, 4, 0.0, True)  # uniform weights
+    _check_scores(zero, ref.proxy_block_scores(q.double(), k.double(), None, None, 300, 300, 128, 2, 4, 0.0, True))
+
+
 def test_proxy_block_scores_strided_views():
     qkv = torch.randn(1, 900, 8 + 2 * 2, 128, device="cuda", dtype=torch.bfloat16)
     q, k = qkv[:, :, :8], qkv[:, :, 8:10]
@@ -327,20 +337,24 @@ def _check_selection_sane(counts, idx, nq, nk, S, sink, local, causal):
 
 
 def _scores_row_fp64(q, k, m, S, G, s, scale, g=0):
-    """Reference A[0, g, m, :] for a fixed-length causal input, in fp64, for one query block."""
+    """Reference A[0, g, m, :] for a fixed-length causal input, in fp64, for one query block, on the
+    pooled vectors rounded to fp16 as stage 1 rounds them (reference.group_pool; these inputs never
+    need the bf16 fallback, which the assert checks)."""
     nq, hq, d = q.shape[1:]
     nk, hkv = k.shape[1:3]
     qb = q[0, m * S: min(nq, (m + 1) * S)].double()
     off = nk - nq
     rows = torch.arange(m * S, m * S + qb.shape[0], device=q.device)
     keep = (off + rows) % s == 0
-    qbar = qb[keep].view(-1, G, hq // G, d)[:, g].mean(1)
     t_max = off + int(rows[keep][-1])
     kept = torch.arange(0, t_max + 1, s, device=q.device)
+    qbar = ref._head_mean(q[0, m * S: min(nq, (m + 1) * S)][keep], G)[:, g].half()
     if G <= hkv:
-        kbar = k[0, kept].double().view(-1, G, hkv // G, d)[:, g].mean(1)
+        kbar = ref._head_mean(k[0, kept], G)[:, g].half()
     else:
-        kbar = k[0, kept, g // (G // hkv)].double()
+        kbar = k[0, kept, g // (G // hkv)].float().half()
+    assert torch.isfinite(qbar).all() and torch.isfinite(kbar).all()
+    qbar, kbar = qbar.double(), kbar.double()
     logits = (qbar @ kbar.T) * scale
     logits.masked_fill_(kept[None, :] > (off + rows[keep])[:, None], float("-inf"))
     p = torch.softmax(logits, -1).amax(0)

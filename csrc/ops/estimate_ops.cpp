@@ -125,7 +125,10 @@ at::Tensor proxy_block_scores(const at::Tensor& q, const at::Tensor& k, const st
                     L.num_heads, ", got ", G);
   }
   PROXYATTN_CHECK(stride >= 1, "stride must be >= 1, got ", stride);
-  PROXYATTN_CHECK(std::isfinite(softmax_scale), "softmax_scale must be finite, got ", softmax_scale);
+  // The kernel weighs logits by exp2((x - max) * c) with c = scale * log2(e) >= 0 (a max-relative
+  // weight is only a softmax for a non-negative scale; the Python API takes positive scales only).
+  PROXYATTN_CHECK(std::isfinite(softmax_scale) && softmax_scale >= 0, "softmax_scale must be finite and >= 0, got ",
+                  softmax_scale);
   const int nqb = ceil_div(max_q, block_size), nkb = ceil_div(max_k, block_size);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor scores = at::empty({L.batch, G, nqb, nkb}, q.options().dtype(at::kFloat));

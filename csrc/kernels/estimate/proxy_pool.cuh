@@ -5,7 +5,8 @@
 //     mean whose fp16 rounding overflows marks the (b, group) in `flags`.
 //   fix_kernel: for each marked (b, group), the queries and keys again, rounded to bf16 (fp32's
 //     range) into the same rows. Without a mark it returns at once.
-// reference.group_pool computes the same values.
+// reference.group_pool computes the same values (except fp32 subnormals, which the build's fast-math
+// flushes to 0 in the head sum; fp16 rounds them to 0 anyway, so only a bf16-fallback group can differ).
 #pragma once
 
 #include "kernels/estimate/proxy_scores_layout.cuh"
