@@ -2,7 +2,10 @@
 //
 // Every op takes fixed-length tensors (q [B, Nq, Hq, D], k/v [B, Nk, Hkv, D])
 // or packed variable-length ones (q [total_q, Hq, D], k/v [total_k, Hkv, D])
-// with cu_seqlens_q/k int32 [B + 1]. max_seqlen_q/k are Nq/Nk for fixed
+// with cu_seqlens_q/k int32 [B + 1]; stages 1, 2 and 4 also take K/V from a
+// paged cache (page_table int32 [B, max_pages]: k/v are the caches
+// [num_pages, page_size, Hkv, D], q is packed, cu_seqlens_k holds the prefix
+// sums of the key lengths). max_seqlen_q/k are Nq/Nk for fixed
 // length and the longest sequence for varlen; output shapes depend only on
 // input shapes and these ints. docs/design.md section 2 defines what each computes.
 // Implementations: csrc/ops/*.cpp (CUDA), proxyattn/reference.py (CPU).
@@ -14,12 +17,12 @@ TORCH_LIBRARY(proxyattn, m) {
   m.def(
       "proxy_block_scores(Tensor q, Tensor k, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, int block_size, int num_proxy_heads, int stride, "
-      "float softmax_scale, bool causal) -> Tensor");
+      "float softmax_scale, bool causal, Tensor? page_table=None) -> Tensor");
   // Stage 2: int32 [B, Hq] number of non-forced blocks each head needs to reach gamma.
   m.def(
       "head_budgets(Tensor q, Tensor k, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, int block_size, float gamma, int sink_blocks, "
-      "int local_blocks, float softmax_scale, bool causal) -> Tensor");
+      "int local_blocks, float softmax_scale, bool causal, Tensor? page_table=None) -> Tensor");
   // Stage 3: counts int32 [B, Hq, nqb] and ascending indices int16 [B, Hq, nqb, nkb], -1 padded.
   m.def(
       "select_blocks(Tensor scores, Tensor kstar, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
@@ -29,7 +32,7 @@ TORCH_LIBRARY(proxyattn, m) {
   m.def(
       "block_sparse_attention(Tensor q, Tensor k, Tensor v, Tensor counts, Tensor indices, "
       "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
-      "int block_size, float softmax_scale, bool causal) -> (Tensor, Tensor)");
+      "int block_size, float softmax_scale, bool causal, Tensor? page_table=None) -> (Tensor, Tensor)");
 }
 
 namespace proxyattn {

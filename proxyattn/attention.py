@@ -123,13 +123,16 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, sof
     return reference.dense_attention(q, k, v, None, None, scale, causal)[0]
 
 
-def _stage4(q, k, v, counts, indices, cu_q, cu_k, lay, block, scale, causal) -> Tensor:
+def _stage4(q, k, v, counts, indices, cu_q, cu_k, lay, block, scale, causal, page_table=None) -> Tensor:
     return ops.call("block_sparse_attention", q, k, v, counts, indices, cu_q, cu_k, lay.max_seqlen_q,
-                    lay.max_seqlen_k, block, scale, causal)[0]
+                    lay.max_seqlen_k, block, scale, causal, page_table)[0]
 
 
 def _run(q, k, v, lay: ops.Layout, cu_q, cu_k, cfg: Optional[ProxyAttnConfig], causal: bool,
-         return_selection: bool) -> Union[Tensor, Tuple[Tensor, ProxyAttnSelection]]:
+         return_selection: bool, page_table: Optional[Tensor] = None
+         ) -> Union[Tensor, Tuple[Tensor, ProxyAttnSelection]]:
+    """The composite. page_table (CUDA, varlen): k and v are paged caches that the kernels read
+    through it, and cu_k holds the prefix sums of the key lengths (proxyattn.paged)."""
     if cfg is None:
         cfg = _DEFAULT_CONFIG
     if not isinstance(cfg, ProxyAttnConfig):
@@ -149,9 +152,10 @@ def _run(q, k, v, lay: ops.Layout, cu_q, cu_k, cfg: Optional[ProxyAttnConfig], c
             nqb, nkb = -(-lay.max_seqlen_q // S), -(-lay.max_seqlen_k // S)
             full = full_selection(nq, nk, nqb, nkb, lay.q_heads, S, causal)
         if not q.is_cuda:
+            k, v = reference.unpage(k, page_table, cu_k), reference.unpage(v, page_table, cu_k)
             out = reference.dense_attention(q, k, v, cu_q, cu_k, scale, causal)[0]
         elif lay.varlen:
-            out = _stage4(q, k, v, *full, cu_q, cu_k, lay, S, scale, causal)
+            out = _stage4(q, k, v, *full, cu_q, cu_k, lay, S, scale, causal, page_table)
         else:
             out = _sdpa(q, k, v, scale, causal)
         if not return_selection:
@@ -160,12 +164,12 @@ def _run(q, k, v, lay: ops.Layout, cu_q, cu_k, cfg: Optional[ProxyAttnConfig], c
         return out, _telemetry(*full, kstar, nq, nk, cfg, causal, dense=True)
     mq, mk = lay.max_seqlen_q, lay.max_seqlen_k
     ops.check_key_blocks(mk, S)  # before any kernel runs
-    scores = ops.call("proxy_block_scores", q, k, cu_q, cu_k, mq, mk, S, G, cfg.stride, scale, causal)
+    scores = ops.call("proxy_block_scores", q, k, cu_q, cu_k, mq, mk, S, G, cfg.stride, scale, causal, page_table)
     kstar = ops.call("head_budgets", q, k, cu_q, cu_k, mq, mk, S, float(cfg.gamma), cfg.sink_blocks,
-                     cfg.local_blocks, scale, causal)
+                     cfg.local_blocks, scale, causal, page_table)
     counts, indices = ops.call("select_blocks", scores, kstar, cu_q, cu_k, mq, mk, S, cfg.sink_blocks,
                                cfg.local_blocks, cfg.min_budget, causal)
-    out = _stage4(q, k, v, counts, indices, cu_q, cu_k, lay, S, scale, causal)
+    out = _stage4(q, k, v, counts, indices, cu_q, cu_k, lay, S, scale, causal, page_table)
     if not return_selection:
         return out
     nq, nk = _lengths(lay, cu_q, cu_k, q.device)

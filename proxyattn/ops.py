@@ -290,9 +290,9 @@ def call(name: str, *args):
 # ------------------------------------------------------------------ paged KV caches
 
 
-# Page sizes the paged entry point takes. Why these: the planned Hopper kernel loads K/V pages
-# with TMA, so a key block (64 or 128 tokens) must be a whole number of pages or lie inside one
-# page, which powers of two give; below 16 tokens a 128-token block would take more than 8 page
+# Page sizes the paged entry point takes (the CUDA glue checks the same range). Why these: the
+# Hopper kernel is to load K/V pages with TMA, so a key block (64 or 128 tokens) must be a whole
+# number of pages or lie inside one page, which powers of two give; below 16 tokens a 128-token block would take more than 8 page
 # loads (page size 1, SGLang's default, is a gather of single tokens: raise it with --page-size);
 # above 256 no kernel has been measured.
 PAGE_SIZES = (16, 32, 64, 128, 256)
@@ -483,12 +483,14 @@ if HAS_EXTENSION:
         return q.shape[0] if cu_q is None else cu_q.shape[0] - 1
 
     @torch.library.register_fake("proxyattn::proxy_block_scores")
-    def _scores_fake(q, k, cu_q, cu_k, max_q, max_k, block_size, num_proxy_heads, stride, scale, causal):
+    def _scores_fake(q, k, cu_q, cu_k, max_q, max_k, block_size, num_proxy_heads, stride, scale, causal,
+                     page_table=None):
         return q.new_empty((_batch(q, cu_q), num_proxy_heads, _cdiv(max_q, block_size), _cdiv(max_k, block_size)),
                            dtype=torch.float32)
 
     @torch.library.register_fake("proxyattn::head_budgets")
-    def _budgets_fake(q, k, cu_q, cu_k, max_q, max_k, block_size, gamma, sink, local, scale, causal):
+    def _budgets_fake(q, k, cu_q, cu_k, max_q, max_k, block_size, gamma, sink, local, scale, causal,
+                      page_table=None):
         return q.new_empty((_batch(q, cu_q), q.shape[-2]), dtype=torch.int32)
 
     @torch.library.register_fake("proxyattn::select_blocks")
@@ -499,7 +501,7 @@ if HAS_EXTENSION:
                 scores.new_empty((b, hq, nqb, nkb), dtype=torch.int16))
 
     @torch.library.register_fake("proxyattn::block_sparse_attention")
-    def _bsa_fake(q, k, v, counts, indices, cu_q, cu_k, max_q, max_k, block_size, scale, causal):
+    def _bsa_fake(q, k, v, counts, indices, cu_q, cu_k, max_q, max_k, block_size, scale, causal, page_table=None):
         hq = q.shape[-2]
         lse_shape = (hq, q.shape[0]) if cu_q is not None else (q.shape[0], hq, q.shape[1])
         return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(lse_shape, dtype=torch.float32)

@@ -3,16 +3,14 @@
 Serving engines keep K and V in pages: k_cache, v_cache [num_pages, page_size, Hkv, D] (any page,
 token and head strides, last dim contiguous), and per sequence a row of page_table int32
 [B, max_pages] naming its pages in order; the keys of sequence b are its first seqlens_k[b] slots
-through those pages. This release gathers those keys into packed K/V on the device and runs
-proxy_attention_varlen on them, so a paged call computes exactly what the varlen call computes on
-the same keys. Copy-free kernels that read through the page table (TMA page loads on Hopper, a
-cp.async gather in the portable kernel) are planned and not in this release.
+through those pages. A paged call computes exactly what proxy_attention_varlen computes on the same
+keys. On CUDA, where the build has the kernels, stages 1, 2 and 4 read K/V through the page table
+(no copy; the attention runs on the portable kernel, since the Hopper kernel reads contiguous K/V
+only); elsewhere (the CPU, or a build without kernels) the keys are gathered into packed K/V first.
 
-Memory: on CUDA the gathered K and V hold B * max_seqlen_k rows each (a fixed size, so a call
-can be captured in a CUDA graph): 2 * B * max_seqlen_k * Hkv * D elements beyond the cache, the
-same order as the keys themselves. Rows past cu_seqlens_k[-1] are padding (copies of the last
-key) that no op reads. On the CPU the seqlens are host values and exactly cu_seqlens_k[-1] rows
-are gathered.
+Memory: a gather holds B * max_seqlen_k rows of K and V on CUDA (a fixed size, so a call can be
+captured in a CUDA graph; rows past cu_seqlens_k[-1] are padding, copies of the last key that no op
+reads), exactly cu_seqlens_k[-1] rows on the CPU, where the seqlens are host values.
 """
 from __future__ import annotations
 
@@ -22,12 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import ops
+from . import attention, ops, reference
 from .attention import ProxyAttnSelection, proxy_attention_varlen
 from .config import ProxyAttnConfig
 from .ops import PAGE_SIZES  # noqa: F401  (re-exported: the page sizes proxy_attention_paged takes)
 
 _DEFAULT_CONFIG = ProxyAttnConfig()
+_PAGED_OPS = ("proxy_block_scores", "head_budgets", "block_sparse_attention")  # read K/V through pages on CUDA
 
 
 class PagedKV(NamedTuple):
@@ -100,21 +99,13 @@ def _gather(k_cache: Tensor, v_cache: Optional[Tensor], page_table: Tensor, seql
     """The gather itself, on validated arguments; plain torch ops, no host sync on CUDA. Device
     values are clamped, so bad ones cannot read outside the cache: lengths into
     [0, max_seqlen_k], page numbers into [0, num_pages)."""
-    b, page_size, num_pages = page_table.shape[0], k_cache.shape[1], k_cache.shape[0]
-    dev = k_cache.device
     lens = seqlens_k.to(torch.int64).clamp(0, max_seqlen_k)
     cu = F.pad(torch.cumsum(lens, 0), (1, 0))  # int64 [B + 1]
-    rows = int(cu[-1]) if dev.type == "cpu" else b * max_seqlen_k
-    # Row r of the packed keys: sequence seq[r], position pos[r] in it. Padding rows (r past the
-    # last key) repeat the last key: a kernel tile that runs past a sequence's end reads keys
-    # (and masks them), never a slot that holds none.
-    r = torch.minimum(torch.arange(rows, device=dev), (cu[-1] - 1).clamp(min=0))
-    seq = torch.searchsorted(cu[1:], r, right=True).clamp_(max=b - 1)
-    pos = r - cu[seq]
-    page = page_table[seq, torch.div(pos, page_size, rounding_mode="floor")].long().clamp_(0, num_pages - 1)
-    slot = pos % page_size
-    k = k_cache[page, slot]
-    v = None if v_cache is None else v_cache[page, slot]
+    rows = int(cu[-1]) if k_cache.device.type == "cpu" else page_table.shape[0] * max_seqlen_k
+    # Padding rows (past the last key) repeat the last key: a kernel tile that runs past a
+    # sequence's end reads keys (and masks them), never a slot that holds none.
+    k = reference.gather_pages(k_cache, page_table, cu, rows)
+    v = None if v_cache is None else reference.gather_pages(v_cache, page_table, cu, rows)
     return PagedKV(k, v, cu.to(torch.int32), max_seqlen_k)
 
 
@@ -130,7 +121,7 @@ def gather_paged_kv(k_cache: Tensor, v_cache: Optional[Tensor], page_table: Tens
     CPU exactly the keys. The stage functions then take them as varlen keys, for example
     proxy_block_scores(q, kv.k, cu_seqlens_q=cu_q, cu_seqlens_k=kv.cu_seqlens_k,
     max_seqlen_q=max_q, max_seqlen_k=kv.max_seqlen_k). Costs a copy of the keys: O(B *
-    max_seqlen_k) memory; copy-free paged kernels are planned, not in this release."""
+    max_seqlen_k) memory (proxy_attention_paged itself reads pages without it on CUDA)."""
     ops.check_paged_cache(k_cache, v_cache, page_table, seqlens_k, max_seqlen_k, None)
     return _gather(k_cache, v_cache, page_table, seqlens_k, max_seqlen_k)
 
@@ -164,16 +155,21 @@ def proxy_attention_paged(q: Tensor, k_cache: Tensor, v_cache: Tensor, page_tabl
     pages or lie inside one; pages under 16 tokens would split a block into more than 8 loads
     (SGLang's default page size 1 must be raised with --page-size); larger pages are unmeasured.
 
-    This release gathers the keys into packed K/V on the device first (gather_paged_kv): no host
-    sync, graph-capturable, but a copy of 2 * B * max_seqlen_k * Hkv * D elements. Copy-free
-    kernels (TMA page loads, cp.async gather) are planned and not in this release.
+    On CUDA (with the kernels in the build) stages 1, 2 and 4 read K/V through the page table:
+    no copy, no host sync, graph-capturable; the attention stage runs on the portable kernel (the
+    Hopper kernel reads contiguous K/V only). Elsewhere the keys are gathered first
+    (gather_paged_kv: 2 * B * max_seqlen_k * Hkv * D elements on CUDA).
 
     Validation runs before anything on the device: every argument's dtype, device, shape and
     strides; on the CPU also the values (seqlens_k in [1, max_seqlen_k], the page numbers a
     sequence reads in [0, num_pages), cu_seqlens_q). Device values are not read (that would
     synchronise); the gather clamps them. Inference only."""
-    check_paged(q, k_cache, v_cache, page_table, seqlens_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, config,
-                causal)
+    lay = check_paged(q, k_cache, v_cache, page_table, seqlens_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, config,
+                      causal)
+    if q.is_cuda and all(ops.cuda_kernel_available(n) for n in _PAGED_OPS):
+        cu_k = F.pad(torch.cumsum(seqlens_k.clamp(0, max_seqlen_k), 0, dtype=torch.int32), (1, 0))
+        return attention._run(q, k_cache, v_cache, lay, cu_seqlens_q, cu_k, config, causal, return_selection,
+                              page_table)
     kv = _gather(k_cache, v_cache, page_table, seqlens_k, max_seqlen_k)
     return proxy_attention_varlen(q, kv.k, kv.v, cu_seqlens_q, kv.cu_seqlens_k, max_seqlen_q, kv.max_seqlen_k,
                                   config, causal=causal, return_selection=return_selection)

@@ -6,7 +6,9 @@ fp64 inputs), and never build a token-level N x N tensor: attention is evaluated
 chunks of query rows whose size is bounded by `_CHUNK_ELEMS` elements.
 
 Layouts: fixed length q [B, Nq, Hq, D], k/v [B, Nk, Hkv, D]; varlen q [total_q, Hq, D],
-k/v [total_k, Hkv, D] with int32 cu_seqlens_q/k [B + 1]. Scores fp32 [B, G, nqb, nkb];
+k/v [total_k, Hkv, D] with int32 cu_seqlens_q/k [B + 1]; paged (stages 1, 2 and 4, a page_table
+int32 [B, max_pages]): varlen q, k/v caches [num_pages, page_size, Hkv, D], cu_seqlens_k the prefix
+sums of the key lengths. Scores fp32 [B, G, nqb, nkb];
 kstar int32 [B, Hq]; counts int32 [B, Hq, nqb]; indices [B, Hq, nqb, nkb] (ascending, -1 padded;
 int16 from select_blocks, int16 or int32 into block_sparse_attention); lse fp32 [B, Hq, Nq]
 (varlen [Hq, total_q]).
@@ -51,6 +53,32 @@ def _sequences(q: Tensor, k: Tensor, v: Optional[Tensor], cu_q: Optional[Tensor]
 
 def _batch(q: Tensor, cu_q: Optional[Tensor]) -> int:
     return q.shape[0] if cu_q is None else cu_q.shape[0] - 1
+
+
+def gather_pages(cache: Tensor, page_table: Tensor, cu: Tensor, rows: int) -> Tensor:
+    """The keys of a paged cache [num_pages, page_size, Hkv, D], packed by sequence into [rows, Hkv, D]:
+    row r < cu[-1] is key t = r - cu[b] of the sequence b whose span [cu[b], cu[b+1]) holds it, read
+    from page page_table[b, t // page_size] (clamped into the cache), slot t % page_size; rows past
+    cu[-1] repeat the last key. cu: int prefix sums [B + 1] (monotone). Plain torch ops on the
+    cache's device with no host read, so `rows` comes from the caller (a bound on CUDA)."""
+    size, dev = cache.shape[1], cache.device
+    cu = cu.to(device=dev, dtype=torch.int64)
+    r = torch.minimum(torch.arange(rows, device=dev), (cu[-1] - 1).clamp(min=0))
+    seq = torch.searchsorted(cu[1:], r, right=True).clamp_(max=page_table.shape[0] - 1)
+    pos = r - cu[seq]
+    table = page_table.to(device=dev, dtype=torch.int64)
+    page = table[seq, torch.div(pos, size, rounding_mode="floor")].clamp_(0, cache.shape[0] - 1)
+    return cache[page, pos % size]
+
+
+def unpage(cache: Tensor, page_table: Optional[Tensor], cu_seqlens_k: Optional[Tensor]) -> Tensor:
+    """Packed keys [cu_seqlens_k[-1], Hkv, D] of a paged cache read through page_table (gather_pages;
+    the ops' CPU kernels take paged K/V this way); the cache itself without a page table."""
+    if page_table is None:
+        return cache
+    if cu_seqlens_k is None:
+        raise ValueError("a page_table needs cu_seqlens_k (the prefix sums of the key lengths)")
+    return gather_pages(cache, page_table, cu_seqlens_k, max(0, int(cu_seqlens_k[-1])))
 
 
 def candidate_count(m: int, nq: int, nk: int, block: int, causal: bool) -> int:
@@ -160,7 +188,9 @@ def _scale_rows(raw: Tensor, scale: float):
 
 def proxy_block_scores(q: Tensor, k: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                        max_seqlen_q: int, max_seqlen_k: int, block_size: int, num_proxy_heads: int,
-                       stride: int, softmax_scale: float, causal: bool) -> Tensor:
+                       stride: int, softmax_scale: float, causal: bool, page_table: Optional[Tensor] = None
+                       ) -> Tensor:
+    k = unpage(k, page_table, cu_seqlens_k)
     S, G, s = block_size, num_proxy_heads, stride
     nqb, nkb = _cdiv(max_seqlen_q, S), _cdiv(max_seqlen_k, S)
     out = torch.zeros(_batch(q, cu_seqlens_q), G, nqb, nkb, dtype=torch.float32, device=q.device)
@@ -213,7 +243,9 @@ def _scores_one(q_b: Tensor, k_b: Tensor, S: int, G: int, s: int, scale: float, 
 
 def head_budgets(q: Tensor, k: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                  max_seqlen_q: int, max_seqlen_k: int, block_size: int, gamma: float, sink_blocks: int,
-                 local_blocks: int, softmax_scale: float, causal: bool) -> Tensor:
+                 local_blocks: int, softmax_scale: float, causal: bool, page_table: Optional[Tensor] = None
+                 ) -> Tensor:
+    k = unpage(k, page_table, cu_seqlens_k)
     hq = q.shape[-2]
     out = torch.zeros(_batch(q, cu_seqlens_q), hq, dtype=torch.int32, device=q.device)
     for b, _, q_b, k_b, _ in _sequences(q, k, None, cu_seqlens_q, cu_seqlens_k):
@@ -336,10 +368,12 @@ def select_blocks(scores: Tensor, kstar: Tensor, cu_seqlens_q: Optional[Tensor],
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, counts: Tensor, indices: Tensor,
                            cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
-                           max_seqlen_k: int, block_size: int, softmax_scale: float, causal: bool
-                           ) -> Tuple[Tensor, Tensor]:
+                           max_seqlen_k: int, block_size: int, softmax_scale: float, causal: bool,
+                           page_table: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Softmax over the selected key blocks that each row may see. Indices past counts, and
-    indices outside the sequence's key blocks, are ignored."""
+    indices outside the sequence's key blocks, are ignored. With a page_table, k and v are caches
+    [num_pages, page_size, Hkv, D] read through it (unpage)."""
+    k, v = unpage(k, page_table, cu_seqlens_k), unpage(v, page_table, cu_seqlens_k)
     hq = q.shape[-2]
 
     def block_mask(b: int, nq: int, nk: int) -> Tensor:

@@ -293,6 +293,32 @@ def test_stage_functions_take_gathered_keys():
     assert torch.equal(padded[0], out[1][0]) and torch.equal(padded[1], out[1][1])
 
 
+@pytest.mark.parametrize("page_size", (16, 128))
+def test_ops_read_the_cache_through_page_table(page_size):
+    """torch.ops.proxyattn's stages 1, 2 and 4 take the caches and a page_table (their CPU kernels,
+    the reference, read keys through it): equal to the packed keys, also with NaN in every unread
+    page and slot, and with out-of-range page numbers past each sequence's pages (never read)."""
+    pb, q, cu_q = _inputs(page_size, "kv_split")
+    mq, mk = max(LENS_Q), max(LENS_K)
+    k, v, cu_k = pb.packed()
+    table = pb.page_table.clone()
+    for b, n in enumerate(pb.lens):
+        table[b, cdiv(n, page_size):] = 10 ** 6  # past the sequence: never read
+    ops, s = torch.ops.proxyattn, 64 ** -0.5
+    assert torch.equal(ops.proxy_block_scores(q, pb.k_cache, cu_q, cu_k, mq, mk, 64, 2, 4, s, True, table),
+                       ops.proxy_block_scores(q, k, cu_q, cu_k, mq, mk, 64, 2, 4, s, True))
+    assert torch.equal(ops.head_budgets(q, pb.k_cache, cu_q, cu_k, mq, mk, 64, 0.8, 1, 1, s, True, table),
+                       ops.head_budgets(q, k, cu_q, cu_k, mq, mk, 64, 0.8, 1, 1, s, True))
+    nqb, nkb = cdiv(mq, 64), cdiv(mk, 64)
+    gen = torch.Generator().manual_seed(1)
+    counts = torch.randint(0, nkb + 1, (len(pb.lens), q.shape[1], nqb), generator=gen, dtype=torch.int32)
+    idx = torch.randint(-1, nkb, (len(pb.lens), q.shape[1], nqb, nkb), generator=gen, dtype=torch.int32)
+    got = ops.block_sparse_attention(q, pb.k_cache, pb.v_cache, counts, idx, cu_q, cu_k, mq, mk, 64, s, True, table)
+    want = ops.block_sparse_attention(q, k, v, counts, idx, cu_q, cu_k, mq, mk, 64, s, True)
+    assert torch.isfinite(got[0]).all()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_fake_cuda_tensors_no_host_reads():
     """Under FakeTensorMode with CUDA tensors (no GPU needed) the paged call and the gather build
     outputs of the right shapes: nothing reads a device value on the host (a fake tensor would
@@ -316,7 +342,8 @@ def test_fake_cuda_tensors_no_host_reads():
 
 def test_compile_traces_one_graph_on_fake_cuda_tensors():
     """torch.compile(fullgraph=True) traces the paged call on fake CUDA tensors into one graph
-    holding the gather and the four ops (no graph break, no host read)."""
+    holding the four ops (no graph break, no host read), and the gather only where the build has no
+    CUDA kernels to read the pages."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     graphs = []
@@ -339,8 +366,11 @@ def test_compile_traces_one_graph_on_fake_cuda_tensors():
     torch._dynamo.reset()
     assert out.shape == q.shape and len(graphs) == 1
     called = " ".join(graphs[0])
-    for name in ("searchsorted", *pa.ops.OP_NAMES):
+    for name in pa.ops.OP_NAMES:
         assert name in called, name
+    # With CUDA kernels the ops read the pages (no gather in the graph); without, the keys are gathered.
+    kernels = all(pa.cuda_kernel_available(n) for n in ("proxy_block_scores", "head_budgets", "block_sparse_attention"))
+    assert ("searchsorted" in called) != kernels, called
 
 
 # ---------------------------------------------------------------- refusals

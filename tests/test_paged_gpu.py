@@ -1,7 +1,7 @@
 """proxy_attention_paged on CUDA (bf16, 16k-64k tokens): for every page size and cache layout the
-paged call equals proxy_attention_varlen on the same keys bit for bit, outputs and selections (the
-same kernels run on the same keys; the gathered buffer only adds padding rows that no kernel
-reads); a 64k sequence prefilled chunk by chunk into the cache equals the contiguous chunk calls;
+paged call, whose kernels read K/V through the page table, equals proxy_attention_varlen on the
+same keys bit for bit, outputs and selections (the same kernels on the same keys: the varlen call
+runs with PROXYATTN_BSA_BACKEND=portable, the attention kernel paged calls use); a 64k sequence prefilled chunk by chunk into the cache equals the contiguous chunk calls;
 the paged call is captured in a CUDA graph and replayed on new caches, page tables and lengths;
 no host synchronisation happens; torch.compile(fullgraph=True) equals the eager call. Pages that no sequence reads, and slots past a sequence's last
 key, hold NaN. Helpers: tests/test_paged.py (the CPU version)."""
@@ -46,10 +46,16 @@ def _batch(page_size, layout, gen):
     return pb, torch.cat(qs), cu_of(LENS_Q, "cuda")
 
 
+@pytest.fixture
+def portable(monkeypatch):
+    """The varlen calls compared with paged ones run the attention kernel paged calls run."""
+    monkeypatch.setenv("PROXYATTN_BSA_BACKEND", "portable")
+
+
 @need_kernels
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("page_size", PAGE_SIZES)
-def test_paged_equals_varlen_gpu(page_size, layout):
+def test_paged_equals_varlen_gpu(page_size, layout, portable):
     pb, q, cu_q = _batch(page_size, layout, torch.Generator().manual_seed(page_size))
     cfg = pa.ProxyAttnConfig()
     mq, mk = max(LENS_Q), max(LENS_K)
@@ -66,8 +72,34 @@ def test_paged_equals_varlen_gpu(page_size, layout):
 
 
 @need_kernels
+def test_paged_reads_pages_and_matches_the_hopper_path():
+    """The paged call allocates no gathered copy of K/V: its peak memory above what it starts with
+    is that of the varlen call on already packed keys (workspaces, outputs), within 1 MiB, where a
+    gather would add 2 * B * max_seqlen_k * Hkv * D elements (113 MB here). Its output is within
+    bf16 rounding of the varlen call on the default (Hopper where available) attention kernel."""
+    pb, q, cu_q = _batch(64, "nhd", torch.Generator().manual_seed(5))
+    cfg = pa.ProxyAttnConfig()
+    mq, mk = max(LENS_Q), max(LENS_K)
+    k, v, cu_k = pb.packed()
+
+    def peak_delta(fn):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        res = fn()
+        torch.cuda.synchronize()
+        return res, torch.cuda.max_memory_allocated() - base
+
+    want, varlen_peak = peak_delta(lambda: pa.proxy_attention_varlen(q, k, v, cu_q, cu_k, mq, mk, cfg))
+    out, paged_peak = peak_delta(lambda: pa.proxy_attention_paged(q, pb.k_cache, pb.v_cache, pb.page_table,
+                                                                   pb.seqlens_k(), cu_q, mq, mk, cfg))
+    assert paged_peak <= varlen_peak + (1 << 20), (paged_peak, varlen_peak)
+    assert (out.float() - want.float()).abs().max() < 2e-2
+
+
+@need_kernels
 @pytest.mark.parametrize("page_size", (16, 128))
-def test_chunked_prefill_into_the_cache_gpu(page_size):
+def test_chunked_prefill_into_the_cache_gpu(page_size, portable):
     """A 64k sequence prefilled in chunks of random lengths (not multiples of 128), each chunk's
     K/V written into the cache before its call: every chunk equals the varlen call on the
     contiguous prefix, outputs and selections (so it keeps their recall: tests/test_chunked_prefill_gpu.py)."""
@@ -154,3 +186,35 @@ def test_compile_fullgraph_paged_gpu():
     want = paged(*args)
     torch.cuda.synchronize()
     assert torch.equal(got, want)
+
+
+@need_kernels
+def test_opcheck_paged_ops():
+    """torch.library.opcheck of stages 1, 2 and 4 with a page_table (schemas, fake tensors, autograd
+    registration) on a small paged batch."""
+    pb, q, cu_q = _batch_small()
+    k, v, cu_k = pb.packed()
+    mq, mk, s = max(LENS_Q_SMALL), max(LENS_K_SMALL), 128 ** -0.5
+    ops = torch.ops.proxyattn
+    scores = ops.proxy_block_scores(q, pb.k_cache, cu_q, cu_k, mq, mk, 128, 2, 4, s, True, pb.page_table)
+    kstar = ops.head_budgets(q, pb.k_cache, cu_q, cu_k, mq, mk, 128, 0.9, 1, 1, s, True, pb.page_table)
+    counts, idx = ops.select_blocks(scores, kstar, cu_q, cu_k, mq, mk, 128, 1, 1, 128, True)
+    for name, args in [("proxy_block_scores", (q, pb.k_cache, cu_q, cu_k, mq, mk, 128, 2, 4, s, True, pb.page_table)),
+                       ("head_budgets", (q, pb.k_cache, cu_q, cu_k, mq, mk, 128, 0.9, 1, 1, s, True, pb.page_table)),
+                       ("block_sparse_attention", (q, pb.k_cache, pb.v_cache, counts, idx, cu_q, cu_k, mq, mk, 128, s,
+                                                   True, pb.page_table))]:
+        torch.library.opcheck(getattr(ops, name), args)
+
+
+LENS_K_SMALL, LENS_Q_SMALL = (900, 530), (300, 530)
+
+
+def _batch_small():
+    gen = torch.Generator().manual_seed(7)
+    pb = PagedBatch(32, max(LENS_K_SMALL), HKV, D, "kv_split", batch=2, dtype=torch.bfloat16, device="cuda", gen=gen)
+    qs = []
+    for b, (nk, nq) in enumerate(zip(LENS_K_SMALL, LENS_Q_SMALL)):
+        q, k, v = _structured(nk, seed=20 + b)
+        pb.append(b, k, v)
+        qs.append(q[nk - nq:])
+    return pb, torch.cat(qs), cu_of(LENS_Q_SMALL, "cuda")

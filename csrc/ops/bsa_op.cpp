@@ -1,8 +1,8 @@
 // Torch glue of torch.ops.proxyattn.block_sparse_attention (docs/design.md section 2, stage 4) on CUDA:
 // checks, the choice of kernel, allocation of out (contiguous, like q) and lse (fp32: fixed length
 // [B, Hq, Nq], varlen [Hq, total_q]), the params struct, and the launch on the current stream.
-// Selection: counts int32, indices int16 (as select_blocks writes them) or int32. Layouts: see
-// csrc/kernels/common/bsa_params.h. No host synchronisation (cu_seqlens are never read here).
+// Selection: counts int32, indices int16 (as select_blocks writes them) or int32. Layouts (fixed
+// length, varlen, paged K/V with page_table): see csrc/kernels/common/bsa_params.h. No host synchronisation (cu_seqlens are never read here).
 //
 // Kernel choice, read once per call, before anything else: environment variable
 // PROXYATTN_BSA_BACKEND = auto (also unset or empty: the Hopper kernel where the device is sm_90
@@ -50,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& counts,
     const at::Tensor& indices, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-    int64_t block_size, double softmax_scale, bool causal) {
+    int64_t block_size, double softmax_scale, bool causal, const std::optional<at::Tensor>& page_table) {
   const BsaBackend backend = backend_from_env();
   check_cuda(q, "q");
   check_cuda(k, "k");
@@ -69,11 +69,13 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
   check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q);
   check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q);
 
+  const bool paged = page_table.has_value();
   const int64_t rank = varlen ? 3 : 4;
   PROXYATTN_CHECK(q.dim() == rank, "q must be ", rank, "-D (", varlen ? "[total_q, Hq, D]" : "[B, Nq, Hq, D]",
                   "), got shape ", q.sizes());
-  PROXYATTN_CHECK(k.dim() == rank, "k must be ", rank, "-D (", varlen ? "[total_k, Hkv, D]" : "[B, Nk, Hkv, D]",
-                  "), got shape ", k.sizes());
+  if (!paged)
+    PROXYATTN_CHECK(k.dim() == rank, "k must be ", rank, "-D (", varlen ? "[total_k, Hkv, D]" : "[B, Nk, Hkv, D]",
+                    "), got shape ", k.sizes());
   PROXYATTN_CHECK(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
   check_last_dim_contiguous(q, "q");
   check_last_dim_contiguous(k, "k");
@@ -107,6 +109,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
     PROXYATTN_CHECK(!causal || nq <= nk, "causal attention needs Nq <= Nk, got Nq ", nq, ", Nk ", nk);
   }
   PROXYATTN_CHECK(nq <= kIntMax && nk <= kIntMax, "sequence lengths must fit in int32, got ", nq, ", ", nk);
+  const KvPages pages = check_kv_pages(page_table, k, &v, varlen, batch, nk);
   const int64_t nqb = ceil_div(nq, block_size);
 
   PROXYATTN_CHECK(counts.scalar_type() == at::kInt, "counts must be int32, got ", counts.scalar_type());
@@ -128,22 +131,24 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
-  const int r = varlen ? 0 : 1;  // dim of rows
+  const int r = varlen ? 0 : 1;       // dim of rows
+  const int rk = paged ? 1 : r;       // of key rows (paged: the slot dim of the caches)
   p.q_batch_stride = varlen ? 0 : q.stride(0);
   p.k_batch_stride = varlen ? 0 : k.stride(0);
   p.v_batch_stride = varlen ? 0 : v.stride(0);
   p.q_row_stride = q.stride(r);
-  p.k_row_stride = k.stride(r);
-  p.v_row_stride = v.stride(r);
+  p.k_row_stride = k.stride(rk);
+  p.v_row_stride = v.stride(rk);
   p.q_head_stride = q.stride(r + 1);
-  p.k_head_stride = k.stride(r + 1);
-  p.v_head_stride = v.stride(r + 1);
+  p.k_head_stride = k.stride(rk + 1);
+  p.v_head_stride = v.stride(rk + 1);
+  p.pages = pages;
   if (varlen) {
     p.cu_seqlens_q = cu_seqlens_q->data_ptr<int>();
     p.cu_seqlens_k = cu_seqlens_k->data_ptr<int>();
   }
   p.total_q = q.size(0);
-  p.total_k = k.size(0);
+  p.total_k = paged ? kPagedTotalK : k.size(0);
   p.counts = counts.data_ptr<int>();
   p.counts_batch_stride = counts.stride(0);
   p.counts_head_stride = counts.stride(1);

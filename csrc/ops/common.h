@@ -10,7 +10,11 @@
 #include <torch/library.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
+#include <limits>
 #include <optional>
+
+#include "kernels/common/kv_pages.h"
 
 #define PROXYATTN_CHECK(cond, ...) TORCH_CHECK(cond, "proxyattn: ", __VA_ARGS__)
 
@@ -50,6 +54,47 @@ inline void check_cu_seqlens(const std::optional<at::Tensor>& cu, const char* na
   PROXYATTN_CHECK(cu->device() == like.device(), name, " must be on ", like.device(), ", got ", cu->device());
   PROXYATTN_CHECK(cu->is_contiguous(), name, " must be contiguous");
 }
+
+// Paged K/V (kernels/common/kv_pages.h). Without page_table: no pages (returned with page_table
+// nullptr). With it: k (and v) are the caches [num_pages, page_size, Hkv, D] of a varlen call whose
+// cu_seqlens_k holds the prefix sums of the key lengths; page sizes are powers of two in
+// [16, 256]. Only what a direct torch.ops call could get wrong is checked; table values are not
+// read (the kernels clamp page numbers into the cache).
+inline KvPages check_kv_pages(const std::optional<at::Tensor>& page_table, const at::Tensor& k, const at::Tensor* v,
+                              bool varlen, int64_t batch, int64_t max_seqlen_k) {
+  KvPages pg;
+  if (!page_table.has_value()) return pg;
+  const at::Tensor& t = *page_table;
+  PROXYATTN_CHECK(varlen, "page_table needs packed queries: cu_seqlens_q, and cu_seqlens_k holding the prefix sums "
+                  "of the key lengths");
+  PROXYATTN_CHECK(t.scalar_type() == at::kInt, "page_table must be int32, got ", t.scalar_type());
+  PROXYATTN_CHECK(t.device() == k.device(), "page_table must be on ", k.device(), ", got ", t.device());
+  PROXYATTN_CHECK(t.dim() == 2 && t.size(0) == batch && t.size(1) >= 1, "page_table must be [B, max_pages] = [",
+                  batch, ", max_pages >= 1], got shape ", t.sizes());
+  PROXYATTN_CHECK(t.size(1) == 1 || t.stride(1) == 1, "page_table rows must be contiguous, got strides ", t.strides());
+  PROXYATTN_CHECK(k.dim() == 4, "with a page_table, k must be the cache [num_pages, page_size, Hkv, D], got shape ",
+                  k.sizes());
+  if (v != nullptr)
+    PROXYATTN_CHECK(v->sizes() == k.sizes(), "v cache must have the shape of the k cache ", k.sizes(), ", got ",
+                    v->sizes());
+  const int64_t P = k.size(1);
+  PROXYATTN_CHECK(P >= 16 && P <= 256 && (P & (P - 1)) == 0,
+                  "the page size k.size(1) must be a power of two from 16 to 256, got ", P);
+  PROXYATTN_CHECK(k.size(0) >= 1 && k.size(0) <= std::numeric_limits<int32_t>::max(),
+                  "the k cache must hold 1 to 2^31 - 1 pages, got ", k.size(0));
+  PROXYATTN_CHECK(t.size(1) * P >= max_seqlen_k, "page_table has room for ", t.size(1), " pages of ", P,
+                  " keys per sequence, fewer than max_seqlen_k = ", max_seqlen_k);
+  pg.page_table = t.data_ptr<int>();
+  pg.table_stride = t.stride(0);
+  pg.num_pages = static_cast<int>(k.size(0));
+  while ((int64_t{1} << pg.page_shift) < P) ++pg.page_shift;
+  pg.k_page_stride = k.stride(0);
+  pg.v_page_stride = v != nullptr ? v->stride(0) : 0;
+  return pg;
+}
+
+// The packed key count kernels clamp varlen key starts into; paged keys have no packed rows.
+constexpr int64_t kPagedTotalK = std::numeric_limits<int64_t>::max() / 4;
 
 // The current stream of the current device (the caller holds a device guard).
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }

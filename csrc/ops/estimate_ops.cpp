@@ -3,7 +3,9 @@
 //   head_budgets       -> int32 [B, Hq]             (csrc/kernels/estimate/head_budgets.cu)
 //   select_blocks      -> (int32 [B, Hq, nqb], int16 [B, Hq, nqb, nkb])  (csrc/kernels/estimate/select_blocks.cu)
 // Fixed length: q [B, Nq, Hq, D], k [B, Nk, Hkv, D]; varlen: q [total_q, Hq, D],
-// k [total_k, Hkv, D] with cu_seqlens_q/k int32 [B + 1]. Checks name expected vs got; outputs
+// k [total_k, Hkv, D] with cu_seqlens_q/k int32 [B + 1]; paged (stages 1 and 2): varlen q, k the
+// cache [num_pages, page_size, Hkv, D] read through page_table int32 [B, max_pages], cu_seqlens_k
+// the prefix sums of the key lengths. Checks name expected vs got; outputs
 // and workspaces come from at::empty (kernels write every output element); no host sync.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -29,6 +31,7 @@ struct QkLayout {
   int64_t q_strides[3], k_strides[3];  // batch (0 when varlen), row, head; in elements
   const int* cu_q;
   const int* cu_k;
+  KvPages pages;  // paged keys (k the cache), else page_table nullptr
 };
 
 void check_aligned(const at::Tensor& t, const char* name) {
@@ -41,7 +44,7 @@ void check_aligned(const at::Tensor& t, const char* name) {
 
 QkLayout check_qk(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& cu_q,
                   const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, int64_t block_size,
-                  bool causal) {
+                  bool causal, const std::optional<at::Tensor>& page_table) {
   check_cuda(q, "q");
   check_cuda(k, "k");
   PROXYATTN_CHECK(k.device() == q.device(), "k must be on ", q.device(), ", got ", k.device());
@@ -59,21 +62,22 @@ QkLayout check_qk(const at::Tensor& q, const at::Tensor& k, const std::optional<
                   "max_seqlen_q/k must be in [0, 2^31), got ", max_q, " and ", max_k);
   QkLayout L{};
   L.varlen = cu_q.has_value();
+  const bool paged = page_table.has_value();
   if (L.varlen) {
     PROXYATTN_CHECK(q.dim() == 3, "varlen q must be [total_q, Hq, D], got shape ", q.sizes());
-    PROXYATTN_CHECK(k.dim() == 3, "varlen k must be [total_k, Hkv, D], got shape ", k.sizes());
+    if (!paged) PROXYATTN_CHECK(k.dim() == 3, "varlen k must be [total_k, Hkv, D], got shape ", k.sizes());
     check_cu_seqlens(cu_q, "cu_seqlens_q", q);
     check_cu_seqlens(cu_k, "cu_seqlens_k", q);
     PROXYATTN_CHECK(cu_k->size(0) == cu_q->size(0), "cu_seqlens_k must have the length of cu_seqlens_q (",
                     cu_q->size(0), "), got ", cu_k->size(0));
     L.batch = static_cast<int>(cu_q->size(0) - 1);
     L.total_q = q.size(0);
-    L.total_k = k.size(0);
+    L.total_k = paged ? kPagedTotalK : k.size(0);
     L.q_strides[0] = 0;
     L.k_strides[0] = 0;
     for (int d = 0; d < 2; ++d) {
       L.q_strides[d + 1] = q.stride(d);
-      L.k_strides[d + 1] = k.stride(d);
+      L.k_strides[d + 1] = k.stride(d + (paged ? 1 : 0));  // paged: slot and head strides
     }
     L.cu_q = cu_q->data_ptr<int>();
     L.cu_k = cu_k->data_ptr<int>();
@@ -100,6 +104,7 @@ QkLayout check_qk(const at::Tensor& q, const at::Tensor& k, const std::optional<
     L.cu_k = nullptr;
   }
   PROXYATTN_CHECK(L.batch <= 65535, "batch must be at most 65535, got ", L.batch);
+  L.pages = check_kv_pages(page_table, k, nullptr, L.varlen, L.batch, max_k);
   L.num_heads = static_cast<int>(q.size(-2));
   L.num_kv_heads = static_cast<int>(k.size(-2));
   L.head_dim = static_cast<int>(q.size(-1));
@@ -113,8 +118,9 @@ QkLayout check_qk(const at::Tensor& q, const at::Tensor& k, const std::optional<
 
 at::Tensor proxy_block_scores(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& cu_q,
                               const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, int64_t block_size,
-                              int64_t num_proxy_heads, int64_t stride, double softmax_scale, bool causal) {
-  const QkLayout L = check_qk(q, k, cu_q, cu_k, max_q, max_k, block_size, causal);
+                              int64_t num_proxy_heads, int64_t stride, double softmax_scale, bool causal,
+                              const std::optional<at::Tensor>& page_table) {
+  const QkLayout L = check_qk(q, k, cu_q, cu_k, max_q, max_k, block_size, causal, page_table);
   const int64_t G = num_proxy_heads;
   PROXYATTN_CHECK(G >= 1, "num_proxy_heads must be >= 1, got ", G);
   if (G <= L.num_kv_heads) {
@@ -145,6 +151,7 @@ at::Tensor proxy_block_scores(const at::Tensor& q, const at::Tensor& k, const st
   p.cu_seqlens_k = L.cu_k;
   p.total_q = L.total_q;
   p.total_k = L.total_k;
+  p.pages = L.pages;
   p.batch = L.batch;
   p.num_heads = L.num_heads;
   p.num_kv_heads = L.num_kv_heads;
@@ -177,8 +184,9 @@ at::Tensor proxy_block_scores(const at::Tensor& q, const at::Tensor& k, const st
 
 at::Tensor head_budgets(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& cu_q,
                         const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, int64_t block_size,
-                        double gamma, int64_t sink_blocks, int64_t local_blocks, double softmax_scale, bool causal) {
-  const QkLayout L = check_qk(q, k, cu_q, cu_k, max_q, max_k, block_size, causal);
+                        double gamma, int64_t sink_blocks, int64_t local_blocks, double softmax_scale, bool causal,
+                        const std::optional<at::Tensor>& page_table) {
+  const QkLayout L = check_qk(q, k, cu_q, cu_k, max_q, max_k, block_size, causal, page_table);
   PROXYATTN_CHECK(gamma > 0.0 && gamma <= 1.0, "gamma must be in (0, 1], got ", gamma);
   PROXYATTN_CHECK(sink_blocks >= 0 && local_blocks >= 0, "sink_blocks and local_blocks must be >= 0, got ",
                   sink_blocks, " and ", local_blocks);
@@ -203,6 +211,7 @@ at::Tensor head_budgets(const at::Tensor& q, const at::Tensor& k, const std::opt
   p.cu_seqlens_k = L.cu_k;
   p.total_q = L.total_q;
   p.total_k = L.total_k;
+  p.pages = L.pages;
   p.batch = L.batch;
   p.num_heads = L.num_heads;
   p.num_kv_heads = L.num_kv_heads;

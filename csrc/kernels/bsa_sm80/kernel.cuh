@@ -4,6 +4,8 @@
 // selected key blocks (TileCursor, tile_cursor.cuh), each as S / kBlockN key tiles, in descending
 // order, with an online softmax in fp32 (exp2). Only tiles that cross the causal diagonal or the end
 // of the keys take the masked path. Layouts: kernels/common/bsa_params.h.
+// Paged K/V (p.pages.paged(), uniform over the grid): each K/V tile row is looked up in the page
+// table (copy_rows_paged, utils.cuh) into the same shared layout; the rest is the same code.
 //
 // Pipeline per key tile (single K and V buffers, as FA2): wait K -> issue V load -> S = Q K^T ->
 // mask -> wait V -> issue the next K load -> online softmax -> O += P V. So the V load overlaps the
@@ -32,8 +34,9 @@ namespace bsa_sm80 {
 
 using namespace cute;
 
-template <class Traits>
-__global__ void __launch_bounds__(Traits::kNThreads, 2) bsa_fwd_sm80_kernel(const BsaParams p) {
+// One work item (b, h, m); kPaged: K/V rows through the page table.
+template <class Traits, bool kPaged>
+__device__ __forceinline__ void bsa_fwd_sm80_item(const BsaParams& p) {
   using Elem = typename Traits::Elem;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
@@ -65,9 +68,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, 2) bsa_fwd_sm80_kernel(cons
   const int kvh = h / (p.q_heads / p.kv_heads);
   const Elem* q_ptr = static_cast<const Elem*>(p.q) + (varlen ? q_row0 * p.q_row_stride : b * p.q_batch_stride) +
                       int64_t(q_start) * p.q_row_stride + int64_t(h) * p.q_head_stride;
-  const Elem* k_ptr = static_cast<const Elem*>(p.k) + (varlen ? k_row0 * p.k_row_stride : b * p.k_batch_stride) +
+  // Paged: k_ptr / v_ptr are the KV head in the cache; every key's page and slot come per tile.
+  const Elem* k_ptr = static_cast<const Elem*>(p.k) +
+                      (kPaged ? 0 : varlen ? k_row0 * p.k_row_stride : b * p.k_batch_stride) +
                       int64_t(kvh) * p.k_head_stride;
-  const Elem* v_ptr = static_cast<const Elem*>(p.v) + (varlen ? k_row0 * p.v_row_stride : b * p.v_batch_stride) +
+  const Elem* v_ptr = static_cast<const Elem*>(p.v) +
+                      (kPaged ? 0 : varlen ? k_row0 * p.v_row_stride : b * p.v_batch_stride) +
                       int64_t(kvh) * p.v_head_stride;
   Elem* o_ptr = static_cast<Elem*>(p.out) + (varlen ? q_row0 * p.out_row_stride : b * p.out_batch_stride) +
                 int64_t(q_start) * p.out_row_stride + int64_t(h) * p.out_head_stride;
@@ -78,7 +84,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 2) bsa_fwd_sm80_kernel(cons
   const int count = bsa_row_count(p, b, h, m, max_key);  // 0 when no row of this tile sees any key
   TileCursor<kSub, kBlockN> cursor(bsa_index_row(p, b, h, m), count, nkb, max_key);
 
-  // Global views. K/V: the whole sequence as (seqlen_k, D), tiled into (kBlockN, D, n_tiles).
+  // Global views. K/V: the whole sequence as (seqlen_k, D), tiled into (kBlockN, D, n_tiles); not
+  // read when paged.
   Tensor gQ = make_tensor(make_gmem_ptr(q_ptr), Shape<Int<kBlockM>, Int<kHeadDim>>{},
                           make_stride(p.q_row_stride, _1{}));                              // (M, D)
   Tensor mK = make_tensor(make_gmem_ptr(k_ptr), make_shape(seqlen_k, Int<kHeadDim>{}),
@@ -144,10 +151,22 @@ __global__ void __launch_bounds__(Traits::kNThreads, 2) bsa_fwd_sm80_kernel(cons
   clear(acc_o);
   const float scale_log2 = p.softmax_scale_log2;
 
+  // K/V tile `t` into sK/sV, rows past seqlen_k zeroed: contiguous through the tiled copy, paged
+  // row by row through the page table into the same shared addresses. Same fences and waits.
+  auto load_tile = [&](auto const& tg, auto& ts, const Elem* base, int64_t page_stride, int64_t row_stride, int t) {
+    if constexpr (kPaged) {
+      copy_rows_paged(base, ts, tKVcKV, seqlen_k - t * kBlockN, p.pages, b, t * kBlockN, page_stride, row_stride);
+    } else {
+      copy_rows<true>(gmem_copy, tg(_, _, _, t), ts, tKVcKV, seqlen_k - t * kBlockN);
+    }
+  };
+  auto load_k = [&](int t) { load_tile(tKgK, tKsK, k_ptr, p.pages.k_page_stride, p.k_row_stride, t); };
+  auto load_v = [&](int t) { load_tile(tVgV, tVsV, v_ptr, p.pages.v_page_stride, p.v_row_stride, t); };
+
   bool have = cursor.advance();
   if (have) {
     copy_rows<true>(gmem_copy, tQgQ, tQsQ, tQcQ, q_rows);
-    copy_rows<true>(gmem_copy, tKgK(_, _, _, cursor.tile()), tKsK, tKVcKV, seqlen_k - cursor.tile() * kBlockN);
+    load_k(cursor.tile());
     cp_async_fence();
   }
 
@@ -157,7 +176,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 2) bsa_fwd_sm80_kernel(cons
 
     cp_async_wait<0>();  // K (and, first time, Q) landed
     __syncthreads();     // ... for every thread; and every thread is done reading the old V
-    copy_rows<true>(gmem_copy, tVgV(_, _, _, tile), tVsV, tKVcKV, seqlen_k - key0);
+    load_v(tile);
     cp_async_fence();
 
     Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});  // (MMA, MMA_M, MMA_N)
@@ -182,7 +201,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 2) bsa_fwd_sm80_kernel(cons
     __syncthreads();     // ... for every thread; and every thread is done reading K
     have = cursor.advance();
     if (have) {
-      copy_rows<true>(gmem_copy, tKgK(_, _, _, cursor.tile()), tKsK, tKVcKV, seqlen_k - cursor.tile() * kBlockN);
+      load_k(cursor.tile());
       cp_async_fence();
     }
 
@@ -251,6 +270,15 @@ __global__ void __launch_bounds__(Traits::kNThreads, 2) bsa_fwd_sm80_kernel(cons
   copy(gmem_copy_o, tOsO, tOrO);
   Tensor tOcO_g = gmem_thr_o.partition_D(cO);
   copy_rows<false>(gmem_copy_o, tOrO, tOgO, tOcO_g, q_rows);
+}
+
+// Paged or contiguous is one branch per CTA; each path is its own inlined copy of the item, so the
+// contiguous one keeps the register allocation of a kernel without pages (a branch at every copy
+// instead cost 10-20 registers and crossed 168, the limit for three CTAs per SM, at D = S = 64).
+// kPaged is chosen by the launcher from p.pages.paged(), so each variant gets its own registers.
+template <class Traits, bool kPaged>
+__global__ void __launch_bounds__(Traits::kNThreads, 2) bsa_fwd_sm80_kernel(const BsaParams p) {
+  bsa_fwd_sm80_item<Traits, kPaged>(p);
 }
 
 }  // namespace bsa_sm80

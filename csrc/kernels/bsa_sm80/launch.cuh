@@ -29,7 +29,7 @@ cudaError_t launch(const BsaParams& p, cudaStream_t stream) {
   if (grid > int64_t(INT32_MAX)) return cudaErrorInvalidConfiguration;
   if (p.kv_section < 1) return cudaErrorInvalidValue;
   constexpr int kSmem = Traits::kSmemBytes;
-  auto kernel = &bsa_fwd_sm80_kernel<Traits>;
+  auto kernel = p.pages.paged() ? &bsa_fwd_sm80_kernel<Traits, true> : &bsa_fwd_sm80_kernel<Traits, false>;
   if (kSmem > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
     if (err != cudaSuccess) return err;

@@ -1,9 +1,14 @@
 // Device helpers of the portable kernel: views of mma.sync m16n8 accumulator fragments, a
-// row-predicated tiled copy, and the two GEMMs of a key tile (S = Q K^T from shared memory,
-// O += P V with P in registers), each overlapping the ldmatrix of k-slice k + 1 with MMA k.
+// row-predicated tiled copy and its paged counterpart for K/V tiles, and the two GEMMs of a key
+// tile (S = Q K^T from shared memory, O += P V with P in registers), each overlapping the ldmatrix
+// of k-slice k + 1 with MMA k.
 #pragma once
 
+#include <cstdint>
+
 #include <cute/tensor.hpp>
+
+#include "kernels/common/kv_pages.h"
 
 namespace proxyattn {
 namespace bsa_sm80 {
@@ -39,6 +44,40 @@ __device__ __forceinline__ void copy_rows(TiledCopy const& tiled_copy, Src const
       CUTE_UNROLL
       for (int ki = 0; ki < size<2>(dst); ++ki) copy(tiled_copy, src(_, mi, ki), dst(_, mi, ki));
     } else if constexpr (kClear) {
+      CUTE_UNROLL
+      for (int ki = 0; ki < size<2>(dst); ++ki) clear(dst(_, mi, ki));
+    }
+  }
+}
+
+// copy_rows<true> for a K or V tile read through pages (kernels/common/kv_pages.h): row r of the
+// tile is key key0 + r of sequence b, at base + pages.offset(b, key0 + r, page_stride, row_stride)
+// (base: the KV head in the cache), one table lookup per row, all issued before the copies. dst and
+// coord are the tiled copy's partitions of the shared tile and of its identity tensor; each 16-byte
+// chunk goes by cp.async to dst(0, mi, ki), the address the tiled copy writes (same swizzle). Rows
+// >= rows (>= 1) are zeroed, as copy_rows<true> does.
+template <class Elem, class Dst, class Coord>
+__device__ __forceinline__ void copy_rows_paged(const Elem* base, Dst&& dst, Coord const& coord, int rows,
+                                                const KvPages& pages, int b, int key0, int64_t page_stride,
+                                                int64_t row_stride) {
+  static_assert(decltype(size<0>(dst))::value * sizeof(Elem) == 16, "one 16-byte chunk per copy");
+  constexpr int kRows = decltype(size<1>(dst))::value;
+  int64_t off[kRows];
+  CUTE_UNROLL
+  for (int mi = 0; mi < kRows; ++mi) {
+    const int r = min(get<0>(coord(0, mi, 0)), rows - 1);  // clamped: the table is read inside the sequence
+    off[mi] = pages.offset(b, key0 + r, page_stride, row_stride);
+  }
+  CUTE_UNROLL
+  for (int mi = 0; mi < kRows; ++mi) {
+    if (get<0>(coord(0, mi, 0)) < rows) {
+      CUTE_UNROLL
+      for (int ki = 0; ki < size<2>(dst); ++ki) {
+        SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>::copy(
+            *reinterpret_cast<const cute::uint128_t*>(base + off[mi] + get<1>(coord(0, mi, ki))),
+            *reinterpret_cast<cute::uint128_t*>(&dst(0, mi, ki)));
+      }
+    } else {
       CUTE_UNROLL
       for (int ki = 0; ki < size<2>(dst); ++ki) clear(dst(_, mi, ki));
     }

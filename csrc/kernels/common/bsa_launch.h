@@ -13,6 +13,9 @@
 // the parameters, else the portable one; kPortable always the portable (sm80) kernel; kHopper the
 // Hopper kernel or an error saying why not.
 //
+// Paged K/V (params.pages.paged(); layout in kernels/common/bsa_params.h): only the portable kernel
+// reads pages (one table lookup per key row of a tile), so kAuto takes it and kHopper is refused.
+//
 // Torch-free and CuTe-free, so the torch glue and the C++ benchmark can include it with a host
 // compiler.
 #pragma once
@@ -88,7 +91,11 @@ inline int bsa_device_arch(int dev) {
   return v;
 }
 
-// Empty when the kernels support these parameters, else what is wrong, naming the value.
+// Empty when the kernels support these parameters, else what is wrong, naming the value. Paged K/V
+// needs varlen q and key lengths (cu_seqlens_q/k), page sizes 16 to 256 (page_shift 4 to 8) and at
+// least one page; the kernel addresses the cache in int64 (page * page_stride + slot * row_stride),
+// so its extent num_pages * page_stride has no int32 limit, and page numbers are clamped into
+// [0, num_pages). Alignment (16-byte pointers, strides in multiples of 8 elements) is the caller's.
 inline std::string bsa_unsupported_reason(const BsaParams& p) {
   if (p.head_dim != 64 && p.head_dim != 128)
     return "head_dim must be 64 or 128, got " + std::to_string(p.head_dim);
@@ -103,15 +110,25 @@ inline std::string bsa_unsupported_reason(const BsaParams& p) {
   if (p.batch < 0 || p.seqlen_q < 0 || p.seqlen_k < 0) return "negative batch or sequence length";
   if (int64_t(p.batch) * p.q_heads * p.num_q_blocks > int64_t(INT32_MAX))
     return "too many work items (batch * q_heads * query blocks must be below 2^31)";
+  if (p.pages.paged()) {
+    if (p.cu_seqlens_q == nullptr || p.cu_seqlens_k == nullptr)
+      return "paged K/V needs cu_seqlens_q and cu_seqlens_k (varlen q, key lengths)";
+    if (p.pages.page_shift < 4 || p.pages.page_shift > 8)
+      return "page size must be a power of two from 16 to 256, got page_shift " + std::to_string(p.pages.page_shift);
+    if (p.pages.num_pages < 1) return "paged K/V needs at least one page, got " + std::to_string(p.pages.num_pages);
+  }
   return {};
 }
 
 // Empty when the Hopper kernel takes these (already supported) parameters on the current device,
-// else why not: a build with sm_90a code (PROXYATTN_HOPPER_KERNELS, set by setup.py and CMake when
-// PROXYATTN_ARCHS holds 90a); a compute capability 9.0 device; block size 128; q/k/v strides of dimensions
-// longer than 1 positive, 16-byte multiples, below 2^40 bytes, 16-byte aligned pointers (TMA); row
-// counts within int32 (TMA coordinates).
+// else why not: contiguous K/V (not paged); a build with sm_90a code (PROXYATTN_HOPPER_KERNELS, set by
+// setup.py and CMake when PROXYATTN_ARCHS holds 90a); a compute capability 9.0 device; block size 128;
+// q/k/v strides of dimensions longer than 1 positive, 16-byte multiples, below 2^40 bytes, 16-byte
+// aligned pointers (TMA); row counts within int32 (TMA coordinates).
 inline std::string bsa_hopper_unsupported_reason(const BsaParams& p) {
+  // Checked first, so that it is the reason on every build and device. The row and stride checks
+  // below describe one contiguous K/V tensor (rows_k = total_k), which paged params do not have.
+  if (p.pages.paged()) return "paged K/V: the Hopper kernel reads contiguous K/V only; the portable kernel reads pages";
 #if !defined(PROXYATTN_HOPPER_KERNELS)
   // Built without sm_90a code (PROXYATTN_ARCHS lacks 90a): the kernel's body is empty for every
   // target, so taking this path would launch a kernel that writes nothing.

@@ -15,6 +15,10 @@
 //   varlen        q/out [total_q, Hq, D], k/v [total_k, Hkv, D], cu_seqlens_q/k int32 [B + 1] on the
 //                 device: sequence b holds rows [cu[b], cu[b+1]); batch strides are ignored; lse
 //                 [Hq, total_q] at h*lse_head_stride + cu_seqlens_q[b] + row.
+//   paged         q/out and lse as varlen; k/v the caches [num_pages, page_size, Hkv, D] of a serving
+//                 engine, read through pages (kernels/common/kv_pages.h): k_row_stride / k_head_stride
+//                 are the slot and head strides, pages.k_page_stride the page stride (v likewise);
+//                 cu_seqlens_k holds the prefix sums of the key lengths, whose starts are not used.
 //   counts        int32 [B, Hq, num_q_blocks]; indices int16 or int32 [B, Hq, num_q_blocks,
 //                 num_k_blocks] (num_k_blocks = index row length K), any strides; exactly one of
 //                 BsaParams::indices (int32) and BsaParams::indices16 (int16, what select_blocks
@@ -25,6 +29,8 @@
 #pragma once
 
 #include <cstdint>
+
+#include "kernels/common/kv_pages.h"
 
 #if defined(__CUDACC__)
 #define PROXYATTN_HOST_DEVICE __host__ __device__
@@ -54,6 +60,9 @@ struct BsaParams {
   const int* cu_seqlens_q = nullptr;
   const int* cu_seqlens_k = nullptr;
   int64_t total_q = 0, total_k = 0;
+
+  // Paged K/V (page_table non-null; varlen q), see the layout comment above.
+  KvPages pages;
 
   // Block selection (device), see the layout comment above.
   const int* counts = nullptr;

@@ -127,7 +127,10 @@ __global__ void __launch_bounds__(kProbeThreads, 2) probe_kernel(const HeadBudge
       const int kr = c / (D / 8), kc = c % (D / 8);
       const int key = k0 + tile * kKeyTile + kr;
       const bool ok = key < k1;
-      const T* src = ok ? kb + (sb.k_start + key) * p.k_row_stride + kc * 8 : kb;
+      const T* src = !ok ? kb
+                     : kb + kc * 8 +
+                           (p.pages.paged() ? p.pages.offset(b, key, p.pages.k_page_stride, p.k_row_stride)
+                                            : (sb.k_start + key) * p.k_row_stride);
       cp_async_16(&ks[buf][kr * kStride + kc * 8], src, ok ? 16 : 0);
     }
     cp_async_commit();

@@ -13,6 +13,8 @@
 
 #include <cstdint>
 
+#include "kernels/common/kv_pages.h"
+
 namespace proxyattn {
 
 constexpr int kProbeRows = 128;       // >= block size: one CTA holds every probe row
@@ -27,6 +29,7 @@ struct HeadBudgetsParams {
   const int* cu_seqlens_q;  // nullptr for fixed length
   const int* cu_seqlens_k;
   int64_t total_q, total_k;
+  KvPages pages;  // paged keys (k the cache [num_pages, page_size, Hkv, D], k strides slot/head)
   int batch, num_heads, num_kv_heads, head_dim;
   int max_seqlen_q, max_seqlen_k;
   int nkb, block_size;

@@ -51,7 +51,10 @@ __device__ inline void pooled_row(const ProxyScoresParams& p, const SeqBounds& s
 #pragma unroll
   for (int e = 0; e < kPer; ++e) out[e] = 0.f;
   if (j >= kept_count(n, first, s)) return;
-  const T* src = base + (start + first + j * s) * row_stride + lane * kPer;
+  const int64_t t = first + j * s;  // sequence-local row
+  const T* src = base + lane * kPer +
+                 (!query && p.pages.paged() ? p.pages.offset(b, static_cast<int>(t), p.pages.k_page_stride, row_stride)
+                                            : (start + t) * row_stride);
   for (int hh = 0; hh < nh; ++hh) {
     const T* hp = src + (h0 + hh) * head_stride;
 #pragma unroll

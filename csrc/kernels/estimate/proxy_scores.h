@@ -13,6 +13,8 @@
 
 #include <cstdint>
 
+#include "kernels/common/kv_pages.h"
+
 namespace proxyattn {
 
 struct ProxyScoresParams {
@@ -23,6 +25,7 @@ struct ProxyScoresParams {
   const int* cu_seqlens_q;  // nullptr for fixed length
   const int* cu_seqlens_k;
   int64_t total_q, total_k;
+  KvPages pages;  // paged keys (k the cache [num_pages, page_size, Hkv, D], k strides slot/head)
   int batch, num_heads, num_kv_heads, num_groups, head_dim;
   int max_seqlen_q, max_seqlen_k;
   int nqb, nkb, block_size, stride;
