@@ -1,7 +1,7 @@
 """proxy_attention_paged on CUDA (bf16, 16k-64k tokens): for every page size and cache layout the
 paged call, whose kernels read K/V through the page table, equals proxy_attention_varlen on the
-same keys bit for bit, outputs and selections (the same kernels on the same keys: the varlen call
-runs with PROXYATTN_BSA_BACKEND=portable, the attention kernel paged calls use); a 64k sequence prefilled chunk by chunk into the cache equals the contiguous chunk calls;
+same keys bit for bit, outputs and selections (the same kernels on the same keys: both calls on the
+portable attention kernel, and on the Hopper kernel for pages of 128 and 256); a 64k sequence prefilled chunk by chunk into the cache equals the contiguous chunk calls;
 the paged call is captured in a CUDA graph and replayed on new caches, page tables and lengths;
 no host synchronisation happens; torch.compile(fullgraph=True) equals the eager call. Pages that no sequence reads, and slots past a sequence's last
 key, hold NaN. Helpers: tests/test_paged.py (the CPU version)."""
@@ -46,10 +46,32 @@ def _batch(page_size, layout, gen):
     return pb, torch.cat(qs), cu_of(LENS_Q, "cuda")
 
 
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
 @pytest.fixture
 def portable(monkeypatch):
-    """The varlen calls compared with paged ones run the attention kernel paged calls run."""
+    """Paged and varlen calls on one attention kernel, the portable one (it reads every page size)."""
     monkeypatch.setenv("PROXYATTN_BSA_BACKEND", "portable")
+
+
+@need_kernels
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("page_size", (128, 256))
+def test_paged_equals_varlen_hopper(page_size, monkeypatch):
+    """Pages of 128 and 256 tokens on the Hopper kernel (one TMA box per key block from its page):
+    outputs equal to the varlen call on the Hopper kernel, bit for bit."""
+    monkeypatch.setenv("PROXYATTN_BSA_BACKEND", "hopper")
+    pb, q, cu_q = _batch(page_size, "kv_split", torch.Generator().manual_seed(page_size + 1))
+    cfg = pa.ProxyAttnConfig()
+    mq, mk = max(LENS_Q), max(LENS_K)
+    _poison_allocator()
+    out = pa.proxy_attention_paged(q, pb.k_cache, pb.v_cache, pb.page_table, pb.seqlens_k(), cu_q, mq, mk, cfg)
+    k, v, cu_k = pb.packed()
+    want = pa.proxy_attention_varlen(q, k, v, cu_q, cu_k, mq, mk, cfg)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, want)
 
 
 @need_kernels
@@ -75,8 +97,9 @@ def test_paged_equals_varlen_gpu(page_size, layout, portable):
 def test_paged_reads_pages_and_matches_the_hopper_path():
     """The paged call allocates no gathered copy of K/V: its peak memory above what it starts with
     is that of the varlen call on already packed keys (workspaces, outputs), within 1 MiB, where a
-    gather would add 2 * B * max_seqlen_k * Hkv * D elements (113 MB here). Its output is within
-    bf16 rounding of the varlen call on the default (Hopper where available) attention kernel."""
+    gather would add 2 * B * max_seqlen_k * Hkv * D elements (113 MB here). Pages of 64: the
+    portable kernel on the paged call, the default (Hopper where available) on the varlen one, so
+    the outputs agree within bf16 rounding."""
     pb, q, cu_q = _batch(64, "nhd", torch.Generator().manual_seed(5))
     cfg = pa.ProxyAttnConfig()
     mq, mk = max(LENS_Q), max(LENS_K)
@@ -218,3 +241,15 @@ def _batch_small():
         pb.append(b, k, v)
         qs.append(q[nk - nq:])
     return pb, torch.cat(qs), cu_of(LENS_Q_SMALL, "cuda")
+
+
+@need_kernels
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
+def test_hopper_refuses_pages_under_128(monkeypatch):
+    """PROXYATTN_BSA_BACKEND=hopper with pages of 32 tokens: a clear error naming the page sizes it
+    takes (auto runs such pages on the portable kernel, tested above)."""
+    monkeypatch.setenv("PROXYATTN_BSA_BACKEND", "hopper")
+    pb, q, cu_q = _batch_small()
+    with pytest.raises(RuntimeError, match="pages of 128 or 256"):
+        pa.proxy_attention_paged(q, pb.k_cache, pb.v_cache, pb.page_table, pb.seqlens_k(), cu_q,
+                                 max(LENS_Q_SMALL), max(LENS_K_SMALL), pa.ProxyAttnConfig(dense_below=0))

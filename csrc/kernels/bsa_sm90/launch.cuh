@@ -1,4 +1,5 @@
-// Host launcher of the Hopper kernel for one (dtype, head dim): tensor maps for q/k/v, the grid
+// Host launcher of the Hopper kernel for one (dtype, head dim): tensor maps for q/k/v (paged K/V:
+// over the caches as (slot, D, head, page)), the grid
 // (min(work items, SMs) persistent CTAs), the dynamic shared memory, the launch on the stream.
 // Explicitly instantiated in csrc/instantiations/bsa_fwd_sm90_<dtype>_hdim<D>.cu; reached through
 // run_bsa_fwd (kernels/common/bsa_launch.h) with parameters bsa_plan accepted for the Hopper path.
@@ -35,22 +36,26 @@ cudaError_t launch(const BsaParams& p, cudaStream_t stream) {
   if (grid > int64_t(INT32_MAX)) return cudaErrorInvalidConfiguration;
   if (p.tile_counter == nullptr || p.kv_section < 1) return cudaErrorInvalidValue;
 
-  const bool varlen = p.cu_seqlens_q != nullptr;
+  const bool varlen = p.cu_seqlens_q != nullptr, paged = p.pages.paged();
   KernelParams<Traits> kp;
   kp.p = p;
   kp.q_rows_total = int32_t(varlen ? p.total_q : p.seqlen_q);
-  kp.k_rows_total = int32_t(varlen ? p.total_k : p.seqlen_k);
   kp.q_batches = varlen ? 1 : p.batch;
+  // Paged K/V: the caches as (slot, D, head, page); pages hold whole key blocks (>= 128 slots).
+  kp.k_rows_total = int32_t(paged ? p.pages.page_size() : varlen ? p.total_k : p.seqlen_k);
+  kp.k_batches = paged ? p.pages.num_pages : kp.q_batches;
   const int64_t dflt = D;  // 16-byte multiple, used for unused strides
-  auto make_g = [&](const void* ptr, int32_t rows, int heads, int64_t rs, int64_t hs, int64_t bs) {
+  auto make_g = [&](const void* ptr, int32_t rows, int heads, int32_t batches, int64_t rs, int64_t hs, int64_t bs) {
     return make_tensor(make_gmem_ptr(static_cast<Elem const*>(ptr)),
-                       make_shape(rows, Int<D>{}, int32_t(heads), int32_t(kp.q_batches)),
+                       make_shape(rows, Int<D>{}, int32_t(heads), batches),
                        make_stride(tma_stride(rows, rs, dflt), _1{}, tma_stride(heads, hs, dflt),
-                                   tma_stride(kp.q_batches, bs, dflt)));
+                                   tma_stride(batches, bs, dflt)));
   };
-  auto gQ = make_g(p.q, kp.q_rows_total, p.q_heads, p.q_row_stride, p.q_head_stride, p.q_batch_stride);
-  auto gK = make_g(p.k, kp.k_rows_total, p.kv_heads, p.k_row_stride, p.k_head_stride, p.k_batch_stride);
-  auto gV = make_g(p.v, kp.k_rows_total, p.kv_heads, p.v_row_stride, p.v_head_stride, p.v_batch_stride);
+  auto gQ = make_g(p.q, kp.q_rows_total, p.q_heads, kp.q_batches, p.q_row_stride, p.q_head_stride, p.q_batch_stride);
+  auto gK = make_g(p.k, kp.k_rows_total, p.kv_heads, kp.k_batches, p.k_row_stride, p.k_head_stride,
+                   paged ? p.pages.k_page_stride : p.k_batch_stride);
+  auto gV = make_g(p.v, kp.k_rows_total, p.kv_heads, kp.k_batches, p.v_row_stride, p.v_head_stride,
+                   paged ? p.pages.v_page_stride : p.v_batch_stride);
   kp.tma_q = make_tma_copy(SM90_TMA_LOAD{}, gQ, typename Traits::SmemLayoutQ{},
                            Shape<Int<Traits::kBlockM>, Int<D>>{}, _1{});
   kp.tma_k = make_tma_copy(SM90_TMA_LOAD{}, gK, take<0, 2>(typename Traits::SmemLayoutKV{}),

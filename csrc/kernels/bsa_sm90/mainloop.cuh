@@ -59,8 +59,9 @@ __device__ __forceinline__ void run_loader(const KernelParams<Traits>& kp, typen
   Tensor sV = make_tensor(make_smem_ptr(ss.v), typename Traits::SmemLayoutKV{});  // (N, D, stage)
   // Coordinate tensors of the tensor maps: (rows, D, heads, batch).
   Tensor mQ = kp.tma_q.get_tma_tensor(make_shape(kp.q_rows_total, Int<kHeadDim>{}, p.q_heads, kp.q_batches));
-  Tensor mK = kp.tma_k.get_tma_tensor(make_shape(kp.k_rows_total, Int<kHeadDim>{}, p.kv_heads, kp.q_batches));
-  Tensor mV = kp.tma_v.get_tma_tensor(make_shape(kp.k_rows_total, Int<kHeadDim>{}, p.kv_heads, kp.q_batches));
+  Tensor mK = kp.tma_k.get_tma_tensor(make_shape(kp.k_rows_total, Int<kHeadDim>{}, p.kv_heads, kp.k_batches));
+  Tensor mV = kp.tma_v.get_tma_tensor(make_shape(kp.k_rows_total, Int<kHeadDim>{}, p.kv_heads, kp.k_batches));
+  const bool paged = p.pages.paged();
   const int group = p.q_heads / p.kv_heads;
   uint32_t n = 0;   // slots taken
   int it = 0;       // stages filled
@@ -99,32 +100,53 @@ __device__ __forceinline__ void run_loader(const KernelParams<Traits>& kp, typen
     cursor.resume(f[kItemFirstOrd], f[kItemFirstBlock]);
     Tensor gQ = local_tile(domain_offset(make_coord(f[kItemQRow0], _0{}), mQ(_, _, h, qb)),
                            Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m, _0{}));   // (M, D)
-    Tensor gK = local_tile(domain_offset(make_coord(f[kItemKRow0], _0{}), mK(_, _, kvh, qb)),
-                           Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));   // (N, D, blocks)
-    Tensor gV = local_tile(domain_offset(make_coord(f[kItemKRow0], _0{}), mV(_, _, kvh, qb)),
-                           Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));   // (N, D, blocks)
     auto [tQg, tQs] = tma_partition(kp.tma_q, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
-    auto [tKg, tKs] = tma_partition(kp.tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
-    auto [tVg, tVs] = tma_partition(kp.tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
     const int qbuf = nq & 1;
     EmptyBarrier::wait(&ss.empty_q[qbuf], ((nq >> 1) & 1) ^ 1);
     Barrier::arrive_and_expect_tx(&ss.full_q[qbuf], Traits::kQBytes);
     copy(kp.tma_q.with(ss.full_q[qbuf]), tQg, tQs(_, qbuf));
     ++nq;
-    do {
-      const int s = it % kStages;
-      const uint32_t phase = (it / kStages) & 1;
-      md[kMetaBlock] = cursor.blk;
-      stage_meta(s, phase, md);
-      md[kMetaFlags] = 0;
-      Barrier::arrive_and_expect_tx(&ss.full_k[s], Traits::kKVBytes);
-      copy(kp.tma_k.with(ss.full_k[s]), tKg(_, cursor.blk), tKs(_, s));
-      cursor.fetch();  // the next entry's load overlaps the wait below
-      EmptyBarrier::wait(&ss.empty_v[s], phase ^ 1);
-      Barrier::arrive_and_expect_tx(&ss.full_v[s], Traits::kKVBytes);
-      copy(kp.tma_v.with(ss.full_v[s]), tVg(_, cursor.blk), tVs(_, s));
-      ++it;
-    } while (cursor.advance());
+    // K/V of every block of the item into the ring; tKg/tVg index a block's box by `where(blk)`.
+    auto stream_blocks = [&](auto const& tKg, auto const& tKs, auto const& tVg, auto const& tVs, auto&& where) {
+      do {
+        const int s = it % kStages;
+        const uint32_t phase = (it / kStages) & 1;
+        md[kMetaBlock] = cursor.blk;
+        stage_meta(s, phase, md);
+        md[kMetaFlags] = 0;
+        const auto box = where(cursor.blk);
+        Barrier::arrive_and_expect_tx(&ss.full_k[s], Traits::kKVBytes);
+        copy(kp.tma_k.with(ss.full_k[s]), tKg(_, box), tKs(_, s));
+        cursor.fetch();  // the next entry's load overlaps the wait below
+        EmptyBarrier::wait(&ss.empty_v[s], phase ^ 1);
+        Barrier::arrive_and_expect_tx(&ss.full_v[s], Traits::kKVBytes);
+        copy(kp.tma_v.with(ss.full_v[s]), tVg(_, box), tVs(_, s));
+        ++it;
+      } while (cursor.advance());
+    };
+    if (!paged) {
+      Tensor gK = local_tile(domain_offset(make_coord(f[kItemKRow0], _0{}), mK(_, _, kvh, qb)),
+                             Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));   // (N, D, blocks)
+      Tensor gV = local_tile(domain_offset(make_coord(f[kItemKRow0], _0{}), mV(_, _, kvh, qb)),
+                             Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));   // (N, D, blocks)
+      auto [tKg, tKs] = tma_partition(kp.tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+      auto [tVg, tVs] = tma_partition(kp.tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+      stream_blocks(tKg, tKs, tVg, tVs, [](int blk) { return blk; });
+    } else {
+      // Paged: the caches as (slot, D, page); block blk is box (blk * N mod page size) / N of its
+      // page (from the table, clamped into the cache).
+      Tensor gK = local_tile(mK(_, _, kvh, _), Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}, _));
+      Tensor gV = local_tile(mV(_, _, kvh, _), Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}, _));
+      auto [tKg, tKs] = tma_partition(kp.tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+      auto [tVg, tVs] = tma_partition(kp.tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+      const int* table = p.pages.page_table + int64_t(b) * p.pages.table_stride;
+      const int shift = p.pages.page_shift, last = p.pages.num_pages - 1;
+      stream_blocks(group_modes<1, 3>(tKg), tKs, group_modes<1, 3>(tVg), tVs, [table, shift, last](int blk) {
+        const int key0 = blk * kBlockN;
+        const int page = max(0, min(table[key0 >> shift], last));
+        return make_coord((key0 & ((1 << shift) - 1)) / kBlockN, page);
+      });
+    }
   }
 }
 

@@ -98,7 +98,9 @@ struct KernelParams {
   typename Traits::TmaQ tma_q;
   typename Traits::TmaKV tma_k;
   typename Traits::TmaKV tma_v;
-  int32_t q_rows_total, k_rows_total, q_batches;  // extents the tensor maps were built with
+  // Extents the tensor maps were built with: rows and batches of q, and of k/v (paged K/V: the
+  // slots of a page and the pages, so a key block is one box of its page).
+  int32_t q_rows_total, k_rows_total, q_batches, k_batches;
 };
 
 }  // namespace bsa_sm90

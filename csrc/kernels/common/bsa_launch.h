@@ -13,8 +13,10 @@
 // the parameters, else the portable one; kPortable always the portable (sm80) kernel; kHopper the
 // Hopper kernel or an error saying why not.
 //
-// Paged K/V (params.pages.paged(); layout in kernels/common/bsa_params.h): only the portable kernel
-// reads pages (one table lookup per key row of a tile), so kAuto takes it and kHopper is refused.
+// Paged K/V (params.pages.paged(); layout in kernels/common/bsa_params.h): the portable kernel reads
+// pages of any supported size (one table lookup per key row of a tile); the Hopper kernel reads
+// pages of 128 or 256 tokens (one TMA box per key block, from the block's page), so for smaller
+// pages kAuto takes the portable kernel and kHopper is refused.
 //
 // Torch-free and CuTe-free, so the torch glue and the C++ benchmark can include it with a host
 // compiler.
@@ -121,14 +123,16 @@ inline std::string bsa_unsupported_reason(const BsaParams& p) {
 }
 
 // Empty when the Hopper kernel takes these (already supported) parameters on the current device,
-// else why not: contiguous K/V (not paged); a build with sm_90a code (PROXYATTN_HOPPER_KERNELS, set by
+// else why not: pages (if paged) of at least 128 tokens; a build with sm_90a code (PROXYATTN_HOPPER_KERNELS, set by
 // setup.py and CMake when PROXYATTN_ARCHS holds 90a); a compute capability 9.0 device; block size 128;
 // q/k/v strides of dimensions longer than 1 positive, 16-byte multiples, below 2^40 bytes, 16-byte
 // aligned pointers (TMA); row counts within int32 (TMA coordinates).
 inline std::string bsa_hopper_unsupported_reason(const BsaParams& p) {
-  // Checked first, so that it is the reason on every build and device. The row and stride checks
-  // below describe one contiguous K/V tensor (rows_k = total_k), which paged params do not have.
-  if (p.pages.paged()) return "paged K/V: the Hopper kernel reads contiguous K/V only; the portable kernel reads pages";
+  // Checked first, so that it is the reason on every build and device.
+  if (p.pages.paged() && p.pages.page_shift < 7)
+    return "paged K/V with pages of " + std::to_string(p.pages.page_size()) +
+           " tokens: the Hopper kernel loads a key block (128 tokens) from one page, so it needs pages of 128 or 256; "
+           "the portable kernel reads smaller pages";
 #if !defined(PROXYATTN_HOPPER_KERNELS)
   // Built without sm_90a code (PROXYATTN_ARCHS lacks 90a): the kernel's body is empty for every
   // target, so taking this path would launch a kernel that writes nothing.
@@ -143,16 +147,20 @@ inline std::string bsa_hopper_unsupported_reason(const BsaParams& p) {
   const int arch = bsa_device_arch(dev);
   if (arch != 90) return "it needs a compute capability 9.0 device, got " + std::to_string(arch);
   if (p.block_size != 128) return "it needs block_size 128, got " + std::to_string(p.block_size);
-  const bool varlen = p.cu_seqlens_q != nullptr;
-  const int64_t rows_q = varlen ? p.total_q : p.seqlen_q, rows_k = varlen ? p.total_k : p.seqlen_k;
+  const bool varlen = p.cu_seqlens_q != nullptr, paged = p.pages.paged();
+  // Paged: the tensor maps see the caches as (slot, D, head, page).
+  const int64_t rows_q = varlen ? p.total_q : p.seqlen_q;
+  const int64_t rows_k = paged ? p.pages.page_size() : varlen ? p.total_k : p.seqlen_k;
   if (rows_q > INT32_MAX || rows_k > INT32_MAX) return "it needs row counts below 2^31";
   auto bad = [](int64_t size, int64_t stride) {
     return size > 1 && (stride <= 0 || stride % 8 != 0 || stride >= (int64_t(1) << 39));
   };
-  const int64_t nb = varlen ? 1 : p.batch;
+  const int64_t nb = varlen ? 1 : p.batch, nbk = paged ? p.pages.num_pages : nb;
+  const int64_t kbs = paged ? p.pages.k_page_stride : p.k_batch_stride;
+  const int64_t vbs = paged ? p.pages.v_page_stride : p.v_batch_stride;
   if (bad(rows_q, p.q_row_stride) || bad(p.q_heads, p.q_head_stride) || bad(nb, p.q_batch_stride) ||
-      bad(rows_k, p.k_row_stride) || bad(p.kv_heads, p.k_head_stride) || bad(nb, p.k_batch_stride) ||
-      bad(rows_k, p.v_row_stride) || bad(p.kv_heads, p.v_head_stride) || bad(nb, p.v_batch_stride))
+      bad(rows_k, p.k_row_stride) || bad(p.kv_heads, p.k_head_stride) || bad(nbk, kbs) ||
+      bad(rows_k, p.v_row_stride) || bad(p.kv_heads, p.v_head_stride) || bad(nbk, vbs))
     return "it needs positive q/k/v strides that are multiples of 8 elements (TMA)";
   auto misaligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 != 0; };
   if (misaligned(p.q) || misaligned(p.k) || misaligned(p.v)) return "it needs 16-byte aligned q/k/v";
