@@ -161,6 +161,10 @@ def proxy_attention_paged(q: Tensor, k_cache: Tensor, v_cache: Tensor, page_tabl
     256 tokens, smaller pages run on the portable kernel. Elsewhere the keys are gathered first
     (gather_paged_kv: 2 * B * max_seqlen_k * Hkv * D elements on CUDA).
 
+    The slots past a sequence's last key in its last page must hold finite values (zero-initialised
+    or stale keys, as engines' caches do): the Hopper kernel loads whole 128-slot boxes and masks
+    the keys past the sequence, and a masked NaN value still turns P V into NaN.
+
     Validation runs before anything on the device: every argument's dtype, device, shape and
     strides; on the CPU also the values (seqlens_k in [1, max_seqlen_k], the page numbers a
     sequence reads in [0, num_pages), cu_seqlens_q). Device values are not read (that would
