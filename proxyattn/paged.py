@@ -172,9 +172,11 @@ def proxy_attention_paged(q: Tensor, k_cache: Tensor, v_cache: Tensor, page_tabl
     lay = check_paged(q, k_cache, v_cache, page_table, seqlens_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, config,
                       causal)
     if q.is_cuda and all(ops.cuda_kernel_available(n) for n in _PAGED_OPS):
+        # int32 prefix sums cannot wrap: check_paged bounds B * max_seqlen_k. The kernels read the
+        # table's rows contiguously (a no-op for a contiguous table, else one small device copy).
         cu_k = F.pad(torch.cumsum(seqlens_k.clamp(0, max_seqlen_k), 0, dtype=torch.int32), (1, 0))
         return attention._run(q, k_cache, v_cache, lay, cu_seqlens_q, cu_k, config, causal, return_selection,
-                              page_table)
+                              page_table.contiguous())
     kv = _gather(k_cache, v_cache, page_table, seqlens_k, max_seqlen_k)
     return proxy_attention_varlen(q, kv.k, kv.v, cu_seqlens_q, kv.cu_seqlens_k, max_seqlen_q, kv.max_seqlen_k,
                                   config, causal=causal, return_selection=return_selection)
