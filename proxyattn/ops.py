@@ -291,7 +291,7 @@ def call(name: str, *args):
 
 
 # Page sizes the paged entry point takes (the CUDA glue checks the same range). Why these: the
-# Hopper kernel is to load K/V pages with TMA, so a key block (64 or 128 tokens) must be a whole
+# Hopper kernel loads K/V pages with TMA boxes, so a key block (64 or 128 tokens) must be a whole
 # number of pages or lie inside one page, which powers of two give; below 16 tokens a 128-token block would take more than 8 page
 # loads (page size 1, SGLang's default, is a gather of single tokens: raise it with --page-size);
 # above 256 no kernel has been measured.
@@ -300,7 +300,7 @@ PAGE_SIZES = (16, 32, 64, 128, 256)
 
 def _page_size_error(page_size: int) -> str:
     return (f"k_cache.shape[1] is the page size and must be one of {PAGE_SIZES}, got {page_size}. "
-            f"The planned copy-free kernels load whole pages (TMA on Hopper), so a key block of 64 or 128 "
+            f"The kernels load pages whole (TMA boxes on Hopper), so a key block of 64 or 128 "
             f"tokens must be a whole number of pages or lie inside one page (powers of two); pages under 16 "
             f"tokens would make a block more than 8 separate loads (SGLang's default page size 1: start it "
             f"with --page-size 16 or more); pages over 256 tokens are not measured")

@@ -5,9 +5,8 @@ token and head strides, last dim contiguous), and per sequence a row of page_tab
 [B, max_pages] naming its pages in order; the keys of sequence b are its first seqlens_k[b] slots
 through those pages. A paged call computes exactly what proxy_attention_varlen computes on the same
 keys. On CUDA, where the build has the kernels, stages 1, 2 and 4 read K/V through the page table
-(no copy; the Hopper attention kernel takes pages of 128 and 256 tokens, one TMA box per key block,
-and the portable kernel every page size); elsewhere (the CPU, or a build without kernels) the keys
-are gathered into packed K/V first.
+(no copy: TMA boxes of the pages in the Hopper attention kernel, row gathers in the portable one);
+elsewhere (the CPU, or a build without kernels) the keys are gathered into packed K/V first.
 
 Memory: a gather holds B * max_seqlen_k rows of K and V on CUDA (a fixed size, so a call can be
 captured in a CUDA graph; rows past cu_seqlens_k[-1] are padding, copies of the last key that no op
@@ -152,17 +151,16 @@ def proxy_attention_paged(q: Tensor, k_cache: Tensor, v_cache: Tensor, page_tabl
     return_selection.
 
     Page sizes: 16, 32, 64, 128 or 256 tokens (PAGE_SIZES); others are refused because the
-    planned Hopper kernel loads whole pages with TMA and a key block must be a whole number of
+    Hopper kernel loads pages with TMA boxes and a key block must be a whole number of
     pages or lie inside one; pages under 16 tokens would split a block into more than 8 loads
     (SGLang's default page size 1 must be raised with --page-size); larger pages are unmeasured.
 
     On CUDA (with the kernels in the build) stages 1, 2 and 4 read K/V through the page table:
-    no copy, no host sync, graph-capturable; on Hopper the attention kernel takes pages of 128 and
-    256 tokens, smaller pages run on the portable kernel. Elsewhere the keys are gathered first
+    no copy, no host sync, graph-capturable. Elsewhere the keys are gathered first
     (gather_paged_kv: 2 * B * max_seqlen_k * Hkv * D elements on CUDA).
 
     The slots past a sequence's last key in its last page must hold finite values (zero-initialised
-    or stale keys, as engines' caches do): the Hopper kernel loads whole 128-slot boxes and masks
+    or stale keys, as engines' caches do): the Hopper kernel loads whole boxes of slots and masks
     the keys past the sequence, and a masked NaN value still turns P V into NaN.
 
     Validation runs before anything on the device: every argument's dtype, device, shape and

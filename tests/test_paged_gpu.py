@@ -1,11 +1,11 @@
 """proxy_attention_paged on CUDA (bf16, 16k-64k tokens): for every page size and cache layout the
 paged call, whose kernels read K/V through the page table, equals proxy_attention_varlen on the
 same keys bit for bit, outputs and selections (the same kernels on the same keys: both calls on the
-portable attention kernel, and on the Hopper kernel for pages of 128 and 256); a 64k sequence prefilled chunk by chunk into the cache equals the contiguous chunk calls;
+portable attention kernel, and both on the Hopper kernel); a 64k sequence prefilled chunk by chunk into the cache equals the contiguous chunk calls;
 the paged call is captured in a CUDA graph and replayed on new caches, page tables and lengths;
 no host synchronisation happens; torch.compile(fullgraph=True) equals the eager call. Pages that
-no sequence reads, and slots past a sequence's last key, hold NaN (finite in the Hopper tests:
-_finite_tails). Helpers: tests/test_paged.py (the CPU version)."""
+no sequence reads hold NaN; the slots past a sequence's last key in its last page hold finite
+values (_finite_tails), as proxy_attention_paged requires. Helpers: tests/test_paged.py (the CPU version)."""
 import pytest
 import torch
 
@@ -44,6 +44,7 @@ def _batch(page_size, layout, gen):
             k, v = k[SHARED:], v[SHARED:]
         pb.append(b, k, v)
         qs.append(q[nk - nq:])
+    _finite_tails(pb)
     return pb, torch.cat(qs), cu_of(LENS_Q, "cuda")
 
 
@@ -58,9 +59,10 @@ def portable(monkeypatch):
 
 def _finite_tails(pb):
     """Finite values in the slots past each sequence's last key inside its last page: the Hopper
-    kernel loads whole boxes of 128 slots and masks the keys past the sequence, which needs finite
+    kernel loads whole boxes (128 or 16 slots) and masks the keys past the sequence, which needs finite
     stale values there (0 * NaN is NaN in P V), as zero-initialised engine caches hold. Pages no
-    sequence reads keep their NaN."""
+    sequence reads keep their NaN. Every batch of these tests gets it (the chunked-prefill test
+    writes chunks into the cache on the portable kernel, which zero-fills those rows)."""
     for b, n in enumerate(pb.lens):
         if n % pb.ps:
             page = int(pb.page_table[b, (n - 1) // pb.ps])
@@ -70,13 +72,13 @@ def _finite_tails(pb):
 
 @need_kernels
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
-@pytest.mark.parametrize("page_size", (128, 256))
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
 def test_paged_equals_varlen_hopper(page_size, monkeypatch):
-    """Pages of 128 and 256 tokens on the Hopper kernel (one TMA box per key block from its page):
-    outputs equal to the varlen call on the Hopper kernel, bit for bit."""
+    """Every page size on the Hopper kernel (one TMA box per key block from its page for pages of 128
+    and 256, eight 16-slot boxes from their pages below): outputs equal to the varlen call on the
+    Hopper kernel, bit for bit."""
     monkeypatch.setenv("PROXYATTN_BSA_BACKEND", "hopper")
     pb, q, cu_q = _batch(page_size, "kv_split", torch.Generator().manual_seed(page_size + 1))
-    _finite_tails(pb)
     cfg = pa.ProxyAttnConfig()
     mq, mk = max(LENS_Q), max(LENS_K)
     _poison_allocator()
@@ -111,9 +113,8 @@ def test_paged_equals_varlen_gpu(page_size, layout, portable):
 def test_paged_reads_pages_and_matches_the_hopper_path():
     """The paged call allocates no gathered copy of K/V: its peak memory above what it starts with
     is that of the varlen call on already packed keys (workspaces, outputs), within 1 MiB, where a
-    gather would add 2 * B * max_seqlen_k * Hkv * D elements (113 MB here). Pages of 64: the
-    portable kernel on the paged call, the default (Hopper where available) on the varlen one, so
-    the outputs agree within bf16 rounding."""
+    gather would add 2 * B * max_seqlen_k * Hkv * D elements (113 MB here). Its output is within
+    bf16 rounding of the varlen call's on the default attention kernel."""
     pb, q, cu_q = _batch(64, "nhd", torch.Generator().manual_seed(5))
     cfg = pa.ProxyAttnConfig()
     mq, mk = max(LENS_Q), max(LENS_K)
@@ -194,6 +195,7 @@ def test_paged_cuda_graph_and_no_host_sync():
             qq, kk, vv = _structured(nk, seed=100 * step + b)
             fresh.append(b, kk, vv)
             qs.append(qq[nk - nq:])
+        _finite_tails(fresh)
         static["k_cache"].copy_(fresh.k_cache)
         static["v_cache"].copy_(fresh.v_cache)
         for name, t in (("q", torch.cat(qs)), ("page_table", fresh.page_table), ("seqlens_k", fresh.seqlens_k()),
@@ -254,16 +256,6 @@ def _batch_small():
         q, k, v = _structured(nk, seed=20 + b)
         pb.append(b, k, v)
         qs.append(q[nk - nq:])
+    _finite_tails(pb)
     return pb, torch.cat(qs), cu_of(LENS_Q_SMALL, "cuda")
 
-
-@need_kernels
-@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
-def test_hopper_refuses_pages_under_128(monkeypatch):
-    """PROXYATTN_BSA_BACKEND=hopper with pages of 32 tokens: a clear error naming the page sizes it
-    takes (auto runs such pages on the portable kernel, tested above)."""
-    monkeypatch.setenv("PROXYATTN_BSA_BACKEND", "hopper")
-    pb, q, cu_q = _batch_small()
-    with pytest.raises(RuntimeError, match="pages of 128 or 256"):
-        pa.proxy_attention_paged(q, pb.k_cache, pb.v_cache, pb.page_table, pb.seqlens_k(), cu_q,
-                                 max(LENS_Q_SMALL), max(LENS_K_SMALL), pa.ProxyAttnConfig(dense_below=0))

@@ -1,7 +1,8 @@
 """The sm_90a code of the compiled extension, read with cuobjdump (no GPU needed; runs in CI).
 
-The extension holds exactly one Hopper attention kernel per (dtype, head dim): the persistent
-kernel bsa_fwd_sm90_persistent_kernel for bf16/fp16 x D = 64/128 (csrc/kernels/bsa_sm90/). Each
+The extension holds exactly the persistent Hopper attention kernel bsa_fwd_sm90_persistent_kernel
+for bf16/fp16 x D = 64/128 x contiguous/paged K/V (csrc/kernels/bsa_sm90/; the two differ only in
+the loader). Each
 must use wgmma (HGMMA) and TMA loads (UTMALDG), and keep an instruction order that ptxas chooses:
 the softmax of key tile j (64 MUFU.EX2 per thread at block size 128) has to sit between the wait
 for S_j = Q K_j^T (WARPGROUP.DEPBAR.LE gsb0, 0x1) and the wait for the P V wgmma of tile j - 1 (the
@@ -23,7 +24,7 @@ import subprocess
 import pytest
 
 EXP_PER_TILE = 64  # exponentials per consumer thread per 64 x 128 score tile
-EXPECTED_KERNELS = {(dtype, d) for dtype in ("bfloat16_t", "half_t") for d in (64, 128)}
+EXPECTED_KERNELS = {(dtype, d, paged) for dtype in ("bfloat16_t", "half_t") for d in (64, 128) for paged in (0, 1)}
 
 
 def _skip(reason):
@@ -52,10 +53,10 @@ def _build_wants_sm90a():
 
 
 def _kernel_key(name):
-    """(dtype, head dim) of a mangled bsa_fwd_sm90_persistent_kernel name, e.g.
-    ..._persistent_kernelINS0_10Sm90TraitsIN7cutlass10bfloat16_tELi128EEEEEv..."""
-    m = re.search(r"Sm90TraitsIN7cutlass\d+(bfloat16_t|half_t)ELi(\d+)E", name)
-    return (m.group(1), int(m.group(2))) if m else None
+    """(dtype, head dim, paged) of a mangled bsa_fwd_sm90_persistent_kernel name, e.g.
+    ..._persistent_kernelINS0_10Sm90TraitsIN7cutlass10bfloat16_tELi128EEELb0EEEv..."""
+    m = re.search(r"Sm90TraitsIN7cutlass\d+(bfloat16_t|half_t)ELi(\d+)EEELb([01])E", name)
+    return (m.group(1), int(m.group(2)), int(m.group(3))) if m else None
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +118,7 @@ def _exp_between_waits(ops):
 
 def test_parser_on_a_known_listing():
     """The helpers on hand-written listings: one overlapped tile, one whose wait was hoisted, and
-    the kernel names of the four instantiations."""
+    the kernel names of the instantiations."""
     good = "\n".join(["        /*0010*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;",
                       "        /*0020*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;"]
                      + [f"        /*{0x30 + 16 * i:04x}*/                   MUFU.EX2 R{i}, R{i} ;" for i in range(64)]
@@ -127,13 +128,13 @@ def test_parser_on_a_known_listing():
     assert _exp_between_waits(_opcodes(good)) == [64]
     assert _exp_between_waits(_opcodes(hoisted)) == [0]
     name = ("_ZN9proxyattn8bsa_sm9030bsa_fwd_sm90_persistent_kernelINS0_10Sm90TraitsIN7cutlass10bfloat16_t"
-            "ELi128EEEEEvNS0_12KernelParamsIT_EE")
-    assert _kernel_key(name) == ("bfloat16_t", 128)
-    assert _kernel_key(name.replace("10bfloat16_tELi128", "6half_tELi64")) == ("half_t", 64)
+            "ELi128EEELb0EEEvNS0_12KernelParamsIT_EE")
+    assert _kernel_key(name) == ("bfloat16_t", 128, 0)
+    assert _kernel_key(name.replace("10bfloat16_tELi128EEELb0", "6half_tELi64EEELb1")) == ("half_t", 64, 1)
 
 
 def test_exactly_the_persistent_kernels(sm90_functions):
-    """One Hopper kernel per (dtype, head dim), all of them the persistent kernel."""
+    """The persistent kernel per (dtype, head dim) and K/V layout (contiguous, paged), nothing else."""
     others = sorted(n for n in sm90_functions if "bsa_fwd_sm90_persistent_kernel" not in n)
     assert not others, f"Hopper attention kernels other than the persistent one: {others}"
     keys = sorted(_kernel_key(n) for n in sm90_functions)

@@ -26,7 +26,8 @@ backend with --decode-attention-backend), and so do speculative verify/draft and
 cross-attention, sliding windows, logit capping, MLA and pools that translate KV ids.
 
 Page size: SGLang's default is 1, which proxy_attention_paged refuses (proxyattn.paged.PAGE_SIZES:
-16 to 256): start SGLang with --page-size 16 or more (64 suits the planned Hopper kernel).
+16 to 256): start SGLang with --page-size 16 or more (128 or more gives the Hopper kernel one TMA
+box per key block).
 
 Importing this module does not import SGLang; the backend class, ProxyAttnBackend (an
 AttentionBackend subclass), is built on first use. Tested with

@@ -1,7 +1,8 @@
 // The persistent Hopper block-sparse attention kernel (sm_90a): one CTA per SM, 384 threads in
 // three warpgroups, work items taken from a counter (tile_scheduler.cuh), the items' key blocks run
 // as one pipeline (mainloop.cuh). Same math, parameters and layouts as the portable kernel
-// (kernels/bsa_sm80/, kernels/common/bsa_params.h); block_size 128 only.
+// (kernels/bsa_sm80/, kernels/common/bsa_params.h); block_size 128 only. Two instantiations per
+// (dtype, head dim): contiguous and paged K/V (only the loader differs).
 //   warpgroup 0 (producer, setmaxnreg 40): warp 0 lane 0 loads (TMA), warp 1 schedules; its other
 //     threads leave at once.
 //   warpgroups 1, 2 (consumers, setmaxnreg 232): wgmma, online softmax, epilogue.
@@ -20,7 +21,9 @@
 namespace proxyattn {
 namespace bsa_sm90 {
 
-template <class Traits>
+// kPaged: K/V read through the page table (chosen by the launcher from the params, so the
+// contiguous kernel's loader keeps its registers).
+template <class Traits, bool kPaged>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
     bsa_fwd_sm90_persistent_kernel(const __grid_constant__ KernelParams<Traits> kp) {
 #if PROXYATTN_BSA_SM90_DEVICE
@@ -57,7 +60,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     if (warp == 1) {
       run_scheduler<Traits>(kp, ss, lane);
     } else if (warp == 0 && lane == 0) {
-      run_loader<Traits>(kp, ss);
+      run_loader<Traits, kPaged>(kp, ss);
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();

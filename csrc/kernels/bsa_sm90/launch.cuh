@@ -41,7 +41,8 @@ cudaError_t launch(const BsaParams& p, cudaStream_t stream) {
   kp.p = p;
   kp.q_rows_total = int32_t(varlen ? p.total_q : p.seqlen_q);
   kp.q_batches = varlen ? 1 : p.batch;
-  // Paged K/V: the caches as (slot, D, head, page); pages hold whole key blocks (>= 128 slots).
+  // Paged K/V: the caches as (slot, D, head, page); a key block is one box of its page (pages of
+  // 128 or 256) or kBlockN / kPieceRows boxes of kPieceRows slots (smaller pages).
   kp.k_rows_total = int32_t(paged ? p.pages.page_size() : varlen ? p.total_k : p.seqlen_k);
   kp.k_batches = paged ? p.pages.num_pages : kp.q_batches;
   const int64_t dflt = D;  // 16-byte multiple, used for unused strides
@@ -62,10 +63,17 @@ cudaError_t launch(const BsaParams& p, cudaStream_t stream) {
                            Shape<Int<Traits::kBlockN>, Int<D>>{}, _1{});
   kp.tma_v = make_tma_copy(SM90_TMA_LOAD{}, gV, take<0, 2>(typename Traits::SmemLayoutKV{}),
                            Shape<Int<Traits::kBlockN>, Int<D>>{}, _1{});
+  if (paged && p.pages.page_size() < Traits::kBlockN) {
+    kp.tma_k_piece = make_tma_copy(SM90_TMA_LOAD{}, gK, typename Traits::SmemLayoutKVPiece{},
+                                   Shape<Int<Traits::kPieceRows>, Int<D>>{}, _1{});
+    kp.tma_v_piece = make_tma_copy(SM90_TMA_LOAD{}, gV, typename Traits::SmemLayoutKVPiece{},
+                                   Shape<Int<Traits::kPieceRows>, Int<D>>{}, _1{});
+  }
 
   constexpr int kSmem = Traits::kSmemBytes;
   static_assert(kSmem <= 227 * 1024, "beyond the sm90 shared memory limit");
-  auto kernel = &bsa_fwd_sm90_persistent_kernel<Traits>;
+  auto kernel = paged ? &bsa_fwd_sm90_persistent_kernel<Traits, true>
+                      : &bsa_fwd_sm90_persistent_kernel<Traits, false>;
   int dev = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err == cudaSuccess && bsa_device_arch(dev) != 90) return cudaErrorNoKernelImageForDevice;

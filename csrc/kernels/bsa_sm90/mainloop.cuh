@@ -44,7 +44,7 @@ using namespace cute;
 enum StageMeta : int { kMetaBlock = 0, kMetaFlags, kMetaB, kMetaH, kMetaM, kMetaQRow0, kMetaSeqlenQ, kMetaSeqlenK };
 enum : int { kMetaFirst = 1, kMetaStop = 2 };
 
-template <class Traits>
+template <class Traits, bool kPaged>
 __device__ __forceinline__ void run_loader(const KernelParams<Traits>& kp, typename Traits::SharedStorage& ss) {
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
@@ -61,7 +61,6 @@ __device__ __forceinline__ void run_loader(const KernelParams<Traits>& kp, typen
   Tensor mQ = kp.tma_q.get_tma_tensor(make_shape(kp.q_rows_total, Int<kHeadDim>{}, p.q_heads, kp.q_batches));
   Tensor mK = kp.tma_k.get_tma_tensor(make_shape(kp.k_rows_total, Int<kHeadDim>{}, p.kv_heads, kp.k_batches));
   Tensor mV = kp.tma_v.get_tma_tensor(make_shape(kp.k_rows_total, Int<kHeadDim>{}, p.kv_heads, kp.k_batches));
-  const bool paged = p.pages.paged();
   const int group = p.q_heads / p.kv_heads;
   uint32_t n = 0;   // slots taken
   int it = 0;       // stages filled
@@ -106,46 +105,81 @@ __device__ __forceinline__ void run_loader(const KernelParams<Traits>& kp, typen
     Barrier::arrive_and_expect_tx(&ss.full_q[qbuf], Traits::kQBytes);
     copy(kp.tma_q.with(ss.full_q[qbuf]), tQg, tQs(_, qbuf));
     ++nq;
-    // K/V of every block of the item into the ring; tKg/tVg index a block's box by `where(blk)`.
-    auto stream_blocks = [&](auto const& tKg, auto const& tKs, auto const& tVg, auto const& tVs, auto&& where) {
+    // K/V of every block of the item into the ring: load_k / load_v (stage, block) issue the TMA
+    // copies of one block onto the stage's full barrier (kKVBytes each).
+    auto stream_blocks = [&](auto&& load_k, auto&& load_v) {
       do {
         const int s = it % kStages;
         const uint32_t phase = (it / kStages) & 1;
-        md[kMetaBlock] = cursor.blk;
+        const int blk = cursor.blk;
+        md[kMetaBlock] = blk;
         stage_meta(s, phase, md);
         md[kMetaFlags] = 0;
-        const auto box = where(cursor.blk);
         Barrier::arrive_and_expect_tx(&ss.full_k[s], Traits::kKVBytes);
-        copy(kp.tma_k.with(ss.full_k[s]), tKg(_, box), tKs(_, s));
+        load_k(s, blk);
         cursor.fetch();  // the next entry's load overlaps the wait below
         EmptyBarrier::wait(&ss.empty_v[s], phase ^ 1);
         Barrier::arrive_and_expect_tx(&ss.full_v[s], Traits::kKVBytes);
-        copy(kp.tma_v.with(ss.full_v[s]), tVg(_, box), tVs(_, s));
+        load_v(s, blk);
         ++it;
       } while (cursor.advance());
     };
-    if (!paged) {
+    if constexpr (!kPaged) {
       Tensor gK = local_tile(domain_offset(make_coord(f[kItemKRow0], _0{}), mK(_, _, kvh, qb)),
                              Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));   // (N, D, blocks)
       Tensor gV = local_tile(domain_offset(make_coord(f[kItemKRow0], _0{}), mV(_, _, kvh, qb)),
                              Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));   // (N, D, blocks)
       auto [tKg, tKs] = tma_partition(kp.tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
       auto [tVg, tVs] = tma_partition(kp.tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
-      stream_blocks(tKg, tKs, tVg, tVs, [](int blk) { return blk; });
+      stream_blocks([&](int s, int blk) { copy(kp.tma_k.with(ss.full_k[s]), tKg(_, blk), tKs(_, s)); },
+                    [&](int s, int blk) { copy(kp.tma_v.with(ss.full_v[s]), tVg(_, blk), tVs(_, s)); });
     } else {
-      // Paged: the caches as (slot, D, page); block blk is box (blk * N mod page size) / N of its
-      // page (from the table, clamped into the cache).
-      Tensor gK = local_tile(mK(_, _, kvh, _), Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}, _));
-      Tensor gV = local_tile(mV(_, _, kvh, _), Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}, _));
-      auto [tKg, tKs] = tma_partition(kp.tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
-      auto [tVg, tVs] = tma_partition(kp.tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+      // Paged: the caches as (slot, D, page). Key t lives in page table[t >> shift] (clamped into
+      // the cache), slot t mod page size. Boxes past the sequence's last key (masked) take its last
+      // page, so the table is read only inside the sequence's pages.
       const int* table = p.pages.page_table + int64_t(b) * p.pages.table_stride;
       const int shift = p.pages.page_shift, last = p.pages.num_pages - 1;
-      stream_blocks(group_modes<1, 3>(tKg), tKs, group_modes<1, 3>(tVg), tVs, [table, shift, last](int blk) {
-        const int key0 = blk * kBlockN;
-        const int page = max(0, min(table[key0 >> shift], last));
-        return make_coord((key0 & ((1 << shift) - 1)) / kBlockN, page);
-      });
+      const int last_key = max(f[kItemSeqlenK] - 1, 0);
+      auto page_of = [table, shift, last, last_key](int key) {
+        return max(0, min(table[min(key, last_key) >> shift], last));
+      };
+      if (shift < 7) {
+        // Pages under a key block: piece i of block blk is kPieceRows keys from blk * N + i * kPieceRows.
+        constexpr int kPieceRows = Traits::kPieceRows, kPieces = kBlockN / kPieceRows;
+        Tensor gK = local_tile(mK(_, _, kvh, _), Shape<Int<kPieceRows>, Int<kHeadDim>>{}, make_coord(_, _0{}, _));
+        Tensor gV = local_tile(mV(_, _, kvh, _), Shape<Int<kPieceRows>, Int<kHeadDim>>{}, make_coord(_, _0{}, _));
+        Tensor sKp = local_tile(sK, Shape<Int<kPieceRows>, Int<kHeadDim>>{}, make_coord(_, _0{}, _));  // (r, D, i, stage)
+        Tensor sVp = local_tile(sV, Shape<Int<kPieceRows>, Int<kHeadDim>>{}, make_coord(_, _0{}, _));
+        auto [tKg, tKs] = tma_partition(kp.tma_k_piece, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sKp),
+                                        group_modes<0, 2>(gK));  // (TMA, boxes, pages), (TMA, i, stage)
+        auto [tVg, tVs] = tma_partition(kp.tma_v_piece, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sVp),
+                                        group_modes<0, 2>(gV));
+        Tensor tKb = group_modes<1, 3>(tKg);  // (TMA, (boxes, pages))
+        Tensor tVb = group_modes<1, 3>(tVg);
+        auto box = [&](int key) { return make_coord((key & ((1 << shift) - 1)) / kPieceRows, page_of(key)); };
+        stream_blocks(
+            [&](int s, int blk) {
+#pragma unroll 1
+              for (int i = 0; i < kPieces; ++i)
+                copy(kp.tma_k_piece.with(ss.full_k[s]), tKb(_, box(blk * kBlockN + i * kPieceRows)), tKs(_, i, s));
+            },
+            [&](int s, int blk) {
+#pragma unroll 1
+              for (int i = 0; i < kPieces; ++i)
+                copy(kp.tma_v_piece.with(ss.full_v[s]), tVb(_, box(blk * kBlockN + i * kPieceRows)), tVs(_, i, s));
+            });
+      } else {
+        // Pages of one or more key blocks: block blk is box (blk * N mod page size) / N of its page.
+        Tensor gK = local_tile(mK(_, _, kvh, _), Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}, _));
+        Tensor gV = local_tile(mV(_, _, kvh, _), Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}, _));
+        auto [tKg, tKs] = tma_partition(kp.tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+        auto [tVg, tVs] = tma_partition(kp.tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+        Tensor tKb = group_modes<1, 3>(tKg);  // (TMA, (boxes, pages))
+        Tensor tVb = group_modes<1, 3>(tVg);
+        auto box = [&](int key) { return make_coord((key & ((1 << shift) - 1)) / kBlockN, page_of(key)); };
+        stream_blocks([&](int s, int blk) { copy(kp.tma_k.with(ss.full_k[s]), tKb(_, box(blk * kBlockN)), tKs(_, s)); },
+                      [&](int s, int blk) { copy(kp.tma_v.with(ss.full_v[s]), tVb(_, box(blk * kBlockN)), tVs(_, s)); });
+      }
     }
   }
 }

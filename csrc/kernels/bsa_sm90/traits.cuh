@@ -74,6 +74,15 @@ struct Sm90Traits {
   using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, std::declval<GTensor>(), take<0, 2>(SmemLayoutKV{}),
                                        Shape<Int<kBlockN>, Int<kHeadDim>>{}, _1{}));
 
+  // Paged K/V with pages under a key block: a block is kBlockN / kPieceRows boxes of kPieceRows
+  // rows, each from its own page, into the rows of the stage it covers (the stage layout restricted
+  // to kPieceRows rows: a whole number of 1024-byte swizzle periods, so every piece swizzles alike).
+  static constexpr int kPieceRows = 16;
+  using SmemLayoutKVPiece =
+      decltype(layout<0>(zipped_divide(take<0, 2>(SmemLayoutKV{}), Shape<Int<kPieceRows>, Int<kHeadDim>>{})));
+  using TmaKVPiece = decltype(make_tma_copy(SM90_TMA_LOAD{}, std::declval<GTensor>(), SmemLayoutKVPiece{},
+                                            Shape<Int<kPieceRows>, Int<kHeadDim>>{}, _1{}));
+
   static constexpr uint32_t kQBytes = kBlockM * kHeadDim * sizeof(Elem);
   static constexpr uint32_t kKVBytes = kBlockN * kHeadDim * sizeof(Elem);
 
@@ -98,6 +107,8 @@ struct KernelParams {
   typename Traits::TmaQ tma_q;
   typename Traits::TmaKV tma_k;
   typename Traits::TmaKV tma_v;
+  typename Traits::TmaKVPiece tma_k_piece;  // paged K/V, pages under a key block (else unused)
+  typename Traits::TmaKVPiece tma_v_piece;
   // Extents the tensor maps were built with: rows and batches of q, and of k/v (paged K/V: the
   // slots of a page and the pages, so a key block is one box of its page).
   int32_t q_rows_total, k_rows_total, q_batches, k_batches;

@@ -13,10 +13,10 @@
 // the parameters, else the portable one; kPortable always the portable (sm80) kernel; kHopper the
 // Hopper kernel or an error saying why not.
 //
-// Paged K/V (params.pages.paged(); layout in kernels/common/bsa_params.h): the portable kernel reads
-// pages of any supported size (one table lookup per key row of a tile); the Hopper kernel reads
-// pages of 128 or 256 tokens (one TMA box per key block, from the block's page), so for smaller
-// pages kAuto takes the portable kernel and kHopper is refused.
+// Paged K/V (params.pages.paged(); layout in kernels/common/bsa_params.h): both kernels read pages
+// of every supported size (16 to 256 tokens): the portable one with a table lookup per key row of
+// a tile, the Hopper one with TMA boxes (one per key block for pages of 128 or more, else 16-slot
+// boxes, each from its page).
 //
 // Torch-free and CuTe-free, so the torch glue and the C++ benchmark can include it with a host
 // compiler.
@@ -123,16 +123,11 @@ inline std::string bsa_unsupported_reason(const BsaParams& p) {
 }
 
 // Empty when the Hopper kernel takes these (already supported) parameters on the current device,
-// else why not: pages (if paged) of at least 128 tokens; a build with sm_90a code (PROXYATTN_HOPPER_KERNELS, set by
+// else why not: a build with sm_90a code (PROXYATTN_HOPPER_KERNELS, set by
 // setup.py and CMake when PROXYATTN_ARCHS holds 90a); a compute capability 9.0 device; block size 128;
 // q/k/v strides of dimensions longer than 1 positive, 16-byte multiples, below 2^40 bytes, 16-byte
 // aligned pointers (TMA); row counts within int32 (TMA coordinates).
 inline std::string bsa_hopper_unsupported_reason(const BsaParams& p) {
-  // Checked first, so that it is the reason on every build and device.
-  if (p.pages.paged() && p.pages.page_shift < 7)
-    return "paged K/V with pages of " + std::to_string(p.pages.page_size()) +
-           " tokens: the Hopper kernel loads a key block (128 tokens) from one page, so it needs pages of 128 or 256; "
-           "the portable kernel reads smaller pages";
 #if !defined(PROXYATTN_HOPPER_KERNELS)
   // Built without sm_90a code (PROXYATTN_ARCHS lacks 90a): the kernel's body is empty for every
   // target, so taking this path would launch a kernel that writes nothing.

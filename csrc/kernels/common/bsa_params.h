@@ -19,7 +19,7 @@
 //                 engine, read through pages (kernels/common/kv_pages.h): k_row_stride / k_head_stride
 //                 are the slot and head strides, pages.k_page_stride the page stride (v likewise);
 //                 cu_seqlens_k holds the prefix sums of the key lengths, whose starts are not used.
-//                 The Hopper kernel loads whole 128-slot boxes of a page, so the slots past a
+//                 The Hopper kernel loads whole boxes (128 or 16 slots) of a page, so the slots past a
 //                 sequence's last key in its last page must hold finite values (they are masked).
 //   counts        int32 [B, Hq, num_q_blocks]; indices int16 or int32 [B, Hq, num_q_blocks,
 //                 num_k_blocks] (num_k_blocks = index row length K), any strides; exactly one of
