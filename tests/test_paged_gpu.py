@@ -61,8 +61,8 @@ def _finite_tails(pb):
     """Finite values in the slots past each sequence's last key inside its last page: the Hopper
     kernel loads whole boxes (128 or 16 slots) and masks the keys past the sequence, which needs finite
     stale values there (0 * NaN is NaN in P V), as zero-initialised engine caches hold. Pages no
-    sequence reads keep their NaN. Every batch of these tests gets it (the chunked-prefill test
-    writes chunks into the cache on the portable kernel, which zero-fills those rows)."""
+    sequence reads keep their NaN. Every batch of these tests gets it, the chunked-prefill test after
+    each chunk it writes."""
     for b, n in enumerate(pb.lens):
         if n % pb.ps:
             page = int(pb.page_table[b, (n - 1) // pb.ps])
@@ -137,10 +137,14 @@ def test_paged_reads_pages_and_matches_the_hopper_path():
 
 @need_kernels
 @pytest.mark.parametrize("page_size", (16, 128))
-def test_chunked_prefill_into_the_cache_gpu(page_size, portable):
+@pytest.mark.parametrize("backend", ("portable", "auto"))
+def test_chunked_prefill_into_the_cache_gpu(page_size, backend, monkeypatch):
     """A 64k sequence prefilled in chunks of random lengths (not multiples of 128), each chunk's
     K/V written into the cache before its call: every chunk equals the varlen call on the
-    contiguous prefix, outputs and selections (so it keeps their recall: tests/test_chunked_prefill_gpu.py)."""
+    contiguous prefix, outputs and selections (so it keeps their recall: tests/test_chunked_prefill_gpu.py),
+    on the portable kernel and on the default one (the Hopper kernel on sm_90: 16-slot pieces and
+    128-slot boxes), the slots past the written keys finite as in an engine's cache."""
+    monkeypatch.setenv("PROXYATTN_BSA_BACKEND", backend)
     n = 65536
     q, k, v = _structured(n, seed=3)
     gen = torch.Generator().manual_seed(page_size)
@@ -150,6 +154,7 @@ def test_chunked_prefill_into_the_cache_gpu(page_size, portable):
     pos = 0
     for ln in lengths:
         pb.append(0, k[pos:pos + ln], v[pos:pos + ln])
+        _finite_tails(pb)
         qc, cu_q = q[pos:pos + ln], cu_of([ln], "cuda")
         got, sel = pa.proxy_attention_paged(qc, pb.k_cache, pb.v_cache, pb.page_table, pb.seqlens_k(), cu_q, ln,
                                             pos + ln, cfg, return_selection=True)
@@ -259,3 +264,25 @@ def _batch_small():
     _finite_tails(pb)
     return pb, torch.cat(qs), cu_of(LENS_Q_SMALL, "cuda")
 
+
+
+@need_kernels
+def test_page_table_with_fixed_length_queries_is_refused_first():
+    """A direct op call with a page_table but fixed-length q ([B, Nq, Hq, D], no cu_seqlens) is told
+    that pages need packed queries, before any shape check that would name something else."""
+    pb, q, _ = _batch_small()
+    qf = q[None, :300]
+    ops, s = torch.ops.proxyattn, 128 ** -0.5
+    calls = {
+        "proxy_block_scores": lambda: ops.proxy_block_scores(qf, pb.k_cache, None, None, 300, 900, 128, 2, 4, s, True,
+                                                             pb.page_table[:1]),
+        "head_budgets": lambda: ops.head_budgets(qf, pb.k_cache, None, None, 300, 900, 128, 0.9, 1, 1, s, True,
+                                                 pb.page_table[:1]),
+        "block_sparse_attention": lambda: ops.block_sparse_attention(
+            qf, pb.k_cache, pb.v_cache, torch.zeros(1, HQ, 3, dtype=torch.int32, device="cuda"),
+            torch.zeros(1, HQ, 3, 8, dtype=torch.int16, device="cuda"), None, None, 300, 900, 128, s, True,
+            pb.page_table[:1]),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match="page_table needs packed queries"):
+            call()

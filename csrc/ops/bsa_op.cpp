@@ -69,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
   check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q);
   check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q);
 
-  const bool paged = page_table.has_value();
+  const bool paged = paged_call(page_table, varlen);
   const int64_t rank = varlen ? 3 : 4;
   PROXYATTN_CHECK(q.dim() == rank, "q must be ", rank, "-D (", varlen ? "[total_q, Hq, D]" : "[B, Nq, Hq, D]",
                   "), got shape ", q.sizes());
@@ -109,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
     PROXYATTN_CHECK(!causal || nq <= nk, "causal attention needs Nq <= Nk, got Nq ", nq, ", Nk ", nk);
   }
   PROXYATTN_CHECK(nq <= kIntMax && nk <= kIntMax, "sequence lengths must fit in int32, got ", nq, ", ", nk);
-  const KvPages pages = check_kv_pages(page_table, k, &v, varlen, batch, nk);
+  const KvPages pages = check_kv_pages(page_table, k, &v, batch, nk);
   const int64_t nqb = ceil_div(nq, block_size);
 
   PROXYATTN_CHECK(counts.scalar_type() == at::kInt, "counts must be int32, got ", counts.scalar_type());

@@ -55,18 +55,23 @@ inline void check_cu_seqlens(const std::optional<at::Tensor>& cu, const char* na
   PROXYATTN_CHECK(cu->is_contiguous(), name, " must be contiguous");
 }
 
+// Whether a call reads paged K/V (a page_table came), checked first of all: pages need packed queries.
+inline bool paged_call(const std::optional<at::Tensor>& page_table, bool varlen) {
+  PROXYATTN_CHECK(!page_table.has_value() || varlen, "page_table needs packed queries: cu_seqlens_q, and cu_seqlens_k "
+                  "holding the prefix sums of the key lengths");
+  return page_table.has_value();
+}
+
 // Paged K/V (kernels/common/kv_pages.h). Without page_table: no pages (returned with page_table
 // nullptr). With it: k (and v) are the caches [num_pages, page_size, Hkv, D] of a varlen call whose
 // cu_seqlens_k holds the prefix sums of the key lengths; page sizes are powers of two in
-// [16, 256]. Only what a direct torch.ops call could get wrong is checked; table values are not
-// read (the kernels clamp page numbers into the cache).
+// [16, 256] (paged_call has checked that the call is varlen). Only what a direct torch.ops call could
+// get wrong is checked; table values are not read (the kernels clamp page numbers into the cache).
 inline KvPages check_kv_pages(const std::optional<at::Tensor>& page_table, const at::Tensor& k, const at::Tensor* v,
-                              bool varlen, int64_t batch, int64_t max_seqlen_k) {
+                              int64_t batch, int64_t max_seqlen_k) {
   KvPages pg;
   if (!page_table.has_value()) return pg;
   const at::Tensor& t = *page_table;
-  PROXYATTN_CHECK(varlen, "page_table needs packed queries: cu_seqlens_q, and cu_seqlens_k holding the prefix sums "
-                  "of the key lengths");
   PROXYATTN_CHECK(t.scalar_type() == at::kInt, "page_table must be int32, got ", t.scalar_type());
   PROXYATTN_CHECK(t.device() == k.device(), "page_table must be on ", k.device(), ", got ", t.device());
   PROXYATTN_CHECK(t.dim() == 2 && t.size(0) == batch && t.size(1) >= 1, "page_table must be [B, max_pages] = [",

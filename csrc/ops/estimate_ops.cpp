@@ -62,7 +62,7 @@ QkLayout check_qk(const at::Tensor& q, const at::Tensor& k, const std::optional<
                   "max_seqlen_q/k must be in [0, 2^31), got ", max_q, " and ", max_k);
   QkLayout L{};
   L.varlen = cu_q.has_value();
-  const bool paged = page_table.has_value();
+  const bool paged = paged_call(page_table, L.varlen);
   if (L.varlen) {
     PROXYATTN_CHECK(q.dim() == 3, "varlen q must be [total_q, Hq, D], got shape ", q.sizes());
     if (!paged) PROXYATTN_CHECK(k.dim() == 3, "varlen k must be [total_k, Hkv, D], got shape ", k.sizes());
@@ -104,7 +104,7 @@ QkLayout check_qk(const at::Tensor& q, const at::Tensor& k, const std::optional<
     L.cu_k = nullptr;
   }
   PROXYATTN_CHECK(L.batch <= 65535, "batch must be at most 65535, got ", L.batch);
-  L.pages = check_kv_pages(page_table, k, nullptr, L.varlen, L.batch, max_k);
+  L.pages = check_kv_pages(page_table, k, nullptr, L.batch, max_k);
   L.num_heads = static_cast<int>(q.size(-2));
   L.num_kv_heads = static_cast<int>(k.size(-2));
   L.head_dim = static_cast<int>(q.size(-1));
