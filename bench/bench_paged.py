@@ -19,7 +19,7 @@ import torch
 
 import proxyattn  # noqa: F401  (registers torch.ops.proxyattn)
 from bench_bsa import random_causal_selection
-from benchlib import causal_tflops, l2_flush_buffer, time_cold_interleaved, write_record
+from benchlib import add_head_args, causal_tflops, l2_flush_buffer, time_cold_interleaved, write_record
 from proxyattn.config import default_proxy_heads
 
 OPS = torch.ops.proxyattn
@@ -55,9 +55,7 @@ def paged_copy(x, page_size, perm):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq-len", type=int, default=131072)
-    ap.add_argument("--q-heads", type=int, default=32)
-    ap.add_argument("--kv-heads", type=int, default=8)
-    ap.add_argument("--head-dim", type=int, default=128)
+    add_head_args(ap)
     ap.add_argument("--page-sizes", type=int, nargs="+", default=[16, 128])
     ap.add_argument("--density", type=float, default=0.1)
     ap.add_argument("--reps", type=int, default=10)
