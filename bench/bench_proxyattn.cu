@@ -25,7 +25,8 @@
 // against a naive fp32 CUDA kernel over the same selection; exits 1 on a mismatch.
 // --backend auto|portable|hopper picks the attention kernel (BsaBackend in
 // kernels/common/bsa_launch.h; the torch op reads PROXYATTN_BSA_BACKEND instead); the kernel that
-// runs is printed.
+// runs is printed. portable also runs stage 1 on its mma.sync kernel (else the Hopper one where it
+// applies).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_profiler_api.h>
@@ -116,7 +117,7 @@ void print_help() {
       "  --warmup n             untimed runs first, default 3\n"
       "  --dtype bf16|fp16      default bf16\n"
       "  --backend B            attention kernel: auto (Hopper where it runs, else portable; default),\n"
-      "                         portable (sm80 kernel), hopper (Hopper kernel or an error)\n"
+      "                         portable (sm80 kernels, stage 1 too), hopper (Hopper kernel or an error)\n"
       "  --seed n               input seed, default 0\n"
       "  --verify               check every stage against simple references on the given (small,\n"
       "                         N <= %d) cases instead of timing; exit 1 on a mismatch\n"
@@ -513,6 +514,7 @@ struct Problem {
     sp.stride = o.stride;
     sp.softmax_scale = scale;
     sp.causal = true;
+    sp.portable = o.backend == proxyattn::BsaBackend::kPortable;  // stage 1 follows --backend portable
     sp.scores = scores.ptr;
     const int64_t ws_bytes = proxyattn::proxy_scores_workspace_bytes(sp);
     if (ws_bytes < 0) {

@@ -4,10 +4,7 @@
 // Selection: counts int32, indices int16 (as select_blocks writes them) or int32. Layouts (fixed
 // length, varlen, paged K/V with page_table): see csrc/kernels/common/bsa_params.h. No host synchronisation (cu_seqlens are never read here).
 //
-// Kernel choice, read once per call, before anything else: environment variable
-// PROXYATTN_BSA_BACKEND = auto (also unset or empty: the Hopper kernel where the device is sm_90
-// and the parameters suit it, else the portable one), portable (the sm80 kernel), hopper (the
-// Hopper kernel, or an error saying why not). Any other value is an error naming it.
+// Kernel choice: PROXYATTN_BSA_BACKEND, read once per call before anything else (ops/common.h).
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -35,14 +32,6 @@ void check_rows_aligned(const at::Tensor& t, const char* name) {
 }
 
 constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
-
-BsaBackend backend_from_env() {
-  const char* env = std::getenv("PROXYATTN_BSA_BACKEND");
-  BsaBackend backend = BsaBackend::kAuto;
-  PROXYATTN_CHECK(bsa_backend_parse(env, &backend), "PROXYATTN_BSA_BACKEND must be one of ", kBsaBackendNames,
-                  " (unset or empty: auto), got '", env, "'");
-  return backend;
-}
 
 }  // namespace
 

@@ -11,9 +11,11 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <optional>
 
+#include "kernels/common/bsa_launch.h"
 #include "kernels/common/kv_pages.h"
 
 #define PROXYATTN_CHECK(cond, ...) TORCH_CHECK(cond, "proxyattn: ", __VA_ARGS__)
@@ -103,6 +105,18 @@ constexpr int64_t kPagedTotalK = std::numeric_limits<int64_t>::max() / 4;
 
 // The current stream of the current device (the caller holds a device guard).
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// The kernel override, read once per call before anything else: PROXYATTN_BSA_BACKEND = auto (also
+// unset or empty: the Hopper kernels where the device is sm_90 and the parameters suit them, else the
+// portable ones), portable (the sm80 kernels: attention and stage 1), hopper (the Hopper attention
+// kernel, or an error saying why not; stage 1 as auto). Any other value is an error naming it.
+inline BsaBackend backend_from_env() {
+  const char* env = std::getenv("PROXYATTN_BSA_BACKEND");
+  BsaBackend backend = BsaBackend::kAuto;
+  PROXYATTN_CHECK(bsa_backend_parse(env, &backend), "PROXYATTN_BSA_BACKEND must be one of ", kBsaBackendNames,
+                  " (unset or empty: auto), got '", env, "'");
+  return backend;
+}
 
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 

@@ -120,6 +120,7 @@ at::Tensor proxy_block_scores(const at::Tensor& q, const at::Tensor& k, const st
                               const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, int64_t block_size,
                               int64_t num_proxy_heads, int64_t stride, double softmax_scale, bool causal,
                               const std::optional<at::Tensor>& page_table) {
+  const BsaBackend backend = backend_from_env();
   const QkLayout L = check_qk(q, k, cu_q, cu_k, max_q, max_k, block_size, causal, page_table);
   const int64_t G = num_proxy_heads;
   PROXYATTN_CHECK(G >= 1, "num_proxy_heads must be >= 1, got ", G);
@@ -167,6 +168,7 @@ at::Tensor proxy_block_scores(const at::Tensor& q, const at::Tensor& k, const st
   p.stride = static_cast<int>(std::min<int64_t>(stride, std::max<int64_t>({max_q, max_k, 1})));
   p.softmax_scale = static_cast<float>(softmax_scale);
   p.causal = causal;
+  p.portable = backend == BsaBackend::kPortable;
   p.scores = scores.data_ptr<float>();
   const int64_t ws_bytes = proxy_scores_workspace_bytes(p);
   PROXYATTN_CHECK(ws_bytes >= 0, "proxy_block_scores: could not query the device for the scores kernel's occupancy");

@@ -19,13 +19,8 @@
 #include <cute/atom/copy_traits_sm90_tma.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
 
+#include "kernels/bsa_sm90/utils.cuh"
 #include "kernels/common/bsa_params.h"
-
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define PROXYATTN_BSA_SM90_DEVICE 1
-#else
-#define PROXYATTN_BSA_SM90_DEVICE 0
-#endif
 
 namespace proxyattn {
 namespace bsa_sm90 {

@@ -1,11 +1,19 @@
-// Small device helpers of the Hopper kernel: views of wgmma accumulator fragments, the issue of one
-// warpgroup-wide wgmma batch, and a compiler fence around shared-memory hand-offs.
+// Small device helpers of the Hopper kernels (attention and stage 1 of the estimate): the macro that
+// says whether sm_90a device code is being compiled, views of wgmma accumulator fragments, the issue
+// of one warpgroup-wide wgmma batch, and a compiler fence around shared-memory hand-offs.
 #pragma once
 
 #include <type_traits>
 
 #include <cute/tensor.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
+
+// 1 while compiling device code for sm_90a (wgmma, TMA, setmaxnreg); kernel bodies are empty elsewhere.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define PROXYATTN_BSA_SM90_DEVICE 1
+#else
+#define PROXYATTN_BSA_SM90_DEVICE 0
+#endif
 
 namespace proxyattn {
 namespace bsa_sm90 {

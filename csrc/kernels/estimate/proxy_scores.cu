@@ -31,35 +31,68 @@
 #include <climits>
 #include <type_traits>
 
+#include "kernels/common/bsa_launch.h"
 #include "kernels/estimate/proxy_pool.cuh"
 #include "kernels/estimate/proxy_scores_kernel.cuh"
+#include "kernels/estimate/proxy_scores_sm90.cuh"
 
 namespace proxyattn {
 namespace {
 
 using namespace scores;
 
-template <int D, bool kAligned>
-cudaError_t prepare_scores(int* slots, const ProxyScoresParams& p) {
-  constexpr int smem = score_smem_bytes<D, kAligned>();
-  cudaError_t e = cudaFuncSetAttribute(scores_kernel<D, kAligned>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+// The scores kernel of one call: the Hopper one (scores_sm90_kernel) where the build has sm_90a code,
+// the device is sm_90, the geometry is aligned and the caller did not ask for the portable kernel;
+// else scores_kernel. slots: its resident CTAs, cta_rows: scratch rows per CTA and key block.
+struct ScorePlan {
+  bool hopper;
+  int slots, cta_rows;
+};
+
+bool use_hopper_scores(const ProxyScoresParams& p) {
+#ifdef PROXYATTN_HOPPER_KERNELS
+  int dev = 0;
+  if (p.portable || cudaGetDevice(&dev) != cudaSuccess) return false;
+  return bsa_device_arch(dev) == 90 && score_geometry(p.block_size, p.stride, p.nqb).aligned &&
+         (p.head_dim == 64 || p.head_dim == 128);
+#else
+  return false;
+#endif
+}
+
+// Resident CTAs of `kernel` (threads, dynamic shared memory smem), at most `units`.
+template <class Kernel>
+cudaError_t resident_slots(int* slots, Kernel kernel, int threads, int smem, int64_t units) {
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return e;
   int dev = 0, sms = 0, occ = 0;
   if ((e = cudaGetDevice(&dev)) != cudaSuccess) return e;
   if ((e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess) return e;
-  if ((e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, scores_kernel<D, kAligned>, kScoreThreads, smem)) !=
-      cudaSuccess)
-    return e;
-  const ScoreGeometry geo = score_geometry(p.block_size, p.stride, p.nqb);
-  const int64_t units = static_cast<int64_t>(p.batch) * p.num_groups * geo.nmb;
+  if ((e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, threads, smem)) != cudaSuccess) return e;
   *slots = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(units, static_cast<int64_t>(sms) * std::max(occ, 1))));
   return cudaSuccess;
 }
 
-cudaError_t score_slots(int* slots, const ProxyScoresParams& p) {
-  const bool aligned = score_geometry(p.block_size, p.stride, p.nqb).aligned;
-  if (p.head_dim == 64) return aligned ? prepare_scores<64, true>(slots, p) : prepare_scores<64, false>(slots, p);
-  if (p.head_dim == 128) return aligned ? prepare_scores<128, true>(slots, p) : prepare_scores<128, false>(slots, p);
+template <int D>
+cudaError_t plan_for(ScorePlan* plan, const ProxyScoresParams& p) {
+  const int64_t bg = static_cast<int64_t>(p.batch) * p.num_groups;
+  plan->hopper = use_hopper_scores(p);
+  if (plan->hopper) {
+    plan->cta_rows = scores_sm90::kRows;
+    const int64_t units = bg * scores_sm90::geometry(p.block_size, p.stride, p.nqb).nmb;
+    return resident_slots(&plan->slots, scores_sm90::scores_sm90_kernel<D>, scores_sm90::kThreads,
+                          scores_sm90::Traits<D>::kSmemBytes, units);
+  }
+  plan->cta_rows = kCtaRows;
+  const ScoreGeometry geo = score_geometry(p.block_size, p.stride, p.nqb);
+  const int64_t units = bg * geo.nmb;
+  if (geo.aligned) return resident_slots(&plan->slots, scores_kernel<D, true>, kScoreThreads, score_smem_bytes<D, true>(), units);
+  return resident_slots(&plan->slots, scores_kernel<D, false>, kScoreThreads, score_smem_bytes<D, false>(), units);
+}
+
+cudaError_t score_plan(ScorePlan* plan, const ProxyScoresParams& p) {
+  if (p.head_dim == 64) return plan_for<64>(plan, p);
+  if (p.head_dim == 128) return plan_for<128>(plan, p);
   return cudaErrorInvalidValue;
 }
 
@@ -70,21 +103,34 @@ inline float weight_scale(float softmax_scale) {
   return std::min(std::max(c, FLT_MIN), FLT_MAX);
 }
 
-template <int D, bool kAligned>
-void launch_scores_kernel(const ProxyScoresParams& p, const ScoreWorkspace& w, int slots, cudaStream_t stream) {
+template <int D>
+void launch_scores_kernel(const ProxyScoresParams& p, const ScoreWorkspace& w, const ScorePlan& plan,
+                          cudaStream_t stream) {
   char* ws = static_cast<char*>(p.workspace);
-  scores_kernel<D, kAligned><<<slots, kScoreThreads, score_smem_bytes<D, kAligned>(), stream>>>(
-      p, weight_scale(p.softmax_scale), w.rows_q, w.rows_k, reinterpret_cast<const uint16_t*>(ws + w.q16),
-      reinterpret_cast<const uint16_t*>(ws + w.k16), reinterpret_cast<const int*>(ws + w.flags),
-      reinterpret_cast<unsigned long long*>(ws + w.counter), reinterpret_cast<float*>(ws + w.scratch));
+  const float c = weight_scale(p.softmax_scale);
+  const auto* q16 = reinterpret_cast<const uint16_t*>(ws + w.q16);
+  const auto* k16 = reinterpret_cast<const uint16_t*>(ws + w.k16);
+  const auto* flags = reinterpret_cast<const int*>(ws + w.flags);
+  auto* counter = reinterpret_cast<unsigned long long*>(ws + w.counter);
+  auto* scratch = reinterpret_cast<float*>(ws + w.scratch);
+  if (plan.hopper) {
+    scores_sm90::scores_sm90_kernel<D><<<plan.slots, scores_sm90::kThreads, scores_sm90::Traits<D>::kSmemBytes, stream>>>(
+        p, c, w.rows_q, w.rows_k, q16, k16, flags, counter, scratch);
+  } else if (score_geometry(p.block_size, p.stride, p.nqb).aligned) {
+    scores_kernel<D, true><<<plan.slots, kScoreThreads, score_smem_bytes<D, true>(), stream>>>(
+        p, c, w.rows_q, w.rows_k, q16, k16, flags, counter, scratch);
+  } else {
+    scores_kernel<D, false><<<plan.slots, kScoreThreads, score_smem_bytes<D, false>(), stream>>>(
+        p, c, w.rows_q, w.rows_k, q16, k16, flags, counter, scratch);
+  }
 }
 
 template <typename T, int D>
 cudaError_t launch_scores(const ProxyScoresParams& p, cudaStream_t stream) {
-  int slots = 0;
-  cudaError_t e = score_slots(&slots, p);
+  ScorePlan plan{};
+  cudaError_t e = score_plan(&plan, p);
   if (e != cudaSuccess) return e;
-  const ScoreWorkspace w = score_workspace(p, slots);
+  const ScoreWorkspace w = score_workspace(p, plan.slots, plan.cta_rows);
   char* ws = static_cast<char*>(p.workspace);
   if ((e = cudaMemsetAsync(ws + w.flags, 0, static_cast<size_t>(w.counter + 8 - w.flags), stream)) != cudaSuccess)
     return e;
@@ -111,18 +157,17 @@ cudaError_t launch_scores(const ProxyScoresParams& p, cudaStream_t stream) {
       if ((e = cudaGetLastError()) != cudaSuccess) return e;
     }
   }
-  if (score_geometry(p.block_size, p.stride, p.nqb).aligned) launch_scores_kernel<D, true>(p, w, slots, stream);
-  else launch_scores_kernel<D, false>(p, w, slots, stream);
+  launch_scores_kernel<D>(p, w, plan, stream);
   return cudaGetLastError();
 }
 
 }  // namespace
 
 int64_t proxy_scores_workspace_bytes(const ProxyScoresParams& p) {
-  int slots = 1;
-  if (p.batch > 0 && p.num_groups > 0 && p.nqb > 0 && p.nkb > 0 && p.stride >= 1 && score_slots(&slots, p) != cudaSuccess)
+  ScorePlan plan{false, 1, kCtaRows};
+  if (p.batch > 0 && p.num_groups > 0 && p.nqb > 0 && p.nkb > 0 && p.stride >= 1 && score_plan(&plan, p) != cudaSuccess)
     return -1;
-  return score_workspace(p, slots).total;
+  return score_workspace(p, plan.slots, plan.cta_rows).total;
 }
 
 template <typename T>

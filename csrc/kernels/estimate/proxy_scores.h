@@ -31,6 +31,7 @@ struct ProxyScoresParams {
   int nqb, nkb, block_size, stride;
   float softmax_scale;
   bool causal;
+  bool portable;    // the mma.sync kernel even where the Hopper one applies (comparisons, tests)
   float* scores;    // [B, G, nqb, nkb]
   void* workspace;  // proxy_scores_workspace_bytes(*this) bytes, 256-byte aligned
 };
@@ -43,9 +44,9 @@ inline int64_t proxy_scores_kept_rows(int max_seqlen, int stride) {
 // Workspace of run_proxy_scores for these params (every field but scores / workspace set):
 // pooled q and k as 16-bit rows [B, G, kept rows, D], one flag per (b, group) (fp16 or bf16), a
 // work counter, and the per-row block-max scratch of the persistent scores kernel: (resident CTAs)
-// x nkb x 256 fp32, i.e. 1 KiB per key block per resident CTA (~2 per SM): 270 MB at nkb = 1024
-// (128k tokens, 132 SMs), 2.2 GB at 1M. Queries the current device (SM count, occupancy); no
-// synchronisation.
+// x nkb x (CTA rows) fp32, the mma.sync kernel 256 rows (1 KiB per key block per resident CTA, ~2
+// per SM: 270 MB at nkb = 1024, i.e. 128k tokens on 132 SMs, 2.2 GB at 1M), the Hopper kernel 128
+// rows (half that). Queries the current device (arch, SM count, occupancy); no synchronisation.
 int64_t proxy_scores_workspace_bytes(const ProxyScoresParams& p);
 
 template <typename T>

@@ -55,14 +55,6 @@ constexpr int score_smem_bytes() {
   return 2 * kKeyTile * (D + 8) * 2 + (kAligned ? 0 : kScoreWarps * kWarpRows * (sub_keys<D>() + 1) * 4);
 }
 
-// Merge two (max, sum) pairs of an online softmax of raw logits x with weights exp2((x - max) * c).
-__device__ inline void merge_scaled(float& m, float& l, float m2, float l2, float c) {
-  const float mn = fmaxf(m, m2);
-  if (mn == -INFINITY) return;
-  l = l * exp2f((m - mn) * c) + l2 * exp2f((m2 - mn) * c);
-  m = mn;
-}
-
 // c = sm * log2(e), clamped into [FLT_MIN, FLT_MAX] by the launcher: logits are raw q.k and every
 // weight is exp2((x - max) * c), finite and without 0 * inf for any scale.
 template <int D, bool kAligned>
@@ -75,7 +67,7 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
   extern __shared__ __align__(16) uint16_t smem[];  // [2 buffers][kKeyTile][kStride] (+ stage)
   __shared__ long long s_unit;
   __shared__ int s_warp_lim[kScoreWarps];
-  __shared__ int s_warp_nmax[kScoreWarps];
+  __shared__ int s_blk_nmax[kScoreWarps];
   __shared__ float s_m[kCtaRows], s_inv[kCtaRows];
   __shared__ int s_nlim[kCtaRows];
 
@@ -124,12 +116,7 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       jrow[i] = j_lo + sub * kWarpRows + 8 * i + g;
-      const bool valid = jrow[i] < j_hi;
-      const int64_t pos = static_cast<int64_t>(off) + i0 + static_cast<int64_t>(jrow[i]) * s;
-      lim[i] = !valid     ? -1
-               : !p.causal ? nkk - 1
-               : pos < 0   ? -1
-                           : static_cast<int>(min(pos / s, static_cast<int64_t>(nkk - 1)));
+      lim[i] = kept_row_limit(jrow[i] < j_hi, p.causal, off, i0, jrow[i], s, nkk);
       if (lim[i] >= 0) {
         my_lim = max(my_lim, lim[i]);
         my_min = min(my_min, lim[i]);
@@ -140,10 +127,7 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
       my_lim = max(my_lim, __shfl_xor_sync(0xffffffffu, my_lim, o));
       my_min = min(my_min, __shfl_xor_sync(0xffffffffu, my_min, o));
     }
-    if (lane == 0) {
-      s_warp_lim[warp] = my_lim;
-      s_warp_nmax[warp] = my_lim >= 0 ? static_cast<int>(static_cast<int64_t>(my_lim) * s / S) : -1;
-    }
+    if (lane == 0) s_warp_lim[warp] = my_lim;
     __syncthreads();
     int cta_lim = -1;
 #pragma unroll
@@ -317,32 +301,10 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
       }
     }
     __syncthreads();  // scratch rows and row statistics are visible to the whole CTA
-
-    // A[b, grp, m, :] of the unit's query blocks, every element.
-    const int rows_blk = geo.upb * kWarpRows;
-    float* A0 = p.scores + bgrow * p.nqb * p.nkb;
-    for (int idx = threadIdx.x; idx < geo.bpc * p.nkb; idx += kScoreThreads) {
-      const int bl = idx / p.nkb, n = idx - bl * p.nkb;
-      const int mm = mb * geo.bpc + bl;
-      if (mm >= p.nqb) continue;
-      int nmax = -1;
-      for (int w = bl * geo.upb; w < (bl + 1) * geo.upb; ++w) nmax = max(nmax, s_warp_nmax[w]);
-      bool has_key = true;  // key block n holds a kept key (always when s divides S)
-      if (!kAligned) {
-        const int64_t f0 = ceil_div64(static_cast<int64_t>(n) * S, s), f1 = ceil_div64(static_cast<int64_t>(n + 1) * S, s);
-        has_key = f0 < f1;
-      }
-      float v = 0.f;
-      if (n <= nmax && has_key) {
-        const float* Ln = scratch + static_cast<int64_t>(n) * kCtaRows + bl * rows_blk;
-#pragma unroll 8
-        for (int r = 0; r < rows_blk; ++r) {  // entries past a row's last block are stale: not read
-          const int rr = bl * rows_blk + r;
-          if (n <= s_nlim[rr]) v = fmaxf(v, exp2f((Ln[r] - s_m[rr]) * c) * s_inv[rr]);
-        }
-      }
-      A0[static_cast<int64_t>(mm) * p.nkb + n] = v;
-    }
+    block_row_limits(s_nlim, s_blk_nmax, geo.upb * kWarpRows, geo.bpc);
+    __syncthreads();
+    write_unit_scores<kScoreThreads, kAligned>(p, c, scratch, kCtaRows, geo.upb * kWarpRows, geo.bpc, mb, bgrow, s_m,
+                                               s_inv, s_nlim, s_blk_nmax);
     __syncthreads();  // statistics, scratch and s_unit are reused by the next unit
   }
 }

@@ -1,0 +1,298 @@
+// Stage 1 (proxy_block_scores) on Hopper (sm_90a): scores_sm90_kernel, the scores kernel of
+// proxy_scores_kernel.cuh with the logits on wgmma instead of mma.sync (proxy_scores.cu describes
+// the algorithm; the pool kernels and the workspace are the same).
+//
+// Persistent, 256 threads = two warpgroups, two CTAs per SM, one unit at a time from the atomic
+// counter (heaviest causal units first). A unit is `bpc` consecutive query blocks of one
+// (b, group), each block's kept queries in a slot of `rows_blk` CTA rows (S/s rounded up to 16, a
+// warp's rows), 128 rows in all: warpgroup w holds rows 64 w + [0, 64), warp i of it rows
+// 16 i + [0, 16). Per unit the pooled query rows go to shared memory once (cp.async, 128-byte
+// swizzle, zero for padding rows), then the kept keys stream through a 2-stage ring of 64-key
+// tiles (cp.async, prefetched one tile ahead). Per tile each warpgroup whose rows see any of its
+// keys issues one 64 x 64 x D wgmma (SS, fp16 or bf16 as the (b, group)'s flag says, fp32
+// accumulation) and then, per row, the same online (max, sum) and per-key-block maxima as the
+// mma.sync kernel. Only the aligned geometry (S % s == 0 and (S/s) % 8 == 0): a key block is a
+// whole number of 8-key column groups, so block maxima are per-thread maxima and two quad
+// shuffles. The end of a unit (A from the scratch) is write_unit_scores, shared with the other
+// kernel. The wgmma products of 16-bit values are exact and accumulate in fp32, so logits differ
+// from the mma.sync kernel's only by the order of the sum.
+#pragma once
+
+#include <climits>
+#include <cmath>
+#include <cstdint>
+
+#include <cute/tensor.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cutlass/numeric_types.h>
+
+#include "kernels/bsa_sm90/utils.cuh"
+#include "kernels/estimate/proxy_scores_layout.cuh"
+
+namespace proxyattn {
+namespace scores_sm90 {
+
+using namespace cute;
+
+constexpr int kWarpgroups = 2;
+constexpr int kThreads = 128 * kWarpgroups;
+constexpr int kRows = 64 * kWarpgroups;  // query rows per CTA = scratch rows per slot
+constexpr int kKeys = 64;                // kept keys per tile
+
+// Query blocks of one unit: rows_blk CTA rows each (a multiple of 16), bpc of them.
+struct Geometry {
+  int rows_blk, bpc, nmb;
+};
+__host__ __device__ inline Geometry geometry(int S, int s, int nqb) {
+  Geometry g;
+  const int rows = (S + s - 1) / s;
+  g.rows_blk = (rows + 15) / 16 * 16;
+  g.bpc = kRows / g.rows_blk;
+  g.nmb = (nqb + g.bpc - 1) / g.bpc;
+  return g;
+}
+
+template <int D>
+struct Traits {
+  using Atom = decltype(GMMA::Layout_K_SW128_Atom<cutlass::half_t>{});  // 8 x 64 halves, 128-byte swizzle
+  using SmemLayoutQ = decltype(tile_to_shape(Atom{}, Shape<Int<kRows>, Int<D>>{}));
+  using SmemLayoutK = decltype(tile_to_shape(Atom{}, Shape<Int<kKeys>, Int<D>, _2>{}));  // (keys, D, stage)
+  template <class T>
+  using TiledMma = decltype(make_tiled_mma(GMMA::ss_op_selector<T, T, float, Shape<_64, Int<kKeys>, Int<D>>>(),
+                                           Layout<Shape<Int<kWarpgroups>, _1, _1>>{}));
+  struct SharedStorage {
+    alignas(1024) cutlass::half_t q[cosize_v<SmemLayoutQ>];
+    alignas(1024) cutlass::half_t k[cosize_v<SmemLayoutK>];
+    float m[kRows], inv[kRows];
+    int nlim[kRows];
+    int warp_lim[kThreads / 32];
+    int blk_nmax[kRows / 16];
+    long long unit;
+  };
+  static constexpr int kSmemBytes = int(sizeof(SharedStorage));
+};
+
+// Generic-proxy writes to shared memory (cp.async, st.shared) made visible to wgmma's reads.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// c = sm * log2(e) clamped into [FLT_MIN, FLT_MAX] by the launcher (as for the mma.sync kernel).
+template <int D>
+__global__ void __launch_bounds__(kThreads, 2)
+    scores_sm90_kernel(const ProxyScoresParams p, float c, int64_t rows_q, int64_t rows_k, const uint16_t* q16,
+                       const uint16_t* k16, const int* flags, unsigned long long* counter, float* scratch_all) {
+#if PROXYATTN_BSA_SM90_DEVICE
+  using Tr = Traits<D>;
+  using scores::kept_count;
+  extern __shared__ __align__(1024) char smem_raw[];
+  auto& ss = *reinterpret_cast<typename Tr::SharedStorage*>(smem_raw);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+  const int wg = warp >> 2;
+  const int S = p.block_size, s = p.stride;
+  const Geometry geo = geometry(S, s, p.nqb);
+  const int pshift = __ffs(S / s) - 1;  // kept keys per key block = 2^pshift (aligned geometry)
+  const int64_t bg_count = static_cast<int64_t>(p.batch) * p.num_groups;
+  const long long units = bg_count * geo.nmb;
+  float* scratch = scratch_all + static_cast<int64_t>(blockIdx.x) * p.nkb * kRows;
+
+  Tensor sQh = make_tensor(make_smem_ptr(ss.q), typename Tr::SmemLayoutQ{});  // (rows, D)
+  Tensor sKh = make_tensor(make_smem_ptr(ss.k), typename Tr::SmemLayoutK{});  // (keys, D, stage)
+  Tensor sQb = make_tensor(make_smem_ptr(reinterpret_cast<cutlass::bfloat16_t*>(ss.q)), typename Tr::SmemLayoutQ{});
+  Tensor sKb = make_tensor(make_smem_ptr(reinterpret_cast<cutlass::bfloat16_t*>(ss.k)), typename Tr::SmemLayoutK{});
+  typename Tr::template TiledMma<cutlass::half_t> mma_h;
+  typename Tr::template TiledMma<cutlass::bfloat16_t> mma_b;
+  auto thr_h = mma_h.get_thread_slice(tid);
+  auto thr_b = mma_b.get_thread_slice(tid);
+  Tensor tQh = thr_h.partition_fragment_A(sQh);  // (MMA, MMA_M, MMA_D) descriptors
+  Tensor tKh = thr_h.partition_fragment_B(sKh);  // (MMA, MMA_N, MMA_D, stage) descriptors
+  Tensor tQb = thr_b.partition_fragment_A(sQb);
+  Tensor tKb = thr_b.partition_fragment_B(sKb);
+  Tensor acc = partition_fragment_C(thr_h, Shape<Int<kRows>, Int<kKeys>>{});  // ((2, 2, kKeys/8), 1, 1)
+  // (row ri, column ci): CTA row 16 warp + g + 8 ri, key 2 t4 + (ci & 1) + 8 (ci >> 1) of the tile.
+  Tensor accrc = make_tensor(acc.data(), bsa_sm90::acc_rowcol(acc.layout()));
+  constexpr int kCols = kKeys / 4;
+  static_assert(decltype(size<0>(accrc))::value == 2 && decltype(size<1>(accrc))::value == kCols,
+                "one thread holds two rows of the tile");
+
+  for (;;) {
+    if (tid == 0) ss.unit = static_cast<long long>(atomicAdd(counter, 1ull));
+    __syncthreads();
+    const long long u = ss.unit;
+    if (u >= units) break;
+    const int mb = geo.nmb - 1 - static_cast<int>(u / bg_count);
+    const int bgi = static_cast<int>(u % bg_count);
+    const int grp = bgi % p.num_groups, b = bgi / p.num_groups;
+    const SeqBounds sb = load_seq_bounds(p.cu_seqlens_q, p.cu_seqlens_k, b, p.max_seqlen_q, p.max_seqlen_k,
+                                         p.total_q, p.total_k);
+    const int off = sb.nk - sb.nq;
+    const int i0 = scores::kept_query_offset(sb.nq, sb.nk, s);
+    const int nkk = kept_count(sb.nk, 0, s);
+    const int nqb_seq = static_cast<int>((static_cast<int64_t>(sb.nq) + S - 1) / S);
+    const int64_t bgrow = static_cast<int64_t>(b) * p.num_groups + grp;
+    const bool bf16 = flags[bgrow] != 0;  // CTA-uniform
+
+    // CTA row r: query block mb * bpc + r / rows_blk, kept query j_lo(m) + r % rows_blk of it; the
+    // kept query row it loads, or -1 for padding.
+    auto kept_row = [&](int r) {
+      const int bl = r / geo.rows_blk, jj = r - bl * geo.rows_blk;
+      const int m = mb * geo.bpc + bl;
+      if (bl >= geo.bpc || m >= nqb_seq) return -1;
+      const int j = kept_count(m * S, i0, s) + jj;
+      return j < kept_count(min((m + 1) * S, sb.nq), i0, s) ? j : -1;
+    };
+    int lim[2];
+    int my_lim = -1, my_min = INT_MAX;
+#pragma unroll
+    for (int ri = 0; ri < 2; ++ri) {
+      const int j = kept_row(16 * warp + g + 8 * ri);
+      lim[ri] = scores::kept_row_limit(j >= 0, p.causal, off, i0, j, s, nkk);
+      if (lim[ri] >= 0) {
+        my_lim = max(my_lim, lim[ri]);
+        my_min = min(my_min, lim[ri]);
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      my_lim = max(my_lim, __shfl_xor_sync(0xffffffffu, my_lim, o));
+      my_min = min(my_min, __shfl_xor_sync(0xffffffffu, my_min, o));
+    }
+    if (lane == 0) ss.warp_lim[warp] = my_lim;
+    __syncthreads();
+    int cta_lim = -1, wg_lim = -1;
+#pragma unroll
+    for (int w = 0; w < kThreads / 32; ++w) {
+      cta_lim = max(cta_lim, ss.warp_lim[w]);
+      if (w / 4 == wg) wg_lim = max(wg_lim, ss.warp_lim[w]);
+    }
+    const int ntiles = (cta_lim + kKeys) / kKeys;  // tiles holding kept keys [0, cta_lim]
+
+    const int64_t qrow0 = bgrow * rows_q, krow0 = bgrow * rows_k;
+    auto load_q = [&]() {
+      constexpr int kChunks = kRows * D / 8;  // 16-byte chunks
+      for (int ch = tid; ch < kChunks; ch += kThreads) {
+        const int r = ch / (D / 8), kc = ch % (D / 8);
+        const int j = kept_row(r);
+        const uint16_t* src = j >= 0 ? q16 + (qrow0 + j) * D + kc * 8 : q16;
+        cp_async_16(&sQh(r, kc * 8), src, j >= 0 ? 16 : 0);
+      }
+      proxyattn::cp_async_commit();
+    };
+    auto load_tile = [&](int tile, int buf) {
+      constexpr int kChunks = kKeys * D / 8;
+      for (int ch = tid; ch < kChunks; ch += kThreads) {
+        const int kr = ch / (D / 8), kc = ch % (D / 8);
+        const int kk = tile * kKeys + kr;
+        const bool ok = kk < nkk;
+        const uint16_t* src = ok ? k16 + (krow0 + kk) * D + kc * 8 : k16;
+        cp_async_16(&sKh(kr, kc * 8, buf), src, ok ? 16 : 0);
+      }
+      proxyattn::cp_async_commit();
+    };
+
+    float row_m[2] = {-INFINITY, -INFINITY}, row_l[2] = {0.f, 0.f};
+    int run_n = -1;  // the current key block run (warp-uniform) and this thread's maxima in it
+    float run_v[2];
+    auto flush_run = [&]() {
+#pragma unroll
+      for (int ri = 0; ri < 2; ++ri) {
+        float v = run_v[ri];
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+        if (t4 == 0 && lim[ri] >= 0) scratch[static_cast<int64_t>(run_n) * kRows + 16 * warp + g + 8 * ri] = v;
+      }
+    };
+
+    if (ntiles > 0) {
+      load_q();
+      load_tile(0, 0);
+    }
+    for (int j = 0; j < ntiles; ++j) {
+      if (j + 1 < ntiles) {
+        load_tile(j + 1, (j + 1) & 1);
+        proxyattn::cp_async_wait<1>();
+      } else {
+        proxyattn::cp_async_wait<0>();
+      }
+      fence_proxy_async_shared();
+      __syncthreads();
+      const int kk0 = j * kKeys;
+      if (kk0 <= wg_lim) {  // warpgroup-uniform: some row of this warpgroup sees a key of the tile
+        if (bf16) bsa_sm90::wg_issue<true>(mma_b, tQb, tKb(_, _, _, j & 1), acc);
+        else bsa_sm90::wg_issue<true>(mma_h, tQh, tKh(_, _, _, j & 1), acc);
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(acc);
+        if (kk0 <= my_lim) {  // warp-uniform
+          if (kk0 + kKeys - 1 > my_min) {  // causal edge or past the last key: mask
+#pragma unroll
+            for (int ri = 0; ri < 2; ++ri)
+#pragma unroll
+              for (int ci = 0; ci < kCols; ++ci)
+                if (kk0 + 2 * t4 + (ci & 1) + 8 * (ci >> 1) > lim[ri]) accrc(ri, ci) = -INFINITY;
+          }
+          // Online (max, sum) per thread and row; the sum is rescaled only when the max grows.
+#pragma unroll
+          for (int ri = 0; ri < 2; ++ri) {
+            float tmax = -INFINITY;
+#pragma unroll
+            for (int ci = 0; ci < kCols; ++ci) tmax = fmaxf(tmax, accrc(ri, ci));
+            if (tmax > row_m[ri]) {
+              row_l[ri] *= exp2f((row_m[ri] - tmax) * c);
+              row_m[ri] = tmax;
+            }
+            if (row_m[ri] != -INFINITY) {
+              float sum = 0.f;
+#pragma unroll
+              for (int ci = 0; ci < kCols; ++ci) sum += exp2f((accrc(ri, ci) - row_m[ri]) * c);
+              row_l[ri] += sum;
+            }
+          }
+          // Per-row maxima per key block (8-key column groups never straddle key blocks).
+#pragma unroll
+          for (int nt = 0; nt < kKeys / 8; ++nt) {
+            if (kk0 + nt * 8 > my_lim) break;  // masked for every row; n could pass nkb - 1
+            const int n = (kk0 + nt * 8) >> pshift;  // warp-uniform
+            if (n != run_n) {
+              if (run_n >= 0) flush_run();
+              run_n = n;
+              run_v[0] = run_v[1] = -INFINITY;
+            }
+#pragma unroll
+            for (int ri = 0; ri < 2; ++ri)
+              run_v[ri] = fmaxf(run_v[ri], fmaxf(accrc(ri, 2 * nt), accrc(ri, 2 * nt + 1)));
+          }
+        }
+      }
+      __syncthreads();  // the stage read above is refilled next iteration
+    }
+    if (run_n >= 0) flush_run();
+
+    // Final row statistics: merge the four lanes of each row.
+#pragma unroll
+    for (int ri = 0; ri < 2; ++ri) {
+#pragma unroll
+      for (int o = 1; o < 4; o <<= 1) {
+        const float m2 = __shfl_xor_sync(0xffffffffu, row_m[ri], o);
+        const float l2 = __shfl_xor_sync(0xffffffffu, row_l[ri], o);
+        scores::merge_scaled(row_m[ri], row_l[ri], m2, l2, c);
+      }
+      if (t4 == 0) {
+        const int r = 16 * warp + g + 8 * ri;
+        const bool on = lim[ri] >= 0 && row_l[ri] > 0.f;
+        ss.m[r] = on ? row_m[ri] : 0.f;
+        ss.inv[r] = on ? 1.f / row_l[ri] : 0.f;
+        ss.nlim[r] = on ? lim[ri] >> pshift : -1;
+      }
+    }
+    __syncthreads();  // scratch rows and row statistics are visible to the whole CTA
+    scores::block_row_limits(ss.nlim, ss.blk_nmax, geo.rows_blk, geo.bpc);
+    __syncthreads();
+    scores::write_unit_scores<kThreads, true>(p, c, scratch, kRows, geo.rows_blk, geo.bpc, mb, bgrow, ss.m, ss.inv,
+                                              ss.nlim, ss.blk_nmax);
+    __syncthreads();  // statistics, scratch and the unit are reused by the next unit
+  }
+#endif  // PROXYATTN_BSA_SM90_DEVICE
+}
+
+}  // namespace scores_sm90
+}  // namespace proxyattn
