@@ -3,7 +3,7 @@
 // block maxima into the scratch, A written per unit); proxy_scores.cu describes the algorithm.
 #pragma once
 
-#include "kernels/estimate/proxy_scores_layout.cuh"
+#include "kernels/estimate/proxy_scores_rows.cuh"
 
 namespace proxyattn {
 namespace scores {
@@ -88,17 +88,11 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
     __syncthreads();
     const long long u = s_unit;
     if (u >= units) break;
-    const int mb = geo.nmb - 1 - static_cast<int>(u / bg_count);
-    const int bgi = static_cast<int>(u % bg_count);
-    const int grp = bgi % p.num_groups, b = bgi / p.num_groups;
-    const SeqBounds sb = load_seq_bounds(p.cu_seqlens_q, p.cu_seqlens_k, b, p.max_seqlen_q, p.max_seqlen_k,
-                                         p.total_q, p.total_k);
-    const int off = sb.nk - sb.nq;
-    const int i0 = kept_query_offset(sb.nq, sb.nk, s);
-    const int nkk = kept_count(sb.nk, 0, s);  // kept keys of this sequence
-    const int nqb_seq = static_cast<int>((static_cast<int64_t>(sb.nq) + S - 1) / S);
-    const int64_t bgrow = static_cast<int64_t>(b) * p.num_groups + grp;
-    const bool bf16 = flags[bgrow] != 0;  // this (b, group)'s rows are bf16 (block-uniform)
+    const ScoreUnit w = score_unit(p, u, bg_count, geo.nmb, flags);
+    const int mb = w.mb, off = w.off, i0 = w.i0, nkk = w.nkk, nqb_seq = w.nqb_seq;
+    const SeqBounds& sb = w.sb;
+    const int64_t bgrow = w.bgrow;
+    const bool bf16 = w.bf16;
 
     // This warp: query block m, rows [j_lo + sub*32, +32) of the block's kept queries.
     const int blk = warp / geo.upb, sub = warp % geo.upb;
@@ -112,21 +106,13 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
     // Row i of this thread (i = 2 mt + e) is warp row 8 i + g. lim[i]: the last kept key it may
     // see, -1 when it is padding or sees nothing.
     int lim[4], jrow[4];
-    int my_lim = -1, my_min = INT_MAX;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       jrow[i] = j_lo + sub * kWarpRows + 8 * i + g;
       lim[i] = kept_row_limit(jrow[i] < j_hi, p.causal, off, i0, jrow[i], s, nkk);
-      if (lim[i] >= 0) {
-        my_lim = max(my_lim, lim[i]);
-        my_min = min(my_min, lim[i]);
-      }
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      my_lim = max(my_lim, __shfl_xor_sync(0xffffffffu, my_lim, o));
-      my_min = min(my_min, __shfl_xor_sync(0xffffffffu, my_min, o));
-    }
+    int my_lim, my_min;
+    warp_limit_range(lim, my_lim, my_min);
     if (lane == 0) s_warp_lim[warp] = my_lim;
     __syncthreads();
     int cta_lim = -1;
@@ -171,9 +157,7 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
     auto flush_run = [&]() {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        float v = run_v[i];
-        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
-        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+        const float v = quad_max(run_v[i]);
         if (t4 == 0 && lim[i] >= 0) scratch[static_cast<int64_t>(run_n) * kCtaRows + slot0 + 8 * i + g] = v;
       }
     };
@@ -217,21 +201,7 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int mt = i >> 1, e = i & 1;
-          float tmax = -INFINITY;
-#pragma unroll
-          for (int nt = 0; nt < kNt; ++nt) tmax = fmaxf(tmax, fmaxf(acc[mt][nt][2 * e], acc[mt][nt][2 * e + 1]));
-          if (tmax > row_m[i]) {
-            row_l[i] *= exp2f((row_m[i] - tmax) * c);
-            row_m[i] = tmax;
-          }
-          if (row_m[i] != -INFINITY) {
-            float sum = 0.f;
-#pragma unroll
-            for (int nt = 0; nt < kNt; ++nt)
-#pragma unroll
-              for (int cc = 0; cc < 2; ++cc) sum += exp2f((acc[mt][nt][2 * e + cc] - row_m[i]) * c);
-            row_l[i] += sum;
-          }
+          online_row<2 * kNt>(row_m[i], row_l[i], [&](int x) { return acc[mt][x >> 1][2 * e + (x & 1)]; }, c);
         }
         // Per-row maxima per key block.
         if (kAligned) {
@@ -285,21 +255,7 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
 
     // Final row statistics: merge the four lanes of each row.
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-#pragma unroll
-      for (int o = 1; o < 4; o <<= 1) {
-        const float m2 = __shfl_xor_sync(0xffffffffu, row_m[i], o);
-        const float l2 = __shfl_xor_sync(0xffffffffu, row_l[i], o);
-        merge_scaled(row_m[i], row_l[i], m2, l2, c);
-      }
-      if (t4 == 0) {
-        const int r = slot0 + 8 * i + g;
-        const bool on = lim[i] >= 0 && row_l[i] > 0.f;
-        s_m[r] = on ? row_m[i] : 0.f;
-        s_inv[r] = on ? 1.f / row_l[i] : 0.f;
-        s_nlim[r] = on ? static_cast<int>(static_cast<int64_t>(lim[i]) * s / S) : -1;
-      }
-    }
+    for (int i = 0; i < 4; ++i) store_row_stats(row_m[i], row_l[i], lim[i], slot0 + 8 * i + g, t4, p, c, s_m, s_inv, s_nlim);
     __syncthreads();  // scratch rows and row statistics are visible to the whole CTA
     block_row_limits(s_nlim, s_blk_nmax, geo.upb * kWarpRows, geo.bpc);
     __syncthreads();

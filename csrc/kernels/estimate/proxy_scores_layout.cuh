@@ -6,7 +6,6 @@
 // block maxima.
 #pragma once
 
-#include <cmath>
 #include <cstdint>
 
 #include "kernels/estimate/estimate_common.cuh"
@@ -44,66 +43,6 @@ __host__ __device__ inline ScoreGeometry score_geometry(int S, int s, int nqb) {
   g.nmb = (nqb + g.bpc - 1) / g.bpc;
   g.aligned = S % s == 0 && (S / s) % 8 == 0;
   return g;
-}
-
-// Merge two (max, sum) pairs of an online softmax of raw logits x with weights exp2((x - max) * c).
-__device__ inline void merge_scaled(float& m, float& l, float m2, float l2, float c) {
-  const float mn = fmaxf(m, m2);
-  if (mn == -INFINITY) return;
-  l = l * exp2f((m - mn) * c) + l2 * exp2f((m2 - mn) * c);
-  m = mn;
-}
-
-// The last kept key that kept query jrow (sequence offset off = Nk - Nq, first kept query i0) may
-// see, -1 when the row is not valid or sees nothing; nkk kept keys.
-__device__ inline int kept_row_limit(bool valid, bool causal, int off, int i0, int jrow, int s, int nkk) {
-  if (!valid) return -1;
-  if (!causal) return nkk - 1;
-  const int64_t pos = static_cast<int64_t>(off) + i0 + static_cast<int64_t>(jrow) * s;
-  return pos < 0 ? -1 : static_cast<int>(min(pos / s, static_cast<int64_t>(nkk - 1)));
-}
-
-// The end of a unit of either scores kernel: A[b, group, m, :] for the unit's query blocks
-// mb * bpc + [0, bpc), every element. Block bl's rows are CTA rows bl * rows_blk + [0, rows_blk);
-// row r has the final max s_m[r], 1 / sum s_inv[r] and last key block s_nlim[r] (-1: no row), and
-// its max logit over key block n at scratch[n * cta_rows + r] for n <= s_nlim[r] (later entries are
-// stale and not read). s_blk_nmax[bl]: the largest s_nlim of block bl. Everything is visible to the
-// CTA; the caller synchronises before reusing any of it.
-template <int kThreads, bool kAligned>
-__device__ inline void write_unit_scores(const ProxyScoresParams& p, float c, const float* scratch, int cta_rows,
-                                         int rows_blk, int bpc, int mb, int64_t bgrow, const float* s_m,
-                                         const float* s_inv, const int* s_nlim, const int* s_blk_nmax) {
-  const int S = p.block_size, s = p.stride;
-  float* A0 = p.scores + bgrow * p.nqb * p.nkb;
-  for (int idx = threadIdx.x; idx < bpc * p.nkb; idx += kThreads) {
-    const int bl = idx / p.nkb, n = idx - bl * p.nkb;
-    const int mm = mb * bpc + bl;
-    if (mm >= p.nqb) continue;
-    bool has_key = true;  // key block n holds a kept key (always when s divides S)
-    if (!kAligned) {
-      const int64_t f0 = ceil_div64(static_cast<int64_t>(n) * S, s), f1 = ceil_div64(static_cast<int64_t>(n + 1) * S, s);
-      has_key = f0 < f1;
-    }
-    float v = 0.f;
-    if (n <= s_blk_nmax[bl] && has_key) {
-      const float* Ln = scratch + static_cast<int64_t>(n) * cta_rows + bl * rows_blk;
-#pragma unroll 8
-      for (int r = 0; r < rows_blk; ++r) {
-        const int rr = bl * rows_blk + r;
-        if (n <= s_nlim[rr]) v = fmaxf(v, exp2f((Ln[r] - s_m[rr]) * c) * s_inv[rr]);
-      }
-    }
-    A0[static_cast<int64_t>(mm) * p.nkb + n] = v;
-  }
-}
-
-// s_blk_nmax[bl] = max of s_nlim over block bl's rows, for bl < bpc (threads 0 .. bpc - 1).
-__device__ inline void block_row_limits(const int* s_nlim, int* s_blk_nmax, int rows_blk, int bpc) {
-  if (threadIdx.x < bpc) {
-    int v = -1;
-    for (int r = 0; r < rows_blk; ++r) v = max(v, s_nlim[threadIdx.x * rows_blk + r]);
-    s_blk_nmax[threadIdx.x] = v;
-  }
 }
 
 inline int64_t align256(int64_t x) { return (x + 255) & ~static_cast<int64_t>(255); }

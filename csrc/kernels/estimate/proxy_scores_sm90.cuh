@@ -27,7 +27,7 @@
 #include <cutlass/numeric_types.h>
 
 #include "kernels/bsa_sm90/utils.cuh"
-#include "kernels/estimate/proxy_scores_layout.cuh"
+#include "kernels/estimate/proxy_scores_rows.cuh"
 
 namespace proxyattn {
 namespace scores_sm90 {
@@ -120,17 +120,11 @@ __global__ void __launch_bounds__(kThreads, 2)
     __syncthreads();
     const long long u = ss.unit;
     if (u >= units) break;
-    const int mb = geo.nmb - 1 - static_cast<int>(u / bg_count);
-    const int bgi = static_cast<int>(u % bg_count);
-    const int grp = bgi % p.num_groups, b = bgi / p.num_groups;
-    const SeqBounds sb = load_seq_bounds(p.cu_seqlens_q, p.cu_seqlens_k, b, p.max_seqlen_q, p.max_seqlen_k,
-                                         p.total_q, p.total_k);
-    const int off = sb.nk - sb.nq;
-    const int i0 = scores::kept_query_offset(sb.nq, sb.nk, s);
-    const int nkk = kept_count(sb.nk, 0, s);
-    const int nqb_seq = static_cast<int>((static_cast<int64_t>(sb.nq) + S - 1) / S);
-    const int64_t bgrow = static_cast<int64_t>(b) * p.num_groups + grp;
-    const bool bf16 = flags[bgrow] != 0;  // CTA-uniform
+    const scores::ScoreUnit w = scores::score_unit(p, u, bg_count, geo.nmb, flags);
+    const int mb = w.mb, off = w.off, i0 = w.i0, nkk = w.nkk, nqb_seq = w.nqb_seq;
+    const SeqBounds& sb = w.sb;
+    const int64_t bgrow = w.bgrow;
+    const bool bf16 = w.bf16;  // CTA-uniform
 
     // CTA row r: query block mb * bpc + r / rows_blk, kept query j_lo(m) + r % rows_blk of it; the
     // kept query row it loads, or -1 for padding.
@@ -142,21 +136,13 @@ __global__ void __launch_bounds__(kThreads, 2)
       return j < kept_count(min((m + 1) * S, sb.nq), i0, s) ? j : -1;
     };
     int lim[2];
-    int my_lim = -1, my_min = INT_MAX;
 #pragma unroll
     for (int ri = 0; ri < 2; ++ri) {
       const int j = kept_row(16 * warp + g + 8 * ri);
       lim[ri] = scores::kept_row_limit(j >= 0, p.causal, off, i0, j, s, nkk);
-      if (lim[ri] >= 0) {
-        my_lim = max(my_lim, lim[ri]);
-        my_min = min(my_min, lim[ri]);
-      }
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      my_lim = max(my_lim, __shfl_xor_sync(0xffffffffu, my_lim, o));
-      my_min = min(my_min, __shfl_xor_sync(0xffffffffu, my_min, o));
-    }
+    int my_lim, my_min;
+    scores::warp_limit_range(lim, my_lim, my_min);
     if (lane == 0) ss.warp_lim[warp] = my_lim;
     __syncthreads();
     int cta_lim = -1, wg_lim = -1;
@@ -196,9 +182,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     auto flush_run = [&]() {
 #pragma unroll
       for (int ri = 0; ri < 2; ++ri) {
-        float v = run_v[ri];
-        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
-        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+        const float v = scores::quad_max(run_v[ri]);
         if (t4 == 0 && lim[ri] >= 0) scratch[static_cast<int64_t>(run_n) * kRows + 16 * warp + g + 8 * ri] = v;
       }
     };
@@ -232,21 +216,8 @@ __global__ void __launch_bounds__(kThreads, 2)
           }
           // Online (max, sum) per thread and row; the sum is rescaled only when the max grows.
 #pragma unroll
-          for (int ri = 0; ri < 2; ++ri) {
-            float tmax = -INFINITY;
-#pragma unroll
-            for (int ci = 0; ci < kCols; ++ci) tmax = fmaxf(tmax, accrc(ri, ci));
-            if (tmax > row_m[ri]) {
-              row_l[ri] *= exp2f((row_m[ri] - tmax) * c);
-              row_m[ri] = tmax;
-            }
-            if (row_m[ri] != -INFINITY) {
-              float sum = 0.f;
-#pragma unroll
-              for (int ci = 0; ci < kCols; ++ci) sum += exp2f((accrc(ri, ci) - row_m[ri]) * c);
-              row_l[ri] += sum;
-            }
-          }
+          for (int ri = 0; ri < 2; ++ri)
+            scores::online_row<kCols>(row_m[ri], row_l[ri], [&](int ci) { return accrc(ri, ci); }, c);
           // Per-row maxima per key block (8-key column groups never straddle key blocks).
 #pragma unroll
           for (int nt = 0; nt < kKeys / 8; ++nt) {
@@ -269,21 +240,8 @@ __global__ void __launch_bounds__(kThreads, 2)
 
     // Final row statistics: merge the four lanes of each row.
 #pragma unroll
-    for (int ri = 0; ri < 2; ++ri) {
-#pragma unroll
-      for (int o = 1; o < 4; o <<= 1) {
-        const float m2 = __shfl_xor_sync(0xffffffffu, row_m[ri], o);
-        const float l2 = __shfl_xor_sync(0xffffffffu, row_l[ri], o);
-        scores::merge_scaled(row_m[ri], row_l[ri], m2, l2, c);
-      }
-      if (t4 == 0) {
-        const int r = 16 * warp + g + 8 * ri;
-        const bool on = lim[ri] >= 0 && row_l[ri] > 0.f;
-        ss.m[r] = on ? row_m[ri] : 0.f;
-        ss.inv[r] = on ? 1.f / row_l[ri] : 0.f;
-        ss.nlim[r] = on ? lim[ri] >> pshift : -1;
-      }
-    }
+    for (int ri = 0; ri < 2; ++ri)
+      scores::store_row_stats(row_m[ri], row_l[ri], lim[ri], 16 * warp + g + 8 * ri, t4, p, c, ss.m, ss.inv, ss.nlim);
     __syncthreads();  // scratch rows and row statistics are visible to the whole CTA
     scores::block_row_limits(ss.nlim, ss.blk_nmax, geo.rows_blk, geo.bpc);
     __syncthreads();

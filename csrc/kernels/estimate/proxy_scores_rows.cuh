@@ -1,0 +1,164 @@
+// Stage 1 (proxy_block_scores): the per-row work both scores kernels share (proxy_scores_kernel.cuh
+// on mma.sync, proxy_scores_sm90.cuh on wgmma), whatever fragment layout holds a thread's logits:
+// row limits, the online (max, sum) with weights exp2((x - max) * c), the four lanes of a row
+// merged, the per-row statistics and the end of a unit (A from the block maxima in the scratch).
+#pragma once
+
+#include <climits>
+#include <cmath>
+#include <cstdint>
+
+#include "kernels/estimate/proxy_scores_layout.cuh"
+
+namespace proxyattn {
+namespace scores {
+
+// Merge two (max, sum) pairs of an online softmax of raw logits x with weights exp2((x - max) * c).
+__device__ __forceinline__ void merge_scaled(float& m, float& l, float m2, float l2, float c) {
+  const float mn = fmaxf(m, m2);
+  if (mn == -INFINITY) return;
+  l = l * exp2f((m - mn) * c) + l2 * exp2f((m2 - mn) * c);
+  m = mn;
+}
+
+// One work unit of a scores kernel: query blocks mb * bpc + [0, bpc) of one (b, group).
+struct ScoreUnit {
+  int mb, b, grp;
+  SeqBounds sb;
+  int off;      // Nk - Nq of the sequence
+  int i0;       // its first kept query row
+  int nkk;      // its kept keys
+  int nqb_seq;  // its query blocks
+  int64_t bgrow;  // b * G + group: the row of the workspace and of A
+  bool bf16;      // the (b, group)'s pooled rows are bf16 (else fp16); uniform over the unit
+};
+
+// Unit u (of bg_count * nmb, heaviest causal query blocks first) of the persistent scores kernels.
+__device__ __forceinline__ ScoreUnit score_unit(const ProxyScoresParams& p, long long u, int64_t bg_count, int nmb,
+                                               const int* flags) {
+  ScoreUnit w;
+  w.mb = nmb - 1 - static_cast<int>(u / bg_count);
+  const int bgi = static_cast<int>(u % bg_count);
+  w.grp = bgi % p.num_groups, w.b = bgi / p.num_groups;
+  w.sb = load_seq_bounds(p.cu_seqlens_q, p.cu_seqlens_k, w.b, p.max_seqlen_q, p.max_seqlen_k, p.total_q, p.total_k);
+  w.off = w.sb.nk - w.sb.nq;
+  w.i0 = kept_query_offset(w.sb.nq, w.sb.nk, p.stride);
+  w.nkk = kept_count(w.sb.nk, 0, p.stride);
+  w.nqb_seq = static_cast<int>((static_cast<int64_t>(w.sb.nq) + p.block_size - 1) / p.block_size);
+  w.bgrow = static_cast<int64_t>(w.b) * p.num_groups + w.grp;
+  w.bf16 = flags[w.bgrow] != 0;
+  return w;
+}
+
+// The last kept key that kept query jrow (sequence offset off = Nk - Nq, first kept query i0) may
+// see, -1 when the row is not valid or sees nothing; nkk kept keys.
+__device__ __forceinline__ int kept_row_limit(bool valid, bool causal, int off, int i0, int jrow, int s, int nkk) {
+  if (!valid) return -1;
+  if (!causal) return nkk - 1;
+  const int64_t pos = static_cast<int64_t>(off) + i0 + static_cast<int64_t>(jrow) * s;
+  return pos < 0 ? -1 : static_cast<int>(min(pos / s, static_cast<int64_t>(nkk - 1)));
+}
+
+// The end of a unit of either scores kernel: A[b, group, m, :] for the unit's query blocks
+// mb * bpc + [0, bpc), every element. Block bl's rows are CTA rows bl * rows_blk + [0, rows_blk);
+// row r has the final max s_m[r], 1 / sum s_inv[r] and last key block s_nlim[r] (-1: no row), and
+// its max logit over key block n at scratch[n * cta_rows + r] for n <= s_nlim[r] (later entries are
+// stale and not read). s_blk_nmax[bl]: the largest s_nlim of block bl. Everything is visible to the
+// CTA; the caller synchronises before reusing any of it.
+template <int kThreads, bool kAligned>
+__device__ __forceinline__ void write_unit_scores(const ProxyScoresParams& p, float c, const float* scratch, int cta_rows,
+                                         int rows_blk, int bpc, int mb, int64_t bgrow, const float* s_m,
+                                         const float* s_inv, const int* s_nlim, const int* s_blk_nmax) {
+  const int S = p.block_size, s = p.stride;
+  float* A0 = p.scores + bgrow * p.nqb * p.nkb;
+  for (int idx = threadIdx.x; idx < bpc * p.nkb; idx += kThreads) {
+    const int bl = idx / p.nkb, n = idx - bl * p.nkb;
+    const int mm = mb * bpc + bl;
+    if (mm >= p.nqb) continue;
+    bool has_key = true;  // key block n holds a kept key (always when s divides S)
+    if (!kAligned) {
+      const int64_t f0 = ceil_div64(static_cast<int64_t>(n) * S, s), f1 = ceil_div64(static_cast<int64_t>(n + 1) * S, s);
+      has_key = f0 < f1;
+    }
+    float v = 0.f;
+    if (n <= s_blk_nmax[bl] && has_key) {
+      const float* Ln = scratch + static_cast<int64_t>(n) * cta_rows + bl * rows_blk;
+#pragma unroll 8
+      for (int r = 0; r < rows_blk; ++r) {
+        const int rr = bl * rows_blk + r;
+        if (n <= s_nlim[rr]) v = fmaxf(v, exp2f((Ln[r] - s_m[rr]) * c) * s_inv[rr]);
+      }
+    }
+    A0[static_cast<int64_t>(mm) * p.nkb + n] = v;
+  }
+}
+
+// s_blk_nmax[bl] = max of s_nlim over block bl's rows, for bl < bpc (threads 0 .. bpc - 1).
+__device__ __forceinline__ void block_row_limits(const int* s_nlim, int* s_blk_nmax, int rows_blk, int bpc) {
+  if (threadIdx.x < bpc) {
+    int v = -1;
+    for (int r = 0; r < rows_blk; ++r) v = max(v, s_nlim[threadIdx.x * rows_blk + r]);
+    s_blk_nmax[threadIdx.x] = v;
+  }
+}
+
+// The largest and the smallest limit >= 0 of the warp's rows (-1 and INT_MAX when none);
+// lim: this thread's rows.
+template <int N>
+__device__ __forceinline__ void warp_limit_range(const int (&lim)[N], int& hi, int& lo) {
+  hi = -1, lo = INT_MAX;
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+    if (lim[i] >= 0) hi = max(hi, lim[i]), lo = min(lo, lim[i]);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+    lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+  }
+}
+
+// Online (max m, sum l) of one row over this thread's N logits x(0 .. N-1) of a key tile; the sum is
+// rescaled only when the max grows.
+template <int N, class X>
+__device__ __forceinline__ void online_row(float& m, float& l, X&& x, float c) {
+  float tmax = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < N; ++j) tmax = fmaxf(tmax, x(j));
+  if (tmax > m) {
+    l *= exp2f((m - tmax) * c);
+    m = tmax;
+  }
+  if (m != -INFINITY) {
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < N; ++j) sum += exp2f((x(j) - m) * c);
+    l += sum;
+  }
+}
+
+// The max over the four lanes (a quad) that share a row.
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
+// A row's final statistics: its quad's (max, sum) merged; lane t4 == 0 stores the max, 1 / sum and
+// the row's last key block (from lim, its last kept key; -1: no key) for CTA row r.
+__device__ __forceinline__ void store_row_stats(float m, float l, int lim, int r, int t4, const ProxyScoresParams& p, float c,
+                                       float* s_m, float* s_inv, int* s_nlim) {
+#pragma unroll
+  for (int o = 1; o < 4; o <<= 1) {
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
+    const float l2 = __shfl_xor_sync(0xffffffffu, l, o);
+    merge_scaled(m, l, m2, l2, c);
+  }
+  if (t4 == 0) {
+    const bool on = lim >= 0 && l > 0.f;
+    s_m[r] = on ? m : 0.f;
+    s_inv[r] = on ? 1.f / l : 0.f;
+    s_nlim[r] = on ? static_cast<int>(static_cast<int64_t>(lim) * p.stride / p.block_size) : -1;
+  }
+}
+
+}  // namespace scores
+}  // namespace proxyattn
