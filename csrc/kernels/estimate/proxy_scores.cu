@@ -23,6 +23,10 @@
 //      kAligned (S % s == 0 and (S/s) % 8 == 0): an 8-key group never straddles key blocks, so
 //      block maxima come from per-thread maxima + two quad shuffles. Otherwise each warp stages
 //      its 32 x sub-tile logits in shared memory and lane r folds row r's columns into block runs.
+//   3. scores_sm90_kernel<D> (proxy_scores_sm90.cuh), on sm_90 in place of 2 where S/s is a power of
+//      two from 8 to 128 (the default geometry) unless the caller asks for the portable kernel: the
+//      same per-row work (proxy_scores_rows.cuh) with the logits of 64 query rows x 64 keys from one
+//      wgmma per warpgroup; scratch [nkb][128 rows].
 // Scores are within ~1e-5 relative of an fp64 evaluation on the same rounded vectors.
 #include "kernels/estimate/proxy_scores.h"
 
@@ -53,8 +57,11 @@ bool use_hopper_scores(const ProxyScoresParams& p) {
 #ifdef PROXYATTN_HOPPER_KERNELS
   int dev = 0;
   if (p.portable || cudaGetDevice(&dev) != cudaSuccess) return false;
-  return bsa_device_arch(dev) == 90 && score_geometry(p.block_size, p.stride, p.nqb).aligned &&
-         (p.head_dim == 64 || p.head_dim == 128);
+  // Its rows: S/s per query block, a power of two up to the CTA's 128 (8-key groups never straddle
+  // key blocks; the block of kept key t is t >> log2(S/s)).
+  const int per_block = p.block_size % p.stride == 0 ? p.block_size / p.stride : 0;
+  const bool rows_fit = per_block >= 8 && per_block <= scores_sm90::kRows && (per_block & (per_block - 1)) == 0;
+  return bsa_device_arch(dev) == 90 && rows_fit && (p.head_dim == 64 || p.head_dim == 128);
 #else
   return false;
 #endif
