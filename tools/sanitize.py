@@ -31,6 +31,9 @@ def run_pipeline(q, k, v, S, G, cu_q=None, cu_k=None, mq=None, mk=None, causal=T
     mq = mq or q.shape[1]
     mk = mk or k.shape[1]
     scale = q.shape[-1] ** -0.5
+    # Stage 1 at stride 4 (S/stride a power of two: the Hopper kernel on sm_90, the aligned mma.sync
+    # kernel elsewhere) and at stride 3 (the mma.sync kernel's general path).
+    OPS.proxy_block_scores(q, k, cu_q, cu_k, mq, mk, S, G, 4, scale, causal)
     sc = OPS.proxy_block_scores(q, k, cu_q, cu_k, mq, mk, S, G, 3, scale, causal)
     ks = OPS.head_budgets(q, k, cu_q, cu_k, mq, mk, S, 0.9, 1, 1, scale, causal)
     counts, idx = OPS.select_blocks(sc, ks, cu_q, cu_k, mq, mk, S, 1, 1, S, causal)
@@ -167,6 +170,7 @@ def main():
         counts = torch.tensor([[[0, 2], [1, 5]]], dtype=torch.int32, device=dev)
         idx = torch.tensor([[[[7, -1], [0, 1]], [[-1, 9], [1, 99]]]], dtype=torch.int32, device=dev)
         OPS.block_sparse_attention(q, k, k, counts, idx, None, None, 200, 200, 128, 0.125, True)
+        run_pipeline(q, k, k, 128, 1)  # stage 1 on this backend's kernels too (portable: mma.sync)
         garbage_inputs(dev)
         set_semantics_inputs(dev, args.small)
         print("ran on the", backend, "kernel", flush=True)
