@@ -124,7 +124,7 @@ def main():
         density = float(counts.double().sum() / (hq * causal_pairs))
         total = scores_ms + budgets_ms + select_ms
         kept = cdiv(n, s)
-        s_exp = 2 * G * kept * kept / 2
+        s_exp = G * kept * kept / 2  # one exponential per causal kept pair (the end of a unit adds ~1/S of that)
         s_bytes = n * hq * d * 2 + n * hkv * d * 2 + 2 * G * kept * d * 4 + G * nqb * nkb * 4
         sel_bytes = hq * nqb * nkb * 4 + hq * nqb * 4 + hq * causal_pairs * 4
         extra = dict(num_proxy_heads=G, stride=s, block_size=S, gamma=a.gamma, selected_density=density)
