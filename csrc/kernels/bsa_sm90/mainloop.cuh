@@ -156,17 +156,24 @@ __device__ __forceinline__ void run_loader(const KernelParams<Traits>& kp, typen
                                         group_modes<0, 2>(gV));
         Tensor tKb = group_modes<1, 3>(tKg);  // (TMA, (boxes, pages))
         Tensor tVb = group_modes<1, 3>(tVg);
-        auto box = [&](int key) { return make_coord((key & ((1 << shift) - 1)) / kPieceRows, page_of(key)); };
+        // The block's pages are read once, all kPieces loads in flight together, before its K
+        // boxes are issued, and serve its V boxes too (load_v follows load_k for the same block).
+        int pages[kPieces];
+        auto slot_box = [shift](int key) { return (key & ((1 << shift) - 1)) / kPieceRows; };
         stream_blocks(
             [&](int s, int blk) {
-#pragma unroll 1
+#pragma unroll
+              for (int i = 0; i < kPieces; ++i) pages[i] = page_of(blk * kBlockN + i * kPieceRows);
+#pragma unroll
               for (int i = 0; i < kPieces; ++i)
-                copy(kp.tma_k_piece.with(ss.full_k[s]), tKb(_, box(blk * kBlockN + i * kPieceRows)), tKs(_, i, s));
+                copy(kp.tma_k_piece.with(ss.full_k[s]),
+                     tKb(_, make_coord(slot_box(blk * kBlockN + i * kPieceRows), pages[i])), tKs(_, i, s));
             },
             [&](int s, int blk) {
-#pragma unroll 1
+#pragma unroll
               for (int i = 0; i < kPieces; ++i)
-                copy(kp.tma_v_piece.with(ss.full_v[s]), tVb(_, box(blk * kBlockN + i * kPieceRows)), tVs(_, i, s));
+                copy(kp.tma_v_piece.with(ss.full_v[s]),
+                     tVb(_, make_coord(slot_box(blk * kBlockN + i * kPieceRows), pages[i])), tVs(_, i, s));
             });
       } else {
         // Pages of one or more key blocks: block blk is box (blk * N mod page size) / N of its page.
