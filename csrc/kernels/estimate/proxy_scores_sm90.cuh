@@ -38,6 +38,7 @@ constexpr int kWarpgroups = 2;
 constexpr int kThreads = 128 * kWarpgroups;
 constexpr int kRows = 64 * kWarpgroups;  // query rows per CTA = scratch rows per slot
 constexpr int kKeys = 64;                // kept keys per tile
+constexpr int kStages = 4;               // key tiles in the ring (kStages - 1 in flight ahead)
 
 // Query blocks of one unit: rows_blk CTA rows each (a multiple of 16), bpc of them.
 struct Geometry {
@@ -56,7 +57,7 @@ template <int D>
 struct Traits {
   using Atom = decltype(GMMA::Layout_K_SW128_Atom<cutlass::half_t>{});  // 8 x 64 halves, 128-byte swizzle
   using SmemLayoutQ = decltype(tile_to_shape(Atom{}, Shape<Int<kRows>, Int<D>>{}));
-  using SmemLayoutK = decltype(tile_to_shape(Atom{}, Shape<Int<kKeys>, Int<D>, _2>{}));  // (keys, D, stage)
+  using SmemLayoutK = decltype(tile_to_shape(Atom{}, Shape<Int<kKeys>, Int<D>, Int<kStages>>{}));  // (keys, D, stage)
   template <class T>
   using TiledMma = decltype(make_tiled_mma(GMMA::ss_op_selector<T, T, float, Shape<_64, Int<kKeys>, Int<D>>>(),
                                            Layout<Shape<Int<kWarpgroups>, _1, _1>>{}));
@@ -187,23 +188,27 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
     };
 
+    // One commit group per tile slot, empty past the last tile, so that waiting for all but the
+    // newest kStages - 1 groups always means tile j (and Q before it) has landed.
     if (ntiles > 0) {
       load_q();
-      load_tile(0, 0);
+#pragma unroll
+      for (int t = 0; t < kStages - 1; ++t) {
+        if (t < ntiles) load_tile(t, t);
+        else proxyattn::cp_async_commit();
+      }
     }
     for (int j = 0; j < ntiles; ++j) {
-      if (j + 1 < ntiles) {
-        load_tile(j + 1, (j + 1) & 1);
-        proxyattn::cp_async_wait<1>();
-      } else {
-        proxyattn::cp_async_wait<0>();
-      }
+      const int jn = j + kStages - 1;
+      if (jn < ntiles) load_tile(jn, jn % kStages);
+      else proxyattn::cp_async_commit();
+      proxyattn::cp_async_wait<kStages - 1>();
       fence_proxy_async_shared();
       __syncthreads();
       const int kk0 = j * kKeys;
       if (kk0 <= wg_lim) {  // warpgroup-uniform: some row of this warpgroup sees a key of the tile
-        if (bf16) bsa_sm90::wg_issue<true>(mma_b, tQb, tKb(_, _, _, j & 1), acc);
-        else bsa_sm90::wg_issue<true>(mma_h, tQh, tKh(_, _, _, j & 1), acc);
+        if (bf16) bsa_sm90::wg_issue<true>(mma_b, tQb, tKb(_, _, _, j % kStages), acc);
+        else bsa_sm90::wg_issue<true>(mma_h, tQh, tKh(_, _, _, j % kStages), acc);
         warpgroup_wait<0>();
         warpgroup_fence_operand(acc);
         if (kk0 <= my_lim) {  // warp-uniform
@@ -234,7 +239,7 @@ __global__ void __launch_bounds__(kThreads, 2)
           }
         }
       }
-      __syncthreads();  // the stage read above is refilled next iteration
+      __syncthreads();  // the stage read above is refilled kStages - 1 iterations on
     }
     if (run_n >= 0) flush_run();
 
