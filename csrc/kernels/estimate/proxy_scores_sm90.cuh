@@ -7,8 +7,8 @@
 // (b, group), each block's kept queries in a slot of `rows_blk` CTA rows (S/s rounded up to 16, a
 // warp's rows), 128 rows in all: warpgroup w holds rows 64 w + [0, 64), warp i of it rows
 // 16 i + [0, 16). Per unit the pooled query rows go to shared memory once (cp.async, 128-byte
-// swizzle, zero for padding rows), then the kept keys stream through a 2-stage ring of 64-key
-// tiles (cp.async, prefetched one tile ahead). Per tile each warpgroup whose rows see any of its
+// swizzle, zero for padding rows), then the kept keys stream through a 4-stage ring of 64-key
+// tiles (cp.async, three tiles in flight). Per tile each warpgroup whose rows see any of its
 // keys issues one 64 x 64 x D wgmma (SS, fp16 or bf16 as the (b, group)'s flag says, fp32
 // accumulation) and then, per row, the same online (max, sum) and per-key-block maxima as the
 // mma.sync kernel. Only the aligned geometry (S % s == 0 and (S/s) % 8 == 0): a key block is a
