@@ -112,11 +112,14 @@ def main():
         fns = estimate_stage_fns(q, k, None, None, n, n, S, G, s, a.gamma, a.min_budget, scale)
         if budgets_ms is None:  # independent of G
             budgets_ms = time_cold(fns["estimate_budgets"], a.reps, 3, flush)
-        by_backend = {}
+        by_backend, prior = {}, os.environ.get("PROXYATTN_BSA_BACKEND")
         for backend in a.scores_backends:
             os.environ["PROXYATTN_BSA_BACKEND"] = backend
             by_backend[backend] = time_cold(fns["estimate_scores"], a.reps, 3, flush)
-        os.environ["PROXYATTN_BSA_BACKEND"] = a.scores_backends[0]
+        if prior is None:  # stages 2 and 3 have one kernel each; leave the caller's setting as it was
+            os.environ.pop("PROXYATTN_BSA_BACKEND")
+        else:
+            os.environ["PROXYATTN_BSA_BACKEND"] = prior
         scores_ms = by_backend[a.scores_backends[0]]
         select_ms = time_cold(fns["estimate_select"], a.reps, 3, flush)
         counts, _ = fns["estimate_select"]()
@@ -125,7 +128,7 @@ def main():
         total = scores_ms + budgets_ms + select_ms
         kept = cdiv(n, s)
         s_exp = G * kept * kept / 2  # one exponential per causal kept pair (the end of a unit adds ~1/S of that)
-        s_bytes = n * hq * d * 2 + n * hkv * d * 2 + 2 * G * kept * d * 4 + G * nqb * nkb * 4
+        s_bytes = n * hq * d * 2 + n * hkv * d * 2 + 2 * G * kept * d * 2 + G * nqb * nkb * 4  # 16-bit pooled rows
         sel_bytes = hq * nqb * nkb * 4 + hq * nqb * 4 + hq * causal_pairs * 4
         extra = dict(num_proxy_heads=G, stride=s, block_size=S, gamma=a.gamma, selected_density=density)
         print(f"  G={G}: selected density {density:.3f} (min_budget {a.min_budget}, gamma {a.gamma})")
