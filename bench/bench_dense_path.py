@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import proxyattn as pa
-from benchlib import causal_tflops, l2_flush_buffer, time_cold, write_record
+from benchlib import causal_tflops, kernel_list, l2_flush_buffer, time_cold, write_record
 from proxyattn.attention import full_selection
 
 
@@ -42,18 +42,6 @@ def host_us(fn, calls: int = 50) -> float:
     t1 = time.perf_counter()
     torch.cuda.synchronize()
     return (t1 - t0) / calls * 1e6
-
-
-def kernel_list(fn):
-    """(kernel name, device microseconds) for one call."""
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [(e.name, e.device_time_total) for e in prof.events() if e.device_time_total > 0
-            and e.device_type == torch.autograd.DeviceType.CUDA]
 
 
 def main():

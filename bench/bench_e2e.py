@@ -1,10 +1,12 @@
 """proxy_attention end to end beside cuDNN SDPA, on structured inputs, across lengths.
 
     python3 bench/bench_e2e.py [--seq-lens 1024 ... 131072] [--proxy-heads default 1] [--gammas 0.95] [--strides 4]
-                              [--quality-at 32768 131072]
+                              [--quality-at 32768 131072] [--inputs structured random]
 
-For each length: structured inputs (synthetic.make_structured_inputs, generated on the GPU: sink,
-RoPE recency, shared hubs, needles), cuDNN SDPA dense causal (KV expanded to Hq heads), and
+For each length and input kind: structured inputs (synthetic.make_structured_inputs, generated on
+the GPU: sink, RoPE recency, shared hubs, needles) and, with --inputs random, standard normal q, k,
+v (the worst case: the selection comes out nearly dense and the estimate is pure overhead; no
+quality metrics, since they have no needles), cuDNN SDPA dense causal (KV expanded to Hq heads), and
 proxy_attention on its sparse path (dense_below=0) with the default config, timed whole and
 as estimation (stages 1-3) and attention (stage 4) apart; the density of the selection it
 made. At the --quality-at lengths also attention recall, needle retrieval and output error
@@ -14,7 +16,7 @@ the backend torch picks (`sdpa_default`), so the default's ratio to cuDNN is mea
 length; these three are timed interleaved (benchlib.time_cold_interleaved, --dense-reps runs
 at N <= 16k) so that clock drift between measurements cannot decide a 5% comparison. Prints
 the smallest length from which the sparse path is never more than 5% slower than cuDNN (the
-dense crossover, config.dense_below), and writes the docs/design.md section 6 JSON (tag e2e).
+dense crossover, config.dense_below) per input kind, and writes the docs/design.md section 6 JSON (tag e2e).
 """
 import argparse
 import dataclasses
@@ -51,6 +53,8 @@ def main():
     ap.add_argument("--dense-reps", type=int, default=50,
                     help="interleaved runs of the dense contenders at N <= 16k (short kernels vary more)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--inputs", nargs="+", choices=["structured", "random"], default=["structured"],
+                    help="input kinds, each measured at every length")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     if not torch.cuda.is_available():
@@ -59,12 +63,18 @@ def main():
     flush = l2_flush_buffer()
     cases, base_cfg = [], pa.ProxyAttnConfig(dense_below=0)
     variants = [(g, gamma, st) for g in a.proxy_heads for gamma in a.gammas for st in a.strides]
-    crossover = {gg: None for gg in variants}
-    for n in a.seq_lens:
-        q, k, v, meta = make_structured_inputs(1, n, hq, hkv, d, share=a.share, seed=a.seed + n, dtype=torch.bfloat16,
-                                               device="cuda")
+    crossover = {(kind, *gg): None for kind in a.inputs for gg in variants}
+    for kind, n in ((kind, n) for kind in a.inputs for n in a.seq_lens):
+        if kind == "structured":
+            q, k, v, meta = make_structured_inputs(1, n, hq, hkv, d, share=a.share, seed=a.seed + n,
+                                                   dtype=torch.bfloat16, device="cuda")
+        else:
+            gen = torch.Generator(device="cuda").manual_seed(a.seed + n)
+            q, k, v = (torch.randn(1, n, h, d, generator=gen, device="cuda", dtype=torch.bfloat16)
+                       for h in (hq, hkv, hkv))
+            meta = None
         reps = a.reps if n <= 65536 else max(5, a.reps // 2)
-        common = dict(seq_len=n, batch=1, q_heads=hq, kv_heads=hkv, head_dim=d, dtype="bf16")
+        common = dict(seq_len=n, batch=1, q_heads=hq, kv_heads=hkv, head_dim=d, dtype="bf16", inputs=kind)
         qt = q.transpose(1, 2)
         ke = k.transpose(1, 2).repeat_interleave(hq // hkv, dim=1)
         ve = v.transpose(1, 2).repeat_interleave(hq // hkv, dim=1)
@@ -86,7 +96,7 @@ def main():
         cases.append(dict(name="proxy_attention_default", **common, density=1.0 if dense_path else None, ms=dflt_ms,
                           tflops=flops / dflt_ms / 1e9 if dense_path else None, dense_path=dense_path,
                           dense_below=dflt.dense_below, time_vs_cudnn=dflt_ms / dense_ms))
-        print(f"N={n:7d} sdpa_cudnn {dense_ms:9.3f} ms  sdpa(default backend, GQA) {sdpa_ms:9.3f} ms  "
+        print(f"{kind:10s} N={n:7d} sdpa_cudnn {dense_ms:9.3f} ms  sdpa(default backend, GQA) {sdpa_ms:9.3f} ms  "
               f"proxy_attention(default config{', dense' if dense_path else ''}) {dflt_ms:9.3f} ms = "
               f"{dflt_ms / dense_ms:.2f}x cuDNN's time", flush=True)
         mass = dense_out = None
@@ -115,9 +125,9 @@ def main():
                               tflops=dens * flops / total / 1e9, **extra))
             cases.append(dict(name="estimate", **common, density=dens, ms=est, tflops=None, **extra))
             cases.append(dict(name="bsa", **common, density=dens, ms=attn, tflops=dens * flops / attn / 1e9, **extra))
-            line = (f"N={n:7d} G={G} gamma={gamma} stride={st}: proxy_attention {total:9.3f} ms "
+            line = (f"{kind:10s} N={n:7d} G={G} gamma={gamma} stride={st}: proxy_attention {total:9.3f} ms "
                     f"(estimate {est:.3f} + attention {attn:.3f}) density {dens:.3f}  {dense_ms / total:5.2f}x cuDNN")
-            if n in a.quality_at:
+            if n in a.quality_at and kind == "structured":
                 if mass is None:  # once per length, shared by the variants
                     mass, dense_out = metrics.block_mass(q, k, S), dense_attention(q, k, v)
                 res = metrics.evaluate_selection(q, k, v, sel.counts, sel.indices, S, mass=mass, dense_out=dense_out,
@@ -128,14 +138,14 @@ def main():
                          f"needles {res.get('needle_retrieval')} rel.err {res['rel_error']:.3f}")
             print(line, flush=True)
             if total > 1.05 * dense_ms:
-                crossover[g, gamma, st] = None
-            elif crossover[g, gamma, st] is None:
-                crossover[g, gamma, st] = n
+                crossover[kind, g, gamma, st] = None
+            elif crossover[kind, g, gamma, st] is None:
+                crossover[kind, g, gamma, st] = n
             del out, sel
         del q, k, v, qt, ke, ve, mass, dense_out
         torch.cuda.empty_cache()
-    for (g, gamma, st), n in crossover.items():
-        print(f"G={'default' if g is None else g} gamma={gamma} stride={st}: sparse path within 5% of cuDNN "
+    for (kind, g, gamma, st), n in crossover.items():
+        print(f"{kind} inputs, G={'default' if g is None else g} gamma={gamma} stride={st}: sparse path within 5% of cuDNN "
               f"from N = {n} on (of the lengths measured)")
     print("wrote", write_record(cases, "e2e", a.out))
 

@@ -1,7 +1,7 @@
 """Time the estimation stages (docs/design.md section 2, stages 1-3) beside cuDNN SDPA dense causal.
 
     python bench/bench_estimate.py [--seq-len 131072] [--groups 1 16] [--reps 10]
-                                   [--scores-backends auto portable] [--out PATH]
+                                   [--scores-backends auto portable] [--kernels] [--out PATH]
 
 Each stage (proxy_block_scores, head_budgets, select_blocks) is timed alone with CUDA events,
 median of --reps runs after warm-up, L2 flushed before every run (cold L2). The anchor is
@@ -23,7 +23,7 @@ import os
 import torch
 
 import proxyattn  # noqa: F401  (registers torch.ops.proxyattn)
-from benchlib import add_head_args, l2_flush_buffer, time_cold, write_record
+from benchlib import add_head_args, kernel_list, l2_flush_buffer, time_cold, write_record
 
 OPS = torch.ops.proxyattn
 EXP_RATE = 132 * 16 * 1.755e9  # H100 SXM: SMs x MUFU ops/clk/SM x clock ~ 3.7e12 exp/s
@@ -71,6 +71,8 @@ def main():
     ap.add_argument("--no-sdpa", action="store_true", help="skip the cuDNN anchor")
     ap.add_argument("--scores-backends", nargs="+", default=["auto"], choices=["auto", "portable"],
                     help="PROXYATTN_BSA_BACKEND values to time stage 1 under (the first feeds the total)")
+    ap.add_argument("--kernels", action="store_true",
+                    help="also list the kernels of one estimate chain per G with their device times (torch.profiler)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     assert a.reps >= 10, "use at least 10 timed runs"
@@ -146,6 +148,10 @@ def main():
         print(f"    {'estimate (1+2+3)':18s} {total:9.3f} ms{ratio}")
         cases.append(dict(name="estimate", **base, density=None, ms=total, tflops=None,
                           ratio_to_sdpa_cudnn=(total / sdpa_ms if sdpa_ms else None), **extra))
+        if a.kernels:  # warm L2, one chain: where the stages' time goes, kernel by kernel
+            cases[-1]["kernels"] = kernel_list(fns["estimate"])
+            for kn, us in cases[-1]["kernels"]:
+                print(f"      {kn[:80]:80s} {us:9.1f} us")
 
     print(f"wrote {write_record(cases, 'estimate', a.out)}")
 

@@ -69,6 +69,18 @@ def time_cold_interleaved(fns: dict, reps: int = 30, warmup: int = 3, flush: tor
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def kernel_list(fn):
+    """(kernel name, device microseconds) for one call."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [(e.name, e.device_time_total) for e in prof.events() if e.device_time_total > 0
+            and e.device_type == torch.autograd.DeviceType.CUDA]
+
+
 def git_commit() -> str:
     if os.environ.get("PROXYATTN_COMMIT"):  # copies of the tree on a device machine carry no .git
         return os.environ["PROXYATTN_COMMIT"]

@@ -10,7 +10,7 @@
 #   tests       the whole GPU suite (pytest -m gpu tests)
 #   sanitize    tools/sanitize.sh (memcheck, synccheck, racecheck on the small grid)
 #   estimate    stages 1-3 at 128k beside cuDNN, G = 16 and 1, stage 1 on both kernels (Hopper wgmma,
-#               portable mma.sync) in one run
+#               portable mma.sync) in one run, and the kernels of one estimate with their times
 #   paged       bench_paged.py: paged K/V against contiguous, pages of 16 and 128
 #   attention   bench_bsa.py --interleave at 128k, D = 128 and 64, densities 1.0 / 0.3 / 0.1, beside
 #               every anchor that imports (flash-attn-4 ones only where it is installed)
@@ -52,7 +52,7 @@ for part in "$@"; do
     sanitize) TAIL=6 step 300 sanitize bash tools/sanitize.sh "$work/sanitize" ;;
     estimate)
       TAIL=25 step 180 estimate python3 bench/bench_estimate.py --seq-len 131072 --groups 16 1 \
-        --scores-backends auto portable --out "$work/estimate.json" ;;
+        --scores-backends auto portable --kernels --out "$work/estimate.json" ;;
     paged) TAIL=25 step 150 paged python3 bench/bench_paged.py --out "$work/paged.json" ;;
     attention)
       for d in 128 64; do
