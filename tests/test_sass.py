@@ -1,7 +1,7 @@
 """The sm_90a code of the compiled extension, read with cuobjdump (no GPU needed; runs in CI).
 
-Stage 1 of the estimate has one Hopper kernel per head dim (scores_sm90_kernel: wgmma, no local
-memory). The extension holds exactly the persistent Hopper attention kernel bsa_fwd_sm90_persistent_kernel
+Stage 1 of the estimate has one Hopper kernel per head dim and key-block width (scores_sm90_kernel:
+wgmma, no local memory). The extension holds exactly the persistent Hopper attention kernel bsa_fwd_sm90_persistent_kernel
 for bf16/fp16 x D = 64/128 x contiguous/paged K/V (csrc/kernels/bsa_sm90/; the two differ only in
 the loader). Each
 must use wgmma (HGMMA) and TMA loads (UTMALDG), and keep an instruction order that ptxas chooses:
@@ -168,19 +168,20 @@ def test_softmax_overlaps_the_pv_wgmma(sm90_functions):
 
 
 def test_stage1_hopper_kernel(sm90_sass):
-    """Stage 1's Hopper kernel (csrc/kernels/estimate/proxy_scores_sm90.cuh), one per head dim: its
-    logits on wgmma in both 16-bit types (64 x 64 x 16 HGMMA, fp16 and bf16: the type is chosen per
-    (b, group) at run time), D / 16 of each per key tile, and no local memory (a spill would sit in the
-    per-tile loop)."""
+    """Stage 1's Hopper kernel (csrc/kernels/estimate/proxy_scores_sm90.cuh), one per (head dim, kept
+    keys per key block S/s in 8 .. 128): its logits on wgmma in both 16-bit types (64 x 64 x 16 HGMMA,
+    fp16 and bf16: the type is chosen per (b, group) at run time), D / 16 of each per key tile, and no
+    local memory (a spill would sit in the per-tile loop)."""
     kernels = {}
     for name, body in sm90_sass.items():
-        m = re.search(r"scores_sm90_kernelILi(\d+)E", name)
+        m = re.search(r"scores_sm90_kernelILi(\d+)ELi(\d+)E", name)
         if m:
-            kernels[int(m.group(1))] = _opcodes(body)
-    assert sorted(kernels) == [64, 128], f"expected scores_sm90_kernel<64> and <128>, found {sorted(sm90_sass)}"
-    for d, ops in kernels.items():
+            kernels[(int(m.group(1)), int(m.group(2)))] = _opcodes(body)
+    want = sorted((d, kb) for d in (64, 128) for kb in (8, 16, 32, 64, 128))
+    assert sorted(kernels) == want, f"expected scores_sm90_kernel<D, S/s> for {want}, found {sorted(kernels)}"
+    for (d, _), ops in kernels.items():
         fp16 = [op for op in ops if re.match(r"HGMMA\.64x64x16\.F32 ", op)]
         bf16 = [op for op in ops if re.match(r"HGMMA\.64x64x16\.F32\.BF16 ", op)]
         assert len(fp16) == len(bf16) == d // 16, (d, len(fp16), len(bf16))
         local = [op for op in ops if op.split()[0] in ("STL", "LDL") or op.startswith(("STL.", "LDL."))]
-        assert not local, f"scores_sm90_kernel<{d}> uses local memory: {local[:4]}"
+        assert not local, f"scores_sm90_kernel<{d}, ...> uses local memory: {local[:4]}"

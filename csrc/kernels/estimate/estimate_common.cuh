@@ -90,10 +90,13 @@ struct MmaTraits<__nv_bfloat16> {
   }
 };
 
-// 16-byte asynchronous global->shared copy; src_bytes == 0 zero-fills the destination.
+// 16-byte asynchronous global->shared copy; src_bytes == 0 zero-fills the destination. The
+// destination as a shared-window address (smem_addr) or as a generic pointer.
+__device__ inline void cp_async_16(uint32_t smem_addr, const void* gmem, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem), "r"(src_bytes));
+}
 __device__ inline void cp_async_16(void* smem, const void* gmem, int src_bytes) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+  cp_async_16(static_cast<uint32_t>(__cvta_generic_to_shared(smem)), gmem, src_bytes);
 }
 __device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>

@@ -23,10 +23,11 @@
 //      kAligned (S % s == 0 and (S/s) % 8 == 0): an 8-key group never straddles key blocks, so
 //      block maxima come from per-thread maxima + two quad shuffles. Otherwise each warp stages
 //      its 32 x sub-tile logits in shared memory and lane r folds row r's columns into block runs.
-//   3. scores_sm90_kernel<D> (proxy_scores_sm90.cuh), on sm_90 in place of 2 where S/s is a power of
-//      two from 8 to 128 (the default geometry) unless the caller asks for the portable kernel: the
-//      same per-row work (proxy_scores_rows.cuh) with the logits of 64 query rows x 64 keys from one
-//      wgmma per warpgroup; scratch [nkb][128 rows].
+//   3. scores_sm90_kernel<D, S/s> (proxy_scores_sm90.cuh), on sm_90 in place of 2 where S/s is a
+//      power of two from 8 to 128 (the default geometry) unless the caller asks for the portable
+//      kernel: the same per-row work (proxy_scores_rows.cuh) with the logits of 64 query rows x 64
+//      keys from one wgmma per warpgroup, the tile's key blocks fixed at compile time; scratch
+//      [nkb][128 rows].
 // Scores are within ~1e-5 relative of an fp64 evaluation on the same rounded vectors.
 #include "kernels/estimate/proxy_scores.h"
 
@@ -67,6 +68,19 @@ bool use_hopper_scores(const ProxyScoresParams& p) {
 #endif
 }
 
+// f(std::integral_constant<int, S/s>) for the Hopper scores kernel's key-block widths (8 .. 128,
+// use_hopper_scores checked them).
+template <class F>
+decltype(auto) with_block_keys(const ProxyScoresParams& p, F&& f) {
+  switch (p.block_size / p.stride) {
+    case 8: return f(std::integral_constant<int, 8>{});
+    case 16: return f(std::integral_constant<int, 16>{});
+    case 32: return f(std::integral_constant<int, 32>{});
+    case 64: return f(std::integral_constant<int, 64>{});
+    default: return f(std::integral_constant<int, 128>{});
+  }
+}
+
 // Resident CTAs of `kernel` (threads, dynamic shared memory smem), at most `units`.
 template <class Kernel>
 cudaError_t resident_slots(int* slots, Kernel kernel, int threads, int smem, int64_t units) {
@@ -87,8 +101,10 @@ cudaError_t plan_for(ScorePlan* plan, const ProxyScoresParams& p) {
   if (plan->hopper) {
     plan->cta_rows = scores_sm90::kRows;
     const int64_t units = bg * scores_sm90::geometry(p.block_size, p.stride, p.nqb).nmb;
-    return resident_slots(&plan->slots, scores_sm90::scores_sm90_kernel<D>, scores_sm90::kThreads,
-                          scores_sm90::Traits<D>::kSmemBytes, units);
+    return with_block_keys(p, [&](auto kb) {
+      return resident_slots(&plan->slots, scores_sm90::scores_sm90_kernel<D, decltype(kb)::value>,
+                            scores_sm90::kThreads, scores_sm90::Traits<D>::kSmemBytes, units);
+    });
   }
   plan->cta_rows = kCtaRows;
   const ScoreGeometry geo = score_geometry(p.block_size, p.stride, p.nqb);
@@ -121,8 +137,11 @@ void launch_scores_kernel(const ProxyScoresParams& p, const ScoreWorkspace& w, c
   auto* counter = reinterpret_cast<unsigned long long*>(ws + w.counter);
   auto* scratch = reinterpret_cast<float*>(ws + w.scratch);
   if (plan.hopper) {
-    scores_sm90::scores_sm90_kernel<D><<<plan.slots, scores_sm90::kThreads, scores_sm90::Traits<D>::kSmemBytes, stream>>>(
-        p, c, w.rows_q, w.rows_k, q16, k16, flags, counter, scratch);
+    with_block_keys(p, [&](auto kb) {
+      scores_sm90::scores_sm90_kernel<D, decltype(kb)::value>
+          <<<plan.slots, scores_sm90::kThreads, scores_sm90::Traits<D>::kSmemBytes, stream>>>(
+              p, c, w.rows_q, w.rows_k, q16, k16, flags, counter, scratch);
+    });
   } else if (score_geometry(p.block_size, p.stride, p.nqb).aligned) {
     scores_kernel<D, true><<<plan.slots, kScoreThreads, score_smem_bytes<D, true>(), stream>>>(
         p, c, w.rows_q, w.rows_k, q16, k16, flags, counter, scratch);

@@ -117,13 +117,10 @@ __device__ __forceinline__ void warp_limit_range(const int (&lim)[N], int& hi, i
   }
 }
 
-// Online (max m, sum l) of one row over this thread's N logits x(0 .. N-1) of a key tile; the sum is
-// rescaled only when the max grows.
+// Online (max m, sum l) of one row over this thread's N logits x(0 .. N-1) of a key tile, whose
+// maximum the caller has (tmax); the sum is rescaled only when the max grows.
 template <int N, class X>
-__device__ __forceinline__ void online_row(float& m, float& l, X&& x, float c) {
-  float tmax = -INFINITY;
-#pragma unroll
-  for (int j = 0; j < N; ++j) tmax = fmaxf(tmax, x(j));
+__device__ __forceinline__ void online_row_max(float& m, float& l, X&& x, float tmax, float c) {
   if (tmax > m) {
     l *= exp2f((m - tmax) * c);
     m = tmax;
@@ -134,6 +131,15 @@ __device__ __forceinline__ void online_row(float& m, float& l, X&& x, float c) {
     for (int j = 0; j < N; ++j) sum += exp2f((x(j) - m) * c);
     l += sum;
   }
+}
+
+// online_row_max with the tile maximum taken here.
+template <int N, class X>
+__device__ __forceinline__ void online_row(float& m, float& l, X&& x, float c) {
+  float tmax = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < N; ++j) tmax = fmaxf(tmax, x(j));
+  online_row_max<N>(m, l, x, tmax, c);
 }
 
 // The max over the four lanes (a quad) that share a row.

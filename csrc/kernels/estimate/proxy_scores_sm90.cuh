@@ -13,8 +13,10 @@
 // accumulation) and then, per row, the same online (max, sum) and per-key-block maxima as the
 // mma.sync kernel. Only the aligned geometry (S % s == 0 and (S/s) % 8 == 0): a key block is a
 // whole number of 8-key column groups, so block maxima are per-thread maxima and two quad
-// shuffles. The end of a unit (A from the scratch) is write_unit_scores, shared with the other
-// kernel. The wgmma products of 16-bit values are exact and accumulate in fp32, so logits differ
+// shuffles; S/s is a template parameter, so a tile's blocks (and their maxima, from which the
+// tile maximum follows) are fixed at compile time. A thread's key chunks have their addresses
+// computed once per kernel. The end of a unit (A from the scratch) is write_unit_scores, shared
+// with the other kernel. The wgmma products of 16-bit values are exact and accumulate in fp32, so logits differ
 // from the mma.sync kernel's only by the order of the sum.
 #pragma once
 
@@ -79,7 +81,10 @@ __device__ __forceinline__ void fence_proxy_async_shared() {
 }
 
 // c = sm * log2(e) clamped into [FLT_MIN, FLT_MAX] by the launcher (as for the mma.sync kernel).
-template <int D>
+// kBlockKeys = S / s, the kept keys of one key block (a power of two from 8 to 128), fixed at compile
+// time so that a tile's key blocks are known: kKeys / kBlockKeys whole blocks per tile, or half of
+// one at 128.
+template <int D, int kBlockKeys>
 __global__ void __launch_bounds__(kThreads, 2)
     scores_sm90_kernel(const ProxyScoresParams p, float c, int64_t rows_q, int64_t rows_k, const uint16_t* q16,
                        const uint16_t* k16, const int* flags, unsigned long long* counter, float* scratch_all) {
@@ -92,7 +97,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int wg = warp >> 2;
   const int S = p.block_size, s = p.stride;
   const Geometry geo = geometry(S, s, p.nqb);
-  const int pshift = __ffs(S / s) - 1;  // kept keys per key block = 2^pshift (aligned geometry)
+  static_assert(kBlockKeys >= 8 && kBlockKeys <= 2 * kKeys && (kBlockKeys & (kBlockKeys - 1)) == 0,
+                "a key block is 8 to 128 kept keys, a power of two");
   const int64_t bg_count = static_cast<int64_t>(p.batch) * p.num_groups;
   const long long units = bg_count * geo.nmb;
   float* scratch = scratch_all + static_cast<int64_t>(blockIdx.x) * p.nkb * kRows;
@@ -115,6 +121,23 @@ __global__ void __launch_bounds__(kThreads, 2)
   constexpr int kCols = kKeys / 4;
   static_assert(decltype(size<0>(accrc))::value == 2 && decltype(size<1>(accrc))::value == kCols,
                 "one thread holds two rows of the tile");
+
+  // This thread's 16-byte chunks of a key tile, fixed for the whole kernel: key row, column and
+  // shared address in stage 0 (stage b is b * kKeys * D halves further on: one swizzle period per
+  // stage).
+  constexpr int kChunkCols = D / 8;
+  constexpr int kTileChunks = kKeys * kChunkCols / kThreads;
+  static_assert(kTileChunks * kThreads == kKeys * kChunkCols, "whole chunks per thread");
+  constexpr uint32_t kStageBytes = kKeys * D * 2;
+  int chunk_off[kTileChunks], chunk_row[kTileChunks];
+  uint32_t chunk_dst[kTileChunks];
+#pragma unroll
+  for (int i = 0; i < kTileChunks; ++i) {
+    const int ch = tid + i * kThreads, kr = ch / kChunkCols, kc = (ch % kChunkCols) * 8;
+    chunk_row[i] = kr;
+    chunk_off[i] = kr * D + kc;
+    chunk_dst[i] = static_cast<uint32_t>(__cvta_generic_to_shared(&sKh(kr, kc, 0)));
+  }
 
   for (;;) {
     if (tid == 0) ss.unit = static_cast<long long>(atomicAdd(counter, 1ull));
@@ -165,28 +188,28 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
       proxyattn::cp_async_commit();
     };
+    const uint16_t* k_unit = k16 + krow0 * D;
     auto load_tile = [&](int tile, int buf) {
-      constexpr int kChunks = kKeys * D / 8;
-      for (int ch = tid; ch < kChunks; ch += kThreads) {
-        const int kr = ch / (D / 8), kc = ch % (D / 8);
-        const int kk = tile * kKeys + kr;
-        const bool ok = kk < nkk;
-        const uint16_t* src = ok ? k16 + (krow0 + kk) * D + kc * 8 : k16;
-        cp_async_16(&sKh(kr, kc * 8, buf), src, ok ? 16 : 0);
+      const uint16_t* k_tile = k_unit + static_cast<int64_t>(tile) * kKeys * D;
+#pragma unroll
+      for (int i = 0; i < kTileChunks; ++i) {
+        const bool ok = tile * kKeys + chunk_row[i] < nkk;
+        cp_async_16(chunk_dst[i] + buf * kStageBytes, ok ? k_tile + chunk_off[i] : k16, ok ? 16 : 0);
       }
       proxyattn::cp_async_commit();
     };
 
     float row_m[2] = {-INFINITY, -INFINITY}, row_l[2] = {0.f, 0.f};
-    int run_n = -1;  // the current key block run (warp-uniform) and this thread's maxima in it
-    float run_v[2];
-    auto flush_run = [&]() {
+    // Row ri's largest logit in key block n (all four lanes of the row merged), stored for
+    // write_unit_scores; lanes t4 == 0 store.
+    auto store_block_max = [&](int n, const float (&v)[2]) {
 #pragma unroll
       for (int ri = 0; ri < 2; ++ri) {
-        const float v = scores::quad_max(run_v[ri]);
-        if (t4 == 0 && lim[ri] >= 0) scratch[static_cast<int64_t>(run_n) * kRows + 16 * warp + g + 8 * ri] = v;
+        const float m = scores::quad_max(v[ri]);
+        if (t4 == 0 && lim[ri] >= 0) scratch[static_cast<int64_t>(n) * kRows + 16 * warp + g + 8 * ri] = m;
       }
     };
+    float half_max[2];  // kBlockKeys = 2 kKeys: the block's maxima over its first tile
 
     // One commit group per tile slot, empty past the last tile, so that waiting for all but the
     // newest kStages - 1 groups always means tile j (and Q before it) has landed.
@@ -219,29 +242,46 @@ __global__ void __launch_bounds__(kThreads, 2)
               for (int ci = 0; ci < kCols; ++ci)
                 if (kk0 + 2 * t4 + (ci & 1) + 8 * (ci >> 1) > lim[ri]) accrc(ri, ci) = -INFINITY;
           }
+          // Per row, this thread's maxima per key block of the tile (its columns 2 nt, 2 nt + 1
+          // hold keys 8 nt + [0, 8), so a block of kBlockKeys keys is kBlockKeys / 8 column
+          // pairs), and the tile maximum from them.
+          constexpr int kBlocks = kBlockKeys <= kKeys ? kKeys / kBlockKeys : 1;
+          constexpr int kPairs = kCols / 2 / kBlocks;
+          float bmax[kBlocks][2], tmax[2];
+#pragma unroll
+          for (int ri = 0; ri < 2; ++ri) {
+#pragma unroll
+            for (int b = 0; b < kBlocks; ++b) {
+              float v = fmaxf(accrc(ri, 2 * b * kPairs), accrc(ri, 2 * b * kPairs + 1));
+#pragma unroll
+              for (int e = 1; e < kPairs; ++e)
+                v = fmaxf(v, fmaxf(accrc(ri, 2 * (b * kPairs + e)), accrc(ri, 2 * (b * kPairs + e) + 1)));
+              bmax[b][ri] = v;
+              tmax[ri] = b == 0 ? v : fmaxf(tmax[ri], v);
+            }
+          }
           // Online (max, sum) per thread and row; the sum is rescaled only when the max grows.
 #pragma unroll
           for (int ri = 0; ri < 2; ++ri)
-            scores::online_row<kCols>(row_m[ri], row_l[ri], [&](int ci) { return accrc(ri, ci); }, c);
-          // Per-row maxima per key block (8-key column groups never straddle key blocks).
+            scores::online_row_max<kCols>(row_m[ri], row_l[ri], [&](int ci) { return accrc(ri, ci); }, tmax[ri], c);
+          // Block maxima to the scratch, for blocks with a key some row of the warp sees (later
+          // blocks are masked for every row, and their index could pass nkb - 1).
+          if constexpr (kBlockKeys <= kKeys) {
 #pragma unroll
-          for (int nt = 0; nt < kKeys / 8; ++nt) {
-            if (kk0 + nt * 8 > my_lim) break;  // masked for every row; n could pass nkb - 1
-            const int n = (kk0 + nt * 8) >> pshift;  // warp-uniform
-            if (n != run_n) {
-              if (run_n >= 0) flush_run();
-              run_n = n;
-              run_v[0] = run_v[1] = -INFINITY;
+            for (int b = 0; b < kBlocks; ++b)
+              if (kk0 + b * kBlockKeys <= my_lim) store_block_max(kk0 / kBlockKeys + b, bmax[b]);
+          } else {  // a block is two tiles: store after its second, or after the warp's last tile
+            if ((j & 1) == 0) {
+              half_max[0] = tmax[0], half_max[1] = tmax[1];
+            } else {
+              half_max[0] = fmaxf(half_max[0], tmax[0]), half_max[1] = fmaxf(half_max[1], tmax[1]);
             }
-#pragma unroll
-            for (int ri = 0; ri < 2; ++ri)
-              run_v[ri] = fmaxf(run_v[ri], fmaxf(accrc(ri, 2 * nt), accrc(ri, 2 * nt + 1)));
+            if ((j & 1) == 1 || kk0 + kKeys > my_lim) store_block_max(kk0 / kBlockKeys, half_max);
           }
         }
       }
       __syncthreads();  // the stage read above is refilled kStages - 1 iterations on
     }
-    if (run_n >= 0) flush_run();
 
     // Final row statistics: merge the four lanes of each row.
 #pragma unroll
