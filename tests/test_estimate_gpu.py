@@ -83,6 +83,28 @@ def test_select_blocks_matches_reference(shape, S, causal, sink, local, min_budg
     assert torch.equal(idx, r_idx)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("levels", [3, 1000, 0])
+def test_select_blocks_wide_rows(causal, levels):
+    """Rows of up to 1100 candidates (a sort 2048 wide; the shapes above stay under 64 candidates);
+    levels 0: scores with NaN, infinities and signed zeros mixed in."""
+    S, hq, G = 64, 4, 2
+    nq = nk = 1100 * S - 17
+    nqb, nkb = _cdiv(nq, S), _cdiv(nk, S)
+    gen = torch.Generator(device="cuda").manual_seed(levels)
+    if levels:
+        scores = torch.randint(0, levels, (1, G, nqb, nkb), device="cuda", generator=gen).float() / levels
+    else:
+        scores = torch.rand((1, G, nqb, nkb), device="cuda", generator=gen)
+        special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0], device="cuda")
+        pick = torch.randint(0, 8, scores.shape, device="cuda", generator=gen)
+        scores = torch.where(pick < 5, special[pick.clamp_max(4)], scores)
+    kstar = torch.randint(0, nkb + 2, (1, hq), device="cuda", dtype=torch.int32, generator=gen)
+    got = OPS.select_blocks(scores, kstar, None, None, nq, nk, S, 1, 1, 0, causal)
+    want = ref.select_blocks(scores, kstar, None, None, nq, nk, S, 1, 1, 0, causal)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_select_blocks_all_equal_scores_and_large_kstar():
     S, nq, nk, hq, G = 128, 4000, 4000, 4, 1
     nqb, nkb = _cdiv(nq, S), _cdiv(nk, S)

@@ -307,8 +307,8 @@ __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const HeadBu
     int kst = 0;
     if (total > 0.f) {
       float base = 0.f;
-      for (int n = 0; n < c_last; ++n)
-        if (n < fl.free_lo || n >= fl.free_hi) base += mass[n] / total;
+      for (int n = 0; n < fl.free_lo; ++n) base += mass[n] / total;  // the forced blocks, ascending
+      for (int n = fl.free_hi; n < c_last; ++n) base += mass[n] / total;
       const float gamma = p.gamma;
       if (!(base >= gamma)) {
         kst = cnt;
