@@ -170,8 +170,10 @@ def test_softmax_overlaps_the_pv_wgmma(sm90_functions):
 def test_stage1_hopper_kernel(sm90_sass):
     """Stage 1's Hopper kernel (csrc/kernels/estimate/proxy_scores_sm90.cuh), one per (head dim, kept
     keys per key block S/s in 8 .. 128): its logits on wgmma in both 16-bit types (64 x 64 x 16 HGMMA,
-    fp16 and bf16: the type is chosen per (b, group) at run time), D / 16 of each per key tile, and no
-    local memory (a spill would sit in the per-tile loop)."""
+    fp16 and bf16: the type is chosen per (b, group) at run time), D / 16 of each per key tile, no
+    local memory (a spill would sit in the per-tile loop), and one wgmma wait, with the previous
+    tile's exponentials (32 logits per thread) between the wgmma and that wait, so that they run
+    beside it (ptxas serialises the wgmma, or moves the wait up, when it cannot prove that safe)."""
     kernels = {}
     for name, body in sm90_sass.items():
         m = re.search(r"scores_sm90_kernelILi(\d+)ELi(\d+)E", name)
@@ -185,3 +187,8 @@ def test_stage1_hopper_kernel(sm90_sass):
         assert len(fp16) == len(bf16) == d // 16, (d, len(fp16), len(bf16))
         local = [op for op in ops if op.split()[0] in ("STL", "LDL") or op.startswith(("STL.", "LDL."))]
         assert not local, f"scores_sm90_kernel<{d}, ...> uses local memory: {local[:4]}"
+        waits = [i for i, op in enumerate(ops) if op.startswith("WARPGROUP.DEPBAR")]
+        assert len(waits) == 1, f"scores_sm90_kernel<{d}, ...>: {len(waits)} wgmma waits, expected 1"
+        issue = max(i for i in range(waits[0]) if ops[i].startswith("HGMMA"))
+        exps = sum(op.startswith("MUFU.EX2") for op in ops[issue:waits[0]])
+        assert exps >= 32, f"scores_sm90_kernel<{d}, ...>: {exps} exponentials beside the wgmma, expected >= 32"

@@ -8,9 +8,9 @@
 // warp's rows), 128 rows in all: warpgroup w holds rows 64 w + [0, 64), warp i of it rows
 // 16 i + [0, 16). Per unit the pooled query rows go to shared memory once (cp.async, 128-byte
 // swizzle, zero for padding rows), then the kept keys stream through a 4-stage ring of 64-key
-// tiles (cp.async, three tiles in flight). Per tile each warpgroup whose rows see any of its
-// keys issues one 64 x 64 x D wgmma (SS, fp16 or bf16 as the (b, group)'s flag says, fp32
-// accumulation) and then, per row, the same online (max, sum) and per-key-block maxima as the
+// tiles (cp.async, three tiles in flight). Per tile each warpgroup issues one 64 x 64 x D wgmma
+// (SS, fp16 or bf16 as the (b, group)'s flag says, fp32 accumulation) and, while it runs, does
+// the previous tile's math: per row the same online (max, sum) and per-key-block maxima as the
 // mma.sync kernel. Only the aligned geometry (S % s == 0 and (S/s) % 8 == 0): a key block is a
 // whole number of 8-key column groups, so block maxima are per-thread maxima and two quad
 // shuffles; S/s is a template parameter, so a tile's blocks (and their maxima, from which the
@@ -94,7 +94,6 @@ __global__ void __launch_bounds__(kThreads, 2)
   extern __shared__ __align__(1024) char smem_raw[];
   auto& ss = *reinterpret_cast<typename Tr::SharedStorage*>(smem_raw);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
-  const int wg = warp >> 2;
   const int S = p.block_size, s = p.stride;
   const Geometry geo = geometry(S, s, p.nqb);
   static_assert(kBlockKeys >= 8 && kBlockKeys <= 2 * kKeys && (kBlockKeys & (kBlockKeys - 1)) == 0,
@@ -121,6 +120,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   constexpr int kCols = kKeys / 4;
   static_assert(decltype(size<0>(accrc))::value == 2 && decltype(size<1>(accrc))::value == kCols,
                 "one thread holds two rows of the tile");
+  float prev[2][kCols];  // the logits of the tile whose math runs beside the next tile's wgmma
 
   // This thread's 16-byte chunks of a key tile, fixed for the whole kernel: key row, column and
   // shared address in stage 0 (stage b is b * kKeys * D halves further on: one swizzle period per
@@ -169,12 +169,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     scores::warp_limit_range(lim, my_lim, my_min);
     if (lane == 0) ss.warp_lim[warp] = my_lim;
     __syncthreads();
-    int cta_lim = -1, wg_lim = -1;
+    int cta_lim = -1;
 #pragma unroll
-    for (int w = 0; w < kThreads / 32; ++w) {
-      cta_lim = max(cta_lim, ss.warp_lim[w]);
-      if (w / 4 == wg) wg_lim = max(wg_lim, ss.warp_lim[w]);
-    }
+    for (int w = 0; w < kThreads / 32; ++w) cta_lim = max(cta_lim, ss.warp_lim[w]);
     const int ntiles = (cta_lim + kKeys) / kKeys;  // tiles holding kept keys [0, cta_lim]
 
     const int64_t qrow0 = bgrow * rows_q, krow0 = bgrow * rows_k;
@@ -211,8 +208,85 @@ __global__ void __launch_bounds__(kThreads, 2)
     };
     float half_max[2];  // kBlockKeys = 2 kKeys: the block's maxima over its first tile
 
-    // One commit group per tile slot, empty past the last tile, so that waiting for all but the
-    // newest kStages - 1 groups always means tile j (and Q before it) has landed.
+    // The math of tile j - 1 (mask, block maxima, online max and sum) runs while tile j's wgmma
+    // is in flight, so each warpgroup keeps the tensor cores and its ALUs busy at once.
+    // One commit group per tile slot, empty past the last tile: at the top of iteration j the
+    // groups committed are Q, tiles 0-2 and one per earlier iteration, so waiting for all but the
+    // newest two means Q and tiles 0 .. j have landed. The CTA barrier after that wait also means
+    // every warpgroup has finished its wgmma of tile j - 1, whose stage (j + 3) % kStages is
+    // refilled right after it with tile j + 3.
+    // The math of tile jt on prev (its logits, copied out of the accumulator).
+    auto tile_math = [&](int jt) {
+      auto rc = [&](int ri, int ci) -> float& { return prev[ri][ci]; };
+      const int kk0 = jt * kKeys;
+      if (kk0 > my_lim) return;  // warp-uniform: no row of this warp sees a key of the tile
+      if (kk0 + kKeys - 1 > my_min) {  // causal edge or past the last key: mask
+#pragma unroll
+        for (int ri = 0; ri < 2; ++ri)
+#pragma unroll
+          for (int ci = 0; ci < kCols; ++ci)
+            if (kk0 + 2 * t4 + (ci & 1) + 8 * (ci >> 1) > lim[ri]) rc(ri, ci) = -INFINITY;
+      }
+      // Per row, this thread's maxima per key block of the tile (its columns 2 nt, 2 nt + 1
+      // hold keys 8 nt + [0, 8), so a block of kBlockKeys keys is kBlockKeys / 8 column
+      // pairs), and the tile maximum from them.
+      constexpr int kBlocks = kBlockKeys <= kKeys ? kKeys / kBlockKeys : 1;
+      constexpr int kPairs = kCols / 2 / kBlocks;
+      float bmax[kBlocks][2], tmax[2];
+#pragma unroll
+      for (int ri = 0; ri < 2; ++ri) {
+#pragma unroll
+        for (int b = 0; b < kBlocks; ++b) {
+          float v = fmaxf(rc(ri, 2 * b * kPairs), rc(ri, 2 * b * kPairs + 1));
+#pragma unroll
+          for (int e = 1; e < kPairs; ++e)
+            v = fmaxf(v, fmaxf(rc(ri, 2 * (b * kPairs + e)), rc(ri, 2 * (b * kPairs + e) + 1)));
+          bmax[b][ri] = v;
+          tmax[ri] = b == 0 ? v : fmaxf(tmax[ri], v);
+        }
+      }
+      // Online (max, sum) per thread and row; the sum is rescaled only when the max grows.
+#pragma unroll
+      for (int ri = 0; ri < 2; ++ri)
+        scores::online_row_max<kCols>(row_m[ri], row_l[ri], [&](int ci) { return rc(ri, ci); }, tmax[ri], c);
+      // Block maxima to the scratch, for blocks with a key some row of the warp sees (later
+      // blocks are masked for every row, and their index could pass nkb - 1).
+      if constexpr (kBlockKeys <= kKeys) {
+#pragma unroll
+        for (int b = 0; b < kBlocks; ++b)
+          if (kk0 + b * kBlockKeys <= my_lim) store_block_max(kk0 / kBlockKeys + b, bmax[b]);
+      } else {  // a block is two tiles: store after its second, or after the warp's last tile
+        if ((jt & 1) == 0) {
+          half_max[0] = tmax[0], half_max[1] = tmax[1];
+        } else {
+          half_max[0] = fmaxf(half_max[0], tmax[0]), half_max[1] = fmaxf(half_max[1], tmax[1]);
+        }
+        if ((jt & 1) == 1 || kk0 + kKeys > my_lim) store_block_max(kk0 / kBlockKeys, half_max);
+      }
+    };
+    // Iteration j: wait for tile j, refill the stage of tile j - 1 with tile j + 3, issue tile j's
+    // wgmma, do tile j - 1's math on prev while it runs, wait for it and copy its logits to prev
+    // (the accumulator itself is never read while a wgmma may write it: ptxas would serialise
+    // every wgmma). Every wgmma and wait sits outside any branch, so the loop runs one iteration
+    // past the last tile, on a stale stage, whose logits are never read.
+    auto step = [&](int j) {
+      proxyattn::cp_async_wait<kStages - 2>();
+      fence_proxy_async_shared();
+      __syncthreads();
+      const int jn = j + kStages - 1;
+      if (jn < ntiles) load_tile(jn, jn % kStages);
+      else proxyattn::cp_async_commit();
+      if (bf16) bsa_sm90::wg_issue<true>(mma_b, tQb, tKb(_, _, _, j % kStages), acc);
+      else bsa_sm90::wg_issue<true>(mma_h, tQh, tKh(_, _, _, j % kStages), acc);
+      if (j > 0) tile_math(j - 1);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc);
+#pragma unroll
+      for (int ri = 0; ri < 2; ++ri)
+#pragma unroll
+        for (int ci = 0; ci < kCols; ++ci) prev[ri][ci] = accrc(ri, ci);
+    };
+
     if (ntiles > 0) {
       load_q();
 #pragma unroll
@@ -220,67 +294,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         if (t < ntiles) load_tile(t, t);
         else proxyattn::cp_async_commit();
       }
-    }
-    for (int j = 0; j < ntiles; ++j) {
-      const int jn = j + kStages - 1;
-      if (jn < ntiles) load_tile(jn, jn % kStages);
-      else proxyattn::cp_async_commit();
-      proxyattn::cp_async_wait<kStages - 1>();
-      fence_proxy_async_shared();
-      __syncthreads();
-      const int kk0 = j * kKeys;
-      if (kk0 <= wg_lim) {  // warpgroup-uniform: some row of this warpgroup sees a key of the tile
-        if (bf16) bsa_sm90::wg_issue<true>(mma_b, tQb, tKb(_, _, _, j % kStages), acc);
-        else bsa_sm90::wg_issue<true>(mma_h, tQh, tKh(_, _, _, j % kStages), acc);
-        warpgroup_wait<0>();
-        warpgroup_fence_operand(acc);
-        if (kk0 <= my_lim) {  // warp-uniform
-          if (kk0 + kKeys - 1 > my_min) {  // causal edge or past the last key: mask
-#pragma unroll
-            for (int ri = 0; ri < 2; ++ri)
-#pragma unroll
-              for (int ci = 0; ci < kCols; ++ci)
-                if (kk0 + 2 * t4 + (ci & 1) + 8 * (ci >> 1) > lim[ri]) accrc(ri, ci) = -INFINITY;
-          }
-          // Per row, this thread's maxima per key block of the tile (its columns 2 nt, 2 nt + 1
-          // hold keys 8 nt + [0, 8), so a block of kBlockKeys keys is kBlockKeys / 8 column
-          // pairs), and the tile maximum from them.
-          constexpr int kBlocks = kBlockKeys <= kKeys ? kKeys / kBlockKeys : 1;
-          constexpr int kPairs = kCols / 2 / kBlocks;
-          float bmax[kBlocks][2], tmax[2];
-#pragma unroll
-          for (int ri = 0; ri < 2; ++ri) {
-#pragma unroll
-            for (int b = 0; b < kBlocks; ++b) {
-              float v = fmaxf(accrc(ri, 2 * b * kPairs), accrc(ri, 2 * b * kPairs + 1));
-#pragma unroll
-              for (int e = 1; e < kPairs; ++e)
-                v = fmaxf(v, fmaxf(accrc(ri, 2 * (b * kPairs + e)), accrc(ri, 2 * (b * kPairs + e) + 1)));
-              bmax[b][ri] = v;
-              tmax[ri] = b == 0 ? v : fmaxf(tmax[ri], v);
-            }
-          }
-          // Online (max, sum) per thread and row; the sum is rescaled only when the max grows.
-#pragma unroll
-          for (int ri = 0; ri < 2; ++ri)
-            scores::online_row_max<kCols>(row_m[ri], row_l[ri], [&](int ci) { return accrc(ri, ci); }, tmax[ri], c);
-          // Block maxima to the scratch, for blocks with a key some row of the warp sees (later
-          // blocks are masked for every row, and their index could pass nkb - 1).
-          if constexpr (kBlockKeys <= kKeys) {
-#pragma unroll
-            for (int b = 0; b < kBlocks; ++b)
-              if (kk0 + b * kBlockKeys <= my_lim) store_block_max(kk0 / kBlockKeys + b, bmax[b]);
-          } else {  // a block is two tiles: store after its second, or after the warp's last tile
-            if ((j & 1) == 0) {
-              half_max[0] = tmax[0], half_max[1] = tmax[1];
-            } else {
-              half_max[0] = fmaxf(half_max[0], tmax[0]), half_max[1] = fmaxf(half_max[1], tmax[1]);
-            }
-            if ((j & 1) == 1 || kk0 + kKeys > my_lim) store_block_max(kk0 / kBlockKeys, half_max);
-          }
-        }
-      }
-      __syncthreads();  // the stage read above is refilled kStages - 1 iterations on
+      for (int j = 0; j <= ntiles; ++j) step(j);
     }
 
     // Final row statistics: merge the four lanes of each row.
