@@ -208,14 +208,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     };
     float half_max[2];  // kBlockKeys = 2 kKeys: the block's maxima over its first tile
 
-    // The math of tile j - 1 (mask, block maxima, online max and sum) runs while tile j's wgmma
-    // is in flight, so each warpgroup keeps the tensor cores and its ALUs busy at once.
-    // One commit group per tile slot, empty past the last tile: at the top of iteration j the
-    // groups committed are Q, tiles 0-2 and one per earlier iteration, so waiting for all but the
-    // newest two means Q and tiles 0 .. j have landed. The CTA barrier after that wait also means
-    // every warpgroup has finished its wgmma of tile j - 1, whose stage (j + 3) % kStages is
-    // refilled right after it with tile j + 3.
-    // The math of tile jt on prev (its logits, copied out of the accumulator).
+    // The math of tile jt (mask, block maxima, online max and sum) on prev, its logits copied out
+    // of the accumulator; it runs while the next tile's wgmma is in flight.
     auto tile_math = [&](int jt) {
       auto rc = [&](int ri, int ci) -> float& { return prev[ri][ci]; };
       const int kk0 = jt * kKeys;
@@ -267,8 +261,13 @@ __global__ void __launch_bounds__(kThreads, 2)
     // Iteration j: wait for tile j, refill the stage of tile j - 1 with tile j + 3, issue tile j's
     // wgmma, do tile j - 1's math on prev while it runs, wait for it and copy its logits to prev
     // (the accumulator itself is never read while a wgmma may write it: ptxas would serialise
-    // every wgmma). Every wgmma and wait sits outside any branch, so the loop runs one iteration
-    // past the last tile, on a stale stage, whose logits are never read.
+    // every wgmma). Every warpgroup issues the wgmma of every tile, and its wait never sits on a
+    // branch (ptxas serialises wgmma otherwise), so the loop runs one iteration past the last tile,
+    // on a stale stage, whose logits are never read. One commit group per tile slot, empty past
+    // the last tile: at the top of iteration j the groups committed are Q, tiles 0-2 and one per
+    // earlier iteration, so waiting for all but the newest two means Q and tiles 0 .. j have
+    // landed; the CTA barrier after that wait also means every warpgroup has finished its wgmma of
+    // tile j - 1, so that stage can take tile j + 3.
     auto step = [&](int j) {
       proxyattn::cp_async_wait<kStages - 2>();
       fence_proxy_async_shared();
