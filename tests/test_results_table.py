@@ -152,6 +152,28 @@ def test_doc_tables(tmp_path):
     assert "| bsa | - | 4k | 1 | 32/8 | 128 | bf16 | 0.500 | 0.300 | 100.0 |" in lines
 
 
+def test_varlen_beside_its_sequences_alone(tmp_path):
+    res = tmp_path / "results"
+    res.mkdir()
+    cases = [_case("sdpa_cudnn", 16384, 3.0), _case("proxy_attention", 16384, 1.5, proxy_heads=16),
+             _case("proxy_attention", 16384, 1.0, proxy_heads=4),  # other proxy heads: not matched
+             _case("sdpa_cudnn", 32768, 6.5, batch=2, layout="varlen", seq_lens=[16384, 16384]),
+             _case("proxy_attention", 32768, 3.2, batch=2, layout="varlen", seq_lens=[16384, 16384], proxy_heads=16),
+             # a length without fixed-length rows: no row
+             _case("sdpa_cudnn", 40960, 8.0, batch=2, layout="varlen", seq_lens=[32768, 8192]),
+             _case("proxy_attention", 40960, 4.0, batch=2, layout="varlen", seq_lens=[32768, 8192], proxy_heads=16)]
+    (res / "NVIDIA_H200-20261201-suite.json").write_text(json.dumps(_rec("NVIDIA H200", "0123456", cases)))
+    path = tmp_path / "README.md"
+    path.write_text(README)
+    doc = tmp_path / "docs" / "results.md"
+    assert _run(path, res, doc).returncode == 0
+    lines = _lines(doc.read_text())
+    assert ("| variant | D | proxy_attention ms | vs cuDNN | alone ms | alone vs cuDNN | alone ms / varlen ms |"
+            in lines)
+    rows = [ln for ln in lines if ln.startswith("| G=16, varlen")]
+    assert rows == ["| G=16, varlen 16k+16k | 128 | 3.200 | 2.03x | 3.000 | 2.00x | 0.94 |"]
+
+
 def test_same_date_suites_pick_one_run(tmp_path):
     """Two suite runs of one card on one date (different commits): one run is the headline, whole.
     A run at the default configuration (G = Hq/2 here, gamma and min_budget of ProxyAttnConfig) wins;

@@ -24,7 +24,9 @@ speedup plot.
 Tables: name, variant (proxy heads, selection, layout), N, B, heads, D, dtype, density, ms,
 TFLOP/s, and for every anchor the file holds (sdpa_cudnn, sdpa_flash, flex) the ratio
 anchor ms / ms on the same shape (> 1: faster than the anchor); flex is matched on the same
-density and selection too, since it runs on the same block mask. The output depends only on the
+density and selection too, since it runs on the same block mask. Under each suite run, its varlen
+proxy_attention batches beside their sequences run alone (the run's fixed-length rows at each
+length, summed), the measure of whether packing costs anything. The output depends only on the
 files and the defaults in proxyattn/config.py. --check exits 1 (and writes nothing) when either
 output is out of date.
 """
@@ -209,6 +211,45 @@ def file_table(rec):
     return lines
 
 
+def varlen_table(files):
+    """Each varlen proxy_attention case of a suite run beside its sequences run alone: the fixed-length
+    (B = 1) proxy_attention and sdpa_cudnn cases of the same run at each of its lengths (same head
+    dim, heads, dtype and proxy heads), summed. Rows only where every length was measured."""
+    cases = [c for r in files for c in _timed(r.rec)]
+
+    def same(a, b):
+        return all(a.get(k) == b.get(k) for k in ("q_heads", "kv_heads", "head_dim", "dtype"))
+
+    def fixed(name, like, n):
+        for c in cases:
+            if (c["name"] == name and c.get("layout", "fixed") == "fixed" and c.get("seq_len") == n
+                    and c.get("batch") == 1 and same(c, like)
+                    and (name != "proxy_attention" or c.get("proxy_heads") == like.get("proxy_heads"))):
+                return float(c["ms"])
+        return None
+
+    lines = []
+    for c in cases:
+        if c["name"] != "proxy_attention" or c.get("layout") != "varlen" or not c.get("seq_lens"):
+            continue
+        dense = next((float(d["ms"]) for d in cases if d["name"] == "sdpa_cudnn" and _shape_key(d) == _shape_key(c)),
+                     None)
+        alone = [fixed("proxy_attention", c, n) for n in c["seq_lens"]]
+        alone_dense = [fixed("sdpa_cudnn", c, n) for n in c["seq_lens"]]
+        if dense is None or None in alone or None in alone_dense:
+            continue
+        ms, ms_alone, dense_alone = float(c["ms"]), sum(alone), sum(alone_dense)
+        lines.append("| " + " | ".join([
+            _variant(c), _fmt(c.get("head_dim"), "d"), _fmt_ms(ms), f"{dense / ms:.2f}x", _fmt_ms(ms_alone),
+            f"{dense_alone / ms_alone:.2f}x", f"{ms_alone / ms:.2f}"]) + " |")
+    if not lines:
+        return []
+    return (["", "Varlen batches against their sequences run alone (the fixed-length rows of the same run "
+             "at each length, summed; cuDNN likewise):", "",
+             "| variant | D | proxy_attention ms | vs cuDNN | alone ms | alone vs cuDNN | alone ms / varlen ms |",
+             "|---|---|---|---|---|---|---|"] + lines)
+
+
 def _source_line(r):
     return (f"`{r.rel}`: commit {r.commit[:7]}, torch {r.rec.get('torch', '?')}, "
             f"CUDA {r.rec.get('cuda', '?')}.")
@@ -252,6 +293,7 @@ def render_doc(records, skipped, results_dir, is_default):
             if plots:
                 out += plots + [""]
             out += file_table(r.rec)
+        out += varlen_table(files)
     others = [r for r in records if r.base not in shown]
     if others:
         out += ["", "## Other records", "",
