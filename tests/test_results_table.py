@@ -152,6 +152,28 @@ def test_doc_tables(tmp_path):
     assert "| bsa | - | 4k | 1 | 32/8 | 128 | bf16 | 0.500 | 0.300 | 100.0 |" in lines
 
 
+def test_headline_shows_fa4_columns_when_measured(tmp_path):
+    res = tmp_path / "results"
+    res.mkdir()
+    sel = dict(density=0.05, proxy_heads=16, selection="proxy")
+    cases = [_case("sdpa_cudnn", 131072, 240.0), _case("sdpa_flash", 131072, 400.0), _case("fa4", 131072, 200.0),
+             _case("proxy_attention", 131072, 16.0, estimate_ms=9.0, **sel),
+             _case("bsa", 131072, 7.0, **sel), _case("flex_flash", 131072, 7.7, **sel),
+             _case("fa4_sparse", 131072, 8.4, **sel),
+             _case("bsa", 131072, 20.0, density=0.1, selection="random"),  # another mask: not matched
+             _case("flex_flash", 131072, 30.0, density=0.1, selection="random"),
+             _case("sdpa_cudnn", 32768, 15.0), _case("proxy_attention", 32768, 4.0, **sel)]  # no FA4 at 32k
+    (res / "NVIDIA_H200-20261201-suite.json").write_text(json.dumps(_rec("NVIDIA H200", "0123456", cases)))
+    path = tmp_path / "README.md"
+    path.write_text(README)
+    assert _run(path, res, tmp_path / "docs" / "results.md").returncode == 0
+    lines = _lines(_section(path.read_text()))
+    assert lines[0] == ("| N | proxy heads | density | proxy_attention ms | of which estimate | cuDNN ms | vs cuDNN "
+                        "| vs FA2 | vs FA4 | attention vs Flex FLASH | attention vs FA4 sparse |")
+    assert "| 128k | 16 | 0.050 | 16.00 | 9.000 | 240.0 | 15.00x | 25.00x | 12.50x | 1.10x | 1.20x |" in lines
+    assert "| 32k | 16 | 0.050 | 4.000 | - | 15.00 | 3.75x | - | - | - | - |" in lines
+
+
 def test_varlen_beside_its_sequences_alone(tmp_path):
     res = tmp_path / "results"
     res.mkdir()

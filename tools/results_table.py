@@ -18,8 +18,9 @@ docs/results.md (whole file, generated): per card, the newest suite run (its plo
 table per file), then every other record (older suites, kernel and quality records) under
 "Other records". The README's text between `<!-- results:begin -->` and `<!-- results:end -->`
 becomes a short headline per card: proxy_attention of the newest suite at one head dim (128
-where measured), fixed-length layout, against cuDNN and FA2 in the same file, and the suite's
-speedup plot.
+where measured), fixed-length layout, against cuDNN and FA2 in the same file (and, where the run
+measured them, against FlashAttention-4's dense kernel, with the attention stage against Flex
+FLASH and FA4's block-sparse kernel on the same selection), and the suite's speedup plot.
 
 Tables: name, variant (proxy heads, selection, layout), N, B, heads, D, dtype, density, ms,
 TFLOP/s, and for every anchor the file holds (sdpa_cudnn, sdpa_flash, flex) the ratio
@@ -335,8 +336,10 @@ def headline(records, results_dir, is_default):
         pa = [(r, c) for r, c in pa if c.get("head_dim") == dim]
         anchors = {}
         for r, c in cases:
-            if c["name"] in ("sdpa_cudnn", "sdpa_flash"):
+            if c["name"] in DENSE_ANCHORS:
                 anchors.setdefault((r.base, c["name"], _shape_key(c)), float(c["ms"]))
+            elif c["name"] in ("bsa", "flex_flash", "fa4_sparse") and c.get("selection") == "proxy":
+                anchors.setdefault((r.base, c["name"], _mask_key(c), c.get("proxy_heads")), float(c["ms"]))
         rows = [c for _, c in pa]
         shape = [f"B={_same(rows, 'batch')}" if _same(rows, "batch") is not None else None,
                  f"Hq={_same(rows, 'q_heads')}, Hkv={_same(rows, 'kv_heads')}"
@@ -347,17 +350,30 @@ def headline(records, results_dir, is_default):
         out += ["", f"**{card}**, {', '.join(s for s in shape if s)}, causal, structured inputs, {config}, sparse "
                     f"path at every length ({srcs}, commit {files[0].commit[:7]}, torch "
                     f"{files[0].rec.get('torch', '?')}):", ""]
-        out += ["| N | proxy heads | density | proxy_attention ms | of which estimate | cuDNN ms | vs cuDNN | vs FA2 |",
-                "|---|---|---|---|---|---|---|---|"]
+        # FlashAttention-4 columns only where the run has them (flash-attn-4 installed): proxy_attention
+        # against FA4's dense kernel, and the attention stage (bsa on proxy_attention's selection)
+        # against the block-sparse kernels on the same selection.
+        def ratio(r, c, name):
+            if name in DENSE_ANCHORS:
+                ref, ms = anchors.get((r.base, name, _shape_key(c))), float(c["ms"])
+            else:
+                key = (_mask_key(c), c.get("proxy_heads"))
+                ref, ms = anchors.get((r.base, name) + key), anchors.get((r.base, "bsa") + key)
+            return f"{ref / ms:.2f}x" if ref and ms else "-"
+
+        extra = [(name, head) for name, head in (("fa4", "vs FA4"), ("flex_flash", "attention vs Flex FLASH"),
+                                                 ("fa4_sparse", "attention vs FA4 sparse"))
+                 if any(ratio(r, c, name) != "-" for r, c in pa)]
+        head = ["N", "proxy heads", "density", "proxy_attention ms", "of which estimate", "cuDNN ms", "vs cuDNN",
+                "vs FA2"] + [h for _, h in extra]
+        out += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
         for r, c in sorted(pa, key=lambda rc: (-(rc[1].get("proxy_heads") or 0), rc[1].get("seq_len") or 0)):
             ms = float(c["ms"])
             cud = anchors.get((r.base, "sdpa_cudnn", _shape_key(c)))
-            fa2 = anchors.get((r.base, "sdpa_flash", _shape_key(c)))
             out.append("| " + " | ".join([
                 _fmt_n(c.get("seq_len")), str(c.get("proxy_heads", "-")), _fmt(c.get("density"), ".3f"),
-                _fmt_ms(ms), _fmt_ms(c.get("estimate_ms")), _fmt_ms(cud),
-                f"{cud / ms:.2f}x" if cud and ms > 0 else "-",
-                f"{fa2 / ms:.2f}x" if fa2 and ms > 0 else "-"]) + " |")
+                _fmt_ms(ms), _fmt_ms(c.get("estimate_ms")), _fmt_ms(cud), ratio(r, c, "sdpa_cudnn"),
+                ratio(r, c, "sdpa_flash")] + [ratio(r, c, name) for name, _ in extra]) + " |")
         for r in files:
             plots = _plots(r, results_dir, "bench/results/")
             if plots and any(r is rr for rr, _ in pa):
