@@ -24,6 +24,7 @@ leaves the variable as it is and records bsa).
 
   python3 bench/bench_bsa.py [--seqlens 32768 131072] [--densities 1.0 0.3 0.1] [--out PATH]
       [--backends auto portable] [--masks random window split2 split4] [--interleave]
+      [--head-dims 128 64]
 
 Writes bench/results/<card>-<yyyymmdd>-bsa.json (docs/design.md section 6 format) and prints a table.
 """
@@ -272,15 +273,16 @@ def main():
                          "the block-sparse anchors with their runs interleaved (benchlib.time_cold_interleaved), so "
                          "clock and thermal drift hits each alike; the dense anchors are then recorded once per "
                          "density, with that density in their field paired_density")
+    ap.add_argument("--head-dims", type=int, nargs="+", default=None,
+                    help="several head dims in one run and one record, one after another (overrides --head-dim)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_bsa.py needs a CUDA GPU")
     import proxyattn  # noqa: F401  (loads the extension)
 
-    b, hq, hkv, d, s = 1, args.q_heads, args.kv_heads, args.head_dim, args.block_size
+    b, hq, hkv, s = 1, args.q_heads, args.kv_heads, args.block_size
     dtype = torch.bfloat16
-    scale = d ** -0.5
     flush = l2_flush_buffer()
     gen = torch.Generator(device="cuda").manual_seed(0)
     from torch.nn.attention.flex_attention import flex_attention
@@ -308,129 +310,131 @@ def main():
         failed[name] = failure(e)
         print(f"{name}: failed ({failed[name]}); not tried again", flush=True)
 
-    for n in args.seqlens:
-        reps = args.reps
-        warmup = 1 if n > 65536 else 2
-        q = torch.randn(b, n, hq, d, generator=gen, device="cuda", dtype=dtype)
-        k = torch.randn(b, n, hkv, d, generator=gen, device="cuda", dtype=dtype)
-        v = torch.randn(b, n, hkv, d, generator=gen, device="cuda", dtype=dtype)
-        qt = q.transpose(1, 2)  # [B, H, N, D] views for SDPA / flex
-        kt, vt = k.transpose(1, 2), v.transpose(1, 2)
+    for d in args.head_dims or [args.head_dim]:
+        scale = d ** -0.5
+        for n in args.seqlens:
+            reps = args.reps
+            warmup = 1 if n > 65536 else 2
+            q = torch.randn(b, n, hq, d, generator=gen, device="cuda", dtype=dtype)
+            k = torch.randn(b, n, hkv, d, generator=gen, device="cuda", dtype=dtype)
+            v = torch.randn(b, n, hkv, d, generator=gen, device="cuda", dtype=dtype)
+            qt = q.transpose(1, 2)  # [B, H, N, D] views for SDPA / flex
+            kt, vt = k.transpose(1, 2), v.transpose(1, 2)
 
-        # dense anchors: {name: (fn, context factory)}; timed here, or with every density (--interleave)
-        dense = {}
-        ke = ve = None
-        if "sdpa_flash" not in args.skip or "sdpa_cudnn" not in args.skip:
-            ke = kt.repeat_interleave(hq // hkv, dim=1)
-            ve = vt.repeat_interleave(hq // hkv, dim=1)
-            for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION),
-                                  ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
-                if name not in args.skip:
-                    dense[name] = (lambda: F.scaled_dot_product_attention(qt, ke, ve, is_causal=True, scale=scale),
-                                   lambda backend=backend: sdpa_kernel(backend))
-        if use["fa4"] and "fa4" not in failed:
-            dense["fa4"] = (lambda: fa4.dense(q, k, v, scale), None)
-        for name, (fn, ctx) in list(dense.items()):
-            try:  # compiles (FA4: tens of seconds) and checks that the anchor runs at all
-                with ctx() if ctx is not None else contextlib.nullcontext():
-                    fn()
-                torch.cuda.synchronize()
-            except Exception as e:
-                del dense[name]
-                if name == "fa4":
-                    fail(name, e)
-                else:
-                    print(f"{name}: unavailable ({failure(e)})")
-        for name, (fn, ctx) in list(dense.items()):
-            # SDPA flash (slow) is timed once per length; with --interleave the others join every density's rounds
-            if not args.interleave or name == "sdpa_flash":
-                with ctx() if ctx is not None else contextlib.nullcontext():
-                    ms = time_cold(fn, reps, warmup, flush)
-                record(name, n, 1.0, ms)
-                del dense[name]
-
-        if flex is not None or flex_flash is not None:
-            qf, kf, vf = qt.contiguous(), kt.contiguous(), vt.contiguous()  # [B, H, N, D]
-        for i_density, target in enumerate(args.densities):
-            counts, indices, density = random_causal_selection(b, hq, n, s, target, gen)
-            verify = i_density == 0  # compare the block-sparse anchors' outputs with ours once per length
-            timed = dict(dense)  # --interleave: label -> (fn, context factory), timed together below
-            extras = {}
-            for mask in args.masks:
-                if mask == "random":
-                    sels = [(counts, indices)]
-                elif mask == "window":
-                    sels = [window_selection(counts, indices)]
-                else:
-                    sels = key_split_selections(counts, indices, int(mask[len("split"):]))
-                suffix = "" if mask == "random" else f"_{mask}"
-
-                def call(sels=sels):
-                    for mc, mi in sels:
-                        out = torch.ops.proxyattn.block_sparse_attention(
-                            q, k, v, mc, mi, None, None, n, n, s, scale, True)
-                    return out
-
-                for backend in args.backends:  # the op reads the variable on every call
-                    label = ("bsa" if backend == "auto" else f"bsa_{backend}") + suffix
-                    env = {} if backend == "auto" else {BACKEND_ENV: backend}
-                    if args.interleave:
-                        timed[label] = (call, lambda env=env: env_vars(env))
+            # dense anchors: {name: (fn, context factory)}; timed here, or with every density (--interleave)
+            dense = {}
+            ke = ve = None
+            if "sdpa_flash" not in args.skip or "sdpa_cudnn" not in args.skip:
+                ke = kt.repeat_interleave(hq // hkv, dim=1)
+                ve = vt.repeat_interleave(hq // hkv, dim=1)
+                for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION),
+                                      ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+                    if name not in args.skip:
+                        dense[name] = (lambda: F.scaled_dot_product_attention(qt, ke, ve, is_causal=True, scale=scale),
+                                       lambda backend=backend: sdpa_kernel(backend))
+            if use["fa4"] and "fa4" not in failed:
+                dense["fa4"] = (lambda: fa4.dense(q, k, v, scale), None)
+            for name, (fn, ctx) in list(dense.items()):
+                try:  # compiles (FA4: tens of seconds) and checks that the anchor runs at all
+                    with ctx() if ctx is not None else contextlib.nullcontext():
+                        fn()
+                    torch.cuda.synchronize()
+                except Exception as e:
+                    del dense[name]
+                    if name == "fa4":
+                        fail(name, e)
                     else:
-                        with env_vars(env):
-                            ms = time_cold(call, reps, warmup, flush)
-                        record(label, n, density, ms)
+                        print(f"{name}: unavailable ({failure(e)})")
+            for name, (fn, ctx) in list(dense.items()):
+                # SDPA flash (slow) is timed once per length; with --interleave the others join every density's rounds
+                if not args.interleave or name == "sdpa_flash":
+                    with ctx() if ctx is not None else contextlib.nullcontext():
+                        ms = time_cold(fn, reps, warmup, flush)
+                    record(name, n, 1.0, ms)
+                    del dense[name]
 
-            ours = None
-            if verify and (flex_flash is not None or use["fa4_sparse"]):
-                ours = torch.ops.proxyattn.block_sparse_attention(q, k, v, counts, indices, None, None, n, n, s,
-                                                                  scale, True)[0]
-            anchors = {}  # block-sparse anchors on the random selection: name -> fn
-            bm = None
             if flex is not None or flex_flash is not None:
-                try:
-                    bm = flex_block_mask(counts, indices, n, s)
-                except Exception as e:
-                    print(f"flex BlockMask: failed ({failure(e)})")
-            if bm is not None and flex is not None and "flex" not in failed:
-                anchors["flex"] = lambda bm=bm: flex(qf, kf, vf, block_mask=bm, scale=scale, enable_gqa=True)
-            if bm is not None and flex_flash is not None and "flex_flash" not in failed:
-                anchors["flex_flash"] = lambda bm=bm: flex_flash(qf, kf, vf, bm, scale)
-            if use["fa4_sparse"] and "fa4_sparse" not in failed:
-                try:
-                    bst = fa4.sparse_tensors(counts, indices, s)
-                    anchors["fa4_sparse"] = lambda bst=bst: fa4.sparse(q, k, v, bst, scale)
-                except Exception as e:
-                    fail("fa4_sparse", e)
-            for name, fn in list(anchors.items()):
-                try:  # compile outside the timed runs; the first selection is checked against ours
-                    out = fn()
-                    if ours is not None:
-                        out = out.transpose(1, 2) if name == "flex_flash" else out
-                        extras[name] = {"max_abs_diff_vs_bsa": round(max_abs_diff(out, ours), 5)}
-                        print(f"{name}: max |out - bsa| = {extras[name]['max_abs_diff_vs_bsa']} "
-                              f"(N={n}, density {density:.3f})", flush=True)
-                    del out
-                except Exception as e:  # compile problems must not lose the other numbers
-                    del anchors[name]
-                    fail(name, e)
-            del ours
-            for name, fn in anchors.items():
-                if args.interleave:
-                    timed[name] = (fn, None)
-                else:
-                    record(name, n, density, time_cold(fn, reps, warmup + 1, flush), **extras.get(name, {}))
-            if args.interleave and timed:
-                for label, ms in time_cold_interleaved(timed, reps, warmup, flush).items():
-                    if label in dense:
-                        record(label, n, 1.0, ms, paired_density=round(density, 4))
+                qf, kf, vf = qt.contiguous(), kt.contiguous(), vt.contiguous()  # [B, H, N, D]
+            for i_density, target in enumerate(args.densities):
+                counts, indices, density = random_causal_selection(b, hq, n, s, target, gen)
+                verify = i_density == 0  # compare the block-sparse anchors' outputs with ours once per length
+                timed = dict(dense)  # --interleave: label -> (fn, context factory), timed together below
+                extras = {}
+                for mask in args.masks:
+                    if mask == "random":
+                        sels = [(counts, indices)]
+                    elif mask == "window":
+                        sels = [window_selection(counts, indices)]
                     else:
-                        record(label, n, density, ms, **extras.get(label, {}))
-            del counts, indices, bm, timed, anchors
-        del q, k, v, qt, kt, vt, ke, ve, dense
-        if flex is not None or flex_flash is not None:
-            del qf, kf, vf
-        torch.cuda.empty_cache()
+                        sels = key_split_selections(counts, indices, int(mask[len("split"):]))
+                    suffix = "" if mask == "random" else f"_{mask}"
+
+                    def call(sels=sels):
+                        for mc, mi in sels:
+                            out = torch.ops.proxyattn.block_sparse_attention(
+                                q, k, v, mc, mi, None, None, n, n, s, scale, True)
+                        return out
+
+                    for backend in args.backends:  # the op reads the variable on every call
+                        label = ("bsa" if backend == "auto" else f"bsa_{backend}") + suffix
+                        env = {} if backend == "auto" else {BACKEND_ENV: backend}
+                        if args.interleave:
+                            timed[label] = (call, lambda env=env: env_vars(env))
+                        else:
+                            with env_vars(env):
+                                ms = time_cold(call, reps, warmup, flush)
+                            record(label, n, density, ms)
+
+                ours = None
+                if verify and (flex_flash is not None or use["fa4_sparse"]):
+                    ours = torch.ops.proxyattn.block_sparse_attention(q, k, v, counts, indices, None, None, n, n, s,
+                                                                      scale, True)[0]
+                anchors = {}  # block-sparse anchors on the random selection: name -> fn
+                bm = None
+                if flex is not None or flex_flash is not None:
+                    try:
+                        bm = flex_block_mask(counts, indices, n, s)
+                    except Exception as e:
+                        print(f"flex BlockMask: failed ({failure(e)})")
+                if bm is not None and flex is not None and "flex" not in failed:
+                    anchors["flex"] = lambda bm=bm: flex(qf, kf, vf, block_mask=bm, scale=scale, enable_gqa=True)
+                if bm is not None and flex_flash is not None and "flex_flash" not in failed:
+                    anchors["flex_flash"] = lambda bm=bm: flex_flash(qf, kf, vf, bm, scale)
+                if use["fa4_sparse"] and "fa4_sparse" not in failed:
+                    try:
+                        bst = fa4.sparse_tensors(counts, indices, s)
+                        anchors["fa4_sparse"] = lambda bst=bst: fa4.sparse(q, k, v, bst, scale)
+                    except Exception as e:
+                        fail("fa4_sparse", e)
+                for name, fn in list(anchors.items()):
+                    try:  # compile outside the timed runs; the first selection is checked against ours
+                        out = fn()
+                        if ours is not None:
+                            out = out.transpose(1, 2) if name == "flex_flash" else out
+                            extras[name] = {"max_abs_diff_vs_bsa": round(max_abs_diff(out, ours), 5)}
+                            print(f"{name}: max |out - bsa| = {extras[name]['max_abs_diff_vs_bsa']} "
+                                  f"(N={n}, density {density:.3f})", flush=True)
+                        del out
+                    except Exception as e:  # compile problems must not lose the other numbers
+                        del anchors[name]
+                        fail(name, e)
+                del ours
+                for name, fn in anchors.items():
+                    if args.interleave:
+                        timed[name] = (fn, None)
+                    else:
+                        record(name, n, density, time_cold(fn, reps, warmup + 1, flush), **extras.get(name, {}))
+                if args.interleave and timed:
+                    for label, ms in time_cold_interleaved(timed, reps, warmup, flush).items():
+                        if label in dense:
+                            record(label, n, 1.0, ms, paired_density=round(density, 4))
+                        else:
+                            record(label, n, density, ms, **extras.get(label, {}))
+                del counts, indices, bm, timed, anchors
+            del q, k, v, qt, kt, vt, ke, ve, dense
+            if flex is not None or flex_flash is not None:
+                del qf, kf, vf
+            torch.cuda.empty_cache()
 
     out_path = write_record(cases, "bsa", args.out, skipped=failed or None)
     print(f"\n{'name':16s} {'N':>7s} {'density':>8s} {'ms':>10s} {'TFLOP/s':>8s}")

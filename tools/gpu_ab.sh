@@ -13,8 +13,9 @@
 #
 # Records: <variant>-r<round>-<script>.json (the script's --out), logs beside them, build logs
 # <variant>-build.log, packed into $OUT/ab.tgz after every round (a device call brings back at most 8
-# files). GPU_AB_TESTS="tests/test_estimate_gpu.py ..." runs those tests under every patched variant
-# before the benchmark (log <variant>-tests.log).
+# files); after every round tools/ab_summary.py writes the comparison so far to $OUT/ab-summary.md,
+# and the last one is printed at the end. GPU_AB_TESTS="tests/test_estimate_gpu.py ..." runs those
+# tests under every patched variant before the benchmark (log <variant>-tests.log).
 set -o pipefail
 usage="usage: tools/gpu_ab.sh PATCH [PATCH ...] [--] SCRIPT [args]"
 patches=()
@@ -73,6 +74,8 @@ for round in $(seq 1 "${ROUNDS:-2}"); do
        tee "$OUT/$v-r$round-$name.log" | tail -25)
   done
   pack
+  python3 "$here/tools/ab_summary.py" "$OUT" "$name" > "$top/ab-summary.md"
 done
+cat "$top/ab-summary.md"
 rm -rf "$OUT"
-echo "records and logs: $top/ab.tgz"
+echo "records and logs: $top/ab.tgz; the table above: $top/ab-summary.md"
