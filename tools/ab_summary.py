@@ -40,7 +40,9 @@ def collect(directory, script):
     labels = {"a": "a (as is)"}
     vfile = os.path.join(directory, "variants.txt")
     if os.path.exists(vfile):
-        for line in open(vfile):
+        with open(vfile) as f:
+            lines = f.read().splitlines()
+        for line in lines:
             if "=" in line:
                 v, p = (x.strip() for x in line.split("=", 1))
                 labels[v] = f"{v} ({p})"
@@ -51,7 +53,8 @@ def collect(directory, script):
         if not m:
             continue
         try:
-            cases = json.load(open(path)).get("cases", [])
+            with open(path) as f:
+                cases = json.load(f).get("cases", [])
         except (OSError, ValueError):
             continue
         rows = data.setdefault(m.group("v"), {})
