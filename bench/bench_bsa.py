@@ -274,7 +274,8 @@ def main():
                          "clock and thermal drift hits each alike; the dense anchors are then recorded once per "
                          "density, with that density in their field paired_density")
     ap.add_argument("--head-dims", type=int, nargs="+", default=None,
-                    help="several head dims in one run and one record, one after another (overrides --head-dim)")
+                    help="several head dims in one run and one record, one after another (overrides --head-dim); "
+                         "an anchor that fails is not tried again at a later head dim either")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
