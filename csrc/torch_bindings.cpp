@@ -8,8 +8,12 @@
 // sums of the key lengths). max_seqlen_q/k are Nq/Nk for fixed
 // length and the longest sequence for varlen; output shapes depend only on
 // input shapes and these ints. docs/design.md section 2 defines what each computes.
-// Implementations: csrc/ops/*.cpp (CUDA), proxyattn/reference.py (CPU).
+// Implementations: csrc/ops/*.cpp (CUDA), proxyattn/reference.py (CPU). Inference only: every op's
+// Autograd kernel (below) refuses inputs that require grad while grad mode is on.
 #include <Python.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(proxyattn, m) {
@@ -33,6 +37,38 @@ TORCH_LIBRARY(proxyattn, m) {
       "block_sparse_attention(Tensor q, Tensor k, Tensor v, Tensor counts, Tensor indices, "
       "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
       "int block_size, float softmax_scale, bool causal, Tensor? page_table=None) -> (Tensor, Tensor)");
+}
+
+namespace proxyattn {
+namespace {
+
+// The ops have no backward (docs/design.md section 2: inference only). A call with grad mode on and
+// an input that requires grad raises here, before any kernel, rather than return an output without
+// the gradient asked for; otherwise the call goes on below autograd (CPU, CUDA or fake kernels).
+// The Python wrappers raise the same error first (proxyattn/ops.py, check_no_grad); this covers
+// direct torch.ops.proxyattn calls.
+void refuse_grad(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  if (c10::GradMode::is_enabled()) {
+    const auto& args = op.schema().arguments();
+    const size_t first = stack->size() - args.size();
+    for (size_t i = 0; i < args.size(); ++i) {
+      const c10::IValue& a = (*stack)[first + i];
+      TORCH_CHECK(!(a.isTensor() && a.toTensor().defined() && a.toTensor().requires_grad()),
+                  op.schema().name(), " is inference-only (it has no backward), but ",
+                  args[i].name(), " requires grad while grad mode is on; run it under torch.no_grad() or "
+                  "torch.inference_mode(), or pass ", args[i].name(), ".detach()");
+    }
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+}
+
+}  // namespace
+}  // namespace proxyattn
+
+TORCH_LIBRARY_IMPL(proxyattn, Autograd, m) {
+  for (const char* name : {"proxy_block_scores", "head_budgets", "select_blocks", "block_sparse_attention"})
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&proxyattn::refuse_grad>());
 }
 
 namespace proxyattn {

@@ -19,18 +19,6 @@
 namespace proxyattn {
 namespace {
 
-void check_rows_aligned(const at::Tensor& t, const char* name) {
-  // 128-bit loads: the data pointer and every stride must be multiples of 8 elements (16 bytes).
-  const bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 &&
-                  [&] {
-                    for (int64_t d = 0; d + 1 < t.dim(); ++d)
-                      if (t.size(d) > 1 && t.stride(d) % 8 != 0) return false;
-                    return true;
-                  }();
-  PROXYATTN_CHECK(ok, name, " must be 16-byte aligned with strides that are multiples of 8 elements, got strides ",
-                  t.strides(), "; call .contiguous()");
-}
-
 constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
 
 }  // namespace
@@ -75,10 +63,10 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
   const int64_t hkv = k.size(-2);
   PROXYATTN_CHECK(head_dim == 64 || head_dim == 128, "head dim must be 64 or 128, got ", head_dim);
   PROXYATTN_CHECK(k.size(-1) == head_dim, "k head dim must equal q head dim ", head_dim, ", got ", k.size(-1));
-  PROXYATTN_CHECK(hkv >= 1 && hq % hkv == 0, "q heads (", hq, ") must be a multiple of kv heads (", hkv, ")");
+  PROXYATTN_CHECK(hq >= 1 && hkv >= 1 && hq % hkv == 0, "q heads (", hq, ") must be a positive multiple of kv heads (",
+                  hkv, ")");
   PROXYATTN_CHECK(block_size == 64 || block_size == 128, "block_size must be 64 or 128, got ", block_size);
-  PROXYATTN_CHECK(std::isfinite(softmax_scale) && softmax_scale > 0, "softmax_scale must be positive and finite, got ",
-                  softmax_scale);
+  check_softmax_scale(softmax_scale);
 
   int64_t batch, nq, nk;
   if (varlen) {
@@ -111,9 +99,9 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
                   "indices must have shape [B, Hq, nqb, K] = [", batch, ", ", hq, ", ", nqb, ", K >= 1], got ",
                   indices.sizes());
   PROXYATTN_CHECK(indices.size(3) <= kIntMax, "index rows too long: ", indices.size(3));
-  check_rows_aligned(q, "q");
-  check_rows_aligned(k, "k");
-  check_rows_aligned(v, "v");
+  check_aligned(q, "q");
+  check_aligned(k, "k");
+  check_aligned(v, "v");
 
   const c10::cuda::CUDAGuard guard(q.device());
   BsaParams p;

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
@@ -39,6 +40,36 @@ inline void check_cuda(const at::Tensor& t, const char* name) {
 inline void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
   PROXYATTN_CHECK(t.stride(-1) == 1, name, " must have a contiguous last dimension (stride 1), got stride ",
                   t.stride(-1), "; call .contiguous()");
+}
+
+// The kernels move 16 bytes at a time: the data pointer and the strides of dimensions longer than
+// 1 (the last excepted) must be multiples of 16 bytes (8 elements). The pointer is tested, not the
+// storage offset: a tensor from from_dlpack or from_numpy can sit off a boundary at offset 0.
+inline void check_aligned(const at::Tensor& t, const char* name) {
+  const auto off = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16;
+  PROXYATTN_CHECK(off == 0, name, " must start on a 16-byte boundary, got a data pointer ", off,
+                  " bytes past one; pass a fresh copy (.clone(memory_format=torch.contiguous_format)): "
+                  ".contiguous() keeps the pointer of an already contiguous view");
+  for (int64_t d = 0; d + 1 < t.dim(); ++d)
+    PROXYATTN_CHECK(t.size(d) <= 1 || t.stride(d) % 8 == 0, name,
+                    " strides must be multiples of 8 elements (except the last), got ", t.strides(),
+                    "; call .contiguous()");
+}
+
+// softmax_scale finite and > 0 (proxyattn/config.py states the same rule; the attention kernels
+// also refuse a scale above kMaxSoftmaxScale, kernels/common/bsa_launch.h).
+inline void check_softmax_scale(double scale) {
+  PROXYATTN_CHECK(std::isfinite(scale) && scale > 0.0, "softmax_scale must be finite and > 0, got ", scale);
+}
+
+// A kernel that keeps a row of nkb key blocks in shared memory (`bytes` of it) must fit the opt-in
+// shared memory per block of the device; `what` names the kernel. One attribute query, no sync.
+inline void check_key_blocks_fit(size_t bytes, int nkb, const at::Device& device, const char* what) {
+  int limit = 0;
+  PROXYATTN_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device.index()));
+  PROXYATTN_CHECK(bytes <= static_cast<size_t>(limit), what, " keeps a row of key blocks in shared memory: ", nkb,
+                  " key blocks need ", bytes, " bytes, more than the ", limit,
+                  " bytes per block of this GPU; use shorter sequences or a larger block_size");
 }
 
 inline void check_half(const at::Tensor& t, const char* name) {

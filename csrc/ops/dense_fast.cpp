@@ -24,10 +24,10 @@
 namespace proxyattn {
 namespace {
 
-// 16-byte aligned rows: storage offset and the strides of dimensions longer than 1 (the last
-// excepted, which must be 1) are multiples of 8 elements (ops.check_aligned).
+// 16-byte aligned rows: the data pointer on a 16-byte boundary, and the strides of dimensions
+// longer than 1 (the last excepted, which must be 1) multiples of 8 elements (ops.check_aligned).
 bool dense_fast_aligned(const at::Tensor& t) {
-  if (t.stride(-1) != 1 || t.storage_offset() % 8 != 0) return false;
+  if (t.stride(-1) != 1 || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
   for (int64_t i = 0; i + 1 < t.dim(); ++i)
     if (t.size(i) > 1 && t.stride(i) % 8 != 0) return false;
   return true;

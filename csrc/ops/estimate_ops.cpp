@@ -34,14 +34,6 @@ struct QkLayout {
   KvPages pages;  // paged keys (k the cache), else page_table nullptr
 };
 
-void check_aligned(const at::Tensor& t, const char* name) {
-  PROXYATTN_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name,
-                  " must be 16-byte aligned; call .contiguous()");
-  for (int d = 0; d + 1 < t.dim(); ++d)
-    PROXYATTN_CHECK(t.size(d) <= 1 || t.stride(d) % 8 == 0, name, " strides must be multiples of 8 elements (except the last), got ",
-                    t.strides(), "; call .contiguous()");
-}
-
 QkLayout check_qk(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& cu_q,
                   const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, int64_t block_size,
                   bool causal, const std::optional<at::Tensor>& page_table) {
@@ -62,15 +54,21 @@ QkLayout check_qk(const at::Tensor& q, const at::Tensor& k, const std::optional<
                   "max_seqlen_q/k must be in [0, 2^31), got ", max_q, " and ", max_k);
   QkLayout L{};
   L.varlen = cu_q.has_value();
+  int64_t batch = 0;
   const bool paged = paged_call(page_table, L.varlen);
   if (L.varlen) {
     PROXYATTN_CHECK(q.dim() == 3, "varlen q must be [total_q, Hq, D], got shape ", q.sizes());
-    if (!paged) PROXYATTN_CHECK(k.dim() == 3, "varlen k must be [total_k, Hkv, D], got shape ", k.sizes());
+    if (paged) {
+      PROXYATTN_CHECK(k.dim() == 4, "with a page_table, k must be the cache [num_pages, page_size, Hkv, D], got shape ",
+                      k.sizes());
+    } else {
+      PROXYATTN_CHECK(k.dim() == 3, "varlen k must be [total_k, Hkv, D], got shape ", k.sizes());
+    }
     check_cu_seqlens(cu_q, "cu_seqlens_q", q);
     check_cu_seqlens(cu_k, "cu_seqlens_k", q);
     PROXYATTN_CHECK(cu_k->size(0) == cu_q->size(0), "cu_seqlens_k must have the length of cu_seqlens_q (",
                     cu_q->size(0), "), got ", cu_k->size(0));
-    L.batch = static_cast<int>(cu_q->size(0) - 1);
+    batch = cu_q->size(0) - 1;
     L.total_q = q.size(0);
     L.total_k = paged ? kPagedTotalK : k.size(0);
     L.q_strides[0] = 0;
@@ -93,7 +91,7 @@ QkLayout check_qk(const at::Tensor& q, const at::Tensor& k, const std::optional<
                     max_k);
     PROXYATTN_CHECK(!causal || max_q <= max_k, "causal attention needs Nq <= Nk (bottom-right aligned), got Nq ",
                     max_q, " > Nk ", max_k);
-    L.batch = static_cast<int>(q.size(0));
+    batch = q.size(0);
     L.total_q = max_q;
     L.total_k = max_k;
     for (int d = 0; d < 3; ++d) {
@@ -103,16 +101,18 @@ QkLayout check_qk(const at::Tensor& q, const at::Tensor& k, const std::optional<
     L.cu_q = nullptr;
     L.cu_k = nullptr;
   }
-  PROXYATTN_CHECK(L.batch <= 65535, "batch must be at most 65535, got ", L.batch);
-  L.pages = check_kv_pages(page_table, k, nullptr, L.batch, max_k);
-  L.num_heads = static_cast<int>(q.size(-2));
-  L.num_kv_heads = static_cast<int>(k.size(-2));
-  L.head_dim = static_cast<int>(q.size(-1));
-  PROXYATTN_CHECK(k.size(-1) == q.size(-1), "k head dim must equal q head dim (", q.size(-1), "), got ", k.size(-1));
-  PROXYATTN_CHECK(L.head_dim == 64 || L.head_dim == 128, "head dim must be 64 or 128, got ", L.head_dim);
-  PROXYATTN_CHECK(L.num_kv_heads >= 1 && L.num_heads % L.num_kv_heads == 0,
-                  "Hq must be a multiple of Hkv, got Hq = ", L.num_heads, ", Hkv = ", L.num_kv_heads);
-  PROXYATTN_CHECK(L.num_heads <= 65535, "Hq must be at most 65535, got ", L.num_heads);
+  PROXYATTN_CHECK(batch <= 65535, "batch must be at most 65535, got ", batch);
+  L.batch = static_cast<int>(batch);
+  L.pages = check_kv_pages(page_table, k, nullptr, batch, max_k);
+  const int64_t hq = q.size(-2), hkv = k.size(-2), head_dim = q.size(-1);
+  PROXYATTN_CHECK(k.size(-1) == head_dim, "k head dim must equal q head dim (", head_dim, "), got ", k.size(-1));
+  PROXYATTN_CHECK(head_dim == 64 || head_dim == 128, "head dim must be 64 or 128, got ", head_dim);
+  PROXYATTN_CHECK(hq >= 1 && hkv >= 1 && hq % hkv == 0, "Hq must be a positive multiple of Hkv, got Hq = ", hq,
+                  ", Hkv = ", hkv);
+  PROXYATTN_CHECK(hq <= 65535, "Hq must be at most 65535, got ", hq);
+  L.num_heads = static_cast<int>(hq);
+  L.num_kv_heads = static_cast<int>(hkv);
+  L.head_dim = static_cast<int>(head_dim);
   return L;
 }
 
@@ -132,10 +132,7 @@ at::Tensor proxy_block_scores(const at::Tensor& q, const at::Tensor& k, const st
                     L.num_heads, ", got ", G);
   }
   PROXYATTN_CHECK(stride >= 1, "stride must be >= 1, got ", stride);
-  // The kernel weighs logits by exp2((x - max) * c) with c = scale * log2(e) >= 0 (a max-relative
-  // weight is only a softmax for a non-negative scale; the Python API takes positive scales only).
-  PROXYATTN_CHECK(std::isfinite(softmax_scale) && softmax_scale >= 0, "softmax_scale must be finite and >= 0, got ",
-                  softmax_scale);
+  check_softmax_scale(softmax_scale);
   const int nqb = ceil_div(max_q, block_size), nkb = ceil_div(max_k, block_size);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor scores = at::empty({L.batch, G, nqb, nkb}, q.options().dtype(at::kFloat));
@@ -192,9 +189,10 @@ at::Tensor head_budgets(const at::Tensor& q, const at::Tensor& k, const std::opt
   PROXYATTN_CHECK(gamma > 0.0 && gamma <= 1.0, "gamma must be in (0, 1], got ", gamma);
   PROXYATTN_CHECK(sink_blocks >= 0 && local_blocks >= 0, "sink_blocks and local_blocks must be >= 0, got ",
                   sink_blocks, " and ", local_blocks);
-  PROXYATTN_CHECK(std::isfinite(softmax_scale), "softmax_scale must be finite, got ", softmax_scale);
+  check_softmax_scale(softmax_scale);
   const int nkb = ceil_div(max_k, block_size);
   PROXYATTN_CHECK(nkb <= kBudgetMaxBlocks, "at most ", kBudgetMaxBlocks, " key blocks are supported, got ", nkb);
+  check_key_blocks_fit(head_budgets_finalize_smem_bytes(nkb), nkb, q.device(), "head_budgets");
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor kstar = at::empty({L.batch, L.num_heads}, q.options().dtype(at::kInt));
   const int64_t ws_floats = head_budgets_workspace_floats(L.batch, L.num_heads, static_cast<int>(max_k), nkb);
@@ -225,7 +223,9 @@ at::Tensor head_budgets(const at::Tensor& q, const at::Tensor& k, const std::opt
   p.gamma = static_cast<float>(gamma);
   p.sink_blocks = static_cast<int>(std::min<int64_t>(sink_blocks, INT32_MAX));
   p.local_blocks = static_cast<int>(std::min<int64_t>(local_blocks, INT32_MAX));
-  p.softmax_scale = static_cast<float>(softmax_scale);
+  // Beyond kMaxSoftmaxScale each row's weights are in effect its argmax; in range, scale * log2(e) is a
+  // finite float (the kernel forms it in float).
+  p.softmax_scale = static_cast<float>(std::min(softmax_scale, kMaxSoftmaxScale));
   p.causal = causal;
   p.kstar = kstar.data_ptr<int>();
   p.workspace = ws.data_ptr<float>();
@@ -280,6 +280,7 @@ std::tuple<at::Tensor, at::Tensor> select_blocks(const at::Tensor& scores_in, co
                   " must divide Hq = kstar.size(1) = ", Hq);
   PROXYATTN_CHECK(batch <= 65535 && Hq <= 65535, "batch and Hq must be at most 65535, got ", batch, " and ", Hq);
   PROXYATTN_CHECK(nkb <= kSelectMaxBlocks, "at most ", kSelectMaxBlocks, " key blocks are supported, got ", nkb);
+  check_key_blocks_fit(select_blocks_smem_bytes(nkb), nkb, scores_in.device(), "select_blocks");
   const c10::cuda::CUDAGuard guard(scores_in.device());
   const at::Tensor scores = scores_in.contiguous();
   const at::Tensor kstar = kstar_in.contiguous();

@@ -55,6 +55,12 @@ extern template cudaError_t run_bsa_fwd_sm90<__half, 128>(const BsaParams&, cuda
 extern template cudaError_t run_bsa_fwd_sm90<__nv_bfloat16, 64>(const BsaParams&, cudaStream_t);
 extern template cudaError_t run_bsa_fwd_sm90<__nv_bfloat16, 128>(const BsaParams&, cudaStream_t);
 
+// The largest softmax_scale the attention kernels take: their exp2 factor scale * log2(e) must be a
+// finite float (a round bound below FLT_MAX / log2(e) = 2.36e38). The estimation stages take any
+// finite positive scale (stage 1 clamps its factor; stage 2's scale is clamped to this bound, where
+// every row's weights are in effect its argmax).
+inline constexpr double kMaxSoftmaxScale = 2.3e38;
+
 enum class BsaBackend { kAuto, kPortable, kHopper };
 enum class BsaPath { kPortable, kHopper };
 
@@ -106,8 +112,9 @@ inline std::string bsa_unsupported_reason(const BsaParams& p) {
   if (p.kv_heads <= 0 || p.q_heads <= 0 || p.q_heads % p.kv_heads != 0)
     return "q_heads (" + std::to_string(p.q_heads) + ") must be a positive multiple of kv_heads (" +
            std::to_string(p.kv_heads) + ")";
-  if (!(p.softmax_scale > 0.f) || p.softmax_scale > 3.0e38f)
-    return "softmax_scale must be positive and finite, got " + std::to_string(p.softmax_scale);
+  if (!(p.softmax_scale > 0.f) || double(p.softmax_scale) > kMaxSoftmaxScale)
+    return "softmax_scale must be a positive float32 of at most 2.3e38 (its product with log2(e) finite), got " +
+           std::to_string(p.softmax_scale);
   if (p.num_k_blocks < 1) return "index rows must hold at least one entry, got " + std::to_string(p.num_k_blocks);
   if (p.batch < 0 || p.seqlen_q < 0 || p.seqlen_k < 0) return "negative batch or sequence length";
   if (int64_t(p.batch) * p.q_heads * p.num_q_blocks > int64_t(INT32_MAX))
@@ -126,7 +133,7 @@ inline std::string bsa_unsupported_reason(const BsaParams& p) {
 // else why not: a build with sm_90a code (PROXYATTN_HOPPER_KERNELS, set by
 // setup.py and CMake when PROXYATTN_ARCHS holds 90a); a compute capability 9.0 device; block size 128;
 // q/k/v strides of dimensions longer than 1 positive, 16-byte multiples, below 2^40 bytes, 16-byte
-// aligned pointers (TMA); row counts within int32 (TMA coordinates).
+// aligned pointers (TMA); row counts below 2^31 (TMA coordinates), at least one key row.
 inline std::string bsa_hopper_unsupported_reason(const BsaParams& p) {
 #if !defined(PROXYATTN_HOPPER_KERNELS)
   // Built without sm_90a code (PROXYATTN_ARCHS lacks 90a): the kernel's body is empty for every
@@ -147,6 +154,7 @@ inline std::string bsa_hopper_unsupported_reason(const BsaParams& p) {
   const int64_t rows_q = varlen ? p.total_q : p.seqlen_q;
   const int64_t rows_k = paged ? p.pages.page_size() : varlen ? p.total_k : p.seqlen_k;
   if (rows_q > INT32_MAX || rows_k > INT32_MAX) return "it needs row counts below 2^31";
+  if (rows_k < 1) return "it needs at least one key row (TMA)";
   auto bad = [](int64_t size, int64_t stride) {
     return size > 1 && (stride <= 0 || stride % 8 != 0 || stride >= (int64_t(1) << 39));
   };

@@ -344,9 +344,7 @@ cudaError_t run_head_budgets(const HeadBudgetsParams& p, cudaStream_t stream) {
                   : p.head_dim == 128 ? launch_probe<T, 128>(p, stream, num_splits)
                                       : cudaErrorInvalidValue;
   if (e != cudaSuccess) return e;
-  int pw = 1;
-  while (pw < p.nkb) pw <<= 1;
-  const size_t smem = static_cast<size_t>(pw) * sizeof(float);
+  const size_t smem = head_budgets_finalize_smem_bytes(p.nkb);
   if (smem > 48 * 1024) {
     e = cudaFuncSetAttribute(finalize_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return e;

@@ -54,6 +54,15 @@ inline int64_t head_budgets_workspace_floats(int batch, int num_heads, int max_s
   return bh * (2LL * kProbeRows * head_budgets_num_splits(max_seqlen_k) + (2LL * kProbeRows + 1) * nkb);
 }
 
+// Dynamic shared memory of the finalize kernel: the block masses of a head, one float per key block
+// for the power of two of blocks its sort spans (131072 bytes at kBudgetMaxBlocks; the op checks
+// the device's limit).
+inline size_t head_budgets_finalize_smem_bytes(int nkb) {
+  size_t pw = 1;
+  while (pw < static_cast<size_t>(nkb)) pw <<= 1;
+  return pw * sizeof(float);
+}
+
 template <typename T>
 cudaError_t run_head_budgets(const HeadBudgetsParams& p, cudaStream_t stream);
 

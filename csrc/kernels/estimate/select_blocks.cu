@@ -157,7 +157,7 @@ cudaError_t run_select_blocks(const SelectBlocksParams& p, cudaStream_t stream) 
   if (p.nkb > kSelectMaxBlocks || p.num_groups < 1 || p.num_heads % p.num_groups != 0) return cudaErrorInvalidValue;
   int pw = 1;
   while (pw < p.nkb) pw <<= 1;
-  const size_t smem = static_cast<size_t>(pw) * (sizeof(uint32_t) + sizeof(uint16_t));
+  const size_t smem = select_blocks_smem_bytes(p.nkb);
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(select_blocks_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
