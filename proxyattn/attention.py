@@ -75,13 +75,13 @@ def _forced_last(c_last: Tensor, nq: Tensor, nk: Tensor, cfg: ProxyAttnConfig, c
 def full_selection(nq: Tensor, nk: Tensor, nqb: int, nkb: int, hq: int, block: int, causal: bool
                    ) -> Tuple[Tensor, Tensor]:
     """Every candidate block of every row: counts int32 [B, Hq, nqb], indices [B, Hq, nqb, nkb]
-    (int16 like select_blocks' while the block numbers fit, else int32)."""
+    (int16 like select_blocks' while the block numbers fit, else int32), as views that repeat one
+    row per head (the kernels read a selection through its strides; telemetry copies them)."""
     c = candidate_counts(nq, nk, nqb, block, causal)  # [B, nqb]
     n = torch.arange(nkb, device=nq.device)
     idx = torch.where(n[None, None, :] < c[:, :, None], n, -1).to(ops.index_dtype(nkb))
     b = c.shape[0]
-    return (c.to(torch.int32)[:, None, :].expand(b, hq, nqb).contiguous(),
-            idx[:, None].expand(b, hq, nqb, nkb).contiguous())
+    return c.to(torch.int32)[:, None, :].expand(b, hq, nqb), idx[:, None].expand(b, hq, nqb, nkb)
 
 
 def _telemetry(counts: Tensor, indices: Tensor, kstar: Tensor, nq: Tensor, nk: Tensor, cfg: ProxyAttnConfig,
@@ -141,38 +141,52 @@ def _run(q, k, v, lay: ops.Layout, cu_q, cu_k, cfg: Optional[ProxyAttnConfig], c
     S = cfg.block_size
     scale = cfg.scale(lay.head_dim)
     dense = cfg.runs_dense(lay.max_seqlen_k)
-    if not dense or (lay.varlen and q.is_cuda):
+    # A dense call runs stage 4 on every candidate block when varlen on CUDA, and under
+    # torch.compile where torch math would not trace (a bottom-right causal mask, Nq < Nk, on CUDA;
+    # the reference on the CPU). Otherwise SDPA (CUDA) or the reference (CPU), both differentiable.
+    staged = dense and ((lay.varlen and q.is_cuda) or (torch.compiler.is_compiling() and (
+        not q.is_cuda or (causal and lay.max_seqlen_q != lay.max_seqlen_k))))
+    if not dense or staged:
         # These paths run proxyattn's ops, which have no backward; the dense ones below (SDPA, and
         # the reference on CPU) are torch math and keep their gradients.
         ops.check_no_grad("proxy_attention" + ("" if dense else "'s sparse path"), [("q", q), ("k", k), ("v", v)])
     if dense:
         full = None
-        if return_selection or (lay.varlen and q.is_cuda):
+        if return_selection or staged:
             nq, nk = _lengths(lay, cu_q, cu_k, q.device)
             nqb, nkb = -(-lay.max_seqlen_q // S), -(-lay.max_seqlen_k // S)
             full = full_selection(nq, nk, nqb, nkb, lay.q_heads, S, causal)
-        if not q.is_cuda:
-            k, v = reference.unpage(k, page_table, cu_k), reference.unpage(v, page_table, cu_k)
-            out = reference.dense_attention(q, k, v, cu_q, cu_k, scale, causal)[0]
-        elif lay.varlen:
+        if staged:
             out = _stage4(q, k, v, *full, cu_q, cu_k, lay, S, scale, causal, page_table)
+        elif not q.is_cuda:
+            out = reference.dense_attention(q, k, v, cu_q, cu_k, scale, causal)[0]
         else:
             out = _sdpa(q, k, v, scale, causal)
         if not return_selection:
             return out
         kstar = torch.zeros(lay.batch, lay.q_heads, dtype=torch.int32, device=q.device)
-        return out, _telemetry(*full, kstar, nq, nk, cfg, causal, dense=True)
+        return out, _telemetry(*(t.contiguous() for t in full), kstar, nq, nk, cfg, causal, dense=True)
     mq, mk = lay.max_seqlen_q, lay.max_seqlen_k
     ops.check_key_blocks(mk, S)  # before any kernel runs
     scores = ops.call("proxy_block_scores", q, k, cu_q, cu_k, mq, mk, S, G, cfg.stride, scale, causal, page_table)
     kstar = ops.call("head_budgets", q, k, cu_q, cu_k, mq, mk, S, float(cfg.gamma), cfg.sink_blocks,
                      cfg.local_blocks, scale, causal, page_table)
-    counts, indices = ops.call("select_blocks", scores, kstar, cu_q, cu_k, mq, mk, S, cfg.sink_blocks,
+    budget = kstar
+    if lay.varlen:
+        # Each sequence as if alone: one with fewer than dense_below keys gets every candidate
+        # block (a budget of nkb makes select_blocks' k_m = c_m in every row), decided on the
+        # device, and reports kstar 0 like the dense path.
+        nq, nk = _lengths(lay, cu_q, cu_k, q.device)
+        short = cfg.runs_dense(nk)[:, None]
+        budget = torch.where(short, -(-mk // S), kstar)
+        kstar = torch.where(short, 0, kstar)
+    counts, indices = ops.call("select_blocks", scores, budget, cu_q, cu_k, mq, mk, S, cfg.sink_blocks,
                                cfg.local_blocks, cfg.min_budget, causal)
     out = _stage4(q, k, v, counts, indices, cu_q, cu_k, lay, S, scale, causal, page_table)
     if not return_selection:
         return out
-    nq, nk = _lengths(lay, cu_q, cu_k, q.device)
+    if not lay.varlen:
+        nq, nk = _lengths(lay, cu_q, cu_k, q.device)
     return out, _telemetry(counts, indices, kstar, nq, nk, cfg, causal, dense=False)
 
 
@@ -202,9 +216,13 @@ def proxy_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
                            causal: bool = True, return_selection: bool = False
                            ) -> Union[Tensor, Tuple[Tensor, ProxyAttnSelection]]:
     """ProxyAttn over packed sequences: q [total_q, Hq, D], k/v [total_k, Hkv, D], int32
-    cu_seqlens_q/k [B + 1]. Each sequence behaves exactly as if it ran alone with the call's
-    max_seqlen_k: the whole call runs dense when max_seqlen_k < dense_below, else every sequence
-    runs sparse. Inference only (every path runs proxyattn's ops, which have no backward)."""
+    cu_seqlens_q/k [B + 1]. Each sequence behaves exactly as if it ran alone: one with fewer than
+    dense_below keys attends to every key, the others run sparse (the whole call runs dense when
+    max_seqlen_k < dense_below). Every row of k and v must be finite, rows past cu_seqlens_k[B]
+    included (the Hopper kernel loads whole key blocks; docs/design.md). Inference only on CUDA,
+    where every path runs proxyattn's ops (no backward); on the CPU a call below dense_below runs
+    the reference's dense attention, which keeps its gradients, as proxy_attention's dense path
+    does."""
     if cu_seqlens_q is None or cu_seqlens_k is None:
         raise ValueError("proxy_attention_varlen needs cu_seqlens_q and cu_seqlens_k")
     lay = ops.check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)

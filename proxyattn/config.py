@@ -30,6 +30,14 @@ INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
 
 
+def _as_float(value, name: str) -> float:
+    """float(value) for an int or float, ValueError for an int too large for a float."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be a float, got an int too large for one: {value}") from None
+
+
 def check_int(name: str, value, low: int, high: Optional[int] = None) -> int:
     """Return `value` if it is an int (not a bool) in [low, high]; else TypeError/ValueError."""
     if isinstance(value, bool) or not isinstance(value, int):
@@ -51,20 +59,22 @@ def check_block_size(block_size, name: str = "block_size") -> int:
 def check_gamma(gamma, name: str = "gamma") -> float:
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(gamma).__name__}")
-    if math.isnan(gamma) or not (0.0 < float(gamma) <= 1.0):
+    g = _as_float(gamma, name)
+    if math.isnan(g) or not (0.0 < g <= 1.0):
         raise ValueError(f"{name} must be in (0, 1], got {gamma}")
-    return float(gamma)
+    return g
 
 
 def check_softmax_scale(scale, name: str = "softmax_scale") -> Optional[float]:
-    """None, or a finite float > 0."""
+    """None, or a finite float > 0 (csrc/ops/common.h states the same rule)."""
     if scale is None:
         return None
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"{name} must be a float or None, got {type(scale).__name__}")
-    if not math.isfinite(scale) or scale <= 0:
+    s = _as_float(scale, name)
+    if not math.isfinite(s) or s <= 0:
         raise ValueError(f"{name} must be finite and > 0, got {scale}")
-    return float(scale)
+    return s
 
 
 # Each integer field's range, the one place it is stated (the stage functions check their
@@ -139,10 +149,11 @@ class ProxyAttnConfig:
         """Raise ValueError if num_proxy_heads cannot group these head counts."""
         self.proxy_heads(q_heads, kv_heads)
 
-    def runs_dense(self, seqlen_k: int) -> bool:
-        """Whether proxy_attention runs dense attention for (longest) sequences of seqlen_k keys:
-        below dense_below the estimate cannot pay off. The one statement of this rule (the C++
-        dense path, csrc/ops/dense_fast.cpp, runs the calls it is handed and decides nothing)."""
+    def runs_dense(self, seqlen_k):
+        """Whether proxy_attention runs dense attention for a sequence of seqlen_k keys (an int, or
+        elementwise for a tensor of lengths): below dense_below the estimate cannot pay off. The one
+        statement of this rule (the C++ dense path, csrc/ops/dense_fast.cpp, runs the calls it is
+        handed and decides nothing; a varlen call decides per sequence on the device)."""
         return seqlen_k < self.dense_below
 
     def scale(self, head_dim: int) -> float:

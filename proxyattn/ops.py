@@ -12,6 +12,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 import warnings
 
@@ -33,6 +34,10 @@ OP_NAMES = ("proxy_block_scores", "head_budgets", "select_blocks", "block_sparse
 # its block indices are int16. block_sparse_attention also takes hand-made int32 indices.
 MAX_KEY_BLOCKS = 32768
 INDEX_DTYPES = (torch.int16, torch.int32)
+
+# The CUDA kernels put the batch and the query heads in grid dimensions of at most 65535 blocks;
+# the limit holds on every device, so that CPU and CUDA accept the same calls.
+MAX_BATCH = MAX_HEADS = 65535
 
 
 def index_dtype(nkb: int) -> torch.dtype:
@@ -103,14 +108,18 @@ def check_aligned(named) -> None:
         if not t.is_cuda:
             continue
         shape, stride = t.shape, t.stride()
-        bad = t.storage_offset() % 8
+        if is_fake(t):  # no data to point at (fake tensors outside torch.compile): the offset is all there is
+            off = t.storage_offset() * t.element_size() % 16
+        else:  # the pointer, not the storage offset: from_dlpack / from_numpy views can be off at offset 0
+            off = t.data_ptr() % 16
+        bad = off
         for i in range(t.dim() - 1):
             bad = bad or (shape[i] > 1 and stride[i] % 8)
         if bad:
-            raise ValueError(f"{name} must start at a multiple of 8 elements with strides that are multiples of 8 "
-                             f"(16-byte aligned rows), got storage offset {t.storage_offset()} and strides "
+            raise ValueError(f"{name} must start on a 16-byte boundary with strides that are multiples of 8 "
+                             f"(16-byte aligned rows), got a data pointer {off} bytes past one and strides "
                              f"{tuple(t.stride())}; pass a fresh copy (.clone(memory_format=torch.contiguous_format)): "
-                             f".contiguous() keeps the storage offset of an already contiguous view")
+                             f".contiguous() keeps the pointer of an already contiguous view")
 
 
 def check_qkv(q: Tensor, k: Tensor, v: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
@@ -152,6 +161,8 @@ def check_qkv(q: Tensor, k: Tensor, v: Optional[Tensor], cu_seqlens_q: Optional[
     hq, hkv = q.shape[-2], k.shape[-2]
     if hq == 0 or hkv == 0 or hq % hkv != 0:
         raise ValueError(f"the {hq} query heads must be a positive multiple of the {hkv} KV heads")
+    if hq > MAX_HEADS:
+        raise ValueError(f"at most {MAX_HEADS} query heads are supported, got {hq}")
     for name, t in named:
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides "
@@ -163,6 +174,7 @@ def check_qkv(q: Tensor, k: Tensor, v: Optional[Tensor], cu_seqlens_q: Optional[
             raise ValueError(f"q and k must have the same batch size, got {b} and {k.shape[0]}")
         if b == 0 or nq == 0 or nk == 0:
             raise ValueError(f"zero-length input: batch={b}, seqlen_q={nq}, seqlen_k={nk}")
+        _check_batch(b)
         if causal and nq > nk:
             raise ValueError(f"causal attention needs seqlen_q <= seqlen_k (bottom-right aligned), got {nq} > {nk}")
         for name, given, actual in (("max_seqlen_q", max_seqlen_q, nq), ("max_seqlen_k", max_seqlen_k, nk)):
@@ -175,6 +187,7 @@ def check_qkv(q: Tensor, k: Tensor, v: Optional[Tensor], cu_seqlens_q: Optional[
     if _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q) != batch:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length, got "
                          f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
+    _check_batch(batch)
     mq = check_int("max_seqlen_q", max_seqlen_q, 1, INT32_MAX)
     mk = check_int("max_seqlen_k", max_seqlen_k, 1, INT32_MAX)
     if cu_seqlens_q.device.type == "cpu" and cu_seqlens_k.device.type == "cpu":
@@ -183,6 +196,11 @@ def check_qkv(q: Tensor, k: Tensor, v: Optional[Tensor], cu_seqlens_q: Optional[
         if causal:
             _check_causal_lengths(cu_seqlens_q, cu_seqlens_k)
     return Layout(True, batch, mq, mk, hq, hkv, d)
+
+
+def _check_batch(batch: int) -> None:
+    if batch > MAX_BATCH:
+        raise ValueError(f"at most {MAX_BATCH} sequences per call are supported, got {batch}")
 
 
 def _check_cu_seqlens(name: str, cu, like: Tensor) -> int:
@@ -386,6 +404,7 @@ def head_budgets(q: Tensor, k: Tensor, *, block_size: int = _D.block_size, gamma
     gamma = check_field("gamma", gamma)
     check_field("sink_blocks", sink_blocks)
     check_field("local_blocks", local_blocks)
+    check_key_blocks(lay.max_seqlen_k, block_size)
     scale = resolve_scale(softmax_scale, lay.head_dim)
     return call("head_budgets", q, k, cu_seqlens_q, cu_seqlens_k, lay.max_seqlen_q, lay.max_seqlen_k, block_size,
                 gamma, sink_blocks, local_blocks, scale, causal)
@@ -428,8 +447,11 @@ def select_blocks(scores: Tensor, kstar: Tensor, *, seqlen_q: int, seqlen_k: int
     if kstar.dim() != 2 or kstar.shape[0] != b:
         raise ValueError(f"kstar must have shape [B={b}, Hq], got {tuple(kstar.shape)}")
     hq = kstar.shape[1]
-    if g < 1 or hq % g != 0:
+    if g < 1 or hq < 1 or hq % g != 0:
         raise ValueError(f"the {g} proxy groups of scores must divide the {hq} query heads of kstar")
+    if hq > MAX_HEADS or b > MAX_BATCH:
+        raise ValueError(f"at most {MAX_BATCH} sequences and {MAX_HEADS} query heads are supported, got "
+                         f"batch {b} and {hq} heads")
     _check_int_tensor("kstar", kstar, (b, hq), scores)
     if cu_seqlens_q is not None or cu_seqlens_k is not None:
         if cu_seqlens_q is None or cu_seqlens_k is None:

@@ -184,6 +184,31 @@ def test_sparse_path_refuses_inputs_that_need_grad():
         pa.proxy_attention_varlen(qv, k[0], v[0], cu, cu, 156, 156, sparse)
 
 
+@pytest.mark.skipif(not pa.HAS_EXTENSION, reason=f"proxyattn._C not built: {pa.EXTENSION_ERROR}")
+def test_direct_op_calls_refuse_inputs_that_need_grad():
+    """torch.ops.proxyattn.* called directly (no Python wrapper) refuse an input that requires grad
+    while grad mode is on, naming it, before anything runs (their Autograd kernel), on every device;
+    under no_grad the same call runs."""
+    S, s = 64, 64 ** -0.5
+    q = torch.randn(1, 128, 4, 64, requires_grad=True)
+    k, v = torch.randn(1, 128, 2, 64), torch.randn(1, 128, 2, 64).requires_grad_()
+    counts = torch.full((1, 4, 2), 2, dtype=torch.int32)
+    idx = torch.arange(2, dtype=torch.int16).expand(1, 4, 2, 2)
+    ops = torch.ops.proxyattn
+    calls = [(ops.proxy_block_scores, (q, k, None, None, 128, 128, S, 2, 4, s, True), "q"),
+             (ops.head_budgets, (q, k, None, None, 128, 128, S, 0.9, 1, 1, s, True), "q"),
+             (ops.select_blocks, (torch.rand(1, 2, 2, 2, requires_grad=True), torch.zeros(1, 4, dtype=torch.int32),
+                                  None, None, 128, 128, S, 1, 1, 0, True), "scores"),
+             (ops.block_sparse_attention, (q.detach(), k, v, counts, idx, None, None, 128, 128, S, s, True), "v")]
+    for op, args, name in calls:
+        with pytest.raises(RuntimeError, match=rf"proxyattn::\w+ is inference-only .*but {name} requires grad"):
+            op(*args)
+        with torch.no_grad():
+            out = op(*args)
+        for t in (out if isinstance(out, tuple) else (out,)):
+            assert not t.requires_grad
+
+
 def test_rows_that_see_no_key_get_count_zero():
     """A causal sequence with fewer keys than queries (reachable through the ops with device
     cu_seqlens): query blocks whose rows see no key have c_m = 0 and count 0, as in the kernels, never

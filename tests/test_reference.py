@@ -143,7 +143,8 @@ def test_select_blocks_matches_naive_with_ties():
     for b in range(B):
         for h in range(hq):
             for m in range(nqb):
-                cnt = int(counts[b, h, m])
+                cnt = rules.budget(m, nqb - 1, nq, nk, S, 1, 1, int(kstar[b, h]), 0)  # the rule, not the output
+                assert int(counts[b, h, m]) == cnt
                 want = _naive_select(scores[b, h // (hq // G), m].tolist(), m, nq, nk, S, 1, 1, cnt)
                 assert idx[b, h, m, :cnt].tolist() == want
 
@@ -254,6 +255,34 @@ def test_varlen_equals_per_sequence():
         torch.testing.assert_close(sel.density[b], s_b.density[0])
 
 
+def test_varlen_sequence_below_dense_below_runs_as_alone():
+    """A varlen call decides dense or sparse per sequence, on the device: next to a long sequence,
+    one with fewer than dense_below keys attends to all its keys (every candidate block, kstar 0,
+    density 1), as it does alone, while the long one gets its own sparse selection."""
+    torch.manual_seed(11)
+    lens = [600, 1200]
+    hq, hkv, d = 4, 2, 64
+    cfg = pa.ProxyAttnConfig(block_size=64, gamma=0.6, min_budget=64, dense_below=1000, num_proxy_heads=2)
+    qs = [torch.randn(n, hq, d) * 2 for n in lens]
+    ks = [torch.randn(n, hkv, d) for n in lens]
+    vs = [torch.randn(n, hkv, d) for n in lens]
+    cu = torch.tensor([0] + np.cumsum(lens).tolist(), dtype=torch.int32)
+    out, sel = pa.proxy_attention_varlen(torch.cat(qs), torch.cat(ks), torch.cat(vs), cu, cu, max(lens), max(lens),
+                                         cfg, return_selection=True)
+    alone = [pa.proxy_attention(qs[b][None], ks[b][None], vs[b][None], cfg, return_selection=True) for b in range(2)]
+    assert alone[0][1].dense and not alone[1][1].dense and float(alone[1][1].density.max()) < 0.95
+    # The short sequence: dense alone (the reference's dense attention), every block here.
+    torch.testing.assert_close(out[:600], alone[0][0][0], atol=1e-5, rtol=1e-5)
+    nqb = -(-600 // 64)
+    assert torch.equal(sel.counts[0, :, :nqb], alone[0][1].counts[0])
+    assert torch.equal(sel.indices[0, :, :nqb, :nqb], alone[0][1].indices[0])
+    assert (sel.kstar[0] == 0).all() and (sel.density[0] == 1).all()
+    # The long one: its sparse selection, bit for bit.
+    assert torch.equal(out[600:], alone[1][0][0])
+    assert torch.equal(sel.counts[1], alone[1][1].counts[0]) and torch.equal(sel.indices[1], alone[1][1].indices[0])
+    assert torch.equal(sel.kstar[1], alone[1][1].kstar[0])
+
+
 def test_block_sparse_attention_lse_and_empty_rows():
     q, k, v = _rand(1, 130, 130, 2, 1, 64)
     nqb, nkb = 3, 3
@@ -337,6 +366,36 @@ def test_compile_fullgraph_cpu():
     want = pa.proxy_attention(q, k, v, cfg)
     got = torch.compile(lambda a, b, c: pa.proxy_attention(a, b, c, cfg), fullgraph=True)(q, k, v)
     assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not pa.HAS_EXTENSION, reason=f"proxyattn._C not built: {pa.EXTENSION_ERROR}")
+def test_compile_fullgraph_dense_path():
+    """The dense path traces into one graph too: on the CPU (the default config below dense_below)
+    and on fake CUDA tensors for a causal chunk behind a prefix (Nq < Nk, a bottom-right mask), both
+    through stage 4 on every candidate block; the CPU result equals the eager dense attention."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k, v = _rand(1, 100, 300, 4, 2, 64)
+    cfg = pa.ProxyAttnConfig(block_size=64)
+    assert cfg.runs_dense(300)
+    want = pa.proxy_attention(q, k, v, cfg)
+    torch._dynamo.reset()
+    got = torch.compile(lambda a, b, c: pa.proxy_attention(a, b, c, cfg), fullgraph=True)(q, k, v)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(" ".join(str(n.target) for n in gm.graph.nodes if n.op == "call_function"))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with FakeTensorMode():
+        qf = torch.empty(1, 100, 4, 64, dtype=torch.bfloat16, device="cuda")
+        kf = torch.empty(1, 300, 2, 64, dtype=torch.bfloat16, device="cuda")
+        out = torch.compile(lambda a, b, c: pa.proxy_attention(a, b, c, cfg), backend=backend, fullgraph=True)(
+            qf, kf, kf.clone())
+    torch._dynamo.reset()
+    assert out.shape == qf.shape and len(graphs) == 1 and "block_sparse_attention" in graphs[0], graphs
 
 
 def test_huge_softmax_scale_is_the_argmax_limit():

@@ -39,8 +39,9 @@ def _call(q, k, v, **kw):
 ])
 def test_bad_tensors(mutate, exc, match):
     q, k, v = mutate(*_qkv())
-    if exc is None:  # any strides with a contiguous last dim are accepted
-        assert torch.isfinite(_call(q, k, v)).all()
+    if exc is None:  # any strides with a contiguous last dim are accepted, and read as such
+        assert not k.is_contiguous()
+        assert torch.equal(_call(q, k, v), _call(q, k.contiguous(), v))
         return
     with pytest.raises(exc, match=match):
         _call(q, k, v)
@@ -209,3 +210,74 @@ def test_index_dtypes_and_key_block_limit():
     with pytest.raises(ValueError, match="at most 32768 key blocks"):
         pa.select_blocks(torch.zeros(1, 1, 1, 32769), torch.zeros(1, 4, dtype=torch.int32), seqlen_q=64,
                          seqlen_k=big, block_size=64)
+
+
+def test_head_budgets_key_block_limit_and_grid_limits():
+    """The limits the CUDA kernels have hold on every device, so CPU and CUDA accept the same
+    calls: at most 32768 key blocks for head_budgets too, 65535 sequences and 65535 query heads."""
+    big = 32768 * 64 + 1
+    q = torch.randn(1, 1, 2, 64)
+    k = torch.randn(1, 1, 1, 64).expand(1, big, 1, 64)  # stride 0: no memory, and it passes the layout checks
+    with pytest.raises(ValueError, match="at most 32768 key blocks"):
+        pa.head_budgets(q, k, block_size=64)
+    with pytest.raises(ValueError, match="at most 65535 sequences per call are supported, got 65536"):
+        pa.proxy_block_scores(torch.randn(65536, 1, 1, 64), torch.randn(65536, 1, 1, 64))
+    with pytest.raises(ValueError, match="at most 65535 query heads are supported, got 65536"):
+        pa.proxy_block_scores(torch.randn(1, 1, 65536, 64), torch.randn(1, 1, 1, 64))
+    cu = torch.arange(65537, dtype=torch.int32)
+    with pytest.raises(ValueError, match="at most 65535 sequences per call are supported, got 65536"):
+        pa.proxy_attention_varlen(torch.randn(65536, 1, 64), torch.randn(65536, 1, 64), torch.randn(65536, 1, 64),
+                                  cu, cu, 1, 1, CFG)
+    with pytest.raises(ValueError, match="must divide the 0 query heads"):
+        pa.select_blocks(torch.rand(1, 1, 3, 3), torch.zeros(1, 0, dtype=torch.int32), seqlen_q=130, seqlen_k=130,
+                         block_size=64)
+
+
+def test_numbers_too_large_for_a_float_are_value_errors():
+    with pytest.raises(ValueError, match="softmax_scale must be a float, got an int too large"):
+        pa.ProxyAttnConfig(softmax_scale=10**400)
+    with pytest.raises(ValueError, match="gamma must be a float, got an int too large"):
+        pa.ProxyAttnConfig(gamma=10**400)
+
+
+def test_misaligned_data_pointer_at_storage_offset_zero():
+    """Alignment is the data pointer's, not the storage offset's: a tensor made from memory 2 bytes
+    off a 16-byte boundary has storage offset 0 and is still refused (CUDA tensors; the rule is
+    checked here on a CPU tensor through the same helper)."""
+    import numpy as np
+
+    raw = np.zeros(2 * 64 * 4 + 8, dtype=np.float16)
+    start = next(i for i in range(8) if (raw[i:].ctypes.data % 16) == 2)
+    t = torch.from_numpy(raw[start: start + 2 * 64 * 4]).view(1, 2, 4, 64)
+    assert t.storage_offset() == 0 and t.data_ptr() % 16 == 2
+
+    class _Cuda:  # check_aligned looks at CUDA tensors only; this one answers as one
+        is_cuda, shape = True, t.shape
+
+        def __getattr__(self, name):
+            return getattr(t, name)
+
+    with pytest.raises(ValueError, match="a data pointer 2 bytes past one"):
+        pa.ops.check_aligned([("q", _Cuda())])
+    pa.ops.check_aligned([("q", t.clone(memory_format=torch.contiguous_format))])
+
+
+def test_serving_settings_from_env_name_the_variable(monkeypatch):
+    from proxyattn.integrations._common import settings_from_env
+
+    for raw, err, match in [("{gamma: 1}", ValueError, r"PA_CFG must be a JSON object.*'\{gamma: 1\}'"),
+                            ("[1]", ValueError, "PA_CFG must be a JSON object"),
+                            ('{"gama": 0.9}', ValueError, r"PA_CFG names unknown ProxyAttnConfig fields \['gama'\]"),
+                            ('{"gamma": 2.0}', ValueError, r"PA_CFG='\{\"gamma\": 2.0\}': ProxyAttnConfig.gamma"),
+                            ('{"stride": "4"}', TypeError, "PA_CFG=.*ProxyAttnConfig.stride must be an int")]:
+        monkeypatch.setenv("PA_CFG", raw)
+        with pytest.raises(err, match=match):
+            settings_from_env("PA_CFG", "PA_DL")
+    monkeypatch.setenv("PA_CFG", '{"gamma": 0.9}')
+    for raw, match in [("two", "PA_DL must be an int .*got 'two'"), ("-1", "PA_DL must be >= 0, got -1")]:
+        monkeypatch.setenv("PA_DL", raw)
+        with pytest.raises(ValueError, match=match):
+            settings_from_env("PA_CFG", "PA_DL")
+    monkeypatch.setenv("PA_DL", "2")
+    s = settings_from_env("PA_CFG", "PA_DL")
+    assert s.config == pa.ProxyAttnConfig(gamma=0.9) and s.dense_layers == 2

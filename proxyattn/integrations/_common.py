@@ -29,11 +29,29 @@ def make_settings(config: Optional[ProxyAttnConfig], dense_layers: int) -> Backe
 
 def settings_from_env(config_env: str, dense_layers_env: str) -> BackendSettings:
     """Settings from the environment: config_env holds a JSON object of ProxyAttnConfig fields
-    (e.g. '{"gamma": 0.95}'), dense_layers_env an int; both optional."""
-    fields = json.loads(os.environ.get(config_env) or "{}")
+    (e.g. '{"gamma": 0.95}'), dense_layers_env an int; both optional. A bad value raises
+    ValueError or TypeError naming the variable and what it holds."""
+    raw = os.environ.get(config_env) or "{}"
+    try:
+        fields = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_env} must be a JSON object of ProxyAttnConfig fields, got {raw!r} ({e})") from None
     if not isinstance(fields, dict):
         raise ValueError(f"{config_env} must be a JSON object of ProxyAttnConfig fields, got {fields!r}")
-    return make_settings(ProxyAttnConfig(**fields), int(os.environ.get(dense_layers_env) or 0))
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(ProxyAttnConfig)})
+    if unknown:
+        raise ValueError(f"{config_env} names unknown ProxyAttnConfig fields {unknown} (in {raw!r})")
+    try:
+        config = ProxyAttnConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{config_env}={raw!r}: {e}") from None
+    layers = os.environ.get(dense_layers_env) or "0"
+    try:
+        dense_layers = int(layers)
+    except ValueError:
+        raise ValueError(f"{dense_layers_env} must be an int (the first layers that run dense), "
+                         f"got {layers!r}") from None
+    return make_settings(config, check_int(dense_layers_env, dense_layers, 0))
 
 
 def layer_config(settings: BackendSettings, layer_index: int, scale: float) -> ProxyAttnConfig:

@@ -326,7 +326,17 @@ def _scaled(cfg: ProxyAttnConfig, scaling: Optional[float]) -> ProxyAttnConfig:
 def _sdpa(module, query, key, value, attention_mask, dropout, scaling, causal, kwargs):
     q_len, kv_len = query.shape[2], key.shape[2]
     if attention_mask is None and causal and 1 < q_len < kv_len:
-        # transformers' sdpa would align is_causal top-left (and crop the keys); we mean bottom-right.
+        # transformers' sdpa would align is_causal top-left (and crop the keys); we mean bottom-right,
+        # a chunk behind its prefix. torch's lower-right causal bias does that without a q_len x
+        # kv_len mask (and GQA without repeating K/V); with an argument plain SDPA cannot take, the
+        # mask goes to transformers' sdpa, which knows what to do with it.
+        if not any(kwargs.get(k) is not None for k in _UNSUPPORTED_KWARGS):
+            from torch.nn.attention.bias import causal_lower_right
+
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query, key, value, attn_mask=causal_lower_right(q_len, kv_len), dropout_p=dropout, scale=scaling,
+                enable_gqa=query.shape[1] != key.shape[1])
+            return out.transpose(1, 2).contiguous(), None
         attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
         attention_mask = attention_mask[None, None]
     return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
