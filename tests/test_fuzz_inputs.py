@@ -18,29 +18,36 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int
 
 @st.composite
 def qkv_calls(draw):
-    """Mostly-valid q/k/v with one or more random defects."""
-    b = draw(st.integers(0, 2))
-    nq = draw(st.integers(0, 200))
-    nk = draw(st.integers(0, 200))
+    """Half the time a valid call, else a mostly-valid one with one or more random defects."""
+    clean = draw(st.booleans())
+    b = draw(st.integers(1 if clean else 0, 2))
+    nq = draw(st.integers(1 if clean else 0, 200))
+    nk = draw(st.integers(1 if clean else 0, 200))
+    causal = draw(st.booleans())
+    if clean and causal:
+        nq, nk = min(nq, nk), max(nq, nk)
     hkv = draw(st.sampled_from([1, 2, 3]))
-    hq = hkv * draw(st.integers(1, 3)) + draw(st.sampled_from([0, 0, 0, 1]))
-    d = draw(st.sampled_from([64, 128, 32, 96]))
-    dk = draw(st.sampled_from([d, d, d, 64, 128]))
-    dts = [draw(st.sampled_from(DTYPES[:3] if draw(st.booleans()) else DTYPES)) for _ in range(3)]
-    rank_drop = draw(st.sampled_from([None, None, None, 0, 1, 2]))
-    shapes = [(b, nq, hq, d), (b, nk, hkv, dk), (b, nk + draw(st.sampled_from([0, 0, 1])), hkv, dk)]
+    hq = hkv * draw(st.integers(1, 3)) + (0 if clean else draw(st.sampled_from([0, 0, 0, 1])))
+    d = draw(st.sampled_from([64, 128] if clean else [64, 128, 32, 96]))
+    dk = d if clean else draw(st.sampled_from([d, d, d, 64, 128]))
+    if clean:
+        dts = [draw(st.sampled_from(DTYPES[:3]))] * 3
+    else:
+        dts = [draw(st.sampled_from(DTYPES[:3] if draw(st.booleans()) else DTYPES)) for _ in range(3)]
+    rank_drop = None if clean else draw(st.sampled_from([None, None, None, 0, 1, 2]))
+    extra_v = 0 if clean else draw(st.sampled_from([0, 0, 1]))
+    shapes = [(b, nq, hq, d), (b, nk, hkv, dk), (b, nk + extra_v, hkv, dk)]
     ts = []
     for i, (shape, dt) in enumerate(zip(shapes, dts)):
         if dt.is_floating_point:
             t = torch.randn(shape).to(dt)
         else:
             t = torch.randint(0, 3, shape).to(dt)
-        if draw(st.integers(0, 5)) == 0 and t.shape[-1] > 1:
+        if not clean and draw(st.integers(0, 5)) == 0 and t.shape[-1] > 1:
             t = t[..., ::2]
         if rank_drop == i and t.dim() > 0 and t.shape[0] > 0:
             t = t[0]
         ts.append(t)
-    causal = draw(st.booleans())
     return ts, causal
 
 
@@ -95,40 +102,72 @@ def test_config_random_values(kw):
     assert cfg.softmax_scale is None or (math.isfinite(cfg.softmax_scale) and cfg.softmax_scale > 0)
 
 
+@st.composite
+def cu_seqlens_calls(draw, total=120):
+    """(values, dtype, max_seqlen): half the time a valid cu_seqlens for `total` tokens, else
+    random values, dtype and max_seqlen."""
+    if draw(st.booleans()):
+        cuts = sorted(draw(st.sets(st.integers(1, total - 1), max_size=4)))
+        vals = [0, *cuts, total]
+        longest = max(b - a for a, b in zip(vals[:-1], vals[1:]))
+        return vals, torch.int32, draw(st.integers(longest, 150))
+    return (draw(st.lists(st.integers(-3, total), min_size=0, max_size=5)),
+            draw(st.sampled_from([torch.int32, torch.int64])), draw(st.integers(-1, 150)))
+
+
 @SETTINGS
-@given(st.lists(st.integers(-3, 120), min_size=0, max_size=5), st.sampled_from([torch.int32, torch.int64]),
-       st.integers(-1, 150))
-def test_varlen_random_cu_seqlens(vals, dtype, maxlen):
+@given(cu_seqlens_calls())
+def test_varlen_random_cu_seqlens(call):
+    vals, dtype, maxlen = call
     total = 120
     q = torch.randn(total, 4, 64)
     k = torch.randn(total, 2, 64)
     cu = torch.tensor(vals, dtype=dtype)
     cfg = pa.ProxyAttnConfig(block_size=64, dense_below=0, min_budget=64)
+    lens = [b - a for a, b in zip(vals[:-1], vals[1:])]
+    valid = (dtype == torch.int32 and len(vals) >= 2 and vals[0] == 0 and vals[-1] == total and min(lens) > 0
+             and 1 <= max(lens) <= maxlen)
     try:
         out = pa.proxy_attention_varlen(q, k, k, cu, cu, maxlen, maxlen, cfg)
     except (TypeError, ValueError) as e:
         assert str(e)
+        assert not valid, f"valid cu_seqlens {vals} (max_seqlen {maxlen}) rejected: {e}"
         return
-    lens = [b - a for a, b in zip(vals[:-1], vals[1:])]
-    assert dtype == torch.int32 and vals[0] == 0 and vals[-1] == total and min(lens) > 0 and max(lens) <= maxlen
+    assert valid, "invalid cu_seqlens accepted"
     assert out.shape == q.shape and torch.isfinite(out).all()
 
 
+@st.composite
+def selection_shapes(draw):
+    """(n, b, h, m, K, counts dtype, indices dtype): half the time the valid shapes for n tokens
+    (any K >= 1, wider or narrower than the key blocks), else random ones."""
+    n = draw(st.integers(1, 300))
+    if draw(st.booleans()):
+        return (n, 1, 2, -(-n // 64), draw(st.integers(1, 12)), torch.int32,
+                draw(st.sampled_from([torch.int16, torch.int32])))
+    return (n, draw(st.integers(0, 3)), draw(st.integers(0, 3)), draw(st.integers(0, 4)), draw(st.integers(0, 4)),
+            draw(st.sampled_from([torch.int32, torch.int64, torch.float32])),
+            draw(st.sampled_from([torch.int16, torch.int32, torch.int64, torch.float32])))
+
+
 @SETTINGS
-@given(st.integers(0, 3), st.integers(0, 3), st.integers(0, 4), st.integers(0, 4), st.integers(1, 300),
-       st.sampled_from([torch.int32, torch.int64, torch.float32]))
-def test_block_sparse_attention_random_selection_shapes(b, h, m, kk, n, dt):
+@given(selection_shapes())
+def test_block_sparse_attention_random_selection_shapes(call):
+    n, b, h, m, kk, cdt, idt = call
     q = torch.randn(1, n, 2, 64)
     kv = torch.randn(1, n, 1, 64)
-    counts = torch.zeros(b, h, m).to(dt)
-    idx = torch.zeros(b, h, m, kk).to(dt)
+    nkb = -(-n // 64)
+    counts = torch.randint(-1, kk + 2, (b, h, m)).to(cdt)  # any count reads as clamped into [0, K]
+    idx = torch.randint(-2, nkb + 2, (b, h, m, kk)).to(idt)  # entries outside [0, nkb) are ignored
+    valid = (b, h, m) == (1, 2, nkb) and kk >= 1 and cdt == torch.int32 and idt in (torch.int16, torch.int32)
     try:
         out, lse = pa.block_sparse_attention(q, kv, kv, counts, idx, block_size=64)
     except (TypeError, ValueError) as e:
         assert str(e)
+        assert not valid, f"valid selection shapes rejected: {e}"
         return
-    assert dt == torch.int32 and (b, h, m) == (1, 2, -(-n // 64)) and kk >= 1
-    assert out.shape == q.shape and lse.shape == (1, 2, n)
+    assert valid, "invalid selection shapes accepted"
+    assert out.shape == q.shape and lse.shape == (1, 2, n) and torch.isfinite(out).all()
 
 
 def _is_int(x, low, high=None):

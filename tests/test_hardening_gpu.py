@@ -569,7 +569,10 @@ if HAS_HYPOTHESIS:
         except RuntimeError as e:
             _check_not_cuda_error(e)
             assert "proxyattn" in str(e), str(e)
+            # The one refusal among these calls: causal attention with more queries than keys.
+            assert causal and nq > nk, f"a valid call (b={b}, nq={nq}, nk={nk}) was refused: {e}"
         else:
+            assert not (causal and nq > nk), "causal Nq > Nk was accepted"
             if op == "block_sparse_attention":
                 out, lse = res
                 assert out.shape == q.shape and lse.shape == (b, hq, nq)
@@ -958,10 +961,11 @@ def _row_reference(q, k, v, counts, idx, i, h, S, scale, rep):
 @timeout(300)
 def test_scale_one_million_tokens_memory_and_rows():
     n, hq, hkv, d = 1 << 20, 32, 8, 128
+    torch.cuda.empty_cache()  # what earlier tests left cached counts as free
     free, _total = torch.cuda.mem_get_info()
-    if free < 70e9:
-        pytest.skip(f"needs 70 GB free GPU memory for the 1M-token run, {free / 1e9:.1f} GB free")
-    torch.cuda.empty_cache()
+    # q, k, v, out 20 GiB, the stated 8.1 GiB beyond them, and a margin for the checks below.
+    if free < 40e9:
+        pytest.skip(f"needs 40 GB free GPU memory for the 1M-token run, {free / 1e9:.1f} GB free")
     q = torch.randn(1, n, hq, d, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, n, hkv, d, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(1, n, hkv, d, device="cuda", dtype=torch.bfloat16)
@@ -998,7 +1002,8 @@ def test_scale_one_million_tokens_memory_and_rows():
     assert sel.counts.shape == (1, hq, nqb)
     # Memory last, so a failure here still reports the correctness above as checked. The README's
     # statement: proxy scores fp32 [B, G, nqb, nkb] + indices int16 [B, Hq, nqb, nkb] + lse fp32
-    # [B, Hq, N] + counts, budgets and workspace (under 64 MiB here). G=16 by default at Hq=32, Hkv=8:
+    # [B, Hq, N] + counts and budgets (under 64 MiB here; the stage 1 and 2 workspaces, 3 and 0.27 GiB
+    # here, are freed before the indices exist, so the peak is this). G=16 by default at Hq=32, Hkv=8:
     # 4 + 4 GiB + 128 MiB, 41% of q+k+v+out (20 GiB).
     G = cfg.proxy_heads(hq, hkv)
     stated = 4 * G * nqb * nqb + 2 * hq * nqb * nqb + 4 * hq * n + (64 << 20)
