@@ -443,6 +443,7 @@ def main():
             if flex is not None or flex_flash is not None:
                 del qf, kf, vf
             torch.cuda.empty_cache()
+            write_record(cases, "bsa", args.out, skipped=failed or None)  # so far: a run cut short keeps it
 
     out_path = write_record(cases, "bsa", args.out, skipped=failed or None)
     print(f"\n{'name':16s} {'N':>7s} {'density':>8s} {'ms':>10s} {'TFLOP/s':>8s}")

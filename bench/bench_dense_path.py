@@ -126,7 +126,13 @@ def main():
                 print(f"N={n:6d} {name}: refused ({str(e).splitlines()[0][:100]})")
                 continue
             res[name] = ms
-            cases.append(dict(name=name, **common, ms=ms, tflops=flops / ms / 1e9, host_us=host,
+            more = {}
+            if name == "proxy_attention":  # from dense_below on it runs sparse: its own density
+                more["dense_path"] = cfg.runs_dense(n)
+                if not more["dense_path"]:
+                    more["density"] = float(pa.proxy_attention(q, k, v, cfg, return_selection=True)[1].density.mean())
+            dens = more.get("density", 1.0)
+            cases.append(dict(name=name, **{**common, **more}, ms=ms, tflops=dens * flops / ms / 1e9, host_us=host,
                               out_strides=list(out.stride())))
             if kernels:
                 cases[-1]["kernels"] = kernels

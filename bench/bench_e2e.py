@@ -7,14 +7,16 @@ For each length and input kind: structured inputs (synthetic.make_structured_inp
 the GPU: sink, RoPE recency, shared hubs, needles) and, with --inputs random, standard normal q, k,
 v (the worst case: the selection comes out nearly dense and the estimate is pure overhead; no
 quality metrics, since they have no needles), cuDNN SDPA dense causal (KV expanded to Hq heads), and
-proxy_attention on its sparse path (dense_below=0) with the default config, timed whole and
-as estimation (stages 1-3) and attention (stage 4) apart; the density of the selection it
-made. At the --quality-at lengths also attention recall, needle retrieval and output error
-against dense attention. Also, per length, proxy_attention with the full default config
-(`proxy_attention_default`: dense SDPA below config.dense_below) and plain SDPA with GQA and
-the backend torch picks (`sdpa_default`), so the default's ratio to cuDNN is measured at every
-length; these three are timed interleaved (benchlib.time_cold_interleaved, --dense-reps runs
-at N <= 16k) so that clock drift between measurements cannot decide a 5% comparison. Prints
+proxy_attention on its sparse path (dense_below=0) for each (proxy heads, gamma, stride), timed
+whole, and as estimation (stages 1-3) and attention (stage 4) apart (a breakdown, timed alone);
+the density of the selection it made. At the --quality-at lengths also attention recall, needle
+retrieval and output error against dense attention. Also, per length, proxy_attention with the
+full default config (`proxy_attention_default`: dense SDPA below config.dense_below) and plain
+SDPA with GQA and the backend torch picks (`sdpa_default`), so the default's ratio to cuDNN is
+measured at every length. cuDNN, sdpa_default, proxy_attention_default and the whole sparse calls
+are timed together in shuffled interleaved rounds (benchlib.time_cold_interleaved, --reps >= 10
+runs, --dense-reps at N <= 16k), so that neither clock drift nor the heat a 250 ms dense call
+leaves on the card decides a comparison; every ratio to cuDNN comes from those rounds. Prints
 the smallest length from which the sparse path is never more than 5% slower than cuDNN (the
 dense crossover, config.dense_below) per input kind, and writes the docs/design.md section 6 JSON (tag e2e).
 """
@@ -73,21 +75,26 @@ def main():
             q, k, v = (torch.randn(1, n, h, d, generator=gen, device="cuda", dtype=torch.bfloat16)
                        for h in (hq, hkv, hkv))
             meta = None
-        reps = a.reps if n <= 65536 else max(5, a.reps // 2)
+        reps = max(10, a.reps)
         common = dict(seq_len=n, batch=1, q_heads=hq, kv_heads=hkv, head_dim=d, dtype="bf16", inputs=kind)
         qt = q.transpose(1, 2)
         ke = k.transpose(1, 2).repeat_interleave(hq // hkv, dim=1)
         ve = v.transpose(1, 2).repeat_interleave(hq // hkv, dim=1)
         kt, vt = k.transpose(1, 2), v.transpose(1, 2)
         dflt = pa.ProxyAttnConfig()
-        # the three dense-length contenders interleaved, so drift cannot favour one of them
-        med = time_cold_interleaved({
+        cfgs = {v_: dataclasses.replace(base_cfg, num_proxy_heads=v_[0], gamma=v_[1], stride=v_[2]) for v_ in variants}
+        # every contender in the same shuffled rounds, so neither drift nor heat favours one of them
+        group = {
             "sdpa_cudnn": (lambda: F.scaled_dot_product_attention(qt, ke, ve, is_causal=True),
                            lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION)),
             "sdpa_default": (lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True,
                                                                     enable_gqa=hq != hkv), None),
             "proxy_attention_default": (lambda: pa.proxy_attention(q, k, v, dflt), None),
-        }, reps=max(reps, a.dense_reps) if n <= 16384 else reps, warmup=2, flush=flush)
+        }
+        for v_, cfg in cfgs.items():
+            group[v_] = (lambda cfg=cfg: pa.proxy_attention(q, k, v, cfg), None)
+        med = time_cold_interleaved(group, reps=max(reps, a.dense_reps) if n <= 16384 else reps, warmup=2,
+                                    flush=flush)
         dense_ms, sdpa_ms, dflt_ms = med["sdpa_cudnn"], med["sdpa_default"], med["proxy_attention_default"]
         flops = causal_tflops(n, n, hq, d)
         cases.append(dict(name="sdpa_cudnn", **common, density=1.0, ms=dense_ms, tflops=flops / dense_ms / 1e9))
@@ -100,12 +107,11 @@ def main():
               f"proxy_attention(default config{', dense' if dense_path else ''}) {dflt_ms:9.3f} ms = "
               f"{dflt_ms / dense_ms:.2f}x cuDNN's time", flush=True)
         mass = dense_out = None
-        for g, gamma, st in variants:
-            cfg = dataclasses.replace(base_cfg, num_proxy_heads=g, gamma=gamma, stride=st)
+        for (g, gamma, st), cfg in cfgs.items():
             G = cfg.proxy_heads(hq, hkv)
             out, sel = pa.proxy_attention(q, k, v, cfg, return_selection=True)
             dens = float(sel.density.mean())
-            total = time_cold(lambda: pa.proxy_attention(q, k, v, cfg), reps, 2, flush)
+            total = med[g, gamma, st]
             scale = d ** -0.5
             S = cfg.block_size
 

@@ -12,7 +12,11 @@ cuDNN with G = 1, <= 2.5% at the default G = Hq/2), and writes the docs/design.m
 (default bench/results/<card>-<yyyymmdd>-estimate.json). --scores-backends times stage 1 under
 each PROXYATTN_BSA_BACKEND value in the same run (auto: the Hopper kernel on sm_90; portable: the
 mma.sync kernel), recorded as estimate_scores and estimate_scores_<backend>; the total uses the
-first.
+first. Two totals: `estimate`, the sum of the three stages timed alone (the breakdown's total),
+and `estimate_chain`, the three run back to back as proxy_attention runs them (timed the same
+way; on structured inputs inside a whole call, bench/suite.py's `estimate`). gamma and
+min_budget default to ProxyAttnConfig's; the inputs are standard normal, whose selections come
+out nearly dense (stage 1's cost does not depend on the values).
 
 Importable: estimate_stage_fns() returns the three stage calls (and their chain) for one input,
 used by bench/suite.py.
@@ -65,8 +69,8 @@ def main():
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--stride", type=int, default=4)
     ap.add_argument("--groups", type=int, nargs="+", default=[1, 16])
-    ap.add_argument("--gamma", type=float, default=0.95)
-    ap.add_argument("--min-budget", type=int, default=2048)
+    ap.add_argument("--gamma", type=float, default=proxyattn.ProxyAttnConfig().gamma)
+    ap.add_argument("--min-budget", type=int, default=proxyattn.ProxyAttnConfig().min_budget)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--no-sdpa", action="store_true", help="skip the cuDNN anchor")
     ap.add_argument("--scores-backends", nargs="+", default=["auto"], choices=["auto", "portable"],
@@ -148,6 +152,11 @@ def main():
         print(f"    {'estimate (1+2+3)':18s} {total:9.3f} ms{ratio}")
         cases.append(dict(name="estimate", **base, density=None, ms=total, tflops=None,
                           ratio_to_sdpa_cudnn=(total / sdpa_ms if sdpa_ms else None), **extra))
+        chain_ms = time_cold(fns["estimate"], a.reps, 3, flush)
+        ratio = f"  {100 * chain_ms / sdpa_ms:6.2f}% of cuDNN" if sdpa_ms else ""
+        print(f"    {'estimate chained':18s} {chain_ms:9.3f} ms{ratio}")
+        cases.append(dict(name="estimate_chain", **base, density=None, ms=chain_ms, tflops=None,
+                          ratio_to_sdpa_cudnn=(chain_ms / sdpa_ms if sdpa_ms else None), **extra))
         if a.kernels:  # warm L2, one chain: where the stages' time goes, kernel by kernel
             cases[-1]["kernels"] = kernel_list(fns["estimate"])
             for kn, us in cases[-1]["kernels"]:

@@ -120,7 +120,7 @@ def main():
         cases.append(dict(name=("bsa" if is_bsa else "estimate_" + stage) + ("_paged" if page else ""), **base,
                           density=density if is_bsa else None, ms=t,
                           tflops=flops / t / 1e9 if is_bsa else None, page_size=page,
-                          backend=name.split("_", 1)[1] if is_bsa and not page else ("portable" if page else None)))
+                          backend=(name.split("_", 1)[1] if not page else "auto") if is_bsa else None))
     print(f"wrote {write_record(cases, 'paged', a.out)}")
 
 

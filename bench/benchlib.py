@@ -18,7 +18,7 @@ def l2_flush_buffer(nbytes: int = 256 << 20) -> torch.Tensor:
     return torch.empty(nbytes // 4, dtype=torch.float32, device="cuda")
 
 
-def _cold_run(fn, flush: torch.Tensor):
+def cold_run(fn, flush: torch.Tensor):
     """Evict L2, run fn between two recorded events; returns the (start, end) events."""
     flush.zero_()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -36,7 +36,7 @@ def time_cold(fn, reps: int = 10, warmup: int = 3, flush: torch.Tensor = None) -
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
-        start, end = _cold_run(fn, flush)
+        start, end = cold_run(fn, flush)
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
@@ -63,7 +63,7 @@ def time_cold_interleaved(fns: dict, reps: int = 30, warmup: int = 3, flush: tor
         for name in names:
             fn, ctx = fns[name]
             with ctx() if ctx is not None else contextlib.nullcontext():
-                start, end = _cold_run(fn, flush)
+                start, end = cold_run(fn, flush)
             end.synchronize()
             times[name].append(start.elapsed_time(end))
     return {name: statistics.median(t) for name, t in times.items()}
@@ -96,15 +96,31 @@ def causal_tflops(n_q: int, n_k: int, q_heads: int, head_dim: int, batch: int = 
     return density * 4 * head_dim * q_heads * n_q * (n_k - n_q / 2) * batch
 
 
+_RECORD_PATHS = {}  # tag -> the default path this process writes (a record rewritten as it grows)
+
+
+def _default_record_path(card: str, tag: str) -> str:
+    """bench/results/<card>-<date>-<tag>.json, or with -2, -3, ... where an earlier run of the day
+    wrote that name: a rerun never replaces a record the docs may cite. One name per tag and process."""
+    if tag not in _RECORD_PATHS:
+        stem = os.path.join(ROOT, "bench", "results", f"{card.replace(' ', '_')}-{datetime.date.today():%Y%m%d}-{tag}")
+        path, i = f"{stem}.json", 1
+        while os.path.exists(path):
+            i += 1
+            path = f"{stem}-{i}.json"
+        _RECORD_PATHS[tag] = path
+    return _RECORD_PATHS[tag]
+
+
 def write_record(cases: list, tag: str, out: str = None, skipped: dict = None) -> str:
-    """Writes the record; `skipped` ({anchor: reason}), when given, says which anchors did not run."""
+    """Writes the record (to `out`, else _default_record_path); `skipped` ({anchor: reason}), when
+    given, says which anchors did not run."""
     card = torch.cuda.get_device_name()
     rec = {"card": card, "torch": torch.__version__, "cuda": torch.version.cuda, "commit": git_commit(),
            "cases": cases}
     if skipped:
         rec["skipped"] = skipped
-    out = out or os.path.join(ROOT, "bench", "results",
-                              f"{card.replace(' ', '_')}-{datetime.date.today():%Y%m%d}-{tag}.json")
+    out = out or _default_record_path(card, tag)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(rec, f, indent=1)

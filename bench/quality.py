@@ -78,8 +78,9 @@ def _parse(argv=None) -> argparse.Namespace:
     if a.seed is None:
         a.seed = int.from_bytes(os.urandom(4), "little")
     if a.out is None:
-        tag = torch.cuda.get_device_name().replace(" ", "_") if cuda else "cpu"
-        a.out = os.path.join("bench", "results", f"quality-{tag}-{time.strftime('%Y%m%d')}{'-quick' if a.quick else ''}.json")
+        card = torch.cuda.get_device_name().replace(" ", "_") if cuda else "CPU_reference"  # <card>-<date>-<tag>
+        stem = f"{card}-{time.strftime('%Y%m%d')}-quality{'-quick' if a.quick else ''}"
+        a.out = os.path.join("bench", "results", f"{stem}.json")
     a.plot = a.plot or os.path.splitext(a.out)[0] + ".png"
     return a
 
@@ -218,7 +219,8 @@ def main(argv=None) -> int:
         import matplotlib
     except ImportError:
         matplotlib = None
-    rec = {"device": torch.cuda.get_device_name() if a.device.startswith("cuda") else platform.processor() or "cpu",
+    rec = {"card": torch.cuda.get_device_name() if a.device.startswith("cuda") else "CPU_reference",
+           "cpu": platform.processor() or "cpu",
            "torch": torch.__version__, "matplotlib": getattr(matplotlib, "__version__", None), "commit": _commit(),
            "args": {k: v for k, v in vars(a).items() if k not in ("out", "plot")}, "cases": rows, "summary": summary}
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)

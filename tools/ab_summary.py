@@ -18,7 +18,8 @@ import re
 import statistics
 import sys
 
-KEY_FIELDS = ("seq_len", "head_dim", "selection", "proxy_heads", "num_proxy_heads", "layout", "inputs")
+KEY_FIELDS = ("seq_len", "head_dim", "selection", "proxy_heads", "num_proxy_heads", "layout", "inputs", "backend",
+              "page_size", "gamma", "stride")
 
 
 def _key(c):

@@ -15,8 +15,13 @@
 # <variant>-build.log, packed into $OUT/ab.tgz after every round (a device call brings back at most 8
 # files); after every round tools/ab_summary.py writes the comparison so far to $OUT/ab-summary.md,
 # and the last one is printed at the end. GPU_AB_TESTS="tests/test_estimate_gpu.py ..." runs those
-# tests under every patched variant before the benchmark (log <variant>-tests.log).
+# tests under every patched variant before the benchmark (log <variant>-tests.log). Everything
+# runs against one deadline, BUDGET seconds (default 560) after the start, under a device call's
+# 600 s: builds, tests and runs get what is left, and a run with under 30 s left is not started
+# (the rounds so far are packed and summarised).
 set -o pipefail
+deadline=$(( $(date +%s) + ${BUDGET:-560} ))
+left() { echo $(( deadline - $(date +%s) )); }
 usage="usage: tools/gpu_ab.sh PATCH [PATCH ...] [--] SCRIPT [args]"
 patches=()
 while [ $# -gt 0 ]; do
@@ -38,7 +43,7 @@ rm -rf "$copies" && mkdir -p "$copies"
 
 build_copy() {  # variant name: build this tree as it stands, then copy it (with the extension) aside
   local v=$1
-  (cd "$here" && OUT=$OUT/$v-build bash tools/gpu_run.sh build) || return 1
+  (cd "$here" && OUT=$OUT/$v-build timeout "$(left)" bash tools/gpu_run.sh build) || return 1
   mv "$OUT/$v-build/build.log" "$OUT/$v-build.log" && rmdir "$OUT/$v-build"
   mkdir -p "$copies/$v" && (cd "$here" && tar --exclude=./build --exclude=./.git --exclude=./out -cf - .) | (cd "$copies/$v" && tar -xf -)
 }
@@ -62,20 +67,23 @@ export CUTLASS_PATH=$SITE/cutlass_library/source/include PYTHONUNBUFFERED=1
 if [ -n "${GPU_AB_TESTS:-}" ]; then
   for v in "${variants[@]:1}"; do
     # shellcheck disable=SC2086
-    (cd "$copies/$v" && PYTHONPATH=$copies/$v:$SITE python3 -m pytest -q -rs $GPU_AB_TESTS 2>&1 |
+    (cd "$copies/$v" && PYTHONPATH=$copies/$v:$SITE timeout "$(left)" python3 -m pytest -q -rs $GPU_AB_TESTS 2>&1 |
        tee "$OUT/$v-tests.log" | tail -15)
   done
 fi
 name=$(basename "$script" .py)
 for round in $(seq 1 "${ROUNDS:-2}"); do
   for v in "${variants[@]}"; do
+    if [ "$(left)" -lt 30 ]; then echo "== $v, round $round: not started, $(left) s left of the budget"; break 2; fi
     echo "== $v, round $round"
-    (cd "$copies/$v" && PYTHONPATH=$copies/$v:$SITE python3 "bench/$script" "$@" --out "$OUT/$v-r$round-$name.json" 2>&1 |
+    (cd "$copies/$v" && PYTHONPATH=$copies/$v:$SITE timeout "$(left)" python3 "bench/$script" "$@" --out "$OUT/$v-r$round-$name.json" 2>&1 |
        tee "$OUT/$v-r$round-$name.log" | tail -25)
   done
   pack
   python3 "$here/tools/ab_summary.py" "$OUT" "$name" > "$top/ab-summary.md"
 done
+pack  # a round the budget cut short too
+python3 "$here/tools/ab_summary.py" "$OUT" "$name" > "$top/ab-summary.md"
 cat "$top/ab-summary.md"
 rm -rf "$OUT"
 echo "records and logs: $top/ab.tgz; the table above: $top/ab-summary.md"

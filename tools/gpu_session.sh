@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One GPU session's verification and measurement: build once (tools/gpu_run.sh; cold about 2-4
 # minutes with 16 cores, seconds on a machine still warm from the last call), then the parts asked
-# for, in order, each bounded by its own timeout. Three device calls of under 10 minutes cover all:
+# for, in order, each bounded by its own timeout and all by one deadline, BUDGET seconds (default
+# 560) after the start, under a device call's 600 s: a step gets what is left of it, and a step
+# with under 20 s left is skipped, saying so. Three device calls cover all:
 #
 #   tools/gpu_session.sh tests sanitize      # call 1
 #   tools/gpu_session.sh estimate paged      # call 2
@@ -28,9 +30,15 @@ cd "$here" || exit 1
 export PYTHONUNBUFFERED=1
 status=0
 pack() { tar czf "$OUT/session.tgz.part" -C "$OUT" session && mv "$OUT/session.tgz.part" "$OUT/session.tgz"; }
+deadline=$(( $(date +%s) + ${BUDGET:-560} ))
 step() {  # seconds, name, command...
   local limit=$1 name=$2; shift 2
   local t0; t0=$(date +%s)
+  local left=$(( deadline - t0 ))
+  if [ "$left" -lt 20 ]; then
+    echo "== $name: skipped, $left s left of the call's budget"; status=1; return
+  fi
+  [ "$limit" -le "$left" ] || limit=$left
   timeout "$limit" "$@" > "$work/$name.log" 2>&1
   local rc=$?
   echo "== $name: rc $rc in $(( $(date +%s) - t0 )) s (limit $limit s)"
@@ -41,7 +49,7 @@ step() {  # seconds, name, command...
 
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv > "$work/gpu.csv" 2>&1
 t0=$(date +%s)
-OUT=$work bash tools/gpu_run.sh build || { pack; exit 1; }
+OUT=$work timeout $(( deadline - t0 )) bash tools/gpu_run.sh build || { echo "== build failed or ran out of time"; pack; exit 1; }
 echo "== build: $(( $(date +%s) - t0 )) s"
 SITE=/tmp/proxyattn_site
 export PYTHONPATH=$here:$SITE CUTLASS_PATH=$SITE/cutlass_library/source/include

@@ -78,6 +78,11 @@ def _variant(c):
         parts.append(f"G={g}")
     if c.get("selection"):
         parts.append(f"{c['selection']} sel.")
+    if c.get("inputs"):
+        parts.append(f"{c['inputs']} inputs")
+    for field, label in (("page_size", "pages of"), ("backend", "backend")):
+        if c.get(field) is not None:
+            parts.append(f"{label} {c[field]}")
     if c.get("layout") == "varlen":
         lens = c.get("seq_lens")
         parts.append(f"varlen {'+'.join(_fmt_n(n) for n in lens)}" if lens else "varlen")
@@ -86,7 +91,14 @@ def _variant(c):
 
 def _shape_key(c):
     return (c.get("layout", "fixed"), c.get("seq_len"), tuple(c.get("seq_lens") or ()), c.get("batch"),
-            c.get("q_heads"), c.get("kv_heads"), c.get("head_dim"), c.get("dtype"))
+            c.get("q_heads"), c.get("kv_heads"), c.get("head_dim"), c.get("dtype"), c.get("inputs"))
+
+
+def _round_of(c):
+    """The density of the round a case ran in: a dense anchor timed beside a selection carries it
+    as paired_density (bench_bsa --interleave); None where the record does not say."""
+    d = c.get("paired_density", c.get("density"))
+    return None if d is None else round(float(d), 4)
 
 
 def _mask_key(c):
@@ -192,8 +204,10 @@ def file_table(rec):
     present = [a for a in ANCHORS if any(c["name"] == a for c in cases)]
     anchor_ms = {}
     for c in cases:  # first record of an anchor per key wins
-        if c["name"] in DENSE_ANCHORS:
-            anchor_ms.setdefault((c["name"], _shape_key(c)), float(c["ms"]))
+        if c["name"] in DENSE_ANCHORS:  # by shape, and by shape and round where the record pairs them
+            if "paired_density" in c:
+                anchor_ms.setdefault((c["name"], _shape_key(c), _round_of(c)), float(c["ms"]))
+            anchor_ms.setdefault((c["name"], _shape_key(c), None), float(c["ms"]))
         elif c["name"] in ANCHORS:
             anchor_ms.setdefault((c["name"], _mask_key(c)), float(c["ms"]))
     head = ["name", "variant", "N", "B", "Hq/Hkv", "D", "dtype", "density", "ms", "TFLOP/s"]
@@ -205,8 +219,10 @@ def file_table(rec):
                str(c.get("dtype", "-")), _fmt(c.get("density"), ".3f"), _fmt_ms(c["ms"]),
                _fmt(c.get("tflops"), ".1f")]
         for a in present:
-            key = (a, _shape_key(c) if a in DENSE_ANCHORS else _mask_key(c))
-            ref = anchor_ms.get(key)
+            if a in DENSE_ANCHORS:  # the same round's anchor where there is one
+                ref = anchor_ms.get((a, _shape_key(c), _round_of(c)), anchor_ms.get((a, _shape_key(c), None)))
+            else:
+                ref = anchor_ms.get((a, _mask_key(c)))
             row.append(f"{ref / float(c['ms']):.2f}x" if ref and c["name"] != a and float(c["ms"]) > 0 else "-")
         lines.append("| " + " | ".join(row) + " |")
     return lines
