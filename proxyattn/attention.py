@@ -140,7 +140,7 @@ def _run(q, k, v, lay: ops.Layout, cu_q, cu_k, cfg: Optional[ProxyAttnConfig], c
     G = cfg.proxy_heads(lay.q_heads, lay.kv_heads)
     S = cfg.block_size
     scale = cfg.scale(lay.head_dim)
-    dense = cfg.runs_dense(lay.max_seqlen_k)
+    dense = cfg.runs_dense(lay.max_seqlen_k, lay.max_seqlen_q)
     # A dense call runs stage 4 on every candidate block when varlen on CUDA, and under
     # torch.compile where torch math would not trace (a bottom-right causal mask, Nq < Nk, on CUDA;
     # the reference on the CPU). Otherwise SDPA (CUDA) or the reference (CPU), both differentiable.
@@ -173,11 +173,11 @@ def _run(q, k, v, lay: ops.Layout, cu_q, cu_k, cfg: Optional[ProxyAttnConfig], c
                      cfg.local_blocks, scale, causal, page_table)
     budget = kstar
     if lay.varlen:
-        # Each sequence as if alone: one with fewer than dense_below keys gets every candidate
+        # Each sequence as if alone: one that would run dense (runs_dense) gets every candidate
         # block (a budget of nkb makes select_blocks' k_m = c_m in every row), decided on the
         # device, and reports kstar 0 like the dense path.
         nq, nk = _lengths(lay, cu_q, cu_k, q.device)
-        short = cfg.runs_dense(nk)[:, None]
+        short = cfg.runs_dense(nk, nq)[:, None]
         budget = torch.where(short, -(-mk // S), kstar)
         kstar = torch.where(short, 0, kstar)
     counts, indices = ops.call("select_blocks", scores, budget, cu_q, cu_k, mq, mk, S, cfg.sink_blocks,
@@ -203,7 +203,8 @@ def proxy_attention(q: Tensor, k: Tensor, v: Tensor, config: Optional[ProxyAttnC
         # A dense call is one SDPA kernel; the C++ entry point runs it without the interpreter's
         # host time in front, or returns None for anything but the plain valid case.
         cfg = _DEFAULT_CONFIG if config is None else config
-        if type(cfg) is ProxyAttnConfig and type(k) is Tensor and k.dim() == 4 and cfg.runs_dense(k.shape[1]):
+        if (type(cfg) is ProxyAttnConfig and type(k) is Tensor and k.dim() == 4 and type(q) is Tensor and q.dim() == 4
+                and cfg.runs_dense(k.shape[1], q.shape[1])):
             out = _dense_fast(q, k, v, causal, cfg.num_proxy_heads, cfg.softmax_scale)
             if out is not None:
                 return out
@@ -216,13 +217,13 @@ def proxy_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
                            causal: bool = True, return_selection: bool = False
                            ) -> Union[Tensor, Tuple[Tensor, ProxyAttnSelection]]:
     """ProxyAttn over packed sequences: q [total_q, Hq, D], k/v [total_k, Hkv, D], int32
-    cu_seqlens_q/k [B + 1]. Each sequence behaves exactly as if it ran alone: one with fewer than
-    dense_below keys attends to every key, the others run sparse (the whole call runs dense when
-    max_seqlen_k < dense_below). Every row of k and v must be finite, rows past cu_seqlens_k[B]
-    included (the Hopper kernel loads whole key blocks; docs/design.md). Inference only on CUDA,
-    where every path runs proxyattn's ops (no backward); on the CPU a call below dense_below runs
-    the reference's dense attention, which keeps its gradients, as proxy_attention's dense path
-    does."""
+    cu_seqlens_q/k [B + 1]. Each sequence behaves exactly as if it ran alone: one that would run
+    dense (fewer than dense_below keys, or fewer queries than block_size) attends to every key, the
+    others run sparse (the whole call runs dense when every sequence would). Every row of k and v
+    must be finite, rows past cu_seqlens_k[B] included (the Hopper kernel loads whole key blocks;
+    docs/design.md). Inference only on CUDA, where every path runs proxyattn's ops (no backward);
+    on the CPU a call below dense_below runs the reference's dense attention, which keeps its
+    gradients, as proxy_attention's dense path does."""
     if cu_seqlens_q is None or cu_seqlens_k is None:
         raise ValueError("proxy_attention_varlen needs cu_seqlens_q and cu_seqlens_k")
     lay = ops.check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)

@@ -119,7 +119,8 @@ class ProxyAttnConfig:
     local_blocks: every key block holding some row's own position is kept, plus
         local_blocks - 1 before the earliest of them (0: none); so a query block behind a prefix
         whose length is not a multiple of block_size keeps both key blocks on its diagonal.
-    dense_below: sequences with fewer keys than this run dense attention.
+    dense_below: sequences with fewer keys than this run dense attention (as do those with fewer
+        queries than block_size, unless dense_below is 0: the sparse path forced).
     softmax_scale: defaults to head_dim ** -0.5.
     """
 
@@ -149,12 +150,19 @@ class ProxyAttnConfig:
         """Raise ValueError if num_proxy_heads cannot group these head counts."""
         self.proxy_heads(q_heads, kv_heads)
 
-    def runs_dense(self, seqlen_k):
-        """Whether proxy_attention runs dense attention for a sequence of seqlen_k keys (an int, or
-        elementwise for a tensor of lengths): below dense_below the estimate cannot pay off. The one
-        statement of this rule (the C++ dense path, csrc/ops/dense_fast.cpp, runs the calls it is
-        handed and decides nothing; a varlen call decides per sequence on the device)."""
-        return seqlen_k < self.dense_below
+    def runs_dense(self, seqlen_k, seqlen_q=None):
+        """Whether proxy_attention runs dense attention for a sequence of seqlen_k keys and seqlen_q
+        queries (ints, or elementwise for tensors of lengths): below dense_below keys the estimate
+        cannot pay off, and neither can it for fewer queries than one block (a short chunk or a
+        speculative verification step behind a long prefix: stage 2's probe of those rows against
+        every key alone costs what their dense attention does). dense_below=0 forces the sparse path
+        at any length. The one statement of this rule (the C++ dense path, csrc/ops/dense_fast.cpp,
+        runs the calls it is handed and decides nothing; a varlen call decides per sequence on the
+        device)."""
+        short = seqlen_k < self.dense_below
+        if seqlen_q is None or self.dense_below == 0:
+            return short
+        return short | (seqlen_q < self.block_size)
 
     def scale(self, head_dim: int) -> float:
         return float(self.softmax_scale) if self.softmax_scale is not None else head_dim ** -0.5

@@ -86,7 +86,7 @@ def check_paged(q: Tensor, k_cache: Tensor, v_cache: Tensor, page_table: Tensor,
         raise TypeError(f"config must be a ProxyAttnConfig or None, got {type(config).__name__}")
     cfg = _DEFAULT_CONFIG if config is None else config
     cfg.proxy_heads(lay.q_heads, lay.kv_heads)
-    if not cfg.runs_dense(lay.max_seqlen_k):
+    if not cfg.runs_dense(lay.max_seqlen_k, lay.max_seqlen_q):
         ops.check_key_blocks(lay.max_seqlen_k, cfg.block_size)
     return lay
 

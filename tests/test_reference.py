@@ -1,6 +1,7 @@
 """CPU tests of the reference pipeline (docs/design.md section 2) and of the public API on CPU.
 
 Independent oracles here (per-row Python loops) check the vectorised reference."""
+import dataclasses
 import math
 
 import numpy as np
@@ -281,6 +282,34 @@ def test_varlen_sequence_below_dense_below_runs_as_alone():
     assert torch.equal(out[600:], alone[1][0][0])
     assert torch.equal(sel.counts[1], alone[1][1].counts[0]) and torch.equal(sel.indices[1], alone[1][1].indices[0])
     assert torch.equal(sel.kstar[1], alone[1][1].kstar[0])
+
+
+def test_fewer_queries_than_a_block_run_dense():
+    """A chunk of fewer queries than one block behind a long prefix (a speculative verification
+    step, an engine's decode row in a mixed batch) runs dense attention, alone and inside a varlen
+    batch beside a long chunk that runs sparse; dense_below=0 still forces the sparse path."""
+    torch.manual_seed(12)
+    hq, hkv, d, nk = 4, 2, 64, 1200
+    cfg = pa.ProxyAttnConfig(block_size=64, gamma=0.6, min_budget=64, dense_below=1000, num_proxy_heads=2)
+    q, k, v = _rand(1, 50, nk, hq, hkv, d)
+    q = q * 2
+    out, sel = pa.proxy_attention(q, k, v, cfg, return_selection=True)
+    want = ref.dense_attention(q, k, v, None, None, d ** -0.5, True)[0]
+    assert sel.dense and torch.allclose(out, want, atol=1e-5)
+    assert not pa.proxy_attention(q, k, v, dataclasses.replace(cfg, dense_below=0), return_selection=True)[1].dense
+    # Varlen: one query row behind 1200 keys next to 1200 rows on their own 1200 keys.
+    q2, k2, v2 = _rand(1, nk, nk, hq, hkv, d)
+    q2 = q2 * 2
+    cu_q = torch.tensor([0, 1, 1 + nk], dtype=torch.int32)
+    cu_k = torch.tensor([0, nk, 2 * nk], dtype=torch.int32)
+    outv, selv = pa.proxy_attention_varlen(torch.cat([q[0, -1:], q2[0]]), torch.cat([k[0], k2[0]]),
+                                           torch.cat([v[0], v2[0]]), cu_q, cu_k, nk, nk, cfg, return_selection=True)
+    one = ref.dense_attention(q[:, -1:], k, v, None, None, d ** -0.5, True)[0]
+    assert torch.allclose(outv[:1], one[0], atol=1e-5)
+    assert (selv.density[0] == 1).all() and (selv.kstar[0] == 0).all()
+    alone = pa.proxy_attention(q2, k2, v2, cfg, return_selection=True)
+    assert not alone[1].dense and float(alone[1].density.max()) < 0.95
+    assert torch.equal(outv[1:], alone[0][0]) and torch.equal(selv.counts[1], alone[1].counts[0])
 
 
 def test_block_sparse_attention_lse_and_empty_rows():

@@ -220,7 +220,7 @@ def test_function_scaling_and_chunk_alignment(nq, nk):
 
 
 @pytest.mark.parametrize("reason", ["decode", "non_causal", "is_causal_kwarg", "dropout", "head_dim", "softcap",
-                                    "sliding_window", "mask"])
+                                    "s_aux", "position_bias", "sliding_window", "mask"])
 def test_function_fallbacks(reason):
     name = _register("pa_fallback")
     fn = AttentionInterface._global_mapping[name]
@@ -234,12 +234,16 @@ def test_function_fallbacks(reason):
         kw["dropout"] = 0.5
     elif reason == "softcap":
         kw["softcap"] = 30.0
+    elif reason == "s_aux":
+        kw["s_aux"] = torch.randn(4)
+    elif reason == "position_bias":
+        kw["position_bias"] = torch.randn(1, 4, 100, 100)
     elif reason == "sliding_window":
         kw["sliding_window"] = 64
     elif reason == "mask":
         mask = torch.ones(1, 1, 100, 100, dtype=torch.bool).tril()
-    if reason == "softcap":  # SDPA cannot do softcap either: it raises rather than ignoring it
-        with pytest.raises(ValueError, match="softcap"):
+    if reason in ("softcap", "s_aux", "position_bias"):  # SDPA computes none of them: raise, never drop them
+        with pytest.raises(NotImplementedError, match=rf"passes \['{reason}'\] to its attention"):
             fn(module, q, k, v, mask, **kw)
         assert _stats(name) == {"sdpa:unsupported_kwarg": {0: 1}}
         return

@@ -21,8 +21,11 @@ What the backend does, per extend forward: it writes the chunk's K/V into SGLang
 engine's own backends do), then calls proxyattn.proxy_attention_paged on the pool's pages, with
 the page table read from req_to_token, seqlens_k = seq_lens (prefix + chunk), cu_seqlens_q from
 extend_seq_lens and softmax_scale = layer.scaling. Layers with layer_id < dense_layers run dense
-attention (proxyattn's dense path). Forward modes EXTEND and MIXED only: decoding raises (pair the
-backend with --decode-attention-backend), and so do speculative verify/draft and dLLM batches,
+attention (proxyattn's dense path). In MIXED batches (--enable-mixed-chunk) the running requests'
+one-token extends get exact attention, like their decode steps: a sequence with fewer queries
+than a block runs dense (ProxyAttnConfig.runs_dense). Forward modes EXTEND and MIXED only:
+decoding raises (pair the backend with --decode-attention-backend), and so do speculative
+verify/draft and dLLM batches,
 cross-attention, sliding windows, logit capping, MLA and pools that translate KV ids.
 
 Page size: SGLang's default is 1, which proxy_attention_paged refuses (proxyattn.paged.PAGE_SIZES:

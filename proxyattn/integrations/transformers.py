@@ -20,11 +20,14 @@ q_len < kv_len that follows a cached prefix is handled) only when all of these h
   mode on and a query/key/value that requires grad (training, fine-tuning) the call runs SDPA,
   and the first such call says so with one RuntimeWarning;
 - the module is causal (`is_causal` kwarg, else `module.is_causal`, default True);
-- q_len > 1 (decoding steps always go to SDPA: estimation cannot pay off for one row);
+- q_len > 1 (decoding steps always go to SDPA: estimation cannot pay off for one row; and
+  proxy_attention itself runs dense attention for fewer rows than a block, such as a speculative
+  verification step, so assisted decoding attends as plain decoding does);
 - `attention_mask is None` (see the mask rule below);
 - dropout == 0 (transformers passes the module's dropout only in training mode);
-- no softcap, attention sinks (`s_aux`) or position bias, and no sliding window shorter
-  than kv_len;
+- no softcap, attention sinks (`s_aux`) or position bias (SDPA computes none of them either:
+  such a call raises NotImplementedError naming them, rather than silently drop them), and no
+  sliding window shorter than kv_len;
 - q/k/v head dims are equal and in proxyattn.config.SUPPORTED_HEAD_DIMS (64, 128);
 - dtype is fp16/bf16 on CUDA (fp16/bf16/fp32 on CPU, where the reference runs), device
   is CPU or CUDA, and q_len <= kv_len.
@@ -46,8 +49,9 @@ masks passed by the user. Checking that a 2D padding mask is all ones reads it o
 transformers' own sdpa mask does the same check.
 
 When SDPA is called for a layer with `attention_mask is None` and 1 < q_len < kv_len
-(a dense layer during chunked prefill), the fallback builds the bottom-right causal mask
-explicitly, because transformers' sdpa function would otherwise align the mask top-left.
+(a dense layer during chunked prefill), the fallback runs SDPA with torch's lower-right causal
+bias (no q_len x kv_len mask), because transformers' sdpa function would otherwise align the
+mask top-left.
 
 Tested with transformers 5.24.0 (Llama and Qwen2, GQA). Models that call the attention
 function with other conventions are not supported.
@@ -324,21 +328,22 @@ def _scaled(cfg: ProxyAttnConfig, scaling: Optional[float]) -> ProxyAttnConfig:
 
 
 def _sdpa(module, query, key, value, attention_mask, dropout, scaling, causal, kwargs):
+    extra = [k for k in _UNSUPPORTED_KWARGS if kwargs.get(k) is not None]
+    if extra:  # transformers' sdpa would drop sinks and position bias without a word
+        raise NotImplementedError(f"proxyattn: this model passes {extra} to its attention, which neither proxyattn "
+                                  f"nor SDPA computes; load it with attn_implementation='eager' (or a kernel that "
+                                  f"takes them)")
     q_len, kv_len = query.shape[2], key.shape[2]
     if attention_mask is None and causal and 1 < q_len < kv_len:
         # transformers' sdpa would align is_causal top-left (and crop the keys); we mean bottom-right,
-        # a chunk behind its prefix. torch's lower-right causal bias does that without a q_len x
-        # kv_len mask (and GQA without repeating K/V); with an argument plain SDPA cannot take, the
-        # mask goes to transformers' sdpa, which knows what to do with it.
-        if not any(kwargs.get(k) is not None for k in _UNSUPPORTED_KWARGS):
-            from torch.nn.attention.bias import causal_lower_right
+        # a chunk behind its prefix: torch's lower-right causal bias, without a q_len x kv_len mask
+        # (and GQA without repeating K/V).
+        from torch.nn.attention.bias import causal_lower_right
 
-            out = torch.nn.functional.scaled_dot_product_attention(
-                query, key, value, attn_mask=causal_lower_right(q_len, kv_len), dropout_p=dropout, scale=scaling,
-                enable_gqa=query.shape[1] != key.shape[1])
-            return out.transpose(1, 2).contiguous(), None
-        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
-        attention_mask = attention_mask[None, None]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=causal_lower_right(q_len, kv_len), dropout_p=dropout, scale=scaling,
+            enable_gqa=query.shape[1] != key.shape[1])
+        return out.transpose(1, 2).contiguous(), None
     return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
                                            scaling=scaling, **kwargs)
 

@@ -50,7 +50,7 @@ from typing import Dict, NamedTuple, Optional
 
 from torch import Tensor
 
-from ..config import ProxyAttnConfig
+from ..config import SUPPORTED_HEAD_DIMS, ProxyAttnConfig
 from ..paged import PAGE_SIZES, proxy_attention_paged
 from ._common import BackendSettings, layer_config, make_settings, settings_from_env
 
@@ -232,6 +232,8 @@ def _classes():
                 return "attention sinks"
             if is_quantized_kv_cache(self.kv_cache_dtype):
                 return f"KV cache dtype {self.kv_cache_dtype}"
+            if self.head_size not in SUPPORTED_HEAD_DIMS:  # FlashAttention takes more head sizes than proxyattn
+                return f"head size {self.head_size}"
             return None
 
         def layer_config(self, layer) -> ProxyAttnConfig:
