@@ -83,6 +83,25 @@ def test_exact_config_matches_sdpa_qwen2():
     assert _stats(name) == {"proxyattn": {0: 1, 1: 1}}
 
 
+def test_sliding_window_longer_than_the_keys_runs_proxyattn():
+    """A sliding-window model (Mistral) below its window: the window changes nothing, the mask is
+    plain causal, and the layers run proxyattn (equal to sdpa at the exact config); past the window
+    they run SDPA with the window's mask."""
+    mistral = pytest.importorskip("transformers.models.mistral", reason="this transformers has no Mistral")
+    torch.manual_seed(0)
+    cfg = _tiny_config(mistral.MistralConfig)
+    cfg.sliding_window = 256
+    model = mistral.MistralForCausalLM(cfg).eval()
+    name = _register("pa_mistral_window")
+    ids = torch.randint(0, VOCAB, (1, 200))
+    torch.testing.assert_close(_logits(model, name, ids), _logits(model, "sdpa", ids), atol=1e-4, rtol=1e-4)
+    assert _stats(name) == {"proxyattn": {0: 1, 1: 1}}
+    pa_hf.reset_stats(name)
+    ids = torch.randint(0, VOCAB, (1, 300))
+    torch.testing.assert_close(_logits(model, name, ids), _logits(model, "sdpa", ids), atol=1e-4, rtol=1e-4)
+    assert _stats(name) == {"sdpa:mask": {0: 1, 1: 1}}
+
+
 def _block_mask_oracle(selections, block):
     """Test-side attention function: SDPA with the token mask expanded from each layer's selection."""
 

@@ -38,15 +38,18 @@ proxy_attention itself runs dense attention.
 
 Mask rule. The attention function never reads mask values (that would synchronise on CUDA).
 Instead the registered mask function returns `None` exactly when the mask would be pure
-bottom-right causal: plain causal mask function (no sliding window, chunking, packing or
-custom overlays), integer offsets with `q_offset - kv_offset == kv_length - q_length`, and a
-2D padding mask that is absent or all ones. In every other case it materialises the full
+bottom-right causal: plain causal mask function (no packing or custom overlays; a sliding window
+or attention chunk only where it is at least as long as the keys, so that it changes nothing),
+integer offsets with `q_offset - kv_offset == kv_length - q_length`, and a 2D padding mask that
+is absent or all ones. In every other case it materialises the full
 boolean mask as transformers' "sdpa" mask does (it never uses SDPA's own `is_causal` skips,
 so `None` has this single meaning), and a non-None mask sends the call to SDPA. So a padded
 batch (a 2D attention_mask with zeros) runs SDPA with the correct mask, a StaticCache (whose
 keys include unwritten slots, so the offsets do not match) runs SDPA, and so do custom 4D
 masks passed by the user. Checking that a 2D padding mask is all ones reads it on the host;
-transformers' own sdpa mask does the same check.
+transformers' own sdpa mask does the same check. A StaticCache prefill therefore materialises a
+q_len x max_cache_len boolean mask for SDPA (transformers' own sdpa mask crops the keys instead):
+use a DynamicCache for long prompts.
 
 When SDPA is called for a layer with `attention_mask is None` and 1 < q_len < kv_len
 (a dense layer during chunked prefill), the fallback runs SDPA with torch's lower-right causal
@@ -231,10 +234,16 @@ def reset_stats(name: str = DEFAULT_NAME) -> None:
 
 def _is_bottom_right_causal(q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
                             local_size) -> bool:
-    if mask_function is not causal_mask_function or local_size is not None:
-        return False
     if any(isinstance(x, Tensor) or not isinstance(x, int) for x in (q_length, kv_length, q_offset, kv_offset)):
         return False  # tensor offsets (StaticCache) or symbolic sizes: cannot decide without reading them
+    if local_size is not None:
+        # A sliding window or attention chunk (local_size) shorter than the keys shapes the mask; one
+        # at least as long does not, and the mask is the plain causal one (as transformers' sdpa
+        # mask decides too).
+        if not (isinstance(local_size, int) and kv_length < local_size):
+            return False
+    elif mask_function is not causal_mask_function:
+        return False
     if torch.compiler.is_exporting():
         return False
     if q_offset - kv_offset != kv_length - q_length:
