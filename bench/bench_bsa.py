@@ -13,8 +13,8 @@ fa4, flex_flash and fa4_sparse need the optional flash-attn-4 wheels (../shared/
 flash_attn.cute does not import they are skipped with one line saying why. Each anchor is set up in
 its own try/except: one that fails is reported and the others still run. On every selection the
 outputs of the block-sparse anchors (flex, flex_flash, fa4_sparse) are compared with ours
-(max_abs_diff_vs_bsa in their records); one that differs by more than MAX_ANCHOR_DIFF computes
-something else and is dropped as failed, not timed.
+(max_abs_diff_vs_bsa in their records); one that differs by more than MAX_ANCHOR_DIFF times the
+largest |out| (at least 1) computes something else and is dropped as failed, not timed.
 
 Random causal block selections keep the sink block and the diagonal block; density = computed
 block pairs / causal block pairs. Cold L2 (a 256 MB buffer is rewritten before every timed run),
@@ -227,9 +227,17 @@ def max_abs_diff(a, b):
     return float((a.float() - b.float()).abs().max())
 
 
-# Two correct kernels on the same selection agree within bf16 rounding of outputs of size ~1 (FA4's
-# block-sparse kernel and ours: within 0.002 at 128k); ten times that means another computation.
+# Two correct kernels on the same selection agree within a few bf16 ulps of the outputs (FA4's
+# block-sparse kernel and ours: within 0.002 at 128k on outputs of size ~1; an ulp is 0.03 at
+# |out| = 4-8, which structured inputs' needle rows reach): beyond MAX_ANCHOR_DIFF times the
+# largest |out| (at least 1) the anchor computes something else.
 MAX_ANCHOR_DIFF = 0.02
+
+
+def anchor_diff(out, ours):
+    """(max |out - ours|, whether that is beyond MAX_ANCHOR_DIFF scaled by max(1, max |ours|))."""
+    diff = max_abs_diff(out, ours)
+    return diff, not diff <= MAX_ANCHOR_DIFF * max(1.0, float(ours.abs().max()))
 
 
 def failure(e):
@@ -416,13 +424,13 @@ def main():
                     try:  # compile outside the timed runs; every selection is checked against ours
                         out = fn()
                         out = out.transpose(1, 2) if name in ("flex", "flex_flash") else out
-                        diff = max_abs_diff(out, ours)
+                        diff, beyond = anchor_diff(out, ours)
                         extras[name] = {"max_abs_diff_vs_bsa": round(diff, 5)}
                         print(f"{name}: max |out - bsa| = {diff:.5f} (N={n}, density {density:.3f})", flush=True)
                         del out
-                        if not diff <= MAX_ANCHOR_DIFF:
-                            raise RuntimeError(f"its output differs from ours by {diff:.4g} > {MAX_ANCHOR_DIFF} "
-                                               f"on the same selection")
+                        if beyond:
+                            raise RuntimeError(f"its output differs from ours by {diff:.4g} on the same selection "
+                                               f"(bound: MAX_ANCHOR_DIFF = {MAX_ANCHOR_DIFF} x max(1, max |out|))")
                     except Exception as e:  # compile problems must not lose the other numbers
                         del anchors[name]
                         fail(name, e)

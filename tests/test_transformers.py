@@ -261,15 +261,21 @@ def test_function_fallbacks(reason):
         kw["sliding_window"] = 64
     elif reason == "mask":
         mask = torch.ones(1, 1, 100, 100, dtype=torch.bool).tril()
-    if reason in ("softcap", "s_aux", "position_bias"):  # SDPA computes none of them: raise, never drop them
-        with pytest.raises(NotImplementedError, match=rf"passes \['{reason}'\] to its attention"):
+    if reason in ("softcap", "s_aux"):  # SDPA cannot do them: it refuses softcap, we refuse sinks (never dropped)
+        with pytest.raises(ValueError if reason == "softcap" else NotImplementedError, match=reason):
             fn(module, q, k, v, mask, **kw)
         assert _stats(name) == {"sdpa:unsupported_kwarg": {0: 1}}
         return
     out, _ = fn(module, q, k, v, mask, scaling=0.125, **kw)
-    expected_reason = {"is_causal_kwarg": "non_causal"}.get(reason, reason)
+    expected_reason = {"is_causal_kwarg": "non_causal", "position_bias": "unsupported_kwarg"}.get(reason, reason)
     assert _stats(name) == {"sdpa:" + expected_reason: {0: 1}}
-    if reason != "dropout":
+    if reason == "position_bias":  # SDPA adds it to the causal scores
+        causal_mask = torch.ones(100, 100, dtype=torch.bool).tril()
+        bias = kw["position_bias"].masked_fill(~causal_mask, float("-inf"))
+        want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                                attn_mask=bias, scale=0.125).transpose(1, 2)
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    elif reason != "dropout":
         torch.testing.assert_close(out, _sdpa_ref(q, k, v, 0.125, causal), atol=1e-5, rtol=1e-5)
 
 

@@ -21,7 +21,11 @@
 # (the rounds so far are packed and summarised).
 set -o pipefail
 deadline=$(( $(date +%s) + ${BUDGET:-560} ))
-left() { echo $(( deadline - $(date +%s) )); }
+budget_for() {  # name, minimum seconds: prints the seconds left for it, or says it is skipped and fails
+  local t=$(( deadline - $(date +%s) ))
+  if [ "$t" -lt "$2" ]; then echo "== $1: not started, $t s left of the budget" >&2; return 1; fi
+  echo "$t"
+}
 usage="usage: tools/gpu_ab.sh PATCH [PATCH ...] [--] SCRIPT [args]"
 patches=()
 while [ $# -gt 0 ]; do
@@ -43,7 +47,8 @@ rm -rf "$copies" && mkdir -p "$copies"
 
 build_copy() {  # variant name: build this tree as it stands, then copy it (with the extension) aside
   local v=$1
-  (cd "$here" && OUT=$OUT/$v-build timeout "$(left)" bash tools/gpu_run.sh build) || return 1
+  local t; t=$(budget_for "build of $v" 20) || return 1
+  (cd "$here" && OUT=$OUT/$v-build timeout "$t" bash tools/gpu_run.sh build) || return 1
   mv "$OUT/$v-build/build.log" "$OUT/$v-build.log" && rmdir "$OUT/$v-build"
   mkdir -p "$copies/$v" && (cd "$here" && tar --exclude=./build --exclude=./.git --exclude=./out -cf - .) | (cd "$copies/$v" && tar -xf -)
 }
@@ -66,17 +71,19 @@ SITE=/tmp/proxyattn_site
 export CUTLASS_PATH=$SITE/cutlass_library/source/include PYTHONUNBUFFERED=1
 if [ -n "${GPU_AB_TESTS:-}" ]; then
   for v in "${variants[@]:1}"; do
+    t=$(budget_for "tests of $v" 20) || break
     # shellcheck disable=SC2086
-    (cd "$copies/$v" && PYTHONPATH=$copies/$v:$SITE timeout "$(left)" python3 -m pytest -q -rs $GPU_AB_TESTS 2>&1 |
+    (cd "$copies/$v" && PYTHONPATH=$copies/$v:$SITE timeout "$t" python3 -m pytest -q -rs $GPU_AB_TESTS 2>&1 |
        tee "$OUT/$v-tests.log" | tail -15)
   done
+  pack
 fi
 name=$(basename "$script" .py)
 for round in $(seq 1 "${ROUNDS:-2}"); do
   for v in "${variants[@]}"; do
-    if [ "$(left)" -lt 30 ]; then echo "== $v, round $round: not started, $(left) s left of the budget"; break 2; fi
+    t=$(budget_for "$v, round $round" 30) || break 2
     echo "== $v, round $round"
-    (cd "$copies/$v" && PYTHONPATH=$copies/$v:$SITE timeout "$(left)" python3 "bench/$script" "$@" --out "$OUT/$v-r$round-$name.json" 2>&1 |
+    (cd "$copies/$v" && PYTHONPATH=$copies/$v:$SITE timeout "$t" python3 "bench/$script" "$@" --out "$OUT/$v-r$round-$name.json" 2>&1 |
        tee "$OUT/$v-r$round-$name.log" | tail -25)
   done
   pack

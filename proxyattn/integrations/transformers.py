@@ -25,9 +25,9 @@ q_len < kv_len that follows a cached prefix is handled) only when all of these h
   verification step, so assisted decoding attends as plain decoding does);
 - `attention_mask is None` (see the mask rule below);
 - dropout == 0 (transformers passes the module's dropout only in training mode);
-- no softcap, attention sinks (`s_aux`) or position bias (SDPA computes none of them either:
-  such a call raises NotImplementedError naming them, rather than silently drop them), and no
-  sliding window shorter than kv_len;
+- no softcap, attention sinks (`s_aux`) or position bias, and no sliding window shorter than
+  kv_len (SDPA adds a position bias and refuses softcap; it would drop sinks, so a call that
+  passes them raises NotImplementedError instead);
 - q/k/v head dims are equal and in proxyattn.config.SUPPORTED_HEAD_DIMS (64, 128);
 - dtype is fp16/bf16 on CUDA (fp16/bf16/fp32 on CPU, where the reference runs), device
   is CPU or CUDA, and q_len <= kv_len.
@@ -337,22 +337,25 @@ def _scaled(cfg: ProxyAttnConfig, scaling: Optional[float]) -> ProxyAttnConfig:
 
 
 def _sdpa(module, query, key, value, attention_mask, dropout, scaling, causal, kwargs):
-    extra = [k for k in _UNSUPPORTED_KWARGS if kwargs.get(k) is not None]
-    if extra:  # transformers' sdpa would drop sinks and position bias without a word
-        raise NotImplementedError(f"proxyattn: this model passes {extra} to its attention, which neither proxyattn "
-                                  f"nor SDPA computes; load it with attn_implementation='eager' (or a kernel that "
-                                  f"takes them)")
+    if kwargs.get("s_aux") is not None:  # transformers' sdpa would drop the sinks without a word
+        raise NotImplementedError("proxyattn: this model passes attention sinks (s_aux) to its attention, which "
+                                  "neither proxyattn nor SDPA computes; load it with attn_implementation='eager' "
+                                  "(or a kernel that takes them)")
     q_len, kv_len = query.shape[2], key.shape[2]
     if attention_mask is None and causal and 1 < q_len < kv_len:
         # transformers' sdpa would align is_causal top-left (and crop the keys); we mean bottom-right,
-        # a chunk behind its prefix: torch's lower-right causal bias, without a q_len x kv_len mask
-        # (and GQA without repeating K/V).
-        from torch.nn.attention.bias import causal_lower_right
+        # a chunk behind its prefix. Plain calls: torch's lower-right causal bias, without a q_len x
+        # kv_len mask (and GQA without repeating K/V). With softcap or position_bias, which
+        # transformers' sdpa handles (it refuses the one, adds the other), the mask, explicitly.
+        if not any(kwargs.get(k) is not None for k in _UNSUPPORTED_KWARGS):
+            from torch.nn.attention.bias import causal_lower_right
 
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=causal_lower_right(q_len, kv_len), dropout_p=dropout, scale=scaling,
-            enable_gqa=query.shape[1] != key.shape[1])
-        return out.transpose(1, 2).contiguous(), None
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query, key, value, attn_mask=causal_lower_right(q_len, kv_len), dropout_p=dropout, scale=scaling,
+                enable_gqa=query.shape[1] != key.shape[1])
+            return out.transpose(1, 2).contiguous(), None
+        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+        attention_mask = attention_mask[None, None]
     return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
                                            scaling=scaling, **kwargs)
 
