@@ -50,6 +50,9 @@ def main():
     ap.add_argument("--strides", type=int, nargs="+", default=[pa.ProxyAttnConfig().stride],
                     help="proxy token strides of stage 1")
     ap.add_argument("--share", type=float, default=0.8)
+    ap.add_argument("--needle-rows-before", type=int, default=0,
+                    help="needle query rows end this many rows before the end (>= 128: outside stage 2's probe, "
+                         "where the budget is scaled rather than measured)")
     ap.add_argument("--quality-at", type=int, nargs="*", default=[32768, 131072])
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--dense-reps", type=int, default=50,
@@ -69,6 +72,7 @@ def main():
     for kind, n in ((kind, n) for kind in a.inputs for n in a.seq_lens):
         if kind == "structured":
             q, k, v, meta = make_structured_inputs(1, n, hq, hkv, d, share=a.share, seed=a.seed + n,
+                                                   needle_rows_before=a.needle_rows_before,
                                                    dtype=torch.bfloat16, device="cuda")
         else:
             gen = torch.Generator(device="cuda").manual_seed(a.seed + n)
@@ -125,7 +129,7 @@ def main():
             est = time_cold(estimate, reps, 2, flush)
             attn = time_cold(lambda: OPS.block_sparse_attention(q, k, v, sel.counts, sel.indices, None, None, n, n, S,
                                                                 scale, True), reps, 2, flush)
-            extra = dict(proxy_heads=G, gamma=cfg.gamma, stride=st, min_budget=cfg.min_budget, share=a.share,
+            extra = dict(proxy_heads=G, gamma=cfg.gamma, stride=st, min_budget=cfg.min_budget, share=a.share, needle_rows_before=a.needle_rows_before,
                          speedup_vs_cudnn=dense_ms / total)
             cases.append(dict(name="proxy_attention", **common, density=dens, ms=total,
                               tflops=dens * flops / total / 1e9, **extra))

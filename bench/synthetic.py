@@ -116,7 +116,7 @@ def make_structured_inputs(batch: int, seq_len: int, q_heads: int, kv_heads: int
                            seed: int = 0, dtype: torch.dtype = torch.float32,
                            device: Union[str, torch.device] = "cpu", beta_range: Tuple[float, float] = (0.5, 1.6),
                            rope_base: float = 10000.0, needle_len: int = 16, rows_per_needle: int = 8,
-                           sink_tokens: int = 4, jitter: float = 0.5
+                           sink_tokens: int = 4, jitter: float = 0.5, needle_rows_before: int = 0
                            ) -> Tuple[Tensor, Tensor, Tensor, StructuredMeta]:
     """Synthetic q [B, N, Hq, D], k, v [B, N, Hkv, D] (`dtype`, on `device`) with the structure of
     long-context attention, and a StructuredMeta of what was planted. Deterministic in `seed`
@@ -144,7 +144,11 @@ def make_structured_inputs(batch: int, seq_len: int, q_heads: int, kv_heads: int
     recency window (c = 2, nominal width 64). Needles: `needles` spans of `needle_len` keys in
     [5%, 80%) of the sequence whose values hold a signature (norm 2 sqrt(D), per KV head);
     needle j is targeted (c = 8) by its `rows_per_needle` query rows only, which lie in the
-    last needles * rows_per_needle rows.
+    needles * rows_per_needle rows that end `needle_rows_before` rows before the end. With the
+    default 0 they are the last rows, inside stage 2's probe (the last block of rows), where the
+    budget is measured rather than scaled: a favourable place for retrieval; a value of at least
+    the block size puts them outside it. At lengths below about 2k the spans may overlap (a span
+    that finds no free place in 1000 tries keeps its last one).
     """
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"share must be in [0, 1], got {share}")
@@ -182,7 +186,9 @@ def make_structured_inputs(batch: int, seq_len: int, q_heads: int, kv_heads: int
                                  dtype=f64),
                       torch.zeros(needles, dtype=f64)])
     R = needles * rows_per_needle
-    needle_rows = (N - R + torch.arange(R)).view(needles, rows_per_needle)
+    if not 0 <= needle_rows_before <= N - R:
+        raise ValueError(f"needle_rows_before must be in [0, {N - R}] for {R} needle rows, got {needle_rows_before}")
+    needle_rows = (N - needle_rows_before - R + torch.arange(R)).view(needles, rows_per_needle)
     row_active = torch.ones(N, n_t, dtype=torch.bool)  # needle targets: only their designated rows
     row_active[:, n_t - needles:] = False
     for j in range(needles):

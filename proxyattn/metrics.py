@@ -126,7 +126,9 @@ def density(counts: Tensor, seq_lens, block_size: int, causal: bool = True, *, p
             ) -> Union[float, Tensor]:
     """Computed block pairs over causal block pairs (sum over b, h, rows of counts, over
     Hq * sum_b sum_m c_m). seq_lens: N (Nq = Nk), (Nq, Nk), or one N / (Nq, Nk) per batch item.
-    per_head=True returns fp64 [B, Hq]."""
+    per_head=True returns fp64 [B, Hq]. Counts as select_blocks writes them (distinct candidates
+    only); for a hand-made selection, whose indices stage 4 reads as a set, count the blocks of
+    selection_mask instead."""
     B, hq, _ = counts.shape
     num = torch.zeros(B, hq, dtype=torch.float64)
     den = torch.zeros(B, 1, dtype=torch.float64)

@@ -40,7 +40,7 @@ def run_chunks(q, k, v, lengths, cfg):
         W, r = metrics.block_mass(qc, kp, S)
         m = metrics.selection_mask(sel.counts, sel.indices, W.shape[-1])
         mass += float((W * m.to(W.device)).sum())
-        rows += float(r.sum()) * q.shape[2]
+        rows += float(r.sum()) * q.shape[0] * q.shape[2]  # (rows that see a key) x batch x heads
         _, lse = pa.block_sparse_attention(qc, kp, vp, sel.counts, sel.indices, block_size=S)
         worst = min(worst, float(lse.min()))
         pos += ln

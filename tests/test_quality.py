@@ -82,6 +82,10 @@ def test_generator_shapes_determinism_needles():
     # ... and a query row that is not designated does not
     other = M.needle_retrieval(torch.roll(dense, 200, dims=1), meta)
     assert other.retrieval == 0.0
+    # needle rows placed before the last block (outside stage 2's probe): retrieved there too
+    q4, k4, v4, meta4 = synthetic.make_structured_inputs(2, 1024, 4, 2, 64, seed=s, needles=3, needle_rows_before=128)
+    assert int(meta4.needle_rows.max()) == 1024 - 129 and int(meta.needle_rows.max()) == 1023
+    assert M.needle_retrieval(dense_attention(q4, k4, v4), meta4).retrieval == 1.0
 
 
 def test_generator_structure_sink_local_and_rope():
