@@ -129,8 +129,8 @@ def main():
             est = time_cold(estimate, reps, 2, flush)
             attn = time_cold(lambda: OPS.block_sparse_attention(q, k, v, sel.counts, sel.indices, None, None, n, n, S,
                                                                 scale, True), reps, 2, flush)
-            extra = dict(proxy_heads=G, gamma=cfg.gamma, stride=st, min_budget=cfg.min_budget, share=a.share, needle_rows_before=a.needle_rows_before,
-                         speedup_vs_cudnn=dense_ms / total)
+            extra = dict(proxy_heads=G, gamma=cfg.gamma, stride=st, min_budget=cfg.min_budget, share=a.share,
+                         needle_rows_before=a.needle_rows_before, speedup_vs_cudnn=dense_ms / total)
             cases.append(dict(name="proxy_attention", **common, density=dens, ms=total,
                               tflops=dens * flops / total / 1e9, **extra))
             cases.append(dict(name="estimate", **common, density=dens, ms=est, tflops=None, **extra))
