@@ -16,8 +16,12 @@ gather overlaps the estimate); stage 1 runs per own chunk against the keys up to
 rank that holds the last query block and its budgets are broadcast; stage 3 runs on a score matrix
 of the whole sequence holding this rank's rows (the budgets scale with the whole sequence's last
 query block); stage 4 runs per own chunk. The result equals proxy_attention on the whole sequence:
-the same selections, and each row's output computed from the same blocks. Nothing reads a device
-value on the host. All ranks must call with the same shapes and config.
+the same selections, and each row's output computed from the same blocks. One exception: stage 1
+rounds a head group's pooled vectors to bf16 instead of fp16 where some pooled value of the call
+overflows fp16, and a chunk's call sees only its own queries and the keys up to its end; where the
+overflow lies elsewhere in the sequence, that group's scores are rounded differently and
+selections can differ (pooled means beyond 65504 only). Nothing reads a device value on the host.
+All ranks must call with the same shapes and config.
 """
 from __future__ import annotations
 
