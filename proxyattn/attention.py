@@ -96,18 +96,26 @@ def _telemetry(counts: Tensor, indices: Tensor, kstar: Tensor, nq: Tensor, nk: T
     return ProxyAttnSelection(counts, indices, kstar, density.float(), ratio.float(), dense)
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> Tensor:
-    """Dense attention of fixed-length CUDA tensors [B, N, H, D] with torch SDPA (bottom-right
-    causal mask when Nq != Nk; GQA without repeating K/V); differentiable."""
-    nq, nk = q.shape[1], k.shape[1]
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+def sdpa_bottom_right(qt: Tensor, kt: Tensor, vt: Tensor, scale: Optional[float], causal: bool,
+                      dropout_p: float = 0.0) -> Tensor:
+    """torch SDPA on heads-first tensors [B, H, N, D]: causal aligned bottom-right (torch's
+    lower-right bias when Nq != Nk, no mask materialised), GQA without repeating K/V;
+    differentiable. The one such call of the library (proxy_attention's dense path, the
+    transformers integration's fallback)."""
+    nq, nk = qt.shape[2], kt.shape[2]
     mask = None
     if causal and nq != nk:
         from torch.nn.attention.bias import causal_lower_right
 
         mask = causal_lower_right(nq, nk)
-    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=causal and nq == nk, scale=scale,
-                                         enable_gqa=q.shape[2] != k.shape[2])
+    return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, dropout_p=dropout_p,
+                                          is_causal=causal and nq == nk, scale=scale,
+                                          enable_gqa=qt.shape[1] != kt.shape[1])
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool) -> Tensor:
+    """sdpa_bottom_right on fixed-length tensors [B, N, H, D]; out [B, N, H, D] contiguous."""
+    out = sdpa_bottom_right(*(t.transpose(1, 2) for t in (q, k, v)), scale, causal)
     return out.transpose(1, 2).contiguous()
 
 

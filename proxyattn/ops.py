@@ -161,8 +161,7 @@ def check_qkv(q: Tensor, k: Tensor, v: Optional[Tensor], cu_seqlens_q: Optional[
     hq, hkv = q.shape[-2], k.shape[-2]
     if hq == 0 or hkv == 0 or hq % hkv != 0:
         raise ValueError(f"the {hq} query heads must be a positive multiple of the {hkv} KV heads")
-    if hq > MAX_HEADS:
-        raise ValueError(f"at most {MAX_HEADS} query heads are supported, got {hq}")
+    _check_heads(hq)
     for name, t in named:
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides "
@@ -201,6 +200,11 @@ def check_qkv(q: Tensor, k: Tensor, v: Optional[Tensor], cu_seqlens_q: Optional[
 def _check_batch(batch: int) -> None:
     if batch > MAX_BATCH:
         raise ValueError(f"at most {MAX_BATCH} sequences per call are supported, got {batch}")
+
+
+def _check_heads(q_heads: int) -> None:
+    if q_heads > MAX_HEADS:
+        raise ValueError(f"at most {MAX_HEADS} query heads are supported, got {q_heads}")
 
 
 def _check_cu_seqlens(name: str, cu, like: Tensor) -> int:
@@ -449,9 +453,8 @@ def select_blocks(scores: Tensor, kstar: Tensor, *, seqlen_q: int, seqlen_k: int
     hq = kstar.shape[1]
     if g < 1 or hq < 1 or hq % g != 0:
         raise ValueError(f"the {g} proxy groups of scores must divide the {hq} query heads of kstar")
-    if hq > MAX_HEADS or b > MAX_BATCH:
-        raise ValueError(f"at most {MAX_BATCH} sequences and {MAX_HEADS} query heads are supported, got "
-                         f"batch {b} and {hq} heads")
+    _check_batch(b)
+    _check_heads(hq)
     _check_int_tensor("kstar", kstar, (b, hq), scores)
     if cu_seqlens_q is not None or cu_seqlens_k is not None:
         if cu_seqlens_q is None or cu_seqlens_k is None:

@@ -72,7 +72,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..attention import ProxyAttnSelection, proxy_attention
+from ..attention import ProxyAttnSelection, proxy_attention, sdpa_bottom_right
 from ..config import SUPPORTED_HEAD_DIMS, ProxyAttnConfig, check_int
 
 try:
@@ -348,11 +348,7 @@ def _sdpa(module, query, key, value, attention_mask, dropout, scaling, causal, k
         # kv_len mask (and GQA without repeating K/V). With softcap or position_bias, which
         # transformers' sdpa handles (it refuses the one, adds the other), the mask, explicitly.
         if not any(kwargs.get(k) is not None for k in _UNSUPPORTED_KWARGS):
-            from torch.nn.attention.bias import causal_lower_right
-
-            out = torch.nn.functional.scaled_dot_product_attention(
-                query, key, value, attn_mask=causal_lower_right(q_len, kv_len), dropout_p=dropout, scale=scaling,
-                enable_gqa=query.shape[1] != key.shape[1])
+            out = sdpa_bottom_right(query, key, value, scaling, True, dropout_p=dropout)
             return out.transpose(1, 2).contiguous(), None
         attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
         attention_mask = attention_mask[None, None]
