@@ -122,7 +122,7 @@ def main():
         for backend in a.scores_backends:
             os.environ["PROXYATTN_BSA_BACKEND"] = backend
             by_backend[backend] = time_cold(fns["estimate_scores"], a.reps, 3, flush)
-        if prior is None:  # stages 2 and 3 have one kernel each; leave the caller's setting as it was
+        if prior is None:  # stages 2 and 3 run under the caller's setting: leave it as it was
             os.environ.pop("PROXYATTN_BSA_BACKEND")
         else:
             os.environ["PROXYATTN_BSA_BACKEND"] = prior

@@ -25,7 +25,7 @@
 // against a naive fp32 CUDA kernel over the same selection; exits 1 on a mismatch.
 // --backend auto|portable|hopper picks the attention kernel (BsaBackend in
 // kernels/common/bsa_launch.h; the torch op reads PROXYATTN_BSA_BACKEND instead); the kernel that
-// runs is printed. portable also runs stage 1 on its mma.sync kernel (else the Hopper one where it
+// runs is printed. portable also runs stages 1 and 2 on their mma.sync kernels (else the Hopper ones where they
 // applies).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -117,7 +117,7 @@ void print_help() {
       "  --warmup n             untimed runs first, default 3\n"
       "  --dtype bf16|fp16      default bf16\n"
       "  --backend B            attention kernel: auto (Hopper where it runs, else portable; default),\n"
-      "                         portable (sm80 kernels, stage 1 too), hopper (Hopper kernel or an error)\n"
+      "                         portable (sm80 kernels, stages 1 and 2 too), hopper (Hopper kernel or an error)\n"
       "  --seed n               input seed, default 0\n"
       "  --verify               check every stage against simple references on the given (small,\n"
       "                         N <= %d) cases instead of timing; exit 1 on a mismatch\n"
@@ -546,6 +546,7 @@ struct Problem {
     hp.local_blocks = o.local_blocks;
     hp.softmax_scale = scale;
     hp.causal = true;
+    hp.portable = o.backend == proxyattn::BsaBackend::kPortable;  // stage 2 follows --backend portable
     hp.kstar = kstar.ptr;
     budget_ws = DeviceBuffer<float>(static_cast<size_t>(
         std::max<int64_t>(proxyattn::head_budgets_workspace_floats(B, Hq, n, nkb), 4)));

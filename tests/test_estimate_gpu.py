@@ -177,14 +177,16 @@ def test_proxy_block_scores_huge_stride(stride):
     _check_scores(got, want)
 
 
-def test_proxy_block_scores_refuses_a_negative_scale():
-    """The weights are max-relative (exp2((x - max) * c)), a softmax only for c >= 0: a direct op call
-    with a negative scale gets an error naming it (the Python API takes positive scales only)."""
+def test_proxy_block_scores_refuses_a_nonpositive_scale():
+    """The weights are max-relative (exp2((x - max) * c)), a softmax only for c > 0 (at c = 0 every
+    weight is 1 and the scores say nothing): a direct op call with a scale of 0 or below gets an error
+    naming it, as the other ops and the Python API do (csrc/ops/common.h check_softmax_scale)."""
     q, k, _, _, _, _ = _inputs(1, 300, 300, 4, 2, 64, torch.float16)
-    with pytest.raises(RuntimeError, match=r"softmax_scale must be finite and >= 0, got -0.1"):
-        OPS.proxy_block_scores(q, k, None, None, 300, 300, 128, 2, 4, -0.1, True)
-    zero = OPS.proxy_block_scores(q, k, None, None, 300, 300, 128, 2, 4, 0.0, True)  # uniform weights
-    _check_scores(zero, ref.proxy_block_scores(q.double(), k.double(), None, None, 300, 300, 128, 2, 4, 0.0, True))
+    for bad in (-0.1, 0.0):
+        with pytest.raises(RuntimeError, match=rf"softmax_scale must be finite and > 0, got {bad:g}"):
+            OPS.proxy_block_scores(q, k, None, None, 300, 300, 128, 2, 4, bad, True)
+    ok = OPS.proxy_block_scores(q, k, None, None, 300, 300, 128, 2, 4, 0.125, True)
+    _check_scores(ok, ref.proxy_block_scores(q.double(), k.double(), None, None, 300, 300, 128, 2, 4, 0.125, True))
 
 
 @pytest.mark.parametrize("S,stride", [(128, 1), (128, 4), (128, 16), (64, 2), (64, 8), (128, 3)])
@@ -278,6 +280,41 @@ def test_head_budgets_matches_reference(shape, S, causal, gamma, sink, local, dt
             if int(got[bb, h]) != int(want[bb, h]) and (bb, h) not in skip]
     assert not mism, f"kstar differs at {mism}: got {got.tolist()} want {want.tolist()}"
     assert len(skip) <= max(1, got.numel() // 8), f"too many near-gamma heads: {len(skip)} of {got.numel()}"
+
+
+@pytest.mark.parametrize("S,causal", [(128, True), (64, True), (128, False)])
+@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 128), (torch.float16, 64)])
+def test_stage2_hopper_and_portable_probes(S, causal, dtype, d, monkeypatch):
+    """Stage 2's probe has two kernels: on an sm_90 device it runs on wgmma (probe_sm90_kernel),
+    with PROXYATTN_BSA_BACKEND=portable or elsewhere on mma.sync (probe_kernel); which one ran is read
+    from the profiler where it records kernels. Both meet the reference (except heads whose
+    cumulative mass lands within NEAR_GAMMA of gamma), varlen sequences of fewer than S queries and
+    keys past one split (2048) included."""
+    from test_bsa_gpu import BACKEND_ENV, is_hopper, kernel_names
+    hq, hkv, gamma, sink, local = 8, 2, 0.9, 1, 1
+    q, k, cu_q, cu_k, mq, mk = _inputs(3, None, None, hq, hkv, d, dtype, [(100, 2100), (1000, 5000), (17, 517)])
+    temps = torch.linspace(0.5, 6.0, hq, device="cuda", dtype=torch.float32)
+    q = (q.float() * temps[:, None]).to(dtype)
+    scale = d ** -0.5
+
+    def run():
+        return OPS.head_budgets(q, k, cu_q, cu_k, mq, mk, S, gamma, sink, local, scale, causal)
+
+    want = ref.head_budgets(q, k, cu_q, cu_k, mq, mk, S, gamma, sink, local, scale, causal)
+    skip = _near_gamma(_reference_runs(q, k, cu_q, cu_k, S, gamma, sink, local, scale, causal), gamma)
+    assert len(skip) <= max(1, want.numel() // 8), f"too many near-gamma heads: {len(skip)} of {want.numel()}"
+    for value in ("portable", "auto"):
+        monkeypatch.setenv(BACKEND_ENV, value)
+        got = run()
+        mism = [(b, h) for b in range(got.shape[0]) for h in range(hq)
+                if int(got[b, h]) != int(want[b, h]) and (b, h) not in skip]
+        assert not mism, f"{value}: kstar differs at {mism}: got {got.tolist()} want {want.tolist()}"
+        names = kernel_names(run)
+        if names is not None:
+            hopper = any("probe_sm90_kernel" in n for n in names)
+            portable = any("probe_kernel" in n and "probe_sm90_kernel" not in n for n in names)
+            expect = value == "auto" and is_hopper()
+            assert (hopper, portable) == (expect, not expect), (value, names)
 
 
 # ---------------------------------------------------------------- stages 1-3 end to end

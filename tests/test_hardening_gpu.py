@@ -649,7 +649,7 @@ def test_public_api_misaligned_views(how):
         _wait()
         assert torch.equal(got, want)
     else:
-        with pytest.raises(ValueError, match="multiple of 8"):
+        with pytest.raises(ValueError, match="strides that are multiples of 8"):
             pa.proxy_attention(qs, ks, vs, cfg)
     _healthy()
 
@@ -666,7 +666,7 @@ def test_dense_path_rejects_misaligned_views():
     cfg = pa.ProxyAttnConfig(block_size=64)
     assert 700 < cfg.dense_below
     for c in (cfg, dataclasses.replace(cfg, dense_below=0)):
-        with pytest.raises(ValueError, match="multiple of 8"):
+        with pytest.raises(ValueError, match="strides that are multiples of 8"):
             pa.proxy_attention(qs, ks, vs, c)
     got = pa.proxy_attention(*(t.clone(memory_format=torch.contiguous_format) for t in (qs, ks, vs)), cfg)
     want = pa.proxy_attention(q, k, v, cfg)

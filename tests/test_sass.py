@@ -62,7 +62,7 @@ def _kernel_key(name):
 
 @pytest.fixture(scope="module")
 def sm90_sass():
-    """{mangled name: SASS text} of the extension's sm_90a Hopper kernels (attention and stage 1)."""
+    """{mangled name: SASS text} of the extension's sm_90a Hopper kernels (attention, stages 1 and 2)."""
     try:
         spec = importlib.util.find_spec("proxyattn._C")
     except ImportError:
@@ -88,7 +88,7 @@ def sm90_sass():
     functions = {}
     for part in re.split(r"\n\s*Function : ", run.stdout)[1:]:
         name, _, body = part.partition("\n")
-        if "bsa_fwd_sm90" in name or "scores_sm90" in name:
+        if "bsa_fwd_sm90" in name or "scores_sm90" in name or "probe_sm90" in name:
             functions[name.strip()] = body
     return functions
 
@@ -185,10 +185,35 @@ def test_stage1_hopper_kernel(sm90_sass):
         fp16 = [op for op in ops if re.match(r"HGMMA\.64x64x16\.F32 ", op)]
         bf16 = [op for op in ops if re.match(r"HGMMA\.64x64x16\.F32\.BF16 ", op)]
         assert len(fp16) == len(bf16) == d // 16, (d, len(fp16), len(bf16))
-        local = [op for op in ops if op.split()[0] in ("STL", "LDL") or op.startswith(("STL.", "LDL."))]
-        assert not local, f"scores_sm90_kernel<{d}, ...> uses local memory: {local[:4]}"
-        waits = [i for i, op in enumerate(ops) if op.startswith("WARPGROUP.DEPBAR")]
-        assert len(waits) == 1, f"scores_sm90_kernel<{d}, ...>: {len(waits)} wgmma waits, expected 1"
-        issue = max(i for i in range(waits[0]) if ops[i].startswith("HGMMA"))
-        exps = sum(op.startswith("MUFU.EX2") for op in ops[issue:waits[0]])
-        assert exps >= 32, f"scores_sm90_kernel<{d}, ...>: {exps} exponentials beside the wgmma, expected >= 32"
+        _check_math_beside_one_wgmma(ops, f"scores_sm90_kernel<{d}, ...>")
+
+
+def _check_math_beside_one_wgmma(ops, what):
+    """A kernel of the estimate's Hopper loop: no local memory (a spill would sit in the per-tile
+    loop), one wgmma wait, and the previous tile's exponentials (32 logits per thread) between the
+    last wgmma before it and that wait."""
+    local = [op for op in ops if op.split()[0] in ("STL", "LDL") or op.startswith(("STL.", "LDL."))]
+    assert not local, f"{what} uses local memory: {local[:4]}"
+    waits = [i for i, op in enumerate(ops) if op.startswith("WARPGROUP.DEPBAR")]
+    assert len(waits) == 1, f"{what}: {len(waits)} wgmma waits, expected 1"
+    issue = max(i for i in range(waits[0]) if ops[i].startswith("HGMMA"))
+    exps = sum(op.startswith("MUFU.EX2") for op in ops[issue:waits[0]])
+    assert exps >= 32, f"{what}: {exps} exponentials beside the wgmma, expected >= 32"
+
+
+def test_stage2_hopper_probe(sm90_sass):
+    """Stage 2's Hopper probe (csrc/kernels/estimate/head_budgets_sm90.cuh), one per (16-bit type, head
+    dim): D / 16 wgmma of 64 x 64 x 16 per key tile, no local memory, and one wgmma wait with the
+    previous tile's exponentials (32 logits per thread) between the wgmma and that wait
+    (_check_math_beside_one_wgmma)."""
+    kernels = {}
+    for name, body in sm90_sass.items():
+        m = re.search(r"probe_sm90_kernelI(13__nv_bfloat16|6__half)Li(\d+)E", name)
+        if m:
+            kernels[(m.group(1), int(m.group(2)))] = _opcodes(body)
+    want = sorted((t, d) for t in ("13__nv_bfloat16", "6__half") for d in (64, 128))
+    assert sorted(kernels) == want, f"expected probe_sm90_kernel<T, D> for {want}, found {sorted(kernels)}"
+    for (t, d), ops in kernels.items():
+        hgmma = [op for op in ops if re.match(r"HGMMA\.64x64x16\.F32(\.BF16)? ", op)]
+        assert len(hgmma) == d // 16, (t, d, len(hgmma))
+        _check_math_beside_one_wgmma(ops, f"probe_sm90_kernel<{t}, {d}>")

@@ -55,6 +55,7 @@ build_copy() {  # variant name: build this tree as it stands, then copy it (with
 
 build_copy a || { pack; exit 1; }
 variants=(a)
+declare -A commit_of=([a]="${PROXYATTN_COMMIT:-}")  # what each variant's records name as their commit
 i=0
 for p in "${patches[@]}"; do
   i=$((i + 1))
@@ -64,6 +65,7 @@ for p in "${patches[@]}"; do
   (cd "$here" && patch -p1 -R --quiet < "$p") || { echo "$(basename "$p") does not come back out"; pack; exit 1; }
   [ $ok -eq 0 ] || { pack; exit 1; }
   echo "$v = $(basename "$p")" | tee -a "$OUT/variants.txt"
+  commit_of[$v]="${PROXYATTN_COMMIT:-unknown}+$(basename "$p" .patch)"
   variants+=("$v")
 done
 
@@ -83,7 +85,7 @@ for round in $(seq 1 "${ROUNDS:-2}"); do
   for v in "${variants[@]}"; do
     t=$(budget_for "$v, round $round" 30) || break 2
     echo "== $v, round $round"
-    (cd "$copies/$v" && PYTHONPATH=$copies/$v:$SITE timeout "$t" python3 "bench/$script" "$@" --out "$OUT/$v-r$round-$name.json" 2>&1 |
+    (cd "$copies/$v" && PROXYATTN_COMMIT=${commit_of[$v]} PYTHONPATH=$copies/$v:$SITE timeout "$t" python3 "bench/$script" "$@" --out "$OUT/$v-r$round-$name.json" 2>&1 |
        tee "$OUT/$v-r$round-$name.log" | tail -25)
   done
   pack

@@ -139,8 +139,9 @@ inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().
 
 // The kernel override, read once per call before anything else: PROXYATTN_BSA_BACKEND = auto (also
 // unset or empty: the Hopper kernels where the device is sm_90 and the parameters suit them, else the
-// portable ones), portable (the sm80 kernels: attention and stage 1), hopper (the Hopper attention
-// kernel, or an error saying why not; stage 1 as auto). Any other value is an error naming it.
+// portable ones), portable (the sm80 kernels: attention and stages 1 and 2), hopper (the Hopper
+// attention kernel, or an error saying why not; stages 1 and 2 as auto). Any other value is an
+// error naming it.
 inline BsaBackend backend_from_env() {
   const char* env = std::getenv("PROXYATTN_BSA_BACKEND");
   BsaBackend backend = BsaBackend::kAuto;

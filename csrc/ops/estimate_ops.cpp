@@ -227,6 +227,7 @@ at::Tensor head_budgets(const at::Tensor& q, const at::Tensor& k, const std::opt
   // finite float (the kernel forms it in float).
   p.softmax_scale = static_cast<float>(std::min(softmax_scale, kMaxSoftmaxScale));
   p.causal = causal;
+  p.portable = backend_from_env() == BsaBackend::kPortable;
   p.kstar = kstar.data_ptr<int>();
   p.workspace = ws.data_ptr<float>();
   const cudaStream_t stream = current_stream();

@@ -8,14 +8,16 @@
 //     resumed after the block the scheduler took) into the ring; full barriers carry the TMA
 //     transaction bytes, empty barriers are released by the 8 consumer warps. Before a stage's
 //     full barrier it writes the stage's description (meta[stage], StageMeta): the block, whether
-//     it is an item's first (kMetaFirst) and the item; the end is a kMetaStop stage.
+//     it is an item's first (kMetaFirst) or last (kMetaLast) and the item; the end is a kMetaStop
+//     stage.
 //   consumers: S = Q K^T by wgmma SS (64 x 128 x D) issued together with O += P V of the previous
 //     tile by wgmma RS (64 x D x 128, V read MN-major from the same K-major smem tile); the
 //     softmax of S (softmax.cuh: mask only on tiles crossing the causal diagonal or the end of
 //     the keys, exact running max) runs while the P V wgmma is in flight; O is rescaled after it
 //     completes; P is converted to 16 bits in registers. The first Q K^T of an item is issued
 //     together with the last P V of the item before it, and that item's epilogue (epilogue.cuh)
-//     runs while nothing waits on it.
+//     runs while nothing waits on it. A stage that continues the current item (the one before it
+//     was not kMetaLast) has its Q K^T issued as soon as it lands, its description read after.
 // The loader, the scheduler and the consumers count stages (`it`), Q buffers (`nq`) and queue
 // slots the same way, so barrier parities agree without any other exchange.
 #pragma once
@@ -42,7 +44,7 @@ using namespace cute;
 
 // Stage description fields (int32) and flags.
 enum StageMeta : int { kMetaBlock = 0, kMetaFlags, kMetaB, kMetaH, kMetaM, kMetaQRow0, kMetaSeqlenQ, kMetaSeqlenK };
-enum : int { kMetaFirst = 1, kMetaStop = 2 };
+enum : int { kMetaFirst = 1, kMetaStop = 2, kMetaLast = 4 };
 
 template <class Traits, bool kPaged>
 __device__ __forceinline__ void run_loader(const KernelParams<Traits>& kp, typename Traits::SharedStorage& ss) {
@@ -61,13 +63,11 @@ __device__ __forceinline__ void run_loader(const KernelParams<Traits>& kp, typen
   Tensor mQ = kp.tma_q.get_tma_tensor(make_shape(kp.q_rows_total, Int<kHeadDim>{}, p.q_heads, kp.q_batches));
   Tensor mK = kp.tma_k.get_tma_tensor(make_shape(kp.k_rows_total, Int<kHeadDim>{}, p.kv_heads, kp.k_batches));
   Tensor mV = kp.tma_v.get_tma_tensor(make_shape(kp.k_rows_total, Int<kHeadDim>{}, p.kv_heads, kp.k_batches));
-  const int group = p.q_heads / p.kv_heads;
   uint32_t n = 0;   // slots taken
   int it = 0;       // stages filled
   uint32_t nq = 0;  // Q buffers filled
-  // Waits for stage s to be free of its K reads and writes its description.
-  auto stage_meta = [&](int s, uint32_t phase, const int (&md)[8]) {
-    EmptyBarrier::wait(&ss.empty_k[s], phase ^ 1);
+  // Writes stage s's description (the stage free of its K reads).
+  auto write_meta = [&](int s, const int (&md)[8]) {
     compiler_fence();
     CUTE_UNROLL
     for (int i = 0; i < 8; ++i) ss.meta[s][i] = md[i];
@@ -87,16 +87,18 @@ __device__ __forceinline__ void run_loader(const KernelParams<Traits>& kp, typen
     const uint32_t phase0 = (it / kStages) & 1;
     if (f[kItemKind] == kItemStop) {
       const int md[8] = {0, kMetaStop, 0, 0, 0, 0, 0, 0};
-      stage_meta(s0, phase0, md);
+      EmptyBarrier::wait(&ss.empty_k[s0], phase0 ^ 1);
+      write_meta(s0, md);
       Barrier::arrive(&ss.full_k[s0]);
       break;
     }
     int md[8] = {f[kItemFirstBlock], kMetaFirst, f[kItemB], f[kItemH], f[kItemM], f[kItemQRow0], f[kItemSeqlenQ],
                  f[kItemSeqlenK]};
-    const int b = f[kItemB], h = f[kItemH], m = f[kItemM], kvh = h / group;
+    const int b = f[kItemB], h = f[kItemH], m = f[kItemM], kvh = h / (p.q_heads / p.kv_heads);
     const int qb = varlen ? 0 : b;
     BlockCursor cursor(bsa_index_row(p, b, h, m), f[kItemCount], f[kItemLastBlock]);
     cursor.resume(f[kItemFirstOrd], f[kItemFirstBlock]);
+    cursor.fetch();  // the entry after the first block, in flight while Q is issued
     Tensor gQ = local_tile(domain_offset(make_coord(f[kItemQRow0], _0{}), mQ(_, _, h, qb)),
                            Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m, _0{}));   // (M, D)
     auto [tQg, tQs] = tma_partition(kp.tma_q, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
@@ -106,23 +108,29 @@ __device__ __forceinline__ void run_loader(const KernelParams<Traits>& kp, typen
     copy(kp.tma_q.with(ss.full_q[qbuf]), tQg, tQs(_, qbuf));
     ++nq;
     // K/V of every block of the item into the ring: load_k / load_v (stage, block) issue the TMA
-    // copies of one block onto the stage's full barrier (kKVBytes each).
+    // copies of one block onto the stage's full barrier (kKVBytes each). The cursor moves to the
+    // next block before a stage is published, so that the item's last stage says so (kMetaLast):
+    // the consumers then know, before they wait for a stage, whether it continues their item.
     auto stream_blocks = [&](auto&& load_k, auto&& load_v) {
+      bool more;
       do {
         const int s = it % kStages;
         const uint32_t phase = (it / kStages) & 1;
         const int blk = cursor.blk;
+        EmptyBarrier::wait(&ss.empty_k[s], phase ^ 1);
+        more = cursor.advance();  // reads the entry fetched a stage earlier
         md[kMetaBlock] = blk;
-        stage_meta(s, phase, md);
+        md[kMetaFlags] |= more ? 0 : kMetaLast;
+        write_meta(s, md);
         md[kMetaFlags] = 0;
         Barrier::arrive_and_expect_tx(&ss.full_k[s], Traits::kKVBytes);
         load_k(s, blk);
-        cursor.fetch();  // the next entry's load overlaps the wait below
+        cursor.fetch();  // the next entry's load overlaps the waits until the next stage
         EmptyBarrier::wait(&ss.empty_v[s], phase ^ 1);
         Barrier::arrive_and_expect_tx(&ss.full_v[s], Traits::kKVBytes);
         load_v(s, blk);
         ++it;
-      } while (cursor.advance());
+      } while (more);
     };
     if constexpr (!kPaged) {
       Tensor gK = local_tile(domain_offset(make_coord(f[kItemKRow0], _0{}), mK(_, _, kvh, qb)),
@@ -279,12 +287,11 @@ __device__ __forceinline__ void run_consumers(const KernelParams<Traits>& kp, ty
   Tensor tOrP = make_tensor(rP.data(), acc_to_a_operand(rP.layout()));  // ((2,2,2), 1, N/16)
   int it = 0;       // stages consumed
   uint32_t nq = 0;  // Q buffers consumed
-  // Waits for stage `it` and reads its block and flags; a first stage's item fields are read by
-  // stage_item. Lane 0 of each warp reads and hands the values to the other lanes, so every read of
-  // a stage's description is ordered before the same thread's release of the stage (release()
-  // arrives from lane 0), after which the loader may rewrite it.
-  auto take_stage = [&](int s, uint32_t phase, int& blk, int& flags) {
-    Barrier::wait(&ss.full_k[s], phase);
+  // Reads stage s's block and flags (the stage landed: its full_k barrier waited for); a first
+  // stage's item fields are read by stage_item. Lane 0 of each warp reads and hands the values to
+  // the other lanes, so every read of a stage's description is ordered before the same thread's
+  // release of the stage (release() arrives from lane 0), after which the loader may rewrite it.
+  auto read_stage = [&](int s, int& blk, int& flags) {
     compiler_fence();
     int b = 0, f = 0;
     if (lane == 0) {
@@ -294,6 +301,10 @@ __device__ __forceinline__ void run_consumers(const KernelParams<Traits>& kp, ty
     compiler_fence();
     blk = __shfl_sync(0xffffffffu, b, 0);
     flags = __shfl_sync(0xffffffffu, f, 0);
+  };
+  auto take_stage = [&](int s, uint32_t phase, int& blk, int& flags) {
+    Barrier::wait(&ss.full_k[s], phase);
+    read_stage(s, blk, flags);
   };
   auto stage_item = [&](int s) {
     int md[8];
@@ -327,18 +338,21 @@ __device__ __forceinline__ void run_consumers(const KernelParams<Traits>& kp, ty
     convert_into<Elem>(acc_s, rP);
   }
   it = 1;
-  // Stage it - 1's P V is pending at the top of every iteration; stage `it` is the next S.
+  // Stage it - 1's P V is pending at the top of every iteration; stage `it` is the next S. cont:
+  // stage `it` continues the current item (stage it - 1 was not the item's last).
+  bool cont = !(flags & kMetaLast);
   while (true) {
     const int s = it % kStages, sp = (it - 1) % kStages;
     const uint32_t phase = (it / kStages) & 1, phase_p = ((it - 1) / kStages) & 1;
-    take_stage(s, phase, blk, flags);
-    if (flags & kMetaStop) break;
     Tensor acc_s = partition_fragment_C(thr_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
-    if (flags == 0) {
-      // Another block of the current item.
+    if (cont) {
+      // Another block of the current item: its S is issued as soon as the stage lands, and the
+      // stage's block and flags are read while the wgmmas run.
+      Barrier::wait(&ss.full_k[s], phase);
       wg_issue<true>(mma_s, tSrQ(_, _, _, cur.qbuf), tSrK(_, _, _, s), acc_s);
       Barrier::wait(&ss.full_v[sp], phase_p);
       wg_issue<false>(mma_o, tOrP, tOrV(_, _, _, sp), acc_o);
+      read_stage(s, blk, flags);
       warpgroup_wait<1>();  // S done (groups complete in order)
       warpgroup_fence_operand(acc_s);
       release(&ss.empty_k[s]);
@@ -352,7 +366,9 @@ __device__ __forceinline__ void run_consumers(const KernelParams<Traits>& kp, ty
       convert_into<Elem>(acc_s, rP);
     } else {
       // The first block of the next item, issued with the current item's last P V; the current
-      // item is stored once that P V is done.
+      // item is stored once that P V is done. Or the stop mark.
+      take_stage(s, phase, blk, flags);
+      if (flags & kMetaStop) break;
       const ConsumerItem nxt = stage_item(s);
       wg_issue<true>(mma_s, tSrQ(_, _, _, nxt.qbuf), tSrK(_, _, _, s), acc_s);
       Barrier::wait(&ss.full_v[sp], phase_p);
@@ -379,6 +395,7 @@ __device__ __forceinline__ void run_consumers(const KernelParams<Traits>& kp, ty
       cur = nxt;
       convert_into<Elem>(acc_s, rP);
     }
+    cont = !(flags & kMetaLast);
     ++it;
   }
   // The last item's last P V, then its epilogue.

@@ -56,6 +56,11 @@ __device__ __forceinline__ void wg_issue(TiledMma& mma, TA const& a, TB const& b
   warpgroup_commit_batch();
 }
 
+// Generic-proxy writes to shared memory (cp.async, st.shared) made visible to wgmma's reads.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
 // Compiler fence between C++ shared-memory accesses and the barrier asm (which has no memory clobber).
 __device__ __forceinline__ void compiler_fence() { asm volatile("" ::: "memory"); }
 

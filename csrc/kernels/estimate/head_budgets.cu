@@ -8,6 +8,9 @@
 //      lanes, so that the running sum of each key block (blocks never straddle a split nor
 //      a 64-key tile) lives in the same frame: at the block's end its sum of exp2(x - ref)
 //      and ref (the running max then) go to the workspace; the split's (max, sum) too.
+//      On sm_90, unless the caller asks for the portable kernel, probe_sm90_kernel
+//      (head_budgets_sm90.cuh) does the same with the logits of 64 rows x 64 keys from one wgmma
+//      per warpgroup; the per-row work of a tile is shared (head_budgets_probe.cuh).
 //   2. finalize_kernel: one CTA per (b, h): merge the splits' (max, sum) per row (M, L),
 //      mass[n] = sum over rows (ascending) of blocksum * exp2(ref - M) / L, divided by R;
 //      w = mass / sum(mass) over [0, c_last), base = sum of w over the forced blocks
@@ -22,20 +25,17 @@
 
 #include <climits>
 
+#include "kernels/common/bsa_launch.h"
 #include "kernels/estimate/estimate_common.cuh"
+#include "kernels/estimate/head_budgets_probe.cuh"
+#include "kernels/estimate/head_budgets_sm90.cuh"
 
 namespace proxyattn {
 namespace {
 
-constexpr int kProbeWarps = kProbeRows / 16;
-constexpr int kProbeThreads = kProbeWarps * 32;
-constexpr int kKeyTile = 64;
-constexpr int kFinalizeThreads = 1024;
+using namespace budgets;
 
-struct ProbeRow {
-  int lim;   // last visible key (sequence-local), -1 when the row sees nothing / is padding
-  bool valid;
-};
+constexpr int kFinalizeThreads = 1024;
 
 __device__ inline void ldmatrix_x4(uint32_t r[4], const uint16_t* smem) {
   const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
@@ -44,100 +44,53 @@ __device__ inline void ldmatrix_x4(uint32_t r[4], const uint16_t* smem) {
                : "r"(a));
 }
 
-// Workspace parts (see head_budgets_workspace_floats).
-struct BudgetWorkspace {
-  float2* partial;  // [B*Hq][splits][kProbeRows]
-  float* bsum;      // [B*Hq][kProbeRows][nkb]
-  float* bref;      // [B*Hq][kProbeRows][nkb]
-  float* mass;      // [B*Hq][nkb]
-};
-__host__ __device__ inline BudgetWorkspace budget_workspace(const HeadBudgetsParams& p, int num_splits) {
-  const int64_t bhs = static_cast<int64_t>(p.batch) * p.num_heads;
-  BudgetWorkspace w;
-  w.partial = reinterpret_cast<float2*>(p.workspace);
-  w.bsum = p.workspace + bhs * num_splits * kProbeRows * 2;
-  w.bref = w.bsum + bhs * kProbeRows * p.nkb;
-  w.mass = w.bref + bhs * kProbeRows * p.nkb;
-  return w;
-}
-
 template <typename T, int D>
 __global__ void __launch_bounds__(kProbeThreads, 2) probe_kernel(const HeadBudgetsParams p) {
   constexpr int kStride = D + 8;  // halves per smem key row (conflict-free ldmatrix)
   __shared__ alignas(16) uint16_t ks[2][kKeyTile * kStride];
 
-  const int sp = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t4 = lane & 3;
   const int S = p.block_size;
-  const int num_splits = gridDim.x;
-  const int64_t bh = static_cast<int64_t>(b) * p.num_heads + h;
-  const BudgetWorkspace ws = budget_workspace(p, num_splits);
-  float2* partial = ws.partial + (bh * num_splits + sp) * kProbeRows;
-
-  const SeqBounds sb = load_seq_bounds(p.cu_seqlens_q, p.cu_seqlens_k, b, p.max_seqlen_q, p.max_seqlen_k,
-                                       p.total_q, p.total_k);
-  const int R = min(S, sb.nq);
-  const int k0 = sp * kProbeSplitKeys;
-  const int k1 = min(k0 + kProbeSplitKeys, sb.nk);
-  if (R == 0 || k0 >= k1) {
-    for (int r = threadIdx.x; r < kProbeRows; r += kProbeThreads) partial[r] = make_float2(-INFINITY, 0.f);
-    return;
-  }
-
-  const int hk = h / (p.num_heads / p.num_kv_heads);
-  const int off = sb.nk - sb.nq;
-  ProbeRow rows[2];
-  int my_min = INT_MAX;
-#pragma unroll
-  for (int e = 0; e < 2; ++e) {
-    const int r = warp * 16 + g + 8 * e;
-    rows[e].valid = r < R;
-    const int pos = off + (sb.nq - R + r);
-    rows[e].lim = !rows[e].valid ? -1 : (p.causal ? min(pos, sb.nk - 1) : sb.nk - 1);
-    if (rows[e].valid) my_min = min(my_min, rows[e].lim);
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) my_min = min(my_min, __shfl_xor_sync(0xffffffffu, my_min, o));
-  const bool warp_active = warp * 16 < R;
+  const BudgetWorkspace ws = budget_workspace(p, gridDim.x);
+  const ProbeSplit ps = probe_split(p, warp, g);
+  float2* partial = probe_partials(ws, ps);
+  if (ps.empty) return;
+  const bool warp_active = warp * 16 < ps.R;
 
   // Query fragments (A operand, row-major 16 x D per warp), straight from global memory.
-  const T* qb = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+  const T* qb = static_cast<const T*>(p.q) + blockIdx.z * p.q_batch_stride + blockIdx.y * p.q_head_stride;
   uint32_t qa[D / 16][4];
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
     const int r = warp * 16 + g + 8 * e;
-    const T* qrow = qb + (sb.q_start + (sb.nq - R + r)) * p.q_row_stride;
+    const bool valid = r < ps.R;
+    const T* qrow = qb + (ps.sb.q_start + (ps.sb.nq - ps.R + r)) * p.q_row_stride;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      qa[kk][e] = rows[e].valid ? *reinterpret_cast<const uint32_t*>(qrow + kk * 16 + 2 * t4) : 0u;
-      qa[kk][e + 2] = rows[e].valid ? *reinterpret_cast<const uint32_t*>(qrow + kk * 16 + 8 + 2 * t4) : 0u;
+      qa[kk][e] = valid ? *reinterpret_cast<const uint32_t*>(qrow + kk * 16 + 2 * t4) : 0u;
+      qa[kk][e + 2] = valid ? *reinterpret_cast<const uint32_t*>(qrow + kk * 16 + 8 + 2 * t4) : 0u;
     }
   }
 
   const float scale2 = p.softmax_scale * kLog2e;
-  // Running (max, sum) per row; the max is the same in the row's four lanes.
-  float run_m[2] = {-INFINITY, -INFINITY}, run_l[2] = {0.f, 0.f}, bpart[2] = {0.f, 0.f};
+  ProbeRowsState st;
 
-  const T* kb = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
   auto load_tile = [&](int tile, int buf) {
     constexpr int kChunks = kKeyTile * D / 8;  // 16-byte chunks
 #pragma unroll
     for (int c = threadIdx.x; c < kChunks; c += kProbeThreads) {
       const int kr = c / (D / 8), kc = c % (D / 8);
-      const int key = k0 + tile * kKeyTile + kr;
-      const bool ok = key < k1;
-      const T* src = !ok ? kb
-                     : kb + kc * 8 +
-                           (p.pages.paged() ? p.pages.offset(b, key, p.pages.k_page_stride, p.k_row_stride)
-                                            : (sb.k_start + key) * p.k_row_stride);
+      const int key = ps.k0 + tile * kKeyTile + kr;
+      const bool ok = key < ps.k1;
+      const T* src = ok ? probe_key_row<T>(p, ps, key) + kc * 8 : static_cast<const T*>(p.k);
       cp_async_16(&ks[buf][kr * kStride + kc * 8], src, ok ? 16 : 0);
     }
     cp_async_commit();
   };
   const int ld_off = ((lane >> 4) * 8 + (lane & 7)) * kStride + ((lane >> 3) & 1) * 8;
 
-  const int ntiles = (k1 - k0 + kKeyTile - 1) / kKeyTile;
+  const int ntiles = (ps.k1 - ps.k0 + kKeyTile - 1) / kKeyTile;
   load_tile(0, 0);
   for (int j = 0; j < ntiles; ++j) {
     if (j + 1 < ntiles) {
@@ -163,65 +116,15 @@ __global__ void __launch_bounds__(kProbeThreads, 2) probe_kernel(const HeadBudge
           MmaTraits<T>::mma(acc[2 * np + 1], qa[kk], &bf[2]);
         }
       }
-      const int tile0 = k0 + j * kKeyTile;
-      const bool need_mask = tile0 + kKeyTile - 1 > my_min;  // warp-uniform
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        float tmax = -INFINITY;
-#pragma unroll
-        for (int nt = 0; nt < kKeyTile / 8; ++nt)
-#pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            float x = acc[nt][2 * e + c] * scale2;
-            if (need_mask && tile0 + nt * 8 + 2 * t4 + c > rows[e].lim) x = -INFINITY;
-            acc[nt][2 * e + c] = x;
-            tmax = fmaxf(tmax, x);
-          }
-        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
-        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
-        const float mn = fmaxf(run_m[e], tmax);
-        if (mn != -INFINITY) {
-          const float corr = exp2f(run_m[e] - mn);
-          float ps = 0.f;
-#pragma unroll
-          for (int nt = 0; nt < kKeyTile / 8; ++nt)
-#pragma unroll
-            for (int c = 0; c < 2; ++c) ps += exp2f(acc[nt][2 * e + c] - mn);
-          run_l[e] = run_l[e] * corr + ps;
-          bpart[e] = bpart[e] * corr + ps;
-          run_m[e] = mn;
-        }
-      }
-      const int tile_end = tile0 + kKeyTile;
-      if (tile_end % S == 0 || j + 1 == ntiles) {  // the key block of this tile ends here
-        const int n = tile0 / S;
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float v = bpart[e];
-          v += __shfl_xor_sync(0xffffffffu, v, 1);
-          v += __shfl_xor_sync(0xffffffffu, v, 2);
-          if (t4 == 0 && rows[e].valid) {
-            const int64_t at = (bh * kProbeRows + warp * 16 + g + 8 * e) * p.nkb + n;
-            ws.bsum[at] = v;
-            ws.bref[at] = run_m[e];
-          }
-          bpart[e] = 0.f;
-        }
-      }
+      const int tile0 = ps.k0 + j * kKeyTile;
+      probe_tile([&](int e, int col) -> float& { return acc[col >> 1][2 * e + (col & 1)]; }, tile0, ps, scale2, t4,
+                 st);
+      if ((tile0 + kKeyTile) % S == 0 || j + 1 == ntiles)  // the key block of this tile ends here
+        probe_block_end(ws, ps, p.nkb, tile0 / S, warp, g, t4, st);
     }
     __syncthreads();  // the buffer read above is refilled next iteration
   }
-
-#pragma unroll
-  for (int e = 0; e < 2; ++e) {
-#pragma unroll
-    for (int o = 1; o < 4; o <<= 1) {
-      const float m2 = __shfl_xor_sync(0xffffffffu, run_m[e], o);
-      const float l2 = __shfl_xor_sync(0xffffffffu, run_l[e], o);
-      merge_max_sum(run_m[e], run_l[e], m2, l2);
-    }
-    if (t4 == 0) partial[warp * 16 + g + 8 * e] = make_float2(run_m[e], run_l[e]);
-  }
+  probe_finish(partial, warp, g, t4, st);
 }
 
 __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const HeadBudgetsParams p, int num_splits) {
@@ -249,9 +152,15 @@ __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const HeadBu
   if (tid < kProbeRows) {
     float m = -INFINITY, l = 0.f;
     const float2* part = ws.partial + bh * num_splits * kProbeRows + tid;
-    for (int sp = 0; sp < num_splits; ++sp) {
-      const float2 v = part[static_cast<int64_t>(sp) * kProbeRows];
-      merge_max_sum(m, l, v.x, v.y);
+    constexpr int kBatch = 8;  // loads in flight; the merges stay in split order
+    for (int sp0 = 0; sp0 < num_splits; sp0 += kBatch) {
+      float2 v[kBatch];
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i)
+        v[i] = sp0 + i < num_splits ? part[static_cast<int64_t>(sp0 + i) * kProbeRows] : make_float2(-INFINITY, 0.f);
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i)
+        if (sp0 + i < num_splits) merge_max_sum(m, l, v[i].x, v[i].y);
     }
     const bool on = tid < R && m != -INFINITY && l > 0.f;
     s_m[tid] = on ? m : 0.f;
@@ -311,12 +220,24 @@ __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const HeadBu
       for (int n = fl.free_hi; n < c_last; ++n) base += mass[n] / total;
       const float gamma = p.gamma;
       if (!(base >= gamma)) {
+        // The same sums in the same order as one add per step; eight values read ahead at a time.
         kst = cnt;
         float cum = base;
-        for (int i = 0; i < cnt; ++i) {
-          cum += sorted[i];
-          if (cum >= gamma) {
-            kst = i + 1;
+        constexpr int kBatch = 8;
+        for (int i0 = 0; i0 < cnt; i0 += kBatch) {
+          float v[kBatch];
+#pragma unroll
+          for (int i = 0; i < kBatch; ++i) v[i] = i0 + i < cnt ? sorted[i0 + i] : 0.f;
+          int hit = -1;
+#pragma unroll
+          for (int i = 0; i < kBatch; ++i) {
+            if (hit < 0 && i0 + i < cnt) {
+              cum += v[i];
+              if (cum >= gamma) hit = i;
+            }
+          }
+          if (hit >= 0) {
+            kst = i0 + hit + 1;
             break;
           }
         }
@@ -326,9 +247,29 @@ __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const HeadBu
   }
 }
 
+// The Hopper probe where the build has sm_90a code, the device is sm_90 and the caller did not ask
+// for the portable kernel.
+bool use_hopper_probe(const HeadBudgetsParams& p) {
+#ifdef PROXYATTN_HOPPER_KERNELS
+  int dev = 0;
+  return !p.portable && cudaGetDevice(&dev) == cudaSuccess && bsa_device_arch(dev) == 90;
+#else
+  return false;
+#endif
+}
+
 template <typename T, int D>
 cudaError_t launch_probe(const HeadBudgetsParams& p, cudaStream_t stream, int num_splits) {
-  probe_kernel<T, D><<<dim3(num_splits, p.num_heads, p.batch), kProbeThreads, 0, stream>>>(p);
+  const dim3 grid(num_splits, p.num_heads, p.batch);
+  if (use_hopper_probe(p)) {
+    auto kernel = budgets_sm90::probe_sm90_kernel<T, D>;
+    constexpr int kSmem = budgets_sm90::Traits<T, D>::kSmemBytes;
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    if (e != cudaSuccess) return e;
+    kernel<<<grid, budgets_sm90::kThreads, kSmem, stream>>>(p);
+  } else {
+    probe_kernel<T, D><<<grid, kProbeThreads, 0, stream>>>(p);
+  }
   return cudaGetLastError();
 }
 

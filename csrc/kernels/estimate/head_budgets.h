@@ -37,7 +37,8 @@ struct HeadBudgetsParams {
   int sink_blocks, local_blocks;
   float softmax_scale;
   bool causal;
-  int* kstar;  // [B, Hq]
+  bool portable;  // the mma.sync probe even where the Hopper one applies (comparisons, tests)
+  int* kstar;     // [B, Hq]
   // Workspace (fp32), see head_budgets_workspace_floats.
   float* workspace;
 };

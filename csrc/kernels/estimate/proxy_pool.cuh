@@ -1,8 +1,10 @@
 // Stage 1 (proxy_block_scores), kernel 1 of 2: the pooled proxy rows, rounded to 16 bits for the
 // scores kernel's single tensor-core product (proxy_scores.cu describes the algorithm).
-//   pool_kernel: one warp per kept row of one (b, group): the mean of the group's heads, summed in
-//     fp32 in head order and divided by the head count (IEEE division), rounded to fp16; a finite
-//     mean whose fp16 rounding overflows marks the (b, group) in `flags`.
+//   pool_kernel: D/8 lanes per kept row of one (b, group), 8 elements each (one 16-byte load per
+//     head; q and k are 16-byte aligned with strides in multiples of 8, checked by the op), so a
+//     warp pools 32/(D/8) rows: the mean of the group's heads, summed in fp32 in head order and
+//     divided by the head count (IEEE division), rounded to fp16; a finite mean whose fp16
+//     rounding overflows marks the (b, group) in `flags`.
 //   fix_kernel: for each marked (b, group), the queries and keys again, rounded to bf16 (fp32's
 //     range) into the same rows. Without a mark it returns at once.
 // reference.group_pool computes the same values (except fp32 subnormals, which the build's fast-math
@@ -14,12 +16,20 @@
 namespace proxyattn {
 namespace scores {
 
-// The kept row j of one (b, group): the mean of its heads, this lane's D/32 elements (0 past the
-// sequence's kept rows).
+constexpr int kPoolPer = 8;  // elements of a row per lane: one 16-byte load per head
+
+// Kept rows one warp pools (D / kPoolPer lanes each).
+template <int D>
+__host__ __device__ constexpr int pool_rows_per_warp() {
+  return 32 / (D / kPoolPer);
+}
+
+// The kept row j of one (b, group): the mean of its heads, elements sub * kPoolPer + [0, kPoolPer)
+// (0 past the sequence's kept rows).
 template <typename T, int D>
 __device__ inline void pooled_row(const ProxyScoresParams& p, const SeqBounds& sb, int b, int grp, bool query,
-                                  int64_t j, int lane, float (&out)[D / 32]) {
-  constexpr int kPer = D / 32;  // elements per lane (even)
+                                  int64_t j, int sub, float (&out)[kPoolPer]) {
+  constexpr int kPer = kPoolPer;
   const int s = p.stride;
   int first, n, h0, nh;
   int64_t start, row_stride, head_stride;
@@ -52,14 +62,16 @@ __device__ inline void pooled_row(const ProxyScoresParams& p, const SeqBounds& s
   for (int e = 0; e < kPer; ++e) out[e] = 0.f;
   if (j >= kept_count(n, first, s)) return;
   const int64_t t = first + j * s;  // sequence-local row
-  const T* src = base + lane * kPer +
+  const T* src = base + sub * kPer +
                  (!query && p.pages.paged() ? p.pages.offset(b, static_cast<int>(t), p.pages.k_page_stride, row_stride)
                                             : (start + t) * row_stride);
+#pragma unroll 4
   for (int hh = 0; hh < nh; ++hh) {
-    const T* hp = src + (h0 + hh) * head_stride;
+    const uint4 raw = *reinterpret_cast<const uint4*>(src + (h0 + hh) * head_stride);
+    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
     for (int e = 0; e < kPer; e += 2) {
-      const float2 v = MmaTraits<T>::to_float2(*reinterpret_cast<const uint32_t*>(hp + e));
+      const float2 v = MmaTraits<T>::to_float2(w[e / 2]);
       out[e] += v.x;
       out[e + 1] += v.y;
     }
@@ -81,23 +93,25 @@ __device__ inline uint32_t pack16(__nv_bfloat16 a, __nv_bfloat16 b) {
 template <typename T, int D, bool kQuery>
 __global__ void __launch_bounds__(kPoolWarps * 32) pool_kernel(const ProxyScoresParams p, int64_t rows_alloc,
                                                              uint16_t* out, int* flags) {
-  constexpr int kPer = D / 32;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * kPoolWarps + warp;
+  constexpr int kPer = kPoolPer, kLanes = D / kPoolPer;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, sub = lane % kLanes;
+  const int64_t j = (static_cast<int64_t>(blockIdx.x) * kPoolWarps + warp) * pool_rows_per_warp<D>() + lane / kLanes;
   const int grp = blockIdx.y, b = blockIdx.z;
-  if (j >= rows_alloc) return;
   const SeqBounds sb = load_seq_bounds(p.cu_seqlens_q, p.cu_seqlens_k, b, p.max_seqlen_q, p.max_seqlen_k,
                                        p.total_q, p.total_k);
-  float v[kPer];
-  pooled_row<T, D>(p, sb, b, grp, kQuery, j, lane, v);
   const int64_t bg = static_cast<int64_t>(b) * p.num_groups + grp;
-  uint16_t* row = out + (bg * rows_alloc + j) * D + lane * kPer;
   bool overflow = false;
+  if (j < rows_alloc) {
+    float v[kPer];
+    pooled_row<T, D>(p, sb, b, grp, kQuery, j, sub, v);
+    uint32_t w[kPer / 2];
 #pragma unroll
-  for (int e = 0; e < kPer; e += 2) {
-    const half a = __float2half_rn(v[e]), c = __float2half_rn(v[e + 1]);
-    overflow |= (__hisinf(a) && isfinite(v[e])) || (__hisinf(c) && isfinite(v[e + 1]));
-    *reinterpret_cast<uint32_t*>(row + e) = pack16(a, c);
+    for (int e = 0; e < kPer; e += 2) {
+      const half a = __float2half_rn(v[e]), c = __float2half_rn(v[e + 1]);
+      overflow |= (__hisinf(a) && isfinite(v[e])) || (__hisinf(c) && isfinite(v[e + 1]));
+      w[e / 2] = pack16(a, c);
+    }
+    reinterpret_cast<uint4*>(out)[(bg * rows_alloc + j) * kLanes + sub] = make_uint4(w[0], w[1], w[2], w[3]);
   }
   if (__any_sync(0xffffffffu, overflow) && lane == 0) flags[bg] = 1;
 }
@@ -106,24 +120,26 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kPoolWarps * 32) fix_kernel(const ProxyScoresParams p, int64_t rows_q,
                                                             int64_t rows_k, uint16_t* q16, uint16_t* k16,
                                                             const int* flags) {
-  constexpr int kPer = D / 32;
+  constexpr int kPer = kPoolPer, kLanes = D / kPoolPer, kRowsW = pool_rows_per_warp<D>();
   const int grp = blockIdx.y, b = blockIdx.z;
   const int64_t bg = static_cast<int64_t>(b) * p.num_groups + grp;
   if (flags[bg] == 0) return;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, sub = lane % kLanes;
   const SeqBounds sb = load_seq_bounds(p.cu_seqlens_q, p.cu_seqlens_k, b, p.max_seqlen_q, p.max_seqlen_k,
                                        p.total_q, p.total_k);
   const int64_t step = static_cast<int64_t>(gridDim.x) * kPoolWarps;
   for (int which = 0; which < 2; ++which) {
     const int64_t rows = which == 0 ? rows_q : rows_k;
     uint16_t* out = which == 0 ? q16 : k16;
-    for (int64_t j = static_cast<int64_t>(blockIdx.x) * kPoolWarps + warp; j < rows; j += step) {
+    for (int64_t jw = static_cast<int64_t>(blockIdx.x) * kPoolWarps + warp; jw * kRowsW < rows; jw += step) {
+      const int64_t j = jw * kRowsW + lane / kLanes;
+      if (j >= rows) break;
       float v[kPer];
-      pooled_row<T, D>(p, sb, b, grp, which == 0, j, lane, v);
-      uint16_t* row = out + (bg * rows + j) * D + lane * kPer;
+      pooled_row<T, D>(p, sb, b, grp, which == 0, j, sub, v);
+      uint32_t w[kPer / 2];
 #pragma unroll
-      for (int e = 0; e < kPer; e += 2)
-        *reinterpret_cast<uint32_t*>(row + e) = pack16(__float2bfloat16_rn(v[e]), __float2bfloat16_rn(v[e + 1]));
+      for (int e = 0; e < kPer; e += 2) w[e / 2] = pack16(__float2bfloat16_rn(v[e]), __float2bfloat16_rn(v[e + 1]));
+      reinterpret_cast<uint4*>(out)[(bg * rows + j) * kLanes + sub] = make_uint4(w[0], w[1], w[2], w[3]);
     }
   }
 }

@@ -1,5 +1,5 @@
 // Stage 1 (proxy_block_scores) kernels: one pass over the logits, one 16-bit product per logit.
-//   1. pool_kernel<T, D, is_query>: one warp per kept row j of one (b, group): the mean of the
+//   1. pool_kernel<T, D, is_query>: D/8 lanes per kept row j of one (b, group): the mean of the
 //      group's heads (fp32 sum in head order, IEEE division by the head count), rounded to fp16
 //      into the workspace [B, G, kept rows, D]; rows past the sequence's kept count are zero.
 //      Kept query j sits at sequence-local row i0 + j*s with i0 = (-(Nk - Nq)) mod s; kept key j
@@ -19,7 +19,8 @@
 //      this CTA's slot of a global scratch [nkb][256 rows]. At the end of the unit, with the rows'
 //      final max M_r and sum l_r: A[m, n] = max over rows r of block m of
 //      exp2((L[r][n] - M_r) * c) / l_r (monotonic, so this is the max of the row's probabilities
-//      inside block n); every element of the unit's rows of A is written (0 where no kept pair).
+//      inside block n), taken as exp2 of max over r of (L[r][n] - M_r) * c - log2(l_r): one
+//      exponential per element; every element of the unit's rows of A is written (0 where no kept pair).
 //      kAligned (S % s == 0 and (S/s) % 8 == 0): an 8-key group never straddles key blocks, so
 //      block maxima come from per-thread maxima + two quad shuffles. Otherwise each warp stages
 //      its 32 x sub-tile logits in shared memory and lane r folds row r's columns into block runs.
@@ -163,8 +164,9 @@ cudaError_t launch_scores(const ProxyScoresParams& p, cudaStream_t stream) {
   uint16_t* q16 = reinterpret_cast<uint16_t*>(ws + w.q16);
   uint16_t* k16 = reinterpret_cast<uint16_t*>(ws + w.k16);
   int* flags = reinterpret_cast<int*>(ws + w.flags);
-  const dim3 pool_q((w.rows_q + kPoolWarps - 1) / kPoolWarps, p.num_groups, p.batch);
-  const dim3 pool_k((w.rows_k + kPoolWarps - 1) / kPoolWarps, p.num_groups, p.batch);
+  constexpr int kPoolRows = kPoolWarps * pool_rows_per_warp<D>();  // kept rows per pool CTA
+  const dim3 pool_q((w.rows_q + kPoolRows - 1) / kPoolRows, p.num_groups, p.batch);
+  const dim3 pool_k((w.rows_k + kPoolRows - 1) / kPoolRows, p.num_groups, p.batch);
   if (w.rows_q > 0) {
     pool_kernel<T, D, true><<<pool_q, kPoolWarps * 32, 0, stream>>>(p, w.rows_q, q16, flags);
     if ((e = cudaGetLastError()) != cudaSuccess) return e;
@@ -176,7 +178,7 @@ cudaError_t launch_scores(const ProxyScoresParams& p, cudaStream_t stream) {
   // fp16 inputs never overflow fp16 (a mean is within its inputs' range).
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {
     const int64_t rows = std::max(w.rows_q, w.rows_k);
-    const dim3 fix(static_cast<unsigned>(std::min<int64_t>(16, (rows + kPoolWarps - 1) / kPoolWarps)), p.num_groups,
+    const dim3 fix(static_cast<unsigned>(std::min<int64_t>(16, (rows + kPoolRows - 1) / kPoolRows)), p.num_groups,
                    p.batch);
     if (rows > 0) {
       fix_kernel<T, D><<<fix, kPoolWarps * 32, 0, stream>>>(p, w.rows_q, w.rows_k, q16, k16, flags);

@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
   __shared__ long long s_unit;
   __shared__ int s_warp_lim[kScoreWarps];
   __shared__ int s_blk_nmax[kScoreWarps];
-  __shared__ float s_m[kCtaRows], s_inv[kCtaRows];
+  __shared__ float s_m[kCtaRows], s_lg[kCtaRows];
   __shared__ int s_nlim[kCtaRows];
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -255,12 +255,12 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
 
     // Final row statistics: merge the four lanes of each row.
 #pragma unroll
-    for (int i = 0; i < 4; ++i) store_row_stats(row_m[i], row_l[i], lim[i], slot0 + 8 * i + g, t4, p, c, s_m, s_inv, s_nlim);
+    for (int i = 0; i < 4; ++i) store_row_stats(row_m[i], row_l[i], lim[i], slot0 + 8 * i + g, t4, p, c, s_m, s_lg, s_nlim);
     __syncthreads();  // scratch rows and row statistics are visible to the whole CTA
     block_row_limits(s_nlim, s_blk_nmax, geo.upb * kWarpRows, geo.bpc);
     __syncthreads();
     write_unit_scores<kScoreThreads, kAligned>(p, c, scratch, kCtaRows, geo.upb * kWarpRows, geo.bpc, mb, bgrow, s_m,
-                                               s_inv, s_nlim, s_blk_nmax);
+                                               s_lg, s_nlim, s_blk_nmax);
     __syncthreads();  // statistics, scratch and s_unit are reused by the next unit
   }
 }

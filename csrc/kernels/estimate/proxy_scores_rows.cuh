@@ -61,14 +61,15 @@ __device__ __forceinline__ int kept_row_limit(bool valid, bool causal, int off, 
 
 // The end of a unit of either scores kernel: A[b, group, m, :] for the unit's query blocks
 // mb * bpc + [0, bpc), every element. Block bl's rows are CTA rows bl * rows_blk + [0, rows_blk);
-// row r has the final max s_m[r], 1 / sum s_inv[r] and last key block s_nlim[r] (-1: no row), and
+// row r has the final max s_m[r], log2 of its sum s_lg[r] and last key block s_nlim[r] (-1: no row), and
 // its max logit over key block n at scratch[n * cta_rows + r] for n <= s_nlim[r] (later entries are
 // stale and not read). s_blk_nmax[bl]: the largest s_nlim of block bl. Everything is visible to the
-// CTA; the caller synchronises before reusing any of it.
+// CTA; the caller synchronises before reusing any of it. The largest of a block's terms
+// exp2((L - m) c) / sum is taken in the exponent: one exponential per element of A, not per row.
 template <int kThreads, bool kAligned>
 __device__ __forceinline__ void write_unit_scores(const ProxyScoresParams& p, float c, const float* scratch, int cta_rows,
                                          int rows_blk, int bpc, int mb, int64_t bgrow, const float* s_m,
-                                         const float* s_inv, const int* s_nlim, const int* s_blk_nmax) {
+                                         const float* s_lg, const int* s_nlim, const int* s_blk_nmax) {
   const int S = p.block_size, s = p.stride;
   float* A0 = p.scores + bgrow * p.nqb * p.nkb;
   for (int idx = threadIdx.x; idx < bpc * p.nkb; idx += kThreads) {
@@ -80,16 +81,16 @@ __device__ __forceinline__ void write_unit_scores(const ProxyScoresParams& p, fl
       const int64_t f0 = ceil_div64(static_cast<int64_t>(n) * S, s), f1 = ceil_div64(static_cast<int64_t>(n + 1) * S, s);
       has_key = f0 < f1;
     }
-    float v = 0.f;
+    float e = -INFINITY;  // the largest exponent; none (no row sees the block): A = exp2(-inf) = 0
     if (n <= s_blk_nmax[bl] && has_key) {
       const float* Ln = scratch + static_cast<int64_t>(n) * cta_rows + bl * rows_blk;
 #pragma unroll 8
       for (int r = 0; r < rows_blk; ++r) {
         const int rr = bl * rows_blk + r;
-        if (n <= s_nlim[rr]) v = fmaxf(v, exp2f((Ln[r] - s_m[rr]) * c) * s_inv[rr]);
+        if (n <= s_nlim[rr]) e = fmaxf(e, fmaf(Ln[r] - s_m[rr], c, -s_lg[rr]));
       }
     }
-    A0[static_cast<int64_t>(mm) * p.nkb + n] = v;
+    A0[static_cast<int64_t>(mm) * p.nkb + n] = exp2f(e);
   }
 }
 
@@ -118,19 +119,24 @@ __device__ __forceinline__ void warp_limit_range(const int (&lim)[N], int& hi, i
 }
 
 // Online (max m, sum l) of one row over this thread's N logits x(0 .. N-1) of a key tile, whose
-// maximum the caller has (tmax); the sum is rescaled only when the max grows.
+// maximum the caller has (tmax); the sum is rescaled only when the max grows. No branch around
+// the exponentials (while m is -inf every logit so far is -inf, and exp2(-inf - 0) adds 0), so a
+// caller's rows interleave; the tile's sum in four independent chains, added pairwise.
 template <int N, class X>
 __device__ __forceinline__ void online_row_max(float& m, float& l, X&& x, float tmax, float c) {
   if (tmax > m) {
     l *= exp2f((m - tmax) * c);
     m = tmax;
   }
-  if (m != -INFINITY) {
-    float sum = 0.f;
+  const float base = m == -INFINITY ? 0.f : m;
+  constexpr int kChains = N % 4 == 0 ? 4 : 1;
+  float sum[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-    for (int j = 0; j < N; ++j) sum += exp2f((x(j) - m) * c);
-    l += sum;
+  for (int j = 0; j < N; ++j) {
+    const float e = exp2f((x(j) - base) * c);
+    sum[j % kChains] = j < kChains ? e : sum[j % kChains] + e;  // exp2 is never -0: e equals 0 + e
   }
+  l += (sum[0] + sum[1]) + (sum[2] + sum[3]);
 }
 
 // online_row_max with the tile maximum taken here.
@@ -148,10 +154,10 @@ __device__ __forceinline__ float quad_max(float v) {
   return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
 }
 
-// A row's final statistics: its quad's (max, sum) merged; lane t4 == 0 stores the max, 1 / sum and
+// A row's final statistics: its quad's (max, sum) merged; lane t4 == 0 stores the max, log2 of the sum and
 // the row's last key block (from lim, its last kept key; -1: no key) for CTA row r.
 __device__ __forceinline__ void store_row_stats(float m, float l, int lim, int r, int t4, const ProxyScoresParams& p, float c,
-                                       float* s_m, float* s_inv, int* s_nlim) {
+                                       float* s_m, float* s_lg, int* s_nlim) {
 #pragma unroll
   for (int o = 1; o < 4; o <<= 1) {
     const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
@@ -161,7 +167,7 @@ __device__ __forceinline__ void store_row_stats(float m, float l, int lim, int r
   if (t4 == 0) {
     const bool on = lim >= 0 && l > 0.f;
     s_m[r] = on ? m : 0.f;
-    s_inv[r] = on ? 1.f / l : 0.f;
+    s_lg[r] = on ? log2f(l) : 0.f;
     s_nlim[r] = on ? static_cast<int>(static_cast<int64_t>(lim) * p.stride / p.block_size) : -1;
   }
 }

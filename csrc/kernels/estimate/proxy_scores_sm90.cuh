@@ -66,7 +66,7 @@ struct Traits {
   struct SharedStorage {
     alignas(1024) cutlass::half_t q[cosize_v<SmemLayoutQ>];
     alignas(1024) cutlass::half_t k[cosize_v<SmemLayoutK>];
-    float m[kRows], inv[kRows];
+    float m[kRows], lg[kRows];
     int nlim[kRows];
     int warp_lim[kThreads / 32];
     int blk_nmax[kRows / 16];
@@ -74,11 +74,6 @@ struct Traits {
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
 };
-
-// Generic-proxy writes to shared memory (cp.async, st.shared) made visible to wgmma's reads.
-__device__ __forceinline__ void fence_proxy_async_shared() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
 
 // c = sm * log2(e) clamped into [FLT_MIN, FLT_MAX] by the launcher (as for the mma.sync kernel).
 // kBlockKeys = S / s, the kept keys of one key block (a power of two from 8 to 128), fixed at compile
@@ -122,22 +117,20 @@ __global__ void __launch_bounds__(kThreads, 2)
                 "one thread holds two rows of the tile");
   float prev[2][kCols];  // the logits of the tile whose math runs beside the next tile's wgmma
 
-  // This thread's 16-byte chunks of a key tile, fixed for the whole kernel: key row, column and
-  // shared address in stage 0 (stage b is b * kKeys * D halves further on: one swizzle period per
-  // stage).
+  // This thread's 16-byte chunks of a key tile, fixed for the whole kernel: chunk i is key row
+  // chunk_row0 + i kRowStep of the tile, column chunk_col, so its global offset is a constant
+  // i kRowStep D past the first's; shared address in stage 0 (stage b is b * kKeys * D halves
+  // further on: one swizzle period per stage).
   constexpr int kChunkCols = D / 8;
-  constexpr int kTileChunks = kKeys * kChunkCols / kThreads;
-  static_assert(kTileChunks * kThreads == kKeys * kChunkCols, "whole chunks per thread");
+  constexpr int kRowStep = kThreads / kChunkCols;
+  constexpr int kTileChunks = kKeys / kRowStep;
+  static_assert(kRowStep * kChunkCols == kThreads && kTileChunks * kRowStep == kKeys, "whole chunks per thread");
   constexpr uint32_t kStageBytes = kKeys * D * 2;
-  int chunk_off[kTileChunks], chunk_row[kTileChunks];
+  const int chunk_row0 = tid / kChunkCols, chunk_col = (tid % kChunkCols) * 8;
   uint32_t chunk_dst[kTileChunks];
 #pragma unroll
-  for (int i = 0; i < kTileChunks; ++i) {
-    const int ch = tid + i * kThreads, kr = ch / kChunkCols, kc = (ch % kChunkCols) * 8;
-    chunk_row[i] = kr;
-    chunk_off[i] = kr * D + kc;
-    chunk_dst[i] = static_cast<uint32_t>(__cvta_generic_to_shared(&sKh(kr, kc, 0)));
-  }
+  for (int i = 0; i < kTileChunks; ++i)
+    chunk_dst[i] = static_cast<uint32_t>(__cvta_generic_to_shared(&sKh(chunk_row0 + i * kRowStep, chunk_col, 0)));
 
   for (;;) {
     if (tid == 0) ss.unit = static_cast<long long>(atomicAdd(counter, 1ull));
@@ -186,12 +179,21 @@ __global__ void __launch_bounds__(kThreads, 2)
       proxyattn::cp_async_commit();
     };
     const uint16_t* k_unit = k16 + krow0 * D;
+    // Tile `tile` into stage buf: every chunk of a tile inside the kept keys (CTA-uniform test),
+    // else zero-filled rows past them (their source is never read).
     auto load_tile = [&](int tile, int buf) {
-      const uint16_t* k_tile = k_unit + static_cast<int64_t>(tile) * kKeys * D;
+      const uint16_t* src = k_unit + (static_cast<int64_t>(tile) * kKeys + chunk_row0) * D + chunk_col;
+      const uint32_t dst = buf * kStageBytes;
+      if ((tile + 1) * kKeys <= nkk) {
 #pragma unroll
-      for (int i = 0; i < kTileChunks; ++i) {
-        const bool ok = tile * kKeys + chunk_row[i] < nkk;
-        cp_async_16(chunk_dst[i] + buf * kStageBytes, ok ? k_tile + chunk_off[i] : k16, ok ? 16 : 0);
+        for (int i = 0; i < kTileChunks; ++i) cp_async_16(chunk_dst[i] + dst, src + i * kRowStep * D, 16);
+      } else {
+        const int rows = nkk - tile * kKeys - chunk_row0;  // chunk i holds a kept key when i kRowStep < rows
+#pragma unroll
+        for (int i = 0; i < kTileChunks; ++i) {
+          const bool ok = i * kRowStep < rows;
+          cp_async_16(chunk_dst[i] + dst, ok ? src + i * kRowStep * D : k16, ok ? 16 : 0);
+        }
       }
       proxyattn::cp_async_commit();
     };
@@ -258,8 +260,8 @@ __global__ void __launch_bounds__(kThreads, 2)
         if ((jt & 1) == 1 || kk0 + kKeys > my_lim) store_block_max(kk0 / kBlockKeys, half_max);
       }
     };
-    // Iteration j: wait for tile j, refill the stage of tile j - 1 with tile j + 3, issue tile j's
-    // wgmma, do tile j - 1's math on prev while it runs, wait for it and copy its logits to prev
+    // Iteration j: wait for tile j, issue its wgmma, refill the stage of tile j - 1 with tile
+    // j + 3, do tile j - 1's math on prev while the wgmma runs, wait for it and copy its logits to prev
     // (the accumulator itself is never read while a wgmma may write it: ptxas would serialise
     // every wgmma). Every warpgroup issues the wgmma of every tile, and its wait never sits on a
     // branch (ptxas serialises wgmma otherwise), so the loop runs one iteration past the last tile,
@@ -270,13 +272,13 @@ __global__ void __launch_bounds__(kThreads, 2)
     // tile j - 1, so that stage can take tile j + 3.
     auto step = [&](int j) {
       proxyattn::cp_async_wait<kStages - 2>();
-      fence_proxy_async_shared();
+      bsa_sm90::fence_proxy_async_shared();
       __syncthreads();
+      if (bf16) bsa_sm90::wg_issue<true>(mma_b, tQb, tKb(_, _, _, j % kStages), acc);
+      else bsa_sm90::wg_issue<true>(mma_h, tQh, tKh(_, _, _, j % kStages), acc);
       const int jn = j + kStages - 1;
       if (jn < ntiles) load_tile(jn, jn % kStages);
       else proxyattn::cp_async_commit();
-      if (bf16) bsa_sm90::wg_issue<true>(mma_b, tQb, tKb(_, _, _, j % kStages), acc);
-      else bsa_sm90::wg_issue<true>(mma_h, tQh, tKh(_, _, _, j % kStages), acc);
       if (j > 0) tile_math(j - 1);
       warpgroup_wait<0>();
       warpgroup_fence_operand(acc);
@@ -299,11 +301,11 @@ __global__ void __launch_bounds__(kThreads, 2)
     // Final row statistics: merge the four lanes of each row.
 #pragma unroll
     for (int ri = 0; ri < 2; ++ri)
-      scores::store_row_stats(row_m[ri], row_l[ri], lim[ri], 16 * warp + g + 8 * ri, t4, p, c, ss.m, ss.inv, ss.nlim);
+      scores::store_row_stats(row_m[ri], row_l[ri], lim[ri], 16 * warp + g + 8 * ri, t4, p, c, ss.m, ss.lg, ss.nlim);
     __syncthreads();  // scratch rows and row statistics are visible to the whole CTA
     scores::block_row_limits(ss.nlim, ss.blk_nmax, geo.rows_blk, geo.bpc);
     __syncthreads();
-    scores::write_unit_scores<kThreads, true>(p, c, scratch, kRows, geo.rows_blk, geo.bpc, mb, bgrow, ss.m, ss.inv,
+    scores::write_unit_scores<kThreads, true>(p, c, scratch, kRows, geo.rows_blk, geo.bpc, mb, bgrow, ss.m, ss.lg,
                                               ss.nlim, ss.blk_nmax);
     __syncthreads();  // statistics, scratch and the unit are reused by the next unit
   }

@@ -1,16 +1,17 @@
-// Stage 3 (select_blocks), v2: one CTA per (b, proxy group g, query block m), shared by the
+// Stage 3 (select_blocks): one CTA per (b, proxy group g, query block m), shared by the
 // Hq/G heads of the group (they read the same score row and differ only in their budget).
 //   k_m = min(c_m, max(f_m + ceil_div(kstar * (c_m - f_m), c_last - f_last), ceil_div(min_budget, S)))
 // (64-bit integer arithmetic, second term 0 when c_last == f_last; kstar clamped into
 // [0, c_last - f_last] as the reference does); each head takes its r = k_m - f_m best
 // non-forced candidates (a contiguous range of key blocks, see split_forced).
-// The non-forced candidates are sorted once per row by the total order "larger score
-// first, then smaller n" (bitonic sort in shared memory of order-preserving uint32 keys of
-// the fp32 scores, -0.0 canonicalised to +0.0, NaN below every number, with 16-bit candidate
-// offsets), giving each candidate its rank. A warp per head then writes, in one ascending pass with ballots,
-// every candidate that is forced or ranks below r, and pads the row with -1 (indices int16:
-// nkb <= 32768). The sort is skipped when every head of the row takes all or none of the
-// non-forced candidates.
+// Each head's r best non-forced candidates in the total order "larger score first, then
+// smaller n" are found without sorting: the candidates' order-preserving uint32 keys of the fp32
+// scores (-0.0 canonicalised to +0.0, NaN below every number) go to shared memory once per row,
+// then a warp per head finds the key T of rank r by radix selection (four passes of 8-bit digit
+// histograms in warp-private shared memory), and writes, in one ascending pass with ballots,
+// every candidate that is forced, has a key above T, or has key T and is among the first `need`
+// of them (need = r - #keys above T); it pads the row with -1 (indices int16: nkb <= 32768). A
+// head that takes all or none of the non-forced candidates needs no selection.
 // Deterministic; bit-identical to any implementation of the same total order.
 #include "kernels/estimate/select_blocks.h"
 
@@ -21,13 +22,12 @@ namespace {
 
 constexpr int kSelectThreads = 256;
 constexpr int kSelectWarps = kSelectThreads / 32;
-constexpr uint16_t kPadIndex = 0xffffu;  // > any candidate offset (nkb <= 32768)
 
-static_assert(kSelectMaxBlocks <= 32768, "candidate offsets and output indices are stored in 16 bits");
+static_assert(kSelectMaxBlocks <= 32768, "output indices are stored in 16 bits");
 
 // Order-preserving key of a score: larger scores get larger keys, -inf the smallest number key
 // (0x007fffff); NaN (either sign) ranks below every number with key 0, so it never outranks a
-// number (docs/design.md section 2). Forced blocks are never sorted, so no score can displace them.
+// number (docs/design.md section 2). Forced blocks are never ranked, so no score can displace them.
 __device__ inline uint32_t order_key(float f) {
   const uint32_t u = __float_as_uint(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return 0u;  // NaN, by its bits (fast math may drop isnan)
@@ -35,20 +35,62 @@ __device__ inline uint32_t order_key(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// (key a, index ia) goes before (key b, index ib) in the selection order.
-__device__ inline bool goes_before(uint32_t a, uint16_t ia, uint32_t b, uint16_t ib) {
-  return a > b || (a == b && ia < ib);
+// One warp: the key T of rank r (1-based, largest first) among keys[0, nc), 0 < r < nc, and how
+// many keys equal to T fall within the first r (need; the keys above T are r - need). hist: 256
+// words of this warp's own.
+__device__ inline void warp_select(const uint32_t* keys, int nc, int r, uint32_t* hist, int lane, uint32_t& T,
+                                   int& need) {
+  uint32_t prefix = 0, mask = 0;
+  int rr = r;  // rank among the keys that match prefix on the decided bits, in [1, their count]
+#pragma unroll 1
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int i = lane; i < 256; i += 32) hist[i] = 0u;
+    __syncwarp();
+    for (int i = lane; i < nc; i += 32) {
+      const uint32_t k = keys[i];
+      if ((k & mask) == prefix) atomicAdd(&hist[(k >> shift) & 255u], 1u);
+    }
+    __syncwarp();
+    // Lane l holds digits 255 - 8 l - e (e = 0..7): the lanes in descending digit order.
+    uint32_t cnt[8], sum = 0;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) sum += (cnt[e] = hist[255 - 8 * lane - e]);
+    uint32_t incl = sum;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const uint32_t t = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += t;
+    }
+    const uint32_t excl = incl - sum;
+    const bool mine = excl < static_cast<uint32_t>(rr) && static_cast<uint32_t>(rr) <= incl;
+    const int src = __ffs(__ballot_sync(0xffffffffu, mine)) - 1;
+    int digit = 0;
+    uint32_t before = excl;
+    bool found = false;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      if (!found && before + cnt[e] >= static_cast<uint32_t>(rr)) {
+        digit = 255 - 8 * lane - e;
+        found = true;
+      } else if (!found) {
+        before += cnt[e];
+      }
+    }
+    digit = __shfl_sync(0xffffffffu, digit, src);
+    before = __shfl_sync(0xffffffffu, before, src);
+    rr -= static_cast<int>(before);
+    prefix |= static_cast<uint32_t>(digit) << shift;
+    mask |= 255u << shift;
+    __syncwarp();  // every lane has read the histogram before the next pass clears it
+  }
+  T = prefix;
+  need = rr;
 }
 
-__device__ inline int pow2_at_least(int n) {
-  int p = 1;
-  while (p < n) p <<= 1;
-  return p;
-}
-
-__global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const SelectBlocksParams p, int pw_max) {
-  extern __shared__ __align__(16) uint32_t keys[];  // [pw_max] keys, then ranks; followed by uint16 idx[pw_max]
-  uint16_t* idx = reinterpret_cast<uint16_t*>(keys + pw_max);
+__global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const SelectBlocksParams p) {
+  extern __shared__ __align__(16) uint32_t keys[];  // [nkb] order keys of the row's non-forced candidates
+  __shared__ uint32_t hist[kSelectWarps][256];      // each warp's digit histogram
+  static_assert(sizeof(hist) == kSelectHistBytes, "select_blocks_smem_bytes counts the histograms");
 
   const int m = blockIdx.x, grp = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -89,59 +131,47 @@ __global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const Sel
     return static_cast<int>(km) - fs.forced;
   };
 
-  bool need = false;
+  bool any = false;  // some head takes part of the non-forced candidates: their keys are needed
   for (int hh = tid; hh < hpg; hh += kSelectThreads) {
     const int r = take(h0 + hh);
-    need |= r > 0 && r < nc;
+    any |= r > 0 && r < nc;
   }
-  need = __syncthreads_or(need);
-  if (need) {
+  any = __syncthreads_or(any);
+  if (any) {
     const float* srow = p.scores + ((static_cast<int64_t>(b) * p.num_groups + grp) * p.nqb + m) * p.nkb + fs.free_lo;
-    const int pw = pow2_at_least(nc);
-    for (int i = tid; i < pw; i += kSelectThreads) {
-      keys[i] = i < nc ? order_key(srow[i]) : 0u;
-      idx[i] = i < nc ? static_cast<uint16_t>(i) : kPadIndex;
-    }
-    __syncthreads();
-    // Bitonic sort into the selection order (descending key, ascending index).
-    for (int size = 2; size <= pw; size <<= 1) {
-      for (int stride = size >> 1; stride > 0; stride >>= 1) {
-        for (int i = tid; i < pw / 2; i += kSelectThreads) {
-          const int lo = 2 * i - (i & (stride - 1));
-          const int hi = lo + stride;
-          const bool fwd = (lo & size) == 0;  // this run is sorted in selection order
-          const uint32_t ka = keys[lo], kb = keys[hi];
-          const uint16_t ia = idx[lo], ib = idx[hi];
-          if (goes_before(kb, ib, ka, ia) == fwd) {
-            keys[lo] = kb;
-            keys[hi] = ka;
-            idx[lo] = ib;
-            idx[hi] = ia;
-          }
-        }
-        __syncthreads();
-      }
-    }
-    // keys[] becomes the rank of each candidate offset (real entries sort before the padding).
-    for (int i = tid; i < nc; i += kSelectThreads) keys[idx[i]] = static_cast<uint32_t>(i);
+    for (int i = tid; i < nc; i += kSelectThreads) keys[i] = order_key(srow[i]);
     __syncthreads();
   }
 
-  // A warp per head: ascending compaction of the forced blocks and the candidates ranked < r.
+  // A warp per head: its threshold, then an ascending compaction of the forced blocks and the
+  // candidates within its first r.
   for (int hh = warp; hh < hpg; hh += kSelectWarps) {
     const int h = h0 + hh;
     const int r = take(h);
     const int km = fs.forced + r;
+    uint32_t T = 0;
+    int need = 0;
+    if (r > 0 && r < nc) warp_select(keys, nc, r, hist[warp], lane, T, need);
     int16_t* out = out_row(h);
     if (lane == 0) count_at(h) = km;
-    int pos = 0;
+    int pos = 0, ties = 0;  // ties: candidates with key T met so far
     for (int base = 0; base < c; base += 32) {
       const int n = base + lane;
-      bool sel = false;
+      bool sel = false, tie = false;
       if (n < c) {
-        if (n < fs.free_lo || n >= fs.free_hi) sel = true;
-        else sel = r >= nc ? true : r <= 0 ? false : keys[n - fs.free_lo] < static_cast<uint32_t>(r);
+        if (n < fs.free_lo || n >= fs.free_hi) {
+          sel = true;
+        } else if (r >= nc) {
+          sel = true;
+        } else if (r > 0) {
+          const uint32_t k = keys[n - fs.free_lo];
+          sel = k > T;
+          tie = k == T;
+        }
       }
+      const unsigned tb = __ballot_sync(0xffffffffu, tie);
+      if (tie) sel = ties + __popc(tb & ((1u << lane) - 1u)) < need;
+      ties += __popc(tb);
       const unsigned bal = __ballot_sync(0xffffffffu, sel);
       if (sel) out[pos + __popc(bal & ((1u << lane) - 1u))] = static_cast<int16_t>(n);
       pos += __popc(bal);
@@ -155,16 +185,14 @@ __global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const Sel
 cudaError_t run_select_blocks(const SelectBlocksParams& p, cudaStream_t stream) {
   if (p.batch == 0 || p.num_heads == 0 || p.nqb == 0) return cudaSuccess;
   if (p.nkb > kSelectMaxBlocks || p.num_groups < 1 || p.num_heads % p.num_groups != 0) return cudaErrorInvalidValue;
-  int pw = 1;
-  while (pw < p.nkb) pw <<= 1;
-  const size_t smem = select_blocks_smem_bytes(p.nkb);
-  if (smem > 48 * 1024) {
+  const size_t smem = select_blocks_smem_bytes(p.nkb) - kSelectHistBytes;  // dynamic: the keys
+  if (smem > 32 * 1024) {  // with the 8 KiB of histograms, past the 48 KiB a CTA gets unasked
     cudaError_t e = cudaFuncSetAttribute(select_blocks_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
     if (e != cudaSuccess) return e;
   }
   const dim3 grid(p.nqb, p.num_groups, p.batch);
-  select_blocks_kernel<<<grid, kSelectThreads, smem, stream>>>(p, pw);
+  select_blocks_kernel<<<grid, kSelectThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -31,13 +31,12 @@ struct SelectBlocksParams {
 // must fit in int16).
 constexpr int kSelectMaxBlocks = 32768;
 
-// Dynamic shared memory of the kernel for rows of nkb key blocks: a 32-bit key and a 16-bit
-// offset per candidate, for the power of two of candidates its sort spans (196608 bytes at the
-// 32768 blocks above, more than some GPUs give a block: the op checks the device's limit).
+// Shared memory of the kernel for rows of nkb key blocks: a 32-bit key per candidate (dynamic) and
+// each of its 8 warps' 256-entry digit histograms (static, kSelectHistBytes): 139264 bytes at the
+// 32768 blocks above, more than some GPUs give a block (the op checks the device's limit).
+constexpr size_t kSelectHistBytes = 8 * 256 * sizeof(uint32_t);
 inline size_t select_blocks_smem_bytes(int nkb) {
-  size_t pw = 1;
-  while (pw < static_cast<size_t>(nkb)) pw <<= 1;
-  return pw * (sizeof(uint32_t) + sizeof(uint16_t));
+  return static_cast<size_t>(nkb) * sizeof(uint32_t) + kSelectHistBytes;
 }
 
 cudaError_t run_select_blocks(const SelectBlocksParams& p, cudaStream_t stream);
