@@ -104,6 +104,27 @@ __device__ inline void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// The 16-byte chunks one thread of kThreads copies of every key tile (kKeys rows of D 16-bit
+// elements) in the Hopper estimation kernels' cp.async rings: rows row0(tid) + i kRowStep
+// (i < kChunks) of the tile, columns col(tid) + [0, 8); dst[i], their shared addresses in stage 0
+// of sK, a (keys, D, stage) tensor whose stage b lies b kStageBytes further on.
+template <int kThreads, int D, int kKeys>
+struct KeyTileChunks {
+  static constexpr int kChunkCols = D / 8;
+  static constexpr int kRowStep = kThreads / kChunkCols;
+  static constexpr int kChunks = kKeys / kRowStep;
+  static constexpr uint32_t kStageBytes = kKeys * D * 2;
+  static_assert(kRowStep * kChunkCols == kThreads && kChunks * kRowStep == kKeys, "whole chunks per thread");
+  __device__ static __forceinline__ int row0(int tid) { return tid / kChunkCols; }
+  __device__ static __forceinline__ int col(int tid) { return (tid % kChunkCols) * 8; }
+  template <class SmemK>
+  __device__ static __forceinline__ void shared_addresses(uint32_t (&dst)[kChunks], SmemK& sK, int tid) {
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i)
+      dst[i] = static_cast<uint32_t>(__cvta_generic_to_shared(&sK(row0(tid) + i * kRowStep, col(tid), 0)));
+  }
+};
+
 // Merge two (max, sum) pairs of an online softmax in the log2 domain; -inf max means empty.
 __device__ inline void merge_max_sum(float& m, float& l, float m2, float l2) {
   const float mn = fmaxf(m, m2);

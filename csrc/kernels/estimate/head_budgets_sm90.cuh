@@ -90,26 +90,18 @@ __global__ void __launch_bounds__(kThreads, 2) probe_sm90_kernel(const HeadBudge
     }
     cp_async_commit();
   }
-  // This thread's 16-byte chunks of a key tile: key rows chunk_row0 + i kRowStep, column
-  // chunk_col; shared addresses in stage 0 (stage b is b * kKeyTile * D elements further on).
-  constexpr int kChunkCols = D / 8;
-  constexpr int kRowStep = kThreads / kChunkCols;
-  constexpr int kTileChunks = kKeyTile / kRowStep;
-  static_assert(kRowStep * kChunkCols == kThreads && kTileChunks * kRowStep == kKeyTile, "whole chunks per thread");
-  constexpr uint32_t kStageBytes = kKeyTile * D * 2;
-  const int chunk_row0 = tid / kChunkCols, chunk_col = (tid % kChunkCols) * 8;
-  uint32_t chunk_dst[kTileChunks];
-#pragma unroll
-  for (int i = 0; i < kTileChunks; ++i)
-    chunk_dst[i] = static_cast<uint32_t>(__cvta_generic_to_shared(&sK(chunk_row0 + i * kRowStep, chunk_col, 0)));
+  using Chunks = KeyTileChunks<kThreads, D, kKeyTile>;  // this thread's 16-byte chunks of a key tile
+  const int chunk_row0 = Chunks::row0(tid), chunk_col = Chunks::col(tid);
+  uint32_t chunk_dst[Chunks::kChunks];
+  Chunks::shared_addresses(chunk_dst, sK, tid);
   // Tile `tile` of the split into stage buf: key rows past the split's end are zero.
   auto load_tile = [&](int tile, int buf) {
 #pragma unroll
-    for (int i = 0; i < kTileChunks; ++i) {
-      const int key = ps.k0 + tile * kKeyTile + chunk_row0 + i * kRowStep;
+    for (int i = 0; i < Chunks::kChunks; ++i) {
+      const int key = ps.k0 + tile * kKeyTile + chunk_row0 + i * Chunks::kRowStep;
       const bool ok = key < ps.k1;
       const T* src = ok ? probe_key_row<T>(p, ps, key) + chunk_col : static_cast<const T*>(p.k);
-      cp_async_16(chunk_dst[i] + buf * kStageBytes, src, ok ? 16 : 0);
+      cp_async_16(chunk_dst[i] + buf * Chunks::kStageBytes, src, ok ? 16 : 0);
     }
     cp_async_commit();
   };

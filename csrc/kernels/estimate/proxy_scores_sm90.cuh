@@ -117,20 +117,12 @@ __global__ void __launch_bounds__(kThreads, 2)
                 "one thread holds two rows of the tile");
   float prev[2][kCols];  // the logits of the tile whose math runs beside the next tile's wgmma
 
-  // This thread's 16-byte chunks of a key tile, fixed for the whole kernel: chunk i is key row
-  // chunk_row0 + i kRowStep of the tile, column chunk_col, so its global offset is a constant
-  // i kRowStep D past the first's; shared address in stage 0 (stage b is b * kKeys * D halves
-  // further on: one swizzle period per stage).
-  constexpr int kChunkCols = D / 8;
-  constexpr int kRowStep = kThreads / kChunkCols;
-  constexpr int kTileChunks = kKeys / kRowStep;
-  static_assert(kRowStep * kChunkCols == kThreads && kTileChunks * kRowStep == kKeys, "whole chunks per thread");
-  constexpr uint32_t kStageBytes = kKeys * D * 2;
-  const int chunk_row0 = tid / kChunkCols, chunk_col = (tid % kChunkCols) * 8;
-  uint32_t chunk_dst[kTileChunks];
-#pragma unroll
-  for (int i = 0; i < kTileChunks; ++i)
-    chunk_dst[i] = static_cast<uint32_t>(__cvta_generic_to_shared(&sKh(chunk_row0 + i * kRowStep, chunk_col, 0)));
+  // This thread's 16-byte chunks of a key tile, fixed for the whole kernel: chunk i's global offset
+  // is a constant i kRowStep D past the first's (one swizzle period per stage).
+  using Chunks = KeyTileChunks<kThreads, D, kKeys>;
+  const int chunk_row0 = Chunks::row0(tid), chunk_col = Chunks::col(tid);
+  uint32_t chunk_dst[Chunks::kChunks];
+  Chunks::shared_addresses(chunk_dst, sKh, tid);
 
   for (;;) {
     if (tid == 0) ss.unit = static_cast<long long>(atomicAdd(counter, 1ull));
@@ -183,16 +175,16 @@ __global__ void __launch_bounds__(kThreads, 2)
     // else zero-filled rows past them (their source is never read).
     auto load_tile = [&](int tile, int buf) {
       const uint16_t* src = k_unit + (static_cast<int64_t>(tile) * kKeys + chunk_row0) * D + chunk_col;
-      const uint32_t dst = buf * kStageBytes;
+      const uint32_t dst = buf * Chunks::kStageBytes;
       if ((tile + 1) * kKeys <= nkk) {
 #pragma unroll
-        for (int i = 0; i < kTileChunks; ++i) cp_async_16(chunk_dst[i] + dst, src + i * kRowStep * D, 16);
+        for (int i = 0; i < Chunks::kChunks; ++i) cp_async_16(chunk_dst[i] + dst, src + i * Chunks::kRowStep * D, 16);
       } else {
         const int rows = nkk - tile * kKeys - chunk_row0;  // chunk i holds a kept key when i kRowStep < rows
 #pragma unroll
-        for (int i = 0; i < kTileChunks; ++i) {
-          const bool ok = i * kRowStep < rows;
-          cp_async_16(chunk_dst[i] + dst, ok ? src + i * kRowStep * D : k16, ok ? 16 : 0);
+        for (int i = 0; i < Chunks::kChunks; ++i) {
+          const bool ok = i * Chunks::kRowStep < rows;
+          cp_async_16(chunk_dst[i] + dst, ok ? src + i * Chunks::kRowStep * D : k16, ok ? 16 : 0);
         }
       }
       proxyattn::cp_async_commit();
