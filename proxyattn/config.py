@@ -175,8 +175,9 @@ def default_proxy_heads(q_heads: int, kv_heads: int) -> int:
 
     Why not one pooled proxy (the design's G=1): on structured inputs where each head keeps a fifth of
     its mass on spans of its own, G=1 reached recall 0.83-0.84, G=Hq/2 0.95-0.98
-    (bench/NOTES.md). Stage 1 costs grow with G: at 128k on an H200 it is 17 ms of a 27 ms call
-    at G=16, still 9.2-9.4x faster than cuDNN's dense attention (19.6x at G=1)."""
+    (bench/NOTES.md). Stage 1 costs grow with G: at 128k on an H200 the estimate is 8.0 ms of a 17.5 ms
+    call at G=16 (stage 1 7.1 of them), still 13.4-14.0x faster than cuDNN's dense attention (23.6x
+    at G=1, at recall 0.76)."""
     half = q_heads // 2
     return half if q_heads % 2 == 0 and proxy_grouping_ok(half, q_heads, kv_heads) else q_heads
 
