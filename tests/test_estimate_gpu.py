@@ -105,6 +105,26 @@ def test_select_blocks_wide_rows(causal, levels):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@pytest.mark.parametrize("hq,G", [(32, 1), (40, 2)])
+def test_select_blocks_many_heads_per_cta_long_rows(hq, G):
+    """More heads per CTA than its 8 warps, so each warp selects for several heads in turn (32 at G=1,
+    20 at Hq=40, G=2), on rows of more than 8192 key blocks (the selection's shared memory past 32 KiB,
+    set per launch); heavy ties with NaN, infinities and signed zeros mixed in, causal and not."""
+    S = 64
+    nq, nk = 3 * S + 5, 9000 * S + 11
+    nqb, nkb = _cdiv(nq, S), _cdiv(nk, S)
+    gen = torch.Generator(device="cuda").manual_seed(hq)
+    scores = torch.randint(0, 7, (1, G, nqb, nkb), device="cuda", generator=gen).float() / 7
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0], device="cuda")
+    pick = torch.randint(0, 40, scores.shape, device="cuda", generator=gen)
+    scores = torch.where(pick < 5, special[pick.clamp_max(4)], scores)
+    kstar = torch.randint(0, nkb + 2, (1, hq), device="cuda", dtype=torch.int32, generator=gen)
+    for causal in (True, False):
+        got = OPS.select_blocks(scores, kstar, None, None, nq, nk, S, 1, 1, 0, causal)
+        want = ref.select_blocks(scores, kstar, None, None, nq, nk, S, 1, 1, 0, causal)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_select_blocks_all_equal_scores_and_large_kstar():
     S, nq, nk, hq, G = 128, 4000, 4000, 4, 1
     nqb, nkb = _cdiv(nq, S), _cdiv(nk, S)
