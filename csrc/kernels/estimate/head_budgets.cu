@@ -278,7 +278,9 @@ cudaError_t launch_probe(const HeadBudgetsParams& p, cudaStream_t stream, int nu
 template <typename T>
 cudaError_t run_head_budgets(const HeadBudgetsParams& p, cudaStream_t stream) {
   if (p.batch == 0 || p.num_heads == 0) return cudaSuccess;
-  if (p.nkb > kBudgetMaxBlocks || p.block_size > kProbeRows || kProbeSplitKeys % p.block_size != 0)
+  // A key block is whole 64-key tiles (a tile's sums belong to one block) within one split.
+  if (p.nkb > kBudgetMaxBlocks || p.block_size <= 0 || p.block_size > kProbeRows || p.block_size % kKeyTile != 0 ||
+      kProbeSplitKeys % p.block_size != 0)
     return cudaErrorInvalidValue;
   const int num_splits = head_budgets_num_splits(p.max_seqlen_k);
   cudaError_t e = p.head_dim == 64    ? launch_probe<T, 64>(p, stream, num_splits)
