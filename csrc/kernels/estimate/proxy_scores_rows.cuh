@@ -90,7 +90,7 @@ __device__ __forceinline__ void write_unit_scores(const ProxyScoresParams& p, fl
         if (n <= s_nlim[rr]) e = fmaxf(e, fmaf(Ln[r] - s_m[rr], c, -s_lg[rr]));
       }
     }
-    A0[static_cast<int64_t>(mm) * p.nkb + n] = exp2f(fminf(e, 0.f));  // <= 1, as (L - m) c <= 0 and l >= 1
+    A0[static_cast<int64_t>(mm) * p.nkb + n] = exp2f(e);
   }
 }
 
