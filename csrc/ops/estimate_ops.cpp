@@ -223,8 +223,8 @@ at::Tensor head_budgets(const at::Tensor& q, const at::Tensor& k, const std::opt
   p.gamma = static_cast<float>(gamma);
   p.sink_blocks = static_cast<int>(std::min<int64_t>(sink_blocks, INT32_MAX));
   p.local_blocks = static_cast<int>(std::min<int64_t>(local_blocks, INT32_MAX));
-  // Beyond kMaxSoftmaxScale each row's weights are in effect its argmax; in range, scale * log2(e) is a
-  // finite float (the kernel forms it in float).
+  // Into kMaxSoftmaxScale, where scale * log2(e), which the kernel forms in float, is finite (its
+  // limit at huge scales: kernels/common/bsa_launch.h).
   p.softmax_scale = static_cast<float>(std::min(softmax_scale, kMaxSoftmaxScale));
   p.causal = causal;
   p.portable = backend_from_env() == BsaBackend::kPortable;
