@@ -209,6 +209,11 @@ def fake_flash(vllm, monkeypatch):
     return calls
 
 
+def _poisoned(q):
+    """The output buffer a forward call fills: NaN, so a row it leaves unwritten shows."""
+    return torch.full_like(q, float("nan"))
+
+
 def _layer(i):
     return types.SimpleNamespace(layer_name=f"model.layers.{i}.self_attn.attn")
 
@@ -252,10 +257,10 @@ def test_backend_matches_dense_and_varlen(vllm, model_dir, fake_flash, block_siz
             q, k, v = eng.chunk(layer_id, meta, gen)
             want = eng.dense(layer_id, q)
             fake_flash.clear()
-            out = exact.forward(_layer(layer_id), q, k, v, eng.kv_caches[layer_id], meta, torch.zeros_like(q))
+            out = exact.forward(_layer(layer_id), q, k, v, eng.kv_caches[layer_id], meta, _poisoned(q))
             assert [c is meta.decode for c in fake_flash] == [True] * num_decodes  # decode rows only
             assert torch.isfinite(out).all() and (out - want).abs().max() < 1e-5, (lengths, layer_id)
-            got = sparse.forward(_layer(layer_id), q, k, v, eng.kv_caches[layer_id], meta, torch.zeros_like(q))
+            got = sparse.forward(_layer(layer_id), q, k, v, eng.kv_caches[layer_id], meta, _poisoned(q))
             if layer_id == 0:  # dense by dense_layers=1
                 assert (got - want).abs().max() < 1e-5, lengths
                 continue
@@ -282,13 +287,13 @@ def test_fallbacks_run_on_flash_attention(vllm, model_dir, fake_flash):
     q, k, v = eng.chunk(0, meta, None)
     windowed = _impl(sliding_window=128)
     assert windowed.fallback_reason == "sliding window" and _impl().fallback_reason is None
-    windowed.forward(_layer(0), q, k, v, eng.kv_caches[0], meta, torch.zeros_like(q))
+    windowed.forward(_layer(0), q, k, v, eng.kv_caches[0], meta, _poisoned(q))
     assert fake_flash == [meta]
     meta = builder.build(0, eng.schedule((1, 1, 1)))
     assert meta.prefill is None and meta.decode is None and meta.decode_reqs == 3
     q, k, v = eng.chunk(0, meta, None)
     fake_flash.clear()
-    out = _impl().forward(_layer(0), q, k, v, eng.kv_caches[0], meta, torch.zeros_like(q))
+    out = _impl().forward(_layer(0), q, k, v, eng.kv_caches[0], meta, _poisoned(q))
     assert fake_flash == [meta] and (out - eng.dense(0, q)).abs().max() < 1e-5
 
 
