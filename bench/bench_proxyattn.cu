@@ -524,21 +524,7 @@ struct Problem {
     scores_ws = DeviceBuffer<char>(static_cast<size_t>(std::max<int64_t>(ws_bytes, 16)));
     sp.workspace = scores_ws.ptr;
 
-    hp.q = q.ptr;
-    hp.k = k.ptr;
-    hp.q_batch_stride = sp.q_batch_stride;
-    hp.q_row_stride = q_row;
-    hp.q_head_stride = D;
-    hp.k_batch_stride = sp.k_batch_stride;
-    hp.k_row_stride = k_row;
-    hp.k_head_stride = D;
-    hp.cu_seqlens_q = hp.cu_seqlens_k = nullptr;
-    hp.total_q = hp.total_k = n;
-    hp.batch = B;
-    hp.num_heads = Hq;
-    hp.num_kv_heads = Hkv;
-    hp.head_dim = D;
-    hp.max_seqlen_q = hp.max_seqlen_k = n;
+    static_cast<proxyattn::EstimateInputs&>(hp) = sp;  // the same q, k and sequences as stage 1
     hp.nkb = nkb;
     hp.block_size = S;
     hp.gamma = static_cast<float>(o.gamma);

@@ -209,6 +209,30 @@ def test_proxy_block_scores_refuses_a_nonpositive_scale():
     _check_scores(ok, ref.proxy_block_scores(q.double(), k.double(), None, None, 300, 300, 128, 2, 4, 0.125, True))
 
 
+@pytest.mark.parametrize("backend", ["auto", "portable"])
+def test_huge_softmax_scale_is_the_argmax_limit_gpu(backend, monkeypatch):
+    """Scales past the FFMA frames' bound (|max * scale * log2(e)| >= 2^29 on these logits of up to ~300:
+    2e6 switches warps to the exact form mid-unit, 1e8 at their first tile) and one whose products with
+    q.k overflow fp32 (3.2e37) give the argmax limit in stages 1 and 2, as the reference does
+    (tests/test_reference.py checks it there): the scores of a scale of 1e6, already that limit on
+    these inputs, and the reference's budgets (5 of 8 blocks at gamma 0.9: the masses are multiples of
+    1/64 whose running sums straddle it); not NaN, not rows dropped."""
+    from test_bsa_gpu import BACKEND_ENV
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    g = torch.Generator().manual_seed(5)
+    n, S, G, stride = 512, 64, 2, 1
+    q = (torch.randn(1, n, 4, 64, generator=g) * 3).to("cuda", torch.float16)
+    k = (torch.randn(1, n, 2, 64, generator=g) * 3).to("cuda", torch.float16)
+    limit = OPS.proxy_block_scores(q, k, None, None, n, n, S, G, stride, 1e6, True)
+    for scale in (2e6, 1e8, 3.2e37):
+        sc = OPS.proxy_block_scores(q, k, None, None, n, n, S, G, stride, scale, True)
+        assert torch.isfinite(sc).all() and torch.allclose(sc, limit, atol=1e-6), scale
+    for scale in (1e6, 2e6, 1e8, 3.2e37):
+        got = OPS.head_budgets(q, k, None, None, n, n, S, 0.9, 1, 1, scale, True)
+        want = ref.head_budgets(q.double(), k.double(), None, None, n, n, S, 0.9, 1, 1, scale, True)
+        assert torch.equal(got.cpu(), want.cpu()), (scale, got, want)
+
+
 @pytest.mark.parametrize("S,stride", [(128, 1), (128, 4), (128, 16), (64, 2), (64, 8), (128, 3)])
 @pytest.mark.parametrize("d,dtype", [(128, torch.bfloat16), (64, torch.bfloat16), (64, torch.float16)])
 def test_stage1_hopper_and_portable_kernels(S, stride, d, dtype, monkeypatch):

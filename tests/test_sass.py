@@ -170,10 +170,12 @@ def test_softmax_overlaps_the_pv_wgmma(sm90_functions):
 def test_stage1_hopper_kernel(sm90_sass):
     """Stage 1's Hopper kernel (csrc/kernels/estimate/proxy_scores_sm90.cuh), one per (head dim, kept
     keys per key block S/s in 8 .. 128): its logits on wgmma in both 16-bit types (64 x 64 x 16 HGMMA,
-    fp16 and bf16: the type is chosen per (b, group) at run time), D / 16 of each per key tile, no
-    local memory (a spill would sit in the per-tile loop), and one wgmma wait, with the previous
-    tile's exponentials (32 logits per thread) between the wgmma and that wait, so that they run
-    beside it (ptxas serialises the wgmma, or moves the wait up, when it cannot prove that safe)."""
+    fp16 and bf16: the type is chosen per (b, group) at run time, and the tile loop is instantiated
+    per type), D / 16 of each per key tile in three places per type (the first tile, then two per
+    trip, one per accumulator), no local memory (a spill would sit in the per-tile loop), and one
+    wgmma wait per place: the two of the loop with the previous tile's exponentials (32 logits per
+    thread) between the wgmma and the wait, so that they run beside it (ptxas serialises the wgmma,
+    or moves the wait up, when it cannot prove that safe)."""
     kernels = {}
     for name, body in sm90_sass.items():
         m = re.search(r"scores_sm90_kernelILi(\d+)ELi(\d+)E", name)
@@ -184,28 +186,31 @@ def test_stage1_hopper_kernel(sm90_sass):
     for (d, _), ops in kernels.items():
         fp16 = [op for op in ops if re.match(r"HGMMA\.64x64x16\.F32 ", op)]
         bf16 = [op for op in ops if re.match(r"HGMMA\.64x64x16\.F32\.BF16 ", op)]
-        assert len(fp16) == len(bf16) == d // 16, (d, len(fp16), len(bf16))
-        _check_math_beside_one_wgmma(ops, f"scores_sm90_kernel<{d}, ...>")
+        assert len(fp16) == len(bf16) == 3 * d // 16, (d, len(fp16), len(bf16))
+        _check_math_beside_wgmma(ops, f"scores_sm90_kernel<{d}, ...>", waits=6, math_waits=4)
 
 
-def _check_math_beside_one_wgmma(ops, what):
+def _check_math_beside_wgmma(ops, what, waits=1, math_waits=1):
     """A kernel of the estimate's Hopper loop: no local memory (a spill would sit in the per-tile
-    loop), one wgmma wait, and the previous tile's exponentials (32 logits per thread) between the
-    last wgmma before it and that wait."""
+    loop), `waits` wgmma waits, and at `math_waits` of them the previous tile's exponentials (32
+    logits per thread) between the last wgmma before the wait and the wait."""
     local = [op for op in ops if op.split()[0] in ("STL", "LDL") or op.startswith(("STL.", "LDL."))]
     assert not local, f"{what} uses local memory: {local[:4]}"
-    waits = [i for i, op in enumerate(ops) if op.startswith("WARPGROUP.DEPBAR")]
-    assert len(waits) == 1, f"{what}: {len(waits)} wgmma waits, expected 1"
-    issue = max(i for i in range(waits[0]) if ops[i].startswith("HGMMA"))
-    exps = sum(op.startswith("MUFU.EX2") for op in ops[issue:waits[0]])
-    assert exps >= 32, f"{what}: {exps} exponentials beside the wgmma, expected >= 32"
+    at = [i for i, op in enumerate(ops) if op.startswith("WARPGROUP.DEPBAR")]
+    assert len(at) == waits, f"{what}: {len(at)} wgmma waits, expected {waits}"
+    beside = []
+    for w in at:
+        issue = max(i for i in range(w) if ops[i].startswith("HGMMA"))
+        beside.append(sum(op.startswith("MUFU.EX2") for op in ops[issue:w]))
+    assert sum(n >= 32 for n in beside) == math_waits, (
+        f"{what}: exponentials beside each wgmma {beside}, expected >= 32 at {math_waits} of the waits")
 
 
 def test_stage2_hopper_probe(sm90_sass):
     """Stage 2's Hopper probe (csrc/kernels/estimate/head_budgets_sm90.cuh), one per (16-bit type, head
     dim): D / 16 wgmma of 64 x 64 x 16 per key tile, no local memory, and one wgmma wait with the
     previous tile's exponentials (32 logits per thread) between the wgmma and that wait
-    (_check_math_beside_one_wgmma)."""
+    (_check_math_beside_wgmma)."""
     kernels = {}
     for name, body in sm90_sass.items():
         m = re.search(r"probe_sm90_kernelI(13__nv_bfloat16|6__half)Li(\d+)E", name)
@@ -216,4 +221,4 @@ def test_stage2_hopper_probe(sm90_sass):
     for (t, d), ops in kernels.items():
         hgmma = [op for op in ops if re.match(r"HGMMA\.64x64x16\.F32(\.BF16)? ", op)]
         assert len(hgmma) == d // 16, (t, d, len(hgmma))
-        _check_math_beside_one_wgmma(ops, f"probe_sm90_kernel<{t}, {d}>")
+        _check_math_beside_wgmma(ops, f"probe_sm90_kernel<{t}, {d}>")

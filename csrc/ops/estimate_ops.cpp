@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 
 #include "kernels/estimate/head_budgets.h"
@@ -116,6 +117,32 @@ QkLayout check_qk(const at::Tensor& q, const at::Tensor& k, const std::optional<
   return L;
 }
 
+// The inputs both stages' params share, from check_qk's layout.
+EstimateInputs estimate_inputs(const at::Tensor& q, const at::Tensor& k, const QkLayout& L, int64_t max_q,
+                               int64_t max_k) {
+  EstimateInputs in{};
+  in.q = q.data_ptr();
+  in.k = k.data_ptr();
+  in.q_batch_stride = L.q_strides[0];
+  in.q_row_stride = L.q_strides[1];
+  in.q_head_stride = L.q_strides[2];
+  in.k_batch_stride = L.k_strides[0];
+  in.k_row_stride = L.k_strides[1];
+  in.k_head_stride = L.k_strides[2];
+  in.cu_seqlens_q = L.cu_q;
+  in.cu_seqlens_k = L.cu_k;
+  in.total_q = L.total_q;
+  in.total_k = L.total_k;
+  in.pages = L.pages;
+  in.batch = L.batch;
+  in.num_heads = L.num_heads;
+  in.num_kv_heads = L.num_kv_heads;
+  in.head_dim = L.head_dim;
+  in.max_seqlen_q = static_cast<int>(max_q);
+  in.max_seqlen_k = static_cast<int>(max_k);
+  return in;
+}
+
 at::Tensor proxy_block_scores(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& cu_q,
                               const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, int64_t block_size,
                               int64_t num_proxy_heads, int64_t stride, double softmax_scale, bool causal,
@@ -137,26 +164,8 @@ at::Tensor proxy_block_scores(const at::Tensor& q, const at::Tensor& k, const st
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor scores = at::empty({L.batch, G, nqb, nkb}, q.options().dtype(at::kFloat));
   ProxyScoresParams p{};
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.q_batch_stride = L.q_strides[0];
-  p.q_row_stride = L.q_strides[1];
-  p.q_head_stride = L.q_strides[2];
-  p.k_batch_stride = L.k_strides[0];
-  p.k_row_stride = L.k_strides[1];
-  p.k_head_stride = L.k_strides[2];
-  p.cu_seqlens_q = L.cu_q;
-  p.cu_seqlens_k = L.cu_k;
-  p.total_q = L.total_q;
-  p.total_k = L.total_k;
-  p.pages = L.pages;
-  p.batch = L.batch;
-  p.num_heads = L.num_heads;
-  p.num_kv_heads = L.num_kv_heads;
+  static_cast<EstimateInputs&>(p) = estimate_inputs(q, k, L, max_q, max_k);
   p.num_groups = static_cast<int>(G);
-  p.head_dim = L.head_dim;
-  p.max_seqlen_q = static_cast<int>(max_q);
-  p.max_seqlen_k = static_cast<int>(max_k);
   p.nqb = nqb;
   p.nkb = nkb;
   p.block_size = static_cast<int>(block_size);
@@ -199,33 +208,16 @@ at::Tensor head_budgets(const at::Tensor& q, const at::Tensor& k, const std::opt
   at::Tensor ws = at::empty({std::max<int64_t>(ws_floats, 4)}, q.options().dtype(at::kFloat));
 
   HeadBudgetsParams p{};
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.q_batch_stride = L.q_strides[0];
-  p.q_row_stride = L.q_strides[1];
-  p.q_head_stride = L.q_strides[2];
-  p.k_batch_stride = L.k_strides[0];
-  p.k_row_stride = L.k_strides[1];
-  p.k_head_stride = L.k_strides[2];
-  p.cu_seqlens_q = L.cu_q;
-  p.cu_seqlens_k = L.cu_k;
-  p.total_q = L.total_q;
-  p.total_k = L.total_k;
-  p.pages = L.pages;
-  p.batch = L.batch;
-  p.num_heads = L.num_heads;
-  p.num_kv_heads = L.num_kv_heads;
-  p.head_dim = L.head_dim;
-  p.max_seqlen_q = static_cast<int>(max_q);
-  p.max_seqlen_k = static_cast<int>(max_k);
+  static_cast<EstimateInputs&>(p) = estimate_inputs(q, k, L, max_q, max_k);
   p.nkb = nkb;
   p.block_size = static_cast<int>(block_size);
   p.gamma = static_cast<float>(gamma);
   p.sink_blocks = static_cast<int>(std::min<int64_t>(sink_blocks, INT32_MAX));
   p.local_blocks = static_cast<int>(std::min<int64_t>(local_blocks, INT32_MAX));
-  // Into kMaxSoftmaxScale, where scale * log2(e), which the kernel forms in float, is finite (its
-  // limit at huge scales: kernels/common/bsa_launch.h).
-  p.softmax_scale = static_cast<float>(std::min(softmax_scale, kMaxSoftmaxScale));
+  // Into [FLT_MIN, kMaxSoftmaxScale], where scale * log2(e), which the kernel forms in float, is finite
+  // and > 0 (a masked -inf times 0 would be NaN); beyond either end each row's weights are in effect
+  // its argmax or uniform, so both limits keep their meaning.
+  p.softmax_scale = static_cast<float>(std::clamp(softmax_scale, static_cast<double>(FLT_MIN), kMaxSoftmaxScale));
   p.causal = causal;
   p.portable = backend_from_env() == BsaBackend::kPortable;
   p.kstar = kstar.data_ptr<int>();

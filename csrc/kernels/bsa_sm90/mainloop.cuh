@@ -231,9 +231,11 @@ __device__ __forceinline__ void run_consumers(const KernelParams<Traits>& kp, ty
   typename Traits::TiledMmaO mma_o;
   auto thr_s = mma_s.get_thread_slice(ctid);
   auto thr_o = mma_o.get_thread_slice(ctid);
-  Tensor tSrQ = thr_s.partition_fragment_A(sQ);   // (MMA, MMA_M, MMA_D, buf) descriptors
-  Tensor tSrK = thr_s.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_D, stage) descriptors
-  Tensor tOrV = thr_o.partition_fragment_B(sVt);  // (MMA, MMA_D, MMA_N, stage) descriptors
+  auto wg_s = warpgroup_slice(mma_s, ctid);  // the wgmma descriptors' slices (uniform registers)
+  auto wg_o = warpgroup_slice(mma_o, ctid);
+  Tensor tSrQ = wg_s.partition_fragment_A(sQ);   // (MMA, MMA_M, MMA_D, buf) descriptors
+  Tensor tSrK = wg_s.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_D, stage) descriptors
+  Tensor tOrV = wg_o.partition_fragment_B(sVt);  // (MMA, MMA_D, MMA_N, stage) descriptors
   Tensor acc_o = partition_fragment_C(thr_o, Shape<Int<kBlockM>, Int<kHeadDim>>{});  // ((2,2,D/8), 1, 1)
 
   Tensor cS = make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{});

@@ -56,6 +56,15 @@ __device__ __forceinline__ void wg_issue(TiledMma& mma, TA const& a, TB const& b
   warpgroup_commit_batch();
 }
 
+// The slice of a warpgroup-wide TiledMma for the wgmma descriptors of thread tid's warpgroup, by a
+// warp-uniform index (lane 0's warpgroup), so that the descriptors stay in uniform registers, off
+// the path from a stage's barrier to its wgmma (FlashAttention-3 and -4 slice the same way). The
+// accumulators' partitions still take the thread's own slice.
+template <class TiledMma>
+__device__ __forceinline__ auto warpgroup_slice(TiledMma const& mma, int tid) {
+  return mma.get_slice(__shfl_sync(0xffffffffu, tid / 128, 0) * 128);
+}
+
 // Generic-proxy writes to shared memory (cp.async, st.shared) made visible to wgmma's reads.
 __device__ __forceinline__ void fence_proxy_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");

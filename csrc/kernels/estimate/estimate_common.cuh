@@ -125,12 +125,37 @@ struct KeyTileChunks {
   }
 };
 
-// Merge two (max, sum) pairs of an online softmax in the log2 domain; -inf max means empty.
-__device__ inline void merge_max_sum(float& m, float& l, float m2, float l2) {
+// The sum of a row's N weights w(j) of a tile in four independent chains, added pairwise (one
+// chain when N is not a multiple of 4).
+template <int N, class X>
+__device__ __forceinline__ float tile_weight_sum(X&& w) {
+  constexpr int kChains = N % 4 == 0 ? 4 : 1;
+  float sum[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    const float e = w(j);
+    sum[j % kChains] = j < kChains ? e : sum[j % kChains] + e;  // exp2 is never -0: e equals 0 + e
+  }
+  return (sum[0] + sum[1]) + (sum[2] + sum[3]);
+}
+
+// Merge two (max, sum) pairs of an online softmax of raw logits x with weights exp2((x - max) * c).
+__device__ __forceinline__ void merge_scaled(float& m, float& l, float m2, float l2, float c) {
   const float mn = fmaxf(m, m2);
   if (mn == -INFINITY) return;
-  l = l * exp2f(m - mn) + l2 * exp2f(m2 - mn);
+  l = l * exp2f((m - mn) * c) + l2 * exp2f((m2 - mn) * c);
   m = mn;
 }
+
+// The frame fl(m c) of a row's sums whose max is m (0 while m is -inf), in which each weight is one
+// FFMA before the exponential, exp2(fma(x, c, -fl(m c))) (proxy_scores_rows.cuh online_rows, head_budgets_probe.cuh).
+__device__ __forceinline__ float row_frame(float m, float c) { return m == -INFINITY ? 0.f : __fmul_rn(m, c); }
+
+// Below this |fl(m c)| a weight in frame fl(m c) is within 2^16 of the true one (the frame's rounding
+// is at most half an ulp); past it the kernels weigh exp2((x - m) c) instead.
+constexpr float kFrameBound = 0x1p29f;
+
+// exp2(fl(m c) - m c): the factor from frame fl(m c) to the true one (m finite, |fl(m c)| < kFrameBound).
+__device__ __forceinline__ float frame_to_true(float m, float c) { return exp2f(-fmaf(m, c, -__fmul_rn(m, c))); }
 
 }  // namespace proxyattn

@@ -1,18 +1,20 @@
 // Stage 2 (head_budgets) kernels, v2 (one pass over the logits). Probe rows: the last
 // R = min(S, Nq) query rows of head h (sequence-local [Nq - R, Nq)); row i sees keys
 // t <= Nk - Nq + i when causal, all keys otherwise. Logits q.k (bf16/fp16 operands, exact
-// products, fp32 accumulation on the tensor cores via mma.sync m16n8k16) times
-// scale*log2(e); softmax with exp2.
+// products, fp32 accumulation on the tensor cores via mma.sync m16n8k16), weighted by exp2 of
+// their product with scale*log2(e) (probe_tile, head_budgets_probe.cuh).
 //   1. probe_kernel: grid (splits of kProbeSplitKeys keys, Hq, B), 8 warps x 16 rows; per
 //      row an online (max, sum) over the split's keys whose max is shared by the row's four
 //      lanes, so that the running sum of each key block (blocks never straddle a split nor
-//      a 64-key tile) lives in the same frame: at the block's end its sum of exp2(x - ref)
-//      and ref (the running max then) go to the workspace; the split's (max, sum) too.
+//      a 64-key tile) lives in the same frame: at the block's end its sum of
+//      exp2((x - ref) * scale * log2(e)) and ref (the running max of the raw logits then) go
+//      to the workspace; the split's (max, sum) too.
 //      On sm_90, unless the caller asks for the portable kernel, probe_sm90_kernel
 //      (head_budgets_sm90.cuh) does the same with the logits of 64 rows x 64 keys from one wgmma
 //      per warpgroup; the per-row work of a tile is shared (head_budgets_probe.cuh).
 //   2. finalize_kernel: one CTA per (b, h): merge the splits' (max, sum) per row (M, L),
-//      mass[n] = sum over rows (ascending) of blocksum * exp2(ref - M) / L, divided by R;
+//      mass[n] = sum over rows (ascending) of blocksum * exp2((ref - M) * scale * log2(e)) / L,
+//      divided by R (ref and M raw logits);
 //      w = mass / sum(mass) over [0, c_last), base = sum of w over the forced blocks
 //      (ascending n), bitonic sort of the non-forced w descending, then one thread
 //      accumulates base + w_0 + w_1 + ... in fp32 and stops at the first running sum >= gamma
@@ -120,11 +122,11 @@ __global__ void __launch_bounds__(kProbeThreads, 2) probe_kernel(const HeadBudge
       probe_tile([&](int e, int col) -> float& { return acc[col >> 1][2 * e + (col & 1)]; }, tile0, ps, scale2, t4,
                  st);
       if ((tile0 + kKeyTile) % S == 0 || j + 1 == ntiles)  // the key block of this tile ends here
-        probe_block_end(ws, ps, p.nkb, tile0 / S, warp, g, t4, st);
+        probe_block_end(ws, ps, p.nkb, tile0 / S, warp, g, t4, scale2, st);
     }
     __syncthreads();  // the buffer read above is refilled next iteration
   }
-  probe_finish(partial, warp, g, t4, st);
+  probe_finish(partial, warp, g, t4, scale2, st);
 }
 
 __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const HeadBudgetsParams p, int num_splits) {
@@ -147,6 +149,7 @@ __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const HeadBu
   const ForcedSplit fl =
       split_forced(nqb_seq - 1, sb.nq, sb.nk, S, c_last, p.sink_blocks, p.local_blocks, p.causal);
   const int R = min(S, sb.nq);
+  const float scale2 = p.softmax_scale * kLog2e;  // the probe's maxima are raw logits
 
   // Row statistics: merge the splits (in split order).
   if (tid < kProbeRows) {
@@ -160,7 +163,7 @@ __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const HeadBu
         v[i] = sp0 + i < num_splits ? part[static_cast<int64_t>(sp0 + i) * kProbeRows] : make_float2(-INFINITY, 0.f);
 #pragma unroll
       for (int i = 0; i < kBatch; ++i)
-        if (sp0 + i < num_splits) merge_max_sum(m, l, v[i].x, v[i].y);
+        if (sp0 + i < num_splits) merge_scaled(m, l, v[i].x, v[i].y, scale2);
     }
     const bool on = tid < R && m != -INFINITY && l > 0.f;
     s_m[tid] = on ? m : 0.f;
@@ -175,7 +178,7 @@ __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const HeadBu
       const float inv = s_inv[r];
       const int64_t at = (bh * kProbeRows + r) * p.nkb + n;
       const float v = ws.bsum[at];
-      if (inv > 0.f && v > 0.f) tot += v * exp2f(ws.bref[at] - s_m[r]) * inv;
+      if (inv > 0.f && v > 0.f) tot += v * exp2f((ws.bref[at] - s_m[r]) * scale2) * inv;
     }
     mass[n] = tot / static_cast<float>(R);
   }

@@ -13,7 +13,7 @@
 
 #include <cstdint>
 
-#include "kernels/common/kv_pages.h"
+#include "kernels/estimate/estimate_inputs.h"
 
 namespace proxyattn {
 
@@ -21,17 +21,7 @@ constexpr int kProbeRows = 128;       // >= block size: one CTA holds every prob
 constexpr int kProbeSplitKeys = 2048;  // keys per CTA of the probe (a multiple of the block size)
 constexpr int kBudgetMaxBlocks = 32768;
 
-struct HeadBudgetsParams {
-  const void* q;  // fp16 / bf16
-  const void* k;
-  int64_t q_batch_stride, q_row_stride, q_head_stride;  // elements; batch stride 0 when varlen
-  int64_t k_batch_stride, k_row_stride, k_head_stride;
-  const int* cu_seqlens_q;  // nullptr for fixed length
-  const int* cu_seqlens_k;
-  int64_t total_q, total_k;
-  KvPages pages;  // paged keys (k the cache [num_pages, page_size, Hkv, D], k strides slot/head)
-  int batch, num_heads, num_kv_heads, head_dim;
-  int max_seqlen_q, max_seqlen_k;
+struct HeadBudgetsParams : EstimateInputs {
   int nkb, block_size;
   float gamma;
   int sink_blocks, local_blocks;

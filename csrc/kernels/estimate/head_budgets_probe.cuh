@@ -87,23 +87,28 @@ __device__ inline float2* probe_partials(const BudgetWorkspace& ws, const ProbeS
   return partial;
 }
 
-// Per row: the running (max, sum) over the split's keys, the max the same in the row's four
-// lanes, and the running sum of the current key block in the same frame.
+// Per row: the running max of the raw logits over the split's keys (the same in the row's four
+// lanes) and, for the weights exp2((x - max) * scale2), the running sum and the current key block's
+// sum. The sums are kept in one of two frames, the same for the whole warp (`exact`): normally
+// frame fl(max * scale2) (row_frame), where each weight is one FFMA before the exponential and the
+// factor to the true frame (frame_to_true) is applied when a block's sum or the split's leave the
+// CTA; once some row of the warp reaches |fl(max * scale2)| >= kFrameBound (a huge scale: its
+// argmax limit), the true frame for the rest of the split.
 struct ProbeRowsState {
   float run_m[2] = {-INFINITY, -INFINITY}, run_l[2] = {0.f, 0.f}, bpart[2] = {0.f, 0.f};
+  bool exact = false;
 };
 
 // One tile whose first key is tile0 (sequence-local): x(e, col) is the raw logit of row e and
-// column col (written back scaled by scale2 = softmax_scale * log2(e), and -inf past the row's
-// limit, masked only on tiles that need it); then each row's max over the tile (four lanes) and
-// the online update of (max, sum) and of the block sum. Callers skip warps without a probe row.
+// column col (-inf past the row's limit, masked only on tiles that need it); then each row's max
+// over the tile (four lanes) and the online update of (max, sum) and of the block sum, scale2 =
+// softmax_scale * log2(e) in [FLT_MIN, FLT_MAX] (the host clamps the scale). No branch around a
+// row's exponentials (while the max is -inf every logit and the sums are too), so the thread's two
+// rows interleave; each tile sum in four chains. Callers skip warps without a probe row (the rest
+// are converged: a warp vote).
 template <class X>
 __device__ __forceinline__ void probe_tile(X&& x, int tile0, const ProbeSplit& ps, float scale2, int t4,
                                            ProbeRowsState& st) {
-#pragma unroll
-  for (int e = 0; e < 2; ++e)
-#pragma unroll
-    for (int col = 0; col < kTileCols; ++col) x(e, col) *= scale2;
   if (tile0 + kKeyTile - 1 > ps.my_min) {  // warp-uniform: only tiles with a key some row does not see
 #pragma unroll
     for (int e = 0; e < 2; ++e)
@@ -111,6 +116,8 @@ __device__ __forceinline__ void probe_tile(X&& x, int tile0, const ProbeSplit& p
       for (int col = 0; col < kTileCols; ++col)
         if (tile0 + 8 * (col >> 1) + 2 * t4 + (col & 1) > ps.lim[e]) x(e, col) = -INFINITY;
   }
+  float mn[2];
+  bool big = false;
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
     float tmax = -INFINITY;
@@ -118,29 +125,52 @@ __device__ __forceinline__ void probe_tile(X&& x, int tile0, const ProbeSplit& p
     for (int col = 0; col < kTileCols; ++col) tmax = fmaxf(tmax, x(e, col));
     tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
     tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
-    // No branch (while the max is -inf every logit and the sums are too: exp2(-inf - 0) adds 0
-    // and corr is 0), so the thread's two rows interleave; the tile's sum in four chains.
-    const float mn = fmaxf(st.run_m[e], tmax);
-    const float base = mn == -INFINITY ? 0.f : mn;
-    const float corr = exp2f(st.run_m[e] - base);
-    float sum[4];
+    mn[e] = fmaxf(st.run_m[e], tmax);
+    big |= mn[e] != -INFINITY && !(fabsf(__fmul_rn(mn[e], scale2)) < kFrameBound);
+  }
+  if (!st.exact && __any_sync(0xffffffffu, big)) {  // to the true frame, from the old maxima's
 #pragma unroll
-    for (int col = 0; col < kTileCols; ++col) {
-      const float v = exp2f(x(e, col) - base);
-      sum[col % 4] = col < 4 ? v : sum[col % 4] + v;
+    for (int e = 0; e < 2; ++e) {
+      const float f = st.run_m[e] == -INFINITY ? 1.f : frame_to_true(st.run_m[e], scale2);
+      st.run_l[e] *= f;
+      st.bpart[e] *= f;
     }
-    const float tile_sum = (sum[0] + sum[1]) + (sum[2] + sum[3]);
-    st.run_l[e] = st.run_l[e] * corr + tile_sum;
-    st.bpart[e] = st.bpart[e] * corr + tile_sum;
-    st.run_m[e] = mn;
+    st.exact = true;
+  }
+  float corr[2], tile_sum[2];
+  if (st.exact) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const float base = mn[e] == -INFINITY ? 0.f : mn[e];
+      corr[e] = exp2f((st.run_m[e] - base) * scale2);  // 0 while the max was -inf
+      tile_sum[e] = tile_weight_sum<kTileCols>([&](int col) { return exp2f((x(e, col) - base) * scale2); });
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const float fh = row_frame(mn[e], scale2);
+      corr[e] = st.run_m[e] == -INFINITY ? 0.f : exp2f(__fsub_rn(row_frame(st.run_m[e], scale2), fh));
+      tile_sum[e] = tile_weight_sum<kTileCols>([&](int col) { return exp2f(fmaf(x(e, col), scale2, -fh)); });
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    st.run_l[e] = st.run_l[e] * corr[e] + tile_sum[e];
+    st.bpart[e] = st.bpart[e] * corr[e] + tile_sum[e];
+    st.run_m[e] = mn[e];
   }
 }
 
-// The end of key block n: each row's block sum (its four lanes added) and reference max to the
-// workspace (lanes t4 == 0, probe rows r < R: also those that see no key, whose entries the
-// finalize reads), and the block sums restarted.
+// Row e's sum v in the true frame of its max m (v as kept by probe_tile).
+__device__ __forceinline__ float probe_true_sum(float v, float m, float scale2, const ProbeRowsState& st) {
+  return st.exact || m == -INFINITY ? v : v * frame_to_true(m, scale2);
+}
+
+// The end of key block n: each row's block sum (its four lanes added; in the true frame) and
+// reference max (raw) to the workspace (lanes t4 == 0, probe rows r < R: also those that see no key,
+// whose entries the finalize reads), and the block sums restarted.
 __device__ __forceinline__ void probe_block_end(const BudgetWorkspace& ws, const ProbeSplit& ps, int nkb, int n,
-                                                int warp, int g, int t4, ProbeRowsState& st) {
+                                                int warp, int g, int t4, float scale2, ProbeRowsState& st) {
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
     float v = st.bpart[e];
@@ -149,24 +179,26 @@ __device__ __forceinline__ void probe_block_end(const BudgetWorkspace& ws, const
     const int r = warp * 16 + g + 8 * e;
     if (t4 == 0 && r < ps.R) {
       const int64_t at = (ps.bh * kProbeRows + r) * nkb + n;
-      ws.bsum[at] = v;
+      ws.bsum[at] = probe_true_sum(v, st.run_m[e], scale2, st);
       ws.bref[at] = st.run_m[e];
     }
     st.bpart[e] = 0.f;
   }
 }
 
-// The split's (max, sum) per row: the four lanes merged, lane t4 == 0 stores.
-__device__ __forceinline__ void probe_finish(float2* partial, int warp, int g, int t4, ProbeRowsState& st) {
+// The split's (raw max, sum) per row: in the true frame, the four lanes merged, lane t4 == 0 stores.
+__device__ __forceinline__ void probe_finish(float2* partial, int warp, int g, int t4, float scale2,
+                                             ProbeRowsState& st) {
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
+    float m = st.run_m[e], l = probe_true_sum(st.run_l[e], m, scale2, st);
 #pragma unroll
     for (int o = 1; o < 4; o <<= 1) {
-      const float m2 = __shfl_xor_sync(0xffffffffu, st.run_m[e], o);
-      const float l2 = __shfl_xor_sync(0xffffffffu, st.run_l[e], o);
-      merge_max_sum(st.run_m[e], st.run_l[e], m2, l2);
+      const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
+      const float l2 = __shfl_xor_sync(0xffffffffu, l, o);
+      merge_scaled(m, l, m2, l2, scale2);
     }
-    if (t4 == 0) partial[warp * 16 + g + 8 * e] = make_float2(st.run_m[e], st.run_l[e]);
+    if (t4 == 0) partial[warp * 16 + g + 8 * e] = make_float2(m, l);
   }
 }
 

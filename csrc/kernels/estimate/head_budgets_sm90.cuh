@@ -69,8 +69,9 @@ __global__ void __launch_bounds__(kThreads, 2) probe_sm90_kernel(const HeadBudge
   Tensor sK = make_tensor(make_smem_ptr(ss.k), typename Tr::SmemLayoutK{});  // (keys, D, stage)
   typename Tr::TiledMma mma;
   auto thr = mma.get_thread_slice(tid);
-  Tensor tQ = thr.partition_fragment_A(sQ);  // (MMA, MMA_M, MMA_D) descriptors
-  Tensor tK = thr.partition_fragment_B(sK);  // (MMA, MMA_N, MMA_D, stage) descriptors
+  auto wg = bsa_sm90::warpgroup_slice(mma, tid);  // the descriptors' slice (uniform registers)
+  Tensor tQ = wg.partition_fragment_A(sQ);  // (MMA, MMA_M, MMA_D) descriptors
+  Tensor tK = wg.partition_fragment_B(sK);  // (MMA, MMA_N, MMA_D, stage) descriptors
   Tensor acc = partition_fragment_C(thr, Shape<Int<kProbeRows>, Int<kKeyTile>>{});  // ((2, 2, 8), 1, 1)
   // (row e, column col): CTA row 16 warp + g + 8 e, key 8 (col / 2) + 2 t4 + col % 2 of the tile.
   Tensor accrc = make_tensor(acc.data(), bsa_sm90::acc_rowcol(acc.layout()));
@@ -114,7 +115,7 @@ __global__ void __launch_bounds__(kThreads, 2) probe_sm90_kernel(const HeadBudge
     if (!warp_active) return;  // warp-uniform: no probe row in this warp
     const int tile0 = ps.k0 + jt * kKeyTile;
     probe_tile([&](int e, int col) -> float& { return prev[e][col]; }, tile0, ps, scale2, t4, st);
-    if ((tile0 + kKeyTile) % S == 0 || jt + 1 == ntiles) probe_block_end(ws, ps, p.nkb, tile0 / S, warp, g, t4, st);
+    if ((tile0 + kKeyTile) % S == 0 || jt + 1 == ntiles) probe_block_end(ws, ps, p.nkb, tile0 / S, warp, g, t4, scale2, st);
   };
   // Step j: wait for tile j (and Q), issue its wgmma, refill the stage of tile j - 1 with tile
   // j + 3, do tile j - 1's row work on prev while the wgmma runs, wait for it and copy its
@@ -145,7 +146,7 @@ __global__ void __launch_bounds__(kThreads, 2) probe_sm90_kernel(const HeadBudge
     else cp_async_commit();
   }
   for (int j = 0; j <= ntiles; ++j) step(j);
-  probe_finish(partial, warp, g, t4, st);
+  probe_finish(partial, warp, g, t4, scale2, st);
 #endif  // PROXYATTN_BSA_SM90_DEVICE
 }
 

@@ -149,6 +149,7 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
     };
 
     float row_m[4], row_l[4];
+    bool row_exact = false;  // online_rows' frame
 #pragma unroll
     for (int i = 0; i < 4; ++i) row_m[i] = -INFINITY, row_l[i] = 0.f;
     // kAligned: the current key block run (warp-uniform n) and its per-thread maxima.
@@ -197,12 +198,9 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
               for (int cc = 0; cc < 2; ++cc)
                 if (kk0 + nt * 8 + 2 * t4 + cc > lim[i]) acc[i >> 1][nt][2 * (i & 1) + cc] = -INFINITY;
         }
-        // Online (max, sum) per thread and row; the sum is rescaled only when the max grows.
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int mt = i >> 1, e = i & 1;
-          online_row<2 * kNt>(row_m[i], row_l[i], [&](int x) { return acc[mt][x >> 1][2 * e + (x & 1)]; }, c);
-        }
+        // Online (max, sum) per thread and row; a sum is rescaled only when its max grows.
+        online_rows_tile<4, 2 * kNt>(
+            row_m, row_l, row_exact, [&](int i, int x) -> float { return acc[i >> 1][x >> 1][2 * (i & 1) + (x & 1)]; }, c);
         // Per-row maxima per key block.
         if (kAligned) {
 #pragma unroll
@@ -253,7 +251,8 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
       scratch[static_cast<int64_t>(gen_n) * kCtaRows + slot0 + lane] = gen_v;
     }
 
-    // Final row statistics: merge the four lanes of each row.
+    // Final row statistics (the sums in the true frame): merge the four lanes of each row.
+    row_sums_true<4>(row_m, row_l, row_exact, c);
 #pragma unroll
     for (int i = 0; i < 4; ++i) store_row_stats(row_m[i], row_l[i], lim[i], slot0 + 8 * i + g, t4, p, c, s_m, s_lg, s_nlim);
     __syncthreads();  // scratch rows and row statistics are visible to the whole CTA

@@ -13,14 +13,6 @@
 namespace proxyattn {
 namespace scores {
 
-// Merge two (max, sum) pairs of an online softmax of raw logits x with weights exp2((x - max) * c).
-__device__ __forceinline__ void merge_scaled(float& m, float& l, float m2, float l2, float c) {
-  const float mn = fmaxf(m, m2);
-  if (mn == -INFINITY) return;
-  l = l * exp2f((m - mn) * c) + l2 * exp2f((m2 - mn) * c);
-  m = mn;
-}
-
 // One work unit of a scores kernel: query blocks mb * bpc + [0, bpc) of one (b, group).
 struct ScoreUnit {
   int mb, b, grp;
@@ -60,37 +52,51 @@ __device__ __forceinline__ int kept_row_limit(bool valid, bool causal, int off, 
 }
 
 // The end of a unit of either scores kernel: A[b, group, m, :] for the unit's query blocks
-// mb * bpc + [0, bpc), every element. Block bl's rows are CTA rows bl * rows_blk + [0, rows_blk);
-// row r has the final max s_m[r], log2 of its sum s_lg[r] and last key block s_nlim[r] (-1: no row), and
-// its max logit over key block n at scratch[n * cta_rows + r] for n <= s_nlim[r] (later entries are
-// stale and not read). s_blk_nmax[bl]: the largest s_nlim of block bl. Everything is visible to the
-// CTA; the caller synchronises before reusing any of it. The largest of a block's terms
-// exp2((L - m) c) / sum is taken in the exponent: one exponential per element of A, not per row.
+// mb * bpc + [0, bpc), every element. Block bl's rows are CTA rows bl * rows_blk + [0, rows_blk)
+// (rows_blk a multiple of 8); row r has the final max s_m[r], log2 of its sum s_lg[r] and last key
+// block s_nlim[r] (-1: no row), and its max logit over key block n at scratch[n * cta_rows + r] for
+// n <= s_nlim[r] (later entries are stale and not read). s_blk_nmax[bl]: the largest s_nlim of block
+// bl. Everything is visible to the CTA; the caller synchronises before reusing any of it. The largest
+// of a block's terms exp2((L - m) c) / sum is taken in the exponent: one exponential per element of
+// A, not per row. Eight consecutive lanes share an element and read consecutive rows of its column
+// of the scratch (one whole 32-byte sector per load), then merge their maxima by shuffles.
 template <int kThreads, bool kAligned>
 __device__ __forceinline__ void write_unit_scores(const ProxyScoresParams& p, float c, const float* scratch, int cta_rows,
                                          int rows_blk, int bpc, int mb, int64_t bgrow, const float* s_m,
                                          const float* s_lg, const int* s_nlim, const int* s_blk_nmax) {
+  constexpr int kLanes = 8;                   // lanes per element of A
+  constexpr int kPerWarp = 32 / kLanes;       // elements per warp and step
+  constexpr int kStep = kThreads / kLanes;    // elements per CTA and step
+  static_assert(kThreads % 32 == 0, "whole warps");
   const int S = p.block_size, s = p.stride;
+  const int sub = threadIdx.x % kLanes;
+  const int total = bpc * p.nkb;
   float* A0 = p.scores + bgrow * p.nqb * p.nkb;
-  for (int idx = threadIdx.x; idx < bpc * p.nkb; idx += kThreads) {
+  // Every lane of a warp makes the same trips (the shuffles below take the whole warp).
+  for (int base = threadIdx.x / 32 * kPerWarp; base < total; base += kStep) {
+    const int idx = base + threadIdx.x % 32 / kLanes;
     const int bl = idx / p.nkb, n = idx - bl * p.nkb;
     const int mm = mb * bpc + bl;
-    if (mm >= p.nqb) continue;
+    const bool live = idx < total && mm < p.nqb;
     bool has_key = true;  // key block n holds a kept key (always when s divides S)
-    if (!kAligned) {
+    if (!kAligned && live) {
       const int64_t f0 = ceil_div64(static_cast<int64_t>(n) * S, s), f1 = ceil_div64(static_cast<int64_t>(n + 1) * S, s);
       has_key = f0 < f1;
     }
     float e = -INFINITY;  // the largest exponent; none (no row sees the block): A = exp2(-inf) = 0
-    if (n <= s_blk_nmax[bl] && has_key) {
+    if (live && has_key && n <= s_blk_nmax[bl]) {
       const float* Ln = scratch + static_cast<int64_t>(n) * cta_rows + bl * rows_blk;
-#pragma unroll 8
-      for (int r = 0; r < rows_blk; ++r) {
-        const int rr = bl * rows_blk + r;
+      const int r0 = bl * rows_blk;
+#pragma unroll 4
+      for (int r = sub; r < rows_blk; r += kLanes) {
+        const int rr = r0 + r;
         if (n <= s_nlim[rr]) e = fmaxf(e, fmaf(Ln[r] - s_m[rr], c, -s_lg[rr]));
       }
     }
-    A0[static_cast<int64_t>(mm) * p.nkb + n] = exp2f(e);
+#pragma unroll
+    for (int o = kLanes / 2; o > 0; o >>= 1) e = fmaxf(e, __shfl_xor_sync(0xffffffffu, e, o));
+    // At most 1: (L - m) c <= 0 and l >= 1, but lg2.approx may round log2(l) below 0 by an ulp.
+    if (live && sub == 0) A0[static_cast<int64_t>(mm) * p.nkb + n] = exp2f(fminf(e, 0.f));
   }
 }
 
@@ -118,34 +124,77 @@ __device__ __forceinline__ void warp_limit_range(const int (&lim)[N], int& hi, i
   }
 }
 
-// Online (max m, sum l) of one row over this thread's N logits x(0 .. N-1) of a key tile, whose
-// maximum the caller has (tmax); the sum is rescaled only when the max grows. No branch around
-// the exponentials (while m is -inf every logit so far is -inf, and exp2(-inf - 0) adds 0), so a
-// caller's rows interleave; the tile's sum in four independent chains, added pairwise.
-template <int N, class X>
-__device__ __forceinline__ void online_row_max(float& m, float& l, X&& x, float tmax, float c) {
-  if (tmax > m) {
-    l *= exp2f((m - tmax) * c);
-    m = tmax;
-  }
-  const float base = m == -INFINITY ? 0.f : m;
-  constexpr int kChains = N % 4 == 0 ? 4 : 1;
-  float sum[4] = {0.f, 0.f, 0.f, 0.f};
+// Online (max m, sum l) of a thread's R rows over its N logits x(ri, j) of a key tile, whose
+// maxima the caller has (tmax); a sum is rescaled only when its max grows. l is kept in one of two
+// frames, the same for the whole warp (`exact`, false at the start of a unit):
+// - normally frame fl(m c): l = sum of exp2(x c - fl(m c)), so each weight is one FFMA before the
+//   exponential, the product exact inside it; it differs from the sum of exp2((x - m) c) only by
+//   the factor exp2(m c - fl(m c)), common to the row, which row_sums_true applies at the end;
+// - once some row of the warp reaches |m c| >= kFrameBound (2^29), where that factor could leave fp32's range (a
+//   huge softmax_scale's argmax limit), the true frame, exp2((x - m) c) per weight, for the rest of
+//   the unit.
+// Callers call it converged (a warp vote). No branch around a row's exponentials, so the rows
+// interleave; each tile's sum in four independent chains, added pairwise.
+template <int R, int N, class X>
+__device__ __forceinline__ void online_rows(float (&m)[R], float (&l)[R], bool& exact, X&& x, const float (&tmax)[R],
+                                            float c) {
+  if (!exact) {
+    bool big = false;
 #pragma unroll
-  for (int j = 0; j < N; ++j) {
-    const float e = exp2f((x(j) - base) * c);
-    sum[j % kChains] = j < kChains ? e : sum[j % kChains] + e;  // exp2 is never -0: e equals 0 + e
+    for (int ri = 0; ri < R; ++ri) {
+      const float mn = fmaxf(m[ri], tmax[ri]);
+      big |= mn != -INFINITY && !(fabsf(__fmul_rn(mn, c)) < kFrameBound);
+    }
+    if (__any_sync(0xffffffffu, big)) {  // to the true frame, from the old maxima's (below the bound)
+#pragma unroll
+      for (int ri = 0; ri < R; ++ri)
+        if (m[ri] != -INFINITY) l[ri] *= frame_to_true(m[ri], c);
+      exact = true;
+    }
   }
-  l += (sum[0] + sum[1]) + (sum[2] + sum[3]);
+  if (exact) {
+#pragma unroll
+    for (int ri = 0; ri < R; ++ri) {
+      if (tmax[ri] > m[ri]) {
+        l[ri] *= exp2f((m[ri] - tmax[ri]) * c);
+        m[ri] = tmax[ri];
+      }
+      const float base = m[ri] == -INFINITY ? 0.f : m[ri];
+      l[ri] += tile_weight_sum<N>([&](int j) { return exp2f((x(ri, j) - base) * c); });
+    }
+  } else {
+#pragma unroll
+    for (int ri = 0; ri < R; ++ri) {
+      if (tmax[ri] > m[ri]) {
+        if (m[ri] != -INFINITY) l[ri] *= exp2f(__fsub_rn(__fmul_rn(m[ri], c), __fmul_rn(tmax[ri], c)));
+        m[ri] = tmax[ri];
+      }
+      const float mh = row_frame(m[ri], c);
+      l[ri] += tile_weight_sum<N>([&](int j) { return exp2f(fmaf(x(ri, j), c, -mh)); });
+    }
+  }
 }
 
-// online_row_max with the tile maximum taken here.
-template <int N, class X>
-__device__ __forceinline__ void online_row(float& m, float& l, X&& x, float c) {
-  float tmax = -INFINITY;
+// online_rows with the tile maxima taken here.
+template <int R, int N, class X>
+__device__ __forceinline__ void online_rows_tile(float (&m)[R], float (&l)[R], bool& exact, X&& x, float c) {
+  float tmax[R];
 #pragma unroll
-  for (int j = 0; j < N; ++j) tmax = fmaxf(tmax, x(j));
-  online_row_max<N>(m, l, x, tmax, c);
+  for (int ri = 0; ri < R; ++ri) {
+    tmax[ri] = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < N; ++j) tmax[ri] = fmaxf(tmax[ri], x(ri, j));
+  }
+  online_rows<R, N>(m, l, exact, x, tmax, c);
+}
+
+// The rows' sums in the true frame, sum of exp2((x - m) c), at the end of a unit.
+template <int R>
+__device__ __forceinline__ void row_sums_true(const float (&m)[R], float (&l)[R], bool exact, float c) {
+  if (exact) return;
+#pragma unroll
+  for (int ri = 0; ri < R; ++ri)
+    if (m[ri] != -INFINITY) l[ri] *= frame_to_true(m[ri], c);
 }
 
 // The max over the four lanes (a quad) that share a row.

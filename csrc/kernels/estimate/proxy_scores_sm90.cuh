@@ -9,8 +9,8 @@
 // 16 i + [0, 16). Per unit the pooled query rows go to shared memory once (cp.async, 128-byte
 // swizzle, zero for padding rows), then the kept keys stream through a 4-stage ring of 64-key
 // tiles (cp.async, three tiles in flight). Per tile each warpgroup issues one 64 x 64 x D wgmma
-// (SS, fp16 or bf16 as the (b, group)'s flag says, fp32 accumulation) and, while it runs, does
-// the previous tile's math: per row the same online (max, sum) and per-key-block maxima as the
+// (SS, fp16 or bf16 as the (b, group)'s flag says, fp32 accumulation, into one of two
+// accumulators in turn) and, while it runs, does the previous tile's math on the other: per row the same online (max, sum) and per-key-block maxima as the
 // mma.sync kernel. Only the aligned geometry (S % s == 0 and (S/s) % 8 == 0): a key block is a
 // whole number of 8-key column groups, so block maxima are per-thread maxima and two quad
 // shuffles; S/s is a template parameter, so a tile's blocks (and their maxima, from which the
@@ -104,18 +104,22 @@ __global__ void __launch_bounds__(kThreads, 2)
   typename Tr::template TiledMma<cutlass::half_t> mma_h;
   typename Tr::template TiledMma<cutlass::bfloat16_t> mma_b;
   auto thr_h = mma_h.get_thread_slice(tid);
-  auto thr_b = mma_b.get_thread_slice(tid);
-  Tensor tQh = thr_h.partition_fragment_A(sQh);  // (MMA, MMA_M, MMA_D) descriptors
-  Tensor tKh = thr_h.partition_fragment_B(sKh);  // (MMA, MMA_N, MMA_D, stage) descriptors
-  Tensor tQb = thr_b.partition_fragment_A(sQb);
-  Tensor tKb = thr_b.partition_fragment_B(sKb);
-  Tensor acc = partition_fragment_C(thr_h, Shape<Int<kRows>, Int<kKeys>>{});  // ((2, 2, kKeys/8), 1, 1)
+  auto wg_h = bsa_sm90::warpgroup_slice(mma_h, tid);  // the descriptors' slices (uniform registers)
+  auto wg_b = bsa_sm90::warpgroup_slice(mma_b, tid);
+  Tensor tQh = wg_h.partition_fragment_A(sQh);  // (MMA, MMA_M, MMA_D) descriptors
+  Tensor tKh = wg_h.partition_fragment_B(sKh);  // (MMA, MMA_N, MMA_D, stage) descriptors
+  Tensor tQb = wg_b.partition_fragment_A(sQb);
+  Tensor tKb = wg_b.partition_fragment_B(sKb);
+  // Two accumulators: tile j's wgmma writes acc[j % 2] while tile j - 1's math reads and masks
+  // acc[(j - 1) % 2] in place (no copy; a register a wgmma in flight may write is never read).
+  Tensor acc0 = partition_fragment_C(thr_h, Shape<Int<kRows>, Int<kKeys>>{});  // ((2, 2, kKeys/8), 1, 1)
+  Tensor acc1 = partition_fragment_C(thr_h, Shape<Int<kRows>, Int<kKeys>>{});
   // (row ri, column ci): CTA row 16 warp + g + 8 ri, key 2 t4 + (ci & 1) + 8 (ci >> 1) of the tile.
-  Tensor accrc = make_tensor(acc.data(), bsa_sm90::acc_rowcol(acc.layout()));
+  Tensor accrc0 = make_tensor(acc0.data(), bsa_sm90::acc_rowcol(acc0.layout()));
+  Tensor accrc1 = make_tensor(acc1.data(), bsa_sm90::acc_rowcol(acc1.layout()));
   constexpr int kCols = kKeys / 4;
-  static_assert(decltype(size<0>(accrc))::value == 2 && decltype(size<1>(accrc))::value == kCols,
+  static_assert(decltype(size<0>(accrc0))::value == 2 && decltype(size<1>(accrc0))::value == kCols,
                 "one thread holds two rows of the tile");
-  float prev[2][kCols];  // the logits of the tile whose math runs beside the next tile's wgmma
 
   // This thread's 16-byte chunks of a key tile, fixed for the whole kernel: chunk i's global offset
   // is a constant i kRowStep D past the first's (one swizzle period per stage).
@@ -191,6 +195,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     };
 
     float row_m[2] = {-INFINITY, -INFINITY}, row_l[2] = {0.f, 0.f};
+    bool row_exact = false;  // online_rows' frame
     // Row ri's largest logit in key block n (all four lanes of the row merged), stored for
     // write_unit_scores; lanes t4 == 0 store.
     auto store_block_max = [&](int n, const float (&v)[2]) {
@@ -202,18 +207,20 @@ __global__ void __launch_bounds__(kThreads, 2)
     };
     float half_max[2];  // kBlockKeys = 2 kKeys: the block's maxima over its first tile
 
-    // The math of tile jt (mask, block maxima, online max and sum) on prev, its logits copied out
-    // of the accumulator; it runs while the next tile's wgmma is in flight.
-    auto tile_math = [&](int jt) {
-      auto rc = [&](int ri, int ci) -> float& { return prev[ri][ci]; };
+    // The math of tile jt (mask, block maxima, online max and sum) on its accumulator (row, column
+    // view arc); it runs while the next tile's wgmma is in flight.
+    auto tile_math = [&](int jt, auto& arc) {
+      auto rc = [&](int ri, int ci) -> float& { return arc(ri, ci); };
+      // No branch around a read of the accumulator but this warp-uniform one, and the mask is a
+      // select (ptxas serialises every wgmma otherwise), so a tile past the warp's rows (at most
+      // two per unit) is masked whole and its math adds nothing.
       const int kk0 = jt * kKeys;
-      if (kk0 > my_lim) return;  // warp-uniform: no row of this warp sees a key of the tile
-      if (kk0 + kKeys - 1 > my_min) {  // causal edge or past the last key: mask
+      if (kk0 + kKeys - 1 > min(my_min, my_lim)) {  // causal edge, past the last key or no row: mask
 #pragma unroll
         for (int ri = 0; ri < 2; ++ri)
 #pragma unroll
           for (int ci = 0; ci < kCols; ++ci)
-            if (kk0 + 2 * t4 + (ci & 1) + 8 * (ci >> 1) > lim[ri]) rc(ri, ci) = -INFINITY;
+            rc(ri, ci) = kk0 + 2 * t4 + (ci & 1) + 8 * (ci >> 1) > lim[ri] ? -INFINITY : rc(ri, ci);
       }
       // Per row, this thread's maxima per key block of the tile (its columns 2 nt, 2 nt + 1
       // hold keys 8 nt + [0, 8), so a block of kBlockKeys keys is kBlockKeys / 8 column
@@ -233,10 +240,8 @@ __global__ void __launch_bounds__(kThreads, 2)
           tmax[ri] = b == 0 ? v : fmaxf(tmax[ri], v);
         }
       }
-      // Online (max, sum) per thread and row; the sum is rescaled only when the max grows.
-#pragma unroll
-      for (int ri = 0; ri < 2; ++ri)
-        scores::online_row_max<kCols>(row_m[ri], row_l[ri], [&](int ci) { return rc(ri, ci); }, tmax[ri], c);
+      // Online (max, sum) per thread and row; a sum is rescaled only when its max grows.
+      scores::online_rows<2, kCols>(row_m, row_l, row_exact, rc, tmax, c);
       // Block maxima to the scratch, for blocks with a key some row of the warp sees (later
       // blocks are masked for every row, and their index could pass nkb - 1).
       if constexpr (kBlockKeys <= kKeys) {
@@ -249,35 +254,46 @@ __global__ void __launch_bounds__(kThreads, 2)
         } else {
           half_max[0] = fmaxf(half_max[0], tmax[0]), half_max[1] = fmaxf(half_max[1], tmax[1]);
         }
-        if ((jt & 1) == 1 || kk0 + kKeys > my_lim) store_block_max(kk0 / kBlockKeys, half_max);
+        if (kk0 <= my_lim && ((jt & 1) == 1 || kk0 + kKeys > my_lim)) store_block_max(kk0 / kBlockKeys, half_max);
       }
     };
-    // Iteration j: wait for tile j, issue its wgmma, refill the stage of tile j - 1 with tile
-    // j + 3, do tile j - 1's math on prev while the wgmma runs, wait for it and copy its logits to prev
-    // (the accumulator itself is never read while a wgmma may write it: ptxas would serialise
-    // every wgmma). Every warpgroup issues the wgmma of every tile, and its wait never sits on a
-    // branch (ptxas serialises wgmma otherwise), so the loop runs one iteration past the last tile,
-    // on a stale stage, whose logits are never read. One commit group per tile slot, empty past
-    // the last tile: at the top of iteration j the groups committed are Q, tiles 0-2 and one per
-    // earlier iteration, so waiting for all but the newest two means Q and tiles 0 .. j have
-    // landed; the CTA barrier after that wait also means every warpgroup has finished its wgmma of
-    // tile j - 1, so that stage can take tile j + 3.
-    auto step = [&](int j) {
-      proxyattn::cp_async_wait<kStages - 2>();
-      bsa_sm90::fence_proxy_async_shared();
-      __syncthreads();
-      if (bf16) bsa_sm90::wg_issue<true>(mma_b, tQb, tKb(_, _, _, j % kStages), acc);
-      else bsa_sm90::wg_issue<true>(mma_h, tQh, tKh(_, _, _, j % kStages), acc);
-      const int jn = j + kStages - 1;
-      if (jn < ntiles) load_tile(jn, jn % kStages);
-      else proxyattn::cp_async_commit();
-      if (j > 0) tile_math(j - 1);
+    // Iteration j: wait for tile j, issue its wgmma into accw (acc[j % 2]), refill the stage of tile
+    // j - 1 with tile j + 3, do tile j - 1's math on the other accumulator while the wgmma runs,
+    // and wait for it. ptxas serialises every wgmma if a wait sits on a branch, or if an
+    // accumulator is read on a branch while the wgmma that wrote it is on another (the fp16 / bf16
+    // choice), so: the whole loop is instantiated per type, iteration 0 (no math) is peeled, every
+    // warpgroup issues the wgmma of every tile, and the loop runs two iterations per trip (one per
+    // accumulator), to an even j >= ntiles: one or two past the last tile, on stale stages whose
+    // logits are masked whole and add nothing. One commit group per tile slot, empty past the last
+    // tile: at the top of iteration j the groups committed are Q, tiles 0-2 and one per earlier
+    // iteration, so waiting for all but the newest two means Q and tiles 0 .. j have landed; the
+    // CTA barrier after that wait also means every warpgroup has finished its wgmma of tile j - 1,
+    // so that stage can take tile j + 3.
+    auto run_tiles = [&](auto& mma, auto& tQ, auto& tK) {
+      auto issue = [&](int j, auto& accw) {
+        proxyattn::cp_async_wait<kStages - 2>();
+        bsa_sm90::fence_proxy_async_shared();
+        __syncthreads();
+        bsa_sm90::wg_issue<true>(mma, tQ, tK(_, _, _, j % kStages), accw);
+        const int jn = j + kStages - 1;
+        if (jn < ntiles) load_tile(jn, jn % kStages);
+        else proxyattn::cp_async_commit();
+      };
+      auto step = [&](int j, auto& accw, auto& accr, auto& accr_rc) {
+        issue(j, accw);
+        warpgroup_fence_operand(accr);
+        tile_math(j - 1, accr_rc);
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(accw);
+      };
+      issue(0, acc0);
       warpgroup_wait<0>();
-      warpgroup_fence_operand(acc);
-#pragma unroll
-      for (int ri = 0; ri < 2; ++ri)
-#pragma unroll
-        for (int ci = 0; ci < kCols; ++ci) prev[ri][ci] = accrc(ri, ci);
+      warpgroup_fence_operand(acc0);
+      const int last = (ntiles + 1) & ~1;  // the last iteration: even, >= ntiles
+      for (int j = 1; j <= last; j += 2) {
+        step(j, acc1, acc0, accrc0);
+        step(j + 1, acc0, acc1, accrc1);
+      }
     };
 
     if (ntiles > 0) {
@@ -287,10 +303,12 @@ __global__ void __launch_bounds__(kThreads, 2)
         if (t < ntiles) load_tile(t, t);
         else proxyattn::cp_async_commit();
       }
-      for (int j = 0; j <= ntiles; ++j) step(j);
+      if (bf16) run_tiles(mma_b, tQb, tKb);
+      else run_tiles(mma_h, tQh, tKh);
     }
 
-    // Final row statistics: merge the four lanes of each row.
+    // Final row statistics (the sums in the true frame): merge the four lanes of each row.
+    scores::row_sums_true<2>(row_m, row_l, row_exact, c);
 #pragma unroll
     for (int ri = 0; ri < 2; ++ri)
       scores::store_row_stats(row_m[ri], row_l[ri], lim[ri], 16 * warp + g + 8 * ri, t4, p, c, ss.m, ss.lg, ss.nlim);
