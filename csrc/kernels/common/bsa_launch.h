@@ -57,10 +57,8 @@ extern template cudaError_t run_bsa_fwd_sm90<__nv_bfloat16, 128>(const BsaParams
 
 // The largest softmax_scale the attention kernels take: their exp2 factor scale * log2(e) must be a
 // finite float (a round bound below FLT_MAX / log2(e) = 2.36e38). The estimation stages take any
-// finite positive scale (stage 1 clamps its factor; stage 2's scale is clamped to this bound). Stage
-// 2's kernels scale each logit before its row max, so where |q.k| * scale * log2(e) passes FLT_MAX
-// (scales near this bound) its rows are NaN and kstar 0, not the argmax limit the reference gives
-// (bench/NOTES.md; fixed on branch est-dw, whose estimate GPU tests pass, not yet merged).
+// finite positive scale (stage 1 clamps its factor; stage 2's scale is clamped to this bound), and
+// give the argmax limit where logit * scale overflows (the rounded frame of estimate_common.cuh).
 inline constexpr double kMaxSoftmaxScale = 2.3e38;
 
 enum class BsaBackend { kAuto, kPortable, kHopper };
