@@ -58,45 +58,69 @@ __device__ __forceinline__ int kept_row_limit(bool valid, bool causal, int off, 
 // n <= s_nlim[r] (later entries are stale and not read). s_blk_nmax[bl]: the largest s_nlim of block
 // bl. Everything is visible to the CTA; the caller synchronises before reusing any of it. The largest
 // of a block's terms exp2((L - m) c) / sum is taken in the exponent: one exponential per element of
-// A, not per row. Eight consecutive lanes share an element and read consecutive rows of its column
-// of the scratch (one whole 32-byte sector per load), then merge their maxima by shuffles.
+// A, not per row. Per query block, the elements past s_blk_nmax (no row sees them) are zeros, written
+// by the whole CTA; each of the others is read by eight consecutive lanes, each lane a row in eight
+// (one whole 32-byte sector of the scratch per load), and merged by shuffles. A warp takes 16
+// consecutive elements per trip, four per lane group, so that each lane has four elements' loads in
+// flight per row.
 template <int kThreads, bool kAligned>
 __device__ __forceinline__ void write_unit_scores(const ProxyScoresParams& p, float c, const float* scratch, int cta_rows,
                                          int rows_blk, int bpc, int mb, int64_t bgrow, const float* s_m,
                                          const float* s_lg, const int* s_nlim, const int* s_blk_nmax) {
-  constexpr int kLanes = 8;                   // lanes per element of A
-  constexpr int kPerWarp = 32 / kLanes;       // elements per warp and step
-  constexpr int kStep = kThreads / kLanes;    // elements per CTA and step
-  static_assert(kThreads % 32 == 0, "whole warps");
+  constexpr int kLanes = 8;                  // lanes per element of A
+  constexpr int kPer = 4;                    // elements per lane group and trip
+  constexpr int kWarpElems = 32 / kLanes * kPer;
+  constexpr int kWarps = kThreads / 32;
+  static_assert(kThreads % 32 == 0 && kPer <= kLanes, "whole warps; a lane stores one element");
   const int S = p.block_size, s = p.stride;
-  const int sub = threadIdx.x % kLanes;
-  const int total = bpc * p.nkb;
+  const int warp = threadIdx.x / 32, sub = threadIdx.x % kLanes, gw = threadIdx.x % 32 / kLanes;
   float* A0 = p.scores + bgrow * p.nqb * p.nkb;
-  // Every lane of a warp makes the same trips (the shuffles below take the whole warp).
-  for (int base = threadIdx.x / 32 * kPerWarp; base < total; base += kStep) {
-    const int idx = base + threadIdx.x % 32 / kLanes;
-    const int bl = idx / p.nkb, n = idx - bl * p.nkb;
+  for (int bl = 0; bl < bpc; ++bl) {  // CTA-uniform
     const int mm = mb * bpc + bl;
-    const bool live = idx < total && mm < p.nqb;
-    bool has_key = true;  // key block n holds a kept key (always when s divides S)
-    if (!kAligned && live) {
-      const int64_t f0 = ceil_div64(static_cast<int64_t>(n) * S, s), f1 = ceil_div64(static_cast<int64_t>(n + 1) * S, s);
-      has_key = f0 < f1;
-    }
-    float e = -INFINITY;  // the largest exponent; none (no row sees the block): A = exp2(-inf) = 0
-    if (live && has_key && n <= s_blk_nmax[bl]) {
-      const float* Ln = scratch + static_cast<int64_t>(n) * cta_rows + bl * rows_blk;
-      const int r0 = bl * rows_blk;
+    if (mm >= p.nqb) break;
+    float* Am = A0 + static_cast<int64_t>(mm) * p.nkb;
+    const int nlive = s_blk_nmax[bl] + 1;  // elements [0, nlive) have a row that sees them
+    for (int n = nlive + threadIdx.x; n < p.nkb; n += kThreads) Am[n] = 0.f;
+    const int r0 = bl * rows_blk;
+    // Every lane of a warp makes the same trips (the shuffles below take the whole warp).
+    for (int base = warp * kWarpElems; base < nlive; base += kWarps * kWarpElems) {
+      int n[kPer];
+      float e[kPer];  // the largest exponents; none (no row sees the block): A = exp2(-inf) = 0
+#pragma unroll
+      for (int u = 0; u < kPer; ++u) {
+        n[u] = base + gw + 4 * u;
+        bool on = n[u] < nlive;
+        if (!kAligned && on) {  // key block n holds a kept key (always when s divides S)
+          const int64_t f0 = ceil_div64(static_cast<int64_t>(n[u]) * S, s);
+          const int64_t f1 = ceil_div64(static_cast<int64_t>(n[u] + 1) * S, s);
+          on = f0 < f1;
+        }
+        if (!on) n[u] = INT_MAX;  // no row's limit reaches it: nothing is read
+        e[u] = -INFINITY;
+      }
 #pragma unroll 4
       for (int r = sub; r < rows_blk; r += kLanes) {
         const int rr = r0 + r;
-        if (n <= s_nlim[rr]) e = fmaxf(e, fmaf(Ln[r] - s_m[rr], c, -s_lg[rr]));
-      }
-    }
+        const int lim = s_nlim[rr];
+        const float mr = s_m[rr], lr = s_lg[rr];
+        float v[kPer];
 #pragma unroll
-    for (int o = kLanes / 2; o > 0; o >>= 1) e = fmaxf(e, __shfl_xor_sync(0xffffffffu, e, o));
-    // At most 1: (L - m) c <= 0 and l >= 1, but lg2.approx may round log2(l) below 0 by an ulp.
-    if (live && sub == 0) A0[static_cast<int64_t>(mm) * p.nkb + n] = exp2f(fminf(e, 0.f));
+        for (int u = 0; u < kPer; ++u)
+          v[u] = n[u] <= lim ? scratch[static_cast<int64_t>(n[u]) * cta_rows + rr] : -INFINITY;
+#pragma unroll
+        for (int u = 0; u < kPer; ++u) e[u] = fmaxf(e[u], fmaf(v[u] - mr, c, -lr));  // -inf stays -inf
+      }
+      float mine = -INFINITY;  // lane sub stores element sub of its group
+#pragma unroll
+      for (int u = 0; u < kPer; ++u) {
+#pragma unroll
+        for (int o = kLanes / 2; o > 0; o >>= 1) e[u] = fmaxf(e[u], __shfl_xor_sync(0xffffffffu, e[u], o));
+        if (sub == u) mine = e[u];
+      }
+      const int nm = base + gw + 4 * sub;
+      // At most 1: (L - m) c <= 0 and l >= 1, but lg2.approx may round log2(l) below 0 by an ulp.
+      if (sub < kPer && nm < nlive) Am[nm] = exp2f(fminf(mine, 0.f));
+    }
   }
 }
 
