@@ -18,12 +18,15 @@
 # tests under every patched variant before the benchmark (log <variant>-tests.log). Everything
 # runs against one deadline, BUDGET seconds (default 560) after the start, under a device call's
 # 600 s: builds, tests and runs get what is left, and a run with under 30 s left is not started
-# (the rounds so far are packed and summarised).
+# (the rounds so far are packed and summarised). GPU_AB_TEST_LIMIT and GPU_AB_RUN_LIMIT (seconds)
+# cap one variant's tests and one benchmark run, so that a variant that hangs (a barrier waiting
+# forever) costs that much and not the rest of the budget.
 set -o pipefail
 deadline=$(( $(date +%s) + ${BUDGET:-560} ))
-budget_for() {  # name, minimum seconds: prints the seconds left for it, or says it is skipped and fails
+budget_for() {  # name, minimum seconds[, cap]: prints the seconds left for it (at most cap), or says it is skipped and fails
   local t=$(( deadline - $(date +%s) ))
   if [ "$t" -lt "$2" ]; then echo "== $1: not started, $t s left of the budget" >&2; return 1; fi
+  if [ -n "${3:-}" ] && [ "$3" -lt "$t" ]; then t=$3; fi
   echo "$t"
 }
 usage="usage: tools/gpu_ab.sh PATCH [PATCH ...] [--] SCRIPT [args]"
@@ -73,7 +76,7 @@ SITE=/tmp/proxyattn_site
 export CUTLASS_PATH=$SITE/cutlass_library/source/include PYTHONUNBUFFERED=1
 if [ -n "${GPU_AB_TESTS:-}" ]; then
   for v in "${variants[@]:1}"; do
-    t=$(budget_for "tests of $v" 20) || break
+    t=$(budget_for "tests of $v" 20 "${GPU_AB_TEST_LIMIT:-}") || break
     # shellcheck disable=SC2086
     (cd "$copies/$v" && PYTHONPATH=$copies/$v:$SITE timeout "$t" python3 -m pytest -q -rs $GPU_AB_TESTS 2>&1 |
        tee "$OUT/$v-tests.log" | tail -15)
@@ -83,7 +86,7 @@ fi
 name=$(basename "$script" .py)
 for round in $(seq 1 "${ROUNDS:-2}"); do
   for v in "${variants[@]}"; do
-    t=$(budget_for "$v, round $round" 30) || break 2
+    t=$(budget_for "$v, round $round" 30 "${GPU_AB_RUN_LIMIT:-}") || break 2
     echo "== $v, round $round"
     (cd "$copies/$v" && PROXYATTN_COMMIT=${commit_of[$v]} PYTHONPATH=$copies/$v:$SITE timeout "$t" python3 "bench/$script" "$@" --out "$OUT/$v-r$round-$name.json" 2>&1 |
        tee "$OUT/$v-r$round-$name.log" | tail -25)
