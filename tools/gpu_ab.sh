@@ -15,7 +15,8 @@
 # <variant>-build.log, packed into $OUT/ab.tgz after every round (a device call brings back at most 8
 # files); after every round tools/ab_summary.py writes the comparison so far to $OUT/ab-summary.md,
 # and the last one is printed at the end. GPU_AB_TESTS="tests/test_estimate_gpu.py ..." runs those
-# tests under every patched variant before the benchmark (log <variant>-tests.log). Everything
+# tests under every patched variant before the benchmark (log <variant>-tests.log); a variant whose
+# tests fail or time out is left out of the rounds. Everything
 # runs against one deadline, BUDGET seconds (default 560) after the start, under a device call's
 # 600 s: builds, tests and runs get what is left, and a run with under 30 s left is not started
 # (the rounds so far are packed and summarised). GPU_AB_TEST_LIMIT and GPU_AB_RUN_LIMIT (seconds)
@@ -74,18 +75,24 @@ done
 
 SITE=/tmp/proxyattn_site
 export CUTLASS_PATH=$SITE/cutlass_library/source/include PYTHONUNBUFFERED=1
+timed=("${variants[@]}")  # the variants the rounds time: a variant whose tests fail or time out is not timed
 if [ -n "${GPU_AB_TESTS:-}" ]; then
+  timed=(a)
   for v in "${variants[@]:1}"; do
     t=$(budget_for "tests of $v" 20 "${GPU_AB_TEST_LIMIT:-}") || break
     # shellcheck disable=SC2086
-    (cd "$copies/$v" && PYTHONPATH=$copies/$v:$SITE timeout "$t" python3 -m pytest -q -rs $GPU_AB_TESTS 2>&1 |
-       tee "$OUT/$v-tests.log" | tail -15)
+    if (cd "$copies/$v" && PYTHONPATH=$copies/$v:$SITE timeout "$t" python3 -m pytest -q -rs $GPU_AB_TESTS 2>&1 |
+          tee "$OUT/$v-tests.log" | tail -15); then
+      timed+=("$v")
+    else
+      echo "== $v: its tests failed or ran out of time ($t s); not timed" | tee -a "$OUT/untimed.txt"
+    fi
   done
   pack
 fi
 name=$(basename "$script" .py)
 for round in $(seq 1 "${ROUNDS:-2}"); do
-  for v in "${variants[@]}"; do
+  for v in "${timed[@]}"; do
     t=$(budget_for "$v, round $round" 30 "${GPU_AB_RUN_LIMIT:-}") || break 2
     echo "== $v, round $round"
     (cd "$copies/$v" && PROXYATTN_COMMIT=${commit_of[$v]} PYTHONPATH=$copies/$v:$SITE timeout "$t" python3 "bench/$script" "$@" --out "$OUT/$v-r$round-$name.json" 2>&1 |
