@@ -241,8 +241,19 @@ def test_stage1_hopper_and_portable_kernels(S, stride, d, dtype, monkeypatch):
     (scores_kernel); which one ran is read from the profiler where it records kernels. Both meet the
     fp64 reference's tolerance, and they agree within 1e-5 relative (the same exact 16-bit products,
     summed in another order), varlen with a prefix and a bf16-fallback group included."""
+    _both_stage1_kernels(S, stride, d, dtype, [(300, 700), (1000, 1000), (17, 517)], monkeypatch)
+
+
+def test_stage1_kernels_many_key_tiles(monkeypatch):
+    """The same on one sequence of 4173 kept keys (33 key tiles of the Hopper kernel, the last one
+    partial) beside sequences whose last tile holds 77, 1 and 127 kept keys (one with fewer queries
+    than keys), so that many units of one CTA run 1, 2, 3 and 33 tiles."""
+    _both_stage1_kernels(128, 1, 128, torch.bfloat16, [(4173, 4173), (77, 77), (129, 129), (255, 383)], monkeypatch)
+
+
+def _both_stage1_kernels(S, stride, d, dtype, seqs, monkeypatch):
     from test_bsa_gpu import BACKEND_ENV, is_hopper, kernel_names
-    q, k, cu_q, cu_k, mq, mk = _inputs(3, None, None, 8, 4, d, dtype, [(300, 700), (1000, 1000), (17, 517)])
+    q, k, cu_q, cu_k, mq, mk = _inputs(3, None, None, 8, 4, d, dtype, seqs)
     if dtype == torch.bfloat16:
         k[stride * 40, 3, :4] = 3e5  # a kept key of sequence 0 whose group-3 mean overflows fp16
     scale = d ** -0.5

@@ -169,13 +169,11 @@ def test_softmax_overlaps_the_pv_wgmma(sm90_functions):
 
 def test_stage1_hopper_kernel(sm90_sass):
     """Stage 1's Hopper kernel (csrc/kernels/estimate/proxy_scores_sm90.cuh), one per (head dim, kept
-    keys per key block S/s in 8 .. 128): its logits on wgmma in both 16-bit types (64 x 64 x 16 HGMMA,
-    fp16 and bf16: the type is chosen per (b, group) at run time, and the tile loop is instantiated
-    per type), D / 16 of each per key tile in three places per type (the first tile, then two per
-    trip, one per accumulator), no local memory (a spill would sit in the per-tile loop), and one
-    wgmma wait per place: the two of the loop with the previous tile's exponentials (32 logits per
-    thread) between the wgmma and the wait, so that they run beside it (ptxas serialises the wgmma,
-    or moves the wait up, when it cannot prove that safe)."""
+    keys per key block S/s in 8 .. 128): its logits on wgmma in both 16-bit types (64 x 128 x 16
+    HGMMA, fp16 and bf16: the type is chosen per (b, group) at run time, and the tile loop is
+    instantiated per type), D / 16 of each per 128-key tile, no local memory (a spill would sit in the
+    per-tile loop), one wgmma wait per type, and after each wait the tile's exponentials (64 logits
+    per thread, in each of online_rows' two frames) before the next wgmma."""
     kernels = {}
     for name, body in sm90_sass.items():
         m = re.search(r"scores_sm90_kernelILi(\d+)ELi(\d+)E", name)
@@ -183,11 +181,18 @@ def test_stage1_hopper_kernel(sm90_sass):
             kernels[(int(m.group(1)), int(m.group(2)))] = _opcodes(body)
     want = sorted((d, kb) for d in (64, 128) for kb in (8, 16, 32, 64, 128))
     assert sorted(kernels) == want, f"expected scores_sm90_kernel<D, S/s> for {want}, found {sorted(kernels)}"
-    for (d, _), ops in kernels.items():
-        fp16 = [op for op in ops if re.match(r"HGMMA\.64x64x16\.F32 ", op)]
-        bf16 = [op for op in ops if re.match(r"HGMMA\.64x64x16\.F32\.BF16 ", op)]
-        assert len(fp16) == len(bf16) == 3 * d // 16, (d, len(fp16), len(bf16))
-        _check_math_beside_wgmma(ops, f"scores_sm90_kernel<{d}, ...>", waits=6, math_waits=4)
+    for (d, kb), ops in kernels.items():
+        what = f"scores_sm90_kernel<{d}, {kb}>"
+        fp16 = [op for op in ops if re.match(r"HGMMA\.64x128x16\.F32 ", op)]
+        bf16 = [op for op in ops if re.match(r"HGMMA\.64x128x16\.F32\.BF16 ", op)]
+        assert len(fp16) == len(bf16) == d // 16, (what, len(fp16), len(bf16))
+        _check_math_beside_wgmma(ops, what, waits=2, math_waits=0)
+        hgmma = [i for i, op in enumerate(ops) if op.startswith("HGMMA")]
+        for w in (i for i, op in enumerate(ops) if op.startswith("WARPGROUP.DEPBAR")):
+            nxt = min([i for i in hgmma if i > w], default=len(ops))
+            exps = sum(op.startswith("MUFU.EX2") for op in ops[w:nxt])
+            assert exps >= 128, (f"{what}: {exps} exponentials after a wgmma wait, expected the tile's 64 "
+                                 "in each of online_rows' two frames")
 
 
 def _check_math_beside_wgmma(ops, what, waits=1, math_waits=1):

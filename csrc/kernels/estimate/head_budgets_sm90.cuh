@@ -6,8 +6,8 @@
 // split's keys stream through a 4-stage ring of 64-key tiles (cp.async, three tiles in flight; a
 // key row is read through the page table when the keys are paged). Per tile each warpgroup
 // issues one 64 x 64 x D wgmma (SS, fp32 accumulation) and, while it runs, does the previous
-// tile's row work on its logits, copied out of the accumulator (the loop of scores_sm90_kernel,
-// proxy_scores_sm90.cuh, whose comments give the reasons for its shape). The products of 16-bit
+// tile's row work on its logits, copied out of the accumulator (the shape stage 1's Hopper kernel
+// had before its 128-key tiles; the reasons are ptxas's rules for wgmma, given there). The products of 16-bit
 // values are exact, so the logits differ from probe_kernel's only by the order of the fp32 sum.
 #pragma once
 
@@ -119,7 +119,7 @@ __global__ void __launch_bounds__(kThreads, 2) probe_sm90_kernel(const HeadBudge
   };
   // Step j: wait for tile j (and Q), issue its wgmma, refill the stage of tile j - 1 with tile
   // j + 3, do tile j - 1's row work on prev while the wgmma runs, wait for it and copy its
-  // logits to prev. As in scores_sm90_kernel: every warpgroup issues every tile's wgmma and
+  // logits to prev. As in stage 1's Hopper kernel: every warpgroup issues every tile's wgmma and
   // its wait sits on no branch, so the loop runs one step past the last tile (on a stale stage,
   // logits never read); one commit group per tile slot, empty past the last tile, so waiting for
   // all but the newest two means Q and tiles 0 .. j have landed, and the CTA barrier after that

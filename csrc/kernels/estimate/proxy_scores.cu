@@ -26,7 +26,7 @@
 //      its 32 x sub-tile logits in shared memory and lane r folds row r's columns into block runs.
 //   3. scores_sm90_kernel<D, S/s> (proxy_scores_sm90.cuh), on sm_90 in place of 2 where S/s is a
 //      power of two from 8 to 128 (the default geometry) unless the caller asks for the portable
-//      kernel: the same per-row work (proxy_scores_rows.cuh) with the logits of 64 query rows x 64
+//      kernel: the same per-row work (proxy_scores_rows.cuh) with the logits of 64 query rows x 128
 //      keys from one wgmma per warpgroup, the tile's key blocks fixed at compile time; scratch
 //      [nkb][128 rows].
 // Scores are within ~1e-5 relative of an fp64 evaluation on the same rounded vectors.
@@ -63,7 +63,9 @@ bool use_hopper_scores(const ProxyScoresParams& p) {
   // key blocks; the block of kept key t is t >> log2(S/s)).
   const int per_block = p.block_size % p.stride == 0 ? p.block_size / p.stride : 0;
   const bool rows_fit = per_block >= 8 && per_block <= scores_sm90::kRows && (per_block & (per_block - 1)) == 0;
-  return bsa_device_arch(dev) == 90 && rows_fit && (p.head_dim == 64 || p.head_dim == 128);
+  // Its keys by TMA: every (b, group)'s pooled rows in one tensor map, whose coordinates are int32.
+  const int64_t key_rows = static_cast<int64_t>(p.batch) * p.num_groups * proxy_scores_kept_rows(p.max_seqlen_k, p.stride);
+  return bsa_device_arch(dev) == 90 && rows_fit && key_rows <= INT32_MAX && (p.head_dim == 64 || p.head_dim == 128);
 #else
   return false;
 #endif
@@ -138,10 +140,17 @@ void launch_scores_kernel(const ProxyScoresParams& p, const ScoreWorkspace& w, c
   auto* counter = reinterpret_cast<unsigned long long*>(ws + w.counter);
   auto* scratch = reinterpret_cast<float*>(ws + w.scratch);
   if (plan.hopper) {
+    // The tensor map over every (b, group)'s pooled keys (rows of D 16-bit values; the copy moves bits).
+    using Tr = scores_sm90::Traits<D>;
+    const int32_t rows = static_cast<int32_t>(static_cast<int64_t>(p.batch) * p.num_groups * w.rows_k);
+    auto gK = cute::make_tensor(cute::make_gmem_ptr(reinterpret_cast<const cutlass::half_t*>(k16)),
+                                cute::make_shape(rows, cute::Int<D>{}), cute::make_stride(int64_t(D), cute::_1{}));
+    const typename Tr::TmaK tma_k = cute::make_tma_copy(cute::SM90_TMA_LOAD{}, gK, cute::take<0, 2>(typename Tr::SmemLayoutK{}),
+                                                        cute::Shape<cute::Int<scores_sm90::kKeys>, cute::Int<D>>{}, cute::_1{});
     with_block_keys(p, [&](auto kb) {
       scores_sm90::scores_sm90_kernel<D, decltype(kb)::value>
-          <<<plan.slots, scores_sm90::kThreads, scores_sm90::Traits<D>::kSmemBytes, stream>>>(
-              p, c, w.rows_q, w.rows_k, q16, k16, flags, counter, scratch);
+          <<<plan.slots, scores_sm90::kThreads, Tr::kSmemBytes, stream>>>(
+              p, c, w.rows_q, w.rows_k, q16, tma_k, rows, flags, counter, scratch);
     });
   } else if (score_geometry(p.block_size, p.stride, p.nqb).aligned) {
     scores_kernel<D, true><<<plan.slots, kScoreThreads, score_smem_bytes<D, true>(), stream>>>(
@@ -159,6 +168,8 @@ cudaError_t launch_scores(const ProxyScoresParams& p, cudaStream_t stream) {
   if (e != cudaSuccess) return e;
   const ScoreWorkspace w = score_workspace(p, plan.slots, plan.cta_rows);
   char* ws = static_cast<char*>(p.workspace);
+  // The Hopper kernel's tensor map needs 16-byte aligned rows (the offsets inside are 256-aligned).
+  if (plan.hopper && reinterpret_cast<uintptr_t>(ws) % 16 != 0) return cudaErrorMisalignedAddress;
   if ((e = cudaMemsetAsync(ws + w.flags, 0, static_cast<size_t>(w.counter + 8 - w.flags), stream)) != cudaSuccess)
     return e;
   uint16_t* q16 = reinterpret_cast<uint16_t*>(ws + w.q16);

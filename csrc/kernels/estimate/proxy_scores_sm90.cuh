@@ -7,15 +7,21 @@
 // (b, group), each block's kept queries in a slot of `rows_blk` CTA rows (S/s rounded up to 16, a
 // warp's rows), 128 rows in all: warpgroup w holds rows 64 w + [0, 64), warp i of it rows
 // 16 i + [0, 16). Per unit the pooled query rows go to shared memory once (cp.async, 128-byte
-// swizzle, zero for padding rows), then the kept keys stream through a 4-stage ring of 64-key
-// tiles (cp.async, three tiles in flight). Per tile each warpgroup issues one 64 x 64 x D wgmma
-// (SS, fp16 or bf16 as the (b, group)'s flag says, fp32 accumulation, into one of two
-// accumulators in turn) and, while it runs, does the previous tile's math on the other: per row the same online (max, sum) and per-key-block maxima as the
-// mma.sync kernel. Only the aligned geometry (S % s == 0 and (S/s) % 8 == 0): a key block is a
+// swizzle, zero for padding rows), then the kept keys stream through a 2-stage ring of 128-key
+// tiles by TMA (one thread issues a tile's copy onto the stage's transaction barrier; the next
+// tile is in flight while this one is used). Per tile each warpgroup waits for the stage's
+// barrier, issues one 64 x 128 x D wgmma (SS, fp16 or bf16 as the (b, group)'s flag says, fp32
+// accumulation), waits for it, releases the stage (one arrival per warp on a shared counter; the
+// warp that makes it eight issues the copy of the tile two ahead into it, so no thread ever waits
+// for a free stage) and does the tile's math: per row the same online (max, sum) and
+// per-key-block maxima as the mma.sync kernel. No CTA barrier per tile: a warpgroup runs up to a
+// tile ahead of the other, and the other CTA on the SM keeps the tensor cores busy meanwhile. A
+// 128-key tile halves the per-key cost of everything done once per tile (wgmma descriptors, the
+// frame test, the online rescale). Key rows past the (b, group)'s kept keys are whatever the
+// workspace holds there (zeros past its end): the mask turns their logits to -inf. Only the aligned geometry (S % s == 0 and (S/s) % 8 == 0): a key block is a
 // whole number of 8-key column groups, so block maxima are per-thread maxima and two quad
 // shuffles; S/s is a template parameter, so a tile's blocks (and their maxima, from which the
-// tile maximum follows) are fixed at compile time. A thread's key chunks have their addresses
-// computed once per kernel. The end of a unit (A from the scratch) is write_unit_scores, shared
+// tile maximum follows) are fixed at compile time. The end of a unit (A from the scratch) is write_unit_scores, shared
 // with the other kernel. The wgmma products of 16-bit values are exact and accumulate in fp32, so logits differ
 // from the mma.sync kernel's only by the order of the sum.
 #pragma once
@@ -25,7 +31,10 @@
 #include <cstdint>
 
 #include <cute/tensor.hpp>
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cute/atom/copy_traits_sm90_tma.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cutlass/arch/barrier.h>
 #include <cutlass/numeric_types.h>
 
 #include "kernels/bsa_sm90/utils.cuh"
@@ -39,8 +48,8 @@ using namespace cute;
 constexpr int kWarpgroups = 2;
 constexpr int kThreads = 128 * kWarpgroups;
 constexpr int kRows = 64 * kWarpgroups;  // query rows per CTA = scratch rows per slot
-constexpr int kKeys = 64;                // kept keys per tile
-constexpr int kStages = 4;               // key tiles in the ring (kStages - 1 in flight ahead)
+constexpr int kKeys = 128;               // kept keys per tile
+constexpr int kStages = 2;               // key tiles in the ring (the next in flight)
 
 // Query blocks of one unit: rows_blk CTA rows each (a multiple of 16), bpc of them.
 struct Geometry {
@@ -60,6 +69,13 @@ struct Traits {
   using Atom = decltype(GMMA::Layout_K_SW128_Atom<cutlass::half_t>{});  // 8 x 64 halves, 128-byte swizzle
   using SmemLayoutQ = decltype(tile_to_shape(Atom{}, Shape<Int<kRows>, Int<D>>{}));
   using SmemLayoutK = decltype(tile_to_shape(Atom{}, Shape<Int<kKeys>, Int<D>, Int<kStages>>{}));  // (keys, D, stage)
+  // The pooled keys of every (b, group) as one (rows, D) tensor for the tensor map; the copy moves
+  // bits, so fp16 stands for either 16-bit type.
+  using GTensorK = decltype(make_tensor(make_gmem_ptr(static_cast<cutlass::half_t const*>(nullptr)),
+                                        Shape<int32_t, Int<D>>{}, Stride<int64_t, _1>{}));
+  using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, std::declval<GTensorK>(), take<0, 2>(SmemLayoutK{}),
+                                      Shape<Int<kKeys>, Int<D>>{}, _1{}));
+  static constexpr uint32_t kTileBytes = kKeys * D * 2;
   template <class T>
   using TiledMma = decltype(make_tiled_mma(GMMA::ss_op_selector<T, T, float, Shape<_64, Int<kKeys>, Int<D>>>(),
                                            Layout<Shape<Int<kWarpgroups>, _1, _1>>{}));
@@ -71,18 +87,20 @@ struct Traits {
     int warp_lim[kThreads / 32];
     int blk_nmax[kRows / 16];
     long long unit;
+    alignas(8) uint64_t full[kStages];  // a stage's key tile has landed (TMA transaction barrier)
+    int release[kStages];               // warps done with a stage's wgmma (see the kernel)
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
 };
 
 // c = sm * log2(e) clamped into [FLT_MIN, FLT_MAX] by the launcher (as for the mma.sync kernel).
 // kBlockKeys = S / s, the kept keys of one key block (a power of two from 8 to 128), fixed at compile
-// time so that a tile's key blocks are known: kKeys / kBlockKeys whole blocks per tile, or half of
-// one at 128.
+// time so that a tile's key blocks are known: kKeys / kBlockKeys whole blocks per tile.
 template <int D, int kBlockKeys>
 __global__ void __launch_bounds__(kThreads, 2)
     scores_sm90_kernel(const ProxyScoresParams p, float c, int64_t rows_q, int64_t rows_k, const uint16_t* q16,
-                       const uint16_t* k16, const int* flags, unsigned long long* counter, float* scratch_all) {
+                       const __grid_constant__ typename Traits<D>::TmaK tma_k, int32_t k_rows_total, const int* flags,
+                       unsigned long long* counter, float* scratch_all) {
 #if PROXYATTN_BSA_SM90_DEVICE
   using Tr = Traits<D>;
   using scores::kept_count;
@@ -91,7 +109,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
   const int S = p.block_size, s = p.stride;
   const Geometry geo = geometry(S, s, p.nqb);
-  static_assert(kBlockKeys >= 8 && kBlockKeys <= 2 * kKeys && (kBlockKeys & (kBlockKeys - 1)) == 0,
+  static_assert(kBlockKeys >= 8 && kBlockKeys <= kKeys && (kBlockKeys & (kBlockKeys - 1)) == 0,
                 "a key block is 8 to 128 kept keys, a power of two");
   const int64_t bg_count = static_cast<int64_t>(p.batch) * p.num_groups;
   const long long units = bg_count * geo.nmb;
@@ -110,23 +128,26 @@ __global__ void __launch_bounds__(kThreads, 2)
   Tensor tKh = wg_h.partition_fragment_B(sKh);  // (MMA, MMA_N, MMA_D, stage) descriptors
   Tensor tQb = wg_b.partition_fragment_A(sQb);
   Tensor tKb = wg_b.partition_fragment_B(sKb);
-  // Two accumulators: tile j's wgmma writes acc[j % 2] while tile j - 1's math reads and masks
-  // acc[(j - 1) % 2] in place (no copy; a register a wgmma in flight may write is never read).
-  Tensor acc0 = partition_fragment_C(thr_h, Shape<Int<kRows>, Int<kKeys>>{});  // ((2, 2, kKeys/8), 1, 1)
-  Tensor acc1 = partition_fragment_C(thr_h, Shape<Int<kRows>, Int<kKeys>>{});
+  Tensor acc = partition_fragment_C(thr_h, Shape<Int<kRows>, Int<kKeys>>{});  // ((2, 2, kKeys/8), 1, 1)
   // (row ri, column ci): CTA row 16 warp + g + 8 ri, key 2 t4 + (ci & 1) + 8 (ci >> 1) of the tile.
-  Tensor accrc0 = make_tensor(acc0.data(), bsa_sm90::acc_rowcol(acc0.layout()));
-  Tensor accrc1 = make_tensor(acc1.data(), bsa_sm90::acc_rowcol(acc1.layout()));
+  Tensor accrc = make_tensor(acc.data(), bsa_sm90::acc_rowcol(acc.layout()));
   constexpr int kCols = kKeys / 4;
-  static_assert(decltype(size<0>(accrc0))::value == 2 && decltype(size<1>(accrc0))::value == kCols,
+  static_assert(decltype(size<0>(accrc))::value == 2 && decltype(size<1>(accrc))::value == kCols,
                 "one thread holds two rows of the tile");
 
-  // This thread's 16-byte chunks of a key tile, fixed for the whole kernel: chunk i's global offset
-  // is a constant i kRowStep D past the first's (one swizzle period per stage).
-  using Chunks = KeyTileChunks<kThreads, D, kKeys>;
-  const int chunk_row0 = Chunks::row0(tid), chunk_col = Chunks::col(tid);
-  uint32_t chunk_dst[Chunks::kChunks];
-  Chunks::shared_addresses(chunk_dst, sKh, tid);
+  using Barrier = cutlass::arch::ClusterTransactionBarrier;
+  if (tid == 0) {
+    cute::prefetch_tma_descriptor(tma_k.get_tma_descriptor());
+#pragma unroll
+    for (int st = 0; st < kStages; ++st) {
+      Barrier::init(&ss.full[st], 1);
+      ss.release[st] = 0;
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  // The pooled keys as the tensor map's coordinates, (rows of every (b, group), D).
+  Tensor mK = tma_k.get_tma_tensor(make_shape(k_rows_total, Int<D>{}));
+  int it = 0;  // key tiles this CTA has consumed: tile `it` sits in stage it % kStages, phase (it / kStages) & 1
 
   for (;;) {
     if (tid == 0) ss.unit = static_cast<long long>(atomicAdd(counter, 1ull));
@@ -174,46 +195,35 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
       proxyattn::cp_async_commit();
     };
-    const uint16_t* k_unit = k16 + krow0 * D;
-    // Tile `tile` into stage buf: every chunk of a tile inside the kept keys (CTA-uniform test),
-    // else zero-filled rows past them (their source is never read).
-    auto load_tile = [&](int tile, int buf) {
-      const uint16_t* src = k_unit + (static_cast<int64_t>(tile) * kKeys + chunk_row0) * D + chunk_col;
-      const uint32_t dst = buf * Chunks::kStageBytes;
-      if ((tile + 1) * kKeys <= nkk) {
-#pragma unroll
-        for (int i = 0; i < Chunks::kChunks; ++i) cp_async_16(chunk_dst[i] + dst, src + i * Chunks::kRowStep * D, 16);
-      } else {
-        const int rows = nkk - tile * kKeys - chunk_row0;  // chunk i holds a kept key when i kRowStep < rows
-#pragma unroll
-        for (int i = 0; i < Chunks::kChunks; ++i) {
-          const bool ok = i * Chunks::kRowStep < rows;
-          cp_async_16(chunk_dst[i] + dst, ok ? src + i * Chunks::kRowStep * D : k16, ok ? 16 : 0);
-        }
-      }
-      proxyattn::cp_async_commit();
+    // The copy of the unit's key tile `tile` into stage st (one thread): rows past the kept keys are
+    // the workspace's next rows (masked) or, past its end, zeros.
+    auto issue_tile = [&](int tile, int st) {
+      Tensor gK = local_tile(domain_offset(make_coord(static_cast<int32_t>(krow0), _0{}), mK),
+                             Shape<Int<kKeys>, Int<D>>{}, make_coord(tile, _0{}));  // (keys, D)
+      auto [tKg, tKs] = tma_partition(tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sKh), group_modes<0, 2>(gK));
+      Barrier::arrive_and_expect_tx(&ss.full[st], Tr::kTileBytes);
+      copy(tma_k.with(ss.full[st]), tKg, tKs(_, st));
     };
 
     float row_m[2] = {-INFINITY, -INFINITY}, row_l[2] = {0.f, 0.f};
     bool row_exact = false;  // online_rows' frame
     // Row ri's largest logit in key block n (all four lanes of the row merged), stored for
-    // write_unit_scores; lanes t4 == 0 store.
-    auto store_block_max = [&](int n, const float (&v)[2]) {
+    // write_unit_scores when `on` (lanes t4 == 0 store). The shuffles run on every lane whatever
+    // `on` says, so that no branch surrounds them.
+    auto store_block_max = [&](int n, const float (&v)[2], bool on) {
 #pragma unroll
       for (int ri = 0; ri < 2; ++ri) {
         const float m = scores::quad_max(v[ri]);
-        if (t4 == 0 && lim[ri] >= 0) scratch[static_cast<int64_t>(n) * kRows + 16 * warp + g + 8 * ri] = m;
+        if (on && t4 == 0 && lim[ri] >= 0) scratch[static_cast<int64_t>(n) * kRows + 16 * warp + g + 8 * ri] = m;
       }
     };
-    float half_max[2];  // kBlockKeys = 2 kKeys: the block's maxima over its first tile
-
-    // The math of tile jt (mask, block maxima, online max and sum) on its accumulator (row, column
-    // view arc); it runs while the next tile's wgmma is in flight.
+    // The math of tile jt (mask, block maxima, online max and sum) on the accumulator (row, column
+    // view arc), after its wgmma has completed.
     auto tile_math = [&](int jt, auto& arc) {
       auto rc = [&](int ri, int ci) -> float& { return arc(ri, ci); };
       // No branch around a read of the accumulator but this warp-uniform one, and the mask is a
-      // select (ptxas serialises every wgmma otherwise), so a tile past the warp's rows (at most
-      // two per unit) is masked whole and its math adds nothing.
+      // select, so a tile past the warp's rows (every tile for a warp without rows) is masked whole
+      // and its math adds nothing.
       const int kk0 = jt * kKeys;
       if (kk0 + kKeys - 1 > min(my_min, my_lim)) {  // causal edge, past the last key or no row: mask
 #pragma unroll
@@ -222,89 +232,73 @@ __global__ void __launch_bounds__(kThreads, 2)
           for (int ci = 0; ci < kCols; ++ci)
             rc(ri, ci) = kk0 + 2 * t4 + (ci & 1) + 8 * (ci >> 1) > lim[ri] ? -INFINITY : rc(ri, ci);
       }
-      // Per row, this thread's maxima per key block of the tile (its columns 2 nt, 2 nt + 1
-      // hold keys 8 nt + [0, 8), so a block of kBlockKeys keys is kBlockKeys / 8 column
-      // pairs), and the tile maximum from them.
-      constexpr int kBlocks = kBlockKeys <= kKeys ? kKeys / kBlockKeys : 1;
+      // Per row, this thread's maximum in each key block of the tile (its columns 2 nt, 2 nt + 1
+      // hold keys 8 nt + [0, 8), so a block of kBlockKeys keys is kBlockKeys / 8 column pairs),
+      // stored as soon as it is known (for blocks with a key some row of the warp sees: later
+      // blocks are masked for every row, and their index could pass nkb - 1), and the tile maximum
+      // from them.
+      constexpr int kBlocks = kKeys / kBlockKeys;
       constexpr int kPairs = kCols / 2 / kBlocks;
-      float bmax[kBlocks][2], tmax[2];
+      float tmax[2];
 #pragma unroll
-      for (int ri = 0; ri < 2; ++ri) {
+      for (int b = 0; b < kBlocks; ++b) {
+        float bmax[2];
 #pragma unroll
-        for (int b = 0; b < kBlocks; ++b) {
+        for (int ri = 0; ri < 2; ++ri) {
           float v = fmaxf(rc(ri, 2 * b * kPairs), rc(ri, 2 * b * kPairs + 1));
 #pragma unroll
           for (int e = 1; e < kPairs; ++e)
             v = fmaxf(v, fmaxf(rc(ri, 2 * (b * kPairs + e)), rc(ri, 2 * (b * kPairs + e) + 1)));
-          bmax[b][ri] = v;
+          bmax[ri] = v;
           tmax[ri] = b == 0 ? v : fmaxf(tmax[ri], v);
         }
+        store_block_max(kk0 / kBlockKeys + b, bmax, kk0 + b * kBlockKeys <= my_lim);
       }
       // Online (max, sum) per thread and row; a sum is rescaled only when its max grows.
       scores::online_rows<2, kCols>(row_m, row_l, row_exact, rc, tmax, c);
-      // Block maxima to the scratch, for blocks with a key some row of the warp sees (later
-      // blocks are masked for every row, and their index could pass nkb - 1).
-      if constexpr (kBlockKeys <= kKeys) {
-#pragma unroll
-        for (int b = 0; b < kBlocks; ++b)
-          if (kk0 + b * kBlockKeys <= my_lim) store_block_max(kk0 / kBlockKeys + b, bmax[b]);
-      } else {  // a block is two tiles: store after its second, or after the warp's last tile
-        if ((jt & 1) == 0) {
-          half_max[0] = tmax[0], half_max[1] = tmax[1];
-        } else {
-          half_max[0] = fmaxf(half_max[0], tmax[0]), half_max[1] = fmaxf(half_max[1], tmax[1]);
-        }
-        if (kk0 <= my_lim && ((jt & 1) == 1 || kk0 + kKeys > my_lim)) store_block_max(kk0 / kBlockKeys, half_max);
-      }
     };
-    // Iteration j: wait for tile j, issue its wgmma into accw (acc[j % 2]), refill the stage of tile
-    // j - 1 with tile j + 3, do tile j - 1's math on the other accumulator while the wgmma runs,
-    // and wait for it. ptxas serialises every wgmma if a wait sits on a branch, or if an
-    // accumulator is read on a branch while the wgmma that wrote it is on another (the fp16 / bf16
-    // choice), so: the whole loop is instantiated per type, iteration 0 (no math) is peeled, every
-    // warpgroup issues the wgmma of every tile, and the loop runs two iterations per trip (one per
-    // accumulator), to an even j >= ntiles: one or two past the last tile, on stale stages whose
-    // logits are masked whole and add nothing. One commit group per tile slot, empty past the last
-    // tile: at the top of iteration j the groups committed are Q, tiles 0-2 and one per earlier
-    // iteration, so waiting for all but the newest two means Q and tiles 0 .. j have landed; the
-    // CTA barrier after that wait also means every warpgroup has finished its wgmma of tile j - 1,
-    // so that stage can take tile j + 3.
+    // Iteration j (tile t = it + j of the CTA, stage t % kStages): wait for the stage's tile,
+    // issue its wgmma, wait for that, release the stage and do the tile's math. A stage is released
+    // by each warp once its warpgroup's wgmma on it has completed: lane 0 adds one to release[st]
+    // (CTA-scope fences on both sides order the wgmma's reads before the next copy's writes); the
+    // warp that makes it kThreads / 32 resets it and issues the copy of tile j + kStages into the
+    // stage, so no thread waits for a free stage. The loop is instantiated per 16-bit type (ptxas
+    // serialises every wgmma if the accumulator is read on a branch while the wgmma that wrote it
+    // sits on another), and every warpgroup issues the wgmma of every tile.
     auto run_tiles = [&](auto& mma, auto& tQ, auto& tK) {
-      auto issue = [&](int j, auto& accw) {
-        proxyattn::cp_async_wait<kStages - 2>();
-        bsa_sm90::fence_proxy_async_shared();
-        __syncthreads();
-        bsa_sm90::wg_issue<true>(mma, tQ, tK(_, _, _, j % kStages), accw);
-        const int jn = j + kStages - 1;
-        if (jn < ntiles) load_tile(jn, jn % kStages);
-        else proxyattn::cp_async_commit();
-      };
-      auto step = [&](int j, auto& accw, auto& accr, auto& accr_rc) {
-        issue(j, accw);
-        warpgroup_fence_operand(accr);
-        tile_math(j - 1, accr_rc);
+      for (int j = 0; j < ntiles; ++j) {
+        const int t = it + j, st = t % kStages;
+        Barrier::wait(&ss.full[st], (t / kStages) & 1);
+        bsa_sm90::wg_issue<true>(mma, tQ, tK(_, _, _, st), acc);
         warpgroup_wait<0>();
-        warpgroup_fence_operand(accw);
-      };
-      issue(0, acc0);
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(acc0);
-      const int last = (ntiles + 1) & ~1;  // the last iteration: even, >= ntiles
-      for (int j = 1; j <= last; j += 2) {
-        step(j, acc1, acc0, accrc0);
-        step(j + 1, acc0, acc1, accrc1);
+        warpgroup_fence_operand(acc);
+        __syncwarp();
+        if (lane == 0) {
+          __threadfence_block();
+          if (atomicAdd(&ss.release[st], 1) == kThreads / 32 - 1) {
+            __threadfence_block();
+            ss.release[st] = 0;
+            if (j + kStages < ntiles) issue_tile(j + kStages, st);
+          }
+        }
+        tile_math(j, accrc);
       }
     };
 
     if (ntiles > 0) {
-      load_q();
+      // Both stages are free: the last unit's wgmmas completed before the barriers at its end.
+      if (tid == 0) {
 #pragma unroll
-      for (int t = 0; t < kStages - 1; ++t) {
-        if (t < ntiles) load_tile(t, t);
-        else proxyattn::cp_async_commit();
+        for (int j = 0; j < kStages; ++j)
+          if (j < ntiles) issue_tile(j, (it + j) % kStages);
       }
+      load_q();
+      proxyattn::cp_async_wait<0>();
+      bsa_sm90::fence_proxy_async_shared();
+      __syncthreads();  // Q is in shared memory for every warpgroup's wgmma
       if (bf16) run_tiles(mma_b, tQb, tKb);
       else run_tiles(mma_h, tQh, tKh);
+      it += ntiles;
     }
 
     // Final row statistics (the sums in the true frame): merge the four lanes of each row.
