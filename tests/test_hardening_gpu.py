@@ -154,8 +154,14 @@ def _rank(t, varlen):
     return t[None] if varlen else t[0]
 
 
+def _randn(shape, like):
+    """Random values of like's dtype and device; drawn in fp32, so an earlier defect may have made
+    like an integer tensor (torch has no normal sampler for integers)."""
+    return torch.randn(*shape, device=like.device).to(like.dtype)
+
+
 def _strided(t):
-    return torch.randn(*t.shape[:-1], 2 * t.shape[-1], device=t.device, dtype=t.dtype)[..., ::2]
+    return _randn((*t.shape[:-1], 2 * t.shape[-1]), t)[..., ::2]
 
 
 def _misaligned(t):
@@ -168,17 +174,17 @@ def _misaligned(t):
 
 def _with_d(c, d_q, d_k):
     c = dict(c)
-    c["q"] = torch.randn(*c["q"].shape[:-1], d_q, device="cuda", dtype=c["q"].dtype)
-    c["k"] = torch.randn(*c["k"].shape[:-1], d_k, device="cuda", dtype=c["k"].dtype)
-    c["v"] = torch.randn(*c["v"].shape[:-1], d_k, device="cuda", dtype=c["v"].dtype)
+    c["q"] = _randn((*c["q"].shape[:-1], d_q), c["q"])
+    c["k"] = _randn((*c["k"].shape[:-1], d_k), c["k"])
+    c["v"] = _randn((*c["v"].shape[:-1], d_k), c["v"])
     return c
 
 
 def _heads_bad(c):
     c = dict(c)
     hq = c["q"].shape[-2]
-    c["k"] = torch.randn(*c["k"].shape[:-2], hq + 1, c["k"].shape[-1], device="cuda", dtype=c["k"].dtype)
-    c["v"] = torch.randn_like(c["k"])
+    c["k"] = _randn((*c["k"].shape[:-2], hq + 1, c["k"].shape[-1]), c["k"])
+    c["v"] = _randn(c["k"].shape, c["k"])
     return c
 
 
