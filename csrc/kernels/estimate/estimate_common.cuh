@@ -158,4 +158,10 @@ constexpr float kFrameBound = 0x1p29f;
 // exp2(fl(m c) - m c): the factor from frame fl(m c) to the true one (m finite, |fl(m c)| < kFrameBound).
 __device__ __forceinline__ float frame_to_true(float m, float c) { return exp2f(-fmaf(m, c, -__fmul_rn(m, c))); }
 
+// Whether a row whose max becomes mn must leave frame fl(m c) for the true one: |fl(mn c)| reaches
+// kFrameBound (a huge softmax scale, its argmax limit). The rule of both kernels that use the frame.
+__device__ __forceinline__ bool past_frame_bound(float mn, float c) {
+  return mn != -INFINITY && !(fabsf(__fmul_rn(mn, c)) < kFrameBound);
+}
+
 }  // namespace proxyattn

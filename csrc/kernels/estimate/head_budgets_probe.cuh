@@ -126,7 +126,7 @@ __device__ __forceinline__ void probe_tile(X&& x, int tile0, const ProbeSplit& p
     tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
     tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
     mn[e] = fmaxf(st.run_m[e], tmax);
-    big |= mn[e] != -INFINITY && !(fabsf(__fmul_rn(mn[e], scale2)) < kFrameBound);
+    big |= past_frame_bound(mn[e], scale2);
   }
   if (!st.exact && __any_sync(0xffffffffu, big)) {  // to the true frame, from the old maxima's
 #pragma unroll

@@ -69,7 +69,8 @@ __device__ __forceinline__ void write_unit_scores(const ProxyScoresParams& p, fl
                                          const float* s_lg, const int* s_nlim, const int* s_blk_nmax) {
   constexpr int kLanes = 8;                  // lanes per element of A
   constexpr int kPer = 4;                    // elements per lane group and trip
-  constexpr int kWarpElems = 32 / kLanes * kPer;
+  constexpr int kGroups = 32 / kLanes;         // lane groups per warp
+  constexpr int kWarpElems = kGroups * kPer;
   constexpr int kWarps = kThreads / 32;
   static_assert(kThreads % 32 == 0 && kPer <= kLanes, "whole warps; a lane stores one element");
   const int S = p.block_size, s = p.stride;
@@ -88,7 +89,7 @@ __device__ __forceinline__ void write_unit_scores(const ProxyScoresParams& p, fl
       float e[kPer];  // the largest exponents; none (no row sees the block): A = exp2(-inf) = 0
 #pragma unroll
       for (int u = 0; u < kPer; ++u) {
-        n[u] = base + gw + 4 * u;
+        n[u] = base + gw + kGroups * u;
         bool on = n[u] < nlive;
         if (!kAligned && on) {  // key block n holds a kept key (always when s divides S)
           const int64_t f0 = ceil_div64(static_cast<int64_t>(n[u]) * S, s);
@@ -117,7 +118,7 @@ __device__ __forceinline__ void write_unit_scores(const ProxyScoresParams& p, fl
         for (int o = kLanes / 2; o > 0; o >>= 1) e[u] = fmaxf(e[u], __shfl_xor_sync(0xffffffffu, e[u], o));
         if (sub == u) mine = e[u];
       }
-      const int nm = base + gw + 4 * sub;
+      const int nm = base + gw + kGroups * sub;
       // At most 1: (L - m) c <= 0 and l >= 1, but lg2.approx may round log2(l) below 0 by an ulp.
       if (sub < kPer && nm < nlive) Am[nm] = exp2f(fminf(mine, 0.f));
     }
@@ -166,8 +167,7 @@ __device__ __forceinline__ void online_rows(float (&m)[R], float (&l)[R], bool& 
     bool big = false;
 #pragma unroll
     for (int ri = 0; ri < R; ++ri) {
-      const float mn = fmaxf(m[ri], tmax[ri]);
-      big |= mn != -INFINITY && !(fabsf(__fmul_rn(mn, c)) < kFrameBound);
+      big |= past_frame_bound(fmaxf(m[ri], tmax[ri]), c);
     }
     if (__any_sync(0xffffffffu, big)) {  // to the true frame, from the old maxima's (below the bound)
 #pragma unroll
