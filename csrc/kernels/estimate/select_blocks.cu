@@ -12,6 +12,9 @@
 // every candidate that is forced, has a key above T, or has key T and is among the first `need`
 // of them (need = r - #keys above T); it pads the row with -1 (indices int16: nkb <= 32768). A
 // head that takes all or none of the non-forced candidates needs no selection.
+// A CTA has one warp per head of the group, at most eight (select_blocks_warps): with few heads
+// per group the CTAs are small and many share an SM, since a row's work is a chain of dependent
+// passes and an idle warp would only hold an SM's slots.
 // Deterministic; bit-identical to any implementation of the same total order.
 #include "kernels/estimate/select_blocks.h"
 
@@ -20,8 +23,7 @@
 namespace proxyattn {
 namespace {
 
-constexpr int kSelectThreads = 256;
-constexpr int kSelectWarps = kSelectThreads / 32;
+constexpr int kSelectThreads = 32 * kSelectMaxWarps;  // the largest CTA
 
 static_assert(kSelectMaxBlocks <= 32768, "output indices are stored in 16 bits");
 
@@ -88,12 +90,13 @@ __device__ inline void warp_select(const uint32_t* keys, int nc, int r, uint32_t
 }
 
 __global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const SelectBlocksParams p) {
-  extern __shared__ __align__(16) uint32_t keys[];  // [nkb] order keys of the row's non-forced candidates
-  __shared__ uint32_t hist[kSelectWarps][256];      // each warp's digit histogram
-  static_assert(sizeof(hist) == kSelectHistBytes, "select_blocks_smem_bytes counts the histograms");
-
+  // Each warp's digit histogram [warps][256], then the order keys of the row's non-forced
+  // candidates [nkb].
+  extern __shared__ __align__(16) uint32_t smem[];
   const int m = blockIdx.x, grp = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int nthreads = blockDim.x, nwarps = nthreads >> 5;
+  uint32_t* const keys = smem + nwarps * 256;
   const int S = p.block_size;
   const int hpg = p.num_heads / p.num_groups;
   const int h0 = grp * hpg;
@@ -106,7 +109,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const Sel
                                        p.total_q, p.total_k);
   const int nqb_seq = static_cast<int>((static_cast<int64_t>(sb.nq) + S - 1) / S);
   if (m >= nqb_seq) {
-    for (int hh = warp; hh < hpg; hh += kSelectWarps) {
+    for (int hh = warp; hh < hpg; hh += nwarps) {
       int16_t* out = out_row(h0 + hh);
       if (lane == 0) count_at(h0 + hh) = 0;
       for (int i = lane; i < p.nkb; i += 32) out[i] = -1;
@@ -132,26 +135,26 @@ __global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const Sel
   };
 
   bool any = false;  // some head takes part of the non-forced candidates: their keys are needed
-  for (int hh = tid; hh < hpg; hh += kSelectThreads) {
+  for (int hh = tid; hh < hpg; hh += nthreads) {
     const int r = take(h0 + hh);
     any |= r > 0 && r < nc;
   }
   any = __syncthreads_or(any);
   if (any) {
     const float* srow = p.scores + ((static_cast<int64_t>(b) * p.num_groups + grp) * p.nqb + m) * p.nkb + fs.free_lo;
-    for (int i = tid; i < nc; i += kSelectThreads) keys[i] = order_key(srow[i]);
+    for (int i = tid; i < nc; i += nthreads) keys[i] = order_key(srow[i]);
     __syncthreads();
   }
 
   // A warp per head: its threshold, then an ascending compaction of the forced blocks and the
   // candidates within its first r.
-  for (int hh = warp; hh < hpg; hh += kSelectWarps) {
+  for (int hh = warp; hh < hpg; hh += nwarps) {
     const int h = h0 + hh;
     const int r = take(h);
     const int km = fs.forced + r;
     uint32_t T = 0;
     int need = 0;
-    if (r > 0 && r < nc) warp_select(keys, nc, r, hist[warp], lane, T, need);
+    if (r > 0 && r < nc) warp_select(keys, nc, r, smem + warp * 256, lane, T, need);
     int16_t* out = out_row(h);
     if (lane == 0) count_at(h) = km;
     int pos = 0, ties = 0;  // ties: candidates with key T met so far
@@ -185,14 +188,17 @@ __global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const Sel
 cudaError_t run_select_blocks(const SelectBlocksParams& p, cudaStream_t stream) {
   if (p.batch == 0 || p.num_heads == 0 || p.nqb == 0) return cudaSuccess;
   if (p.nkb > kSelectMaxBlocks || p.num_groups < 1 || p.num_heads % p.num_groups != 0) return cudaErrorInvalidValue;
-  const size_t smem = select_blocks_smem_bytes(p.nkb) - kSelectHistBytes;  // dynamic: the keys
-  if (smem > 32 * 1024) {  // with the 8 KiB of histograms, past the 48 KiB a CTA gets unasked
-    cudaError_t e = cudaFuncSetAttribute(select_blocks_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
-    if (e != cudaSuccess) return e;
-  }
+  const int warps = select_blocks_warps(p.num_heads / p.num_groups);
+  const size_t smem = select_blocks_smem_bytes(p.nkb, warps);
+  // The CTAs are small and read their row once: the most shared memory, so that 32 fit an SM.
+  cudaError_t e = cudaFuncSetAttribute(select_blocks_kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                       cudaSharedmemCarveoutMaxShared);
+  if (e == cudaSuccess && smem > 48 * 1024)  // past what a CTA gets unasked
+    e = cudaFuncSetAttribute(select_blocks_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(smem));
+  if (e != cudaSuccess) return e;
   const dim3 grid(p.nqb, p.num_groups, p.batch);
-  select_blocks_kernel<<<grid, kSelectThreads, smem, stream>>>(p);
+  select_blocks_kernel<<<grid, 32 * warps, smem, stream>>>(p);
   return cudaGetLastError();
 }
 

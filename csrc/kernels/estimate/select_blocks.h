@@ -31,12 +31,18 @@ struct SelectBlocksParams {
 // must fit in int16).
 constexpr int kSelectMaxBlocks = 32768;
 
-// Shared memory of the kernel for rows of nkb key blocks: a 32-bit key per candidate (dynamic) and
-// each of its 8 warps' 256-entry digit histograms (static, kSelectHistBytes): 139264 bytes at the
-// 32768 blocks above, more than some GPUs give a block (the op checks the device's limit).
-constexpr size_t kSelectHistBytes = 8 * 256 * sizeof(uint32_t);
-inline size_t select_blocks_smem_bytes(int nkb) {
-  return static_cast<size_t>(nkb) * sizeof(uint32_t) + kSelectHistBytes;
+// Warps of a select_blocks CTA: one per head of a proxy group, at most 8 (a warp then takes
+// several heads). Small groups get small CTAs, so that more of them share an SM.
+constexpr int kSelectMaxWarps = 8;
+inline int select_blocks_warps(int heads_per_group) {
+  return heads_per_group < kSelectMaxWarps ? (heads_per_group > 0 ? heads_per_group : 1) : kSelectMaxWarps;
+}
+
+// Shared memory of a CTA for rows of nkb key blocks: each warp's 256-entry digit histogram and a
+// 32-bit key per candidate, at most select_blocks_smem_bytes(nkb) (eight warps): 139264 bytes at
+// the 32768 blocks above, more than some GPUs give a block (the op checks the device's limit).
+inline size_t select_blocks_smem_bytes(int nkb, int warps = kSelectMaxWarps) {
+  return (static_cast<size_t>(warps) * 256 + static_cast<size_t>(nkb)) * sizeof(uint32_t);
 }
 
 cudaError_t run_select_blocks(const SelectBlocksParams& p, cudaStream_t stream);
