@@ -21,7 +21,10 @@
 # 600 s: builds, tests and runs get what is left, and a run with under 30 s left is not started
 # (the rounds so far are packed and summarised). GPU_AB_TEST_LIMIT and GPU_AB_RUN_LIMIT (seconds)
 # cap one variant's tests and one benchmark run, so that a variant that hangs (a barrier waiting
-# forever) costs that much and not the rest of the budget.
+# forever) costs that much and not the rest of the budget. On exit the object folder and the
+# extension in place are a's again: a later build on the same machine (whose freshly copied sources
+# may be older than a variant's objects, so that nothing recompiles) starts from this tree's build,
+# not from the last variant's.
 set -o pipefail
 deadline=$(( $(date +%s) + ${BUDGET:-560} ))
 budget_for() {  # name, minimum seconds[, cap]: prints the seconds left for it (at most cap), or says it is skipped and fails
@@ -58,6 +61,12 @@ build_copy() {  # variant name: build this tree as it stands, then copy it (with
 }
 
 build_copy a || { pack; exit 1; }
+objects=${PROXYATTN_BUILD_TEMP:-/tmp/proxyattn_build_temp}
+cp -a "$objects" "$copies/a.objects"
+restore_a() {  # the sources in place are a's after each patch comes back out: so are the objects then
+  rm -rf "$objects" && cp -a "$copies/a.objects" "$objects" && cp -a "$copies"/a/proxyattn/_C*.so "$here/proxyattn/"
+}
+trap restore_a EXIT
 variants=(a)
 declare -A commit_of=([a]="${PROXYATTN_COMMIT:-}")  # what each variant's records name as their commit
 i=0
