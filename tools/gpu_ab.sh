@@ -61,10 +61,12 @@ build_copy() {  # variant name: build this tree as it stands, then copy it (with
 }
 
 build_copy a || { pack; exit 1; }
-objects=${PROXYATTN_BUILD_TEMP:-/tmp/proxyattn_build_temp}
-cp -a "$objects" "$copies/a.objects"
+objects=$(cd "$here" && realpath -m "${PROXYATTN_BUILD_TEMP:-/tmp/proxyattn_build_temp}")  # as gpu_run.sh resolves it
+cp -a "$objects" "$copies/a.objects" || { echo "could not keep a's objects"; pack; exit 1; }
 restore_a() {  # the sources in place are a's after each patch comes back out: so are the objects then
-  rm -rf "$objects" && cp -a "$copies/a.objects" "$objects" && cp -a "$copies"/a/proxyattn/_C*.so "$here/proxyattn/"
+  # (build/lib.* holds the last variant's link, which the next build would copy over a's extension)
+  { rm -rf "$objects" "$here"/build/lib.* && cp -a "$copies/a.objects" "$objects" &&
+    cp -a "$copies"/a/proxyattn/_C*.so "$here/proxyattn/"; } || echo "== restoring a's build failed: rebuild from scratch" >&2
 }
 trap restore_a EXIT
 variants=(a)
