@@ -187,12 +187,18 @@ def test_stage1_hopper_kernel(sm90_sass):
         bf16 = [op for op in ops if re.match(r"HGMMA\.64x128x16\.F32\.BF16 ", op)]
         assert len(fp16) == len(bf16) == d // 16, (what, len(fp16), len(bf16))
         _check_math_beside_wgmma(ops, what, waits=2, math_waits=0)
-        hgmma = [i for i, op in enumerate(ops) if op.startswith("HGMMA")]
-        for w in (i for i, op in enumerate(ops) if op.startswith("WARPGROUP.DEPBAR")):
-            nxt = min([i for i in hgmma if i > w], default=len(ops))
-            exps = sum(op.startswith("MUFU.EX2") for op in ops[w:nxt])
-            assert exps >= 128, (f"{what}: {exps} exponentials after a wgmma wait, expected the tile's 64 "
-                                 "in each of online_rows' two frames")
+        _check_math_after_waits(ops, what, 128)
+
+
+def _check_math_after_waits(ops, what, exps_min):
+    """After each wgmma wait, at least exps_min exponentials before the next wgmma: the tile's own
+    (64 logits per thread) in each of the row work's two frames."""
+    hgmma = [i for i, op in enumerate(ops) if op.startswith("HGMMA")]
+    for w in (i for i, op in enumerate(ops) if op.startswith("WARPGROUP.DEPBAR")):
+        nxt = min([i for i in hgmma if i > w], default=len(ops))
+        exps = sum(op.startswith("MUFU.EX2") for op in ops[w:nxt])
+        assert exps >= exps_min, (f"{what}: {exps} exponentials after a wgmma wait, expected the tile's 64 "
+                                  "in each of the row work's two frames")
 
 
 def _check_math_beside_wgmma(ops, what, waits=1, math_waits=1):
@@ -213,9 +219,9 @@ def _check_math_beside_wgmma(ops, what, waits=1, math_waits=1):
 
 def test_stage2_hopper_probe(sm90_sass):
     """Stage 2's Hopper probe (csrc/kernels/estimate/head_budgets_sm90.cuh), one per (16-bit type, head
-    dim): D / 16 wgmma of 64 x 64 x 16 per key tile, no local memory, and one wgmma wait with the
-    previous tile's exponentials (32 logits per thread) between the wgmma and that wait
-    (_check_math_beside_wgmma)."""
+    dim): D / 16 wgmma of 64 x 128 x 16 per 128-key tile, no local memory, one wgmma wait, and after
+    it the tile's exponentials (64 logits per thread, in each of probe_tile's two frames) before the
+    next wgmma."""
     kernels = {}
     for name, body in sm90_sass.items():
         m = re.search(r"probe_sm90_kernelI(13__nv_bfloat16|6__half)Li(\d+)E", name)
@@ -224,6 +230,8 @@ def test_stage2_hopper_probe(sm90_sass):
     want = sorted((t, d) for t in ("13__nv_bfloat16", "6__half") for d in (64, 128))
     assert sorted(kernels) == want, f"expected probe_sm90_kernel<T, D> for {want}, found {sorted(kernels)}"
     for (t, d), ops in kernels.items():
-        hgmma = [op for op in ops if re.match(r"HGMMA\.64x64x16\.F32(\.BF16)? ", op)]
-        assert len(hgmma) == d // 16, (t, d, len(hgmma))
-        _check_math_beside_wgmma(ops, f"probe_sm90_kernel<{t}, {d}>")
+        what = f"probe_sm90_kernel<{t}, {d}>"
+        hgmma = [op for op in ops if re.match(r"HGMMA\.64x128x16\.F32(\.BF16)? ", op)]
+        assert len(hgmma) == d // 16, (what, len(hgmma))
+        _check_math_beside_wgmma(ops, what, waits=1, math_waits=0)
+        _check_math_after_waits(ops, what, 128)

@@ -10,8 +10,8 @@
 //      exp2((x - ref) * scale * log2(e)) and ref (the running max of the raw logits then) go
 //      to the workspace; the split's (max, sum) too.
 //      On sm_90, unless the caller asks for the portable kernel, probe_sm90_kernel
-//      (head_budgets_sm90.cuh) does the same with the logits of 64 rows x 64 keys from one wgmma
-//      per warpgroup; the per-row work of a tile is shared (head_budgets_probe.cuh).
+//      (head_budgets_sm90.cuh) does the same with the logits of 64 rows x 128 keys from one wgmma
+//      per warpgroup; the per-row work of a 64-key tile is shared (head_budgets_probe.cuh).
 //   2. finalize_kernel: one CTA per (b, h): merge the splits' (max, sum) per row (M, L),
 //      mass[n] = sum over rows (ascending) of blocksum * exp2((ref - M) * scale * log2(e)) / L,
 //      divided by R (ref and M raw logits);

@@ -3,12 +3,14 @@
 //
 // Grid (splits, Hq, B) as probe_kernel, 256 threads = two warpgroups, two CTAs per SM. The probe
 // rows of the head (128, zero past R) go to shared memory once (cp.async, 128-byte swizzle); the
-// split's keys stream through a 4-stage ring of 64-key tiles (cp.async, three tiles in flight; a
-// key row is read through the page table when the keys are paged). Per tile each warpgroup
-// issues one 64 x 64 x D wgmma (SS, fp32 accumulation) and, while it runs, does the previous
-// tile's row work on its logits, copied out of the accumulator (the shape stage 1's Hopper kernel
-// had before its 128-key tiles; the reasons are ptxas's rules for wgmma, given there). The products of 16-bit
-// values are exact, so the logits differ from probe_kernel's only by the order of the fp32 sum.
+// split's keys stream through a 2-stage ring of 128-key tiles (cp.async, the next tile in flight;
+// a key row is read through the page table when the keys are paged). Per tile each warpgroup
+// issues one 64 x 128 x D wgmma (SS, fp32 accumulation), waits for it and does the tile's row work
+// on the accumulator, as two 64-key halves (probe_tile's unit, so that a key block of 64 ends at a
+// half); the other CTA on the SM keeps the tensor cores busy meanwhile (stage 1's Hopper kernel
+// made the same trade: a 128-key tile halves the per-key cost of what runs once per tile, the CTA
+// barrier, the copies' issue and the wgmma descriptors). The products of 16-bit values are exact,
+// so the logits differ from probe_kernel's only by the order of the fp32 sum.
 #pragma once
 
 #include <cmath>
@@ -33,7 +35,8 @@ using namespace budgets;
 
 constexpr int kWarpgroups = 2;
 constexpr int kThreads = 128 * kWarpgroups;
-constexpr int kStages = 4;  // key tiles in the ring (kStages - 1 in flight ahead)
+constexpr int kKeys = 128;  // keys per tile: two of probe_tile's 64-key halves
+constexpr int kStages = 2;  // key tiles in the ring (the next in flight)
 static_assert(kThreads == kProbeThreads && 64 * kWarpgroups == kProbeRows, "the probe CTA: 8 warps of 16 rows");
 
 template <typename T, int D>
@@ -41,8 +44,8 @@ struct Traits {
   using Elem = std::conditional_t<std::is_same_v<T, __half>, cutlass::half_t, cutlass::bfloat16_t>;
   using Atom = decltype(GMMA::Layout_K_SW128_Atom<Elem>{});  // 8 x 64 elements, 128-byte swizzle
   using SmemLayoutQ = decltype(tile_to_shape(Atom{}, Shape<Int<kProbeRows>, Int<D>>{}));
-  using SmemLayoutK = decltype(tile_to_shape(Atom{}, Shape<Int<kKeyTile>, Int<D>, Int<kStages>>{}));  // (keys, D, stage)
-  using TiledMma = decltype(make_tiled_mma(GMMA::ss_op_selector<Elem, Elem, float, Shape<_64, Int<kKeyTile>, Int<D>>>(),
+  using SmemLayoutK = decltype(tile_to_shape(Atom{}, Shape<Int<kKeys>, Int<D>, Int<kStages>>{}));  // (keys, D, stage)
+  using TiledMma = decltype(make_tiled_mma(GMMA::ss_op_selector<Elem, Elem, float, Shape<_64, Int<kKeys>, Int<D>>>(),
                                            Layout<Shape<Int<kWarpgroups>, _1, _1>>{}));
   struct SharedStorage {
     alignas(1024) Elem q[cosize_v<SmemLayoutQ>];
@@ -72,12 +75,13 @@ __global__ void __launch_bounds__(kThreads, 2) probe_sm90_kernel(const HeadBudge
   auto wg = bsa_sm90::warpgroup_slice(mma, tid);  // the descriptors' slice (uniform registers)
   Tensor tQ = wg.partition_fragment_A(sQ);  // (MMA, MMA_M, MMA_D) descriptors
   Tensor tK = wg.partition_fragment_B(sK);  // (MMA, MMA_N, MMA_D, stage) descriptors
-  Tensor acc = partition_fragment_C(thr, Shape<Int<kProbeRows>, Int<kKeyTile>>{});  // ((2, 2, 8), 1, 1)
-  // (row e, column col): CTA row 16 warp + g + 8 e, key 8 (col / 2) + 2 t4 + col % 2 of the tile.
+  Tensor acc = partition_fragment_C(thr, Shape<Int<kProbeRows>, Int<kKeys>>{});  // ((2, 2, 16), 1, 1)
+  // (row e, column col): CTA row 16 warp + g + 8 e, key 8 (col / 2) + 2 t4 + col % 2 of the tile; a
+  // half's columns are kTileCols consecutive ones.
   Tensor accrc = make_tensor(acc.data(), bsa_sm90::acc_rowcol(acc.layout()));
-  static_assert(decltype(size<0>(accrc))::value == 2 && decltype(size<1>(accrc))::value == kTileCols,
+  static_assert(decltype(size<0>(accrc))::value == 2 && decltype(size<1>(accrc))::value == 2 * kTileCols,
                 "one thread holds two rows of the tile");
-  float prev[2][kTileCols];  // the logits of the tile whose row work runs beside the next tile's wgmma
+  static_assert(kKeys == 2 * kKeyTile && kProbeSplitKeys % kKeys == 0, "a split is whole tiles of two halves");
 
   // Probe rows r < R: sequence-local query row Nq - R + r; rows past R are zero.
   {
@@ -91,7 +95,7 @@ __global__ void __launch_bounds__(kThreads, 2) probe_sm90_kernel(const HeadBudge
     }
     cp_async_commit();
   }
-  using Chunks = KeyTileChunks<kThreads, D, kKeyTile>;  // this thread's 16-byte chunks of a key tile
+  using Chunks = KeyTileChunks<kThreads, D, kKeys>;  // this thread's 16-byte chunks of a key tile
   const int chunk_row0 = Chunks::row0(tid), chunk_col = Chunks::col(tid);
   uint32_t chunk_dst[Chunks::kChunks];
   Chunks::shared_addresses(chunk_dst, sK, tid);
@@ -99,7 +103,7 @@ __global__ void __launch_bounds__(kThreads, 2) probe_sm90_kernel(const HeadBudge
   auto load_tile = [&](int tile, int buf) {
 #pragma unroll
     for (int i = 0; i < Chunks::kChunks; ++i) {
-      const int key = ps.k0 + tile * kKeyTile + chunk_row0 + i * Chunks::kRowStep;
+      const int key = ps.k0 + tile * kKeys + chunk_row0 + i * Chunks::kRowStep;
       const bool ok = key < ps.k1;
       const T* src = ok ? probe_key_row<T>(p, ps, key) + chunk_col : static_cast<const T*>(p.k);
       cp_async_16(chunk_dst[i] + buf * Chunks::kStageBytes, src, ok ? 16 : 0);
@@ -109,43 +113,35 @@ __global__ void __launch_bounds__(kThreads, 2) probe_sm90_kernel(const HeadBudge
 
   const float scale2 = p.softmax_scale * kLog2e;
   ProbeRowsState st;
-  const int ntiles = (ps.k1 - ps.k0 + kKeyTile - 1) / kKeyTile;
-  // The row work of tile jt on prev, and the end of its key block.
+  const int ntiles = (ps.k1 - ps.k0 + kKeys - 1) / kKeys;
+  // The row work of tile jt on the accumulator, half by half, and the end of each key block (a
+  // block of S in {64, 128} keys ends at a half's end; the split's last block at its last half).
   auto tile_math = [&](int jt) {
     if (!warp_active) return;  // warp-uniform: no probe row in this warp
-    const int tile0 = ps.k0 + jt * kKeyTile;
-    probe_tile([&](int e, int col) -> float& { return prev[e][col]; }, tile0, ps, scale2, t4, st);
-    if ((tile0 + kKeyTile) % S == 0 || jt + 1 == ntiles) probe_block_end(ws, ps, p.nkb, tile0 / S, warp, g, t4, scale2, st);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int tile0 = ps.k0 + jt * kKeys + h * kKeyTile;
+      if (tile0 >= ps.k1) break;  // warp-uniform: the split ends in the first half
+      probe_tile([&](int e, int col) -> float& { return accrc(e, h * kTileCols + col); }, tile0, ps, scale2, t4, st);
+      if ((tile0 + kKeyTile) % S == 0 || tile0 + kKeyTile >= ps.k1)
+        probe_block_end(ws, ps, p.nkb, tile0 / S, warp, g, t4, scale2, st);
+    }
   };
-  // Step j: wait for tile j (and Q), issue its wgmma, refill the stage of tile j - 1 with tile
-  // j + 3, do tile j - 1's row work on prev while the wgmma runs, wait for it and copy its
-  // logits to prev. As in stage 1's Hopper kernel: every warpgroup issues every tile's wgmma and
-  // its wait sits on no branch, so the loop runs one step past the last tile (on a stale stage,
-  // logits never read); one commit group per tile slot, empty past the last tile, so waiting for
-  // all but the newest two means Q and tiles 0 .. j have landed, and the CTA barrier after that
-  // wait means both warpgroups are done with tile j - 1's stage.
-  auto step = [&](int j) {
-    cp_async_wait<kStages - 2>();
+  // Tile j: wait for it (and, for j = 0, Q), a CTA barrier (both warpgroups are done with tile
+  // j - 1's stage, and tile j is visible to the async proxy), issue the copy of tile j + 1 into
+  // that stage, then tile j's wgmma, its wait and its row work. Every warpgroup issues every tile's
+  // wgmma and its wait sits on no branch.
+  load_tile(0, 0);
+  for (int j = 0; j < ntiles; ++j) {
+    cp_async_wait<0>();
     bsa_sm90::fence_proxy_async_shared();
     __syncthreads();
+    if (j + 1 < ntiles) load_tile(j + 1, (j + 1) % kStages);
     bsa_sm90::wg_issue<true>(mma, tQ, tK(_, _, _, j % kStages), acc);
-    const int jn = j + kStages - 1;
-    if (jn < ntiles) load_tile(jn, jn % kStages);
-    else cp_async_commit();
-    if (j > 0) tile_math(j - 1);
     warpgroup_wait<0>();
     warpgroup_fence_operand(acc);
-#pragma unroll
-    for (int e = 0; e < 2; ++e)
-#pragma unroll
-      for (int col = 0; col < kTileCols; ++col) prev[e][col] = accrc(e, col);
-  };
-#pragma unroll
-  for (int t = 0; t < kStages - 1; ++t) {
-    if (t < ntiles) load_tile(t, t);
-    else cp_async_commit();
+    tile_math(j);
   }
-  for (int j = 0; j <= ntiles; ++j) step(j);
   probe_finish(partial, warp, g, t4, scale2, st);
 #endif  // PROXYATTN_BSA_SM90_DEVICE
 }
