@@ -3,7 +3,8 @@
 // the algorithm; the pool kernels and the workspace are the same).
 //
 // Persistent, 256 threads = two warpgroups, two CTAs per SM, one unit at a time from the atomic
-// counter (heaviest causal units first). A unit is `bpc` consecutive query blocks of one
+// counter (heaviest causal units first), software-pipelined: the next unit is taken, and its query
+// rows and first two key tiles fetched, before the end of the current one (write_unit_scores) runs. A unit is `bpc` consecutive query blocks of one
 // (b, group), each block's kept queries in a slot of `rows_blk` CTA rows (S/s rounded up to 16, a
 // warp's rows), 128 rows in all: warpgroup w holds rows 64 w + [0, 64), warp i of it rows
 // 16 i + [0, 16). Per unit the pooled query rows go to shared memory once (cp.async, 128-byte
@@ -149,61 +150,85 @@ __global__ void __launch_bounds__(kThreads, 2)
   Tensor mK = tma_k.get_tma_tensor(make_shape(k_rows_total, Int<D>{}));
   int it = 0;  // key tiles this CTA has consumed: tile `it` sits in stage it % kStages, phase (it / kStages) & 1
 
-  for (;;) {
-    if (tid == 0) ss.unit = static_cast<long long>(atomicAdd(counter, 1ull));
-    __syncthreads();
-    const long long u = ss.unit;
-    if (u >= units) break;
-    const scores::ScoreUnit w = scores::score_unit(p, u, bg_count, geo.nmb, flags);
-    const int mb = w.mb, off = w.off, i0 = w.i0, nkk = w.nkk, nqb_seq = w.nqb_seq;
-    const SeqBounds& sb = w.sb;
-    const int64_t bgrow = w.bgrow;
-    const bool bf16 = w.bf16;  // CTA-uniform
-
-    // CTA row r: query block mb * bpc + r / rows_blk, kept query j_lo(m) + r % rows_blk of it; the
-    // kept query row it loads, or -1 for padding.
-    auto kept_row = [&](int r) {
-      const int bl = r / geo.rows_blk, jj = r - bl * geo.rows_blk;
-      const int m = mb * geo.bpc + bl;
-      if (bl >= geo.bpc || m >= nqb_seq) return -1;
-      const int j = kept_count(m * S, i0, s) + jj;
-      return j < kept_count(min((m + 1) * S, sb.nq), i0, s) ? j : -1;
-    };
-    int lim[2];
+  // A unit as this thread sees it: the unit, its two rows' last kept keys, the warp's largest and
+  // smallest of them, and the key tiles the CTA runs (after the warps' limits are in ss.warp_lim).
+  struct Unit {
+    long long u;
+    scores::ScoreUnit w;
+    int lim[2], my_lim, my_min, ntiles;
+  };
+  // CTA row r: query block mb * bpc + r / rows_blk, kept query j_lo(m) + r % rows_blk of it; the
+  // kept query row it loads, or -1 for padding.
+  auto kept_row = [&](const scores::ScoreUnit& w, int r) {
+    const int bl = r / geo.rows_blk, jj = r - bl * geo.rows_blk;
+    const int m = w.mb * geo.bpc + bl;
+    if (bl >= geo.bpc || m >= w.nqb_seq) return -1;
+    const int j = kept_count(m * S, w.i0, s) + jj;
+    return j < kept_count(min((m + 1) * S, w.sb.nq), w.i0, s) ? j : -1;
+  };
+  // Unit ss.unit (visible to every thread): its rows' limits, and the warp's range of them in
+  // ss.warp_lim (read back by tiles_of after a CTA barrier).
+  auto begin_unit = [&](Unit& x) {
+    x.u = ss.unit;
+    if (x.u >= units) return;
+    x.w = scores::score_unit(p, x.u, bg_count, geo.nmb, flags);
 #pragma unroll
     for (int ri = 0; ri < 2; ++ri) {
-      const int j = kept_row(16 * warp + g + 8 * ri);
-      lim[ri] = scores::kept_row_limit(j >= 0, p.causal, off, i0, j, s, nkk);
+      const int j = kept_row(x.w, 16 * warp + g + 8 * ri);
+      x.lim[ri] = scores::kept_row_limit(j >= 0, p.causal, x.w.off, x.w.i0, j, s, x.w.nkk);
     }
-    int my_lim, my_min;
-    scores::warp_limit_range(lim, my_lim, my_min);
-    if (lane == 0) ss.warp_lim[warp] = my_lim;
-    __syncthreads();
+    scores::warp_limit_range(x.lim, x.my_lim, x.my_min);
+    if (lane == 0) ss.warp_lim[warp] = x.my_lim;
+  };
+  auto tiles_of = [&](Unit& x) {
     int cta_lim = -1;
 #pragma unroll
-    for (int w = 0; w < kThreads / 32; ++w) cta_lim = max(cta_lim, ss.warp_lim[w]);
-    const int ntiles = (cta_lim + kKeys) / kKeys;  // tiles holding kept keys [0, cta_lim]
+    for (int wi = 0; wi < kThreads / 32; ++wi) cta_lim = max(cta_lim, ss.warp_lim[wi]);
+    x.ntiles = x.u < units ? (cta_lim + kKeys) / kKeys : 0;  // tiles holding kept keys [0, cta_lim]
+  };
+  // The copy of unit x's key tile `tile` into stage st (one thread): rows past the kept keys are the
+  // workspace's next rows (masked) or, past its end, zeros.
+  auto issue_tile = [&](const Unit& x, int tile, int st) {
+    Tensor gK = local_tile(domain_offset(make_coord(static_cast<int32_t>(x.w.bgrow * rows_k), _0{}), mK),
+                           Shape<Int<kKeys>, Int<D>>{}, make_coord(tile, _0{}));  // (keys, D)
+    auto [tKg, tKs] = tma_partition(tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sKh), group_modes<0, 2>(gK));
+    Barrier::arrive_and_expect_tx(&ss.full[st], Tr::kTileBytes);
+    copy(tma_k.with(ss.full[st]), tKg, tKs(_, st));
+  };
+  // Unit x's first tiles (both stages are free: the last unit's wgmmas have completed) and its
+  // pooled query rows (cp.async, zero for padding rows), in flight until the unit's tile loop.
+  auto prefetch_unit = [&](const Unit& x) {
+    if (x.ntiles == 0) return;
+    if (tid == 0) {
+#pragma unroll
+      for (int j = 0; j < kStages; ++j)
+        if (j < x.ntiles) issue_tile(x, j, (it + j) % kStages);
+    }
+    constexpr int kChunks = kRows * D / 8;  // 16-byte chunks
+    const int64_t qrow0 = x.w.bgrow * rows_q;
+    for (int ch = tid; ch < kChunks; ch += kThreads) {
+      const int r = ch / (D / 8), kc = ch % (D / 8);
+      const int j = kept_row(x.w, r);
+      const uint16_t* src = j >= 0 ? q16 + (qrow0 + j) * D + kc * 8 : q16;
+      cp_async_16(&sQh(r, kc * 8), src, j >= 0 ? 16 : 0);
+    }
+    proxyattn::cp_async_commit();
+  };
 
-    const int64_t qrow0 = bgrow * rows_q, krow0 = bgrow * rows_k;
-    auto load_q = [&]() {
-      constexpr int kChunks = kRows * D / 8;  // 16-byte chunks
-      for (int ch = tid; ch < kChunks; ch += kThreads) {
-        const int r = ch / (D / 8), kc = ch % (D / 8);
-        const int j = kept_row(r);
-        const uint16_t* src = j >= 0 ? q16 + (qrow0 + j) * D + kc * 8 : q16;
-        cp_async_16(&sQh(r, kc * 8), src, j >= 0 ? 16 : 0);
-      }
-      proxyattn::cp_async_commit();
-    };
-    // The copy of the unit's key tile `tile` into stage st (one thread): rows past the kept keys are
-    // the workspace's next rows (masked) or, past its end, zeros.
-    auto issue_tile = [&](int tile, int st) {
-      Tensor gK = local_tile(domain_offset(make_coord(static_cast<int32_t>(krow0), _0{}), mK),
-                             Shape<Int<kKeys>, Int<D>>{}, make_coord(tile, _0{}));  // (keys, D)
-      auto [tKg, tKs] = tma_partition(tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sKh), group_modes<0, 2>(gK));
-      Barrier::arrive_and_expect_tx(&ss.full[st], Tr::kTileBytes);
-      copy(tma_k.with(ss.full[st]), tKg, tKs(_, st));
-    };
+  // The units are software-pipelined: a unit's first key tiles and query rows are fetched during
+  // the previous unit's end (write_unit_scores), and its limits computed there.
+  Unit cur;
+  if (tid == 0) ss.unit = static_cast<long long>(atomicAdd(counter, 1ull));
+  __syncthreads();
+  begin_unit(cur);
+  __syncthreads();  // the warps' limits
+  tiles_of(cur);
+  prefetch_unit(cur);
+  while (cur.u < units) {
+    const scores::ScoreUnit& w = cur.w;
+    const int lim[2] = {cur.lim[0], cur.lim[1]};
+    const int my_lim = cur.my_lim, my_min = cur.my_min, ntiles = cur.ntiles;
+    const bool bf16 = w.bf16;  // CTA-uniform
 
     float row_m[2] = {-INFINITY, -INFINITY}, row_l[2] = {0.f, 0.f};
     bool row_exact = false;  // online_rows' frame
@@ -278,7 +303,7 @@ __global__ void __launch_bounds__(kThreads, 2)
           if (atomicAdd(&ss.release[st], 1) == kThreads / 32 - 1) {
             __threadfence_block();
             ss.release[st] = 0;
-            if (j + kStages < ntiles) issue_tile(j + kStages, st);
+            if (j + kStages < ntiles) issue_tile(cur, j + kStages, st);
           }
         }
         tile_math(j, accrc);
@@ -286,13 +311,6 @@ __global__ void __launch_bounds__(kThreads, 2)
     };
 
     if (ntiles > 0) {
-      // Both stages are free: the last unit's wgmmas completed before the barriers at its end.
-      if (tid == 0) {
-#pragma unroll
-        for (int j = 0; j < kStages; ++j)
-          if (j < ntiles) issue_tile(j, (it + j) % kStages);
-      }
-      load_q();
       proxyattn::cp_async_wait<0>();
       bsa_sm90::fence_proxy_async_shared();
       __syncthreads();  // Q is in shared memory for every warpgroup's wgmma
@@ -306,12 +324,20 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
     for (int ri = 0; ri < 2; ++ri)
       scores::store_row_stats(row_m[ri], row_l[ri], lim[ri], 16 * warp + g + 8 * ri, t4, p, c, ss.m, ss.lg, ss.nlim);
-    __syncthreads();  // scratch rows and row statistics are visible to the whole CTA
-    scores::block_row_limits(ss.nlim, ss.blk_nmax, geo.rows_blk, geo.bpc);
+    if (tid == 0) ss.unit = static_cast<long long>(atomicAdd(counter, 1ull));
+    // Scratch rows and row statistics are visible to the whole CTA, every wgmma of the unit has
+    // completed (Q and the key ring are free) and the next unit is known.
     __syncthreads();
-    scores::write_unit_scores<kThreads, true>(p, c, scratch, kRows, geo.rows_blk, geo.bpc, mb, bgrow, ss.m, ss.lg,
-                                              ss.nlim, ss.blk_nmax);
-    __syncthreads();  // statistics, scratch and the unit are reused by the next unit
+    scores::block_row_limits(ss.nlim, ss.blk_nmax, geo.rows_blk, geo.bpc);
+    Unit next;
+    begin_unit(next);
+    __syncthreads();  // the block limits and the next unit's warp limits
+    tiles_of(next);
+    prefetch_unit(next);
+    scores::write_unit_scores<kThreads, true>(p, c, scratch, kRows, geo.rows_blk, geo.bpc, w.mb, w.bgrow, ss.m,
+                                              ss.lg, ss.nlim, ss.blk_nmax);
+    __syncthreads();  // statistics and scratch are reused by the next unit
+    cur = next;
   }
 #endif  // PROXYATTN_BSA_SM90_DEVICE
 }
