@@ -4,27 +4,28 @@
 //
 // Persistent, 256 threads = two warpgroups, two CTAs per SM, one unit at a time from the atomic
 // counter (heaviest causal units first), software-pipelined: the next unit is taken, and its query
-// rows and first two key tiles fetched, before the end of the current one (write_unit_scores) runs. A unit is `bpc` consecutive query blocks of one
-// (b, group), each block's kept queries in a slot of `rows_blk` CTA rows (S/s rounded up to 16, a
-// warp's rows), 128 rows in all: warpgroup w holds rows 64 w + [0, 64), warp i of it rows
-// 16 i + [0, 16). Per unit the pooled query rows go to shared memory once (cp.async, 128-byte
-// swizzle, zero for padding rows), then the kept keys stream through a 2-stage ring of 128-key
-// tiles by TMA (one thread issues a tile's copy onto the stage's transaction barrier; the next
-// tile is in flight while this one is used). Per tile each warpgroup waits for the stage's
-// barrier, issues one 64 x 128 x D wgmma (SS, fp16 or bf16 as the (b, group)'s flag says, fp32
-// accumulation), waits for it, releases the stage (one arrival per warp on a shared counter; the
-// warp that makes it eight issues the copy of the tile two ahead into it, so no thread ever waits
-// for a free stage) and does the tile's math: per row the same online (max, sum) and
-// per-key-block maxima as the mma.sync kernel. No CTA barrier per tile: a warpgroup runs up to a
-// tile ahead of the other, and the other CTA on the SM keeps the tensor cores busy meanwhile. A
-// 128-key tile halves the per-key cost of everything done once per tile (wgmma descriptors, the
-// frame test, the online rescale). Key rows past the (b, group)'s kept keys are whatever the
-// workspace holds there (zeros past its end): the mask turns their logits to -inf. Only the aligned geometry (S % s == 0 and (S/s) % 8 == 0): a key block is a
-// whole number of 8-key column groups, so block maxima are per-thread maxima and two quad
-// shuffles; S/s is a template parameter, so a tile's blocks (and their maxima, from which the
-// tile maximum follows) are fixed at compile time. The end of a unit (A from the scratch) is write_unit_scores, shared
-// with the other kernel. The wgmma products of 16-bit values are exact and accumulate in fp32, so logits differ
-// from the mma.sync kernel's only by the order of the sum.
+// rows and first two key tiles fetched, before the end of the current one (write_unit_scores) runs.
+// A unit is `bpc` consecutive query blocks of one (b, group), each block's kept queries in a slot
+// of `rows_blk` CTA rows (S/s rounded up to 16, a warp's rows), 128 rows in all: warpgroup w holds
+// rows 64 w + [0, 64), warp i of it rows 16 i + [0, 16). Per unit the pooled query rows go to
+// shared memory once (cp.async, 128-byte swizzle, zero for padding rows), then the kept keys stream
+// through a 2-stage ring of 128-key tiles by TMA (one thread issues a tile's copy onto the stage's
+// transaction barrier; the next tile is in flight while this one is used). Per tile each warpgroup
+// waits for the stage's barrier, issues one 64 x 128 x D wgmma (SS, fp16 or bf16 as the
+// (b, group)'s flag says, fp32 accumulation), waits for it, releases the stage (one arrival per
+// warp on a shared counter; the warp that makes it eight issues the copy of the tile two ahead into
+// it, so no thread ever waits for a free stage) and does the tile's math: per row the same online
+// (max, sum) and per-key-block maxima as the mma.sync kernel. No CTA barrier per tile: a warpgroup
+// runs up to a tile ahead of the other, and the other CTA on the SM keeps the tensor cores busy
+// meanwhile. A 128-key tile halves the per-key cost of everything done once per tile (wgmma
+// descriptors, the frame test, the online rescale). Key rows past the (b, group)'s kept keys are
+// whatever the workspace holds there (zeros past its end): the mask turns their logits to -inf.
+// Only the aligned geometry (S % s == 0 and (S/s) % 8 == 0): a key block is a whole number of 8-key
+// column groups, so block maxima are per-thread maxima and two quad shuffles; S/s is a template
+// parameter, so a tile's blocks (and their maxima, from which the tile maximum follows) are fixed
+// at compile time. The end of a unit (A from the scratch) is write_unit_scores, shared with the
+// other kernel. The wgmma products of 16-bit values are exact and accumulate in fp32, so logits
+// differ from the mma.sync kernel's only by the order of the sum.
 #pragma once
 
 #include <climits>
