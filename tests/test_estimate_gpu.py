@@ -462,6 +462,33 @@ def test_proxy_block_scores_bf16_fallback(where):
     assert not is_bf16(qbar[:, 0])  # group 0 stays fp16
 
 
+@pytest.mark.parametrize("where", ["first-query", "second-query", "key"])
+def test_proxy_block_scores_bf16_fallback_shared_keys(where, monkeypatch):
+    """With G > Hkv the two groups inside a KV head share its keys, which the kernels pool once: a
+    group whose query mean overflows fp16 rounds to bf16 while the other group of the head keeps
+    fp16, whichever of the two overflows; a key that overflows makes both bf16. Both stage 1 kernels
+    (portable and auto) against the reference."""
+    from test_bsa_gpu import BACKEND_ENV
+    nq = nk = 700
+    hq, hkv, d, G, s = 8, 2, 128, 4, 4  # groups 0, 1 in KV head 0 (query heads 0-1 and 2-3)
+    q, k, _, _, _, _ = _inputs(1, nq, nk, hq, hkv, d, torch.bfloat16)
+    row = 300  # a kept row (t % s == 0) for queries and keys alike (nq == nk)
+    if where == "key":
+        k[0, row, 0, :8] = 3e5
+    else:
+        q[0, row, 0 if where == "first-query" else 2, :8] = 3e5
+    want = ref.proxy_block_scores(q.double(), k.double(), None, None, nq, nk, 128, G, s, d ** -0.5, True)
+    for value in ("portable", "auto"):
+        monkeypatch.setenv(BACKEND_ENV, value)
+        _check_scores(OPS.proxy_block_scores(q, k, None, None, nq, nk, 128, G, s, d ** -0.5, True), want)
+    qbar, _ = ref.group_pool(q[0], k[0], G, s)
+    def is_bf16(x):
+        return torch.equal(x, x.bfloat16().float())
+    bf16 = [is_bf16(qbar[:, g]) for g in range(G)]
+    assert bf16 == {"first-query": [True, False, False, False], "second-query": [False, True, False, False],
+                    "key": [True, True, False, False]}[where]
+
+
 # ---------------------------------------------------------------- scale and graphs
 
 

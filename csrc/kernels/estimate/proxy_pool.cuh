@@ -4,9 +4,12 @@
 //     head; q and k are 16-byte aligned with strides in multiples of 8, checked by the op), so a
 //     warp pools 32/(D/8) rows: the mean of the group's heads, summed in fp32 in head order and
 //     divided by the head count (IEEE division), rounded to fp16; a finite mean whose fp16
-//     rounding overflows marks the (b, group) in `flags`.
+//     rounding overflows marks the (b, group) in `flags`. Keys are pooled once per key group
+//     (key_sharing: with G > Hkv the groups inside one KV head share its keys), into the slot of
+//     the head's first group, and an overflow marks every group that shares them.
 //   fix_kernel: for each marked (b, group), the queries and keys again, rounded to bf16 (fp32's
-//     range) into the same rows. Without a mark it returns at once.
+//     range) into its own rows; a marked key group first copies its fp16 keys into the rows of the
+//     unmarked groups that share them. Without a mark it returns at once.
 // reference.group_pool computes the same values (except fp32 subnormals, which the build's fast-math
 // flushes to 0 in the head sum; fp16 rounds them to 0 anyway, so only a bf16-fallback group can differ).
 #pragma once
@@ -96,7 +99,9 @@ __global__ void __launch_bounds__(kPoolWarps * 32) pool_kernel(const ProxyScores
   constexpr int kPer = kPoolPer, kLanes = D / kPoolPer;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, sub = lane % kLanes;
   const int64_t j = (static_cast<int64_t>(blockIdx.x) * kPoolWarps + warp) * pool_rows_per_warp<D>() + lane / kLanes;
-  const int grp = blockIdx.y, b = blockIdx.z;
+  // Keys: one CTA row per key group (key_sharing), whose overflow marks every group sharing its keys.
+  const int share = kQuery ? 1 : key_sharing(p);
+  const int grp = blockIdx.y * share, b = blockIdx.z;
   const SeqBounds sb = load_seq_bounds(p.cu_seqlens_q, p.cu_seqlens_k, b, p.max_seqlen_q, p.max_seqlen_k,
                                        p.total_q, p.total_k);
   const int64_t bg = static_cast<int64_t>(b) * p.num_groups + grp;
@@ -113,7 +118,8 @@ __global__ void __launch_bounds__(kPoolWarps * 32) pool_kernel(const ProxyScores
     }
     reinterpret_cast<uint4*>(out)[(bg * rows_alloc + j) * kLanes + sub] = make_uint4(w[0], w[1], w[2], w[3]);
   }
-  if (__any_sync(0xffffffffu, overflow) && lane == 0) flags[bg] = 1;
+  if (__any_sync(0xffffffffu, overflow) && lane == 0)
+    for (int i = 0; i < share; ++i) flags[bg + i] = 1;
 }
 
 template <typename T, int D>
@@ -124,6 +130,7 @@ __global__ void __launch_bounds__(kPoolWarps * 32) fix_kernel(const ProxyScoresP
   const int grp = blockIdx.y, b = blockIdx.z;
   const int64_t bg = static_cast<int64_t>(b) * p.num_groups + grp;
   if (flags[bg] == 0) return;
+  const int share = key_sharing(p);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, sub = lane % kLanes;
   const SeqBounds sb = load_seq_bounds(p.cu_seqlens_q, p.cu_seqlens_k, b, p.max_seqlen_q, p.max_seqlen_k,
                                        p.total_q, p.total_k);
@@ -139,7 +146,13 @@ __global__ void __launch_bounds__(kPoolWarps * 32) fix_kernel(const ProxyScoresP
       uint32_t w[kPer / 2];
 #pragma unroll
       for (int e = 0; e < kPer; e += 2) w[e / 2] = pack16(__float2bfloat16_rn(v[e]), __float2bfloat16_rn(v[e + 1]));
-      reinterpret_cast<uint4*>(out)[(bg * rows + j) * kLanes + sub] = make_uint4(w[0], w[1], w[2], w[3]);
+      uint4* row = reinterpret_cast<uint4*>(out) + (bg * rows + j) * kLanes + sub;
+      // A key group's fp16 keys go first to the groups that share them and stay fp16 (score_unit then
+      // reads them there).
+      if (which == 1 && grp % share == 0)
+        for (int i = 1; i < share; ++i)
+          if (flags[bg + i] == 0) row[static_cast<int64_t>(i) * rows * kLanes] = *row;
+      *row = make_uint4(w[0], w[1], w[2], w[3]);
     }
   }
 }

@@ -177,7 +177,7 @@ cudaError_t launch_scores(const ProxyScoresParams& p, cudaStream_t stream) {
   int* flags = reinterpret_cast<int*>(ws + w.flags);
   constexpr int kPoolRows = kPoolWarps * pool_rows_per_warp<D>();  // kept rows per pool CTA
   const dim3 pool_q((w.rows_q + kPoolRows - 1) / kPoolRows, p.num_groups, p.batch);
-  const dim3 pool_k((w.rows_k + kPoolRows - 1) / kPoolRows, p.num_groups, p.batch);
+  const dim3 pool_k((w.rows_k + kPoolRows - 1) / kPoolRows, p.num_groups / key_sharing(p), p.batch);
   if (w.rows_q > 0) {
     pool_kernel<T, D, true><<<pool_q, kPoolWarps * 32, 0, stream>>>(p, w.rows_q, q16, flags);
     if ((e = cudaGetLastError()) != cudaSuccess) return e;

@@ -135,7 +135,7 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
       }
     }
 
-    const int64_t krow0 = bgrow * rows_k;
+    const int64_t krow0 = w.kbgrow * rows_k;
     auto load_tile = [&](int tile, int buf) {
       constexpr int kChunks = kKeyTile * D / 8;  // 16-byte chunks per tile
       for (int ch = threadIdx.x; ch < kChunks; ch += kScoreThreads) {

@@ -28,6 +28,13 @@ __device__ inline int kept_count(int n, int first, int s) {
   return n > first ? static_cast<int>((static_cast<int64_t>(n) - first + s - 1) / s) : 0;
 }
 
+// Groups that share one pooled key row set: with G > Hkv a group's keys are its KV head alone, the
+// same for the G / Hkv groups inside that head, so the pool kernel writes them once, into the slot
+// of the head's first group (its "key group"); else every group has its own (1).
+__host__ __device__ inline int key_sharing(const ProxyScoresParams& p) {
+  return p.num_groups > p.num_kv_heads ? p.num_groups / p.num_kv_heads : 1;
+}
+
 // How query blocks map onto the 8 warps of a CTA (host and device).
 struct ScoreGeometry {
   int upb;       // warps (32-row slices) per query block

@@ -22,6 +22,7 @@ struct ScoreUnit {
   int nkk;      // its kept keys
   int nqb_seq;  // its query blocks
   int64_t bgrow;  // b * G + group: the row of the workspace and of A
+  int64_t kbgrow;  // the workspace row of its pooled keys: bgrow, or its key group's (key_sharing)
   bool bf16;      // the (b, group)'s pooled rows are bf16 (else fp16); uniform over the unit
 };
 
@@ -39,6 +40,10 @@ __device__ __forceinline__ ScoreUnit score_unit(const ProxyScoresParams& p, long
   w.nqb_seq = static_cast<int>((static_cast<int64_t>(w.sb.nq) + p.block_size - 1) / p.block_size);
   w.bgrow = static_cast<int64_t>(w.b) * p.num_groups + w.grp;
   w.bf16 = flags[w.bgrow] != 0;
+  // The key group's fp16 rows, unless this group or the key group went to bf16: then fix_kernel wrote
+  // this group's own keys (bf16, or the key group's fp16 rows copied before it rewrote them).
+  const int64_t kg = w.bgrow - w.grp % key_sharing(p);
+  w.kbgrow = w.bf16 || flags[kg] != 0 ? w.bgrow : kg;
   return w;
 }
 

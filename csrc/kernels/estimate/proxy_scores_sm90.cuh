@@ -190,7 +190,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   // The copy of unit x's key tile `tile` into stage st (one thread): rows past the kept keys are the
   // workspace's next rows (masked) or, past its end, zeros.
   auto issue_tile = [&](const Unit& x, int tile, int st) {
-    Tensor gK = local_tile(domain_offset(make_coord(static_cast<int32_t>(x.w.bgrow * rows_k), _0{}), mK),
+    Tensor gK = local_tile(domain_offset(make_coord(static_cast<int32_t>(x.w.kbgrow * rows_k), _0{}), mK),
                            Shape<Int<kKeys>, Int<D>>{}, make_coord(tile, _0{}));  // (keys, D)
     auto [tKg, tKs] = tma_partition(tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sKh), group_modes<0, 2>(gK));
     Barrier::arrive_and_expect_tx(&ss.full[st], Tr::kTileBytes);
