@@ -5,7 +5,9 @@
 //      Kept query j sits at sequence-local row i0 + j*s with i0 = (-(Nk - Nq)) mod s; kept key j
 //      at t = j*s. A finite mean that overflows fp16 marks its (b, group); fix_kernel<T, D> then
 //      writes that (b, group)'s rows again as bf16 (docs/design.md section 2: fp16 where the values
-//      fit, else a type with fp32's range). reference.group_pool is the same rounding.
+//      fit, else a type with fp32's range). reference.group_pool is the same rounding. With G > Hkv
+//      the keys are pooled once per KV head (key_sharing, proxy_pool.cuh): the other groups of the
+//      head read its first group's rows unless one of the two went to bf16.
 //   2. scores_kernel<D, kAligned>: persistent, 8 warps, one work unit at a time from an atomic
 //      counter (heaviest causal units first). A unit is `bpc` consecutive query blocks of one
 //      (b, group); each block's kept queries are split over `upb` warps of 32 rows, two m16 tiles

@@ -33,8 +33,9 @@ inline int64_t proxy_scores_kept_rows(int max_seqlen, int stride) {
 }
 
 // Workspace of run_proxy_scores for these params (every field but scores / workspace set):
-// pooled q and k as 16-bit rows [B, G, kept rows, D], one flag per (b, group) (fp16 or bf16), a
-// work counter, and the per-row block-max scratch of the persistent scores kernel: (resident CTAs)
+// pooled q and k as 16-bit rows [B, G, kept rows, D] (with G > Hkv the keys of a KV head's groups
+// mostly in its first group's rows), one flag per (b, group) (fp16 or bf16), a work counter, and
+// the per-row block-max scratch of the persistent scores kernel: (resident CTAs)
 // x nkb x (CTA rows) fp32, the mma.sync kernel 256 rows (1 KiB per key block per resident CTA, ~2
 // per SM: 270 MB at nkb = 1024, i.e. 128k tokens on 132 SMs, 2.2 GB at 1M), the Hopper kernel 128
 // rows (half that). Queries the current device (arch, SM count, occupancy); no synchronisation.

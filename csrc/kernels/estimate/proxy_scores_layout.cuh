@@ -2,8 +2,9 @@
 // blocks onto a CTA's warps and the workspace layout shared by the pool and scores kernels and
 // their launcher (proxy_scores.cu, which describes the algorithm). Workspace: the pooled queries
 // and keys [B, G, kept rows, D] as 16-bit values (fp16, or bf16 for a (b, group) whose pooled values
-// do not fit fp16), a flag per (b, group) saying which, the unit counter and the per-CTA scratch of
-// block maxima.
+// do not fit fp16; with G > Hkv a group's key rows are written only where no other group's can stand
+// in for them, key_sharing), a flag per (b, group) saying which, the unit counter and the per-CTA
+// scratch of block maxima.
 #pragma once
 
 #include <cstdint>

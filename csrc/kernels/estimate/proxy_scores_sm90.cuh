@@ -19,7 +19,8 @@
 // runs up to a tile ahead of the other, and the other CTA on the SM keeps the tensor cores busy
 // meanwhile. A 128-key tile halves the per-key cost of everything done once per tile (wgmma
 // descriptors, the frame test, the online rescale). Key rows past the (b, group)'s kept keys are
-// whatever the workspace holds there (zeros past its end): the mask turns their logits to -inf.
+// whatever the workspace holds there (another group's rows, possibly never written, or zeros past
+// its end): the mask turns their logits to -inf.
 // Only the aligned geometry (S % s == 0 and (S/s) % 8 == 0): a key block is a whole number of 8-key
 // column groups, so block maxima are per-thread maxima and two quad shuffles; S/s is a template
 // parameter, so a tile's blocks (and their maxima, from which the tile maximum follows) are fixed
@@ -188,7 +189,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     x.ntiles = x.u < units ? (cta_lim + kKeys) / kKeys : 0;  // tiles holding kept keys [0, cta_lim]
   };
   // The copy of unit x's key tile `tile` into stage st (one thread): rows past the kept keys are the
-  // workspace's next rows (masked) or, past its end, zeros.
+  // workspace's next rows (masked, written or not) or, past its end, zeros.
   auto issue_tile = [&](const Unit& x, int tile, int st) {
     Tensor gK = local_tile(domain_offset(make_coord(static_cast<int32_t>(x.w.kbgrow * rows_k), _0{}), mK),
                            Shape<Int<kKeys>, Int<D>>{}, make_coord(tile, _0{}));  // (keys, D)
