@@ -5,6 +5,7 @@ candidate block (gamma=1, huge min_budget, dense_below=0): logits must equal SDP
 sparsity is checked against SDPA with the block mask the integration reported it used.
 """
 import dataclasses
+import inspect
 import warnings
 
 import pytest
@@ -168,16 +169,27 @@ def test_padded_batch_falls_back_to_sdpa(llama):
     assert _stats(name) == {"sdpa:mask": {0: 1, 1: 1}}
 
 
+def chunked_logits(model, ids, split):
+    """The logits of a prefill in two chunks through one DynamicCache. The cache argument is
+    `cache` from transformers 5.24 on and `past_key_values` before, and a model ignores the other
+    name, so it goes by the name this version's forward takes, and the cache must hold every
+    token afterwards (the second chunk really ran behind the first)."""
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache = DynamicCache(config=model.config)
+    first = model(ids[:, :split], use_cache=True, **{kw: cache}).logits
+    second = model(ids[:, split:], use_cache=True, **{kw: cache}).logits
+    assert cache.get_seq_length() == ids.shape[1]
+    return first, second
+
+
 @pytest.mark.parametrize("dense_layers", [0, 1])
 def test_chunked_prefill_bottom_right(llama, dense_layers):
     name = _register(f"pa_chunked_{dense_layers}", dense_layers=dense_layers)
     ids = torch.randint(0, VOCAB, (1, 330))
     ref = _logits(llama, "sdpa", ids)
     llama.set_attn_implementation(name)
-    cache = DynamicCache(config=llama.config)
     with torch.no_grad():
-        first = llama(ids[:, :200], cache=cache, use_cache=True).logits
-        second = llama(ids[:, 200:], cache=cache, use_cache=True).logits
+        first, second = chunked_logits(llama, ids, 200)
     torch.testing.assert_close(torch.cat([first, second], 1), ref, atol=1e-4, rtol=1e-4)
     expected = {"proxyattn": {1: 2}, "sdpa:dense_layer": {0: 2}} if dense_layers else {"proxyattn": {0: 2, 1: 2}}
     assert _stats(name) == expected

@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
 
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 from transformers.modeling_utils import AttentionInterface  # noqa: E402
 
@@ -124,11 +124,9 @@ def test_generate_prefill_sparse_decode_sdpa(llama):
 
 def _chunked(model, impl, ids, split):
     model.set_attn_implementation(impl)
-    cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        first = model(ids[:, :split], cache=cache, use_cache=True).logits.float()
-        second = model(ids[:, split:], cache=cache, use_cache=True).logits.float()
-    return first, second
+        first, second = base.chunked_logits(model, ids, split)
+    return first.float(), second.float()
 
 
 def test_chunked_prefill_with_cache(llama):

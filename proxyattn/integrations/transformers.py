@@ -26,8 +26,9 @@ q_len < kv_len that follows a cached prefix is handled) only when all of these h
 - `attention_mask is None` (see the mask rule below);
 - dropout == 0 (transformers passes the module's dropout only in training mode);
 - no softcap, attention sinks (`s_aux`) or position bias, and no sliding window shorter than
-  kv_len (SDPA adds a position bias and refuses softcap; it would drop sinks, so a call that
-  passes them raises NotImplementedError instead);
+  kv_len (SDPA adds a position bias; it computes neither softcap nor sinks, so a call that passes
+  softcap raises ValueError and one that passes sinks NotImplementedError, whatever the installed
+  transformers' sdpa would do with them);
 - q/k/v head dims are equal and in proxyattn.config.SUPPORTED_HEAD_DIMS (64, 128);
 - dtype is fp16/bf16 on CUDA (fp16/bf16/fp32 on CPU, where the reference runs), device
   is CPU or CUDA, and q_len <= kv_len.
@@ -337,17 +338,23 @@ def _scaled(cfg: ProxyAttnConfig, scaling: Optional[float]) -> ProxyAttnConfig:
 
 
 def _sdpa(module, query, key, value, attention_mask, dropout, scaling, causal, kwargs):
-    if kwargs.get("s_aux") is not None:  # transformers' sdpa would drop the sinks without a word
+    # Neither proxyattn nor SDPA computes these; transformers' sdpa drops sinks without a word, and
+    # softcap too in some versions (5.17), so they are refused here whatever the installed version does.
+    if kwargs.get("s_aux") is not None:
         raise NotImplementedError("proxyattn: this model passes attention sinks (s_aux) to its attention, which "
                                   "neither proxyattn nor SDPA computes; load it with attn_implementation='eager' "
                                   "(or a kernel that takes them)")
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"proxyattn: this model passes softcap={kwargs['softcap']} to its attention, which "
+                         "neither proxyattn nor SDPA computes; load it with attn_implementation='eager' "
+                         "(or a kernel that takes it)")
     q_len, kv_len = query.shape[2], key.shape[2]
     if attention_mask is None and causal and 1 < q_len < kv_len:
         # transformers' sdpa would align is_causal top-left (and crop the keys); we mean bottom-right,
         # a chunk behind its prefix. Plain calls: torch's lower-right causal bias, without a q_len x
-        # kv_len mask (and GQA without repeating K/V). With softcap or position_bias, which
-        # transformers' sdpa handles (it refuses the one, adds the other), the mask, explicitly.
-        if not any(kwargs.get(k) is not None for k in _UNSUPPORTED_KWARGS):
+        # kv_len mask (and GQA without repeating K/V). With position_bias, which transformers' sdpa
+        # adds, the mask, explicitly.
+        if kwargs.get("position_bias") is None:
             out = sdpa_bottom_right(query, key, value, scaling, True, dropout_p=dropout)
             return out.transpose(1, 2).contiguous(), None
         attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
