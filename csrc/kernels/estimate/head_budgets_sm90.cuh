@@ -99,14 +99,30 @@ __global__ void __launch_bounds__(kThreads, 2) probe_sm90_kernel(const HeadBudge
   const int chunk_row0 = Chunks::row0(tid), chunk_col = Chunks::col(tid);
   uint32_t chunk_dst[Chunks::kChunks];
   Chunks::shared_addresses(chunk_dst, sK, tid);
-  // Tile `tile` of the split into stage buf: key rows past the split's end are zero.
+  // Tile `tile` of the split into stage buf: key rows past the split's end are zero. Unpaged keys:
+  // the thread's first chunk of tile 0 addressed once, a chunk kRowStep rows and a tile kKeys rows
+  // further on; paged keys: each row through the page table.
+  const bool paged = p.pages.paged();
+  const T* chunk0 = paged ? static_cast<const T*>(p.k) : probe_key_row<T>(p, ps, ps.k0 + chunk_row0) + chunk_col;
+  const int64_t chunk_step = int64_t(Chunks::kRowStep) * p.k_row_stride, tile_step = int64_t(kKeys) * p.k_row_stride;
   auto load_tile = [&](int tile, int buf) {
+    const int key0 = ps.k0 + tile * kKeys + chunk_row0;
+    if (paged) {
 #pragma unroll
-    for (int i = 0; i < Chunks::kChunks; ++i) {
-      const int key = ps.k0 + tile * kKeys + chunk_row0 + i * Chunks::kRowStep;
-      const bool ok = key < ps.k1;
-      const T* src = ok ? probe_key_row<T>(p, ps, key) + chunk_col : static_cast<const T*>(p.k);
-      cp_async_16(chunk_dst[i] + buf * Chunks::kStageBytes, src, ok ? 16 : 0);
+      for (int i = 0; i < Chunks::kChunks; ++i) {
+        const int key = key0 + i * Chunks::kRowStep;
+        const bool ok = key < ps.k1;
+        const T* src = ok ? probe_key_row<T>(p, ps, key) + chunk_col : static_cast<const T*>(p.k);
+        cp_async_16(chunk_dst[i] + buf * Chunks::kStageBytes, src, ok ? 16 : 0);
+      }
+    } else {
+      const T* tile_src = chunk0 + tile * tile_step;
+#pragma unroll
+      for (int i = 0; i < Chunks::kChunks; ++i) {
+        const bool ok = key0 + i * Chunks::kRowStep < ps.k1;
+        cp_async_16(chunk_dst[i] + buf * Chunks::kStageBytes, ok ? tile_src + i * chunk_step : static_cast<const T*>(p.k),
+                    ok ? 16 : 0);
+      }
     }
     cp_async_commit();
   };
