@@ -53,7 +53,6 @@ __global__ void __launch_bounds__(kProbeThreads, 2) probe_kernel(const HeadBudge
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t4 = lane & 3;
-  const int S = p.block_size;
   const BudgetWorkspace ws = budget_workspace(p, gridDim.x);
   const ProbeSplit ps = probe_split(p, warp, g);
   float2* partial = probe_partials(ws, ps);
@@ -121,8 +120,8 @@ __global__ void __launch_bounds__(kProbeThreads, 2) probe_kernel(const HeadBudge
       const int tile0 = ps.k0 + j * kKeyTile;
       probe_tile([&](int e, int col) -> float& { return acc[col >> 1][2 * e + (col & 1)]; }, tile0, ps, scale2, t4,
                  st);
-      if ((tile0 + kKeyTile) % S == 0 || j + 1 == ntiles)  // the key block of this tile ends here
-        probe_block_end(ws, ps, p.nkb, tile0 / S, warp, g, t4, scale2, st);
+      if (probe_block_ends(ps, tile0) || j + 1 == ntiles)  // the key block of this tile ends here
+        probe_block_end(ws, ps, tile0 >> ps.block_shift, warp, g, t4, scale2, st);
     }
     __syncthreads();  // the buffer read above is refilled next iteration
   }

@@ -47,6 +47,8 @@ struct ProbeSplit {
   int R;       // probe rows: the last min(S, Nq) query rows, sequence-local [Nq - R, Nq)
   int k0, k1;  // keys of the split, sequence-local [k0, k1)
   int hk;      // the head's KV head
+  int block_shift;  // log2 of the block size S (64 or 128, a power of two: the host checks it)
+  int64_t row_at[2];  // workspace offset of row e's per-block entries, (bh * kProbeRows + r) * nkb
   int lim[2];  // last key row e sees (sequence-local), -1 when it sees nothing or is padding
   int my_min;  // the smallest lim of a valid row of the warp (INT_MAX when none)
   int64_t bh;
@@ -62,11 +64,13 @@ __device__ inline ProbeSplit probe_split(const HeadBudgetsParams& p, int warp, i
   ps.k1 = min(ps.k0 + kProbeSplitKeys, ps.sb.nk);
   ps.empty = ps.R == 0 || ps.k0 >= ps.k1;
   ps.hk = h / (p.num_heads / p.num_kv_heads);
+  ps.block_shift = 31 - __clz(p.block_size);
   const int off = ps.sb.nk - ps.sb.nq;
   int my_min = INT_MAX;
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
     const int r = warp * 16 + g + 8 * e;
+    ps.row_at[e] = (ps.bh * kProbeRows + r) * p.nkb;
     const bool valid = r < ps.R;
     const int pos = off + (ps.sb.nq - ps.R + r);
     ps.lim[e] = !valid ? -1 : (p.causal ? min(pos, ps.sb.nk - 1) : ps.sb.nk - 1);
@@ -166,11 +170,16 @@ __device__ __forceinline__ float probe_true_sum(float v, float m, float scale2, 
   return st.exact || m == -INFINITY ? v : v * frame_to_true(m, scale2);
 }
 
+// Whether the 64-key tile whose first key is tile0 ends its key block.
+__device__ __forceinline__ bool probe_block_ends(const ProbeSplit& ps, int tile0) {
+  return ((tile0 + kKeyTile) & ((1 << ps.block_shift) - 1)) == 0;
+}
+
 // The end of key block n: each row's block sum (its four lanes added; in the true frame) and
 // reference max (raw) to the workspace (lanes t4 == 0, probe rows r < R: also those that see no key,
 // whose entries the finalize reads), and the block sums restarted.
-__device__ __forceinline__ void probe_block_end(const BudgetWorkspace& ws, const ProbeSplit& ps, int nkb, int n,
-                                                int warp, int g, int t4, float scale2, ProbeRowsState& st) {
+__device__ __forceinline__ void probe_block_end(const BudgetWorkspace& ws, const ProbeSplit& ps, int n, int warp,
+                                                int g, int t4, float scale2, ProbeRowsState& st) {
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
     float v = st.bpart[e];
@@ -178,7 +187,7 @@ __device__ __forceinline__ void probe_block_end(const BudgetWorkspace& ws, const
     v += __shfl_xor_sync(0xffffffffu, v, 2);
     const int r = warp * 16 + g + 8 * e;
     if (t4 == 0 && r < ps.R) {
-      const int64_t at = (ps.bh * kProbeRows + r) * nkb + n;
+      const int64_t at = ps.row_at[e] + n;
       ws.bsum[at] = probe_true_sum(v, st.run_m[e], scale2, st);
       ws.bref[at] = st.run_m[e];
     }

@@ -61,7 +61,6 @@ __global__ void __launch_bounds__(kThreads, 2) probe_sm90_kernel(const HeadBudge
   extern __shared__ __align__(1024) char smem_raw[];
   auto& ss = *reinterpret_cast<typename Tr::SharedStorage*>(smem_raw);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
-  const int S = p.block_size;
   const BudgetWorkspace ws = budget_workspace(p, gridDim.x);
   const ProbeSplit ps = probe_split(p, warp, g);
   float2* partial = probe_partials(ws, ps);
@@ -139,8 +138,8 @@ __global__ void __launch_bounds__(kThreads, 2) probe_sm90_kernel(const HeadBudge
       const int tile0 = ps.k0 + jt * kKeys + h * kKeyTile;
       if (tile0 >= ps.k1) break;  // warp-uniform: the split ends in the first half
       probe_tile([&](int e, int col) -> float& { return accrc(e, h * kTileCols + col); }, tile0, ps, scale2, t4, st);
-      if ((tile0 + kKeyTile) % S == 0 || tile0 + kKeyTile >= ps.k1)
-        probe_block_end(ws, ps, p.nkb, tile0 / S, warp, g, t4, scale2, st);
+      if (probe_block_ends(ps, tile0) || tile0 + kKeyTile >= ps.k1)
+        probe_block_end(ws, ps, tile0 >> ps.block_shift, warp, g, t4, scale2, st);
     }
   };
   // Tile j: wait for it (and, for j = 0, Q), a CTA barrier (both warpgroups are done with tile
