@@ -19,6 +19,8 @@ namespace proxyattn {
 
 constexpr int kProbeRows = 128;       // >= block size: one CTA holds every probe row
 constexpr int kProbeSplitKeys = 2048;  // keys per CTA of the probe (a multiple of the block size)
+static_assert((kProbeSplitKeys & (kProbeSplitKeys - 1)) == 0,
+              "a power of two, so every block size dividing it (run_head_budgets checks) is one too");
 constexpr int kBudgetMaxBlocks = 32768;
 
 struct HeadBudgetsParams : EstimateInputs {

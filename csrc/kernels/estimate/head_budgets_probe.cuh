@@ -47,7 +47,7 @@ struct ProbeSplit {
   int R;       // probe rows: the last min(S, Nq) query rows, sequence-local [Nq - R, Nq)
   int k0, k1;  // keys of the split, sequence-local [k0, k1)
   int hk;      // the head's KV head
-  int block_shift;  // log2 of the block size S (64 or 128, a power of two: the host checks it)
+  int block_shift;  // log2 of the block size S (64 or 128: it divides kProbeSplitKeys, a power of two)
   int64_t row_at[2];  // workspace offset of row e's per-block entries, (bh * kProbeRows + r) * nkb
   int lim[2];  // last key row e sees (sequence-local), -1 when it sees nothing or is padding
   int my_min;  // the smallest lim of a valid row of the warp (INT_MAX when none)
