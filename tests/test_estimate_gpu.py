@@ -125,6 +125,25 @@ def test_select_blocks_many_heads_per_cta_long_rows(hq, G):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@pytest.mark.parametrize("min_budget", [0, 640])
+def test_select_blocks_heads_sharing_budgets(min_budget):
+    """Heads of a group with equal budgets get equal rows, one written and the others copied from it
+    (within chunks of 32 heads): 72 heads in one group (three chunks), budgets drawn from four
+    values, so that equal ones fall inside a chunk and across chunks; rows of 1003 key blocks, so
+    that half of them start off a 16-byte boundary; heavy ties."""
+    S, hq, G = 64, 72, 1
+    nq = nk = 1003 * S - 5
+    nqb, nkb = _cdiv(nq, S), _cdiv(nk, S)
+    gen = torch.Generator(device="cuda").manual_seed(min_budget)
+    scores = torch.randint(0, 5, (1, G, nqb, nkb), device="cuda", generator=gen).float() / 5
+    values = torch.tensor([0, 3, 40, nkb], device="cuda", dtype=torch.int32)
+    kstar = values[torch.randint(0, 4, (1, hq), device="cuda", generator=gen)]
+    for causal in (True, False):
+        got = OPS.select_blocks(scores, kstar, None, None, nq, nk, S, 1, 2, min_budget, causal)
+        want = ref.select_blocks(scores, kstar, None, None, nq, nk, S, 1, 2, min_budget, causal)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_select_blocks_all_equal_scores_and_large_kstar():
     S, nq, nk, hq, G = 128, 4000, 4000, 4, 1
     nqb, nkb = _cdiv(nq, S), _cdiv(nk, S)

@@ -1,7 +1,7 @@
 // Stage 3 (select_blocks): one CTA per (b, proxy group g, query block m), shared by the
 // Hq/G heads of the group (they read the same score row and differ only in their budget).
 //   k_m = min(c_m, max(f_m + ceil_div(kstar * (c_m - f_m), c_last - f_last), ceil_div(min_budget, S)))
-// (64-bit integer arithmetic, second term 0 when c_last == f_last; kstar clamped into
+// (exact integer arithmetic, second term 0 when c_last == f_last; kstar clamped into
 // [0, c_last - f_last] as the reference does); each head takes its r = k_m - f_m best
 // non-forced candidates (a contiguous range of key blocks, see split_forced).
 // Each head's r best non-forced candidates in the total order "larger score first, then
@@ -12,9 +12,13 @@
 // every candidate that is forced, has a key above T, or has key T and is among the first `need`
 // of them (need = r - #keys above T); it pads the row with -1 (indices int16: nkb <= 32768). A
 // head that takes all or none of the non-forced candidates needs no selection.
-// A CTA has one warp per head of the group, at most eight (select_blocks_warps): with few heads
-// per group the CTAs are small and many share an SM, since a row's work is a chain of dependent
-// passes and an idle warp would only hold an SM's slots.
+// A CTA has one warp per two heads of the group, at most eight (select_blocks_warps): with few
+// heads per group the CTAs are small and many share an SM, since a row's work is a chain of
+// dependent passes and an idle warp would only hold an SM's slots.
+// A head's row depends on its r alone (the group's heads read one score row), and heads often
+// share it (every head of a row at the min_budget floor does): of the heads with one r among 32
+// consecutive heads of the group, the first selects and writes its row, and after a CTA barrier
+// the others copy it.
 // Deterministic; bit-identical to any implementation of the same total order.
 #include "kernels/estimate/select_blocks.h"
 
@@ -89,6 +93,22 @@ __device__ inline void warp_select(const uint32_t* keys, int nc, int r, uint32_t
   need = rr;
 }
 
+// row[from, to) = -1 by one warp, 16-byte stores where the row's alignment allows (a row starts
+// on any 2-byte boundary).
+__device__ inline void pad_row(int16_t* row, int from, int to, int lane) {
+  if (from >= to) return;
+  int16_t* p = row + from;
+  int n = to - from;
+  const int head = min(n, static_cast<int>(((16u - (reinterpret_cast<uintptr_t>(p) & 15u)) & 15u) >> 1));
+  if (lane < head) p[lane] = -1;
+  p += head;
+  n -= head;
+  int4* v = reinterpret_cast<int4*>(p);
+  const int nv = n >> 3;
+  for (int i = lane; i < nv; i += 32) v[i] = make_int4(-1, -1, -1, -1);
+  if (lane < (n & 7)) p[(nv << 3) + lane] = -1;
+}
+
 __global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const SelectBlocksParams p) {
   // Each warp's digit histogram [warps][256], then the order keys of the row's non-forced
   // candidates [nkb].
@@ -110,9 +130,8 @@ __global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const Sel
   const int nqb_seq = static_cast<int>((static_cast<int64_t>(sb.nq) + S - 1) / S);
   if (m >= nqb_seq) {
     for (int hh = warp; hh < hpg; hh += nwarps) {
-      int16_t* out = out_row(h0 + hh);
       if (lane == 0) count_at(h0 + hh) = 0;
-      for (int i = lane; i < p.nkb; i += 32) out[i] = -1;
+      pad_row(out_row(h0 + hh), 0, p.nkb, lane);
     }
     return;
   }
@@ -121,17 +140,18 @@ __global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const Sel
   const int c_last = candidate_count(nqb_seq - 1, sb.nq, sb.nk, S, p.causal);
   const ForcedSplit fl =
       split_forced(nqb_seq - 1, sb.nq, sb.nk, S, c_last, p.sink_blocks, p.local_blocks, p.causal);
-  const int64_t free_last = c_last - fl.forced;
+  const int free_last = c_last - fl.forced;
   const int nc = fs.free_hi - fs.free_lo;
-  const int64_t min_blocks = ceil_div64(p.min_budget, S);
-  // Non-forced candidates head h takes, in [0, nc].
+  const int min_blocks = p.min_budget / S + (p.min_budget % S != 0);  // min_budget >= 0
+  // Non-forced candidates head h takes, in [0, nc]; 32-bit arithmetic suffices, every count being
+  // at most kSelectMaxBlocks (kstar * nc < 2^30).
   auto take = [&](int h) {
-    const int64_t kst =
-        min(max(static_cast<int64_t>(p.kstar[static_cast<int64_t>(b) * p.num_heads + h]), int64_t(0)), free_last);
-    const int64_t extra = free_last > 0 ? ceil_div64(kst * nc, free_last) : 0;
-    int64_t km = max(static_cast<int64_t>(fs.forced) + extra, min_blocks);
-    km = max(min(km, static_cast<int64_t>(c)), static_cast<int64_t>(fs.forced));
-    return static_cast<int>(km) - fs.forced;
+    const int kst = min(max(p.kstar[static_cast<int64_t>(b) * p.num_heads + h], 0), free_last);
+    const int extra = free_last > 0 ? static_cast<int>((static_cast<uint32_t>(kst) * static_cast<uint32_t>(nc) +
+                                                        static_cast<uint32_t>(free_last - 1)) /
+                                                       static_cast<uint32_t>(free_last))
+                                    : 0;
+    return max(min(max(fs.forced + extra, min_blocks), c), fs.forced) - fs.forced;
   };
 
   bool any = false;  // some head takes part of the non-forced candidates: their keys are needed
@@ -146,11 +166,33 @@ __global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const Sel
     __syncthreads();
   }
 
-  // A warp per head: its threshold, then an ascending compaction of the forced blocks and the
-  // candidates within its first r.
+  // Heads are taken in chunks of 32: lane l of a warp holds the r of the chunk's head l (-1 past
+  // the group), read once per chunk and warp. A head copies the row of the first head of its chunk
+  // with its r (its source; itself when none comes before it), which has no earlier head with that
+  // r in the chunk and so writes its row itself.
+  int chunk = -1, chunk_r = -1;
+  auto head_r = [&](int hh, int& src) {
+    const int base = hh & ~31;
+    if (base != chunk) {  // warp-uniform
+      chunk = base;
+      chunk_r = base + lane < hpg ? take(h0 + base + lane) : -1;
+    }
+    const int r = __shfl_sync(0xffffffffu, chunk_r, hh - base);
+    src = base + __ffs(__ballot_sync(0xffffffffu, lane <= hh - base && chunk_r == r)) - 1;
+    return r;
+  };
+
+  // A warp per head that writes its row: its threshold, then an ascending compaction of the
+  // forced blocks and the candidates within its first r.
+  bool copies = false;  // some head of this CTA copies another's row
   for (int hh = warp; hh < hpg; hh += nwarps) {
     const int h = h0 + hh;
-    const int r = take(h);
+    int src;
+    const int r = head_r(hh, src);
+    if (src != hh) {
+      copies = true;
+      continue;
+    }
     const int km = fs.forced + r;
     uint32_t T = 0;
     int need = 0;
@@ -179,7 +221,22 @@ __global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const Sel
       if (sel) out[pos + __popc(bal & ((1u << lane) - 1u))] = static_cast<int16_t>(n);
       pos += __popc(bal);
     }
-    for (int i = km + lane; i < p.nkb; i += 32) out[i] = -1;
+    pad_row(out, km, p.nkb, lane);
+  }
+  // The other heads copy their source's row, written before the barrier (which orders the CTA's
+  // global writes before its reads after it).
+  if (!__syncthreads_or(copies)) return;
+  for (int hh = warp; hh < hpg; hh += nwarps) {
+    const int h = h0 + hh;
+    int src;
+    const int r = head_r(hh, src);
+    if (src == hh) continue;
+    const int km = fs.forced + r;
+    const int16_t* in = out_row(h0 + src);
+    int16_t* out = out_row(h);
+    if (lane == 0) count_at(h) = km;
+    for (int i = lane; i < km; i += 32) out[i] = in[i];
+    pad_row(out, km, p.nkb, lane);
   }
 }
 

@@ -31,11 +31,14 @@ struct SelectBlocksParams {
 // must fit in int16).
 constexpr int kSelectMaxBlocks = 32768;
 
-// Warps of a select_blocks CTA: one per head of a proxy group, at most 8 (a warp then takes
-// several heads). Small groups get small CTAs, so that more of them share an SM.
+// Warps of a select_blocks CTA: one per two heads of a proxy group, at most 8 (a warp takes its
+// heads in turn). Heads with one budget share a row (select_blocks.cu), so a warp per head would
+// leave one waiting for the other where two heads share it; small groups get small CTAs, so that
+// more of them share an SM.
 constexpr int kSelectMaxWarps = 8;
 inline int select_blocks_warps(int heads_per_group) {
-  return heads_per_group < kSelectMaxWarps ? (heads_per_group > 0 ? heads_per_group : 1) : kSelectMaxWarps;
+  const int w = (heads_per_group + 1) / 2;
+  return w < 1 ? 1 : (w > kSelectMaxWarps ? kSelectMaxWarps : w);
 }
 
 // Shared memory of a CTA for rows of nkb key blocks: each warp's 256-entry digit histogram and a
