@@ -100,7 +100,8 @@ __global__ void __launch_bounds__(kThreads, 2) probe_sm90_kernel(const HeadBudge
   Chunks::shared_addresses(chunk_dst, sK, tid);
   // Tile `tile` of the split into stage buf: key rows past the split's end are zero. Unpaged keys:
   // the thread's first chunk of tile 0 addressed once, a chunk kRowStep rows and a tile kKeys rows
-  // further on; paged keys: each row through the page table.
+  // further on, without a test per chunk on the tiles that lie inside the split (all but the
+  // last); paged keys: each row through the page table.
   const bool paged = p.pages.paged();
   const T* chunk0 = paged ? static_cast<const T*>(p.k) : probe_key_row<T>(p, ps, ps.k0 + chunk_row0) + chunk_col;
   const int64_t chunk_step = int64_t(Chunks::kRowStep) * p.k_row_stride, tile_step = int64_t(kKeys) * p.k_row_stride;
@@ -114,6 +115,11 @@ __global__ void __launch_bounds__(kThreads, 2) probe_sm90_kernel(const HeadBudge
         const T* src = ok ? probe_key_row<T>(p, ps, key) + chunk_col : static_cast<const T*>(p.k);
         cp_async_16(chunk_dst[i] + buf * Chunks::kStageBytes, src, ok ? 16 : 0);
       }
+    } else if (ps.k0 + (tile + 1) * kKeys <= ps.k1) {  // CTA-uniform: every key of the tile in the split
+      const T* src = chunk0 + tile * tile_step;
+#pragma unroll
+      for (int i = 0; i < Chunks::kChunks; ++i, src += chunk_step)
+        cp_async_16(chunk_dst[i] + buf * Chunks::kStageBytes, src, 16);
     } else {
       const T* tile_src = chunk0 + tile * tile_step;
 #pragma unroll
