@@ -7,7 +7,7 @@
 // Each head's r best non-forced candidates in the total order "larger score first, then
 // smaller n" are found without sorting: the candidates' order-preserving uint32 keys of the fp32
 // scores (-0.0 canonicalised to +0.0, NaN below every number) go to shared memory once per row,
-// then a warp per head finds the key T of rank r by radix selection (four passes of 8-bit digit
+// then a head's warp finds the key T of rank r by radix selection (four passes of 8-bit digit
 // histograms in warp-private shared memory), and writes, in one ascending pass with ballots,
 // every candidate that is forced, has a key above T, or has key T and is among the first `need`
 // of them (need = r - #keys above T); it pads the row with -1 (indices int16: nkb <= 32768). A
@@ -182,7 +182,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const Sel
     return r;
   };
 
-  // A warp per head that writes its row: its threshold, then an ascending compaction of the
+  // Each head that writes its row, on its warp: its threshold, then an ascending compaction of the
   // forced blocks and the candidates within its first r.
   bool copies = false;  // some head of this CTA copies another's row
   for (int hh = warp; hh < hpg; hh += nwarps) {
