@@ -27,6 +27,7 @@
 #include "kernels/common/bsa_params.h"
 #include "kernels/common/bsa_selection.cuh"
 #include "kernels/common/fragment.cuh"
+#include "kernels/common/int_math.h"
 #include "kernels/common/seq_bounds.cuh"
 
 namespace proxyattn {
@@ -80,7 +81,7 @@ __device__ __forceinline__ void bsa_fwd_sm80_item(const BsaParams& p) {
   float* lse_ptr = p.lse + (varlen ? q_row0 : b * p.lse_batch_stride) + int64_t(h) * p.lse_head_stride + q_start;
 
   // Index row of (b, h, m).
-  const int nkb = (seqlen_k + kBlockM - 1) / kBlockM;
+  const int nkb = ceil_div32(seqlen_k, kBlockM);
   const int count = bsa_row_count(p, b, h, m, max_key);  // 0 when no row of this tile sees any key
   TileCursor<kSub, kBlockN> cursor(bsa_index_row(p, b, h, m), count, nkb, max_key);
 

@@ -20,5 +20,10 @@ PROXYATTN_INT_MATH_HD inline int64_t floor_div64(int64_t a, int64_t b) {
 PROXYATTN_INT_MATH_HD inline int64_t floor_mod64(int64_t a, int64_t b) { return a - floor_div64(a, b) * b; }
 // Python-style ceil division (-(-a // b)), also right for negative a.
 PROXYATTN_INT_MATH_HD inline int64_t ceil_div64(int64_t a, int64_t b) { return -floor_div64(-a, b); }
+// Ceiling division of a >= 0 by b > 0 in 32-bit unsigned arithmetic (a + b - 1 < 2^32 for any two
+// such ints): the kernels' block, tile and row counts, cheaper than ceil_div64's signed 64-bit form.
+PROXYATTN_INT_MATH_HD inline int ceil_div32(int a, int b) {
+  return static_cast<int>((static_cast<uint32_t>(a) + static_cast<uint32_t>(b) - 1u) / static_cast<uint32_t>(b));
+}
 
 }  // namespace proxyattn

@@ -20,7 +20,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 // Candidates of query block m: the prefix [0, c_m) of key blocks (conventions).
 // Causal: c_m = floor((Nk - Nq + min((m+1)S, Nq) - 1) / S) + 1, clamped into [0, nkb].
 __host__ __device__ inline int candidate_count(int m, int nq, int nk, int S, bool causal) {
-  const int nkb = static_cast<int>((static_cast<int64_t>(nk) + S - 1) / S);
+  const int nkb = ceil_div32(nk, S);
   if (!causal) return nkb;
   const int64_t end = static_cast<int64_t>(m + 1) * S;
   const int64_t last = static_cast<int64_t>(nk) - nq + (end < nq ? end : nq) - 1;

@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(kProbeThreads, 2) probe_kernel(const HeadBudge
   };
   const int ld_off = ((lane >> 4) * 8 + (lane & 7)) * kStride + ((lane >> 3) & 1) * 8;
 
-  const int ntiles = (ps.k1 - ps.k0 + kKeyTile - 1) / kKeyTile;
+  const int ntiles = ceil_div32(ps.k1 - ps.k0, kKeyTile);
   load_tile(0, 0);
   for (int j = 0; j < ntiles; ++j) {
     if (j + 1 < ntiles) {
@@ -139,7 +139,7 @@ __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const HeadBu
   const SeqBounds sb = load_seq_bounds(p.cu_seqlens_q, p.cu_seqlens_k, b, p.max_seqlen_q, p.max_seqlen_k,
                                        p.total_q, p.total_k);
   const int S = p.block_size;
-  const int nqb_seq = static_cast<int>((static_cast<int64_t>(sb.nq) + S - 1) / S);
+  const int nqb_seq = ceil_div32(sb.nq, S);
   const int c_last = nqb_seq > 0 ? candidate_count(nqb_seq - 1, sb.nq, sb.nk, S, p.causal) : 0;
   if (c_last == 0) {
     if (tid == 0) p.kstar[bh] = 0;

@@ -134,7 +134,7 @@ __global__ void __launch_bounds__(kThreads, 2) probe_sm90_kernel(const HeadBudge
 
   const float scale2 = p.softmax_scale * kLog2e;
   ProbeRowsState st;
-  const int ntiles = (ps.k1 - ps.k0 + kKeys - 1) / kKeys;
+  const int ntiles = ceil_div32(ps.k1 - ps.k0, kKeys);
   // The row work of tile jt on the accumulator, half by half, and the end of each key block (a
   // block of S in {64, 128} keys ends at a half's end; the split's last block at its last half).
   auto tile_math = [&](int jt) {

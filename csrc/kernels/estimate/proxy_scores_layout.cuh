@@ -26,7 +26,7 @@ __device__ inline int kept_query_offset(int nq, int nk, int s) {
   return static_cast<int>(floor_mod64(-(static_cast<int64_t>(nk) - nq), s));
 }
 __device__ inline int kept_count(int n, int first, int s) {
-  return n > first ? static_cast<int>((static_cast<int64_t>(n) - first + s - 1) / s) : 0;
+  return n > first ? ceil_div32(n - first, s) : 0;
 }
 
 // Groups that share one pooled key row set: with G > Hkv a group's keys are its KV head alone, the
@@ -45,10 +45,10 @@ struct ScoreGeometry {
 };
 __host__ __device__ inline ScoreGeometry score_geometry(int S, int s, int nqb) {
   ScoreGeometry g;
-  const int rows = static_cast<int>((static_cast<int64_t>(S) + s - 1) / s);  // kept queries of a block, at most
-  g.upb = (rows + kWarpRows - 1) / kWarpRows;
+  const int rows = ceil_div32(S, s);  // kept queries of a block, at most
+  g.upb = ceil_div32(rows, kWarpRows);
   g.bpc = kScoreWarps / g.upb;
-  g.nmb = (nqb + g.bpc - 1) / g.bpc;
+  g.nmb = ceil_div32(nqb, g.bpc);
   g.aligned = S % s == 0 && (S / s) % 8 == 0;
   return g;
 }

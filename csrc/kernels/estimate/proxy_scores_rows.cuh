@@ -37,7 +37,7 @@ __device__ __forceinline__ ScoreUnit score_unit(const ProxyScoresParams& p, long
   w.off = w.sb.nk - w.sb.nq;
   w.i0 = kept_query_offset(w.sb.nq, w.sb.nk, p.stride);
   w.nkk = kept_count(w.sb.nk, 0, p.stride);
-  w.nqb_seq = static_cast<int>((static_cast<int64_t>(w.sb.nq) + p.block_size - 1) / p.block_size);
+  w.nqb_seq = ceil_div32(w.sb.nq, p.block_size);
   w.bgrow = static_cast<int64_t>(w.b) * p.num_groups + w.grp;
   w.bf16 = flags[w.bgrow] != 0;
   // The key group's fp16 rows, unless this group or the key group went to bf16: then fix_kernel wrote

@@ -60,10 +60,10 @@ struct Geometry {
 };
 __host__ __device__ inline Geometry geometry(int S, int s, int nqb) {
   Geometry g;
-  const int rows = (S + s - 1) / s;
+  const int rows = ceil_div32(S, s);
   g.rows_blk = (rows + 15) / 16 * 16;
   g.bpc = kRows / g.rows_blk;
-  g.nmb = (nqb + g.bpc - 1) / g.bpc;
+  g.nmb = ceil_div32(nqb, g.bpc);
   return g;
 }
 

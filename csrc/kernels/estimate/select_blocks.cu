@@ -127,7 +127,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const Sel
 
   const SeqBounds sb = load_seq_bounds(p.cu_seqlens_q, p.cu_seqlens_k, b, p.max_seqlen_q, p.max_seqlen_k,
                                        p.total_q, p.total_k);
-  const int nqb_seq = static_cast<int>((static_cast<int64_t>(sb.nq) + S - 1) / S);
+  const int nqb_seq = ceil_div32(sb.nq, S);
   if (m >= nqb_seq) {
     for (int hh = warp; hh < hpg; hh += nwarps) {
       if (lane == 0) count_at(h0 + hh) = 0;
@@ -142,15 +142,12 @@ __global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const Sel
       split_forced(nqb_seq - 1, sb.nq, sb.nk, S, c_last, p.sink_blocks, p.local_blocks, p.causal);
   const int free_last = c_last - fl.forced;
   const int nc = fs.free_hi - fs.free_lo;
-  const int min_blocks = p.min_budget / S + (p.min_budget % S != 0);  // min_budget >= 0
+  const int min_blocks = ceil_div32(p.min_budget, S);  // min_budget >= 0
   // Non-forced candidates head h takes, in [0, nc]; 32-bit arithmetic suffices, every count being
   // at most kSelectMaxBlocks (kstar * nc < 2^30).
   auto take = [&](int h) {
     const int kst = min(max(p.kstar[static_cast<int64_t>(b) * p.num_heads + h], 0), free_last);
-    const int extra = free_last > 0 ? static_cast<int>((static_cast<uint32_t>(kst) * static_cast<uint32_t>(nc) +
-                                                        static_cast<uint32_t>(free_last - 1)) /
-                                                       static_cast<uint32_t>(free_last))
-                                    : 0;
+    const int extra = free_last > 0 ? ceil_div32(kst * nc, free_last) : 0;
     return max(min(max(fs.forced + extra, min_blocks), c), fs.forced) - fs.forced;
   };
 
