@@ -1,11 +1,12 @@
-// The persistent Hopper block-sparse attention kernel (sm_90a): one CTA per SM, 384 threads in
+// The persistent Hopper block-sparse attention kernel (sm_90a): Traits::kCtasPerSm CTAs per SM (two at
+// D = 64, one at D = 128), 384 threads in
 // three warpgroups, work items taken from a counter (tile_scheduler.cuh), the items' key blocks run
 // as one pipeline (mainloop.cuh). Same math, parameters and layouts as the portable kernel
 // (kernels/bsa_sm80/, kernels/common/bsa_params.h); block_size 128 only. Two instantiations per
 // (dtype, head dim): contiguous and paged K/V (only the loader differs).
-//   warpgroup 0 (producer, setmaxnreg 40): warp 0 lane 0 loads (TMA), warp 1 schedules; its other
-//     threads leave at once.
-//   warpgroups 1, 2 (consumers, setmaxnreg 232): wgmma, online softmax, epilogue.
+//   warpgroup 0 (producer, setmaxnreg kProducerRegs): warp 0 lane 0 loads (TMA), warp 1 schedules;
+//     its other threads leave at once.
+//   warpgroups 1, 2 (consumers, setmaxnreg kConsumerRegs): wgmma, online softmax, epilogue.
 // Device code is compiled only for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); on other targets the body is
 // empty, and bsa_plan (kernels/common/bsa_launch.h) never chooses this kernel on other devices.
 #pragma once
@@ -24,7 +25,7 @@ namespace bsa_sm90 {
 // kPaged: K/V read through the page table (chosen by the launcher from the params, so the
 // contiguous kernel's loader keeps its registers).
 template <class Traits, bool kPaged>
-__global__ void __launch_bounds__(Traits::kNThreads, 1)
+__global__ void __launch_bounds__(Traits::kNThreads, Traits::kCtasPerSm)
     bsa_fwd_sm90_persistent_kernel(const __grid_constant__ KernelParams<Traits> kp) {
 #if PROXYATTN_BSA_SM90_DEVICE
   using Barrier = cutlass::arch::ClusterTransactionBarrier;

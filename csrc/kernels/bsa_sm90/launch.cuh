@@ -1,6 +1,6 @@
 // Host launcher of the Hopper kernel for one (dtype, head dim): tensor maps for q/k/v (paged K/V:
 // over the caches as (slot, D, head, page)), the grid
-// (min(work items, SMs) persistent CTAs), the dynamic shared memory, the launch on the stream.
+// (min(work items, SMs x kCtasPerSm) persistent CTAs), the dynamic shared memory, the launch on the stream.
 // Explicitly instantiated in csrc/instantiations/bsa_fwd_sm90_<dtype>_hdim<D>.cu; reached through
 // run_bsa_fwd (kernels/common/bsa_launch.h) with parameters bsa_plan accepted for the Hopper path.
 #pragma once
@@ -71,7 +71,8 @@ cudaError_t launch(const BsaParams& p, cudaStream_t stream) {
   }
 
   constexpr int kSmem = Traits::kSmemBytes;
-  static_assert(kSmem <= 227 * 1024, "beyond the sm90 shared memory limit");
+  static_assert(kSmem <= 227 * 1024 && Traits::kCtasPerSm * (kSmem + 1024) <= 228 * 1024,
+                "beyond the sm90 shared memory of a CTA or of an SM (1 KB reserved per CTA)");
   auto kernel = paged ? &bsa_fwd_sm90_persistent_kernel<Traits, true>
                       : &bsa_fwd_sm90_persistent_kernel<Traits, false>;
   int dev = 0, sms = 0;
@@ -79,8 +80,12 @@ cudaError_t launch(const BsaParams& p, cudaStream_t stream) {
   if (err == cudaSuccess && bsa_device_arch(dev) != 90) return cudaErrorNoKernelImageForDevice;
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   if (err == cudaSuccess) err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  // Room for kCtasPerSm CTAs' shared memory on an SM.
+  if (err == cudaSuccess)
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
   if (err != cudaSuccess) return err;
-  const int ctas = int(grid < int64_t(sms) ? grid : int64_t(sms > 0 ? sms : 1));
+  const int64_t slots = int64_t(sms > 0 ? sms : 1) * Traits::kCtasPerSm;
+  const int ctas = int(grid < slots ? grid : slots);
   kernel<<<dim3(unsigned(ctas)), dim3(Traits::kNThreads), kSmem, stream>>>(kp);
   return cudaGetLastError();
 }

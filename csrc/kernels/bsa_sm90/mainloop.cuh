@@ -10,14 +10,17 @@
 //     full barrier it writes the stage's description (meta[stage], StageMeta): the block, whether
 //     it is an item's first (kMetaFirst) or last (kMetaLast) and the item; the end is a kMetaStop
 //     stage.
-//   consumers: S = Q K^T by wgmma SS (64 x 128 x D) issued together with O += P V of the previous
-//     tile by wgmma RS (64 x D x 128, V read MN-major from the same K-major smem tile); the
-//     softmax of S (softmax.cuh: mask only on tiles crossing the causal diagonal or the end of
-//     the keys, exact running max) runs while the P V wgmma is in flight; O is rescaled after it
-//     completes; P is converted to 16 bits in registers. The first Q K^T of an item is issued
-//     together with the last P V of the item before it, and that item's epilogue (epilogue.cuh)
-//     runs while nothing waits on it. A stage that continues the current item (the one before it
-//     was not kMetaLast) has its Q K^T issued as soon as it lands, its description read after.
+//   consumers: S = Q K^T by wgmma SS (64 x kTileN x D) issued together with O += P V of the previous
+//     tile by wgmma RS (64 x D x kTileN, V read MN-major from the same K-major smem tile); a stage is
+//     kSub score tiles (traits.cuh: 1 at D = 128, 2 halves at D = 64), released once its last
+//     tile's S (K) and P V (V) are done. The softmax of S (softmax.cuh: mask only on tiles crossing
+//     the causal diagonal or the end of the keys, exact running max) runs while the P V wgmma is in
+//     flight (at D = 64, two CTAs per SM: after it, each warpgroup running P V, then S, then the
+//     softmax; Traits::kSoftmaxBesidePV); O is rescaled after it completes; P is converted to 16
+//     bits in registers. The first Q K^T of an item is issued together with the last P V of the
+//     item before it, and that item's epilogue (epilogue.cuh) runs while nothing waits on it. A
+//     stage that continues the current item (the one before it was not kMetaLast) has its Q K^T
+//     issued as soon as it lands, its description read after.
 // The loader, the scheduler and the consumers count stages (`it`), Q buffers (`nq`) and queue
 // slots the same way, so barrier parities agree without any other exchange.
 #pragma once
@@ -199,15 +202,11 @@ __device__ __forceinline__ void run_loader(const KernelParams<Traits>& kp, typen
   }
 }
 
-// One work item as the consumers need it (from the description of its first stage).
+// One work item as the consumers need it at every tile (from the description of its first stage);
+// the rest (ItemRows, traits.cuh) waits in shared memory, in the consumer warp's slot of its Q buffer.
 struct ConsumerItem {
-  int64_t o_off;    // element offset of the item's first output row (head h)
-  int64_t lse_off;  // offset of its first lse entry
-  int q_rows;       // rows of the query block inside the sequence
-  int diag;         // seqlen_k - seqlen_q + q_start
-  int full_key;     // keys <= full_key are visible to every row
-  int seqlen_k;
-  int qbuf;         // Q buffer
+  int full_key;  // keys <= full_key are visible to every row
+  int qbuf;      // Q buffer
 };
 
 template <class Traits>
@@ -224,8 +223,10 @@ __device__ __forceinline__ void run_consumers(const KernelParams<Traits>& kp, ty
   const bool varlen = p.cu_seqlens_q != nullptr;
   const int ctid = threadIdx.x - 128;  // 0 .. 255; warpgroup ctid / 128 owns rows 64 (ctid / 128) + [0, 64)
   Tensor sQ = make_tensor(make_smem_ptr(ss.q), typename Traits::SmemLayoutQ2{});    // (M, D, buf)
-  Tensor sK = make_tensor(make_smem_ptr(ss.k), typename Traits::SmemLayoutKV{});    // (N, D, stage)
-  Tensor sVt = make_tensor(make_smem_ptr(ss.v), typename Traits::SmemLayoutVt{});   // (D, N, stage)
+  constexpr int kTileN = Traits::kTileN;
+  constexpr int kSub = Traits::kSub;
+  Tensor sK = make_tensor(make_smem_ptr(ss.k), typename Traits::SmemLayoutKTile{});    // (Nt, D, tile)
+  Tensor sVt = make_tensor(make_smem_ptr(ss.v), typename Traits::SmemLayoutVtTile{});  // (D, Nt, tile)
 
   typename Traits::TiledMmaS mma_s;
   typename Traits::TiledMmaO mma_o;
@@ -234,11 +235,11 @@ __device__ __forceinline__ void run_consumers(const KernelParams<Traits>& kp, ty
   auto wg_s = warpgroup_slice(mma_s, ctid);  // the wgmma descriptors' slices (uniform registers)
   auto wg_o = warpgroup_slice(mma_o, ctid);
   Tensor tSrQ = wg_s.partition_fragment_A(sQ);   // (MMA, MMA_M, MMA_D, buf) descriptors
-  Tensor tSrK = wg_s.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_D, stage) descriptors
-  Tensor tOrV = wg_o.partition_fragment_B(sVt);  // (MMA, MMA_D, MMA_N, stage) descriptors
+  Tensor tSrK = wg_s.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_D, tile) descriptors
+  Tensor tOrV = wg_o.partition_fragment_B(sVt);  // (MMA, MMA_D, MMA_N, tile) descriptors
   Tensor acc_o = partition_fragment_C(thr_o, Shape<Int<kBlockM>, Int<kHeadDim>>{});  // ((2,2,D/8), 1, 1)
 
-  Tensor cS = make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{});
+  Tensor cS = make_identity_tensor(Shape<Int<kBlockM>, Int<kTileN>>{});
   Tensor tScS = thr_s.partition_C(cS);
   Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
   Tensor cO = make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{});
@@ -254,30 +255,39 @@ __device__ __forceinline__ void run_consumers(const KernelParams<Traits>& kp, ty
   const float scale_log2 = p.softmax_scale_log2;
 
   // The item described by a first stage's description md.
+  // The item described by a first stage's description md, read into Q buffer qbuf.
+  auto (&rows_slot)[2] = ss.item_rows[ctid / 32];  // this warp's ItemRows, per Q buffer
   auto make_item = [&](const int* md, int qbuf) {
     const int b = md[kMetaB], h = md[kMetaH], m = md[kMetaM], q_row0 = md[kMetaQRow0];
     const int seqlen_q = md[kMetaSeqlenQ], seqlen_k = md[kMetaSeqlenK];
-    const int q_start = m * kBlockM;
+    const int q_start = m * kBlockM, diag = seqlen_k - seqlen_q + q_start;
+    if (lane == 0) {
+      ItemRows r;
+      r.o_off = (varlen ? int64_t(q_row0) * p.out_row_stride : int64_t(b) * p.out_batch_stride) +
+                int64_t(q_start) * p.out_row_stride + int64_t(h) * p.out_head_stride;
+      r.lse_off = (varlen ? int64_t(q_row0) : int64_t(b) * p.lse_batch_stride) + int64_t(h) * p.lse_head_stride +
+                  q_start;
+      r.q_rows = min(kBlockM, seqlen_q - q_start);
+      r.diag = diag;
+      r.seqlen_k = seqlen_k;
+      rows_slot[qbuf] = r;
+    }
+    __syncwarp();
     ConsumerItem w;
-    w.o_off = (varlen ? int64_t(q_row0) * p.out_row_stride : int64_t(b) * p.out_batch_stride) +
-              int64_t(q_start) * p.out_row_stride + int64_t(h) * p.out_head_stride;
-    w.lse_off = (varlen ? int64_t(q_row0) : int64_t(b) * p.lse_batch_stride) + int64_t(h) * p.lse_head_stride +
-                q_start;
-    w.q_rows = min(kBlockM, seqlen_q - q_start);
-    w.diag = seqlen_k - seqlen_q + q_start;
-    w.full_key = p.causal ? min(seqlen_k - 1, w.diag) : seqlen_k - 1;
-    w.seqlen_k = seqlen_k;
+    w.full_key = p.causal ? min(seqlen_k - 1, diag) : seqlen_k - 1;
     w.qbuf = qbuf;
     return w;
   };
   auto softmax_tile = [&](auto& acc_s, int key0, const ConsumerItem& w) {
-    return online_softmax_tile<kBlockN>(acc_s, tScS_rc, key0, w.full_key, w.diag, w.seqlen_k, p.causal, scale_log2,
+    const ItemRows& r = rows_slot[w.qbuf];
+    return online_softmax_tile<kTileN>(acc_s, tScS_rc, key0, w.full_key, r.diag, r.seqlen_k, p.causal, scale_log2,
                                         row_max, row_sum, corr);
   };
   auto rescale_o = [&](bool moved) { rescale_rows(acc_o, corr, moved); };
   // Normalise and store item w's rows (acc_o, with the statistics mx / sm), lse per row.
   auto epilogue = [&](const ConsumerItem& w, auto const& mx, auto const& sm) {
-    store_rows(acc_o, tOcO_rc, mx, sm, static_cast<Elem*>(p.out) + w.o_off, p.lse + w.lse_off, w.q_rows,
+    const ItemRows& r = rows_slot[w.qbuf];
+    store_rows(acc_o, tOcO_rc, mx, sm, static_cast<Elem*>(p.out) + r.o_off, p.lse + r.lse_off, r.q_rows,
                p.out_row_stride, p.softmax_scale, lane);
   };
   auto release = [&](uint64_t* bar) {
@@ -285,7 +295,7 @@ __device__ __forceinline__ void run_consumers(const KernelParams<Traits>& kp, ty
     if (lane == 0) EmptyBarrier::arrive(bar);
   };
 
-  Tensor rP = make_tensor<Elem>(partition_fragment_C(thr_s, Shape<Int<kBlockM>, Int<kBlockN>>{}).layout());
+  Tensor rP = make_tensor<Elem>(partition_fragment_C(thr_s, Shape<Int<kBlockM>, Int<kTileN>>{}).layout());
   Tensor tOrP = make_tensor(rP.data(), acc_to_a_operand(rP.layout()));  // ((2,2,2), 1, N/16)
   int it = 0;       // stages consumed
   uint32_t nq = 0;  // Q buffers consumed
@@ -322,62 +332,119 @@ __device__ __forceinline__ void run_consumers(const KernelParams<Traits>& kp, ty
     return w;
   };
 
-  // The first stage: the CTA's first item, or the stop mark when it has none.
+  // Score tile h of stage s is tile s * kSub + h of the views; the previous tile (h - 1 of the same
+  // stage, or the last of stage sp; phase / phase_p the parities of stages s / sp) has its P V
+  // pending. Beside (Traits::kSoftmaxBesidePV): the tile's S goes out with that P V, and its softmax
+  // runs while the P V is in flight. Serial: the P V first, then S, so that a warpgroup never holds
+  // S, P and O at once. A stage's K is released after its last tile's S, its V after its last
+  // tile's P V; its full_v is waited for before its first tile's P V. Tile 0 reads the stage's
+  // block and flags while a wgmma runs.
   int blk, flags;
+  ConsumerItem cur{};  // the item whose rows acc_o holds
+  auto cont_tile = [&](auto h_, int s, uint32_t phase, int sp, uint32_t phase_p) {
+    constexpr int h = decltype(h_)::value, ph = (h + kSub - 1) % kSub;  // ph: the previous tile's
+    const int ps = h == 0 ? sp : s;
+    Tensor acc_s = partition_fragment_C(thr_s, Shape<Int<kBlockM>, Int<kTileN>>{});
+    if constexpr (Traits::kSoftmaxBesidePV) {
+      if constexpr (h == 0) Barrier::wait(&ss.full_k[s], phase);
+      wg_issue<true>(mma_s, tSrQ(_, _, _, cur.qbuf), tSrK(_, _, _, s * kSub + h), acc_s);
+      if constexpr (ph == 0) Barrier::wait(&ss.full_v[ps], h == 0 ? phase_p : phase);
+      wg_issue<false>(mma_o, tOrP, tOrV(_, _, _, ps * kSub + ph), acc_o);
+      if constexpr (h == 0) read_stage(s, blk, flags);
+      warpgroup_wait<1>();  // S done (groups complete in order)
+      warpgroup_fence_operand(acc_s);
+      if constexpr (h == kSub - 1) release(&ss.empty_k[s]);
+      const bool moved = softmax_tile(acc_s, blk * kBlockN + h * kTileN, cur);
+      softmax_fence(row_sum);
+      warpgroup_wait<0>();  // the previous P V done
+      warpgroup_fence_operand(acc_o);
+      warpgroup_fence_operand(tOrP);
+      if constexpr (ph == kSub - 1) release(&ss.empty_v[ps]);
+      rescale_o(moved);
+      convert_into<Elem>(acc_s, rP);
+    } else {
+      if constexpr (ph == 0) Barrier::wait(&ss.full_v[ps], h == 0 ? phase_p : phase);
+      wg_issue<false>(mma_o, tOrP, tOrV(_, _, _, ps * kSub + ph), acc_o);
+      if constexpr (h == 0) Barrier::wait(&ss.full_k[s], phase);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc_o);
+      warpgroup_fence_operand(tOrP);
+      if constexpr (ph == kSub - 1) release(&ss.empty_v[ps]);
+      wg_issue<true>(mma_s, tSrQ(_, _, _, cur.qbuf), tSrK(_, _, _, s * kSub + h), acc_s);
+      if constexpr (h == 0) read_stage(s, blk, flags);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc_s);
+      if constexpr (h == kSub - 1) release(&ss.empty_k[s]);
+      const bool moved = softmax_tile(acc_s, blk * kBlockN + h * kTileN, cur);
+      rescale_o(moved);
+      convert_into<Elem>(acc_s, rP);
+    }
+  };
+
+  // The first stage: the CTA's first item, or the stop mark when it has none.
   take_stage(0, 0, blk, flags);
   if (flags & kMetaStop) return;
-  ConsumerItem cur = stage_item(0);
+  cur = stage_item(0);
   fill(row_max, -INFINITY);
   fill(row_sum, 0.f);
   clear(acc_o);
   {
-    Tensor acc_s = partition_fragment_C(thr_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    Tensor acc_s = partition_fragment_C(thr_s, Shape<Int<kBlockM>, Int<kTileN>>{});
     wg_issue<true>(mma_s, tSrQ(_, _, _, cur.qbuf), tSrK(_, _, _, 0), acc_s);
     warpgroup_wait<0>();
     warpgroup_fence_operand(acc_s);
-    release(&ss.empty_k[0]);
+    if constexpr (kSub == 1) release(&ss.empty_k[0]);
     softmax_tile(acc_s, blk * kBlockN, cur);  // O is 0: no rescale needed
     convert_into<Elem>(acc_s, rP);
   }
+  if constexpr (kSub == 2) cont_tile(Int<1>{}, 0, 0, 0, 0);
   it = 1;
-  // Stage it - 1's P V is pending at the top of every iteration; stage `it` is the next S. cont:
+  // The last tile's P V is pending at the top of every iteration; stage `it` is the next S. cont:
   // stage `it` continues the current item (stage it - 1 was not the item's last).
   bool cont = !(flags & kMetaLast);
   while (true) {
     const int s = it % kStages, sp = (it - 1) % kStages;
     const uint32_t phase = (it / kStages) & 1, phase_p = ((it - 1) / kStages) & 1;
-    Tensor acc_s = partition_fragment_C(thr_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
     if (cont) {
-      // Another block of the current item: its S is issued as soon as the stage lands, and the
-      // stage's block and flags are read while the wgmmas run.
-      Barrier::wait(&ss.full_k[s], phase);
-      wg_issue<true>(mma_s, tSrQ(_, _, _, cur.qbuf), tSrK(_, _, _, s), acc_s);
-      Barrier::wait(&ss.full_v[sp], phase_p);
-      wg_issue<false>(mma_o, tOrP, tOrV(_, _, _, sp), acc_o);
-      read_stage(s, blk, flags);
-      warpgroup_wait<1>();  // S done (groups complete in order)
-      warpgroup_fence_operand(acc_s);
-      release(&ss.empty_k[s]);
-      const bool moved = softmax_tile(acc_s, blk * kBlockN, cur);
-      softmax_fence(row_sum);
-      warpgroup_wait<0>();  // the previous P V done
-      warpgroup_fence_operand(acc_o);
-      warpgroup_fence_operand(tOrP);
-      release(&ss.empty_v[sp]);
-      rescale_o(moved);
-      convert_into<Elem>(acc_s, rP);
+      cont_tile(Int<0>{}, s, phase, sp, phase_p);
     } else {
-      // The first block of the next item, issued with the current item's last P V; the current
-      // item is stored once that P V is done. Or the stop mark.
+      // The first tile of the next item (or the stop mark). Beside: its S goes out with the current
+      // item's last P V, and the current item is stored once that P V is done. Serial (the branch
+      // below, which then runs the stage's second tile as the loop's end does): its S goes out after
+      // that P V, and the current item is stored while the S runs.
+      Tensor acc_s = partition_fragment_C(thr_s, Shape<Int<kBlockM>, Int<kTileN>>{});
       take_stage(s, phase, blk, flags);
       if (flags & kMetaStop) break;
       const ConsumerItem nxt = stage_item(s);
-      wg_issue<true>(mma_s, tSrQ(_, _, _, nxt.qbuf), tSrK(_, _, _, s), acc_s);
-      Barrier::wait(&ss.full_v[sp], phase_p);
-      wg_issue<false>(mma_o, tOrP, tOrV(_, _, _, sp), acc_o);
+      if constexpr (!Traits::kSoftmaxBesidePV) {
+        static_assert(kSub == 2, "serial tiles are half key blocks here");
+        wg_issue<false>(mma_o, tOrP, tOrV(_, _, _, sp * kSub + kSub - 1), acc_o);
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(acc_o);
+        warpgroup_fence_operand(tOrP);
+        release(&ss.empty_v[sp]);
+        wg_issue<true>(mma_s, tSrQ(_, _, _, nxt.qbuf), tSrK(_, _, _, s * kSub), acc_s);
+        epilogue(cur, row_max, row_sum);  // the current item is complete
+        release(&ss.empty_q[cur.qbuf]);
+        clear(acc_o);
+        fill(row_max, -INFINITY);
+        fill(row_sum, 0.f);
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(acc_s);
+        softmax_tile(acc_s, blk * kBlockN, nxt);
+        convert_into<Elem>(acc_s, rP);
+        cur = nxt;
+        cont_tile(Int<1>{}, s, phase, sp, phase_p);
+        cont = !(flags & kMetaLast);
+        ++it;
+        continue;
+      }
+      wg_issue<true>(mma_s, tSrQ(_, _, _, nxt.qbuf), tSrK(_, _, _, s * kSub), acc_s);
+      if constexpr (kSub == 1) Barrier::wait(&ss.full_v[sp], phase_p);
+      wg_issue<false>(mma_o, tOrP, tOrV(_, _, _, sp * kSub + kSub - 1), acc_o);
       warpgroup_wait<1>();
       warpgroup_fence_operand(acc_s);
-      release(&ss.empty_k[s]);
+      if constexpr (kSub == 1) release(&ss.empty_k[s]);
       CUTE_UNROLL
       for (int ri = 0; ri < kRows; ++ri) {
         old_max(ri) = row_max(ri);
@@ -391,19 +458,20 @@ __device__ __forceinline__ void run_consumers(const KernelParams<Traits>& kp, ty
       warpgroup_fence_operand(acc_o);
       warpgroup_fence_operand(tOrP);
       release(&ss.empty_v[sp]);
+      convert_into<Elem>(acc_s, rP);    // P is free: S's registers go before the epilogue's
       epilogue(cur, old_max, old_sum);  // the current item is complete
       release(&ss.empty_q[cur.qbuf]);
       clear(acc_o);
       cur = nxt;
-      convert_into<Elem>(acc_s, rP);
     }
+    if constexpr (kSub == 2) cont_tile(Int<1>{}, s, phase, sp, phase_p);
     cont = !(flags & kMetaLast);
     ++it;
   }
   // The last item's last P V, then its epilogue.
   const int sp = (it - 1) % kStages;
-  Barrier::wait(&ss.full_v[sp], ((it - 1) / kStages) & 1);
-  wg_issue<false>(mma_o, tOrP, tOrV(_, _, _, sp), acc_o);
+  if constexpr (kSub == 1) Barrier::wait(&ss.full_v[sp], ((it - 1) / kStages) & 1);
+  wg_issue<false>(mma_o, tOrP, tOrV(_, _, _, sp * kSub + kSub - 1), acc_o);
   warpgroup_wait<0>();
   warpgroup_fence_operand(acc_o);
   warpgroup_fence_operand(tOrP);

@@ -1,6 +1,6 @@
 // Tile scheduler of the persistent Hopper kernel: warp 1 of the producer warpgroup.
 //
-// gridDim.x = min(work items, SMs). CTA c runs position c of the work order (bsa_tile in
+// gridDim.x = min(work items, SMs x kCtasPerSm). CTA c runs position c of the work order (bsa_tile in
 // kernels/common/bsa_params.h: sections of KV heads whose K/V fit in L2, heaviest query blocks
 // first), then positions gridDim.x + atomicAdd(p.tile_counter, 1), each item to whichever CTA gets
 // there first. For every position the warp reads the varlen offsets, the selected-block count and

@@ -7,6 +7,10 @@
 // next work item's Q loads while the current one's last tiles run), a 2-stage K/V ring sK/sV
 // [128, D, 2], the per-stage descriptions the loader hands the consumers (meta), the scheduler's
 // 2-slot queue of work items (item) and the mbarriers: 192 KB at D = 128, 96 KB at D = 64.
+// D = 128: one CTA per SM, score tiles of a whole key block (64 x 128 per consumer warpgroup).
+// D = 64: two CTAs per SM (four consumer warps per scheduler to issue from), which holds a consumer
+// thread to 104 registers, so its score tiles are half key blocks (64 x 64: a stage is kSub = 2
+// tiles, the consumers' views of the ring SmemLayoutKTile / SmemLayoutVtTile).
 // Tensor maps: q/k/v as [rows, D, heads, batch] with the tensors' own strides (varlen: rows =
 // total, batch 1, each sequence reached by a row offset).
 #pragma once
@@ -27,19 +31,38 @@ namespace bsa_sm90 {
 
 using namespace cute;
 
+// The output rows of a consumer warp's work item, kept in shared memory while its tiles run.
+struct ItemRows {
+  int64_t o_off;    // element offset of the item's first output row (head h)
+  int64_t lse_off;  // offset of its first lse entry
+  int q_rows;       // rows of the query block inside the sequence
+  int diag;         // seqlen_k - seqlen_q + q_start
+  int seqlen_k;
+  int pad;
+};
+
 template <typename Elem_, int kHeadDim_>
 struct Sm90Traits {
   using Elem = Elem_;  // cutlass::half_t or cutlass::bfloat16_t
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = 128;  // query rows per work item == block_size
-  static constexpr int kBlockN = 128;  // keys per tile == block_size
+  static constexpr int kBlockN = 128;  // keys per stage == block_size
   static constexpr int kStages = 2;    // K/V ring depth (a third stage measured no consistent gain)
   static constexpr int kConsumerWarpgroups = kBlockM / 64;
   static constexpr int kNThreads = 128 * (1 + kConsumerWarpgroups);
   static constexpr int kConsumerWarps = 4 * kConsumerWarpgroups;
-  // setmaxnreg per thread: producer warpgroup, consumer warpgroups (128 x (40 + 2 x 232) <= 64K).
-  static constexpr int kProducerRegs = 40;
-  static constexpr int kConsumerRegs = 232;
+  static constexpr int kCtasPerSm = kHeadDim == 64 ? 2 : 1;
+  static constexpr int kTileN = kCtasPerSm == 2 ? 64 : kBlockN;  // keys per score tile
+  static constexpr int kSub = kBlockN / kTileN;                  // score tiles per stage
+  // Whether a tile's softmax runs beside the previous tile's P V wgmma (its P and O then stay held):
+  // with two CTAs per SM it runs after it, the other warpgroups on the SM keeping the tensor cores busy.
+  static constexpr bool kSoftmaxBesidePV = kCtasPerSm == 1;
+  // setmaxnreg per thread: producer warpgroup, consumer warpgroups, within what a CTA holds from its
+  // launch (65536 / (kNThreads * kCtasPerSm) per thread, in steps of 8).
+  static constexpr int kProducerRegs = kCtasPerSm == 2 ? 24 : 40;
+  static constexpr int kConsumerRegs = kCtasPerSm == 2 ? 104 : 232;
+  static_assert(128 * (kProducerRegs + kConsumerWarpgroups * kConsumerRegs) <=
+                    65536 / (kNThreads * kCtasPerSm) / 8 * 8 * kNThreads, "setmaxnreg beyond the launch's registers");
 
   using SmemAtom = decltype(GMMA::Layout_K_SW128_Atom<Elem>{});  // 8 x 64, 128-byte swizzle
   using SmemLayoutQ = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));  // (M, D)
@@ -51,12 +74,22 @@ struct Sm90Traits {
       SmemLayoutKV{},
       make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{}, Step<_2, _1, _3>{})));
 
+  // The consumers' view of the ring: (kTileN, D, tile) with tile = stage * kSub + sub-tile, the same
+  // memory as (kBlockN, D, stage) (key rows fill whole swizzle atoms, stage after stage), and V as
+  // the B operand of O = P V per tile.
+  using SmemLayoutKTile =
+      decltype(tile_to_shape(SmemAtom{}, Shape<Int<kTileN>, Int<kHeadDim>, Int<kStages * kSub>>{}));
+  using SmemLayoutVtTile = decltype(composition(
+      SmemLayoutKTile{},
+      make_ordered_layout(Shape<Int<kHeadDim>, Int<kTileN>, Int<kStages * kSub>>{}, Step<_2, _1, _3>{})));
+  static_assert(kSub == 1 || kHeadDim == 64, "sub-tiles only where a key row is one swizzle atom wide");
+
   // Each consumer warpgroup computes 64 rows; the two are tiled along M.
   using TiledMmaS = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Elem, Elem, float, Shape<_64, Int<kBlockN>, Int<kHeadDim>>>(),
+      GMMA::ss_op_selector<Elem, Elem, float, Shape<_64, Int<kTileN>, Int<kHeadDim>>>(),
       Layout<Shape<Int<kConsumerWarpgroups>, _1, _1>>{}));
   using TiledMmaO = decltype(make_tiled_mma(
-      GMMA::rs_op_selector<Elem, Elem, float, Shape<_64, Int<kHeadDim>, Int<kBlockN>>, GMMA::Major::K,
+      GMMA::rs_op_selector<Elem, Elem, float, Shape<_64, Int<kHeadDim>, Int<kTileN>>, GMMA::Major::K,
                            GMMA::Major::MN>(),
       Layout<Shape<Int<kConsumerWarpgroups>, _1, _1>>{}));
 
@@ -89,6 +122,7 @@ struct Sm90Traits {
     alignas(1024) Elem v[cosize_v<SmemLayoutKV>];
     alignas(16) int meta[kStages][8];
     alignas(16) int item[2][16];
+    alignas(16) ItemRows item_rows[kConsumerWarps][2];  // per consumer warp and Q buffer
     alignas(8) uint64_t full_q[2], empty_q[2];
     uint64_t full_k[kStages], full_v[kStages], empty_k[kStages], empty_v[kStages];
     uint64_t item_full[2], item_empty[2];
