@@ -254,7 +254,6 @@ __device__ __forceinline__ void run_consumers(const KernelParams<Traits>& kp, ty
   Tensor corr = make_tensor<float>(Shape<Int<kRows>>{});
   const float scale_log2 = p.softmax_scale_log2;
 
-  // The item described by a first stage's description md.
   // The item described by a first stage's description md, read into Q buffer qbuf.
   auto (&rows_slot)[2] = ss.item_rows[ctid / 32];  // this warp's ItemRows, per Q buffer
   auto make_item = [&](const int* md, int qbuf) {

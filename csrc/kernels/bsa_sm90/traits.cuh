@@ -6,7 +6,8 @@
 // Shared memory (SW128 K-major, what TMA writes and wgmma reads): two Q buffers sQ [128, D, 2] (the
 // next work item's Q loads while the current one's last tiles run), a 2-stage K/V ring sK/sV
 // [128, D, 2], the per-stage descriptions the loader hands the consumers (meta), the scheduler's
-// 2-slot queue of work items (item) and the mbarriers: 192 KB at D = 128, 96 KB at D = 64.
+// 2-slot queue of work items (item), the consumer warps' output fields per item (item_rows) and the
+// mbarriers: 192 KB at D = 128, 96 KB at D = 64.
 // D = 128: one CTA per SM, score tiles of a whole key block (64 x 128 per consumer warpgroup).
 // D = 64: two CTAs per SM (four consumer warps per scheduler to issue from), which holds a consumer
 // thread to 104 registers, so its score tiles are half key blocks (64 x 64: a stage is kSub = 2
