@@ -410,7 +410,9 @@ __device__ __forceinline__ void run_consumers(const KernelParams<Traits>& kp, ty
       // The first tile of the next item (or the stop mark). Beside: its S goes out with the current
       // item's last P V, and the current item is stored once that P V is done. Serial (the branch
       // below, which then runs the stage's second tile as the loop's end does): its S goes out after
-      // that P V, and the current item is stored while the S runs.
+      // that P V, and the current item is stored while the S runs. The serial branch keeps its own
+      // copy of the loop's end: shared with the loop, ptxas spills consumer registers around the
+      // item switch at D = 64 (nvcc 13.0).
       Tensor acc_s = partition_fragment_C(thr_s, Shape<Int<kBlockM>, Int<kTileN>>{});
       take_stage(s, phase, blk, flags);
       if (flags & kMetaStop) break;
