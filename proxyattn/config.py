@@ -18,8 +18,8 @@ DEFAULT_GAMMA = 0.97
 # floor cannot pay off on short inputs. Measured on an H100 (bench/results/*-e2e.json,
 # structured inputs, G=1): the sparse path ran 0.85x cuDNN's speed at 8k keys and 1.70x at 16k;
 # on an H200 with the current defaults (G=16, gamma 0.97; *-e2e-defaults.json) 1.12x at 8k and
-# 2.12x at 16k on structured inputs, but 1.22x cuDNN's time at 16k on random ones (density ~0.95,
-# *-dense-path-3.json).
+# 2.12x at 16k on structured inputs, but 1.22x cuDNN's time at 16k on random ones (density ~0.95;
+# bench/NOTES.md, "dense_below crossover and the dense path").
 DEFAULT_DENSE_BELOW = 16384
 
 
