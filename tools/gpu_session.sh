@@ -14,14 +14,40 @@
 #   estimate    stages 1-3 at 128k beside cuDNN, G = 16 and 1, stage 1 on both kernels (Hopper wgmma,
 #               portable mma.sync) in one run, and the kernels of one estimate with their times
 #   paged       bench_paged.py: paged K/V against contiguous, pages of 16 and 128
-#   attention   bench_bsa.py --interleave at 128k, D = 128 and 64, densities 1.0 / 0.3 / 0.1, beside
-#               every anchor that imports (flash-attn-4 ones only where it is installed)
+#   attention   bench_bsa.py --interleave at 128k, D = 64 and 128, densities 1.0 / 0.3 / 0.1, beside
+#               every anchor that imports (flash-attn-4 ones only where it is installed); the
+#               variables ATT_HEAD_DIMS and ATT_SEQLENS (space-separated) change the first two
 #
 # Run `bash ../shared/tools/gpu-prep.sh` here first and carry [".whl"]. Summaries go to stdout; the
 # logs and records are packed into $OUT/session.tgz after every part (a call brings back at most 8
 # files, and a call cut short by its time limit still brings back what was packed).
+#
+# FlashAttention-4's anchors need its wheels, which take two calls to carry (../shared/GPU.md;
+# `bash ../shared/tools/fa4-prep.sh` here fills .fa4a/ and .fa4b/):
+#   tools/gpu_session.sh fa4parts            # call 1, carry [".fa4a"]: parks them in /tmp, no build
+#   tools/gpu_session.sh attention           # call 2 on the still-warm machine, carry [".fa4b", ".whl"]
+# Any call that finds the parked parts and .fa4b/ (or an earlier call's unpacked wheels) puts
+# flash-attn-4 on the attention part's path; without them the FA4 anchors are skipped.
 set -u -o pipefail
-[ $# -ge 1 ] || { echo "usage: tools/gpu_session.sh PART... (tests sanitize estimate paged attention)"; exit 2; }
+[ $# -ge 1 ] || { echo "usage: tools/gpu_session.sh PART... (tests sanitize estimate paged attention; fa4parts alone)"; exit 2; }
+FA4_PARTS=/tmp/fa4parts FA4_SITE=/tmp/fa4site
+if [ "$1" = fa4parts ]; then
+  mkdir -p "$FA4_PARTS" && cp "$(dirname "$0")"/../.fa4a/* "$FA4_PARTS"/ && ls "$FA4_PARTS" && exit 0
+  echo "fa4parts: no .fa4a/ here (bash ../shared/tools/fa4-prep.sh, then carry [\".fa4a\"])"; exit 1
+fi
+fa4_path() {  # prints the PYTHONPATH entries of flash-attn-4, unpacking the wheels first if needed
+  if [ ! -d "$FA4_SITE/flash_attn" ]; then
+    [ -f "$FA4_PARTS/libs13.part.aa" ] && ls .fa4b/libs13.part.ab > /dev/null 2>&1 || return 1
+    cat "$FA4_PARTS/libs13.part.aa" .fa4b/libs13.part.ab \
+      > "$FA4_PARTS/nvidia_cutlass_dsl_libs_cu13-4.7.0-cp312-cp312-manylinux_2_28_x86_64.whl" || return 1
+    rm -f "$FA4_PARTS/libs13.part.aa"
+    for w in "$FA4_PARTS"/*.whl .fa4b/*.whl; do
+      python3 -c "import zipfile, sys; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" "$w" "$FA4_SITE" || return 1
+    done
+  fi
+  # The CuTe DSL's own `cutlass` package must come before the nvidia-cutlass wheel's.
+  echo "$FA4_SITE/nvidia_cutlass_dsl/dsl_packages:$FA4_SITE"
+}
 OUT=${OUT:-$PWD/out}
 work=$OUT/session
 mkdir -p "$work"
@@ -53,6 +79,13 @@ OUT=$work timeout $(( deadline - t0 )) bash tools/gpu_run.sh build || { echo "==
 echo "== build: $(( $(date +%s) - t0 )) s"
 SITE=/tmp/proxyattn_site
 export PYTHONPATH=$here:$SITE CUTLASS_PATH=$SITE/cutlass_library/source/include
+bench_path=$PYTHONPATH  # the benchmarks' path: flash-attn-4 first where it is here (not for the tests)
+if fa4=$(fa4_path); then
+  bench_path=$fa4:$PYTHONPATH
+  PYTHONPATH=$bench_path python3 -c "import flash_attn.cute" 2>&1 | tail -2 && echo "== flash-attn-4 found ($FA4_SITE)"
+else
+  echo "== flash-attn-4 not here: its anchors are skipped (tools/gpu_session.sh fa4parts first)"
+fi
 
 for part in "$@"; do
   case "$part" in
@@ -63,9 +96,9 @@ for part in "$@"; do
         --scores-backends auto portable --kernels --out "$work/estimate.json" ;;
     paged) TAIL=25 step 150 paged python3 bench/bench_paged.py --out "$work/paged.json" ;;
     attention)
-      for d in 128 64; do
-        TAIL=30 step 240 "bsa-d$d" python3 bench/bench_bsa.py --interleave --seqlens 131072 --densities 1.0 0.3 0.1 \
-          --head-dim "$d" --out "$work/bsa-d$d.json"
+      for d in ${ATT_HEAD_DIMS:-64 128}; do
+        TAIL=30 step 240 "bsa-d$d" env PYTHONPATH="$bench_path" python3 bench/bench_bsa.py --interleave --seqlens ${ATT_SEQLENS:-131072} \
+          --densities 1.0 0.3 0.1 --head-dim "$d" --out "$work/bsa-d$d.json"
       done ;;
     *) echo "unknown part '$part' (tests sanitize estimate paged attention)"; status=2 ;;
   esac
