@@ -24,16 +24,37 @@
 #
 # FlashAttention-4's anchors need its wheels, which take two calls to carry (../shared/GPU.md;
 # `bash ../shared/tools/fa4-prep.sh` here fills .fa4a/ and .fa4b/):
-#   tools/gpu_session.sh fa4parts            # call 1, carry [".fa4a"]: parks them in /tmp, no build
-#   tools/gpu_session.sh attention           # call 2 on the still-warm machine, carry [".fa4b", ".whl"]
+#   tools/gpu_session.sh fa4split            # here, once: moves bytes of the split wheel from .fa4a/
+#                                            # to .fa4b/ so that .fa4a/ and .whl fit one call
+#   tools/gpu_session.sh fa4parts            # call 1, carry [".fa4a", ".whl"]: parks them in /tmp and
+#                                            # builds (carry [".fa4a"] alone: no build)
+#   tools/gpu_session.sh attention           # call 2 on the still-warm machine, carry [".fa4b"]
 # Any call that finds the parked parts and .fa4b/ (or an earlier call's unpacked wheels) puts
 # flash-attn-4 on the attention part's path; without them the FA4 anchors are skipped.
 set -u -o pipefail
-[ $# -ge 1 ] || { echo "usage: tools/gpu_session.sh PART... (tests sanitize estimate paged attention; fa4parts alone)"; exit 2; }
+[ $# -ge 1 ] || { echo "usage: tools/gpu_session.sh PART... (tests sanitize estimate paged attention; fa4split or fa4parts alone)"; exit 2; }
 FA4_PARTS=/tmp/fa4parts FA4_SITE=/tmp/fa4site
+here=$(cd "$(dirname "$0")/.." && pwd)
+if [ "$1" = fa4split ]; then  # a call carries at most 64 MiB: .fa4a/ with .whl and the tree must fit
+  cd "$here" && [ -f .fa4a/libs13.part.aa ] && [ -f .fa4b/libs13.part.ab ] ||
+    { echo "fa4split: no .fa4a/ and .fa4b/ here (bash ../shared/tools/fa4-prep.sh first)"; exit 1; }
+  whole=$(mktemp) && cat .fa4a/libs13.part.aa .fa4b/libs13.part.ab > "$whole" || exit 1
+  sum=$(md5sum < "$whole")
+  head -c 40000000 "$whole" > .fa4a/libs13.part.aa && tail -c +40000001 "$whole" > .fa4b/libs13.part.ab
+  rm -f "$whole"
+  [ "$(cat .fa4a/libs13.part.aa .fa4b/libs13.part.ab | md5sum)" = "$sum" ] || { echo "fa4split: parts changed"; exit 1; }
+  echo "call 1 carries $(( $(du -cb .fa4a .whl | tail -1 | cut -f1) >> 20 )) MiB plus the tree," \
+    "call 2 $(( $(du -cb .fa4b | tail -1 | cut -f1) >> 20 )) MiB"
+  exit 0
+fi
 if [ "$1" = fa4parts ]; then
-  mkdir -p "$FA4_PARTS" && cp "$(dirname "$0")"/../.fa4a/* "$FA4_PARTS"/ && ls "$FA4_PARTS" && exit 0
-  echo "fa4parts: no .fa4a/ here (bash ../shared/tools/fa4-prep.sh, then carry [\".fa4a\"])"; exit 1
+  mkdir -p "$FA4_PARTS" && cp "$here"/.fa4a/* "$FA4_PARTS"/ ||
+    { echo "fa4parts: no .fa4a/ here (bash ../shared/tools/fa4-prep.sh, then carry [\".fa4a\"])"; exit 1; }
+  ls "$FA4_PARTS"
+  if ls "$here"/.whl/*.whl > /dev/null 2>&1; then  # .whl came along: build now, so call 2 only runs
+    cd "$here" && OUT=${OUT:-$PWD/out}/session bash tools/gpu_run.sh build; exit
+  fi
+  exit 0
 fi
 fa4_path() {  # prints the PYTHONPATH entries of flash-attn-4, unpacking the wheels first if needed
   if [ ! -d "$FA4_SITE/flash_attn" ]; then
@@ -51,7 +72,6 @@ fa4_path() {  # prints the PYTHONPATH entries of flash-attn-4, unpacking the whe
 OUT=${OUT:-$PWD/out}
 work=$OUT/session
 mkdir -p "$work"
-here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here" || exit 1
 export PYTHONUNBUFFERED=1
 status=0
