@@ -28,7 +28,7 @@
 #                                            # to .fa4b/ so that .fa4a/ and .whl fit one call
 #   tools/gpu_session.sh fa4parts            # call 1, carry [".fa4a", ".whl"]: parks them in /tmp and
 #                                            # builds (carry [".fa4a"] alone: no build)
-#   tools/gpu_session.sh attention           # call 2 on the still-warm machine, carry [".fa4b"]
+#   tools/gpu_session.sh attention           # call 2 on the still-warm machine, carry [".fa4b", ".whl"]
 # Any call that finds the parked parts and .fa4b/ (or an earlier call's unpacked wheels) puts
 # flash-attn-4 on the attention part's path; without them the FA4 anchors are skipped.
 set -u -o pipefail
@@ -40,11 +40,12 @@ if [ "$1" = fa4split ]; then  # a call carries at most 64 MiB: .fa4a/ with .whl 
     { echo "fa4split: no .fa4a/ and .fa4b/ here (bash ../shared/tools/fa4-prep.sh first)"; exit 1; }
   whole=$(mktemp) && cat .fa4a/libs13.part.aa .fa4b/libs13.part.ab > "$whole" || exit 1
   sum=$(md5sum < "$whole")
-  head -c 40000000 "$whole" > .fa4a/libs13.part.aa && tail -c +40000001 "$whole" > .fa4b/libs13.part.ab
+  head -c 40000000 "$whole" > .fa4a/libs13.part.aa && tail -c +40000001 "$whole" > .fa4b/libs13.part.ab &&
+    [ "$(cat .fa4a/libs13.part.aa .fa4b/libs13.part.ab | md5sum)" = "$sum" ] ||
+    { echo "fa4split: the new parts do not make the wheel; it is kept whole in $whole"; exit 1; }
   rm -f "$whole"
-  [ "$(cat .fa4a/libs13.part.aa .fa4b/libs13.part.ab | md5sum)" = "$sum" ] || { echo "fa4split: parts changed"; exit 1; }
   echo "call 1 carries $(( $(du -cb .fa4a .whl | tail -1 | cut -f1) >> 20 )) MiB plus the tree," \
-    "call 2 $(( $(du -cb .fa4b | tail -1 | cut -f1) >> 20 )) MiB"
+    "call 2 $(( $(du -cb .fa4b .whl | tail -1 | cut -f1) >> 20 )) MiB"
   exit 0
 fi
 if [ "$1" = fa4parts ]; then
