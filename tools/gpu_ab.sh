@@ -3,28 +3,30 @@
 # (b1, b2, ...), on a GPU machine without git. Builds a in place (tools/gpu_run.sh build), keeps a
 # copy of the built tree, then for each patch applies it in place, rebuilds (incrementally: only the
 # files the patch touches recompile), keeps a copy of that tree and takes the patch back out. Then
-# it runs one benchmark script under every variant, alternating for ROUNDS rounds (default 2), so
-# that clock drift hits all of them. A patch is what a branch changes, made on the development
-# machine and carried as an untracked file of the working tree:
+# it runs one or more benchmark scripts under every variant, alternating for ROUNDS rounds (default
+# 2), so that clock drift hits all of them. A patch is what a branch changes, made on the
+# development machine and carried as an untracked file of the working tree:
 #
 #   git diff main..rowmax4 > rowmax4.patch; git diff main..unroll2 > unroll2.patch   # here
 #   tools/gpu_ab.sh rowmax4.patch unroll2.patch -- bench_bsa.py --interleave --seqlens 131072  # there
 #   tools/gpu_ab.sh est16.patch bench_estimate.py --seq-len 131072      # one patch: no -- needed
+#   tools/gpu_ab.sh x.patch -- bench_estimate.py --kernels -- bench_bsa.py --interleave  # two scripts
 #
-# Records: <variant>-r<round>-<script>.json (the script's --out), logs beside them, build logs
-# <variant>-build.log, packed into $OUT/ab.tgz after every round (a device call brings back at most 8
-# files); after every round tools/ab_summary.py writes the comparison so far to $OUT/ab-summary.md,
-# and the last one is printed at the end. GPU_AB_TESTS="tests/test_estimate_gpu.py ..." runs those
-# tests under every patched variant before the benchmark (log <variant>-tests.log); a variant whose
-# tests fail or time out is left out of the rounds. Everything
-# runs against one deadline, BUDGET seconds (default 560) after the start, under a device call's
-# 600 s: builds, tests and runs get what is left, and a run with under 30 s left is not started
-# (the rounds so far are packed and summarised). GPU_AB_TEST_LIMIT and GPU_AB_RUN_LIMIT (seconds)
-# cap one variant's tests and one benchmark run, so that a variant that hangs (a barrier waiting
-# forever) costs that much and not the rest of the budget. On exit the object folder and the
-# extension in place are a's again: a later build on the same machine (whose freshly copied sources
-# may be older than a variant's objects, so that nothing recompiles) starts from this tree's build,
-# not from the last variant's.
+# Several scripts, each after its own --, share the builds: a round runs each script under every
+# variant in turn. Records: <variant>-r<round>-<script>.json (the script's --out; a script named
+# twice gets -<index> on its second name), logs beside them, build logs <variant>-build.log, packed
+# into $OUT/ab.tgz after every round (a device call brings back at most 8 files); after every round
+# tools/ab_summary.py writes the comparison so far to $OUT/ab-summary.md, one table per script, and
+# the last one is printed at the end. GPU_AB_TESTS="tests/test_estimate_gpu.py ..." runs those
+# tests under every patched variant before the benchmarks (log <variant>-tests.log); a variant
+# whose tests fail or time out is left out of the rounds. Everything runs against one deadline,
+# BUDGET seconds (default 560) after the start, under a device call's 600 s: builds, tests and runs
+# get what is left, and a run with under 30 s left is not started (the rounds so far are packed and
+# summarised). GPU_AB_TEST_LIMIT and GPU_AB_RUN_LIMIT (seconds) cap one variant's tests and one
+# benchmark run, so that a variant that hangs (a barrier waiting forever) costs that much and not
+# the rest of the budget. On exit the object folder and the extension in place are a's again: a
+# later build on the same machine (whose freshly copied sources may be older than a variant's
+# objects, so that nothing recompiles) starts from this tree's build, not from the last variant's.
 set -o pipefail
 deadline=$(( $(date +%s) + ${BUDGET:-560} ))
 budget_for() {  # name, minimum seconds[, cap]: prints the seconds left for it (at most cap), or says it is skipped and fails
@@ -33,7 +35,7 @@ budget_for() {  # name, minimum seconds[, cap]: prints the seconds left for it (
   if [ -n "${3:-}" ] && [ "$3" -lt "$t" ]; then t=$3; fi
   echo "$t"
 }
-usage="usage: tools/gpu_ab.sh PATCH [PATCH ...] [--] SCRIPT [args]"
+usage="usage: tools/gpu_ab.sh PATCH [PATCH ...] [--] SCRIPT [args] [-- SCRIPT [args] ...]"
 patches=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -42,9 +44,22 @@ while [ $# -gt 0 ]; do
     *) break ;;
   esac
 done
-script=${1:?$usage}
-shift
-[ ${#patches[@]} -ge 1 ] || { echo "$usage"; exit 2; }
+[ $# -ge 1 ] && [ ${#patches[@]} -ge 1 ] || { echo "$usage"; exit 2; }
+jobs=0  # job_<j>: one script and its arguments; names[j]: its records' name (the script's, made unique)
+names=()
+cur=()
+add_job() {
+  [ ${#cur[@]} -ge 1 ] || { echo "$usage (an empty script after --)"; exit 2; }
+  local n; n=$(basename "${cur[0]}" .py)
+  case " ${names[*]} " in *" $n "*) n=$n-$jobs ;; esac
+  names+=("$n")
+  eval "job_$jobs=(\"\${cur[@]}\")"
+  jobs=$((jobs + 1)); cur=()
+}
+for arg in "$@"; do
+  if [ "$arg" = -- ]; then add_job; else cur+=("$arg"); fi
+done
+add_job
 top=${OUT:-$PWD/out}
 OUT=$top/ab; mkdir -p "$OUT"
 pack() { tar czf "$top/ab.tgz.part" -C "$top" ab && mv "$top/ab.tgz.part" "$top/ab.tgz"; }
@@ -101,19 +116,30 @@ if [ -n "${GPU_AB_TESTS:-}" ]; then
   done
   pack
 fi
-name=$(basename "$script" .py)
+summarise() {  # every script's table so far into $top/ab-summary.md
+  local j
+  for ((j = 0; j < jobs; j++)); do
+    [ "$jobs" -eq 1 ] || echo "## ${names[j]}"
+    python3 "$here/tools/ab_summary.py" "$OUT" "${names[j]}"
+    echo
+  done > "$top/ab-summary.md"
+}
 for round in $(seq 1 "${ROUNDS:-2}"); do
-  for v in "${timed[@]}"; do
-    t=$(budget_for "$v, round $round" 30 "${GPU_AB_RUN_LIMIT:-}") || break 2
-    echo "== $v, round $round"
-    (cd "$copies/$v" && PROXYATTN_COMMIT=${commit_of[$v]} PYTHONPATH=$copies/$v:$SITE timeout "$t" python3 "bench/$script" "$@" --out "$OUT/$v-r$round-$name.json" 2>&1 |
-       tee "$OUT/$v-r$round-$name.log" | tail -25)
+  for ((j = 0; j < jobs; j++)); do
+    eval 'job=("${job_'"$j"'[@]}")'
+    name=${names[j]}
+    for v in "${timed[@]}"; do
+      t=$(budget_for "$v, $name, round $round" 30 "${GPU_AB_RUN_LIMIT:-}") || break 3
+      echo "== $v, $name, round $round"
+      (cd "$copies/$v" && PROXYATTN_COMMIT=${commit_of[$v]} PYTHONPATH=$copies/$v:$SITE timeout "$t" python3 "bench/${job[0]}" "${job[@]:1}" --out "$OUT/$v-r$round-$name.json" 2>&1 |
+         tee "$OUT/$v-r$round-$name.log" | tail -25)
+    done
   done
   pack
-  python3 "$here/tools/ab_summary.py" "$OUT" "$name" > "$top/ab-summary.md"
+  summarise
 done
 pack  # a round the budget cut short too
-python3 "$here/tools/ab_summary.py" "$OUT" "$name" > "$top/ab-summary.md"
+summarise
 cat "$top/ab-summary.md"
 rm -rf "$OUT"
 echo "records and logs: $top/ab.tgz; the table above: $top/ab-summary.md"
