@@ -45,21 +45,20 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ $# -ge 1 ] && [ ${#patches[@]} -ge 1 ] || { echo "$usage"; exit 2; }
-jobs=0  # job_<j>: one script and its arguments; names[j]: its records' name (the script's, made unique)
-names=()
-cur=()
-add_job() {
-  [ ${#cur[@]} -ge 1 ] || { echo "$usage (an empty script after --)"; exit 2; }
-  local n; n=$(basename "${cur[0]}" .py)
-  case " ${names[*]} " in *" $n "*) n=$n-$jobs ;; esac
-  names+=("$n")
-  eval "job_$jobs=(\"\${cur[@]}\")"
-  jobs=$((jobs + 1)); cur=()
+args=("$@")  # the scripts and their arguments; job j is args[start[j]] with its len[j] - 1 arguments
+start=() len=() names=()  # names[j]: its records' name (the script's, made unique)
+add_job() {  # the job of args[$1 .. $2)
+  [ "$2" -gt "$1" ] || { echo "$usage (an empty script after --)"; exit 2; }
+  local n; n=$(basename "${args[$1]}" .py)
+  case " ${names[*]} " in *" $n "*) n=$n-${#names[@]} ;; esac
+  start+=("$1") len+=($(($2 - $1))) names+=("$n")
 }
-for arg in "$@"; do
-  if [ "$arg" = -- ]; then add_job; else cur+=("$arg"); fi
+from=0
+for i in "${!args[@]}"; do
+  if [ "${args[i]}" = -- ]; then add_job "$from" "$i"; from=$((i + 1)); fi
 done
-add_job
+add_job "$from" "${#args[@]}"
+jobs=${#names[@]}
 top=${OUT:-$PWD/out}
 OUT=$top/ab; mkdir -p "$OUT"
 pack() { tar czf "$top/ab.tgz.part" -C "$top" ab && mv "$top/ab.tgz.part" "$top/ab.tgz"; }
@@ -126,7 +125,7 @@ summarise() {  # every script's table so far into $top/ab-summary.md
 }
 for round in $(seq 1 "${ROUNDS:-2}"); do
   for ((j = 0; j < jobs; j++)); do
-    eval 'job=("${job_'"$j"'[@]}")'
+    job=("${args[@]:${start[j]}:${len[j]}}")
     name=${names[j]}
     for v in "${timed[@]}"; do
       t=$(budget_for "$v, $name, round $round" 30 "${GPU_AB_RUN_LIMIT:-}") || break 3
