@@ -185,7 +185,8 @@ def test_stage1_hopper_kernel(sm90_sass):
     HGMMA, fp16 and bf16: the type is chosen per (b, group) at run time, and the tile loop is
     instantiated per type), D / 16 of each per 128-key tile, no local memory (a spill would sit in the
     per-tile loop), one wgmma wait per type, and after each wait the tile's exponentials (64 logits
-    per thread, in each of online_rows' two frames) before the next wgmma."""
+    per thread, taken ahead of the tile's maxima and again in each of online_rows' two frames)
+    before the next wgmma."""
     kernels = {}
     for name, body in sm90_sass.items():
         m = re.search(r"scores_sm90_kernelILi(\d+)ELi(\d+)E", name)
@@ -200,17 +201,31 @@ def test_stage1_hopper_kernel(sm90_sass):
         assert len(fp16) == len(bf16) == d // 16, (what, len(fp16), len(bf16))
         _check_math_beside_wgmma(ops, what, waits=2, math_waits=0)
         _check_math_after_waits(ops, what, 128)
+        _check_weights_before_vote(ops, what, 64)
+
+
+def _check_weights_before_vote(ops, what, exps_min):
+    """After each wgmma wait, at least exps_min exponentials before the branch on the warp's vote
+    (the tile's weights taken ahead of its maxima in the rows' lazy frames): not sunk into the
+    branch that keeps them, behind the maxima."""
+    for w in (i for i, op in enumerate(ops) if op.startswith("WARPGROUP.DEPBAR")):
+        vote = next((i for i in range(w, len(ops)) if ops[i].startswith("VOTE.ANY")), None)
+        assert vote is not None, f"{what}: no warp vote after a wgmma wait"
+        bra = next((i for i in range(vote, len(ops)) if ops[i].startswith("BRA")), len(ops))
+        exps = sum(op.startswith("MUFU.EX2") for op in ops[w:bra])
+        assert exps >= exps_min, (f"{what}: {exps} exponentials before the branch on the frame vote, expected "
+                                  f"the {exps_min} taken ahead of the tile's maxima")
 
 
 def _check_math_after_waits(ops, what, exps_min):
     """After each wgmma wait, at least exps_min exponentials before the next wgmma: the tile's own
-    (64 logits per thread) in each of the row work's two frames."""
+    (64 logits per thread) in each of the row work's frames."""
     hgmma = [i for i, op in enumerate(ops) if op.startswith("HGMMA")]
     for w in (i for i, op in enumerate(ops) if op.startswith("WARPGROUP.DEPBAR")):
         nxt = min([i for i in hgmma if i > w], default=len(ops))
         exps = sum(op.startswith("MUFU.EX2") for op in ops[w:nxt])
         assert exps >= exps_min, (f"{what}: {exps} exponentials after a wgmma wait, expected the tile's 64 "
-                                  "in each of the row work's two frames")
+                                  "in each of the row work's frames")
 
 
 def _check_math_beside_wgmma(ops, what, waits=1, math_waits=1):

@@ -204,6 +204,57 @@ __device__ __forceinline__ void online_rows(float (&m)[R], float (&l)[R], bool& 
   }
 }
 
+// Below this many log2 units above a row's frame a tile's weights are taken in that frame
+// (online_rows_ahead): each weight at most 2^kAheadSlack.
+constexpr float kAheadSlack = 8.f;
+
+// online_rows with the tile's weights taken before its maxima are known, so that the exponentials
+// need not wait for them: l is kept in a per-row frame f (a float; l = sum of exp2(x c - f)) that
+// stays put while the tile maxima stay within kAheadSlack of it. The caller passes the tile's
+// weight sums in frame f (lt: tile_weight_sum of exp2(fma(x, c, -f)), taken before tmax) and its
+// maxima. Where some row of the warp gets its first key, would pass the slack or the frame bound,
+// or the warp is in the true frame, the whole warp takes online_rows instead (its sums first
+// moved to frame fl(m c) unless in the true frame), and lt is dropped. row_sums_true_ahead ends a unit.
+template <int R, int N, class X>
+__device__ __forceinline__ void online_rows_ahead(float (&m)[R], float (&l)[R], float (&f)[R], bool& exact, X&& x,
+                                                  const float (&tmax)[R], const float (&lt)[R], float c) {
+  // lt is used only where no row is slow; without this the compiler would sink its exponentials
+  // into that branch, behind the vote on the maxima, which is what taking them ahead avoids.
+#pragma unroll
+  for (int ri = 0; ri < R; ++ri) asm volatile("" ::"f"(lt[ri]));
+  bool slow = exact;
+#pragma unroll
+  for (int ri = 0; ri < R; ++ri)
+    slow |= (m[ri] == -INFINITY && tmax[ri] != -INFINITY) || !(fmaf(tmax[ri], c, -f[ri]) <= kAheadSlack) ||
+            past_frame_bound(fmaxf(m[ri], tmax[ri]), c);
+  if (__any_sync(0xffffffffu, slow)) {
+    if (!exact) {
+#pragma unroll
+      for (int ri = 0; ri < R; ++ri)
+        if (m[ri] != -INFINITY) l[ri] *= exp2f(__fsub_rn(f[ri], row_frame(m[ri], c)));
+    }
+    online_rows<R, N>(m, l, exact, x, tmax, c);
+#pragma unroll
+    for (int ri = 0; ri < R; ++ri) f[ri] = row_frame(m[ri], c);
+  } else {
+#pragma unroll
+    for (int ri = 0; ri < R; ++ri) {
+      l[ri] += lt[ri];
+      m[ri] = fmaxf(m[ri], tmax[ri]);
+    }
+  }
+}
+
+// The rows' sums of online_rows_ahead in the true frame, sum of exp2((x - m) c), at the end of a unit.
+template <int R>
+__device__ __forceinline__ void row_sums_true_ahead(const float (&m)[R], float (&l)[R], const float (&f)[R], bool exact,
+                                                    float c) {
+  if (exact) return;
+#pragma unroll
+  for (int ri = 0; ri < R; ++ri)
+    if (m[ri] != -INFINITY) l[ri] *= exp2f(fmaf(-m[ri], c, f[ri]));
+}
+
 // online_rows with the tile maxima taken here.
 template <int R, int N, class X>
 __device__ __forceinline__ void online_rows_tile(float (&m)[R], float (&l)[R], bool& exact, X&& x, float c) {

@@ -14,10 +14,11 @@
 // waits for the stage's barrier, issues one 64 x 128 x D wgmma (SS, fp16 or bf16 as the
 // (b, group)'s flag says, fp32 accumulation), waits for it, releases the stage (one arrival per
 // warp on a shared counter; the warp that makes it eight issues the copy of the tile two ahead into
-// it, so no thread ever waits for a free stage) and does the tile's math: per row the same online
-// (max, sum) and per-key-block maxima as the mma.sync kernel. No CTA barrier per tile: a warpgroup
-// runs up to a tile ahead of the other, and the other CTA on the SM keeps the tensor cores busy
-// meanwhile. A 128-key tile halves the per-key cost of everything done once per tile (wgmma
+// it, so no thread ever waits for a free stage) and does the tile's math: per row the online
+// (max, sum), its weights taken before the tile's maxima in a lazy frame (online_rows_ahead; the
+// mma.sync kernel takes them after, in frame fl(m c), so the sums differ at the rounding level),
+// and the per-key-block maxima. No CTA barrier per tile: a warpgroup runs up to a tile ahead of the
+// other, and the other CTA on the SM keeps the tensor cores busy meanwhile. A 128-key tile halves the per-key cost of everything done once per tile (wgmma
 // descriptors, the frame test, the online rescale). Key rows past the (b, group)'s kept keys are
 // whatever the workspace holds there (another group's rows, possibly never written, or zeros past
 // its end): the mask turns their logits to -inf.
@@ -232,7 +233,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int my_lim = cur.my_lim, my_min = cur.my_min, ntiles = cur.ntiles;
     const bool bf16 = w.bf16;  // CTA-uniform
 
-    float row_m[2] = {-INFINITY, -INFINITY}, row_l[2] = {0.f, 0.f};
+    float row_m[2] = {-INFINITY, -INFINITY}, row_l[2] = {0.f, 0.f}, row_f[2] = {0.f, 0.f};
     bool row_exact = false;  // online_rows' frame
     // Row ri's largest logit in key block n (all four lanes of the row merged), stored for
     // write_unit_scores when `on` (lanes t4 == 0 store). The shuffles run on every lane whatever
@@ -259,6 +260,11 @@ __global__ void __launch_bounds__(kThreads, 2)
           for (int ci = 0; ci < kCols; ++ci)
             rc(ri, ci) = kk0 + 2 * t4 + (ci & 1) + 8 * (ci >> 1) > lim[ri] ? -INFINITY : rc(ri, ci);
       }
+      // The tile's weights in the rows' frames, before (and independent of) its maxima.
+      float lt[2];
+#pragma unroll
+      for (int ri = 0; ri < 2; ++ri)
+        lt[ri] = tile_weight_sum<kCols>([&](int ci) { return exp2f(fmaf(rc(ri, ci), c, -row_f[ri])); });
       // Per row, this thread's maximum in each key block of the tile (its columns 2 nt, 2 nt + 1
       // hold keys 8 nt + [0, 8), so a block of kBlockKeys keys is kBlockKeys / 8 column pairs),
       // stored as soon as it is known (for blocks with a key some row of the warp sees: later
@@ -281,8 +287,9 @@ __global__ void __launch_bounds__(kThreads, 2)
         }
         store_block_max(kk0 / kBlockKeys + b, bmax, kk0 + b * kBlockKeys <= my_lim);
       }
-      // Online (max, sum) per thread and row; a sum is rescaled only when its max grows.
-      scores::online_rows<2, kCols>(row_m, row_l, row_exact, rc, tmax, c);
+      // Online (max, sum) per thread and row (online_rows_ahead: the weights above are kept
+      // unless some row of the warp must leave its frame).
+      scores::online_rows_ahead<2, kCols>(row_m, row_l, row_f, row_exact, rc, tmax, lt, c);
     };
     // Iteration j (tile t = it + j of the CTA, stage t % kStages): wait for the stage's tile,
     // issue its wgmma, wait for that, release the stage and do the tile's math. A stage is released
@@ -322,7 +329,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
 
     // Final row statistics (the sums in the true frame): merge the four lanes of each row.
-    scores::row_sums_true<2>(row_m, row_l, row_exact, c);
+    scores::row_sums_true_ahead<2>(row_m, row_l, row_f, row_exact, c);
 #pragma unroll
     for (int ri = 0; ri < 2; ++ri)
       scores::store_row_stats(row_m[ri], row_l[ri], lim[ri], 16 * warp + g + 8 * ri, t4, p, c, ss.m, ss.lg, ss.nlim);
