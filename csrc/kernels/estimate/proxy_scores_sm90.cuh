@@ -18,10 +18,11 @@
 // (max, sum), its weights taken before the tile's maxima in a lazy frame (online_rows_ahead; the
 // mma.sync kernel takes them after, in frame fl(m c), so the sums differ at the rounding level),
 // and the per-key-block maxima. No CTA barrier per tile: a warpgroup runs up to a tile ahead of the
-// other, and the other CTA on the SM keeps the tensor cores busy meanwhile. A 128-key tile halves the per-key cost of everything done once per tile (wgmma
-// descriptors, the frame test, the online rescale). Key rows past the (b, group)'s kept keys are
-// whatever the workspace holds there (another group's rows, possibly never written, or zeros past
-// its end): the mask turns their logits to -inf.
+// other, and the other CTA on the SM keeps the tensor cores busy meanwhile. A 128-key tile halves
+// the per-key cost of everything done once per tile (wgmma descriptors, the frame test, the online
+// rescale). Key rows past the (b, group)'s kept keys are whatever the workspace holds there
+// (another group's rows, possibly never written, or zeros past its end): the mask turns their
+// logits to -inf.
 // Only the aligned geometry (S % s == 0 and (S/s) % 8 == 0): a key block is a whole number of 8-key
 // column groups, so block maxima are per-thread maxima and two quad shuffles; S/s is a template
 // parameter, so a tile's blocks (and their maxima, from which the tile maximum follows) are fixed
