@@ -8,13 +8,13 @@ a CUDA tensor on the host would synchronise, so device-resident cu_seqlens are t
 """
 from __future__ import annotations
 
+import inspect
+import warnings
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
-
-import warnings
 
 from . import reference
 from .config import INT32_MAX, SUPPORTED_HEAD_DIMS, ProxyAttnConfig, check_field, check_int, check_softmax_scale
@@ -286,6 +286,9 @@ def cuda_kernel_available(name: str) -> bool:
 
 
 _warned = set()
+# Each op's argument names, in schema order (the references registered as the CPU kernels take the
+# same arguments), for the errors `call` raises.
+_ARG_NAMES = {n: tuple(inspect.signature(getattr(reference, n)).parameters) for n in OP_NAMES}
 
 
 def call(name: str, *args):
@@ -293,7 +296,7 @@ def call(name: str, *args):
     reference registered as its CPU kernel); on CUDA without a kernel in this build (or without the
     extension), the reference on the GPU, with one warning per op. Raises the inference-only error
     (check_no_grad) before anything runs. args: the op's schema arguments, tensors first."""
-    check_no_grad(f"proxyattn.{name}", [(f"argument {i}", a) for i, a in enumerate(args) if isinstance(a, Tensor)])
+    check_no_grad(f"proxyattn.{name}", [(n, a) for n, a in zip(_ARG_NAMES[name], args) if isinstance(a, Tensor)])
     device = args[0].device
     if device.type == "cuda" and not _has_cuda_kernel(name):
         if name not in _warned:

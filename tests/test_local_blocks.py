@@ -161,8 +161,13 @@ def test_sparse_path_refuses_inputs_that_need_grad():
     msg = r"inference-only \(it has no backward\), but q requires grad while grad mode is on"
     with pytest.raises(RuntimeError, match="proxy_attention's sparse path is " + msg):
         pa.proxy_attention(q, k, v, sparse)
-    with pytest.raises(RuntimeError, match=r"proxyattn.proxy_block_scores is inference-only.*argument 0"):
+    with pytest.raises(RuntimeError, match=r"proxyattn.proxy_block_scores is inference-only.*but q requires grad"):
         pa.proxy_block_scores(q, k, block_size=64)
+    counts = torch.full((1, 4, 4), 4, dtype=torch.int32)
+    idx = torch.arange(4, dtype=torch.int16).expand(1, 4, 4, 4)
+    with pytest.raises(RuntimeError, match=r"proxyattn.block_sparse_attention is inference-only.*but v requires grad"):
+        pa.block_sparse_attention(q.detach(), k, v.requires_grad_(), counts, idx, block_size=64)
+    v.requires_grad_(False)
     with torch.no_grad():
         out = pa.proxy_attention(q, k, v, sparse)
     assert not out.requires_grad
