@@ -390,12 +390,17 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, counts: Tensor, indi
 def _attend(q: Tensor, k: Tensor, v: Tensor, cu_q: Optional[Tensor], cu_k: Optional[Tensor], block_mask,
             S: int, scale: float, causal: bool) -> Tuple[Tensor, Tensor]:
     """Per sequence attention_with_block_mask, assembled into out (like q) and lse fp32
-    ([B, Hq, Nq]; varlen [Hq, total_q]). block_mask(b, nq, nk) gives the mask or None (dense)."""
+    ([B, Hq, Nq]; varlen [Hq, total_q]). block_mask(b, nq, nk) gives the mask or None (dense).
+    Varlen rows outside every sequence read as rows that see no key: out 0, lse -inf (as the
+    CUDA op writes them)."""
     varlen = cu_q is not None
     hq = q.shape[-2]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((hq, q.shape[0]) if varlen else (q.shape[0], hq, q.shape[1]),
-                      dtype=torch.float32, device=q.device)
+    if varlen:
+        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.full((hq, q.shape[0]), -math.inf, dtype=torch.float32, device=q.device)
+    else:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty((q.shape[0], hq, q.shape[1]), dtype=torch.float32, device=q.device)
     for b, rows, q_b, k_b, v_b in _sequences(q, k, v, cu_q, cu_k):
         o_b, l_b = attention_with_block_mask(q_b, k_b, v_b, block_mask(b, q_b.shape[0], k_b.shape[0]), S, scale,
                                              causal)

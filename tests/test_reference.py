@@ -256,6 +256,28 @@ def test_varlen_equals_per_sequence():
         torch.testing.assert_close(sel.density[b], s_b.density[0])
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_varlen_rows_outside_every_sequence_see_no_key(device):
+    """Packed varlen rows past cu_seqlens_q[B] read as rows that see no key, out 0 and lse -inf, on
+    the CPU as on CUDA (so no element of either output is left unwritten); the rows inside the
+    sequence are those of the sequence alone."""
+    if device == "cuda" and not (torch.cuda.is_available() and pa.HAS_EXTENSION):
+        pytest.skip("needs a CUDA device and proxyattn._C")
+    g = torch.Generator().manual_seed(3)
+    dt = torch.float32 if device == "cpu" else torch.bfloat16
+    q, k, v = (torch.randn(300, h, 64, generator=g).to(device, dt) for h in (4, 2, 2))
+    cu = torch.tensor([0, 200], dtype=torch.int32, device=device)
+    counts = torch.full((1, 4, 4), 4, dtype=torch.int32, device=device)
+    idx = torch.arange(4, dtype=torch.int16, device=device).expand(1, 4, 4, 4)
+    # The op itself: the wrappers refuse CPU cu_seqlens that end before the packed rows.
+    op = torch.ops.proxyattn.block_sparse_attention if pa.HAS_EXTENSION else ref.block_sparse_attention
+    out, lse = op(q, k, v, counts, idx, cu, cu, 200, 200, 64, 0.125, True)
+    assert (out[200:] == 0).all() and (lse[:, 200:] == -math.inf).all()
+    alone, lse_alone = op(q[None, :200], k[None, :200], v[None, :200], counts, idx, None, None, 200, 200, 64, 0.125,
+                          True)
+    assert torch.equal(out[:200], alone[0]) and torch.equal(lse[:, :200], lse_alone[0])
+
+
 def test_varlen_sequence_below_dense_below_runs_as_alone():
     """A varlen call decides dense or sparse per sequence, on the device: next to a long sequence,
     one with fewer than dense_below keys attends to all its keys (every candidate block, kstar 0,
