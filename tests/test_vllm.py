@@ -63,6 +63,12 @@ def test_paged_prefill_split_and_padding():
     assert (p.token_start, p.token_end, p.req_start, p.max_seqlen_q, p.max_seqlen_k) == (2, 50, 2, 40, 140)
     assert p.cu_seqlens_q.tolist() == [0, 40, 48] and p.seqlens_k.tolist() == [140, 8]
     assert torch.equal(p.page_table, table[2:4])
+    # With the host bound of each request's length, the keys are bounded by the prefill requests'
+    # (a long decode, request 0 here, does not size the call).
+    seq2 = torch.tensor([5000, 7, 140, 8, 0, 0], dtype=torch.int32)
+    p = pa_vllm.paged_prefill(qsl, qsl.clone(), seq2, table, 5000, 2, 6, seq2.clone())
+    assert (p.max_seqlen_q, p.max_seqlen_k) == (40, 140)
+    assert pa_vllm.paged_prefill(qsl, qsl.clone(), seq2, table, 5000, 2, 6).max_seqlen_k == 5000
     assert pa_vllm.paged_prefill(qsl[:3], qsl[:3], seq[:2], table[:2], 9, 2, 2) is None
     assert pa_vllm.paged_prefill(qsl[[0, 1, 2, 2]], qsl[[0, 1, 2, 2]], seq[:3], table[:3], 9, 2, 3) is None
 

@@ -26,9 +26,9 @@ builder (extended), its KV-cache update and its kernels for everything but prefi
 - The impl sends decode rows to FlashAttentionImpl.forward and prefill rows (first chunks and
   later chunks behind a cached prefix) to proxyattn.proxy_attention_paged on the cache's views:
   page_table = block_table, seqlens_k = seq_lens (prefix + chunk), cu_seqlens_q from
-  query_start_loc, max_seqlen_q / max_seqlen_k = the largest prefill query length and
-  max_seq_len, softmax scale = impl.scale. Layers with index < dense_layers run dense attention
-  (proxyattn's dense path).
+  query_start_loc, max_seqlen_q / max_seqlen_k = the largest prefill query length and the
+  largest prefill seq_lens_cpu_upper_bound (max_seq_len without it), softmax scale = impl.scale.
+  Layers with index < dense_layers run dense attention (proxyattn's dense path).
 - Left entirely to FlashAttention: layers that are not causal decoder self-attention or that use a
   sliding window, ALiBi, logit soft-capping, attention sinks or an FP8 KV cache; batches with a
   per-request or non-causal mask, multimodal prefix-LM ranges or R-SWA. Decode context
@@ -36,8 +36,10 @@ builder (extended), its KV-cache update and its kernels for everything but prefi
 - Full CUDA graphs are offered for uniform decode batches only (prefill batches run eagerly, as
   with piecewise graphs).
 
-Block size: vLLM's block size is the page size, and proxy_attention_paged takes 16, 32, 64, 128
-and 256 (proxyattn.paged.PAGE_SIZES). The builder refuses others when vLLM builds it at startup.
+Block size: vLLM's kernel block size is the page size (its allocation block, --block-size, may be
+any multiple of one), and proxy_attention_paged takes 16, 32, 64, 128 and 256
+(proxyattn.paged.PAGE_SIZES), the kernel block sizes the backend declares. The builder refuses
+others when vLLM builds it at startup.
 
 Importing this module does not import vLLM; the classes are built on first use. Tested with vLLM
 0.33.0 on the CPU (tests/test_vllm.py): its real metadata builder and cache views.
@@ -78,11 +80,15 @@ class PagedPrefill(NamedTuple):
 
 
 def paged_prefill(query_start_loc: Tensor, query_start_loc_cpu: Tensor, seq_lens: Tensor, block_table: Tensor,
-                  max_seq_len: int, num_decodes: int, num_reqs: int) -> Optional[PagedPrefill]:
+                  max_seq_len: int, num_decodes: int, num_reqs: int,
+                  seq_lens_upper_cpu: Optional[Tensor] = None) -> Optional[PagedPrefill]:
     """Map the requests num_decodes .. num_reqs of vLLM's batch metadata (query_start_loc,
     its host copy, seq_lens, block_table, max_seq_len) to proxy_attention_paged's arguments.
     Trailing requests without query tokens (batch padding) are left out; None when no request
-    is left. Reads host values only (query_start_loc_cpu): no device sync."""
+    is left. max_seqlen_k bounds the prefill requests' keys alone when seq_lens_upper_cpu (a host
+    upper bound of every request's length, vLLM's seq_lens_cpu_upper_bound) is given, so that a
+    long decode in the batch neither sizes the estimate's buffers nor turns off the dense path of
+    short prefills; else it is max_seq_len. Reads host values only: no device sync."""
     qsl = query_start_loc_cpu[:num_reqs + 1].tolist()
     end = num_reqs
     while end > num_decodes and qsl[end] == qsl[end - 1]:
@@ -90,6 +96,9 @@ def paged_prefill(query_start_loc: Tensor, query_start_loc_cpu: Tensor, seq_lens
     if end == num_decodes:
         return None
     start_tok = qsl[num_decodes]
+    max_k = int(max_seq_len)
+    if seq_lens_upper_cpu is not None and seq_lens_upper_cpu.device.type == "cpu":
+        max_k = min(max_k, int(seq_lens_upper_cpu[num_decodes:end].max()))
     return PagedPrefill(
         token_start=start_tok,
         token_end=qsl[end],
@@ -98,7 +107,7 @@ def paged_prefill(query_start_loc: Tensor, query_start_loc_cpu: Tensor, seq_lens
         seqlens_k=seq_lens[num_decodes:end],
         cu_seqlens_q=query_start_loc[num_decodes:end + 1] - start_tok,
         max_seqlen_q=max(b - a for a, b in zip(qsl[num_decodes:end], qsl[num_decodes + 1:end + 1])),
-        max_seqlen_k=int(max_seq_len),
+        max_seqlen_k=max_k,
     )
 
 
@@ -191,7 +200,8 @@ def _classes():
             prefill = None
             if num_prefills > 0 and cm.causal is True and self.dcp_world_size == 1:
                 prefill = paged_prefill(cm.query_start_loc, cm.query_start_loc_cpu, cm.seq_lens,
-                                        cm.block_table_tensor, cm.max_seq_len, num_decodes, cm.num_reqs)
+                                        cm.block_table_tensor, cm.max_seq_len, num_decodes, cm.num_reqs,
+                                        getattr(cm, "seq_lens_cpu_upper_bound", None))
             if prefill is None:
                 full = super().build(common_prefix_len, cm, fast_build)
                 return ProxyAttnMetadata(**_fields(full), decode_reqs=num_decodes, decode_tokens=num_decode_tokens)
