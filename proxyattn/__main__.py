@@ -48,13 +48,19 @@ def _time(fn, device):
     return out, (time.perf_counter() - t0) * 1e3
 
 
+# Sizes by device (GPU, CPU): the CPU runs the pure-PyTorch reference, so smaller by default.
+_SIZES = {"seq_len": (32768, 4096), "q_heads": (32, 8), "kv_heads": (8, 2)}
+
+
 def main(argv=None):
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(prog="python -m proxyattn", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--seq-len", type=int, default=32768 if cuda else 4096, help="tokens (query = key length)")
-    p.add_argument("--q-heads", type=int, default=32 if cuda else 8, help="query heads Hq")
-    p.add_argument("--kv-heads", type=int, default=8 if cuda else 2, help="key/value heads Hkv")
+    for name, what in (("seq_len", "tokens (query = key length)"), ("q_heads", "query heads Hq"),
+                       ("kv_heads", "key/value heads Hkv")):
+        gpu, cpu = _SIZES[name]
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=argparse.SUPPRESS,
+                       help=f"{what} (default: {gpu} on a GPU, {cpu} on the CPU)")
     p.add_argument("--head-dim", type=int, default=128, help="head dim D: 64 or 128")
     dflt = ProxyAttnConfig()
     p.add_argument("--proxy-heads", type=int, default=dflt.num_proxy_heads,
@@ -65,6 +71,9 @@ def main(argv=None):
     p.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
     a = p.parse_args(argv)
     device = torch.device("cuda" if cuda and not a.cpu else "cpu")
+    for name, by_device in _SIZES.items():
+        if not hasattr(a, name):
+            setattr(a, name, by_device[device.type == "cpu"])
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     synthetic = _synthetic()
     cfg = ProxyAttnConfig(gamma=a.gamma, min_budget=a.min_budget, num_proxy_heads=a.proxy_heads, dense_below=0)

@@ -281,3 +281,29 @@ def test_serving_settings_from_env_name_the_variable(monkeypatch):
     monkeypatch.setenv("PA_DL", "2")
     s = settings_from_env("PA_CFG", "PA_DL")
     assert s.config == pa.ProxyAttnConfig(gamma=0.9) and s.dense_layers == 2
+
+
+@pytest.mark.parametrize("argv,cuda,sizes", [
+    (["--cpu"], True, (4096, 8, 2)),  # a GPU present, the CPU asked for: the CPU's sizes
+    ([], False, (4096, 8, 2)),
+    (["--cpu", "--seq-len", "1024", "--q-heads", "4"], True, (1024, 4, 2)),
+])
+def test_cli_sizes_follow_the_device_in_use(argv, cuda, sizes, monkeypatch):
+    """python -m proxyattn sizes its inputs by the device it runs on, not by whether a GPU exists:
+    --cpu on a GPU machine runs the reference at the CPU's sizes (README: 4096 tokens)."""
+    from unittest import mock
+
+    import proxyattn.__main__ as cli
+
+    seen = {}
+
+    def inputs(b, n, hq, hkv, d, **kw):
+        seen.update(sizes=(n, hq, hkv), device=kw["device"])
+        raise SystemExit(0)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    with mock.patch.object(cli, "_synthetic") as synthetic:
+        synthetic.return_value.make_structured_inputs.side_effect = inputs
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+    assert seen == {"sizes": sizes, "device": torch.device("cpu")}
