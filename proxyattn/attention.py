@@ -205,8 +205,9 @@ def proxy_attention(q: Tensor, k: Tensor, v: Tensor, config: Optional[ProxyAttnC
 
     Returns out [B, Nq, Hq, D] (contiguous), and a ProxyAttnSelection if return_selection.
     Inference only: with grad mode on and an input that requires grad, the sparse path raises
-    RuntimeError; the dense path on CUDA (fewer keys than dense_below; torch SDPA) stays
-    differentiable."""
+    RuntimeError; the dense path (fewer keys than dense_below; torch SDPA on CUDA, the reference
+    on the CPU) stays differentiable, except where a traced torch.compile graph runs it as stage 4
+    (the CPU, and causal Nq != Nk on CUDA; docs/design.md), which raises the same error."""
     if _dense_fast is not None and not return_selection and not torch.compiler.is_compiling():
         # A dense call is one SDPA kernel; the C++ entry point runs it without the interpreter's
         # host time in front, or returns None for anything but the plain valid case.
@@ -231,7 +232,8 @@ def proxy_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     must be finite, rows past cu_seqlens_k[B] included (the Hopper kernel loads whole key blocks;
     docs/design.md). Inference only on CUDA, where every path runs proxyattn's ops (no backward);
     on the CPU a call below dense_below runs the reference's dense attention, which keeps its
-    gradients, as proxy_attention's dense path does."""
+    gradients, as proxy_attention's dense path does (except where a traced torch.compile graph runs
+    it as stage 4, which raises the inference-only error)."""
     if cu_seqlens_q is None or cu_seqlens_k is None:
         raise ValueError("proxy_attention_varlen needs cu_seqlens_q and cu_seqlens_k")
     lay = ops.check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
