@@ -104,6 +104,8 @@ def test_fast_path_steps_aside():
         "rank 3": _args(q[0], k[0], v[0]),
         "head_dim 96": _args(*_qkv(1, 512, 512, 8, 2, 96, torch.bfloat16)),
         "heads 6/4": _args(*_qkv(1, 512, 512, 6, 4, 64, torch.bfloat16)),
+        "65536 sequences": _args(*_qkv(65536, 1, 1, 1, 1, 64, torch.bfloat16)),
+        "65536 query heads": _args(*_qkv(1, 1, 1, 65536, 1, 64, torch.bfloat16)),
         "strided last dim": _args(torch.randn(1, 512, 8, 128, device="cuda", dtype=torch.bfloat16)[..., ::2], k, v),
         "causal chunk": _args(q[:, :256], k, v),
         "bad grouping": _args(q, k, v, cfg=dataclasses.replace(cfg, num_proxy_heads=3)),
@@ -138,6 +140,8 @@ def test_public_errors_unchanged_on_dense_lengths():
         pa.proxy_attention(q, k.half(), v)
     with pytest.raises(ValueError, match="seqlen_q <= seqlen_k"):
         pa.proxy_attention(q, k[:, :100], v[:, :100])
+    with pytest.raises(ValueError, match="at most 65535 sequences per call are supported, got 65536"):
+        pa.proxy_attention(*_qkv(65536, 1, 1, 1, 1, 64, torch.bfloat16))
 
 
 @pytest.mark.gpu

@@ -70,6 +70,7 @@ PyObject* dense_fast(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs
   const int64_t nk = k.size(1), hkv = k.size(2);
   if ((d != 64 && d != 128) || k.size(3) != d || k.size(0) != b) Py_RETURN_NONE;
   if (hq == 0 || hkv == 0 || hq % hkv != 0 || b == 0 || nq == 0 || nk == 0) Py_RETURN_NONE;
+  if (b > 65535 || hq > 65535) Py_RETURN_NONE;  // ops.MAX_BATCH, ops.MAX_HEADS: the Python path refuses
   if (!dense_fast_aligned(q) || !dense_fast_aligned(k) || !dense_fast_aligned(v)) Py_RETURN_NONE;
   if (causal && nq != nk) Py_RETURN_NONE;  // bottom-right mask: the Python path builds it
   if (pg != Py_None) {
