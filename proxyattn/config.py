@@ -65,6 +65,13 @@ def check_gamma(gamma, name: str = "gamma") -> float:
     return g
 
 
+# The attention kernels' range of softmax_scale (csrc/kernels/common/bsa_launch.h states the upper
+# bound, kMaxSoftmaxScale): scale * log2(e) a finite normal float32, so that a masked logit's
+# exponent is -inf, not -inf * 0.
+FLT_MIN = 1.1754943508222875e-38
+ATTENTION_MAX_SOFTMAX_SCALE = 2.3e38
+
+
 def check_softmax_scale(scale, name: str = "softmax_scale") -> Optional[float]:
     """None, or a finite float > 0 (csrc/ops/common.h states the same rule)."""
     if scale is None:
@@ -121,7 +128,8 @@ class ProxyAttnConfig:
         whose length is not a multiple of block_size keeps both key blocks on its diagonal.
     dense_below: sequences with fewer keys than this run dense attention (as do those with fewer
         queries than block_size, unless dense_below is 0: the sparse path forced).
-    softmax_scale: defaults to head_dim ** -0.5.
+    softmax_scale: defaults to head_dim ** -0.5; else a normal float32 of at most 2.3e38, the
+        attention kernels' range (the stage functions take any finite scale > 0).
     """
 
     block_size: int = 128
@@ -137,6 +145,13 @@ class ProxyAttnConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             check_field(f.name, getattr(self, f.name), "ProxyAttnConfig.")
+        # A config's scale always reaches stage 4, so it is held to the attention kernels' range here,
+        # before any stage runs (the stage functions take any finite scale > 0).
+        s = self.softmax_scale
+        if s is not None and not (FLT_MIN <= s <= ATTENTION_MAX_SOFTMAX_SCALE):
+            raise ValueError(f"ProxyAttnConfig.softmax_scale must be a normal float32 of at most "
+                             f"{ATTENTION_MAX_SOFTMAX_SCALE:g} (the attention kernels' range: its product with "
+                             f"log2(e) a finite normal float32), got {s}")
 
     def proxy_heads(self, q_heads: int, kv_heads: int) -> int:
         """G for these head counts: num_proxy_heads, or default_proxy_heads when it is None.

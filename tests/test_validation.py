@@ -76,6 +76,8 @@ def test_non_causal_allows_longer_queries():
     (dict(num_proxy_heads=0), ValueError, "num_proxy_heads"),
     (dict(dense_below=-5), ValueError, "dense_below"),
     (dict(softmax_scale=-1.0), ValueError, "softmax_scale"),
+    (dict(softmax_scale=3e38), ValueError, r"softmax_scale must be a normal float32 of at most 2.3e\+38.*got 3e\+38"),
+    (dict(softmax_scale=1e-39), ValueError, r"softmax_scale must be a normal float32.*got 1e-39"),
     (dict(gamma="high"), TypeError, "gamma must be a float"),
 ])
 def test_bad_config(kw, exc, match):
