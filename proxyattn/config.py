@@ -65,9 +65,10 @@ def check_gamma(gamma, name: str = "gamma") -> float:
     return g
 
 
-# The attention kernels' range of softmax_scale (csrc/kernels/common/bsa_launch.h states the upper
-# bound, kMaxSoftmaxScale): scale * log2(e) a finite normal float32, so that a masked logit's
-# exponent is -inf, not -inf * 0.
+# The range a ProxyAttnConfig's softmax_scale is held to: at most the attention kernels' bound
+# (csrc/kernels/common/bsa_launch.h, kMaxSoftmaxScale: scale * log2(e) a finite float32), and at
+# least FLT_MIN, so that the kernels' exp2 factor is not a subnormal their fast math flushes to 0
+# (stage 2 clamps its scale to the same floor, csrc/ops/estimate_ops.cpp).
 FLT_MIN = 1.1754943508222875e-38
 ATTENTION_MAX_SOFTMAX_SCALE = 2.3e38
 
@@ -145,8 +146,7 @@ class ProxyAttnConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             check_field(f.name, getattr(self, f.name), "ProxyAttnConfig.")
-        # A config's scale always reaches stage 4, so it is held to the attention kernels' range here,
-        # before any stage runs (the stage functions take any finite scale > 0).
+        # A config's scale always reaches stage 4: checked here, before any stage runs.
         s = self.softmax_scale
         if s is not None and not (FLT_MIN <= s <= ATTENTION_MAX_SOFTMAX_SCALE):
             raise ValueError(f"ProxyAttnConfig.softmax_scale must be a normal float32 of at most "

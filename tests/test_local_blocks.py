@@ -166,8 +166,7 @@ def test_sparse_path_refuses_inputs_that_need_grad():
     counts = torch.full((1, 4, 4), 4, dtype=torch.int32)
     idx = torch.arange(4, dtype=torch.int16).expand(1, 4, 4, 4)
     with pytest.raises(RuntimeError, match=r"proxyattn.block_sparse_attention is inference-only.*but v requires grad"):
-        pa.block_sparse_attention(q.detach(), k, v.requires_grad_(), counts, idx, block_size=64)
-    v.requires_grad_(False)
+        pa.block_sparse_attention(q.detach(), k, v.clone().requires_grad_(), counts, idx, block_size=64)
     with torch.no_grad():
         out = pa.proxy_attention(q, k, v, sparse)
     assert not out.requires_grad
