@@ -223,6 +223,25 @@ def test_fixed_length(case, dtype):
             assert (lse[both] - lse_r[both]).abs().max().item() <= LSE_ATOL
 
 
+@pytest.mark.parametrize("backend", ["portable", "auto"])
+def test_subnormal_scale_is_the_uniform_limit(backend, monkeypatch):
+    """A scale below FLT_MIN (a subnormal float32, or a double under it) gives what the reference
+    gives: every logit within a rounding of 0, so each row is the mean of the values it may see.
+    The kernels' fast math would flush such an exp2 factor to 0 and a masked -inf times 0 is NaN;
+    the op raises the scale to FLT_MIN, as stage 2 does (csrc/ops/bsa_op.cpp)."""
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    b, n, hq, hkv, d, s = 1, 700, 4, 2, 128, 128
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    q, k, v = rand_qkv(b, n, n, hq, hkv, d, torch.bfloat16, gen)
+    counts, indices = random_selection(b, hq, n, n, s, True, 0.5, gen)
+    for scale in (1e-40, 1e-300):
+        out, lse = run_op(q, k, v, counts, indices, None, None, n, n, s, scale, True)
+        assert torch.isfinite(out).all() and torch.isfinite(lse).all(), scale
+        out_r, lse_r = ref.block_sparse_attention(q, k, v, counts, indices, None, None, n, n, s, scale, True)
+        assert (out.double() - out_r.double()).abs().max().item() <= 1e-2, scale
+        assert (lse - lse_r).abs().max().item() <= LSE_ATOL, scale
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
 def test_garbage_past_counts_and_strides(dtype):
     """Entries past counts are ignored; q/k/v as strided views of packed tensors."""

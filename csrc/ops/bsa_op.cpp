@@ -5,6 +5,8 @@
 // length, varlen, paged K/V with page_table): see csrc/kernels/common/bsa_params.h. No host synchronisation (cu_seqlens are never read here).
 //
 // Kernel choice: PROXYATTN_BSA_BACKEND, read once per call before anything else (ops/common.h).
+#include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -149,8 +151,12 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
   p.block_size = static_cast<int>(block_size);
   p.num_q_blocks = static_cast<int>(nqb);
   p.num_k_blocks = static_cast<int>(indices.size(3));
-  p.softmax_scale = static_cast<float>(softmax_scale);
-  p.softmax_scale_log2 = static_cast<float>(softmax_scale * 1.4426950408889634);
+  // A scale below FLT_MIN is raised to it (as stage 2 clamps its own, estimate_ops.cpp): the kernels'
+  // fast math flushes a subnormal exp2 factor to 0, and a masked -inf times 0 is NaN; at that floor
+  // every logit is within a rounding of 0 either way. Above kMaxSoftmaxScale bsa_plan refuses.
+  const double scale = std::max(softmax_scale, static_cast<double>(FLT_MIN));
+  p.softmax_scale = static_cast<float>(scale);
+  p.softmax_scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   p.causal = causal;
 
   // The kernel for this call, decided once (device arch, supported shapes, work order).
