@@ -66,7 +66,8 @@ def _write(tmp_path, readme=README):
     (res / "NVIDIA_H200-20261128-suite.json").write_text(json.dumps(old))
     quick = _rec("NVIDIA H200", "abcdef1", [_case("sdpa_cudnn", 4096, 0.3), _case("proxy_attention", 4096, 0.2)])
     (res / "NVIDIA_H200-20261205-suite-quick.json").write_text(json.dumps(quick))
-    kernel = _rec("NVIDIA H200", "4e16bce", [_case("bsa", 131072, 24.0, density=0.1, tflops=580.0)])
+    # a variant measured as a patch on a commit: the docs keep its suffix
+    kernel = _rec("NVIDIA H200", "4e16bce0123456789abcdef0123456789abcdef0+cand2", [_case("bsa", 131072, 24.0, density=0.1, tflops=580.0)])
     (res / "NVIDIA_H200-20261128-bsa-v8.json").write_text(json.dumps(kernel))
     other = _rec("NVIDIA H100 80GB HBM3", "abc", [_case("bsa", 4096, 0.3, density=0.5, tflops=100.0)])
     (res / "NVIDIA_H100_80GB_HBM3-20261127.json").write_text(json.dumps(other))
@@ -132,6 +133,7 @@ def test_doc_tables(tmp_path):
         assert text.index(f"#### {old}") > i_other
     assert text.index("### NVIDIA H100 80GB HBM3") < text.index("### NVIDIA H200", i_other)
     assert "`bench/results/NVIDIA_H200-20261201-suite.json`: commit 0123456, torch 2.11.0+cu130, CUDA 13.0." in text
+    assert "`bench/results/NVIDIA_H200-20261128-bsa-v8.json`: commit 4e16bce+cand2, torch" in text
     assert "Not tabulated (no timed cases; read the JSON): `quality-cpu.json`." in text
     lines = _lines(text)
     assert ("| name | variant | N | B | Hq/Hkv | D | dtype | density | ms | TFLOP/s | vs sdpa_cudnn | vs sdpa_flash"

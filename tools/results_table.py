@@ -130,6 +130,13 @@ class Record:
     def rel(self):
         return f"bench/results/{self.base}"
 
+    @property
+    def short_commit(self):
+        """The commit as the docs name it: the hash cut to 7 characters, with any patch suffix that
+        names a variant measured on top of it (``23767da+cand2``) kept."""
+        head, plus, rest = self.commit.partition("+")
+        return head[:7] + plus + rest
+
 
 def load_records(results_dir):
     """(records sorted by file name, names of files that are not tabulated, notes for stderr)."""
@@ -268,7 +275,7 @@ def varlen_table(files):
 
 
 def _source_line(r):
-    return (f"`{r.rel}`: commit {r.commit[:7]}, torch {r.rec.get('torch', '?')}, "
+    return (f"`{r.rel}`: commit {r.short_commit}, torch {r.rec.get('torch', '?')}, "
             f"CUDA {r.rec.get('cuda', '?')}.")
 
 
@@ -301,7 +308,7 @@ def render_doc(records, skipped, results_dir, is_default):
         files = suites[card]
         shown.update(f.base for f in files)
         date = files[0].date
-        out += ["", f"## {card}: suite of {date[:4]}-{date[4:6]}-{date[6:]}, commit {files[0].commit[:7]}", ""]
+        out += ["", f"## {card}: suite of {date[:4]}-{date[4:6]}-{date[6:]}, commit {files[0].short_commit}", ""]
         out += ["`python3 bench/suite.py` on structured inputs; proxy_attention with the sparse path forced "
                 "(dense_below = 0) at every length."]
         for r in files:
@@ -364,7 +371,7 @@ def headline(records, results_dir, is_default):
         srcs = ", ".join(f"`{r.rel}`" for r in files if any(r is rr for rr, _ in pa))
         config = "the default configuration" if _at_default(files, is_default) else "the configuration in the file"
         out += ["", f"**{card}**, {', '.join(s for s in shape if s)}, causal, structured inputs, {config}, sparse "
-                    f"path at every length ({srcs}, commit {files[0].commit[:7]}, torch "
+                    f"path at every length ({srcs}, commit {files[0].short_commit}, torch "
                     f"{files[0].rec.get('torch', '?')}):", ""]
         # FlashAttention-4 columns only where the run has them (flash-attn-4 installed): proxy_attention
         # against FA4's dense kernel, and the attention stage (bsa on proxy_attention's selection)
