@@ -65,12 +65,21 @@ def check_gamma(gamma, name: str = "gamma") -> float:
     return g
 
 
-# The range a ProxyAttnConfig's softmax_scale is held to: at most the attention kernels' bound
-# (csrc/kernels/common/bsa_launch.h, kMaxSoftmaxScale: scale * log2(e) a finite float32), and at
-# least FLT_MIN, so that the kernels' exp2 factor is not a subnormal their fast math flushes to 0
-# (stage 2 clamps its scale to the same floor, csrc/ops/estimate_ops.cpp).
-FLT_MIN = 1.1754943508222875e-38
+# The largest scale stage 4 takes (csrc/kernels/common/bsa_launch.h, kMaxSoftmaxScale: scale *
+# log2(e) a finite float32); stages 1 and 2 take any finite scale > 0 (beyond it, each row's weights
+# are its argmax limit). Below FLT_MIN the CUDA kernels raise a scale to FLT_MIN (csrc/ops/bsa_op.cpp,
+# estimate_ops.cpp), since their fast math would flush a subnormal exp2 factor to 0; every logit is
+# within a rounding of 0 there either way.
 ATTENTION_MAX_SOFTMAX_SCALE = 2.3e38
+
+
+def check_attention_scale(scale: float, name: str = "softmax_scale") -> None:
+    """ValueError unless a (finite, > 0) scale is at most ATTENTION_MAX_SOFTMAX_SCALE, the attention
+    kernels' range: the one statement of stage 4's bound, for ProxyAttnConfig, the stage 4 wrapper and
+    the CPU kernel alike."""
+    if scale > ATTENTION_MAX_SOFTMAX_SCALE:
+        raise ValueError(f"{name} must be at most {ATTENTION_MAX_SOFTMAX_SCALE:g} for attention (its product with "
+                         f"log2(e) a finite float32, as the attention kernels need), got {scale}")
 
 
 def check_softmax_scale(scale, name: str = "softmax_scale") -> Optional[float]:
@@ -129,8 +138,8 @@ class ProxyAttnConfig:
         whose length is not a multiple of block_size keeps both key blocks on its diagonal.
     dense_below: sequences with fewer keys than this run dense attention (as do those with fewer
         queries than block_size, unless dense_below is 0: the sparse path forced).
-    softmax_scale: defaults to head_dim ** -0.5; else a normal float32 of at most 2.3e38, the
-        attention kernels' range (the stage functions take any finite scale > 0).
+    softmax_scale: defaults to head_dim ** -0.5; else finite, > 0 and at most 2.3e38, the
+        attention kernels' range (the stage 1 and 2 functions take any finite scale > 0).
     """
 
     block_size: int = 128
@@ -147,11 +156,8 @@ class ProxyAttnConfig:
         for f in dataclasses.fields(self):
             check_field(f.name, getattr(self, f.name), "ProxyAttnConfig.")
         # A config's scale always reaches stage 4: checked here, before any stage runs.
-        s = self.softmax_scale
-        if s is not None and not (FLT_MIN <= s <= ATTENTION_MAX_SOFTMAX_SCALE):
-            raise ValueError(f"ProxyAttnConfig.softmax_scale must be a normal float32 of at most "
-                             f"{ATTENTION_MAX_SOFTMAX_SCALE:g} (the attention kernels' range: its product with "
-                             f"log2(e) a finite normal float32), got {s}")
+        if self.softmax_scale is not None:
+            check_attention_scale(self.softmax_scale, "ProxyAttnConfig.softmax_scale")
 
     def proxy_heads(self, q_heads: int, kv_heads: int) -> int:
         """G for these head counts: num_proxy_heads, or default_proxy_heads when it is None.

@@ -17,7 +17,8 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from . import reference
-from .config import INT32_MAX, SUPPORTED_HEAD_DIMS, ProxyAttnConfig, check_field, check_int, check_softmax_scale
+from .config import (INT32_MAX, SUPPORTED_HEAD_DIMS, ProxyAttnConfig, check_attention_scale, check_field, check_int,
+                     check_softmax_scale)
 
 try:
     from . import _C  # noqa: F401  (loads the TORCH_LIBRARY schemas and the CUDA kernels)
@@ -493,6 +494,7 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, counts: Tensor, indi
     lay = check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
     check_field("block_size", block_size)
     scale = resolve_scale(softmax_scale, lay.head_dim)
+    check_attention_scale(scale)
     nqb = _cdiv(lay.max_seqlen_q, block_size)
     _check_int_tensor("counts", counts, (lay.batch, lay.q_heads, nqb), q)
     _check_int_tensor("indices", indices, (lay.batch, lay.q_heads, nqb, 1), q, last_free=True,

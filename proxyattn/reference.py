@@ -317,6 +317,8 @@ def select_blocks(scores: Tensor, kstar: Tensor, cu_seqlens_q: Optional[Tensor],
                   max_seqlen_q: int, max_seqlen_k: int, block_size: int, sink_blocks: int, local_blocks: int,
                   min_budget: int, causal: bool) -> Tuple[Tensor, Tensor]:
     B, G, nqb, nkb = scores.shape
+    if nkb > torch.iinfo(torch.int16).max + 1:  # as the CUDA op refuses: no index may wrap
+        raise ValueError(f"select_blocks writes int16 block indices, so at most 32768 key blocks, got {nkb}")
     hq = kstar.shape[1]
     S = block_size
     dev = scores.device

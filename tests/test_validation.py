@@ -76,8 +76,8 @@ def test_non_causal_allows_longer_queries():
     (dict(num_proxy_heads=0), ValueError, "num_proxy_heads"),
     (dict(dense_below=-5), ValueError, "dense_below"),
     (dict(softmax_scale=-1.0), ValueError, "softmax_scale"),
-    (dict(softmax_scale=3e38), ValueError, r"softmax_scale must be a normal float32 of at most 2.3e\+38.*got 3e\+38"),
-    (dict(softmax_scale=1e-39), ValueError, r"softmax_scale must be a normal float32.*got 1e-39"),
+    (dict(softmax_scale=3e38), ValueError, r"softmax_scale must be at most 2.3e\+38 for attention.*got 3e\+38"),
+    (dict(softmax_scale=0.0), ValueError, r"softmax_scale must be finite and > 0, got 0"),
     (dict(gamma="high"), TypeError, "gamma must be a float"),
 ])
 def test_bad_config(kw, exc, match):
@@ -192,6 +192,10 @@ def test_stage_function_checks():
         pa.block_sparse_attention(q, k, v, counts, idx[0], block_size=64)
     with pytest.raises(TypeError, match="indices must be int16 or int32, got torch.int64"):
         pa.block_sparse_attention(q, k, v, counts, idx.long(), block_size=64)
+    # Stage 4's scale bound (the attention kernels' range) on every device; stage 1 takes any scale.
+    with pytest.raises(ValueError, match=r"softmax_scale must be at most 2.3e\+38 for attention .*got 3e\+38"):
+        pa.block_sparse_attention(q, k, v, counts, idx, block_size=64, softmax_scale=3e38)
+    assert torch.isfinite(pa.proxy_block_scores(q, k, softmax_scale=3e38)).all()
 
 
 def test_index_dtypes_and_key_block_limit():
@@ -212,6 +216,10 @@ def test_index_dtypes_and_key_block_limit():
     with pytest.raises(ValueError, match="at most 32768 key blocks"):
         pa.select_blocks(torch.zeros(1, 1, 1, 32769), torch.zeros(1, 4, dtype=torch.int32), seqlen_q=64,
                          seqlen_k=big, block_size=64)
+    # The CPU kernel itself, called directly, refuses too (rather than wrap an index to a negative one).
+    with pytest.raises((ValueError, RuntimeError), match="at most 32768 key blocks"):
+        pa.reference.select_blocks(torch.zeros(1, 1, 1, 32769), torch.zeros(1, 4, dtype=torch.int32), None, None,
+                                   64, big, 64, 1, 1, 0, True)
 
 
 def test_head_budgets_key_block_limit_and_grid_limits():
