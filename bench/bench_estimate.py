@@ -56,8 +56,9 @@ def estimate_stage_fns(q, k, cu_q, cu_k, max_q, max_k, block_size, num_proxy_hea
     def select(sc_=sc, ks_=ks):
         return OPS.select_blocks(sc_, ks_, cu_q, cu_k, max_q, max_k, S, sink_blocks, local_blocks, min_budget, causal)
 
-    def chain():
-        return select(scores(), budgets())
+    def chain():  # in proxy_attention's order: stage 2, stage 1, stage 3
+        ks_ = budgets()
+        return select(scores(), ks_)
 
     return {"estimate_scores": scores, "estimate_budgets": budgets, "estimate_select": select, "estimate": chain}
 

@@ -176,9 +176,12 @@ def _run(q, k, v, lay: ops.Layout, cu_q, cu_k, cfg: Optional[ProxyAttnConfig], c
         return out, _telemetry(*(t.contiguous() for t in full), kstar, nq, nk, cfg, causal, dense=True)
     mq, mk = lay.max_seqlen_q, lay.max_seqlen_k
     ops.check_key_blocks(mk, S)  # before any kernel runs
-    scores = ops.call("proxy_block_scores", q, k, cu_q, cu_k, mq, mk, S, G, cfg.stride, scale, causal, page_table)
+    # Stage 2 before stage 1 (they are independent): its op refuses a row of key blocks that does
+    # not fit the device's shared memory before any kernel of the call has run, and no GPU that
+    # fits stage 2's row misses stage 3's (csrc/kernels/estimate/head_budgets.h, select_blocks.h).
     kstar = ops.call("head_budgets", q, k, cu_q, cu_k, mq, mk, S, float(cfg.gamma), cfg.sink_blocks,
                      cfg.local_blocks, scale, causal, page_table)
+    scores = ops.call("proxy_block_scores", q, k, cu_q, cu_k, mq, mk, S, G, cfg.stride, scale, causal, page_table)
     budget = kstar
     if lay.varlen:
         # Each sequence as if alone: one that would run dense (runs_dense) gets every candidate
@@ -230,7 +233,10 @@ def proxy_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     dense (fewer than dense_below keys, or fewer queries than block_size) attends to every key, the
     others run sparse (the whole call runs dense when every sequence would). Every row of k and v
     must be finite, rows past cu_seqlens_k[B] included (the Hopper kernel loads whole key blocks;
-    docs/design.md). Inference only on CUDA, where every path runs proxyattn's ops (no backward);
+    docs/design.md). max_seqlen_q/k must bound every sequence's length: CPU cu_seqlens are checked
+    against them, CUDA ones are not read on the host (that would synchronise), and the kernels cut a
+    longer sequence to its first max_seqlen_q queries and max_seqlen_k keys. Memory follows
+    B * max_seqlen, not the total (README, Memory): batch one long sequence apart from many short. Inference only on CUDA, where every path runs proxyattn's ops (no backward);
     on the CPU a call below dense_below runs the reference's dense attention, which keeps its
     gradients, as proxy_attention's dense path does (except where a traced torch.compile graph runs
     it as stage 4, which raises the inference-only error)."""

@@ -52,9 +52,12 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
   const int64_t rank = varlen ? 3 : 4;
   PROXYATTN_CHECK(q.dim() == rank, "q must be ", rank, "-D (", varlen ? "[total_q, Hq, D]" : "[B, Nq, Hq, D]",
                   "), got shape ", q.sizes());
-  if (!paged)
+  if (!paged) {
     PROXYATTN_CHECK(k.dim() == rank, "k must be ", rank, "-D (", varlen ? "[total_k, Hkv, D]" : "[B, Nk, Hkv, D]",
                     "), got shape ", k.sizes());
+  } else {  // the cache's other rules are check_kv_pages' (below); its rank is read first
+    check_paged_k_rank(k);
+  }
   PROXYATTN_CHECK(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
   check_last_dim_contiguous(q, "q");
   check_last_dim_contiguous(k, "k");
@@ -105,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_cuda(
   check_aligned(k, "k");
   check_aligned(v, "v");
 
-  const c10::cuda::CUDAGuard guard(q.device());
+  const OpDevice guard(q.device(), "block_sparse_attention");
   BsaParams p;
   p.q = q.data_ptr();
   p.k = k.data_ptr();

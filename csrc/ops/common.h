@@ -15,8 +15,10 @@
 #include <cstdlib>
 #include <limits>
 #include <optional>
+#include <string>
 
 #include "kernels/common/bsa_launch.h"
+#include "kernels/common/kernel_image.h"
 #include "kernels/common/kv_pages.h"
 
 #define PROXYATTN_CHECK(cond, ...) TORCH_CHECK(cond, "proxyattn: ", __VA_ARGS__)
@@ -32,6 +34,26 @@
 #define PROXYATTN_LAUNCH_CHECK() PROXYATTN_CUDA_CHECK(cudaGetLastError())
 
 namespace proxyattn {
+
+// The device guard of an op's launches, made once its inputs are checked: it makes `device` current
+// and refuses a device this build has no kernels for, naming it and the way out, before anything
+// is allocated or launched.
+struct OpDevice {
+  c10::cuda::CUDAGuard guard;
+  OpDevice(const at::Device& device, const char* op) : guard(device) {
+    const cudaError_t e = kernel_image_status();
+    if (e == cudaSuccess) return;
+    cudaDeviceProp prop{};
+    const bool named = cudaGetDeviceProperties(&prop, device.index()) == cudaSuccess;
+    if (!named) (void)cudaGetLastError();
+    PROXYATTN_CHECK(false, op, ": this build has no kernels for ", named ? prop.name : "the device", " (", device,
+                    named ? ", compute capability " + std::to_string(prop.major) + "." + std::to_string(prop.minor)
+                          : std::string(),
+                    ": ", cudaGetErrorString(e), "). It was built for the targets in PROXYATTN_ARCHS (default "
+                    "80;90a: A100, Ada and Hopper GPUs); rebuild with PROXYATTN_ARCHS naming this GPU's target "
+                    "if it is one of 80, 86, 89, 90, 90a. Other GPUs (Blackwell) are not supported");
+  }
+};
 
 inline void check_cuda(const at::Tensor& t, const char* name) {
   PROXYATTN_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
@@ -100,6 +122,11 @@ inline bool paged_call(const std::optional<at::Tensor>& page_table, bool varlen)
 // cu_seqlens_k holds the prefix sums of the key lengths; page sizes are powers of two in
 // [16, 256] (paged_call has checked that the call is varlen). Only what a direct torch.ops call could
 // get wrong is checked; table values are not read (the kernels clamp page numbers into the cache).
+inline void check_paged_k_rank(const at::Tensor& k) {
+  PROXYATTN_CHECK(k.dim() == 4, "with a page_table, k must be the cache [num_pages, page_size, Hkv, D], got shape ",
+                  k.sizes());
+}
+
 inline KvPages check_kv_pages(const std::optional<at::Tensor>& page_table, const at::Tensor& k, const at::Tensor* v,
                               int64_t batch, int64_t max_seqlen_k) {
   KvPages pg;
@@ -110,8 +137,7 @@ inline KvPages check_kv_pages(const std::optional<at::Tensor>& page_table, const
   PROXYATTN_CHECK(t.dim() == 2 && t.size(0) == batch && t.size(1) >= 1, "page_table must be [B, max_pages] = [",
                   batch, ", max_pages >= 1], got shape ", t.sizes());
   PROXYATTN_CHECK(t.size(1) == 1 || t.stride(1) == 1, "page_table rows must be contiguous, got strides ", t.strides());
-  PROXYATTN_CHECK(k.dim() == 4, "with a page_table, k must be the cache [num_pages, page_size, Hkv, D], got shape ",
-                  k.sizes());
+  check_paged_k_rank(k);
   if (v != nullptr)
     PROXYATTN_CHECK(v->sizes() == k.sizes(), "v cache must have the shape of the k cache ", k.sizes(), ", got ",
                     v->sizes());
