@@ -60,8 +60,7 @@ QkLayout check_qk(const at::Tensor& q, const at::Tensor& k, const std::optional<
   if (L.varlen) {
     PROXYATTN_CHECK(q.dim() == 3, "varlen q must be [total_q, Hq, D], got shape ", q.sizes());
     if (paged) {
-      PROXYATTN_CHECK(k.dim() == 4, "with a page_table, k must be the cache [num_pages, page_size, Hkv, D], got shape ",
-                      k.sizes());
+      check_paged_k_rank(k);
     } else {
       PROXYATTN_CHECK(k.dim() == 3, "varlen k must be [total_k, Hkv, D], got shape ", k.sizes());
     }
