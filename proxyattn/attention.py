@@ -177,8 +177,9 @@ def _run(q, k, v, lay: ops.Layout, cu_q, cu_k, cfg: Optional[ProxyAttnConfig], c
     mq, mk = lay.max_seqlen_q, lay.max_seqlen_k
     ops.check_key_blocks(mk, S)  # before any kernel runs
     # Stage 2 before stage 1 (they are independent): its op refuses a row of key blocks that does
-    # not fit the device's shared memory before any kernel of the call has run, and no GPU that
-    # fits stage 2's row misses stage 3's (csrc/kernels/estimate/head_budgets.h, select_blocks.h).
+    # not fit the device's shared memory before any kernel of the call has run. On the GPUs built
+    # for, stage 3's row fits wherever stage 2's does (csrc/kernels/estimate/head_budgets.h and
+    # select_blocks.h: only an opt-in limit in [131072, 139264) bytes would fit one and not the other).
     kstar = ops.call("head_budgets", q, k, cu_q, cu_k, mq, mk, S, float(cfg.gamma), cfg.sink_blocks,
                      cfg.local_blocks, scale, causal, page_table)
     scores = ops.call("proxy_block_scores", q, k, cu_q, cu_k, mq, mk, S, G, cfg.stride, scale, causal, page_table)

@@ -67,16 +67,19 @@ def check_gamma(gamma, name: str = "gamma") -> float:
 
 # The largest scale stage 4 takes (csrc/kernels/common/bsa_launch.h, kMaxSoftmaxScale: scale *
 # log2(e) a finite float32); stages 1 and 2 take any finite scale > 0 (beyond it, each row's weights
-# are its argmax limit). Below FLT_MIN the CUDA kernels raise a scale to FLT_MIN (csrc/ops/bsa_op.cpp,
-# estimate_ops.cpp), since their fast math would flush a subnormal exp2 factor to 0; every logit is
-# within a rounding of 0 there either way.
+# are its argmax limit). Below FLT_MIN the CUDA kernels raise a scale to FLT_MIN (stage 1
+# csrc/kernels/estimate/proxy_scores.cu, stage 2 csrc/ops/estimate_ops.cpp, stage 4
+# csrc/ops/bsa_op.cpp), since their fast math would flush a subnormal exp2 factor to 0; every logit
+# is within a rounding of 0 there either way. A config's scale also reaches SDPA on the dense path,
+# which does not clamp: a config holds it to [FLT_MIN, ATTENTION_MAX_SOFTMAX_SCALE].
+FLT_MIN = 1.1754943508222875e-38
 ATTENTION_MAX_SOFTMAX_SCALE = 2.3e38
 
 
 def check_attention_scale(scale: float, name: str = "softmax_scale") -> None:
     """ValueError unless a (finite, > 0) scale is at most ATTENTION_MAX_SOFTMAX_SCALE, the attention
-    kernels' range: the one statement of stage 4's bound, for ProxyAttnConfig, the stage 4 wrapper and
-    the CPU kernel alike."""
+    kernels' range: the one statement of stage 4's bound, for ProxyAttnConfig and the stage 4
+    wrapper."""
     if scale > ATTENTION_MAX_SOFTMAX_SCALE:
         raise ValueError(f"{name} must be at most {ATTENTION_MAX_SOFTMAX_SCALE:g} for attention (its product with "
                          f"log2(e) a finite float32, as the attention kernels need), got {scale}")
@@ -138,8 +141,9 @@ class ProxyAttnConfig:
         whose length is not a multiple of block_size keeps both key blocks on its diagonal.
     dense_below: sequences with fewer keys than this run dense attention (as do those with fewer
         queries than block_size, unless dense_below is 0: the sparse path forced).
-    softmax_scale: defaults to head_dim ** -0.5; else finite, > 0 and at most 2.3e38, the
-        attention kernels' range (the stage 1 and 2 functions take any finite scale > 0).
+    softmax_scale: defaults to head_dim ** -0.5; else a normal float32 of at most 2.3e38, the
+        attention kernels' range (the stage 1 and 2 functions take any finite scale > 0, stage 4's
+        any up to 2.3e38).
     """
 
     block_size: int = 128
@@ -155,9 +159,12 @@ class ProxyAttnConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             check_field(f.name, getattr(self, f.name), "ProxyAttnConfig.")
-        # A config's scale always reaches stage 4: checked here, before any stage runs.
+        # A config's scale always reaches stage 4 or the dense path: checked here, before any stage runs.
         if self.softmax_scale is not None:
             check_attention_scale(self.softmax_scale, "ProxyAttnConfig.softmax_scale")
+            if self.softmax_scale < FLT_MIN:
+                raise ValueError(f"ProxyAttnConfig.softmax_scale must be at least FLT_MIN = {FLT_MIN:g} (a normal "
+                                 f"float32: the dense path's SDPA would flush a smaller one to 0), got {self.softmax_scale}")
 
     def proxy_heads(self, q_heads: int, kv_heads: int) -> int:
         """G for these head counts: num_proxy_heads, or default_proxy_heads when it is None.

@@ -78,6 +78,7 @@ def test_non_causal_allows_longer_queries():
     (dict(softmax_scale=-1.0), ValueError, "softmax_scale"),
     (dict(softmax_scale=3e38), ValueError, r"softmax_scale must be at most 2.3e\+38 for attention.*got 3e\+38"),
     (dict(softmax_scale=0.0), ValueError, r"softmax_scale must be finite and > 0, got 0"),
+    (dict(softmax_scale=1e-39), ValueError, r"softmax_scale must be at least FLT_MIN.*got 1e-39"),
     (dict(gamma="high"), TypeError, "gamma must be a float"),
 ])
 def test_bad_config(kw, exc, match):

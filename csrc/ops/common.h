@@ -43,6 +43,8 @@ struct OpDevice {
   OpDevice(const at::Device& device, const char* op) : guard(device) {
     const cudaError_t e = kernel_image_status();
     if (e == cudaSuccess) return;
+    PROXYATTN_CHECK(kernel_image_answer(e), op, ": could not ask the CUDA runtime whether this build has kernels for ",
+                    device, ": ", cudaGetErrorString(e));
     cudaDeviceProp prop{};
     const bool named = cudaGetDeviceProperties(&prop, device.index()) == cudaSuccess;
     if (!named) (void)cudaGetLastError();

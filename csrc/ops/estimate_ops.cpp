@@ -200,8 +200,8 @@ at::Tensor head_budgets(const at::Tensor& q, const at::Tensor& k, const std::opt
   check_softmax_scale(softmax_scale);
   const int nkb = ceil_div(max_k, block_size);
   PROXYATTN_CHECK(nkb <= kBudgetMaxBlocks, "at most ", kBudgetMaxBlocks, " key blocks are supported, got ", nkb);
-  check_key_blocks_fit(head_budgets_finalize_smem_bytes(nkb), nkb, q.device(), "head_budgets");
   const OpDevice guard(q.device(), "head_budgets");
+  check_key_blocks_fit(head_budgets_finalize_smem_bytes(nkb), nkb, q.device(), "head_budgets");
   at::Tensor kstar = at::empty({L.batch, L.num_heads}, q.options().dtype(at::kInt));
   const int64_t ws_floats = head_budgets_workspace_floats(L.batch, L.num_heads, static_cast<int>(max_k), nkb);
   at::Tensor ws = at::empty({std::max<int64_t>(ws_floats, 4)}, q.options().dtype(at::kFloat));
@@ -272,8 +272,8 @@ std::tuple<at::Tensor, at::Tensor> select_blocks(const at::Tensor& scores_in, co
                   " must divide Hq = kstar.size(1) = ", Hq);
   PROXYATTN_CHECK(batch <= 65535 && Hq <= 65535, "batch and Hq must be at most 65535, got ", batch, " and ", Hq);
   PROXYATTN_CHECK(nkb <= kSelectMaxBlocks, "at most ", kSelectMaxBlocks, " key blocks are supported, got ", nkb);
-  check_key_blocks_fit(select_blocks_smem_bytes(nkb), nkb, scores_in.device(), "select_blocks");
   const OpDevice guard(scores_in.device(), "select_blocks");
+  check_key_blocks_fit(select_blocks_smem_bytes(nkb), nkb, scores_in.device(), "select_blocks");
   const at::Tensor scores = scores_in.contiguous();
   const at::Tensor kstar = kstar_in.contiguous();
   at::Tensor counts = at::empty({batch, Hq, nqb}, kstar.options());

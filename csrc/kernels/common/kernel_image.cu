@@ -24,7 +24,8 @@ cudaError_t kernel_image_status() {
   cudaFuncAttributes attr;
   const cudaError_t e = cudaFuncGetAttributes(&attr, image_probe_kernel);
   if (e != cudaSuccess) (void)cudaGetLastError();
-  if (cached) cache[dev].store(static_cast<int>(e) + 1, std::memory_order_relaxed);
+  // Only the build's answer is kept; another error (memory, a capture in progress) may pass.
+  if (cached && kernel_image_answer(e)) cache[dev].store(static_cast<int>(e) + 1, std::memory_order_relaxed);
   return e;
 }
 
