@@ -237,7 +237,8 @@ def proxy_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     docs/design.md). max_seqlen_q/k must bound every sequence's length: CPU cu_seqlens are checked
     against them, CUDA ones are not read on the host (that would synchronise), and the kernels cut a
     longer sequence to its first max_seqlen_q queries and max_seqlen_k keys. Memory follows
-    B * max_seqlen, not the total (README, Memory): batch one long sequence apart from many short. Inference only on CUDA, where every path runs proxyattn's ops (no backward);
+    B * max_seqlen, not the total (README, Memory): batch one long sequence apart from many short.
+    Inference only on CUDA, where every path runs proxyattn's ops (no backward);
     on the CPU a call below dense_below runs the reference's dense attention, which keeps its
     gradients, as proxy_attention's dense path does (except where a traced torch.compile graph runs
     it as stage 4, which raises the inference-only error)."""

@@ -164,7 +164,8 @@ class ProxyAttnConfig:
             check_attention_scale(self.softmax_scale, "ProxyAttnConfig.softmax_scale")
             if self.softmax_scale < FLT_MIN:
                 raise ValueError(f"ProxyAttnConfig.softmax_scale must be at least FLT_MIN = {FLT_MIN:g} (a normal "
-                                 f"float32: the dense path's SDPA would flush a smaller one to 0), got {self.softmax_scale}")
+                                 f"float32: the dense path's SDPA would flush a smaller one to 0), "
+                                 f"got {self.softmax_scale}")
 
     def proxy_heads(self, q_heads: int, kv_heads: int) -> int:
         """G for these head counts: num_proxy_heads, or default_proxy_heads when it is None.
