@@ -67,7 +67,8 @@ def _write(tmp_path, readme=README):
     quick = _rec("NVIDIA H200", "abcdef1", [_case("sdpa_cudnn", 4096, 0.3), _case("proxy_attention", 4096, 0.2)])
     (res / "NVIDIA_H200-20261205-suite-quick.json").write_text(json.dumps(quick))
     # a variant measured as a patch on a commit: the docs keep its suffix
-    kernel = _rec("NVIDIA H200", "4e16bce0123456789abcdef0123456789abcdef0+cand2", [_case("bsa", 131072, 24.0, density=0.1, tflops=580.0)])
+    kernel = _rec("NVIDIA H200", "4e16bce0123456789abcdef0123456789abcdef0+cand2",
+                  [_case("bsa", 131072, 24.0, density=0.1, tflops=580.0)])
     (res / "NVIDIA_H200-20261128-bsa-v8.json").write_text(json.dumps(kernel))
     other = _rec("NVIDIA H100 80GB HBM3", "abc", [_case("bsa", 4096, 0.3, density=0.5, tflops=100.0)])
     (res / "NVIDIA_H100_80GB_HBM3-20261127.json").write_text(json.dumps(other))
