@@ -246,19 +246,26 @@ def _check_math_beside_wgmma(ops, what, waits=1, math_waits=1):
 
 def test_stage2_hopper_probe(sm90_sass):
     """Stage 2's Hopper probe (csrc/kernels/estimate/head_budgets_sm90.cuh), one per (16-bit type, head
-    dim): D / 16 wgmma of 64 x 128 x 16 per 128-key tile, no local memory, one wgmma wait, and after
-    it the tile's exponentials (64 logits per thread, in each of probe_tile's two frames) before the
-    next wgmma."""
+    dim, key copy: TMA for contiguous keys, cp.async for paged ones): D / 16 wgmma of 64 x 128 x 16
+    per 128-key tile, no local memory, one wgmma wait, and after it the tile's exponentials (64 logits
+    per thread, in each of probe_tile's two frames) before the next wgmma; the TMA kernels copy by
+    UTMALDG with no CTA barrier in the tile loop, the paged ones by LDGSTS."""
     kernels = {}
     for name, body in sm90_sass.items():
-        m = re.search(r"probe_sm90_kernelI(13__nv_bfloat16|6__half)Li(\d+)E", name)
+        m = re.search(r"probe_sm90_kernelI(13__nv_bfloat16|6__half)Li(\d+)ELb([01])E", name)
         if m:
-            kernels[(m.group(1), int(m.group(2)))] = _opcodes(body)
-    want = sorted((t, d) for t in ("13__nv_bfloat16", "6__half") for d in (64, 128))
-    assert sorted(kernels) == want, f"expected probe_sm90_kernel<T, D> for {want}, found {sorted(kernels)}"
-    for (t, d), ops in kernels.items():
-        what = f"probe_sm90_kernel<{t}, {d}>"
+            kernels[(m.group(1), int(m.group(2)), int(m.group(3)))] = _opcodes(body)
+    want = sorted((t, d, tma) for t in ("13__nv_bfloat16", "6__half") for d in (64, 128) for tma in (0, 1))
+    assert sorted(kernels) == want, f"expected probe_sm90_kernel<T, D, kTma> for {want}, found {sorted(kernels)}"
+    for (t, d, tma), ops in kernels.items():
+        what = f"probe_sm90_kernel<{t}, {d}, {bool(tma)}>"
         hgmma = [op for op in ops if re.match(r"HGMMA\.64x128x16\.F32(\.BF16)? ", op)]
         assert len(hgmma) == d // 16, (what, len(hgmma))
+        if tma:
+            assert any(op.startswith("UTMALDG") for op in ops), (what, "no TMA copy")
+            # one CTA barrier, for Q before the loop
+            assert sum(op.startswith("BAR.SYNC") for op in ops) == 1, (what, "a CTA barrier in the tile loop")
+        else:
+            assert any(op.startswith("LDGSTS") for op in ops) and not any(op.startswith("UTMALDG") for op in ops), what
         _check_math_beside_wgmma(ops, what, waits=1, math_waits=0)
         _check_math_after_waits(ops, what, 128)

@@ -24,9 +24,6 @@
 namespace proxyattn {
 namespace bsa_sm90 {
 
-// Strides of a size-1 dimension are never used; give them a value TMA accepts.
-inline int64_t tma_stride(int64_t size, int64_t stride, int64_t fallback) { return size > 1 ? stride : fallback; }
-
 template <class Traits>
 cudaError_t launch(const BsaParams& p, cudaStream_t stream) {
   using Elem = typename Traits::Elem;

@@ -1,6 +1,7 @@
-// Small device helpers of the Hopper kernels (attention and stage 1 of the estimate): the macro that
+// Small helpers of the Hopper kernels (attention and stages 1 and 2 of the estimate): the macro that
 // says whether sm_90a device code is being compiled, views of wgmma accumulator fragments, the issue
-// of one warpgroup-wide wgmma batch, and a compiler fence around shared-memory hand-offs.
+// of one warpgroup-wide wgmma batch, a compiler fence around shared-memory hand-offs, and the host's
+// tensor-map strides.
 #pragma once
 
 #include <type_traits>
@@ -72,6 +73,10 @@ __device__ __forceinline__ void fence_proxy_async_shared() {
 
 // Compiler fence between C++ shared-memory accesses and the barrier asm (which has no memory clobber).
 __device__ __forceinline__ void compiler_fence() { asm volatile("" ::: "memory"); }
+
+// A tensor map's stride of a dimension of `size`: a size-1 dimension's stride is never used, so it
+// gets `fallback`, a value TMA accepts (a 16-byte multiple).
+inline int64_t tma_stride(int64_t size, int64_t stride, int64_t fallback) { return size > 1 ? stride : fallback; }
 
 }  // namespace bsa_sm90
 }  // namespace proxyattn

@@ -264,11 +264,28 @@ template <typename T, int D>
 cudaError_t launch_probe(const HeadBudgetsParams& p, cudaStream_t stream, int num_splits) {
   const dim3 grid(num_splits, p.num_heads, p.batch);
   if (use_hopper_probe(p)) {
-    auto kernel = budgets_sm90::probe_sm90_kernel<T, D>;
-    constexpr int kSmem = budgets_sm90::Traits<T, D>::kSmemBytes;
+    using Tr = budgets_sm90::Traits<T, D>;
+    constexpr int kSmem = Tr::kSmemBytes;
+    // Contiguous keys by TMA: the tensor map (rows, D, Hkv, batch), total_k rows: one sequence's
+    // (fixed length) or every one's (varlen: one batch). Paged keys by cp.async (no map).
+    const bool paged = p.pages.paged();
+    const int32_t rows = paged ? 0 : static_cast<int32_t>(p.total_k);
+    const int32_t batches = p.cu_seqlens_k != nullptr ? 1 : p.batch;
+    typename Tr::TmaK tma_k{};
+    if (!paged) {
+      using bsa_sm90::tma_stride;
+      auto gK = cute::make_tensor(
+          cute::make_gmem_ptr(static_cast<typename Tr::Elem const*>(p.k)),
+          cute::make_shape(rows, cute::Int<D>{}, int32_t(p.num_kv_heads), batches),
+          cute::make_stride(tma_stride(rows, p.k_row_stride, D), cute::_1{}, tma_stride(p.num_kv_heads, p.k_head_stride, D),
+                            tma_stride(batches, p.k_batch_stride, D)));
+      tma_k = cute::make_tma_copy(cute::SM90_TMA_LOAD{}, gK, cute::take<0, 2>(typename Tr::SmemLayoutK{}),
+                                  cute::Shape<cute::Int<budgets_sm90::kKeys>, cute::Int<D>>{}, cute::_1{});
+    }
+    auto kernel = paged ? budgets_sm90::probe_sm90_kernel<T, D, false> : budgets_sm90::probe_sm90_kernel<T, D, true>;
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
     if (e != cudaSuccess) return e;
-    kernel<<<grid, budgets_sm90::kThreads, kSmem, stream>>>(p);
+    kernel<<<grid, budgets_sm90::kThreads, kSmem, stream>>>(p, tma_k, rows, batches);
   } else {
     probe_kernel<T, D><<<grid, kProbeThreads, 0, stream>>>(p);
   }

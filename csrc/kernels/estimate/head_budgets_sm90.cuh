@@ -3,14 +3,22 @@
 //
 // Grid (splits, Hq, B) as probe_kernel, 256 threads = two warpgroups, two CTAs per SM. The probe
 // rows of the head (128, zero past R) go to shared memory once (cp.async, 128-byte swizzle); the
-// split's keys stream through a 2-stage ring of 128-key tiles (cp.async, the next tile in flight;
-// a key row is read through the page table when the keys are paged). Per tile each warpgroup
-// issues one 64 x 128 x D wgmma (SS, fp32 accumulation), waits for it and does the tile's row work
-// on the accumulator, as two 64-key halves (probe_tile's unit, so that a key block of 64 ends at a
-// half); the other CTA on the SM keeps the tensor cores busy meanwhile (stage 1's Hopper kernel
-// made the same trade: a 128-key tile halves the per-key cost of what runs once per tile, the CTA
-// barrier, the copies' issue and the wgmma descriptors). The products of 16-bit values are exact,
-// so the logits differ from probe_kernel's only by the order of the fp32 sum.
+// split's keys stream through a 2-stage ring of 128-key tiles, the next tile in flight. Per tile
+// each warpgroup issues one 64 x 128 x D wgmma (SS, fp32 accumulation), waits for it and does the
+// tile's row work on the accumulator, as two 64-key halves (probe_tile's unit, so that a key block
+// of 64 ends at a half); the other CTA on the SM keeps the tensor cores busy meanwhile (stage 1's
+// Hopper kernel made the same trade: a 128-key tile halves the per-key cost of what runs once per
+// tile, the copies' issue and the wgmma descriptors). The products of 16-bit values are exact, so
+// the logits differ from probe_kernel's only by the order of the fp32 sum.
+// The ring, by how the keys lie (kTma):
+//   contiguous keys (kTma): a tile is one TMA copy (the keys as a tensor map (rows, D, Hkv, batch))
+//     onto its stage's transaction barrier, issued by one thread; a warp waits for the barrier, and
+//     after its warpgroup's wgmma lane 0 adds one to the stage's release counter; the eighth
+//     arrival issues the copy of the tile two ahead into it (stage 1's scheme, proxy_scores_sm90.cuh):
+//     no CTA barrier per tile. Keys of a tile past the sequence's end are zeros (past the map) or the
+//     next sequence's (varlen), masked like every key past a row's limit.
+//   paged keys: each thread copies its 16-byte chunks by cp.async, a key row read through the page
+//     table, and a CTA barrier per tile hands the stage over.
 #pragma once
 
 #include <cmath>
@@ -21,7 +29,10 @@
 #include <cuda_fp16.h>
 
 #include <cute/tensor.hpp>
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cute/atom/copy_traits_sm90_tma.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cutlass/arch/barrier.h>
 #include <cutlass/numeric_types.h>
 
 #include "kernels/bsa_sm90/utils.cuh"
@@ -47,15 +58,28 @@ struct Traits {
   using SmemLayoutK = decltype(tile_to_shape(Atom{}, Shape<Int<kKeys>, Int<D>, Int<kStages>>{}));  // (keys, D, stage)
   using TiledMma = decltype(make_tiled_mma(GMMA::ss_op_selector<Elem, Elem, float, Shape<_64, Int<kKeys>, Int<D>>>(),
                                            Layout<Shape<Int<kWarpgroups>, _1, _1>>{}));
+  // The keys as the tensor map's (rows, D, Hkv, batch): rows of one sequence (fixed length) or of
+  // all of them (varlen, one batch).
+  using GTensorK = decltype(make_tensor(make_gmem_ptr(static_cast<Elem const*>(nullptr)),
+                                        Shape<int32_t, Int<D>, int32_t, int32_t>{},
+                                        Stride<int64_t, _1, int64_t, int64_t>{}));
+  using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, std::declval<GTensorK>(), take<0, 2>(SmemLayoutK{}),
+                                      Shape<Int<kKeys>, Int<D>>{}, _1{}));
+  static constexpr uint32_t kTileBytes = kKeys * D * sizeof(Elem);
   struct SharedStorage {
     alignas(1024) Elem q[cosize_v<SmemLayoutQ>];
     alignas(1024) Elem k[cosize_v<SmemLayoutK>];
+    alignas(8) uint64_t full[kStages];  // kTma: a stage's key tile has landed (transaction barrier)
+    int release[kStages];               // kTma: warps done with a stage's wgmma
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
 };
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 2) probe_sm90_kernel(const HeadBudgetsParams p) {
+// tma_k, k_rows, k_batches: the keys' tensor map and its row and batch extents (kTma only).
+template <typename T, int D, bool kTma>
+__global__ void __launch_bounds__(kThreads, 2)
+    probe_sm90_kernel(const HeadBudgetsParams p, const __grid_constant__ typename Traits<T, D>::TmaK tma_k,
+                      int32_t k_rows, int32_t k_batches) {
 #if PROXYATTN_BSA_SM90_DEVICE
   using Tr = Traits<T, D>;
   extern __shared__ __align__(1024) char smem_raw[];
@@ -82,6 +106,34 @@ __global__ void __launch_bounds__(kThreads, 2) probe_sm90_kernel(const HeadBudge
                 "one thread holds two rows of the tile");
   static_assert(kKeys == 2 * kKeyTile && kProbeSplitKeys % kKeys == 0, "a split is whole tiles of two halves");
 
+  using Barrier = cutlass::arch::ClusterTransactionBarrier;
+  // kTma: tile `tile` of the split into stage st by one thread; the split starts at row k_start + k0
+  // of the map (k_start 0 at fixed length, where the batch is the map's last coordinate).
+  Tensor mK = tma_k.get_tma_tensor(make_shape(k_rows, Int<D>{}, p.num_kv_heads, k_batches));
+  const bool varlen = p.cu_seqlens_k != nullptr;
+  Tensor gK = local_tile(domain_offset(make_coord(static_cast<int32_t>(ps.sb.k_start + ps.k0), _0{}),
+                                       mK(_, _, ps.hk, varlen ? 0 : static_cast<int>(blockIdx.z))),
+                         Shape<Int<kKeys>, Int<D>>{}, make_coord(_, _0{}));  // (keys, D, tiles)
+  auto issue_tile = [&](int tile, int st) {
+    auto [tKg, tKs] = tma_partition(tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+    Barrier::arrive_and_expect_tx(&ss.full[st], Tr::kTileBytes);
+    copy(tma_k.with(ss.full[st]), tKg(_, tile), tKs(_, st));
+  };
+  const int ntiles = ceil_div32(ps.k1 - ps.k0, kKeys);
+  if constexpr (kTma) {
+    if (tid == 0) {
+      cute::prefetch_tma_descriptor(tma_k.get_tma_descriptor());
+#pragma unroll
+      for (int st = 0; st < kStages; ++st) {
+        Barrier::init(&ss.full[st], 1);
+        ss.release[st] = 0;
+      }
+      cutlass::arch::fence_barrier_init();
+#pragma unroll
+      for (int j = 0; j < kStages; ++j)
+        if (j < ntiles) issue_tile(j, j);
+    }
+  }
   // Probe rows r < R: sequence-local query row Nq - R + r; rows past R are zero.
   {
     const T* qb = static_cast<const T*>(p.q) + blockIdx.z * p.q_batch_stride + blockIdx.y * p.q_head_stride;
@@ -94,47 +146,27 @@ __global__ void __launch_bounds__(kThreads, 2) probe_sm90_kernel(const HeadBudge
     }
     cp_async_commit();
   }
-  using Chunks = KeyTileChunks<kThreads, D, kKeys>;  // this thread's 16-byte chunks of a key tile
+  // Paged keys: this thread's 16-byte chunks of a key tile.
+  using Chunks = KeyTileChunks<kThreads, D, kKeys>;
   const int chunk_row0 = Chunks::row0(tid), chunk_col = Chunks::col(tid);
   uint32_t chunk_dst[Chunks::kChunks];
   Chunks::shared_addresses(chunk_dst, sK, tid);
-  // Tile `tile` of the split into stage buf: key rows past the split's end are zero. Unpaged keys:
-  // the thread's first chunk of tile 0 addressed once, a chunk kRowStep rows and a tile kKeys rows
-  // further on, without a test per chunk on the tiles that lie inside the split (all but the
-  // last); paged keys: each row through the page table.
-  const bool paged = p.pages.paged();
-  const T* chunk0 = paged ? static_cast<const T*>(p.k) : probe_key_row<T>(p, ps, ps.k0 + chunk_row0) + chunk_col;
-  const int64_t chunk_step = int64_t(Chunks::kRowStep) * p.k_row_stride, tile_step = int64_t(kKeys) * p.k_row_stride;
+  // Paged keys: tile `tile` of the split into stage buf, each key row through the page table; rows
+  // past the split's end are zero.
   auto load_tile = [&](int tile, int buf) {
     const int key0 = ps.k0 + tile * kKeys + chunk_row0;
-    if (paged) {
 #pragma unroll
-      for (int i = 0; i < Chunks::kChunks; ++i) {
-        const int key = key0 + i * Chunks::kRowStep;
-        const bool ok = key < ps.k1;
-        const T* src = ok ? probe_key_row<T>(p, ps, key) + chunk_col : static_cast<const T*>(p.k);
-        cp_async_16(chunk_dst[i] + buf * Chunks::kStageBytes, src, ok ? 16 : 0);
-      }
-    } else if (ps.k0 + (tile + 1) * kKeys <= ps.k1) {  // CTA-uniform: every key of the tile in the split
-      const T* src = chunk0 + tile * tile_step;
-#pragma unroll
-      for (int i = 0; i < Chunks::kChunks; ++i, src += chunk_step)
-        cp_async_16(chunk_dst[i] + buf * Chunks::kStageBytes, src, 16);
-    } else {
-      const T* tile_src = chunk0 + tile * tile_step;
-#pragma unroll
-      for (int i = 0; i < Chunks::kChunks; ++i) {
-        const bool ok = key0 + i * Chunks::kRowStep < ps.k1;
-        cp_async_16(chunk_dst[i] + buf * Chunks::kStageBytes, ok ? tile_src + i * chunk_step : static_cast<const T*>(p.k),
-                    ok ? 16 : 0);
-      }
+    for (int i = 0; i < Chunks::kChunks; ++i) {
+      const int key = key0 + i * Chunks::kRowStep;
+      const bool ok = key < ps.k1;
+      const T* src = ok ? probe_key_row<T>(p, ps, key) + chunk_col : static_cast<const T*>(p.k);
+      cp_async_16(chunk_dst[i] + buf * Chunks::kStageBytes, src, ok ? 16 : 0);
     }
     cp_async_commit();
   };
 
   const float scale2 = p.softmax_scale * kLog2e;
   ProbeRowsState st;
-  const int ntiles = ceil_div32(ps.k1 - ps.k0, kKeys);
   // The row work of tile jt on the accumulator, half by half, and the end of each key block (a
   // block of S in {64, 128} keys ends at a half's end; the split's last block at its last half).
   auto tile_math = [&](int jt) {
@@ -148,20 +180,46 @@ __global__ void __launch_bounds__(kThreads, 2) probe_sm90_kernel(const HeadBudge
         probe_block_end(ws, ps, tile0 >> ps.block_shift, warp, g, t4, scale2, st);
     }
   };
-  // Tile j: wait for it (and, for j = 0, Q), a CTA barrier (both warpgroups are done with tile
-  // j - 1's stage, and tile j is visible to the async proxy), issue the copy of tile j + 1 into
-  // that stage, then tile j's wgmma, its wait and its row work. Every warpgroup issues every tile's
-  // wgmma and its wait sits on no branch.
-  load_tile(0, 0);
-  for (int j = 0; j < ntiles; ++j) {
+  if constexpr (kTma) {
+    // Q in shared memory (and the barriers initialised) for every warp; then tile j: wait for its
+    // stage's barrier, its wgmma and the wait for it, the stage released (the warp that completes
+    // the count issues the copy of tile j + kStages into it), its row work.
     cp_async_wait<0>();
     bsa_sm90::fence_proxy_async_shared();
     __syncthreads();
-    if (j + 1 < ntiles) load_tile(j + 1, (j + 1) % kStages);
-    bsa_sm90::wg_issue<true>(mma, tQ, tK(_, _, _, j % kStages), acc);
-    warpgroup_wait<0>();
-    warpgroup_fence_operand(acc);
-    tile_math(j);
+    for (int j = 0; j < ntiles; ++j) {
+      const int stg = j % kStages;
+      Barrier::wait(&ss.full[stg], (j / kStages) & 1);
+      bsa_sm90::wg_issue<true>(mma, tQ, tK(_, _, _, stg), acc);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc);
+      __syncwarp();
+      if (lane == 0) {
+        __threadfence_block();
+        if (atomicAdd(&ss.release[stg], 1) == kThreads / 32 - 1) {
+          __threadfence_block();
+          ss.release[stg] = 0;
+          if (j + kStages < ntiles) issue_tile(j + kStages, stg);
+        }
+      }
+      tile_math(j);
+    }
+  } else {
+    // Tile j: wait for it (and, for j = 0, Q), a CTA barrier (both warpgroups are done with tile
+    // j - 1's stage, and tile j is visible to the async proxy), issue the copy of tile j + 1 into
+    // that stage, then tile j's wgmma, its wait and its row work. Every warpgroup issues every
+    // tile's wgmma and its wait sits on no branch.
+    load_tile(0, 0);
+    for (int j = 0; j < ntiles; ++j) {
+      cp_async_wait<0>();
+      bsa_sm90::fence_proxy_async_shared();
+      __syncthreads();
+      if (j + 1 < ntiles) load_tile(j + 1, (j + 1) % kStages);
+      bsa_sm90::wg_issue<true>(mma, tQ, tK(_, _, _, j % kStages), acc);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc);
+      tile_math(j);
+    }
   }
   probe_finish(partial, warp, g, t4, scale2, st);
 #endif  // PROXYATTN_BSA_SM90_DEVICE
