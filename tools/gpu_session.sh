@@ -17,6 +17,9 @@
 #   e2e         bench/suite.py at 128k and 256k, D = 128, no varlen rows: proxy_attention and its
 #               stages beside cuDNN and the other anchors, the random-density sweep at 128k (#22's
 #               ratios; the record bench/results/*-e2e-128k-256k*.json)
+#   suite       bench/suite.py, the whole suite (about 20 minutes with the FA4 anchors, so split it
+#               over calls: SUITE_ARGS, e.g. "--seq-lens 262144 --density-at --varlen-totals", and
+#               SUITE_TAG, e.g. suite-256k, one tag per call; tools/results_table.py joins the files)
 #   attention   bench_bsa.py --interleave at 128k, D = 64 and 128, densities 1.0 / 0.3 / 0.1, beside
 #               every anchor that imports (flash-attn-4 ones only where it is installed); the
 #               variables ATT_HEAD_DIMS and ATT_SEQLENS (space-separated) change the first two
@@ -35,7 +38,7 @@
 # Any call that finds the parked parts and .fa4b/ (or an earlier call's unpacked wheels) puts
 # flash-attn-4 on the attention part's path; without them the FA4 anchors are skipped.
 set -u -o pipefail
-[ $# -ge 1 ] || { echo "usage: tools/gpu_session.sh PART... (tests sanitize estimate paged e2e attention; fa4split or fa4parts alone)"; exit 2; }
+[ $# -ge 1 ] || { echo "usage: tools/gpu_session.sh PART... (tests sanitize estimate paged e2e suite attention; fa4split or fa4parts alone)"; exit 2; }
 FA4_PARTS=/tmp/fa4parts FA4_SITE=/tmp/fa4site
 here=$(cd "$(dirname "$0")/.." && pwd)
 if [ "$1" = fa4split ]; then  # a call carries at most 64 MiB: .fa4a/ with .whl and the tree must fit
@@ -122,12 +125,15 @@ for part in "$@"; do
     e2e)
       TAIL=40 step 400 e2e env PYTHONPATH="$bench_path" python3 bench/suite.py --seq-lens 131072 262144 --head-dims 128 \
         --no-varlen --tag e2e --out "$work/e2e.json" --no-plots ;;
+    suite)
+      TAIL=40 step 570 suite env PYTHONPATH="$bench_path" python3 bench/suite.py ${SUITE_ARGS:-} --tag "${SUITE_TAG:-suite}" \
+        --out "$work/${SUITE_TAG:-suite}.json" ;;
     attention)
       for d in ${ATT_HEAD_DIMS:-64 128}; do
         TAIL=30 step 240 "bsa-d$d" env PYTHONPATH="$bench_path" python3 bench/bench_bsa.py --interleave --seqlens ${ATT_SEQLENS:-131072} \
           --densities 1.0 0.3 0.1 --head-dim "$d" --out "$work/bsa-d$d.json"
       done ;;
-    *) echo "unknown part '$part' (tests sanitize estimate paged e2e attention)"; status=2 ;;
+    *) echo "unknown part '$part' (tests sanitize estimate paged e2e suite attention)"; status=2 ;;
   esac
 done
 pack
