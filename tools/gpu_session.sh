@@ -16,10 +16,11 @@
 #   paged       bench_paged.py: paged K/V against contiguous, pages of 16 and 128
 #   e2e         bench/suite.py at 128k and 256k, D = 128, no varlen rows: proxy_attention and its
 #               stages beside cuDNN and the other anchors, the random-density sweep at 128k (#22's
-#               ratios; the record bench/results/*-e2e-128k-256k*.json)
-#   suite       bench/suite.py, the whole suite (about 20 minutes with the FA4 anchors, so split it
-#               over calls: SUITE_ARGS, e.g. "--seq-lens 262144 --density-at --varlen-totals", and
-#               SUITE_TAG, e.g. suite-256k, one tag per call; tools/results_table.py joins the files)
+#               ratios between suites; the suite part records them for the docs)
+#   suite       bench/suite.py (on an H100 with the FA4 anchors 4k-128k took 2 minutes and 256k-512k
+#               7, so split it over two calls: SUITE_ARGS "--seq-lens 4096 ... 131072" with SUITE_TAG
+#               suite, then "--seq-lens 262144 524288 --density-at --varlen-totals" with suite-long;
+#               tools/results_table.py joins the files of one date and commit)
 #   attention   bench_bsa.py --interleave at 128k, D = 64 and 128, densities 1.0 / 0.3 / 0.1, beside
 #               every anchor that imports (flash-attn-4 ones only where it is installed); the
 #               variables ATT_HEAD_DIMS and ATT_SEQLENS (space-separated) change the first two

@@ -20,7 +20,7 @@ table per file), then every other record (older suites, kernel and quality recor
 becomes a short headline per card: proxy_attention of the newest suite at one head dim (128
 where measured), fixed-length layout, against cuDNN and FA2 in the same file (and, where the run
 measured them, against FlashAttention-4's dense kernel, with the attention stage against Flex
-FLASH and FA4's block-sparse kernel on the same selection), and the suite's speedup plot.
+FLASH and FA4's block-sparse kernel on the same selection), and the speedup plot of the run's file holding most of those rows.
 
 Tables: name, variant (proxy heads, selection, layout), N, B, heads, D, dtype, density, ms,
 TFLOP/s, and for every anchor the file holds (sdpa_cudnn, sdpa_flash, flex) the ratio
@@ -397,11 +397,11 @@ def headline(records, results_dir, is_default):
                 _fmt_n(c.get("seq_len")), str(c.get("proxy_heads", "-")), _fmt(c.get("density"), ".3f"),
                 _fmt_ms(ms), _fmt_ms(c.get("estimate_ms")), _fmt_ms(cud), ratio(r, c, "sdpa_cudnn"),
                 ratio(r, c, "sdpa_flash")] + [ratio(r, c, name) for name, _ in extra]) + " |")
-        for r in files:
-            plots = _plots(r, results_dir, "bench/results/")
-            if plots and any(r is rr for rr, _ in pa):
-                out += ["", plots[0]]
-                break
+        # The plot of the file that holds most of the table's rows (a split sweep's main part).
+        shown = [(sum(r is rr for rr, _ in pa), _plots(r, results_dir, "bench/results/")) for r in files]
+        shown = [(n, plots) for n, plots in shown if n and plots]
+        if shown:
+            out += ["", max(shown, key=lambda np_: np_[0])[1][0]]
     out += ["", "All tables, the other head dim, varlen batches, random-mask sweeps and FlexAttention on the "
                 "same masks: [docs/results.md](docs/results.md)."]
     return "\n".join(out) + "\n"
