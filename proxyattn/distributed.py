@@ -71,6 +71,8 @@ def _check(q: Tensor, k: Tensor, v: Tensor, cfg: ProxyAttnConfig, world: int, la
         raise ValueError(f"layout {layout!r} on {world} ranks cuts the sequence into {parts} chunks that must be "
                          f"multiples of block_size {cfg.block_size}: the sequence length N = {world} x "
                          f"{lay.max_seqlen_q} = {n} must be divisible by {parts * cfg.block_size}")
+    if not cfg.runs_dense(n):
+        ops.check_key_blocks(n, cfg.block_size)
     return n
 
 
@@ -128,7 +130,6 @@ def proxy_attention_cp(q: Tensor, k: Tensor, v: Tensor, config: Optional[ProxyAt
     batch = q.shape[0]
     counts = indices = None
     if not cfg.runs_dense(n):
-        ops.check_key_blocks(n, S)
         nb = n // S
         scores = torch.zeros(batch, G, nb, nb, dtype=torch.float32, device=q.device)
         for (s, e), qc in zip(spans, q_chunks):
@@ -163,5 +164,8 @@ def proxy_attention_cp(q: Tensor, k: Tensor, v: Tensor, config: Optional[ProxyAt
         lens = torch.full((batch,), n, dtype=torch.int64, device=q.device)
         counts, indices = full_selection(lens, lens, n // S, n // S, hq, S, True)
         kstar = torch.zeros(batch, hq, dtype=torch.int32, device=q.device)
-    sel = CPSelection(counts[:, :, blocks], indices[:, :, blocks], kstar, blocks)
+    # The own rows by slices (a list index would be copied to the device from the host).
+    own = [(s // S, e // S) for s, e in spans]
+    sel = CPSelection(torch.cat([counts[:, :, a:b] for a, b in own], dim=2),
+                      torch.cat([indices[:, :, a:b] for a, b in own], dim=2), kstar, blocks)
     return out, sel

@@ -73,6 +73,21 @@ def _bad_worker(rank, world, init):
             proxy_attention_cp(q, k, k, SPARSE)
         with pytest.raises(ValueError, match=r"layout must be one of"):
             proxy_attention_cp(q, k, k, SPARSE, layout="ring")
+        # Too many key blocks for the selection's int16 indices: refused before any all-gather (stride-0
+        # shards of 2^20 + 128 tokens, so N = 2^21 + 256 is 32772 blocks of 64; gathered they would be 2 GiB).
+        big_q = torch.randn(1, 1, 4, 64).expand(1, (1 << 20) + 128, 4, 64)
+        big_k = torch.randn(1, 1, 2, 64).expand(1, (1 << 20) + 128, 2, 64)
+        gather = dist.all_gather
+
+        def no_gather(*args, **kwargs):
+            raise AssertionError("an all-gather started before the inputs were checked")
+
+        dist.all_gather = no_gather
+        try:
+            with pytest.raises(ValueError, match=r"at most 32768 key blocks are supported .* 32772 blocks"):
+                proxy_attention_cp(big_q, big_k, big_k, SPARSE)
+        finally:
+            dist.all_gather = gather
         with pytest.raises(RuntimeError, match=r"proxy_attention_cp is inference-only"):
             q2, k2 = torch.randn(1, 256, 4, 64, requires_grad=True), torch.randn(1, 256, 2, 64)
             proxy_attention_cp(q2, k2, k2, SPARSE)
