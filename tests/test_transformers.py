@@ -381,5 +381,7 @@ def test_engine_backend_settings_check_like_register():
         _common.make_settings(None, True)
     with pytest.raises(TypeError, match="config must be a ProxyAttnConfig, got float"):
         _common.make_settings(0.9, 0)
+    with pytest.raises(ValueError, match="the config's softmax_scale must be None, got 0.125"):
+        _common.make_settings(ProxyAttnConfig(softmax_scale=0.125), 0)
     assert _common.make_settings(None, 2).dense_layers == 2
 

@@ -280,7 +280,9 @@ def test_serving_settings_from_env_name_the_variable(monkeypatch):
                             ("[1]", ValueError, "PA_CFG must be a JSON object"),
                             ('{"gama": 0.9}', ValueError, r"PA_CFG names unknown ProxyAttnConfig fields \['gama'\]"),
                             ('{"gamma": 2.0}', ValueError, r"PA_CFG='\{\"gamma\": 2.0\}': ProxyAttnConfig.gamma"),
-                            ('{"stride": "4"}', TypeError, "PA_CFG=.*ProxyAttnConfig.stride must be an int")]:
+                            ('{"stride": "4"}', TypeError, "PA_CFG=.*ProxyAttnConfig.stride must be an int"),
+                            ('{"softmax_scale": 0.1}', ValueError,
+                             r"PA_CFG='\{\"softmax_scale\": 0.1\}': .*softmax_scale must be None, got 0.1")]:
         monkeypatch.setenv("PA_CFG", raw)
         with pytest.raises(err, match=match):
             settings_from_env("PA_CFG", "PA_DL")

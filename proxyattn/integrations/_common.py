@@ -20,10 +20,14 @@ class BackendSettings:
 
 
 def make_settings(config: Optional[ProxyAttnConfig], dense_layers: int) -> BackendSettings:
-    """Validated settings; config None means ProxyAttnConfig()."""
+    """Validated settings; config None means ProxyAttnConfig(). The config's softmax_scale must be
+    None: every layer runs with its own scale, the engine's."""
     cfg = ProxyAttnConfig() if config is None else config
     if not isinstance(cfg, ProxyAttnConfig):
         raise TypeError(f"config must be a ProxyAttnConfig, got {type(cfg).__name__}")
+    if cfg.softmax_scale is not None:
+        raise ValueError(f"a serving backend runs every layer with the engine's softmax scale for it, so "
+                         f"the config's softmax_scale must be None, got {cfg.softmax_scale}")
     return BackendSettings(cfg, check_int("dense_layers", dense_layers, 0))
 
 
@@ -42,7 +46,7 @@ def settings_from_env(config_env: str, dense_layers_env: str) -> BackendSettings
     if unknown:
         raise ValueError(f"{config_env} names unknown ProxyAttnConfig fields {unknown} (in {raw!r})")
     try:
-        config = ProxyAttnConfig(**fields)
+        config = make_settings(ProxyAttnConfig(**fields), 0).config
     except (TypeError, ValueError) as e:
         raise type(e)(f"{config_env}={raw!r}: {e}") from None
     layers = os.environ.get(dense_layers_env) or "0"

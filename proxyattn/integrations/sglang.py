@@ -23,7 +23,8 @@ the page table read from req_to_token, seqlens_k = seq_lens (prefix + chunk), cu
 extend_seq_lens and softmax_scale = layer.scaling. Layers with layer_id < dense_layers run dense
 attention (proxyattn's dense path). In MIXED batches (--enable-mixed-chunk) the running requests'
 one-token extends get exact attention, like their decode steps: a sequence with fewer queries
-than a block runs dense (ProxyAttnConfig.runs_dense). Forward modes EXTEND and MIXED only:
+than a block runs dense (ProxyAttnConfig.runs_dense), unless dense_below is 0 (the sparse path
+on every sequence). Forward modes EXTEND and MIXED only:
 decoding raises (pair the backend with --decode-attention-backend), and so do speculative
 verify/draft and dLLM batches,
 cross-attention, sliding windows, logit capping, MLA and pools that translate KV ids.
@@ -111,7 +112,7 @@ def register(config: Optional[ProxyAttnConfig] = None, *, dense_layers: int = 0,
     """Register (or re-register) the backend with SGLang's attention registry under `name` and
     add `name` to the choices of --attention-backend, --prefill-attention-backend and
     --decode-attention-backend. config: ProxyAttnConfig of the sparse layers (default
-    ProxyAttnConfig(); its softmax_scale is replaced by each layer's scaling). dense_layers: layers
+    ProxyAttnConfig(); its softmax_scale must be None, since each layer runs with its own scaling). dense_layers: layers
     with layer_id < dense_layers run dense attention. Returns name."""
     from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS, register_attention_backend

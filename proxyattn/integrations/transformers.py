@@ -38,9 +38,9 @@ arguments; the reason is counted (see `get_stats`). Below `config.dense_below` k
 proxy_attention itself runs dense attention.
 
 Mask rule. The attention function never reads mask values (that would synchronise on CUDA).
-Instead the registered mask function returns `None` exactly when the mask would be pure
+Instead the registered mask function returns `None` only when the mask would be pure
 bottom-right causal: plain causal mask function (no packing or custom overlays; a sliding window
-or attention chunk only where it is at least as long as the keys, so that it changes nothing),
+or attention chunk only where it is longer than the keys, so that it changes nothing),
 integer offsets with `q_offset - kv_offset == kv_length - q_length`, and a 2D padding mask that
 is absent or all ones. In every other case it materialises the full
 boolean mask as transformers' "sdpa" mask does (it never uses SDPA's own `is_causal` skips,
@@ -238,9 +238,9 @@ def _is_bottom_right_causal(q_length, kv_length, q_offset, kv_offset, mask_funct
     if any(isinstance(x, Tensor) or not isinstance(x, int) for x in (q_length, kv_length, q_offset, kv_offset)):
         return False  # tensor offsets (StaticCache) or symbolic sizes: cannot decide without reading them
     if local_size is not None:
-        # A sliding window or attention chunk (local_size) shorter than the keys shapes the mask; one
-        # at least as long does not, and the mask is the plain causal one (as transformers' sdpa
-        # mask decides too).
+        # A sliding window or attention chunk (local_size) longer than the keys leaves the mask the
+        # plain causal one (as transformers' sdpa mask decides too); one of the keys' length or
+        # shorter goes to the materialised mask, which is right either way.
         if not (isinstance(local_size, int) and kv_length < local_size):
             return False
     elif mask_function is not causal_mask_function:

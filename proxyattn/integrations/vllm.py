@@ -121,8 +121,8 @@ def kv_cache_views(kv_cache: Tensor, head_size: int):
 def register(config: Optional[ProxyAttnConfig] = None, dense_layers: int = 0) -> str:
     """Register the backend with vLLM's attention backend registry as "PROXYATTN" (select it with
     --attention-backend PROXYATTN) and store the settings it runs with. config: ProxyAttnConfig
-    of the sparse layers (default ProxyAttnConfig(); its softmax_scale is replaced by each
-    layer's scale). dense_layers: layers with index < dense_layers run dense attention. Calling
+    of the sparse layers (default ProxyAttnConfig(); its softmax_scale must be None, since each
+    layer runs with its own scale). dense_layers: layers with index < dense_layers run dense attention. Calling
     it again replaces the settings of impls built afterwards. Returns the name."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
@@ -205,8 +205,9 @@ def _classes():
             if prefill is None:
                 full = super().build(common_prefix_len, cm, fast_build)
                 return ProxyAttnMetadata(**_fields(full), decode_reqs=num_decodes, decode_tokens=num_decode_tokens)
-            # The whole batch's metadata without an ahead-of-time schedule (its kernels never run on
-            # it); the decode rows' metadata with vLLM's usual options.
+            # The whole batch's metadata without an ahead-of-time schedule, so that the decode rows'
+            # metadata, built with vLLM's usual options, keeps vLLM's persistent schedule buffer to
+            # itself; only the layers that fall back to FlashAttention whole run on it.
             full = super().build(common_prefix_len, cm, fast_build=True)
             decode = None
             if num_decodes > 0:
@@ -265,7 +266,9 @@ def _classes():
                                        output_block_scale)
             if attn_metadata.decode is not None:
                 n = attn_metadata.decode_tokens
-                super().forward(layer, query[:n], key[:n], value[:n], kv_cache, attn_metadata.decode, output[:n])
+                # key and value are None in a layer that shares another layer's KV cache.
+                super().forward(layer, query[:n], None if key is None else key[:n],
+                                None if value is None else value[:n], kv_cache, attn_metadata.decode, output[:n])
             k_cache, v_cache = kv_cache_views(kv_cache, self.head_size)
             p = prefill
             out = proxy_attention_paged(query[p.token_start:p.token_end], k_cache, v_cache, p.page_table, p.seqlens_k,
