@@ -74,6 +74,24 @@ __device__ __forceinline__ void fence_proxy_async_shared() {
 // Compiler fence between C++ shared-memory accesses and the barrier asm (which has no memory clobber).
 __device__ __forceinline__ void compiler_fence() { asm volatile("" ::: "memory"); }
 
+// A ring stage given back after a warpgroup's wgmma on it has completed (the estimate kernels' key
+// rings, fed by TMA): lane 0 of each of the CTA's kWarps warps adds one to `count` (CTA-scope fences
+// on both sides order the wgmma's reads before the next copy's writes), and the warp that makes it
+// kWarps resets it and calls refill() (the copy of the stage's next tile), so no thread waits for a
+// free stage.
+template <int kWarps, class Refill>
+__device__ __forceinline__ void release_stage(int lane, int& count, Refill&& refill) {
+  __syncwarp();
+  if (lane == 0) {
+    __threadfence_block();
+    if (atomicAdd(&count, 1) == kWarps - 1) {
+      __threadfence_block();
+      count = 0;
+      refill();
+    }
+  }
+}
+
 // A tensor map's stride of a dimension of `size`: a size-1 dimension's stride is never used, so it
 // gets `fallback`, a value TMA accepts (a 16-byte multiple).
 inline int64_t tma_stride(int64_t size, int64_t stride, int64_t fallback) { return size > 1 ? stride : fallback; }

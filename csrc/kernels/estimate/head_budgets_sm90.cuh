@@ -193,15 +193,9 @@ __global__ void __launch_bounds__(kThreads, 2)
       bsa_sm90::wg_issue<true>(mma, tQ, tK(_, _, _, stg), acc);
       warpgroup_wait<0>();
       warpgroup_fence_operand(acc);
-      __syncwarp();
-      if (lane == 0) {
-        __threadfence_block();
-        if (atomicAdd(&ss.release[stg], 1) == kThreads / 32 - 1) {
-          __threadfence_block();
-          ss.release[stg] = 0;
-          if (j + kStages < ntiles) issue_tile(j + kStages, stg);
-        }
-      }
+      bsa_sm90::release_stage<kThreads / 32>(lane, ss.release[stg], [&] {
+        if (j + kStages < ntiles) issue_tile(j + kStages, stg);
+      });
       tile_math(j);
     }
   } else {

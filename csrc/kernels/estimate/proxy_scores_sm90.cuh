@@ -293,13 +293,11 @@ __global__ void __launch_bounds__(kThreads, 2)
       scores::online_rows_ahead<2, kCols>(row_m, row_l, row_f, row_exact, rc, tmax, lt, c);
     };
     // Iteration j (tile t = it + j of the CTA, stage t % kStages): wait for the stage's tile,
-    // issue its wgmma, wait for that, release the stage and do the tile's math. A stage is released
-    // by each warp once its warpgroup's wgmma on it has completed: lane 0 adds one to release[st]
-    // (CTA-scope fences on both sides order the wgmma's reads before the next copy's writes); the
-    // warp that makes it kThreads / 32 resets it and issues the copy of tile j + kStages into the
-    // stage, so no thread waits for a free stage. The loop is instantiated per 16-bit type (ptxas
-    // serialises every wgmma if the accumulator is read on a branch while the wgmma that wrote it
-    // sits on another), and every warpgroup issues the wgmma of every tile.
+    // issue its wgmma, wait for that, release the stage (bsa_sm90::release_stage: the warp that
+    // completes the count issues the copy of tile j + kStages into it) and do the tile's math. The
+    // loop is instantiated per 16-bit type (ptxas serialises every wgmma if the accumulator is read
+    // on a branch while the wgmma that wrote it sits on another), and every warpgroup issues the
+    // wgmma of every tile.
     auto run_tiles = [&](auto& mma, auto& tQ, auto& tK) {
       for (int j = 0; j < ntiles; ++j) {
         const int t = it + j, st = t % kStages;
@@ -307,15 +305,9 @@ __global__ void __launch_bounds__(kThreads, 2)
         bsa_sm90::wg_issue<true>(mma, tQ, tK(_, _, _, st), acc);
         warpgroup_wait<0>();
         warpgroup_fence_operand(acc);
-        __syncwarp();
-        if (lane == 0) {
-          __threadfence_block();
-          if (atomicAdd(&ss.release[st], 1) == kThreads / 32 - 1) {
-            __threadfence_block();
-            ss.release[st] = 0;
-            if (j + kStages < ntiles) issue_tile(cur, j + kStages, st);
-          }
-        }
+        bsa_sm90::release_stage<kThreads / 32>(lane, ss.release[st], [&] {
+          if (j + kStages < ntiles) issue_tile(cur, j + kStages, st);
+        });
         tile_math(j, accrc);
       }
     };
