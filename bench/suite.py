@@ -104,10 +104,12 @@ def parse_args(argv=None):
     ap.add_argument("--gen-workers", type=int, default=3,
                     help="with --gen-device cpu: processes generating inputs ahead of the GPU (0: inline)")
     ap.add_argument("--quick", action="store_true", help="N 4096 32768, D 128, one density, varlen total 32768")
-    ap.add_argument("--tag", default="suite")
+    ap.add_argument("--tag", default=None, help="record tag (default suite, suite-quick with --quick, which the "
+                                                "docs' tables never take for a full suite)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/<card>-<date>-<tag>.json)")
     ap.add_argument("--no-plots", action="store_true")
     a = ap.parse_args(argv)
+    a.tag = a.tag or ("suite-quick" if a.quick else "suite")
     if a.quick:
         a.seq_lens = a.seq_lens or [4096, 32768]
         a.head_dims = a.head_dims or [128]

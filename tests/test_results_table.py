@@ -149,7 +149,8 @@ def test_doc_tables(tmp_path):
     assert "| flex | random sel. | 32k | 1 | 32/8 | 128 | bf16 | 0.100 | 5.000 | 120.0 | 2.00x | 4.00x | - |" in lines
     assert ("| proxy_attention | G=16, proxy sel. | 128k | 1 | 32/8 | 128 | bf16 | 0.031 | 16.50 | 262.7 | 14.39x "
             "| - | - |") in lines
-    assert "| estimate | G=16 | 128k | 1 | 32/8 | 128 | bf16 | - | 3.823 | - | 62.12x | - | - |" in lines
+    # no ratio for the estimate's rows (they compute no attention)
+    assert "| estimate | G=16 | 128k | 1 | 32/8 | 128 | bf16 | - | 3.823 | - | - | - | - |" in lines
     # varlen rows are not matched with fixed-length anchors of the same total length
     assert "| sdpa_cudnn | varlen 16k+16k | 32k | 1 | 32/8 | 128 | bf16 | 1.000 | 12.00 | 500.0 | - | - | - |" in lines
     assert ("| proxy_attention | G=16, varlen 16k+16k | 32k | 1 | 32/8 | 128 | bf16 | 1.000 | 3.000 | - | 4.00x "
@@ -276,3 +277,32 @@ def test_repository_outputs_are_current():
     """README.md and docs/results.md match bench/results (run tools/results_table.py after adding records)."""
     r = subprocess.run([sys.executable, SCRIPT, "--check"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_rerun_of_the_day_replaces_its_tag(tmp_path):
+    """benchlib names a second run of a tag on one day <tag>-2: within the run only the last rerun of
+    each tag counts, so the headline holds each length once, from the rerun; other tags of the run
+    (a split sweep) stay."""
+    path, res, doc = _write(tmp_path)
+    rerun = _rec("NVIDIA H200", "0123456789abcdef0123456789abcdef01234567",
+                 [_case("sdpa_cudnn", 131072, 240.0, tflops=590.0),
+                  _case("proxy_attention", 131072, 12.0, density=0.0312, proxy_heads=16, selection="proxy",
+                        estimate_ms=3.0)])
+    (res / "NVIDIA_H200-20261201-suite-2.json").write_text(json.dumps(rerun))
+    assert _run(path, res, doc).returncode == 0
+    sec = _section(path.read_text())
+    lines = _lines(sec)
+    assert "| 128k | 16 | 0.031 | 12.00 | 3.000 | 240.0 | 20.00x | - |" in lines
+    assert not any(ln.startswith("| 32k ") or "16.50" in ln for ln in lines)  # the first run's rows
+    assert "| 512k | 16 | 1.000 | 80.00 | - | 4000.0 | 50.00x | - |" in lines  # the split sweep stays
+    assert "NVIDIA_H200-20261201-suite-2.json" in sec and "NVIDIA_H200-20261201-suite.json`" not in sec
+
+
+def test_quick_suite_is_not_a_full_suite(monkeypatch):
+    """suite.py --quick writes under the tag suite-quick, which results_table never takes for the newest suite."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import suite
+
+    assert suite.parse_args(["--quick"]).tag == "suite-quick"
+    assert suite.parse_args([]).tag == "suite"
+    assert suite.parse_args(["--quick", "--tag", "suite-512k"]).tag == "suite-512k"

@@ -9,7 +9,8 @@ entries are listed as not tabulated (and noted on stderr).
 
 Suites. A suite file has the tag `suite` or `suite-<anything>` (a split sweep, e.g.
 `suite-512k`), except `suite-quick`. A suite run is the suite files of one card with the same
-date and commit (one sweep may be several invocations, one file each). Per card the newest run
+date and commit (one sweep may be several invocations, one file each; of a tag rerun the same day,
+`<tag>-2`, `<tag>-3` as benchlib names them, only the last counts). Per card the newest run
 wins: the latest date; on one date, a run whose proxy_attention cases all use the current default
 configuration (proxyattn/config.py) before one that does not; then the later file name. So a new
 full suite replaces the old one in the docs without any edit.
@@ -192,12 +193,24 @@ def _at_default(files, is_default):
     return bool(pa) and is_default is not None and all(is_default(c) for c in pa)
 
 
+def _rerun(tag):
+    """(the tag without a rerun's suffix, the rerun's number): benchlib names a second run of the
+    same tag on one day <tag>-2, a third <tag>-3."""
+    m = re.match(r"^(?P<base>.+)-(?P<n>\d+)$", tag)
+    return (m.group("base"), int(m.group("n"))) if m else (tag, 1)
+
+
 def newest_suites(records, is_default=None):
-    """{card: [records of the newest suite run]}, each list in file-name order."""
+    """{card: [records of the newest suite run]}, each list in file-name order. Of the files of one
+    run with the same tag but for a rerun's suffix, the last rerun alone counts."""
     runs = {}
     for r in records:
         if r.is_suite:
-            runs.setdefault((r.card, r.date, r.commit), []).append(r)
+            base, n = _rerun(r.tag)
+            files = runs.setdefault((r.card, r.date, r.commit), {})
+            if base not in files or n > _rerun(files[base].tag)[1]:
+                files[base] = r
+    runs = {key: list(files.values()) for key, files in runs.items()}
     best = {}
     for (card, date, _), files in runs.items():
         key = (date, _at_default(files, is_default), max(f.base for f in files))
@@ -230,7 +243,8 @@ def file_table(rec):
                 ref = anchor_ms.get((a, _shape_key(c), _round_of(c)), anchor_ms.get((a, _shape_key(c), None)))
             else:
                 ref = anchor_ms.get((a, _mask_key(c)))
-            row.append(f"{ref / float(c['ms']):.2f}x" if ref and c["name"] != a and float(c["ms"]) > 0 else "-")
+            row.append(f"{ref / float(c['ms']):.2f}x" if ref and c["name"] != a and float(c["ms"]) > 0
+                       and not c["name"].startswith("estimate") else "-")  # an estimate computes no attention
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
@@ -290,8 +304,9 @@ def _plots(r, results_dir, prefix):
 
 
 READING = ("Columns `vs <anchor>`: anchor ms / ms on the same shape in the same file (flex: on the same "
-           "block mask); > 1 is faster than the anchor. N in tokens (k = 1024); density: computed / causal "
-           "block pairs; TFLOP/s counts computed block pairs only.")
+           "block mask); > 1 is faster than the anchor; none for the estimate's rows, which compute no attention. "
+           "N in tokens (k = 1024); density: computed / causal block pairs; TFLOP/s counts computed block "
+           "pairs only.")
 
 
 def render_doc(records, skipped, results_dir, is_default):
