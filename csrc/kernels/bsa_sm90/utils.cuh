@@ -1,13 +1,17 @@
 // Small helpers of the Hopper kernels (attention and stages 1 and 2 of the estimate): the macro that
 // says whether sm_90a device code is being compiled, views of wgmma accumulator fragments, the issue
-// of one warpgroup-wide wgmma batch, a compiler fence around shared-memory hand-offs, and the host's
-// tensor-map strides.
+// of one warpgroup-wide wgmma batch, a compiler fence around shared-memory hand-offs, the start and
+// the stage release of the estimate kernels' TMA key rings, and the host's tensor-map strides.
 #pragma once
 
 #include <type_traits>
 
+#include <cstdint>
+
 #include <cute/tensor.hpp>
+#include <cute/arch/copy_sm90_desc.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cutlass/arch/barrier.h>
 
 // 1 while compiling device code for sm_90a (wgmma, TMA, setmaxnreg); kernel bodies are empty elsewhere.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -73,6 +77,21 @@ __device__ __forceinline__ void fence_proxy_async_shared() {
 
 // Compiler fence between C++ shared-memory accesses and the barrier asm (which has no memory clobber).
 __device__ __forceinline__ void compiler_fence() { asm volatile("" ::: "memory"); }
+
+// A TMA key ring's start, by one thread: its tensor map prefetched, each stage's transaction barrier
+// set up for one arrival (the thread that issues the stage's copy) and its release count (release_stage)
+// cleared, and the barriers made visible to the copies.
+template <int kStages>
+__device__ __forceinline__ void init_ring(cute::TmaDescriptor const* tma_desc, uint64_t (&full)[kStages],
+                                          int (&release)[kStages]) {
+  cute::prefetch_tma_descriptor(tma_desc);
+#pragma unroll
+  for (int st = 0; st < kStages; ++st) {
+    cutlass::arch::ClusterTransactionBarrier::init(&full[st], 1);
+    release[st] = 0;
+  }
+  cutlass::arch::fence_barrier_init();
+}
 
 // A ring stage given back after a warpgroup's wgmma on it has completed (the estimate kernels' key
 // rings, fed by TMA): lane 0 of each of the CTA's kWarps warps adds one to `count` (CTA-scope fences

@@ -122,13 +122,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int ntiles = ceil_div32(ps.k1 - ps.k0, kKeys);
   if constexpr (kTma) {
     if (tid == 0) {
-      cute::prefetch_tma_descriptor(tma_k.get_tma_descriptor());
-#pragma unroll
-      for (int st = 0; st < kStages; ++st) {
-        Barrier::init(&ss.full[st], 1);
-        ss.release[st] = 0;
-      }
-      cutlass::arch::fence_barrier_init();
+      bsa_sm90::init_ring(tma_k.get_tma_descriptor(), ss.full, ss.release);
 #pragma unroll
       for (int j = 0; j < kStages; ++j)
         if (j < ntiles) issue_tile(j, j);

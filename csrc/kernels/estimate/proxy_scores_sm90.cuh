@@ -141,15 +141,7 @@ __global__ void __launch_bounds__(kThreads, 2)
                 "one thread holds two rows of the tile");
 
   using Barrier = cutlass::arch::ClusterTransactionBarrier;
-  if (tid == 0) {
-    cute::prefetch_tma_descriptor(tma_k.get_tma_descriptor());
-#pragma unroll
-    for (int st = 0; st < kStages; ++st) {
-      Barrier::init(&ss.full[st], 1);
-      ss.release[st] = 0;
-    }
-    cutlass::arch::fence_barrier_init();
-  }
+  if (tid == 0) bsa_sm90::init_ring(tma_k.get_tma_descriptor(), ss.full, ss.release);
   // The pooled keys as the tensor map's coordinates, (rows of every (b, group), D).
   Tensor mK = tma_k.get_tma_tensor(make_shape(k_rows_total, Int<D>{}));
   int it = 0;  // key tiles this CTA has consumed: tile `it` sits in stage it % kStages, phase (it / kStages) & 1
