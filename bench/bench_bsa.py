@@ -11,21 +11,28 @@ Anchors (docs/design.md sections 5 and 6), all on the same inputs in the same pr
                           diagonal blocks as masked blocks, the others as full blocks, causal=True)
 fa4, flex_flash and fa4_sparse need the optional flash-attn-4 wheels (../shared/GPU.md); where
 flash_attn.cute does not import they are skipped with one line saying why. Each anchor is set up in
-its own try/except: one that fails is reported and the others still run. On every selection the
-outputs of the block-sparse anchors (flex, flex_flash, fa4_sparse) are compared with ours
-(max_abs_diff_vs_bsa in their records); one that differs by more than MAX_ANCHOR_DIFF times the
-largest |out| (at least 1) computes something else and is dropped as failed, not timed.
+its own try/except: one that fails is reported and the others still run.
+
+Outputs are checked before their timed runs (benchlib.compare_outputs: row by row, within a few bf16
+ulps of the row's largest value). On every random selection our output (the first --backends entry,
+computed into poisoned memory, benchlib.poisoned_outputs) must be finite, else the run stops naming
+the case; the other backends' outputs and the block-sparse anchors' (flex, flex_flash, fa4_sparse) are
+compared with it (max_abs_diff_vs_bsa in their records). Per length FA4's dense output is compared
+with cuDNN's (max_abs_diff_vs_sdpa_cudnn). A case that disagrees is printed loudly and still timed;
+both records carry disagrees: true (and disagrees_with; disagreeing_rows on the compared one).
 
 Random causal block selections keep the sink block and the diagonal block; density = computed
 block pairs / causal block pairs. Cold L2 (a 256 MB buffer is rewritten before every timed run),
-CUDA events, median of --reps runs after warm-up. Effective TFLOP/s counts only computed pairs:
-density * 4 * D * Hq * N^2 / 2 per batch item. --backends also times our kernel with
-PROXYATTN_BSA_BACKEND=portable or hopper (records bsa_portable, bsa_hopper; `auto`, the default,
-leaves the variable as it is and records bsa).
+CUDA events, median of --reps >= 10 runs after warm-up. By default the kernels of one length and
+density run in shuffled interleaved rounds (--no-interleave: each timed alone, one after another);
+the record's meta holds reps, the warm-up runs per length and whether the rounds were interleaved.
+Effective TFLOP/s counts only computed pairs: density * 4 * D * Hq * N^2 / 2 per batch item.
+--backends also times our kernel with PROXYATTN_BSA_BACKEND=portable or hopper (records
+bsa_portable, bsa_hopper; `auto`, the default, leaves the variable as it is and records bsa).
 
   python3 bench/bench_bsa.py [--seqlens 32768 131072] [--densities 1.0 0.3 0.1] [--out PATH]
-      [--backends auto portable] [--masks random window split2 split4] [--interleave]
-      [--head-dims 128 64]
+      [--backends auto portable] [--masks random window split2 split4] [--no-interleave]
+      [--head-dims 128 64] [--reps 10]
 
 Writes bench/results/<card>-<yyyymmdd>-bsa.json (docs/design.md section 6 format) and prints a table.
 """
@@ -39,7 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from benchlib import add_head_args, l2_flush_buffer, time_cold, time_cold_interleaved, write_record
+from benchlib import (add_head_args, allow_recompiles, compare_outputs, l2_flush_buffer, poisoned_outputs,
+                      record_comparison, require_finite, time_cold, time_cold_interleaved, write_record)
 
 BACKEND_ENV = "PROXYATTN_BSA_BACKEND"  # auto | portable | hopper: the op's one kernel switch
 FA4_ANCHORS = ("fa4", "fa4_sparse", "flex_flash")
@@ -223,23 +231,6 @@ def make_flex_flash():
     return torch.compile(flex_flash, dynamic=False)
 
 
-def max_abs_diff(a, b):
-    return float((a.float() - b.float()).abs().max())
-
-
-# Two correct kernels on the same selection agree within a few bf16 ulps of the outputs (FA4's
-# block-sparse kernel and ours: within 0.002 at 128k on outputs of size ~1; an ulp is 0.03 at
-# |out| = 4-8, which structured inputs' needle rows reach): beyond MAX_ANCHOR_DIFF times the
-# largest |out| (at least 1) the anchor computes something else.
-MAX_ANCHOR_DIFF = 0.02
-
-
-def anchor_diff(out, ours):
-    """(max |out - ours|, whether that is beyond MAX_ANCHOR_DIFF scaled by max(1, max |ours|))."""
-    diff = max_abs_diff(out, ours)
-    return diff, not diff <= MAX_ANCHOR_DIFF * max(1.0, float(ours.abs().max()))
-
-
 def failure(e):
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
@@ -264,34 +255,59 @@ def env_vars(values):
             set_env(name, value)
 
 
-def main():
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seqlens", type=int, nargs="+", default=[32768, 131072])
     ap.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.3, 0.1])
     add_head_args(ap)
     ap.add_argument("--block-size", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--reps", type=int, default=10, help="timed runs per measurement (median; >= 10)")
     ap.add_argument("--skip", nargs="*", default=[],
                     choices=["sdpa_flash", "sdpa_cudnn", "flex", "flex_flash", "fa4", "fa4_sparse"],
                     help="anchors to skip")
     ap.add_argument("--backends", nargs="+", default=["auto"], choices=["auto", "portable", "hopper"],
                     help=f"our kernel under {BACKEND_ENV}: auto leaves the variable as it is (recorded as bsa), "
-                         "portable / hopper set it around the call (recorded as bsa_portable / bsa_hopper)")
+                         "portable / hopper set it around the call (recorded as bsa_portable / bsa_hopper); the "
+                         "first one's output is the one the others and the anchors are compared with")
     ap.add_argument("--masks", nargs="+", default=["random"], choices=["random", "window", "split2", "split4"],
                     help="random: random causal blocks (default); window: the same row lengths as contiguous "
                          "blocks ending at the diagonal (plus the sink), recorded with the suffix _window; "
                          "split<k>: the random blocks cut into k key ranges, one call per range in sequence, "
                          "timed together without merging the partial outputs (suffix _split<k>)")
-    ap.add_argument("--interleave", action="store_true",
+    ap.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
                     help="per sequence length and density, time the dense anchors (cuDNN, FA4), every bsa case and "
                          "the block-sparse anchors with their runs interleaved (benchlib.time_cold_interleaved), so "
                          "clock and thermal drift hits each alike; the dense anchors are then recorded once per "
-                         "density, with that density in their field paired_density")
+                         "density, with that density in their field paired_density (default; --no-interleave "
+                         "times each alone, the dense anchors once per length)")
     ap.add_argument("--head-dims", type=int, nargs="+", default=None,
                     help="several head dims in one run and one record, one after another (overrides --head-dim); "
                          "an anchor that fails is not tried again at a later head dim either")
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    a = ap.parse_args(argv)
+    if a.reps < 10:
+        ap.error("--reps must be >= 10 (docs/design.md section 5: medians of at least 10 runs)")
+    return a
+
+
+def warmup_runs(n):
+    """Warm-up runs before the timed ones at sequence length n (block-sparse anchors timed alone, with
+    --no-interleave, get one more)."""
+    return 1 if n > 65536 else 2
+
+
+def bsa_label(backend):
+    """The record name of our kernel under a --backends value."""
+    return "bsa" if backend == "auto" else f"bsa_{backend}"
+
+
+def backend_env(backend):
+    """The environment our kernel runs under for a --backends value."""
+    return {} if backend == "auto" else {BACKEND_ENV: backend}
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_bsa.py needs a CUDA GPU")
     import proxyattn  # noqa: F401  (loads the extension)
@@ -301,14 +317,17 @@ def main():
     flush = l2_flush_buffer()
     gen = torch.Generator(device="cuda").manual_seed(0)
     from torch.nn.attention.flex_attention import flex_attention
-    flex = None if "flex" in args.skip else torch.compile(flex_attention, dynamic=False)
     failed = {}  # anchor -> reason it was skipped or failed (in the JSON as "skipped"); not tried again
     fa4 = None
     if not all(x in args.skip for x in FA4_ANCHORS):
         fa4, why = load_fa4()
         failed.update({x: why for x in FA4_ANCHORS if fa4 is None and x not in args.skip})
+    if "flex" not in args.skip or (fa4 is not None and "flex_flash" not in args.skip):
+        allow_recompiles()
+    flex = None if "flex" in args.skip else torch.compile(flex_attention, dynamic=False)
     flex_flash = None if fa4 is None or "flex_flash" in args.skip else make_flex_flash()
     use = {name: fa4 is not None and name not in args.skip for name in ("fa4", "fa4_sparse")}
+    meta = {"reps": args.reps, "warmup": {str(n): warmup_runs(n) for n in args.seqlens}, "interleave": args.interleave}
 
     cases = []
 
@@ -319,7 +338,8 @@ def main():
         cases.append({"name": name, "seq_len": n, "batch": b, "q_heads": hq, "kv_heads": hkv, "head_dim": d,
                       "dtype": "bf16", "density": round(density, 4), "ms": round(ms, 3),
                       "tflops": round(tflops, 1), **extra})
-        print(f"{name:16s} N={n:7d} density={density:5.3f} {ms:10.3f} ms {tflops:7.1f} TFLOP/s", flush=True)
+        flag = "  DISAGREES with " + ", ".join(extra["disagrees_with"]) if extra.get("disagrees") else ""
+        print(f"{name:16s} N={n:7d} density={density:5.3f} {ms:10.3f} ms {tflops:7.1f} TFLOP/s{flag}", flush=True)
 
     def fail(name, e):
         failed[name] = failure(e)
@@ -329,15 +349,19 @@ def main():
         scale = d ** -0.5
         for n in args.seqlens:
             reps = args.reps
-            warmup = 1 if n > 65536 else 2
+            warmup = warmup_runs(n)
             q = torch.randn(b, n, hq, d, generator=gen, device="cuda", dtype=dtype)
             k = torch.randn(b, n, hkv, d, generator=gen, device="cuda", dtype=dtype)
             v = torch.randn(b, n, hkv, d, generator=gen, device="cuda", dtype=dtype)
             qt = q.transpose(1, 2)  # [B, H, N, D] views for SDPA / flex
             kt, vt = k.transpose(1, 2), v.transpose(1, 2)
 
-            # dense anchors: {name: (fn, context factory)}; timed here, or with every density (--interleave)
+            def bsa(mc, mi):
+                return torch.ops.proxyattn.block_sparse_attention(q, k, v, mc, mi, None, None, n, n, s, scale, True)[0]
+
+            # dense anchors: {name: (fn, context factory)}; timed here, or with every density (interleaved)
             dense = {}
+            dense_extras = {}  # name -> extra record fields (FA4's output against cuDNN's)
             ke = ve = None
             if "sdpa_flash" not in args.skip or "sdpa_cudnn" not in args.skip:
                 ke = kt.repeat_interleave(hq // hkv, dim=1)
@@ -349,10 +373,11 @@ def main():
                                        lambda backend=backend: sdpa_kernel(backend))
             if use["fa4"] and "fa4" not in failed:
                 dense["fa4"] = (lambda: fa4.dense(q, k, v, scale), None)
+            cudnn_out = None
             for name, (fn, ctx) in list(dense.items()):
                 try:  # compiles (FA4: tens of seconds) and checks that the anchor runs at all
                     with ctx() if ctx is not None else contextlib.nullcontext():
-                        fn()
+                        out = fn()
                     torch.cuda.synchronize()
                 except Exception as e:
                     del dense[name]
@@ -360,44 +385,45 @@ def main():
                         fail(name, e)
                     else:
                         print(f"{name}: unavailable ({failure(e)})")
+                    continue
+                if name == "sdpa_cudnn" and "fa4" in dense:
+                    cudnn_out = out.transpose(1, 2)  # [B, N, H, D], like FA4's
+                elif name == "fa4" and cudnn_out is not None:
+                    where = f"N={n}, D={d}"
+                    res = compare_outputs(cudnn_out, out, f"sdpa_cudnn ({where})")
+                    print(record_comparison(dense_extras, "fa4", "sdpa_cudnn", res, where), flush=True)
+                    cudnn_out = None
+                del out
+            cudnn_out = None
             for name, (fn, ctx) in list(dense.items()):
-                # SDPA flash (slow) is timed once per length; with --interleave the others join every density's rounds
+                # SDPA flash (slow) is timed once per length; interleaved, the others join every density's rounds
                 if not args.interleave or name == "sdpa_flash":
                     with ctx() if ctx is not None else contextlib.nullcontext():
                         ms = time_cold(fn, reps, warmup, flush)
-                    record(name, n, 1.0, ms)
+                    record(name, n, 1.0, ms, **dense_extras.get(name, {}))
                     del dense[name]
 
             if flex is not None or flex_flash is not None:
                 qf, kf, vf = qt.contiguous(), kt.contiguous(), vt.contiguous()  # [B, H, N, D]
-            for i_density, target in enumerate(args.densities):
+            for target in args.densities:
                 counts, indices, density = random_causal_selection(b, hq, n, s, target, gen)
-                timed = dict(dense)  # --interleave: label -> (fn, context factory), timed together below
-                extras = {}
-                for mask in args.masks:
-                    if mask == "random":
-                        sels = [(counts, indices)]
-                    elif mask == "window":
-                        sels = [window_selection(counts, indices)]
-                    else:
-                        sels = key_split_selections(counts, indices, int(mask[len("split"):]))
-                    suffix = "" if mask == "random" else f"_{mask}"
-
-                    def call(sels=sels):
-                        for mc, mi in sels:
-                            out = torch.ops.proxyattn.block_sparse_attention(
-                                q, k, v, mc, mi, None, None, n, n, s, scale, True)
-                        return out
-
-                    for backend in args.backends:  # the op reads the variable on every call
-                        label = ("bsa" if backend == "auto" else f"bsa_{backend}") + suffix
-                        env = {} if backend == "auto" else {BACKEND_ENV: backend}
-                        if args.interleave:
-                            timed[label] = (call, lambda env=env: env_vars(env))
-                        else:
-                            with env_vars(env):
-                                ms = time_cold(call, reps, warmup, flush)
-                            record(label, n, density, ms)
+                where = f"N={n}, D={d}, density {density:.3f}"
+                timed = dict(dense)  # interleaved: label -> (fn, context factory), timed together below
+                extras = {}  # label -> extra record fields (the output checks on the random selection)
+                # Our output on the random selection, into poisoned memory and outside the timed runs: it must
+                # be finite; the other backends' and the block-sparse anchors' outputs are compared with it.
+                ours_label = bsa_label(args.backends[0])
+                with env_vars(backend_env(args.backends[0])), poisoned_outputs():
+                    ours = bsa(counts, indices)
+                require_finite(ours, f"{ours_label} ({where})")
+                for backend in args.backends[1:]:
+                    label = bsa_label(backend)
+                    with env_vars(backend_env(backend)), poisoned_outputs():
+                        out = bsa(counts, indices)
+                    require_finite(out, f"{label} ({where})")
+                    res = compare_outputs(ours, out, f"{ours_label} ({where})")
+                    print(record_comparison(extras, label, ours_label, res, where), flush=True)
+                    del out
 
                 anchors = {}  # block-sparse anchors on the random selection: name -> fn
                 bm = None
@@ -416,25 +442,44 @@ def main():
                         anchors["fa4_sparse"] = lambda bst=bst: fa4.sparse(q, k, v, bst, scale)
                     except Exception as e:
                         fail("fa4_sparse", e)
-                ours = None
-                if anchors:
-                    ours = torch.ops.proxyattn.block_sparse_attention(q, k, v, counts, indices, None, None, n, n, s,
-                                                                      scale, True)[0]
                 for name, fn in list(anchors.items()):
-                    try:  # compile outside the timed runs; every selection is checked against ours
+                    try:  # compile outside the timed runs
                         out = fn()
-                        out = out.transpose(1, 2) if name in ("flex", "flex_flash") else out
-                        diff, beyond = anchor_diff(out, ours)
-                        extras[name] = {"max_abs_diff_vs_bsa": round(diff, 5)}
-                        print(f"{name}: max |out - bsa| = {diff:.5f} (N={n}, density {density:.3f})", flush=True)
-                        del out
-                        if beyond:
-                            raise RuntimeError(f"its output differs from ours by {diff:.4g} on the same selection "
-                                               f"(bound: MAX_ANCHOR_DIFF = {MAX_ANCHOR_DIFF} x max(1, max |out|))")
+                        torch.cuda.synchronize()
                     except Exception as e:  # compile problems must not lose the other numbers
                         del anchors[name]
                         fail(name, e)
+                        continue
+                    out = out.transpose(1, 2) if name in ("flex", "flex_flash") else out
+                    res = compare_outputs(ours, out, f"{ours_label} ({where})")
+                    print(record_comparison(extras, name, ours_label, res, where), flush=True)  # timed all the same
+                    del out
                 del ours
+
+                for mask in args.masks:
+                    if mask == "random":
+                        sels = [(counts, indices)]
+                    elif mask == "window":
+                        sels = [window_selection(counts, indices)]
+                    else:
+                        sels = key_split_selections(counts, indices, int(mask[len("split"):]))
+                    suffix = "" if mask == "random" else f"_{mask}"
+
+                    def call(sels=sels):
+                        for mc, mi in sels:
+                            out = bsa(mc, mi)
+                        return out
+
+                    for backend in args.backends:  # the op reads the variable on every call
+                        label = bsa_label(backend) + suffix
+                        env = backend_env(backend)
+                        if args.interleave:
+                            timed[label] = (call, lambda env=env: env_vars(env))
+                        else:
+                            with env_vars(env):
+                                ms = time_cold(call, reps, warmup, flush)
+                            record(label, n, density, ms, **extras.get(label, {}))
+
                 for name, fn in anchors.items():
                     if args.interleave:
                         timed[name] = (fn, None)
@@ -443,7 +488,7 @@ def main():
                 if args.interleave and timed:
                     for label, ms in time_cold_interleaved(timed, reps, warmup, flush).items():
                         if label in dense:
-                            record(label, n, 1.0, ms, paired_density=round(density, 4))
+                            record(label, n, 1.0, ms, paired_density=round(density, 4), **dense_extras.get(label, {}))
                         else:
                             record(label, n, density, ms, **extras.get(label, {}))
                 del counts, indices, bm, timed, anchors
@@ -451,12 +496,14 @@ def main():
             if flex is not None or flex_flash is not None:
                 del qf, kf, vf
             torch.cuda.empty_cache()
-            write_record(cases, "bsa", args.out, skipped=failed or None)  # so far: a run cut short keeps it
+            # so far: a run cut short keeps it
+            write_record(cases, "bsa", args.out, skipped=failed or None, meta=meta)
 
-    out_path = write_record(cases, "bsa", args.out, skipped=failed or None)
+    out_path = write_record(cases, "bsa", args.out, skipped=failed or None, meta=meta)
     print(f"\n{'name':16s} {'N':>7s} {'density':>8s} {'ms':>10s} {'TFLOP/s':>8s}")
     for c in cases:
-        print(f"{c['name']:16s} {c['seq_len']:7d} {c['density']:8.3f} {c['ms']:10.3f} {c['tflops']:8.1f}")
+        flag = "  DISAGREES with " + ", ".join(c["disagrees_with"]) if c.get("disagrees") else ""
+        print(f"{c['name']:16s} {c['seq_len']:7d} {c['density']:8.3f} {c['ms']:10.3f} {c['tflops']:8.1f}{flag}")
     print(f"wrote {out_path}")
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import proxyattn as pa
-from benchlib import causal_tflops, kernel_list, l2_flush_buffer, time_cold, write_record
+from benchlib import causal_tflops, compare_outputs, kernel_list, l2_flush_buffer, time_cold, write_record
 from proxyattn.attention import full_selection
 
 
@@ -116,9 +116,9 @@ def main():
                     out = out[0] if isinstance(out, tuple) else out
                     if name in ("flash_direct", "cudnn_direct"):  # a refused GQA shape must not pass silently
                         ref = F.scaled_dot_product_attention(qt, ke, ve, is_causal=True)
-                        err = (out.float() - ref.float()).abs().max().item()
-                        if not err < 2e-2:
-                            raise RuntimeError(f"wrong result (max abs error {err:.3g})")
+                        res = compare_outputs(out, ref, f"{name} at N={n}")  # a NaN raises, read as refused
+                        if not res.agrees:
+                            raise RuntimeError(f"wrong result ({res.describe()})")
                     ms = time_cold(fn, a.reps, 3, flush)
                     host = host_us(fn)
                     kernels = kernel_list(fn) if a.kernels else None

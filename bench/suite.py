@@ -17,10 +17,17 @@ needles; so the selection's density means something), timed on the same tensors:
   fa4_sparse               flash-attn-4 block sparsity on the same selection (bench_bsa.FA4)
 fa4, flex_flash and fa4_sparse need the optional flash-attn-4 wheels (../shared/GPU.md): where
 flash_attn.cute does not import they are skipped with one line saying why (and the JSON's
-"skipped"); an anchor that fails is reported and skipped for that head dim from then on. On every
-fixed-length selection the block-sparse anchors' outputs are compared with ours
-(max_abs_diff_vs_bsa in their records); one that differs by more than bench_bsa.anchor_diff allows
-computes something else and fails (skipped from then on, not timed).
+"skipped"); an anchor that fails to run is reported and skipped for that head dim from then on.
+
+Outputs are checked before their timed runs (benchlib.compare_outputs: row by row, within a few bf16
+ulps of the row's largest value). On every selection bsa's output, computed into poisoned memory
+(benchlib.poisoned_outputs), must be finite, else the suite stops naming the case; it is compared with
+the block-sparse anchors' outputs (fixed length, max_abs_diff_vs_bsa in their records), with bsa on each
+sequence alone at fixed length (varlen, max_abs_diff_vs_bsa_alone), and with proxy_attention's own
+output on that selection (max_abs_diff_vs_bsa in its record). FA4's dense output is compared with
+cuDNN's (max_abs_diff_vs_sdpa_cudnn). A case that disagrees is printed loudly and still timed, and
+both records carry disagrees: true (and disagrees_with; disagreeing_rows on the compared one).
+
 At the --density-at lengths also bsa and the block-sparse anchors on random causal selections
 (sink and diagonal kept; bench_bsa.random_causal_selection) at each --densities value, for TFLOP/s
 vs density; these are the cases bench_proxyattn --stage bsa --density R reproduces. A varlen
@@ -312,9 +319,10 @@ def run_case(c, q, k, v, a, ctx, record, progress):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import proxyattn as pa
-    from bench_bsa import anchor_diff, failure, flex_block_mask, random_causal_selection
+    from bench_bsa import failure, flex_block_mask, random_causal_selection
     from bench_estimate import estimate_stage_fns
-    from benchlib import time_cold, time_cold_interleaved
+    from benchlib import (compare_outputs, poisoned_outputs, record_comparison, require_finite, time_cold,
+                          time_cold_interleaved)
 
     OPS = torch.ops.proxyattn
     hq, hkv, d, S = a.q_heads, a.kv_heads, c.head_dim, a.block_size
@@ -335,43 +343,52 @@ def run_case(c, q, k, v, a, ctx, record, progress):
         ctx["skipped"][name] = f"D={d}: {why}"
         progress.write(f"{name}: failed at {c.key} ({why}); skipped for D={d} from here on")
 
-    def timed_group(entries, ours=None):
+    def timed_group(entries, ours=None, vs="bsa", checked=SPARSE_ANCHORS, extras=None):
         """{name: (fn, context factory or None)}: each runs once first (compiles, and shows that it runs
         at all; one that fails is dropped with its reason), then the rest are timed together in shuffled
-        interleaved rounds (benchlib.time_cold_interleaved), so drift hits them alike. With `ours` (our
-        kernel's output) the outputs are compared with it: {name: max_abs_diff_vs_bsa}. Returns
-        ({name: ms}, diffs)."""
-        ok, diffs = {}, {}
+        interleaved rounds (benchlib.time_cold_interleaved), so drift hits them alike. The first outputs of
+        the entries named in `checked` are compared (benchlib.compare_outputs) with `ours`, or where ours is
+        None with the output of the entry `vs`, which runs before them: the results go into `extras` ({name:
+        extra record fields}, benchlib.record_comparison); one that disagrees is timed all the same. Returns
+        ({name: ms}, extras)."""
+        ok, extras = {}, ({} if extras is None else extras)
+        ref = ours
+        last = [x for x in entries if x in checked][-1:]  # after it, an entry's output is no longer needed
         for name, (fn, cm) in entries.items():
             try:
                 with cm() if cm is not None else contextlib.nullcontext():
                     out = fn()
                 torch.cuda.synchronize()
-                if ours is not None and name != "bsa":
-                    out = out.transpose(1, 2) if name in ("flex", "flex_flash") else out  # [B, H, N, D] -> ours
-                    diff, beyond = anchor_diff(out, ours)
-                    diffs[name] = round(diff, 5)
-                    progress.write(f"{name}: max |out - bsa| = {diffs[name]} at {c.key}")
-                    if beyond:
-                        raise RuntimeError(f"its output differs from ours by {diffs[name]} on the same selection "
-                                           f"(bench_bsa.anchor_diff)")
-                out = None
-                ok[name] = (fn, cm)
             except Exception as e:  # a compile or launch problem must not lose the other numbers
                 progress.step(f"{name} failed")
                 if name.startswith("sdpa_"):
                     progress.write(f"{name}: unavailable ({failure(e)})")
                 else:
                     fail(name, e)
+                continue
+            ok[name] = (fn, cm)
+            if ours is None and name == vs and any(x in entries for x in checked):
+                ref = bnhd(name, out)
+            elif name in checked and ref is not None:
+                res = compare_outputs(ref, bnhd(name, out), f"{vs} at {c.key}")
+                progress.write(record_comparison(extras, name, vs, res, c.key))
+                if ours is None and [name] == last:
+                    ref = None
+            out = None
+        ref = None
         if not ok:
-            return {}, diffs
+            return {}, extras
         res = time_cold_interleaved(ok, a.reps, warm, flush)
         for name in res:
             progress.step(f"{name} {c.key}")
-        return res, diffs
+        return res, extras
 
     def usable(name):
         return name in a.anchors and (name, d) not in ctx["failed"]
+
+    def bnhd(name, out):
+        """An output in our layout: SDPA and flex write [B, H, N, D]."""
+        return out.transpose(1, 2) if name in ("sdpa_cudnn", "sdpa_flash", "flex", "flex_flash") else out
 
     flops_dense = sum(4 * d * hq * n * n / 2 for n in c.lens)
     base = dict(seq_len=c.total, batch=len(c.lens), q_heads=hq, kv_heads=hkv, head_dim=d, dtype="bf16",
@@ -422,10 +439,10 @@ def run_case(c, q, k, v, a, ctx, record, progress):
         else:
             call = lambda cfg=cfg: pa.proxy_attention(q, k, v, cfg)  # noqa: E731
         dense[f"proxy_attention@{g}"] = (call, None)
-    dense_res, _ = timed_group(dense)
+    dense_res, dense_extras = timed_group(dense, vs="sdpa_cudnn", checked=("fa4",))  # FA4 against cuDNN
     for name, ms in dense_res.items():
         if not name.startswith("proxy_attention@"):
-            record(name, base, 1.0, ms, flops_dense)
+            record(name, base, 1.0, ms, flops_dense, **dense_extras.get(name, {}))
     dense_ms = dense_res.get("sdpa_cudnn")
     dense = sdpa = views = qt = ke = ve = None  # noqa: F841  (free the expanded copies)
     torch.cuda.empty_cache()
@@ -458,17 +475,44 @@ def run_case(c, q, k, v, a, ctx, record, progress):
                 fail("fa4_sparse", e)
         return group
 
-    def run_sparse(counts, indices, density, flops, extra):
-        """Times sparse_group(counts, indices) and records it; on a fixed-length selection the anchors'
-        outputs are compared with ours first. Returns bsa's ms (None if not timed)."""
-        ours = None
-        if not varlen and any(usable(x) for x in SPARSE_ANCHORS):
-            ours = OPS.block_sparse_attention(q, k, v, counts, indices, None, None, mq, mk, S, scale, True)[0]
-        res, diffs = timed_group(sparse_group(counts, indices), ours)
+    def bsa_checked(counts, indices):
+        """bsa's output on a selection, computed into poisoned memory, outside the timed runs; it must be
+        finite (else benchlib.NonFiniteOutput stops the suite)."""
+        with poisoned_outputs():
+            out = OPS.block_sparse_attention(q, k, v, counts, indices, cu_q, cu_k, mq, mk, S, scale, True)[0]
+        require_finite(out, f"bsa at {c.key}")
+        return out
+
+    def bsa_alone(counts, indices):
+        """bsa on each sequence of the varlen batch alone, at fixed length ([1, n, H, D] views of its packed
+        rows, its rows of the selection), into poisoned memory, concatenated like the packed rows: what the
+        varlen call must equal. Each must be finite."""
+        outs = []
+        for i, n in enumerate(c.lens):
+            rows, nqb = slice(starts[i], starts[i + 1]), -(-n // S)
+            with poisoned_outputs():
+                out = OPS.block_sparse_attention(q[rows].unsqueeze(0), k[rows].unsqueeze(0), v[rows].unsqueeze(0),
+                                                 counts[i:i + 1, :, :nqb], indices[i:i + 1, :, :nqb], None, None, n,
+                                                 n, S, scale, True)[0]
+            require_finite(out, f"bsa at fixed length {n}, sequence {i} of {c.key}")
+            outs.append(out[0])
+        return torch.cat(outs)
+
+    def run_sparse(counts, indices, density, flops, extra, extras=None):
+        """Checks our output on one selection, then times sparse_group(counts, indices) and records it:
+        bsa's output (bsa_checked) is compared with bsa on each sequence alone (varlen) and with the
+        block-sparse anchors' outputs (fixed length, in timed_group). `extras` ({name: extra record
+        fields}) may hold earlier checks' fields. Returns bsa's ms (None if not timed)."""
+        ours = bsa_checked(counts, indices)
+        extras = {} if extras is None else extras
+        if varlen:
+            res = compare_outputs(bsa_alone(counts, indices), ours, f"bsa alone at {c.key}")
+            progress.write(record_comparison(extras, "bsa", "bsa_alone", res, c.key))
+            extras.pop("bsa_alone", None)  # no record of its own
+        res, extras = timed_group(sparse_group(counts, indices), ours, extras=extras)
         del ours
         for name, ms in res.items():
-            more = {"max_abs_diff_vs_bsa": diffs[name]} if name in diffs else {}
-            record(name, base, density, ms, flops, **extra, **more)
+            record(name, base, density, ms, flops, **extra, **extras.get(name, {}))
         return res.get("bsa")
 
     # ---- proxy_attention end to end, estimation and attention apart, on its own selection
@@ -477,14 +521,15 @@ def run_case(c, q, k, v, a, ctx, record, progress):
         if total is None:  # it failed in the rounds (the reason is in the record's skipped list)
             continue
         g = cfg.proxy_heads(hq, hkv)
-        if varlen:
-            _, sel = pa.proxy_attention_varlen(q, k, v, cu, cu, mx, mx, cfg, return_selection=True)
-            cu_q = cu_k = cu
-            mq = mk = mx
-        else:
-            _, sel = pa.proxy_attention(q, k, v, cfg, return_selection=True)
-            cu_q = cu_k = None
-            mq = mk = c.total
+        with poisoned_outputs():  # its output is checked against bsa's on the selection below
+            if varlen:
+                e2e_out, sel = pa.proxy_attention_varlen(q, k, v, cu, cu, mx, mx, cfg, return_selection=True)
+                cu_q = cu_k = cu
+                mq = mk = mx
+            else:
+                e2e_out, sel = pa.proxy_attention(q, k, v, cfg, return_selection=True)
+                cu_q = cu_k = None
+                mq = mk = c.total
         dens_b = sel.density.double().mean(dim=1)  # [B]: per sequence, mean over heads
         density = float((dens_b * torch.tensor(c.lens, device=dens_b.device, dtype=torch.float64) ** 2).sum()
                         / sum(n * n for n in c.lens))  # pair-weighted over the batch
@@ -493,6 +538,13 @@ def run_case(c, q, k, v, a, ctx, record, progress):
                      gen_device=a.gen_device)
         rec = record("proxy_attention", base, density, total, flops, **extra,
                      speedup_vs_cudnn=(round(dense_ms / total, 3) if dense_ms else None))
+        # Its output (poisoned above) must be finite and equal bsa's on its selection.
+        require_finite(e2e_out, f"proxy_attention at {c.key}")
+        checks = {}  # name -> extra record fields
+        res = compare_outputs(bsa_checked(sel.counts, sel.indices), e2e_out, f"bsa at {c.key}")
+        progress.write(record_comparison(checks, "proxy_attention", "bsa", res, c.key))
+        rec.update(checks.pop("proxy_attention"))
+        e2e_out = None
         est_ms = None
         if "estimate" not in a.skip:
             fns = estimate_stage_fns(q, k, cu_q, cu_k, mq, mk, S, g, cfg.stride, a.gamma, a.min_budget, scale,
@@ -503,7 +555,7 @@ def run_case(c, q, k, v, a, ctx, record, progress):
                 for stage in ("estimate_scores", "estimate_budgets", "estimate_select"):
                     record(stage, base, None, timed(stage, fns[stage]), None, **extra)
             del fns
-        attn_ms = run_sparse(sel.counts, sel.indices, density, flops, extra)
+        attn_ms = run_sparse(sel.counts, sel.indices, density, flops, extra, checks)
         rec.update(estimate_ms=None if est_ms is None else round(est_ms, 4),
                    attention_ms=None if attn_ms is None else round(attn_ms, 4))
         sel = None  # free the selection before the next one
@@ -602,7 +654,10 @@ def print_table(cases):
         ratio = f"{ref / c['ms']:.2f}x" if ref and c["name"] != "sdpa_cudnn" else "-"
         sel = c.get("selection", "")
         name = c["name"] + ("*" if sel == "random" else "")
-        diff = f"  max|out-bsa| {c['max_abs_diff_vs_bsa']}" if "max_abs_diff_vs_bsa" in c else ""
+        diff = "".join(f"  max|out-{key[len('max_abs_diff_vs_'):]}| {val}" for key, val in c.items()
+                       if key.startswith("max_abs_diff_vs_"))
+        if c.get("disagrees"):
+            diff += "  DISAGREES with " + ", ".join(c["disagrees_with"])
         print(f"{name:17s} {c['layout']:6s} {c['seq_len']:8d} {c['head_dim']:4d} {dens:>8s} {c['ms']:10.3f} "
               f"{tf:>8s} {ratio:>9s}{diff}")
     print("* random causal selection at the target density (bench_proxyattn --stage bsa reproduces these)")
@@ -621,7 +676,7 @@ def main(argv=None):
         sys.exit(f"bench/suite.py: the proxyattn extension has no CUDA kernel for {missing} "
                  f"(extension error: {pa.EXTENSION_ERROR}); build it first (pip install --no-build-isolation -e .)")
     from bench_bsa import load_fa4, make_flex_flash
-    from benchlib import l2_flush_buffer, write_record
+    from benchlib import allow_recompiles, l2_flush_buffer, write_record
 
     ctx = {"flush": l2_flush_buffer(), "failed": {}, "skipped": {}}
     a.anchors = {x for x in DENSE_ANCHORS + SPARSE_ANCHORS if x not in a.skip and x not in FA4_ANCHORS}
@@ -639,13 +694,9 @@ def main(argv=None):
           f"gamma {a.gamma}, min_budget {a.min_budget}", flush=True)
 
     if "flex" in a.anchors or "flex_flash" in a.anchors:
-        import torch._dynamo.config as dynamo_config
         from torch.nn.attention.flex_attention import flex_attention
 
-        for knob in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
-                     "accumulated_recompile_limit"):
-            if hasattr(dynamo_config, knob):  # one compile per shape; never fall back to eager flex
-                setattr(dynamo_config, knob, max(256, getattr(dynamo_config, knob)))
+        allow_recompiles()  # one compile per shape; never fall back to eager flex
         if "flex" in a.anchors:
             ctx["flex"] = torch.compile(flex_attention, dynamic=False)
         if "flex_flash" in a.anchors:
@@ -664,8 +715,9 @@ def main(argv=None):
         dens = "" if density is None else f" density {density:.4f}"
         tf = "" if tflops is None else f" {tflops:7.1f} TFLOP/s"
         sel = f" [{extra['selection']}]" if "selection" in extra else ""
+        flag = "  DISAGREES with " + ", ".join(extra["disagrees_with"]) if extra.get("disagrees") else ""
         progress.write(f"{name:16s} {base['layout']:6s} N={base['seq_len']:7d} D={base['head_dim']:3d}"
-                       f"{dens} {ms:10.3f} ms{tf}{sel}")
+                       f"{dens} {ms:10.3f} ms{tf}{sel}{flag}")
         return rec
 
     src = InputSource(cases_plan, a)

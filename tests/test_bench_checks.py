@@ -1,6 +1,7 @@
 """CPU tests of the benchmarks' output checks and arguments: benchlib.compare_outputs (row by row; a
 correct pair passes, zeros in late rows fail, a NaN in ours raises, a non-finite other disagrees),
-record_comparison (both records marked), poisoned_outputs, allow_recompiles and write_record's meta."""
+record_comparison (both records marked), poisoned_outputs, allow_recompiles, write_record's meta,
+and bench_bsa's argument defaults (interleaved rounds, --reps >= 10)."""
 import json
 import math
 import os
@@ -198,11 +199,35 @@ def test_bench_modules_import_without_a_gpu(bench):
     assert all(callable(m.main) for m in (bench_bsa, bench_dense_path, suite))
 
 
+def test_bench_bsa_arguments(bench, capsys):
+    import bench_bsa
+
+    a = bench_bsa.parse_args([])
+    assert a.interleave is True and a.reps == 10
+    assert bench_bsa.parse_args(["--interleave", "--seqlens", "131072"]).interleave is True  # tools/ scripts
+    assert bench_bsa.parse_args(["--no-interleave"]).interleave is False
+    with pytest.raises(SystemExit):
+        bench_bsa.parse_args(["--reps", "9"])
+    assert "--reps must be >= 10" in capsys.readouterr().err
+    assert bench_bsa.parse_args(["--reps", "30"]).reps == 30
+
+
 def test_suite_refuses_few_reps(bench):
     import suite
 
     with pytest.raises(SystemExit):
         suite.parse_args(["--reps", "5"])
+
+
+def test_suite_table_shows_disagreement(bench, capsys):
+    import suite
+
+    base = dict(layout="fixed", seq_len=32768, head_dim=128, density=0.1, tflops=500.0)
+    suite.print_table([dict(name="bsa", ms=2.0, disagrees=True, disagrees_with=["flex"], **base),
+                       dict(name="flex", ms=2.5, max_abs_diff_vs_bsa=0.3, disagrees=True, disagrees_with=["bsa"],
+                            **base)])
+    out = capsys.readouterr().out
+    assert "DISAGREES with flex" in out and "DISAGREES with bsa" in out and "max|out-bsa| 0.3" in out
 
 
 def test_record_meta(benchlib, monkeypatch, tmp_path):
