@@ -1,7 +1,8 @@
 """CPU tests of the benchmarks' output checks and arguments: benchlib.compare_outputs (row by row; a
 correct pair passes, zeros in late rows fail, a NaN in ours raises, a non-finite other disagrees),
 record_comparison (both records marked), poisoned_outputs, allow_recompiles, write_record's meta,
-and bench_bsa's argument defaults (interleaved rounds, --reps >= 10)."""
+bench_bsa's argument defaults (interleaved rounds, --reps >= 10), and tools/results_table.py on such records."""
+import importlib.util
 import json
 import math
 import os
@@ -238,3 +239,25 @@ def test_record_meta(benchlib, monkeypatch, tmp_path):
     rec = json.loads(open(benchlib.write_record(cases, "bsa", str(tmp_path / "a.json"), meta=meta)).read())
     assert rec["meta"] == meta and rec["cases"] == cases and "skipped" not in rec
     assert "meta" not in json.loads(open(benchlib.write_record(cases, "bsa", str(tmp_path / "b.json"))).read())
+
+
+def test_results_table_shows_disagreement(benchlib, monkeypatch, tmp_path):
+    """tools/results_table.py tabulates a record with meta and disagreeing cases, saying so in the variant column."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Test Card")
+    res_dir = tmp_path / "results"
+    case = dict(seq_len=32768, batch=1, q_heads=32, kv_heads=8, head_dim=128, dtype="bf16", density=0.1, tflops=1.0)
+    cases = [dict(name="bsa", ms=2.0, disagrees=True, disagrees_with=["flex"], **case),
+             dict(name="flex", ms=2.5, max_abs_diff_vs_bsa=0.3, disagreeing_rows=12, disagrees=True,
+                  disagrees_with=["bsa"], **case),
+             dict(name="fa4_sparse", ms=2.2, max_abs_diff_vs_bsa=0.002, **case)]
+    benchlib.write_record(cases, "bsa", str(res_dir / "Test_Card-20261201-bsa.json"),
+                          meta={"reps": 10, "warmup": {"32768": 2}, "interleave": True})
+    spec = importlib.util.spec_from_file_location("results_table_under_test",
+                                                  os.path.join(ROOT, "tools", "results_table.py"))
+    rt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rt)
+    records, skipped, _ = rt.load_records(str(res_dir))
+    assert [r.base for r in records] == ["Test_Card-20261201-bsa.json"] and not skipped
+    rows = rt.file_table(records[0].rec)[2:]
+    assert "output disagrees with flex" in rows[0] and "output disagrees with bsa" in rows[1]
+    assert "disagrees" not in rows[2]

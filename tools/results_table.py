@@ -23,7 +23,8 @@ where measured), fixed-length layout, against cuDNN and FA2 in the same file (an
 measured them, against FlashAttention-4's dense kernel, with the attention stage against Flex
 FLASH and FA4's block-sparse kernel on the same selection), and the speedup plot of the run's file holding most of those rows.
 
-Tables: name, variant (proxy heads, selection, layout), N, B, heads, D, dtype, density, ms,
+Tables: name, variant (proxy heads, selection, layout, and where the record says so that its output
+disagreed with another kernel's), N, B, heads, D, dtype, density, ms,
 TFLOP/s, and for every anchor the file holds (sdpa_cudnn, sdpa_flash, flex) the ratio
 anchor ms / ms on the same shape (> 1: faster than the anchor); flex is matched on the same
 density and selection too, since it runs on the same block mask. Under each suite run, its varlen
@@ -87,7 +88,14 @@ def _variant(c):
     if c.get("layout") == "varlen":
         lens = c.get("seq_lens")
         parts.append(f"varlen {'+'.join(_fmt_n(n) for n in lens)}" if lens else "varlen")
+    if c.get("disagrees"):
+        parts.append(_disagrees(c))
     return ", ".join(parts) if parts else "-"
+
+
+def _disagrees(c):
+    """What a case whose output disagreed with another kernel's (benchlib.record_comparison) says in a table."""
+    return "output disagrees with " + "/".join(c.get("disagrees_with") or ["another kernel"])
 
 
 def _shape_key(c):
@@ -409,7 +417,8 @@ def headline(records, results_dir, is_default):
             ms = float(c["ms"])
             cud = anchors.get((r.base, "sdpa_cudnn", _shape_key(c)))
             out.append("| " + " | ".join([
-                _fmt_n(c.get("seq_len")), str(c.get("proxy_heads", "-")), _fmt(c.get("density"), ".3f"),
+                _fmt_n(c.get("seq_len")) + (f" ({_disagrees(c)})" if c.get("disagrees") else ""),
+                str(c.get("proxy_heads", "-")), _fmt(c.get("density"), ".3f"),
                 _fmt_ms(ms), _fmt_ms(c.get("estimate_ms")), _fmt_ms(cud), ratio(r, c, "sdpa_cudnn"),
                 ratio(r, c, "sdpa_flash")] + [ratio(r, c, name) for name, _ in extra]) + " |")
         # The plot of the file that holds most of the table's rows (a split sweep's main part).
