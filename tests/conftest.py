@@ -1,8 +1,12 @@
 import os
+import sys
 import zlib
 
 import pytest
 import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+from benchlib import poisoned_outputs  # noqa: E402
 
 # Deterministic mode (below) asks cuBLAS for a fixed workspace; set it before cuBLAS starts.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -27,19 +31,13 @@ def _fresh_seed(request):
 def _poisoned_outputs(request):
     """In GPU tests every tensor torch hands out uninitialised (torch.empty, at::empty in the ops:
     outputs and workspaces) is filled first, floats with NaN and integers with their largest value,
-    so an element a kernel fails to write shows up in the comparison against the reference."""
+    so an element a kernel fails to write shows up in the comparison against the reference
+    (benchlib.poisoned_outputs, which the benchmarks' output checks use too)."""
     if "gpu" not in request.keywords:
         yield
         return
-    det, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True, warn_only=True)  # the fill needs this mode; warn, never refuse
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
+    with poisoned_outputs():
         yield
-    finally:
-        torch.use_deterministic_algorithms(det, warn_only=warn_only)
-        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 @pytest.fixture(autouse=True, scope="session")
