@@ -21,7 +21,8 @@ table per file), then every other record (older suites, kernel and quality recor
 becomes a short headline per card: proxy_attention of the newest suite at one head dim (128
 where measured), fixed-length layout, against cuDNN and FA2 in the same file (and, where the run
 measured them, against FlashAttention-4's dense kernel, with the attention stage against Flex
-FLASH and FA4's block-sparse kernel on the same selection), and the speedup plot of the run's file holding most of those rows.
+FLASH and FA4's block-sparse kernel on the same selection), and the speedup plot of the run's file
+holding most of those rows.
 
 Tables: name, variant (proxy heads, selection, layout, and where the record says so that its output
 disagreed with another kernel's), N, B, heads, D, dtype, density, ms,

@@ -45,17 +45,17 @@ def settings_from_env(config_env: str, dense_layers_env: str) -> BackendSettings
     unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(ProxyAttnConfig)})
     if unknown:
         raise ValueError(f"{config_env} names unknown ProxyAttnConfig fields {unknown} (in {raw!r})")
-    try:
-        config = make_settings(ProxyAttnConfig(**fields), 0).config
-    except (TypeError, ValueError) as e:
-        raise type(e)(f"{config_env}={raw!r}: {e}") from None
     layers = os.environ.get(dense_layers_env) or "0"
     try:
         dense_layers = int(layers)
     except ValueError:
         raise ValueError(f"{dense_layers_env} must be an int (the first layers that run dense), "
                          f"got {layers!r}") from None
-    return make_settings(config, check_int(dense_layers_env, dense_layers, 0))
+    dense_layers = check_int(dense_layers_env, dense_layers, 0)
+    try:  # dense_layers is valid here, so what make_settings refuses is the config
+        return make_settings(ProxyAttnConfig(**fields), dense_layers)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{config_env}={raw!r}: {e}") from None
 
 
 def layer_config(settings: BackendSettings, layer_index: int, scale: float) -> ProxyAttnConfig:

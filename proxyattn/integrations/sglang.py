@@ -112,8 +112,8 @@ def register(config: Optional[ProxyAttnConfig] = None, *, dense_layers: int = 0,
     """Register (or re-register) the backend with SGLang's attention registry under `name` and
     add `name` to the choices of --attention-backend, --prefill-attention-backend and
     --decode-attention-backend. config: ProxyAttnConfig of the sparse layers (default
-    ProxyAttnConfig(); its softmax_scale must be None, since each layer runs with its own scaling). dense_layers: layers
-    with layer_id < dense_layers run dense attention. Returns name."""
+    ProxyAttnConfig(); its softmax_scale must be None, since each layer runs with its own scaling).
+    dense_layers: layers with layer_id < dense_layers run dense attention. Returns name."""
     from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS, register_attention_backend
 

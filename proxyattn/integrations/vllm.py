@@ -122,8 +122,8 @@ def register(config: Optional[ProxyAttnConfig] = None, dense_layers: int = 0) ->
     """Register the backend with vLLM's attention backend registry as "PROXYATTN" (select it with
     --attention-backend PROXYATTN) and store the settings it runs with. config: ProxyAttnConfig
     of the sparse layers (default ProxyAttnConfig(); its softmax_scale must be None, since each
-    layer runs with its own scale). dense_layers: layers with index < dense_layers run dense attention. Calling
-    it again replaces the settings of impls built afterwards. Returns the name."""
+    layer runs with its own scale). dense_layers: layers with index < dense_layers run dense
+    attention. Calling it again replaces the settings of impls built afterwards. Returns the name."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     global _SETTINGS

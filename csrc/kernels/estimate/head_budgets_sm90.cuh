@@ -12,10 +12,9 @@
 // the logits differ from probe_kernel's only by the order of the fp32 sum.
 // The ring, by how the keys lie (kTma):
 //   contiguous keys (kTma): a tile is one TMA copy (the keys as a tensor map (rows, D, Hkv, batch))
-//     onto its stage's transaction barrier, issued by one thread; a warp waits for the barrier, and
-//     after its warpgroup's wgmma lane 0 adds one to the stage's release counter; the eighth
-//     arrival issues the copy of the tile two ahead into it (stage 1's scheme, proxy_scores_sm90.cuh):
-//     no CTA barrier per tile. Keys of a tile past the sequence's end are zeros (past the map) or the
+//     onto its stage's transaction barrier, issued by one thread; a warp waits for the barrier and,
+//     after its warpgroup's wgmma, gives the stage back (bsa_sm90::release_stage, as stage 1 does:
+//     the last warp issues the copy of the tile two ahead into it): no CTA barrier per tile. Keys of a tile past the sequence's end are zeros (past the map) or the
 //     next sequence's (varlen), masked like every key past a row's limit.
 //   paged keys: each thread copies its 16-byte chunks by cp.async, a key row read through the page
 //     table, and a CTA barrier per tile hands the stage over.
