@@ -62,8 +62,8 @@ def _kernel_key(name):
 
 
 @pytest.fixture(scope="module")
-def sm90_sass():
-    """{mangled name: SASS text} of the extension's sm_90a Hopper kernels (attention, stages 1 and 2)."""
+def sass_functions():
+    """{mangled name: SASS text} of every kernel in the extension's sm_90a code."""
     try:
         spec = importlib.util.find_spec("proxyattn._C")
     except ImportError:
@@ -89,9 +89,15 @@ def sm90_sass():
     functions = {}
     for part in re.split(r"\n\s*Function : ", run.stdout)[1:]:
         name, _, body = part.partition("\n")
-        if "bsa_fwd_sm90" in name or "scores_sm90" in name or "probe_sm90" in name:
-            functions[name.strip()] = body
+        functions[name.strip()] = body
     return functions
+
+
+@pytest.fixture(scope="module")
+def sm90_sass(sass_functions):
+    """{mangled name: SASS text} of the extension's sm_90a Hopper kernels (attention, stages 1 and 2)."""
+    return {n: b for n, b in sass_functions.items()
+            if "bsa_fwd_sm90" in n or "scores_sm90" in n or "probe_sm90" in n}
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +145,44 @@ def test_parser_on_a_known_listing():
             "ELi128EEELb0EEEvNS0_12KernelParamsIT_EE")
     assert _kernel_key(name) == ("bfloat16_t", 128, 0)
     assert _kernel_key(name.replace("10bfloat16_tELi128EEELb0", "6half_tELi64EEELb1")) == ("half_t", 64, 1)
+
+
+# Instructions that reach global memory: loads, stores, atomics and reductions (global or generic
+# addressing), cp.async and the TMA / bulk copies.
+_GLOBAL_ACCESS = re.compile(r"(LDG|STG|ATOMG?|RED|LDGSTS|UTMA\w*|UBLKCP|LD|ST)\b")
+
+
+def _first_global_access_after_wait(ops):
+    """None if the dependent-launch wait (griddepcontrol.wait, SASS ACQBULK) comes before the first
+    global memory access in listing order, or the kernel has none; else that access."""
+    for op in ops:
+        if op.startswith("ACQBULK"):
+            return None
+        if _GLOBAL_ACCESS.match(op):
+            return op
+    return None
+
+
+def test_parser_of_the_dependent_launch_wait():
+    ok = ["LDC R1, c[0x0][0x28]", "ACQBULK", "LDG.E R2, desc[UR4][R2.64]"]
+    assert _first_global_access_after_wait(ok) is None
+    assert _first_global_access_after_wait(["STG.E desc[UR4][R2.64], R0", "ACQBULK"]) == "STG.E desc[UR4][R2.64], R0"
+    assert _first_global_access_after_wait(["LDS R0, [R1]", "LDSM.16.M88.4 R4, [R2]", "ST.E [R2.64], R0"]) == \
+        "ST.E [R2.64], R0"
+    assert _first_global_access_after_wait(["LDS R0, [R1]", "STS [R1], R0", "LDC R2, c[0x0][0x0]"]) is None
+
+
+def test_every_kernel_waits_for_its_predecessor(sass_functions):
+    """Each kernel is launched chained to the one before it (programmatic dependent launch,
+    csrc/kernels/common/chained_launch.cuh), so in the sm_90a code of every kernel that touches
+    global memory the wait for the previous grid comes first in the listing: ptxas may not hoist a
+    load of the previous kernel's output above it."""
+    kernels = {n: _opcodes(b) for n, b in sass_functions.items()}
+    touching = {n: ops for n, ops in kernels.items() if any(_GLOBAL_ACCESS.match(op) for op in ops)}
+    assert len(touching) >= len(EXPECTED_KERNELS) + 10, sorted(touching)
+    early = {n: _first_global_access_after_wait(ops) for n, ops in touching.items()}
+    early = {n: op for n, op in early.items() if op is not None}
+    assert not early, f"global memory access before the dependent-launch wait: {early}"
 
 
 def test_exactly_the_persistent_kernels(sm90_functions):

@@ -24,6 +24,7 @@
 #include "kernels/bsa_sm80/tile_cursor.cuh"
 #include "kernels/bsa_sm80/traits.cuh"
 #include "kernels/bsa_sm80/utils.cuh"
+#include "kernels/common/chained_launch.cuh"
 #include "kernels/common/bsa_params.h"
 #include "kernels/common/bsa_selection.cuh"
 #include "kernels/common/fragment.cuh"
@@ -279,6 +280,8 @@ __device__ __forceinline__ void bsa_fwd_sm80_item(const BsaParams& p) {
 // kPaged is chosen by the launcher from p.pages.paged(), so each variant gets its own registers.
 template <class Traits, bool kPaged>
 __global__ void __launch_bounds__(Traits::kNThreads, 2) bsa_fwd_sm80_kernel(const BsaParams p) {
+  pdl_wait();  // chained_launch.cuh: before any global memory access
+  pdl_launch_dependents();
   bsa_fwd_sm80_item<Traits, kPaged>(p);
 }
 

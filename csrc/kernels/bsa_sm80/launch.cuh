@@ -34,8 +34,7 @@ cudaError_t launch(const BsaParams& p, cudaStream_t stream) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
     if (err != cudaSuccess) return err;
   }
-  kernel<<<dim3(unsigned(grid)), dim3(Traits::kNThreads), kSmem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_chained(kernel, dim3(unsigned(grid)), dim3(Traits::kNThreads), kSmem, stream, p);
 }
 
 }  // namespace bsa_sm80

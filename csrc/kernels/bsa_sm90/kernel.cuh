@@ -15,6 +15,7 @@
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
 
+#include "kernels/common/chained_launch.cuh"
 #include "kernels/bsa_sm90/mainloop.cuh"
 #include "kernels/bsa_sm90/tile_scheduler.cuh"
 #include "kernels/bsa_sm90/traits.cuh"
@@ -28,6 +29,8 @@ template <class Traits, bool kPaged>
 __global__ void __launch_bounds__(Traits::kNThreads, Traits::kCtasPerSm)
     bsa_fwd_sm90_persistent_kernel(const __grid_constant__ KernelParams<Traits> kp) {
 #if PROXYATTN_BSA_SM90_DEVICE
+  pdl_wait();  // chained_launch.cuh: before any global memory access
+  pdl_launch_dependents();
   using Barrier = cutlass::arch::ClusterTransactionBarrier;
   using EmptyBarrier = cutlass::arch::ClusterBarrier;
   extern __shared__ __align__(1024) char bsa_smem[];

@@ -83,8 +83,7 @@ cudaError_t launch(const BsaParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   const int64_t slots = int64_t(sms > 0 ? sms : 1) * Traits::kCtasPerSm;
   const int ctas = int(grid < slots ? grid : slots);
-  kernel<<<dim3(unsigned(ctas)), dim3(Traits::kNThreads), kSmem, stream>>>(kp);
-  return cudaGetLastError();
+  return launch_chained(kernel, dim3(unsigned(ctas)), dim3(Traits::kNThreads), kSmem, stream, kp);
 }
 
 }  // namespace bsa_sm90

@@ -28,6 +28,7 @@
 #include <climits>
 
 #include "kernels/common/bsa_launch.h"
+#include "kernels/common/chained_launch.cuh"
 #include "kernels/estimate/estimate_common.cuh"
 #include "kernels/estimate/head_budgets_probe.cuh"
 #include "kernels/estimate/head_budgets_sm90.cuh"
@@ -48,6 +49,8 @@ __device__ inline void ldmatrix_x4(uint32_t r[4], const uint16_t* smem) {
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kProbeThreads, 2) probe_kernel(const HeadBudgetsParams p) {
+  pdl_wait();  // chained_launch.cuh: before any global memory access
+  pdl_launch_dependents();
   constexpr int kStride = D + 8;  // halves per smem key row (conflict-free ldmatrix)
   __shared__ alignas(16) uint16_t ks[2][kKeyTile * kStride];
 
@@ -129,6 +132,8 @@ __global__ void __launch_bounds__(kProbeThreads, 2) probe_kernel(const HeadBudge
 }
 
 __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const HeadBudgetsParams p, int num_splits) {
+  pdl_wait();  // chained_launch.cuh: before any global memory access
+  pdl_launch_dependents();
   extern __shared__ float sorted[];  // [pow2 >= non-forced count]
   __shared__ float red[kFinalizeThreads / 32];
   __shared__ float s_m[kProbeRows], s_inv[kProbeRows];
@@ -285,11 +290,9 @@ cudaError_t launch_probe(const HeadBudgetsParams& p, cudaStream_t stream, int nu
     auto kernel = paged ? budgets_sm90::probe_sm90_kernel<T, D, false> : budgets_sm90::probe_sm90_kernel<T, D, true>;
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
     if (e != cudaSuccess) return e;
-    kernel<<<grid, budgets_sm90::kThreads, kSmem, stream>>>(p, tma_k, rows, batches);
-  } else {
-    probe_kernel<T, D><<<grid, kProbeThreads, 0, stream>>>(p);
+    return launch_chained(kernel, grid, budgets_sm90::kThreads, kSmem, stream, p, tma_k, rows, batches);
   }
-  return cudaGetLastError();
+  return launch_chained(probe_kernel<T, D>, grid, kProbeThreads, 0, stream, p);
 }
 
 }  // namespace
@@ -311,8 +314,7 @@ cudaError_t run_head_budgets(const HeadBudgetsParams& p, cudaStream_t stream) {
     e = cudaFuncSetAttribute(finalize_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) return e;
   }
-  finalize_kernel<<<dim3(p.num_heads, p.batch), kFinalizeThreads, smem, stream>>>(p, num_splits);
-  return cudaGetLastError();
+  return launch_chained(finalize_kernel, dim3(p.num_heads, p.batch), kFinalizeThreads, smem, stream, p, num_splits);
 }
 
 template cudaError_t run_head_budgets<half>(const HeadBudgetsParams&, cudaStream_t);

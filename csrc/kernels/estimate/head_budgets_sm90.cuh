@@ -35,6 +35,7 @@
 #include <cutlass/numeric_types.h>
 
 #include "kernels/bsa_sm90/utils.cuh"
+#include "kernels/common/chained_launch.cuh"
 #include "kernels/estimate/head_budgets_probe.cuh"
 
 namespace proxyattn {
@@ -80,6 +81,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     probe_sm90_kernel(const HeadBudgetsParams p, const __grid_constant__ typename Traits<T, D>::TmaK tma_k,
                       int32_t k_rows, int32_t k_batches) {
 #if PROXYATTN_BSA_SM90_DEVICE
+  pdl_wait();  // chained_launch.cuh: before any global memory access
+  pdl_launch_dependents();
   using Tr = Traits<T, D>;
   extern __shared__ __align__(1024) char smem_raw[];
   auto& ss = *reinterpret_cast<typename Tr::SharedStorage*>(smem_raw);

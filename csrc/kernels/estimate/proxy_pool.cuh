@@ -14,6 +14,7 @@
 // flushes to 0 in the head sum; fp16 rounds them to 0 anyway, so only a bf16-fallback group can differ).
 #pragma once
 
+#include "kernels/common/chained_launch.cuh"
 #include "kernels/estimate/proxy_scores_layout.cuh"
 
 namespace proxyattn {
@@ -96,6 +97,8 @@ __device__ inline uint32_t pack16(__nv_bfloat16 a, __nv_bfloat16 b) {
 template <typename T, int D, bool kQuery>
 __global__ void __launch_bounds__(kPoolWarps * 32) pool_kernel(const ProxyScoresParams p, int64_t rows_alloc,
                                                              uint16_t* out, int* flags) {
+  pdl_wait();  // chained_launch.cuh: before any global memory access
+  pdl_launch_dependents();
   constexpr int kPer = kPoolPer, kLanes = D / kPoolPer;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, sub = lane % kLanes;
   const int64_t j = (static_cast<int64_t>(blockIdx.x) * kPoolWarps + warp) * pool_rows_per_warp<D>() + lane / kLanes;
@@ -126,6 +129,8 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kPoolWarps * 32) fix_kernel(const ProxyScoresParams p, int64_t rows_q,
                                                             int64_t rows_k, uint16_t* q16, uint16_t* k16,
                                                             const int* flags) {
+  pdl_wait();  // chained_launch.cuh: before any global memory access
+  pdl_launch_dependents();
   constexpr int kPer = kPoolPer, kLanes = D / kPoolPer, kRowsW = pool_rows_per_warp<D>();
   const int grp = blockIdx.y, b = blockIdx.z;
   const int64_t bg = static_cast<int64_t>(b) * p.num_groups + grp;

@@ -132,8 +132,8 @@ inline float weight_scale(float softmax_scale) {
 }
 
 template <int D>
-void launch_scores_kernel(const ProxyScoresParams& p, const ScoreWorkspace& w, const ScorePlan& plan,
-                          cudaStream_t stream) {
+cudaError_t launch_scores_kernel(const ProxyScoresParams& p, const ScoreWorkspace& w, const ScorePlan& plan,
+                                 cudaStream_t stream) {
   char* ws = static_cast<char*>(p.workspace);
   const float c = weight_scale(p.softmax_scale);
   const auto* q16 = reinterpret_cast<const uint16_t*>(ws + w.q16);
@@ -149,18 +149,18 @@ void launch_scores_kernel(const ProxyScoresParams& p, const ScoreWorkspace& w, c
                                 cute::make_shape(rows, cute::Int<D>{}), cute::make_stride(int64_t(D), cute::_1{}));
     const typename Tr::TmaK tma_k = cute::make_tma_copy(cute::SM90_TMA_LOAD{}, gK, cute::take<0, 2>(typename Tr::SmemLayoutK{}),
                                                         cute::Shape<cute::Int<scores_sm90::kKeys>, cute::Int<D>>{}, cute::_1{});
+    cudaError_t e = cudaSuccess;
     with_block_keys(p, [&](auto kb) {
-      scores_sm90::scores_sm90_kernel<D, decltype(kb)::value>
-          <<<plan.slots, scores_sm90::kThreads, Tr::kSmemBytes, stream>>>(
-              p, c, w.rows_q, w.rows_k, q16, tma_k, rows, flags, counter, scratch);
+      e = launch_chained(scores_sm90::scores_sm90_kernel<D, decltype(kb)::value>, plan.slots, scores_sm90::kThreads,
+                         Tr::kSmemBytes, stream, p, c, w.rows_q, w.rows_k, q16, tma_k, rows, flags, counter, scratch);
     });
-  } else if (score_geometry(p.block_size, p.stride, p.nqb).aligned) {
-    scores_kernel<D, true><<<plan.slots, kScoreThreads, score_smem_bytes<D, true>(), stream>>>(
-        p, c, w.rows_q, w.rows_k, q16, k16, flags, counter, scratch);
-  } else {
-    scores_kernel<D, false><<<plan.slots, kScoreThreads, score_smem_bytes<D, false>(), stream>>>(
-        p, c, w.rows_q, w.rows_k, q16, k16, flags, counter, scratch);
+    return e;
   }
+  if (score_geometry(p.block_size, p.stride, p.nqb).aligned)
+    return launch_chained(scores_kernel<D, true>, plan.slots, kScoreThreads, score_smem_bytes<D, true>(), stream, p, c,
+                          w.rows_q, w.rows_k, q16, k16, flags, counter, scratch);
+  return launch_chained(scores_kernel<D, false>, plan.slots, kScoreThreads, score_smem_bytes<D, false>(), stream, p, c,
+                        w.rows_q, w.rows_k, q16, k16, flags, counter, scratch);
 }
 
 template <typename T, int D>
@@ -181,12 +181,12 @@ cudaError_t launch_scores(const ProxyScoresParams& p, cudaStream_t stream) {
   const dim3 pool_q((w.rows_q + kPoolRows - 1) / kPoolRows, p.num_groups, p.batch);
   const dim3 pool_k((w.rows_k + kPoolRows - 1) / kPoolRows, p.num_groups / key_sharing(p), p.batch);
   if (w.rows_q > 0) {
-    pool_kernel<T, D, true><<<pool_q, kPoolWarps * 32, 0, stream>>>(p, w.rows_q, q16, flags);
-    if ((e = cudaGetLastError()) != cudaSuccess) return e;
+    e = launch_chained(pool_kernel<T, D, true>, pool_q, kPoolWarps * 32, 0, stream, p, w.rows_q, q16, flags);
+    if (e != cudaSuccess) return e;
   }
   if (w.rows_k > 0) {
-    pool_kernel<T, D, false><<<pool_k, kPoolWarps * 32, 0, stream>>>(p, w.rows_k, k16, flags);
-    if ((e = cudaGetLastError()) != cudaSuccess) return e;
+    e = launch_chained(pool_kernel<T, D, false>, pool_k, kPoolWarps * 32, 0, stream, p, w.rows_k, k16, flags);
+    if (e != cudaSuccess) return e;
   }
   // fp16 inputs never overflow fp16 (a mean is within its inputs' range).
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {
@@ -194,12 +194,11 @@ cudaError_t launch_scores(const ProxyScoresParams& p, cudaStream_t stream) {
     const dim3 fix(static_cast<unsigned>(std::min<int64_t>(16, (rows + kPoolRows - 1) / kPoolRows)), p.num_groups,
                    p.batch);
     if (rows > 0) {
-      fix_kernel<T, D><<<fix, kPoolWarps * 32, 0, stream>>>(p, w.rows_q, w.rows_k, q16, k16, flags);
-      if ((e = cudaGetLastError()) != cudaSuccess) return e;
+      e = launch_chained(fix_kernel<T, D>, fix, kPoolWarps * 32, 0, stream, p, w.rows_q, w.rows_k, q16, k16, flags);
+      if (e != cudaSuccess) return e;
     }
   }
-  launch_scores_kernel<D>(p, w, plan, stream);
-  return cudaGetLastError();
+  return launch_scores_kernel<D>(p, w, plan, stream);
 }
 
 }  // namespace

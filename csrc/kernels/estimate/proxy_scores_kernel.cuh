@@ -3,6 +3,7 @@
 // block maxima into the scratch, A written per unit); proxy_scores.cu describes the algorithm.
 #pragma once
 
+#include "kernels/common/chained_launch.cuh"
 #include "kernels/estimate/proxy_scores_rows.cuh"
 
 namespace proxyattn {
@@ -61,6 +62,8 @@ template <int D, bool kAligned>
 __global__ void __launch_bounds__(kScoreThreads, 2)
     scores_kernel(const ProxyScoresParams p, float c, int64_t rows_q, int64_t rows_k, const uint16_t* q16,
                   const uint16_t* k16, const int* flags, unsigned long long* counter, float* scratch_all) {
+  pdl_wait();  // chained_launch.cuh: before any global memory access
+  pdl_launch_dependents();
   constexpr int kSub = sub_keys<D>(), kNt = kSub / 8, kPitch = kSub + 1;
   constexpr int kStride = D + 8;  // halves per smem key row
   constexpr int kTileHalves = kKeyTile * kStride;

@@ -43,6 +43,7 @@
 #include <cutlass/numeric_types.h>
 
 #include "kernels/bsa_sm90/utils.cuh"
+#include "kernels/common/chained_launch.cuh"
 #include "kernels/estimate/proxy_scores_rows.cuh"
 
 namespace proxyattn {
@@ -107,6 +108,8 @@ __global__ void __launch_bounds__(kThreads, 2)
                        const __grid_constant__ typename Traits<D>::TmaK tma_k, int32_t k_rows_total, const int* flags,
                        unsigned long long* counter, float* scratch_all) {
 #if PROXYATTN_BSA_SM90_DEVICE
+  pdl_wait();  // chained_launch.cuh: before any global memory access
+  pdl_launch_dependents();
   using Tr = Traits<D>;
   using scores::kept_count;
   extern __shared__ __align__(1024) char smem_raw[];

@@ -22,6 +22,7 @@
 // Deterministic; bit-identical to any implementation of the same total order.
 #include "kernels/estimate/select_blocks.h"
 
+#include "kernels/common/chained_launch.cuh"
 #include "kernels/estimate/estimate_common.cuh"
 
 namespace proxyattn {
@@ -110,6 +111,8 @@ __device__ inline void pad_row(int16_t* row, int from, int to, int lane) {
 }
 
 __global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const SelectBlocksParams p) {
+  pdl_wait();  // chained_launch.cuh: before any global memory access
+  pdl_launch_dependents();
   // Each warp's digit histogram [warps][256], then the order keys of the row's non-forced
   // candidates [nkb].
   extern __shared__ __align__(16) uint32_t smem[];
@@ -259,8 +262,7 @@ cudaError_t run_select_blocks(const SelectBlocksParams& p, cudaStream_t stream) 
     }
   }
   const dim3 grid(p.nqb, p.num_groups, p.batch);
-  select_blocks_kernel<<<grid, 32 * warps, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_chained(select_blocks_kernel, grid, 32 * warps, smem, stream, p);
 }
 
 }  // namespace proxyattn
