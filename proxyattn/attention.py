@@ -25,8 +25,9 @@ class ProxyAttnSelection(NamedTuple):
     """Telemetry of one call, all tensors on the inputs' device (no host sync).
 
     counts int32 [B, Hq, nqb], indices int16 [B, Hq, nqb, nkb] (ascending, -1 padded), kstar [B, Hq],
-    density [B, Hq] (selected / causal candidate block pairs), budget_ratio [B, Hq]
-    (kstar / non-forced candidates of the last query block; 0 when none are left).
+    density [B, Hq] (selected / causal candidate block pairs; 0 for a sequence without any, such as an
+    empty one), budget_ratio [B, Hq] (kstar / non-forced candidates of the last query block; 0 when
+    none are left).
     `dense` is True when the call ran dense attention (below dense_below).
     """
 
@@ -88,7 +89,8 @@ def _telemetry(counts: Tensor, indices: Tensor, kstar: Tensor, nq: Tensor, nk: T
                causal: bool, dense: bool) -> ProxyAttnSelection:
     nqb = counts.shape[2]
     c = candidate_counts(nq, nk, nqb, cfg.block_size, causal)  # [B, nqb]
-    density = counts.sum(dim=2).double() / c.sum(dim=1, keepdim=True).double()
+    pairs = c.sum(dim=1, keepdim=True)
+    density = torch.where(pairs > 0, counts.sum(dim=2).double() / pairs.clamp(min=1).double(), 0.0)
     last = torch.clamp((nq + cfg.block_size - 1) // cfg.block_size - 1, min=0)
     c_last = torch.gather(c, 1, last[:, None])  # [B, 1]
     free = c_last - _forced_last(c_last, nq, nk, cfg, causal)
@@ -232,16 +234,19 @@ def proxy_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     """ProxyAttn over packed sequences: q [total_q, Hq, D], k/v [total_k, Hkv, D], int32
     cu_seqlens_q/k [B + 1]. Each sequence behaves exactly as if it ran alone: one that would run
     dense (fewer than dense_below keys, or fewer queries than block_size) attends to every key, the
-    others run sparse (the whole call runs dense when every sequence would). Every row of k and v
-    must be finite, rows past cu_seqlens_k[B] included (the Hopper kernel loads whole key blocks;
-    docs/design.md). max_seqlen_q/k must bound every sequence's length: CPU cu_seqlens are checked
-    against them, CUDA ones are not read on the host (that would synchronise), and the kernels cut a
-    longer sequence to its first max_seqlen_q queries and max_seqlen_k keys. Memory follows
-    B * max_seqlen, not the total (README, Memory): batch one long sequence apart from many short.
-    Inference only on CUDA, where every path runs proxyattn's ops (no backward);
-    on the CPU a call below dense_below runs the reference's dense attention, which keeps its
-    gradients, as proxy_attention's dense path does (except where a traced torch.compile graph runs
-    it as stage 4, which raises the inference-only error)."""
+    others run sparse (the whole call runs dense when every sequence would). A sequence may be empty
+    (equal neighbouring entries of cu_seqlens_q, and of cu_seqlens_k or not), on the CPU as on CUDA:
+    it has no rows and selects no block, and the others are unaffected (docs/design.md); a call
+    whose q or k holds no row at all is refused. Every row of k and v must be finite, rows past
+    cu_seqlens_k[B] included (the Hopper kernel loads whole key blocks; docs/design.md).
+    max_seqlen_q/k must bound every sequence's length: CPU cu_seqlens are checked against them, CUDA
+    ones are not read on the host (that would synchronise), and the kernels cut a longer sequence to
+    its first max_seqlen_q queries and max_seqlen_k keys. Memory follows B * max_seqlen, not the
+    total (README, Memory): batch one long sequence apart from many short. Inference only on CUDA,
+    where every path runs proxyattn's ops (no backward); on the CPU a call below dense_below runs the
+    reference's dense attention, which keeps its gradients, as proxy_attention's dense path does
+    (except where a traced torch.compile graph runs it as stage 4, which raises the inference-only
+    error)."""
     if cu_seqlens_q is None or cu_seqlens_k is None:
         raise ValueError("proxy_attention_varlen needs cu_seqlens_q and cu_seqlens_k")
     lay = ops.check_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)

@@ -172,8 +172,7 @@ def check_qkv(q: Tensor, k: Tensor, v: Optional[Tensor], cu_seqlens_q: Optional[
         b, nq, nk = q.shape[0], q.shape[1], k.shape[1]
         if k.shape[0] != b:
             raise ValueError(f"q and k must have the same batch size, got {b} and {k.shape[0]}")
-        if b == 0 or nq == 0 or nk == 0:
-            raise ValueError(f"zero-length input: batch={b}, seqlen_q={nq}, seqlen_k={nk}")
+        _check_tokens(batch=b, seqlen_q=nq, seqlen_k=nk)
         _check_batch(b)
         if causal and nq > nk:
             raise ValueError(f"causal attention needs seqlen_q <= seqlen_k (bottom-right aligned), got {nq} > {nk}")
@@ -183,6 +182,7 @@ def check_qkv(q: Tensor, k: Tensor, v: Optional[Tensor], cu_seqlens_q: Optional[
         return Layout(False, b, nq, nk, hq, hkv, d)
     if cu_seqlens_q is None or cu_seqlens_k is None:
         raise ValueError("varlen inputs need both cu_seqlens_q and cu_seqlens_k")
+    _check_tokens(total_q=q.shape[0], total_k=k.shape[0])
     batch = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q)
     if _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q) != batch:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length, got "
@@ -196,6 +196,15 @@ def check_qkv(q: Tensor, k: Tensor, v: Optional[Tensor], cu_seqlens_q: Optional[
         if causal:
             _check_causal_lengths(cu_seqlens_q, cu_seqlens_k)
     return Layout(True, batch, mq, mk, hq, hkv, d)
+
+
+def _check_tokens(**sizes: int) -> None:
+    """ValueError for an input without tokens: a zero among `sizes` (name=size), a fixed-length
+    input's batch and lengths or a varlen input's query and key rows. Shapes, not values, so every
+    device refuses the same calls; empty sequences beside others in a varlen batch are accepted
+    (_check_cu_values)."""
+    if 0 in sizes.values():
+        raise ValueError("zero-length input: " + ", ".join(f"{name}={n}" for name, n in sizes.items()))
 
 
 def _check_batch(batch: int) -> None:
@@ -224,8 +233,9 @@ def _check_cu_seqlens(name: str, cu, like: Tensor) -> int:
 
 
 def _check_cu_values(name: str, cu: Tensor, total: Optional[int], max_seqlen: int) -> None:
-    """Values of a CPU cu_seqlens: from 0, non-decreasing, no empty sequence, ending at `total`
-    (when given), no sequence longer than max_seqlen."""
+    """Values of a CPU cu_seqlens: from 0, non-decreasing, ending at `total` (when given), no
+    sequence longer than max_seqlen. Equal neighbours are an empty sequence, which CUDA (where the
+    values are not read) and the CPU both take (docs/design.md, Composite)."""
     vals = cu.tolist()
     if vals[0] != 0:
         raise ValueError(f"{name} must start at 0, got {vals[0]}")
@@ -233,8 +243,6 @@ def _check_cu_values(name: str, cu: Tensor, total: Optional[int], max_seqlen: in
     for i, n in enumerate(lens):
         if n < 0:
             raise ValueError(f"{name} must be non-decreasing, but entry {i + 1} ({vals[i + 1]}) < entry {i} ({vals[i]})")
-        if n == 0:
-            raise ValueError(f"{name} describes a zero-length sequence at index {i}")
     if total is not None and vals[-1] != total:
         raise ValueError(f"{name} must end at the total token count {total}, got {vals[-1]}")
     if max(lens) > max_seqlen:
@@ -368,8 +376,8 @@ def check_paged_cache(k_cache, v_cache, page_table, seqlens_k, max_seqlen_k, bat
         return  # device values are trusted (reading them would synchronise) and clamped by the gather
     lens = seqlens_k.tolist()
     for i, n in enumerate(lens):
-        if not 1 <= n <= max_seqlen_k:
-            raise ValueError(f"seqlens_k[{i}] = {n} is outside [1, max_seqlen_k={max_seqlen_k}]")
+        if not 0 <= n <= max_seqlen_k:
+            raise ValueError(f"seqlens_k[{i}] = {n} is outside [0, max_seqlen_k={max_seqlen_k}]")
     used = torch.arange(page_table.shape[1])[None, :] < torch.tensor([-(-n // page_size) for n in lens])[:, None]
     bad = torch.nonzero(used & ((page_table < 0) | (page_table >= num_pages)))
     if bad.numel():

@@ -164,7 +164,7 @@ def proxy_attention_paged(q: Tensor, k_cache: Tensor, v_cache: Tensor, page_tabl
     the keys past the sequence, and a masked NaN value still turns P V into NaN.
 
     Validation runs before anything on the device: every argument's dtype, device, shape and
-    strides; on the CPU also the values (seqlens_k in [1, max_seqlen_k], the page numbers a
+    strides; on the CPU also the values (seqlens_k in [0, max_seqlen_k], the page numbers a
     sequence reads in [0, num_pages), cu_seqlens_q). Device values are not read (that would
     synchronise); the gather clamps them. Inference only."""
     lay = check_paged(q, k_cache, v_cache, page_table, seqlens_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, config,

@@ -249,9 +249,12 @@ def head_budgets(q: Tensor, k: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlen
     hq = q.shape[-2]
     out = torch.zeros(_batch(q, cu_seqlens_q), hq, dtype=torch.int32, device=q.device)
     for b, _, q_b, k_b, _ in _sequences(q, k, None, cu_seqlens_q, cu_seqlens_k):
+        nq, nk = q_b.shape[0], k_b.shape[0]
+        if nq == 0 or candidate_count(_cdiv(nq, block_size) - 1, nq, nk, block_size, causal) == 0:
+            continue  # no query, or no key its last query block may see: k* 0, as the kernel's finalize gives
         w = last_block_mass(q_b, k_b, block_size, softmax_scale, causal)
-        out[b] = torch.from_numpy(_kstar_from_mass(w, q_b.shape[0], k_b.shape[0], block_size, gamma,
-                                                   sink_blocks, local_blocks, causal)).to(q.device)
+        out[b] = torch.from_numpy(_kstar_from_mass(w, nq, nk, block_size, gamma, sink_blocks, local_blocks,
+                                                   causal)).to(q.device)
     return out
 
 
@@ -335,6 +338,8 @@ def select_blocks(scores: Tensor, kstar: Tensor, cu_seqlens_q: Optional[Tensor],
     n = torch.arange(nkb, device=dev)
     for b, (nq, nk) in enumerate(lens):
         nqb_b = _cdiv(nq, S)
+        if nqb_b == 0:
+            continue  # no query (an empty sequence): every row counts 0 and holds -1, as the kernel writes them
         rows = [forced_range(m, nq, nk, S, sink_blocks, local_blocks, causal) for m in range(nqb_b)]
         c = [r[0] for r in rows]
         f = [r[0] - (r[2] - r[1]) for r in rows]

@@ -104,10 +104,10 @@ def test_config_random_values(kw):
 
 @st.composite
 def cu_seqlens_calls(draw, total=120):
-    """(values, dtype, max_seqlen): half the time a valid cu_seqlens for `total` tokens, else
-    random values, dtype and max_seqlen."""
+    """(values, dtype, max_seqlen): half the time a valid cu_seqlens for `total` tokens (empty
+    sequences included), else random values, dtype and max_seqlen."""
     if draw(st.booleans()):
-        cuts = sorted(draw(st.sets(st.integers(1, total - 1), max_size=4)))
+        cuts = sorted(draw(st.lists(st.integers(0, total), max_size=4)))
         vals = [0, *cuts, total]
         longest = max(b - a for a, b in zip(vals[:-1], vals[1:]))
         return vals, torch.int32, draw(st.integers(longest, 150))
@@ -125,7 +125,7 @@ def test_varlen_random_cu_seqlens(call):
     cu = torch.tensor(vals, dtype=dtype)
     cfg = pa.ProxyAttnConfig(block_size=64, dense_below=0, min_budget=64)
     lens = [b - a for a, b in zip(vals[:-1], vals[1:])]
-    valid = (dtype == torch.int32 and len(vals) >= 2 and vals[0] == 0 and vals[-1] == total and min(lens) > 0
+    valid = (dtype == torch.int32 and len(vals) >= 2 and vals[0] == 0 and vals[-1] == total and min(lens) >= 0
              and 1 <= max(lens) <= maxlen)
     try:
         out = pa.proxy_attention_varlen(q, k, k, cu, cu, maxlen, maxlen, cfg)
@@ -245,26 +245,31 @@ def test_head_budgets_and_select_random_arguments(kw, varlen):
 
 
 @SETTINGS
-@given(st.lists(st.integers(1, 120), min_size=1, max_size=3), st.lists(st.integers(1, 120), min_size=1, max_size=3),
+@given(st.lists(st.integers(0, 120), min_size=1, max_size=3), st.lists(st.integers(0, 120), min_size=1, max_size=3),
        st.booleans())
 def test_varlen_per_sequence_causal_lengths(lq, lk, causal):
-    """Varlen on CPU: causal needs seqlen_q <= seqlen_k in every sequence (checked on the host);
-    accepted calls behave like each sequence alone."""
+    """Varlen on CPU: causal needs seqlen_q <= seqlen_k in every sequence (checked on the host), and
+    the call some query and some key; accepted calls behave like each sequence alone (empty ones
+    included: no rows; queries without keys, non-causal: rows that see no key, out 0)."""
     n = min(len(lq), len(lk))
     lq, lk = lq[:n], lk[:n]
     cu_q = torch.tensor([0] + torch.tensor(lq).cumsum(0).tolist(), dtype=torch.int32)
     cu_k = torch.tensor([0] + torch.tensor(lk).cumsum(0).tolist(), dtype=torch.int32)
     q, k, v = torch.randn(sum(lq), 2, 64), torch.randn(sum(lk), 1, 64), torch.randn(sum(lk), 1, 64)
     cfg = pa.ProxyAttnConfig(block_size=64, dense_below=0, min_budget=64)
+    valid = sum(lq) > 0 and sum(lk) > 0 and not (causal and any(a > b for a, b in zip(lq, lk)))
     try:
-        out = pa.proxy_attention_varlen(q, k, v, cu_q, cu_k, max(lq), max(lk), cfg, causal=causal)
+        out = pa.proxy_attention_varlen(q, k, v, cu_q, cu_k, max(max(lq), 1), max(max(lk), 1), cfg, causal=causal)
     except ValueError as e:
-        assert causal and any(a > b for a, b in zip(lq, lk)), str(e)
+        assert not valid, str(e)
         return
-    assert not (causal and any(a > b for a, b in zip(lq, lk)))
+    assert valid
     i = 0
     for j, (a, b) in enumerate(zip(lq, lk)):
         ks = int(cu_k[j])
-        alone = pa.proxy_attention(q[None, i:i + a], k[None, ks:ks + b], v[None, ks:ks + b], cfg, causal=causal)
-        assert torch.allclose(out[i:i + a], alone[0], atol=1e-5, rtol=1e-5)
+        if a and not b:
+            assert out[i:i + a].eq(0).all()
+        elif a:
+            alone = pa.proxy_attention(q[None, i:i + a], k[None, ks:ks + b], v[None, ks:ks + b], cfg, causal=causal)
+            assert torch.allclose(out[i:i + a], alone[0], atol=1e-5, rtol=1e-5)
         i += a

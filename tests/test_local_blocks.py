@@ -269,7 +269,6 @@ def test_select_blocks_checks_cpu_cu_seqlens_values():
         "start": ([1, 100, 150], [0, 150, 250], r"cu_seqlens_q must start at 0"),
         "decreasing": ([0, 100, 50], [0, 150, 250], r"cu_seqlens_q must be non-decreasing"),
         "too long": ([0, 100, 150], [0, 150, 400], r"max_seqlen for cu_seqlens_k is 150, but sequence 1 has 250"),
-        "empty": ([0, 0, 50], [0, 150, 250], r"zero-length sequence at index 0"),
         "causal": ([0, 100, 150], [0, 90, 190], r"causal attention needs seqlen_q <= seqlen_k"),
     }
     for name, (cq, ck, match) in bad.items():
@@ -277,6 +276,41 @@ def test_select_blocks_checks_cpu_cu_seqlens_values():
             pa.select_blocks(scores, kstar, seqlen_q=100, seqlen_k=150, block_size=S,
                              cu_seqlens_q=torch.tensor(cq, dtype=torch.int32),
                              cu_seqlens_k=torch.tensor(ck, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("at", [0, 1, 2], ids=["first", "middle", "last"])
+def test_select_blocks_empty_sequences(at, causal):
+    """cu_seqlens with empty sequences (no queries, with 200 keys and with none) first, in the middle
+    or last: their rows count 0 blocks and hold -1 whatever their scores and budgets (as the CUDA
+    kernel writes every row past a sequence's query blocks), and each other sequence selects exactly
+    what it selects alone, by the rule (_check_rows)."""
+    S, hq, G, sink, local = 64, 4, 2, 1, 1
+    lens = [(300, 700), (130, 130)]
+    lens[at:at] = [(0, 200), (0, 0)]
+    lens_q, lens_k = zip(*lens)
+    mq, mk = max(lens_q), max(lens_k)
+    scores = torch.rand(len(lens), G, rules.cdiv(mq, S), rules.cdiv(mk, S))
+    kstar = torch.randint(0, 6, (len(lens), hq), dtype=torch.int32)
+    kstar[at:at + 2] = 1000
+    cu_q, cu_k = (torch.tensor([0] + list(n), dtype=torch.int32).cumsum(0).to(torch.int32) for n in (lens_q, lens_k))
+    counts, idx = pa.select_blocks(scores, kstar, seqlen_q=mq, seqlen_k=mk, block_size=S, sink_blocks=sink,
+                                   local_blocks=local, min_budget=0, causal=causal, cu_seqlens_q=cu_q,
+                                   cu_seqlens_k=cu_k)
+    assert counts[at:at + 2].eq(0).all() and idx[at:at + 2].eq(-1).all()
+    sparse = False
+    for j, (nq, nk) in enumerate(lens):
+        if nq == 0:
+            continue
+        mb, nb = rules.cdiv(nq, S), rules.cdiv(nk, S)
+        alone = scores[j:j + 1, :, :mb, :nb].contiguous()
+        a_counts, a_idx = _select(alone, kstar[j:j + 1], nq, nk, S, sink, local, 0, causal)
+        _check_rows(a_counts, a_idx, alone, kstar[j:j + 1], nq, nk, S, sink, local, 0, causal, group=hq // G)
+        assert torch.equal(counts[j, :, :mb], a_counts[0]) and counts[j, :, mb:].eq(0).all()
+        assert torch.equal(idx[j, :, :mb, :nb], a_idx[0])
+        assert idx[j, :, mb:].eq(-1).all() and idx[j, ..., nb:].eq(-1).all()
+        sparse |= bool((a_counts[0] < torch.tensor([rules.candidates(m, nq, nk, S, causal) for m in range(mb)])).any())
+    assert sparse, "the test needs rows that leave candidates out"
 
 
 @pytest.mark.parametrize("field,value", [("min_budget", 10**30), ("sink_blocks", 2**63), ("local_blocks", 2**31),

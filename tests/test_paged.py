@@ -4,7 +4,8 @@ that no sequence reads (and every slot past a sequence's last key) filled with N
 wrong read shows. For every page size the paged call equals proxy_attention_varlen on the same
 keys bit for bit (the same reference path runs), outputs and selections; at gamma = 1 it is dense
 attention; a sequence prefilled chunk by chunk into the cache matches one call over the whole
-sequence; on fake CUDA tensors nothing is read on the host and torch.compile traces one graph.
+sequence; empty sequences select nothing and leave the others as they are without them; on fake
+CUDA tensors nothing is read on the host and torch.compile traces one graph.
 Refusals name the argument. The GPU version at 16k-64k tokens, with CUDA graph capture,
 is tests/test_paged_gpu.py; the helpers below serve both."""
 import dataclasses
@@ -191,6 +192,34 @@ def test_paged_dense_path():
     assert_same_selection(sel, want_sel)
 
 
+def test_paged_empty_sequences():
+    """Empty sequences (no queries; seqlens_k 0, or keys behind no query) first, in the middle and
+    last: the paged call equals the varlen call on the same keys bit for bit, and the other
+    sequences' rows and selections equal the paged call without the empty ones; the empty ones
+    select nothing (counts 0, indices -1, kstar 0, density 0)."""
+    gen = torch.Generator().manual_seed(5)
+    lens_k, lens_q = (0, 700, 300, 0, 260, 150), (0, 200, 0, 0, 90, 0)
+    pb = PagedBatch(32, max(lens_k), 2, 64, batch=len(lens_k), gen=gen)
+    for b, n in enumerate(lens_k):
+        if n:
+            pb.append(b, torch.randn(n, 2, 64, generator=gen), torch.randn(n, 2, 64, generator=gen))
+    q, cu_q = 2 * torch.randn(sum(lens_q), 4, 64, generator=gen), cu_of(lens_q)
+    out, sel = _paged(pb, q, cu_q, SPARSE, return_selection=True)
+    want, want_sel = _varlen(pb, q, cu_q, SPARSE, return_selection=True)
+    assert torch.isfinite(out).all() and torch.equal(out, want)
+    assert_same_selection(sel, want_sel)
+    empty, rows = [0, 2, 3, 5], [1, 4]
+    alone, alone_sel = pa.proxy_attention_paged(q, pb.k_cache, pb.v_cache, pb.page_table[rows], pb.seqlens_k(rows),
+                                                cu_of([lens_q[b] for b in rows]), max(lens_q), max(lens_k), SPARSE,
+                                                return_selection=True)
+    assert torch.equal(out, alone)
+    for name in ("counts", "indices", "kstar", "density", "budget_ratio"):
+        assert torch.equal(getattr(sel, name)[rows], getattr(alone_sel, name)), name
+    assert sel.counts[empty].eq(0).all() and sel.indices[empty].eq(-1).all()
+    assert sel.kstar[empty].eq(0).all() and sel.density[empty].eq(0).all()
+    assert float(sel.density[rows].min()) < 0.9, "the test needs a sparse selection"
+
+
 # ---------------------------------------------------------------- chunked prefill
 
 
@@ -284,7 +313,7 @@ def test_stage_functions_take_gathered_keys():
     assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
     # Padding rows after the last key (finite, as the gather's are) change nothing in any op.
     pad = lambda t: torch.cat([t, torch.randn(3 * mk, *t.shape[1:])])  # noqa: E731
-    ops, s = torch.ops.proxyattn, 64 ** -0.5
+    ops, s = (torch.ops.proxyattn if pa.HAS_EXTENSION else ref), 64 ** -0.5  # the reference is the CPU kernel
     assert torch.equal(ops.proxy_block_scores(q, pad(k), cu_q, cu_k, mq, mk, 64, 2, 4, s, True), scores[1])
     assert torch.equal(ops.head_budgets(q, pad(k), cu_q, cu_k, mq, mk, 64, 0.8, 1, 1, s, True), kstar[1])
     sel = ops.select_blocks(scores[1], kstar[1], cu_q, cu_k, mq, mk, 64, 1, 1, 64, True)
@@ -304,7 +333,7 @@ def test_ops_read_the_cache_through_page_table(page_size):
     table = pb.page_table.clone()
     for b, n in enumerate(pb.lens):
         table[b, cdiv(n, page_size):] = 10 ** 6  # past the sequence: never read
-    ops, s = torch.ops.proxyattn, 64 ** -0.5
+    ops, s = (torch.ops.proxyattn if pa.HAS_EXTENSION else ref), 64 ** -0.5  # the reference is the CPU kernel
     assert torch.equal(ops.proxy_block_scores(q, pb.k_cache, cu_q, cu_k, mq, mk, 64, 2, 4, s, True, table),
                        ops.proxy_block_scores(q, k, cu_q, cu_k, mq, mk, 64, 2, 4, s, True))
     assert torch.equal(ops.head_budgets(q, pb.k_cache, cu_q, cu_k, mq, mk, 64, 0.8, 1, 1, s, True, table),
@@ -319,6 +348,7 @@ def test_ops_read_the_cache_through_page_table(page_size):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@pytest.mark.skipif(not pa.HAS_EXTENSION, reason=f"fake kernels come with proxyattn._C: {pa.EXTENSION_ERROR}")
 def test_fake_cuda_tensors_no_host_reads():
     """Under FakeTensorMode with CUDA tensors (no GPU needed) the paged call and the gather build
     outputs of the right shapes: nothing reads a device value on the host (a fake tensor would
@@ -340,6 +370,7 @@ def test_fake_cuda_tensors_no_host_reads():
         assert kv.k.shape == (b * mk, 2, 64) and kv.cu_seqlens_k.shape == (b + 1,)
 
 
+@pytest.mark.skipif(not pa.HAS_EXTENSION, reason=f"fake kernels come with proxyattn._C: {pa.EXTENSION_ERROR}")
 def test_compile_traces_one_graph_on_fake_cuda_tensors():
     """torch.compile(fullgraph=True) traces the paged call on fake CUDA tensors into one graph
     holding the four ops (no graph break, no host read), and the gather only where the build has no
@@ -426,8 +457,10 @@ REFUSALS = [
     ("page number negative", _negative_page, ValueError, r"page_table\[0, 3\] = -1 is not a page"),
     ("seqlens_k dtype", lambda a: dict(a, seqlens_k=a["seqlens_k"].long()), TypeError, r"seqlens_k must be int32"),
     ("seqlens_k shape", lambda a: dict(a, seqlens_k=a["seqlens_k"][:2]), ValueError, r"seqlens_k must have shape"),
-    ("seqlens_k above max", lambda a: _seqlen(a, 1, 701), ValueError, r"seqlens_k\[1\] = 701 is outside \[1, "),
-    ("seqlens_k zero", lambda a: _seqlen(a, 2, 0), ValueError, r"seqlens_k\[2\] = 0 is outside"),
+    ("seqlens_k above max", lambda a: _seqlen(a, 1, 701), ValueError, r"seqlens_k\[1\] = 701 is outside \[0, "),
+    ("seqlens_k negative", lambda a: _seqlen(a, 1, -1), ValueError, r"seqlens_k\[1\] = -1 is outside \[0, "),
+    ("seqlens_k zero under queries", lambda a: _seqlen(a, 2, 0), ValueError,
+     r"sequence 2 has 90 queries and 0 keys.*seqlens_k"),
     ("fewer keys than queries", lambda a: _seqlen(a, 1, 300), ValueError,
      r"sequence 1 has 520 queries and 300 keys.*seqlens_k"),
     ("max_seqlen_k type", lambda a: dict(a, max_seqlen_k=700.0), TypeError, r"max_seqlen_k must be an int"),

@@ -1,5 +1,6 @@
 """Bad input is rejected before any kernel runs, with a message naming the problem."""
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -141,7 +142,6 @@ def _varlen():
     (torch.tensor([0], dtype=torch.int32), 200, ValueError, "1-D"),
     (torch.tensor([5, 100, 300], dtype=torch.int32), 200, ValueError, "start at 0"),
     (torch.tensor([0, 200, 100, 300], dtype=torch.int32), 200, ValueError, "non-decreasing"),
-    (torch.tensor([0, 100, 100, 300], dtype=torch.int32), 200, ValueError, "zero-length"),
     (torch.tensor([0, 100, 250], dtype=torch.int32), 200, ValueError, "total token count 300"),
     (torch.tensor([0, 100, 300], dtype=torch.int32), 150, ValueError, "max_seqlen"),
 ])
@@ -149,6 +149,106 @@ def test_bad_cu_seqlens(cu, maxlen, exc, match):
     q, k, v = _varlen()
     with pytest.raises(exc, match=match):
         pa.proxy_attention_varlen(q, k, v, cu, cu, maxlen, maxlen, CFG)
+
+
+def _cu(lengths):
+    return torch.tensor([0] + list(lengths), dtype=torch.int32).cumsum(0).to(torch.int32)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("keys", [0, 90], ids=["no_keys", "90_keys"])
+@pytest.mark.parametrize("at", [0, 1, 2], ids=["first", "middle", "last"])
+def test_varlen_empty_sequence_leaves_the_others_as_alone(at, keys, causal):
+    """A packed batch with an empty sequence (no queries; no keys, or 90) first, in the middle or
+    last, on the CPU: the four stage functions and proxy_attention_varlen (sparse and dense paths)
+    give each other sequence, bit for bit, what it gets alone (fixed length), and the empty one no
+    rows and what the CUDA kernels write for it: scores 0, k* 0, counts 0 and indices -1 in every
+    row (whatever scores and budget select_blocks is handed), density and budget_ratio 0."""
+    S, hq, hkv, d = 64, 4, 2, 64
+    lens = [(300, 500), (130, 130)]  # Nq < Nk, and a partial last block
+    lens.insert(at, (0, keys))
+    lens_q, lens_k = zip(*lens)
+    q = 3 * torch.randn(sum(lens_q), hq, d)  # sharper than unit scale: sparse budgets
+    k, v = torch.randn(sum(lens_k), hkv, d), torch.randn(sum(lens_k), hkv, d)
+    cu_q, cu_k = _cu(lens_q), _cu(lens_k)
+    mq, mk = max(lens_q), max(lens_k)
+    nqb, nkb = -(-mq // S), -(-mk // S)
+    cfg = dataclasses.replace(CFG, gamma=0.6, min_budget=64, num_proxy_heads=2)
+    var = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, block_size=S, causal=causal)
+    scores = pa.proxy_block_scores(q, k, num_proxy_heads=2, max_seqlen_q=mq, max_seqlen_k=mk, **var)
+    kstar = pa.head_budgets(q, k, gamma=0.6, max_seqlen_q=mq, max_seqlen_k=mk, **var)
+    assert scores[at].eq(0).all() and kstar[at].eq(0).all()
+    handed_s, handed_k = scores.clone(), kstar.clone()
+    handed_s[at], handed_k[at] = torch.rand(2, nqb, nkb), nkb  # would select blocks in a sequence with rows
+    counts, idx = pa.select_blocks(handed_s, handed_k, seqlen_q=mq, seqlen_k=mk, min_budget=64, **var)
+    assert counts[at].eq(0).all() and idx[at].eq(-1).all()
+    full = pa.select_blocks(scores, torch.full_like(kstar, nkb), seqlen_q=mq, seqlen_k=mk, min_budget=64, **var)
+    assert int(counts.sum()) < int(full[0].sum()), "the test needs a sparse selection"
+    out, lse = pa.block_sparse_attention(q, k, v, counts, idx, max_seqlen_q=mq, max_seqlen_k=mk, **var)
+    got, sel = pa.proxy_attention_varlen(q, k, v, cu_q, cu_k, mq, mk, cfg, causal=causal, return_selection=True)
+    dense = pa.proxy_attention_varlen(q, k, v, cu_q, cu_k, mq, mk, dataclasses.replace(cfg, dense_below=10 ** 6),
+                                      causal=causal)
+    assert out.shape == got.shape == dense.shape == q.shape and lse.shape == (hq, q.shape[0])
+    assert torch.equal(got, out) and torch.equal(sel.counts, counts) and torch.equal(sel.indices, idx)
+    assert sel.kstar[at].eq(0).all() and sel.density[at].eq(0).all() and sel.budget_ratio[at].eq(0).all()
+    for j, (nq, nk) in enumerate(lens):
+        if nq == 0:
+            continue
+        rows, keys_j = slice(int(cu_q[j]), int(cu_q[j + 1])), slice(int(cu_k[j]), int(cu_k[j + 1]))
+        qa, ka, va = q[None, rows], k[None, keys_j], v[None, keys_j]
+        mb, nb = -(-nq // S), -(-nk // S)
+        a_scores = pa.proxy_block_scores(qa, ka, num_proxy_heads=2, block_size=S, causal=causal)
+        a_kstar = pa.head_budgets(qa, ka, gamma=0.6, block_size=S, causal=causal)
+        a_counts, a_idx = pa.select_blocks(a_scores, a_kstar, seqlen_q=nq, seqlen_k=nk, block_size=S, min_budget=64,
+                                           causal=causal)
+        a_out, a_lse = pa.block_sparse_attention(qa, ka, va, a_counts, a_idx, block_size=S, causal=causal)
+        a_got, a_sel = pa.proxy_attention(qa, ka, va, cfg, causal=causal, return_selection=True)
+        assert torch.equal(scores[j, :, :mb, :nb], a_scores[0]) and a_scores.gt(0).any()
+        assert scores[j, :, mb:].eq(0).all() and scores[j, :, :, nb:].eq(0).all()
+        assert torch.equal(kstar[j], a_kstar[0])
+        assert torch.equal(counts[j, :, :mb], a_counts[0]) and counts[j, :, mb:].eq(0).all()
+        assert torch.equal(idx[j, :, :mb, :nb], a_idx[0])
+        assert idx[j, :, mb:].eq(-1).all() and idx[j, ..., nb:].eq(-1).all()
+        assert torch.equal(out[rows], a_out[0]) and torch.equal(lse[:, rows], a_lse[0])
+        assert torch.equal(got[rows], a_got[0]) and torch.isfinite(a_got).all()
+        assert torch.equal(sel.density[j], a_sel.density[0])
+        assert torch.equal(sel.budget_ratio[j], a_sel.budget_ratio[0])
+        assert torch.equal(dense[rows], pa.proxy_attention(qa, ka, va, dataclasses.replace(cfg, dense_below=10 ** 6),
+                                                           causal=causal)[0])
+
+
+def test_varlen_sequence_without_keys_sees_no_key():
+    """Non-causal, a sequence with queries and no keys beside an empty one: its rows see no key (out
+    0, lse -inf, no block selected), the other sequence is as alone."""
+    S, hq, hkv, d = 64, 4, 2, 64
+    lens_q, lens_k = (70, 0, 150), (0, 0, 200)
+    q, k, v = torch.randn(sum(lens_q), hq, d), torch.randn(sum(lens_k), hkv, d), torch.randn(sum(lens_k), hkv, d)
+    cfg = dataclasses.replace(CFG, gamma=0.8, min_budget=64)
+    out, sel = pa.proxy_attention_varlen(q, k, v, _cu(lens_q), _cu(lens_k), 150, 200, cfg, causal=False,
+                                         return_selection=True)
+    assert out[:70].eq(0).all() and sel.counts[:2].eq(0).all() and sel.indices[:2].eq(-1).all()
+    assert sel.kstar[:2].eq(0).all() and sel.density[:2].eq(0).all()
+    alone = pa.proxy_attention(q[None, 70:], k[None], v[None], cfg, causal=False)
+    assert torch.equal(out[70:], alone[0]) and torch.isfinite(alone).all() and alone.abs().sum() > 0
+    _, lse = pa.block_sparse_attention(q, k, v, sel.counts, sel.indices, cu_seqlens_q=_cu(lens_q),
+                                       cu_seqlens_k=_cu(lens_k), max_seqlen_q=150, max_seqlen_k=200, block_size=S,
+                                       causal=False)
+    assert lse[:, :70].eq(-math.inf).all() and torch.isfinite(lse[:, 70:]).all()
+
+
+def test_varlen_input_without_tokens_is_refused():
+    """No query or no key row at all is refused on every device (a shape), as a fixed-length input with
+    a zero batch or length is; empty sequences beside others are not."""
+    q, k = torch.randn(0, 4, 64), torch.randn(0, 2, 64)
+    cu = torch.tensor([0, 0], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"zero-length input: total_q=0, total_k=0"):
+        pa.proxy_attention_varlen(q, k, k, cu, cu, 1, 1, CFG)
+    with pytest.raises(ValueError, match=r"zero-length input: total_q=0, total_k=40"):
+        pa.proxy_attention_varlen(q, k.new_ones(40, 2, 64), k.new_ones(40, 2, 64), cu, _cu([40]), 1, 40, CFG)
+    q1 = torch.randn(10, 4, 64)
+    with pytest.raises(ValueError, match=r"zero-length input: total_q=10, total_k=0"):
+        pa.proxy_block_scores(q1, k, cu_seqlens_q=_cu([10]), cu_seqlens_k=cu, max_seqlen_q=10, max_seqlen_k=1,
+                              causal=False)
 
 
 def test_varlen_other_checks():
