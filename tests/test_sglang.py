@@ -68,9 +68,13 @@ class Engine:
         self.pages = [[] for _ in range(requests)]
         self.keys = [[torch.empty(0, HKV, D)] * layers for _ in range(requests)]
         self.values = [[torch.empty(0, HKV, D)] * layers for _ in range(requests)]
+        # The ModelRunner fields the backends read: the model's dtype and the pool's (kv_cache_dtype),
+        # the model config's head dim.
         self.runner = types.SimpleNamespace(device="cpu", req_to_token_pool=self.req_to_token_pool,
                                             token_to_kv_pool=self.pool, page_size=page_size, use_mla_backend=False,
-                                            decode_attention_backend_str="fa3")
+                                            decode_attention_backend_str="fa3", dtype=torch.float32,
+                                            kv_cache_dtype=torch.float32,
+                                            model_config=types.SimpleNamespace(head_dim=D))
 
     def extend(self, lengths):
         """A ForwardBatch (EXTEND) that adds lengths[i] tokens to request i, as the scheduler builds it."""
@@ -198,3 +202,25 @@ def test_registration_and_refusals(sgl, monkeypatch):
     monkeypatch.setenv(pa_sgl.DENSE_LAYERS_ENV, "3")
     pa_sgl.plugin()
     assert pa_sgl.get_settings() == pa_sgl.BackendSettings(pa.ProxyAttnConfig(gamma=0.93, block_size=64), 3)
+
+
+def test_unsupported_model_refused_at_startup(sgl):
+    """A head dim the kernels do not take and a KV cache in another dtype than the queries' (FP8,
+    or bf16 beside float32 queries) are refused when SGLang builds the backend (server startup),
+    naming what was expected and what the model runner has, not at the first extend."""
+    pa_sgl.register(SPARSE)
+    runner = Engine(64).runner
+    build = pa_sgl.ProxyAttnBackend
+
+    def with_(**fields):
+        return types.SimpleNamespace(**dict(vars(runner), **fields))
+
+    with pytest.raises(ValueError, match=r"head dim: expected one of \(64, 128\), got 96\): serve it with another "
+                                         r"--prefill-attention-backend"):
+        build(with_(model_config=types.SimpleNamespace(head_dim=96)))
+    for kv_dtype in (torch.float8_e4m3fn, torch.float8_e5m2, torch.bfloat16):
+        with pytest.raises(ValueError, match=rf"KV cache dtype: expected the queries' dtype .*, got {kv_dtype} with "
+                                             rf"queries in torch.float32\): start SGLang with a cache in the "
+                                             rf"model's dtype \(--kv-cache-dtype auto"):
+            build(with_(kv_cache_dtype=kv_dtype))
+    assert isinstance(build(runner), build)  # the stand-in itself is served

@@ -285,7 +285,8 @@ def test_backend_matches_dense_and_varlen(vllm, model_dir, fake_flash, block_siz
 
 def test_fallbacks_run_on_flash_attention(vllm, model_dir, fake_flash):
     """A decode-only batch and a sliding-window layer go to FlashAttention whole, with the
-    batch's own metadata."""
+    batch's own metadata; a layer of a head size the kernels do not take is left to it (the rule
+    by which SGLang's backend refuses such a model)."""
     eng = Engine(64)
     builder = _builder(model_dir, 64)
     pa_vllm.register(SPARSE)
@@ -293,6 +294,7 @@ def test_fallbacks_run_on_flash_attention(vllm, model_dir, fake_flash):
     q, k, v = eng.chunk(0, meta, None)
     windowed = _impl(sliding_window=128)
     assert windowed.fallback_reason == "sliding window" and _impl().fallback_reason is None
+    assert _impl(head_size=96).fallback_reason == "head dim: expected one of (64, 128), got 96"
     windowed.forward(_layer(0), q, k, v, eng.kv_caches[0], meta, _poisoned(q))
     assert fake_flash == [meta]
     meta = builder.build(0, eng.schedule((1, 1, 1)))

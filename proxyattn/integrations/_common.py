@@ -1,5 +1,6 @@
 """What the serving-engine backends (sglang.py, vllm.py) share: the settings `register` stores,
-reading them from the environment in an entry-point `plugin`, and the config of one layer."""
+reading them from the environment in an entry-point `plugin`, the config of one layer, and the
+rules on an engine's head dim and KV cache dtype that proxyattn's kernels set."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,7 +8,7 @@ import json
 import os
 from typing import Optional
 
-from ..config import INT64_MAX, ProxyAttnConfig, check_int
+from ..config import INT64_MAX, SUPPORTED_HEAD_DIMS, ProxyAttnConfig, check_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,3 +66,25 @@ def layer_config(settings: BackendSettings, layer_index: int, scale: float) -> P
     if layer_index < settings.dense_layers:
         changes["dense_below"] = INT64_MAX
     return dataclasses.replace(settings.config, **changes)
+
+
+# What proxy_attention_paged cannot take of an engine's attention, one rule each. Both backends
+# apply them when the engine builds them (SGLang then refuses the model, vLLM leaves the layer to
+# FlashAttention), not at a first call. Each returns the expected and the given value, or None.
+
+
+def head_dim_refusal(head_dim: int) -> Optional[str]:
+    """The kernels take head dims in SUPPORTED_HEAD_DIMS."""
+    if head_dim in SUPPORTED_HEAD_DIMS:
+        return None
+    return f"head dim: expected one of {SUPPORTED_HEAD_DIMS}, got {head_dim}"
+
+
+def kv_dtype_refusal(kv_cache_dtype, in_query_dtype: bool) -> Optional[str]:
+    """The kernels read K/V in the queries' dtype, so no quantized (FP8) cache. in_query_dtype:
+    whether the engine's cache holds K/V in the queries' dtype, as the engine tells it (SGLang: its
+    kv_cache_dtype is the model's dtype; vLLM: its cache dtype is not a quantized one);
+    kv_cache_dtype: the engine's name of the cache's dtype, for the message."""
+    if in_query_dtype:
+        return None
+    return f"KV cache dtype: expected the queries' dtype (no quantized, e.g. FP8, cache), got {kv_cache_dtype}"

@@ -31,7 +31,9 @@ cross-attention, sliding windows, logit capping, MLA and pools that translate KV
 
 Page size: SGLang's default is 1, which proxy_attention_paged refuses (proxyattn.paged.PAGE_SIZES:
 16 to 256): start SGLang with --page-size 16 or more (128 or more gives the Hopper kernel one TMA
-box per key block).
+box per key block). When SGLang builds the backend, at startup, it refuses page sizes outside
+PAGE_SIZES, head dims outside proxyattn.config.SUPPORTED_HEAD_DIMS and a KV cache in another dtype
+than the model's (FP8: --kv-cache-dtype fp8_*).
 
 Importing this module does not import SGLang; the backend class, ProxyAttnBackend (an
 AttentionBackend subclass), is built on first use. Tested with
@@ -49,7 +51,8 @@ from torch import Tensor
 
 from ..config import ProxyAttnConfig
 from ..paged import PAGE_SIZES, proxy_attention_paged
-from ._common import BackendSettings, layer_config, make_settings, settings_from_env
+from ._common import (BackendSettings, head_dim_refusal, kv_dtype_refusal, layer_config, make_settings,
+                      settings_from_env)
 
 TESTED_SGLANG_VERSION = "0.5.23"
 DEFAULT_NAME = "proxyattn"
@@ -180,6 +183,20 @@ def _backend_class():
                                  f"backend of SGLang, e.g. --decode-attention-backend fa3")
             if isinstance(self.token_to_kv_pool, SWAKVPool):
                 raise _refuse("sliding-window KV pools")
+            # What the kernels take, read off the model runner as SGLang's own backends read it: the
+            # pool's dtype (kv_cache_dtype: under --kv-cache-dtype auto the model's, or FP8 where the
+            # checkpoint asks for it), the queries' (dtype, the model's) and the model config's head
+            # dim. A layer whose head dim is not the config's meets proxy_attention_paged's own check.
+            kv_dtype, q_dtype = model_runner.kv_cache_dtype, model_runner.dtype
+            why = kv_dtype_refusal(f"{kv_dtype} with queries in {q_dtype}", kv_dtype == q_dtype)
+            if why is not None:
+                raise ValueError(f"the proxyattn SGLang backend cannot read this KV cache ({why}): start SGLang "
+                                 f"with a cache in the model's dtype (--kv-cache-dtype auto, or bfloat16 for a "
+                                 f"bfloat16 model whose checkpoint asks for an FP8 cache)")
+            why = head_dim_refusal(model_runner.model_config.head_dim)
+            if why is not None:
+                raise ValueError(f"the proxyattn SGLang backend cannot run this model ({why}): serve it with "
+                                 f"another --prefill-attention-backend")
             self.forward_metadata: Optional[PagedMetadata] = None
             self._configs: Dict[tuple, ProxyAttnConfig] = {}
 

@@ -52,9 +52,10 @@ from typing import Dict, NamedTuple, Optional
 
 from torch import Tensor
 
-from ..config import SUPPORTED_HEAD_DIMS, ProxyAttnConfig
+from ..config import ProxyAttnConfig
 from ..paged import PAGE_SIZES, proxy_attention_paged
-from ._common import BackendSettings, layer_config, make_settings, settings_from_env
+from ._common import (BackendSettings, head_dim_refusal, kv_dtype_refusal, layer_config, make_settings,
+                      settings_from_env)
 
 TESTED_VLLM_VERSION = "0.33.0"
 DEFAULT_NAME = "PROXYATTN"
@@ -241,11 +242,9 @@ def _classes():
                 return "logit soft-capping"
             if self.sinks is not None:
                 return "attention sinks"
-            if is_quantized_kv_cache(self.kv_cache_dtype):
-                return f"KV cache dtype {self.kv_cache_dtype}"
-            if self.head_size not in SUPPORTED_HEAD_DIMS:  # FlashAttention takes more head sizes than proxyattn
-                return f"head size {self.head_size}"
-            return None
+            # FlashAttention takes quantized (FP8) caches and more head sizes than proxyattn.
+            return (kv_dtype_refusal(self.kv_cache_dtype, not is_quantized_kv_cache(self.kv_cache_dtype))
+                    or head_dim_refusal(self.head_size))
 
         def layer_config(self, layer) -> ProxyAttnConfig:
             """The config of a layer (index from layer.layer_name, dense for index <
