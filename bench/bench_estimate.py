@@ -11,12 +11,14 @@ SFU rate, bytes over copy bandwidth) and the ratio to cuDNN (targets: stages 1+2
 cuDNN with G = 1, <= 2.5% at the default G = Hq/2), and writes the docs/design.md section 6 JSON
 (default bench/results/<card>-<yyyymmdd>-estimate.json). --scores-backends times stage 1 under
 each PROXYATTN_BSA_BACKEND value in the same run (auto: the Hopper kernel on sm_90; portable: the
-mma.sync kernel), recorded as estimate_scores and estimate_scores_<backend>; the total uses the
-first. Two totals: `estimate`, the sum of the three stages timed alone (the breakdown's total),
-and `estimate_chain`, the three run back to back as proxy_attention runs them (timed the same
-way; on structured inputs inside a whole call, bench/suite.py's `estimate`). gamma and
-min_budget default to ProxyAttnConfig's; the inputs are standard normal, whose selections come
-out nearly dense (stage 1's cost does not depend on the values).
+mma.sync kernel), recorded as estimate_scores and estimate_scores_<backend>; the sum uses the
+first. Two totals: `estimate_sum`, the sum of the three stages timed alone (the breakdown's
+total), and `estimate`, the three run back to back as proxy_attention runs them, timed as one call
+the same way (the `estimate` of bench/suite.py and bench/bench_e2e.py, which time it on structured
+inputs). Older records (up to `*-20261207-estimate.json`) name the two otherwise;
+tools/results_table.py (OLD_ESTIMATE_NAMES) reads them under these names. gamma and min_budget
+default to ProxyAttnConfig's; the inputs are standard normal, whose selections come out nearly
+dense (stage 1's cost does not depend on the values).
 
 Importable: estimate_stage_fns() returns the three stage calls (and their chain) for one input,
 used by bench/suite.py.
@@ -150,13 +152,13 @@ def main():
                               floor_bytes_ms=fbytes, **extra))
         target = 1.0 if G == 1 else 2.5
         ratio = f"  {100 * total / sdpa_ms:6.2f}% of cuDNN (target <= {target}%)" if sdpa_ms else ""
-        print(f"    {'estimate (1+2+3)':18s} {total:9.3f} ms{ratio}")
-        cases.append(dict(name="estimate", **base, density=None, ms=total, tflops=None,
+        print(f"    {'estimate_sum 1+2+3':18s} {total:9.3f} ms{ratio}")
+        cases.append(dict(name="estimate_sum", **base, density=None, ms=total, tflops=None,
                           ratio_to_sdpa_cudnn=(total / sdpa_ms if sdpa_ms else None), **extra))
         chain_ms = time_cold(fns["estimate"], a.reps, 3, flush)
         ratio = f"  {100 * chain_ms / sdpa_ms:6.2f}% of cuDNN" if sdpa_ms else ""
-        print(f"    {'estimate chained':18s} {chain_ms:9.3f} ms{ratio}")
-        cases.append(dict(name="estimate_chain", **base, density=None, ms=chain_ms, tflops=None,
+        print(f"    {'estimate (chained)':18s} {chain_ms:9.3f} ms{ratio}")
+        cases.append(dict(name="estimate", **base, density=None, ms=chain_ms, tflops=None,
                           ratio_to_sdpa_cudnn=(chain_ms / sdpa_ms if sdpa_ms else None), **extra))
         if a.kernels:  # warm L2, one chain: where the stages' time goes, kernel by kernel
             cases[-1]["kernels"] = kernel_list(fns["estimate"])

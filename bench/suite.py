@@ -10,7 +10,7 @@ needles; so the selection's density means something), timed on the same tensors:
   sdpa_cudnn, sdpa_flash   dense causal SDPA with KV expanded to Hq heads (docs/design.md section 5)
   fa4                      flash-attn-4 dense causal (flash_attn.cute.flash_attn_func)
   proxy_attention          end to end (sparse path, dense_below = 0), with the density it chose
-  estimate, estimate_*     stages 1-3 chained, and each stage alone
+  estimate, estimate_*     stages 1-3 chained (timed as one call), and each stage alone
   bsa                      block_sparse_attention alone on proxy_attention's selection
   flex                     compiled FlexAttention (Triton) on the same selection as a BlockMask
   flex_flash               the same with kernel_options={"BACKEND": "FLASH"} (FA4's kernels)

@@ -203,6 +203,30 @@ def test_varlen_beside_its_sequences_alone(tmp_path):
     assert rows == ["| G=16, varlen 16k+16k | 128 | 3.200 | 2.03x | 3.000 | 2.00x | 0.94 |"]
 
 
+def test_estimate_totals_under_current_names(tmp_path):
+    """bench_estimate.py's totals: `estimate` is the chained stages timed as one call (as in a suite),
+    `estimate_sum` the sum of the stages timed alone. An older record, which named the sum `estimate`
+    and the chain `estimate_chain`, is read under those names; a current one as it is."""
+    res = tmp_path / "results"
+    res.mkdir()
+    stage = dict(density=None, num_proxy_heads=16)
+    old = [_case("estimate_scores", 131072, 5.2, **stage), _case("estimate", 131072, 5.8, **stage),
+           _case("estimate_chain", 131072, 5.7, **stage)]
+    new = [_case("estimate_scores", 131072, 5.1, **stage), _case("estimate_sum", 131072, 5.9, **stage),
+           _case("estimate", 131072, 5.6, **stage)]
+    (res / "NVIDIA_H100-20261207-estimate.json").write_text(json.dumps(_rec("NVIDIA H100", "0123456", old)))
+    (res / "NVIDIA_H100-20261208-estimate.json").write_text(json.dumps(_rec("NVIDIA H100", "1234567", new)))
+    path = tmp_path / "README.md"
+    path.write_text(README)
+    doc = tmp_path / "docs" / "results.md"
+    assert _run(path, res, doc).returncode == 0
+    text = doc.read_text()
+    assert "estimate_chain" not in text
+    for name, old_ms, new_ms in (("estimate_sum", "5.800", "5.900"), ("estimate", "5.700", "5.600")):
+        for ms in (old_ms, new_ms):
+            assert f"| {name} | G=16 | 128k | 1 | 32/8 | 128 | bf16 | - | {ms} | - |" in _lines(text)
+
+
 def test_same_date_suites_pick_one_run(tmp_path):
     """Two suite runs of one card on one date (different commits): one run is the headline, whole.
     A run at the default configuration (G = Hq/2 here, gamma and min_budget of ProxyAttnConfig) wins;

@@ -5,7 +5,8 @@
 
 Records are the JSON files of docs/design.md section 6 (`{"card", "torch", "cuda", "commit",
 "cases": [...]}`), named `<card>-<yyyymmdd>[-<tag>].json`; files without a `cases` list of timed
-entries are listed as not tabulated (and noted on stderr).
+entries are listed as not tabulated (and noted on stderr). bench_estimate.py's older records are
+read under the current names of its totals (OLD_ESTIMATE_NAMES).
 
 Suites. A suite file has the tag `suite` or `suite-<anything>` (a split sweep, e.g.
 `suite-512k`), except `suite-quick`. A suite run is the suite files of one card with the same
@@ -120,6 +121,21 @@ def _timed(rec):
     return [c for c in rec["cases"] if isinstance(c, dict) and "name" in c and c.get("ms") is not None]
 
 
+# bench_estimate.py's older records (up to *-20261207-estimate.json) name the sum of the stages timed
+# alone `estimate` and the stages chained in one timed call `estimate_chain`; every record now names
+# the chain `estimate` (as suite.py and bench_e2e.py always have) and the sum `estimate_sum`. A
+# record with an `estimate_chain` case is such an older one, and is read under the current names.
+OLD_ESTIMATE_NAMES = {"estimate": "estimate_sum", "estimate_chain": "estimate"}
+
+
+def _current_names(rec):
+    cases = rec["cases"]
+    if not any(isinstance(c, dict) and c.get("name") == "estimate_chain" for c in cases):
+        return rec
+    return dict(rec, cases=[dict(c, name=OLD_ESTIMATE_NAMES[c["name"]])
+                            if isinstance(c, dict) and c.get("name") in OLD_ESTIMATE_NAMES else c for c in cases])
+
+
 class Record:
     """One usable results file: its path, parsed name and JSON object."""
 
@@ -166,7 +182,7 @@ def load_records(results_dir):
             notes.append(f"{base}: no docs/design.md section 6 cases, not tabulated")
             skipped.append(base)
             continue
-        out.append(Record(path, rec))
+        out.append(Record(path, _current_names(rec)))
     return out, skipped, notes
 
 
