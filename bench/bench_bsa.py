@@ -273,7 +273,9 @@ def parse_args(argv=None):
                     help="random: random causal blocks (default); window: the same row lengths as contiguous "
                          "blocks ending at the diagonal (plus the sink), recorded with the suffix _window; "
                          "split<k>: the random blocks cut into k key ranges, one call per range in sequence, "
-                         "timed together without merging the partial outputs (suffix _split<k>)")
+                         "timed together without merging the partial outputs (suffix _split<k>). The records "
+                         "of a mask other than random say which in their field mask (the anchors run on "
+                         "the random one)")
     ap.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
                     help="per sequence length and density, time the dense anchors (cuDNN, FA4), every bsa case and "
                          "the block-sparse anchors with their runs interleaved (benchlib.time_cold_interleaved), so "
@@ -472,6 +474,8 @@ def main(argv=None):
 
                     for backend in args.backends:  # the op reads the variable on every call
                         label = bsa_label(backend) + suffix
+                        if mask != "random":  # the anchors ran on the random mask: results_table keys on it
+                            extras.setdefault(label, {})["mask"] = mask
                         env = backend_env(backend)
                         if args.interleave:
                             timed[label] = (call, lambda env=env: env_vars(env))

@@ -203,6 +203,31 @@ def test_varlen_beside_its_sequences_alone(tmp_path):
     assert rows == ["| G=16, varlen 16k+16k | 128 | 3.200 | 2.03x | 3.000 | 2.00x | 0.94 |"]
 
 
+def test_block_sparse_anchor_matches_its_own_mask(tmp_path):
+    """flex (and flex_flash, fa4_sparse) is matched only to the rows on its own block mask: two proxy
+    selections of one shape and density that differ in their proxy heads each get their own flex
+    row, and a bench_bsa.py row on a mask made from the random selection (mask: window) none of the
+    random selection's."""
+    res = tmp_path / "results"
+    res.mkdir()
+    g16, g4 = dict(density=0.1, selection="proxy", proxy_heads=16), dict(density=0.1, selection="proxy", proxy_heads=4)
+    cases = [_case("sdpa_cudnn", 32768, 10.0),
+             _case("bsa", 32768, 2.0, **g16), _case("flex", 32768, 3.0, **g16),
+             _case("bsa", 32768, 2.0, **g4), _case("flex", 32768, 5.0, **g4),
+             _case("bsa", 32768, 1.0, density=0.3), _case("bsa_window", 32768, 0.5, density=0.3, mask="window"),
+             _case("flex", 32768, 1.5, density=0.3)]
+    (res / "NVIDIA_H200-20261201-bsa.json").write_text(json.dumps(_rec("NVIDIA H200", "0123456", cases)))
+    path = tmp_path / "README.md"
+    path.write_text(README)
+    doc = tmp_path / "docs" / "results.md"
+    assert _run(path, res, doc).returncode == 0
+    lines = _lines(doc.read_text())
+    assert "| bsa | G=16, proxy sel. | 32k | 1 | 32/8 | 128 | bf16 | 0.100 | 2.000 | - | 5.00x | 1.50x |" in lines
+    assert "| bsa | G=4, proxy sel. | 32k | 1 | 32/8 | 128 | bf16 | 0.100 | 2.000 | - | 5.00x | 2.50x |" in lines
+    assert "| bsa | - | 32k | 1 | 32/8 | 128 | bf16 | 0.300 | 1.000 | - | 10.00x | 1.50x |" in lines
+    assert "| bsa_window | - | 32k | 1 | 32/8 | 128 | bf16 | 0.300 | 0.500 | - | 20.00x | - |" in lines
+
+
 def test_estimate_totals_under_current_names(tmp_path):
     """bench_estimate.py's totals: `estimate` is the chained stages timed as one call (as in a suite),
     `estimate_sum` the sum of the stages timed alone. An older record, which named the sum `estimate`

@@ -28,8 +28,8 @@ holding most of those rows.
 Tables: name, variant (proxy heads, selection, layout, and where the record says so that its output
 disagreed with another kernel's), N, B, heads, D, dtype, density, ms,
 TFLOP/s, and for every anchor the file holds (sdpa_cudnn, sdpa_flash, flex) the ratio
-anchor ms / ms on the same shape (> 1: faster than the anchor); flex is matched on the same
-density and selection too, since it runs on the same block mask. Under each suite run, its varlen
+anchor ms / ms on the same shape (> 1: faster than the anchor); flex, flex_flash and fa4_sparse
+only on the same block mask too (_mask_key). Under each suite run, its varlen
 proxy_attention batches beside their sequences run alone (the run's fixed-length rows at each
 length, summed), the measure of whether packing costs anything. The output depends only on the
 files and the defaults in proxyattn/config.py. --check exits 1 (and writes nothing) when either
@@ -74,10 +74,15 @@ def _fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
 
+def _proxy_heads(c):
+    """The proxy heads of a case (bench_estimate.py records them as num_proxy_heads)."""
+    return c.get("proxy_heads", c.get("num_proxy_heads"))
+
+
 def _variant(c):
     """Short description of what distinguishes a case beyond its shape."""
     parts = []
-    g = c.get("proxy_heads", c.get("num_proxy_heads"))
+    g = _proxy_heads(c)
     if g is not None:
         parts.append(f"G={g}")
     if c.get("selection"):
@@ -113,8 +118,15 @@ def _round_of(c):
 
 
 def _mask_key(c):
+    """What a block-sparse anchor (flex, flex_flash, fa4_sparse) shares with the cases that ran on
+    its block mask: the shape, the density and what made the mask: the selection (proxy, random),
+    a proxy selection's proxy heads, gamma and min_budget, a random one's target density, and
+    bench_bsa.py's mask (window, split<k>: made from the random selection the anchors ran on, at its
+    density)."""
     dens = c.get("density")
-    return _shape_key(c) + (None if dens is None else round(float(dens), 3), c.get("selection"))
+    made_by = (c.get("selection"), _proxy_heads(c), c.get("gamma"), c.get("min_budget"), c.get("target_density"),
+               c.get("mask"))
+    return _shape_key(c) + (None if dens is None else round(float(dens), 3),) + made_by
 
 
 def _timed(rec):
@@ -402,7 +414,7 @@ def headline(records, results_dir, is_default):
             if c["name"] in DENSE_ANCHORS:
                 anchors.setdefault((r.base, c["name"], _shape_key(c)), float(c["ms"]))
             elif c["name"] in ("bsa", "flex_flash", "fa4_sparse") and c.get("selection") == "proxy":
-                anchors.setdefault((r.base, c["name"], _mask_key(c), c.get("proxy_heads")), float(c["ms"]))
+                anchors.setdefault((r.base, c["name"], _mask_key(c)), float(c["ms"]))
         rows = [c for _, c in pa]
         shape = [f"B={_same(rows, 'batch')}" if _same(rows, "batch") is not None else None,
                  f"Hq={_same(rows, 'q_heads')}, Hkv={_same(rows, 'kv_heads')}"
@@ -420,8 +432,7 @@ def headline(records, results_dir, is_default):
             if name in DENSE_ANCHORS:
                 ref, ms = anchors.get((r.base, name, _shape_key(c))), float(c["ms"])
             else:
-                key = (_mask_key(c), c.get("proxy_heads"))
-                ref, ms = anchors.get((r.base, name) + key), anchors.get((r.base, "bsa") + key)
+                ref, ms = anchors.get((r.base, name, _mask_key(c))), anchors.get((r.base, "bsa", _mask_key(c)))
             return f"{ref / ms:.2f}x" if ref and ms else "-"
 
         extra = [(name, head) for name, head in (("fa4", "vs FA4"), ("flex_flash", "attention vs Flex FLASH"),
