@@ -83,6 +83,19 @@ def _run(path, res, doc, *extra):
                            *extra], capture_output=True, text=True)
 
 
+def _render(tmp_path, records):
+    """Run the script on records {file name: record} with the stock README: (README path, results.md
+    path), after checking it succeeded."""
+    res = tmp_path / "results"
+    res.mkdir()
+    for name, rec in records.items():
+        (res / name).write_text(json.dumps(rec))
+    path, doc = tmp_path / "README.md", tmp_path / "docs" / "results.md"
+    path.write_text(README)
+    assert _run(path, res, doc).returncode == 0
+    return path, doc
+
+
 def _section(text):
     return text.split("<!-- results:begin -->")[1].split("<!-- results:end -->")[0]
 
@@ -160,8 +173,6 @@ def test_doc_tables(tmp_path):
 
 
 def test_headline_shows_fa4_columns_when_measured(tmp_path):
-    res = tmp_path / "results"
-    res.mkdir()
     sel = dict(density=0.05, proxy_heads=16, selection="proxy")
     cases = [_case("sdpa_cudnn", 131072, 240.0), _case("sdpa_flash", 131072, 400.0), _case("fa4", 131072, 200.0),
              _case("proxy_attention", 131072, 16.0, estimate_ms=9.0, **sel),
@@ -170,10 +181,7 @@ def test_headline_shows_fa4_columns_when_measured(tmp_path):
              _case("bsa", 131072, 20.0, density=0.1, selection="random"),  # another mask: not matched
              _case("flex_flash", 131072, 30.0, density=0.1, selection="random"),
              _case("sdpa_cudnn", 32768, 15.0), _case("proxy_attention", 32768, 4.0, **sel)]  # no FA4 at 32k
-    (res / "NVIDIA_H200-20261201-suite.json").write_text(json.dumps(_rec("NVIDIA H200", "0123456", cases)))
-    path = tmp_path / "README.md"
-    path.write_text(README)
-    assert _run(path, res, tmp_path / "docs" / "results.md").returncode == 0
+    path, _ = _render(tmp_path, {"NVIDIA_H200-20261201-suite.json": _rec("NVIDIA H200", "0123456", cases)})
     lines = _lines(_section(path.read_text()))
     assert lines[0] == ("| N | proxy heads | density | proxy_attention ms | of which estimate | cuDNN ms | vs cuDNN "
                         "| vs FA2 | vs FA4 | attention vs Flex FLASH | attention vs FA4 sparse |")
@@ -182,8 +190,6 @@ def test_headline_shows_fa4_columns_when_measured(tmp_path):
 
 
 def test_varlen_beside_its_sequences_alone(tmp_path):
-    res = tmp_path / "results"
-    res.mkdir()
     cases = [_case("sdpa_cudnn", 16384, 3.0), _case("proxy_attention", 16384, 1.5, proxy_heads=16),
              _case("proxy_attention", 16384, 1.0, proxy_heads=4),  # other proxy heads: not matched
              _case("sdpa_cudnn", 32768, 6.5, batch=2, layout="varlen", seq_lens=[16384, 16384]),
@@ -191,11 +197,7 @@ def test_varlen_beside_its_sequences_alone(tmp_path):
              # a length without fixed-length rows: no row
              _case("sdpa_cudnn", 40960, 8.0, batch=2, layout="varlen", seq_lens=[32768, 8192]),
              _case("proxy_attention", 40960, 4.0, batch=2, layout="varlen", seq_lens=[32768, 8192], proxy_heads=16)]
-    (res / "NVIDIA_H200-20261201-suite.json").write_text(json.dumps(_rec("NVIDIA H200", "0123456", cases)))
-    path = tmp_path / "README.md"
-    path.write_text(README)
-    doc = tmp_path / "docs" / "results.md"
-    assert _run(path, res, doc).returncode == 0
+    _, doc = _render(tmp_path, {"NVIDIA_H200-20261201-suite.json": _rec("NVIDIA H200", "0123456", cases)})
     lines = _lines(doc.read_text())
     assert ("| variant | D | proxy_attention ms | vs cuDNN | alone ms | alone vs cuDNN | alone ms / varlen ms |"
             in lines)
@@ -208,19 +210,13 @@ def test_block_sparse_anchor_matches_its_own_mask(tmp_path):
     selections of one shape and density that differ in their proxy heads each get their own flex
     row, and a bench_bsa.py row on a mask made from the random selection (mask: window) none of the
     random selection's."""
-    res = tmp_path / "results"
-    res.mkdir()
     g16, g4 = dict(density=0.1, selection="proxy", proxy_heads=16), dict(density=0.1, selection="proxy", proxy_heads=4)
     cases = [_case("sdpa_cudnn", 32768, 10.0),
              _case("bsa", 32768, 2.0, **g16), _case("flex", 32768, 3.0, **g16),
              _case("bsa", 32768, 2.0, **g4), _case("flex", 32768, 5.0, **g4),
              _case("bsa", 32768, 1.0, density=0.3), _case("bsa_window", 32768, 0.5, density=0.3, mask="window"),
              _case("flex", 32768, 1.5, density=0.3)]
-    (res / "NVIDIA_H200-20261201-bsa.json").write_text(json.dumps(_rec("NVIDIA H200", "0123456", cases)))
-    path = tmp_path / "README.md"
-    path.write_text(README)
-    doc = tmp_path / "docs" / "results.md"
-    assert _run(path, res, doc).returncode == 0
+    _, doc = _render(tmp_path, {"NVIDIA_H200-20261201-bsa.json": _rec("NVIDIA H200", "0123456", cases)})
     lines = _lines(doc.read_text())
     assert "| bsa | G=16, proxy sel. | 32k | 1 | 32/8 | 128 | bf16 | 0.100 | 2.000 | - | 5.00x | 1.50x |" in lines
     assert "| bsa | G=4, proxy sel. | 32k | 1 | 32/8 | 128 | bf16 | 0.100 | 2.000 | - | 5.00x | 2.50x |" in lines
@@ -232,19 +228,13 @@ def test_estimate_totals_under_current_names(tmp_path):
     """bench_estimate.py's totals: `estimate` is the chained stages timed as one call (as in a suite),
     `estimate_sum` the sum of the stages timed alone. An older record, which named the sum `estimate`
     and the chain `estimate_chain`, is read under those names; a current one as it is."""
-    res = tmp_path / "results"
-    res.mkdir()
     stage = dict(density=None, num_proxy_heads=16)
     old = [_case("estimate_scores", 131072, 5.2, **stage), _case("estimate", 131072, 5.8, **stage),
            _case("estimate_chain", 131072, 5.7, **stage)]
     new = [_case("estimate_scores", 131072, 5.1, **stage), _case("estimate_sum", 131072, 5.9, **stage),
            _case("estimate", 131072, 5.6, **stage)]
-    (res / "NVIDIA_H100-20261207-estimate.json").write_text(json.dumps(_rec("NVIDIA H100", "0123456", old)))
-    (res / "NVIDIA_H100-20261208-estimate.json").write_text(json.dumps(_rec("NVIDIA H100", "1234567", new)))
-    path = tmp_path / "README.md"
-    path.write_text(README)
-    doc = tmp_path / "docs" / "results.md"
-    assert _run(path, res, doc).returncode == 0
+    _, doc = _render(tmp_path, {"NVIDIA_H100-20261207-estimate.json": _rec("NVIDIA H100", "0123456", old),
+                                "NVIDIA_H100-20261208-estimate.json": _rec("NVIDIA H100", "1234567", new)})
     text = doc.read_text()
     assert "estimate_chain" not in text
     for name, old_ms, new_ms in (("estimate_sum", "5.800", "5.900"), ("estimate", "5.700", "5.600")):
