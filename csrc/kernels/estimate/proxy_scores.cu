@@ -149,12 +149,10 @@ cudaError_t launch_scores_kernel(const ProxyScoresParams& p, const ScoreWorkspac
                                 cute::make_shape(rows, cute::Int<D>{}), cute::make_stride(int64_t(D), cute::_1{}));
     const typename Tr::TmaK tma_k = cute::make_tma_copy(cute::SM90_TMA_LOAD{}, gK, cute::take<0, 2>(typename Tr::SmemLayoutK{}),
                                                         cute::Shape<cute::Int<scores_sm90::kKeys>, cute::Int<D>>{}, cute::_1{});
-    cudaError_t e = cudaSuccess;
-    with_block_keys(p, [&](auto kb) {
-      e = launch_chained(scores_sm90::scores_sm90_kernel<D, decltype(kb)::value>, plan.slots, scores_sm90::kThreads,
-                         Tr::kSmemBytes, stream, p, c, w.rows_q, w.rows_k, q16, tma_k, rows, flags, counter, scratch);
+    return with_block_keys(p, [&](auto kb) {
+      return launch_chained(scores_sm90::scores_sm90_kernel<D, decltype(kb)::value>, plan.slots, scores_sm90::kThreads,
+                            Tr::kSmemBytes, stream, p, c, w.rows_q, w.rows_k, q16, tma_k, rows, flags, counter, scratch);
     });
-    return e;
   }
   if (score_geometry(p.block_size, p.stride, p.nqb).aligned)
     return launch_chained(scores_kernel<D, true>, plan.slots, kScoreThreads, score_smem_bytes<D, true>(), stream, p, c,
