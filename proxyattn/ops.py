@@ -204,7 +204,8 @@ def _check_tokens(**sizes: int) -> None:
     device refuses the same calls; empty sequences beside others in a varlen batch are accepted
     (_check_cu_values)."""
     if 0 in sizes.values():
-        raise ValueError("zero-length input: " + ", ".join(f"{name}={n}" for name, n in sizes.items()))
+        raise ValueError("zero-length input: " + ", ".join(f"{name}={n}" for name, n in sizes.items())
+                         + "; expected at least one of each")
 
 
 def _check_batch(batch: int) -> None:

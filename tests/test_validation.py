@@ -241,7 +241,7 @@ def test_varlen_input_without_tokens_is_refused():
     a zero batch or length is; empty sequences beside others are not."""
     q, k = torch.randn(0, 4, 64), torch.randn(0, 2, 64)
     cu = torch.tensor([0, 0], dtype=torch.int32)
-    with pytest.raises(ValueError, match=r"zero-length input: total_q=0, total_k=0"):
+    with pytest.raises(ValueError, match=r"zero-length input: total_q=0, total_k=0; expected at least one of each"):
         pa.proxy_attention_varlen(q, k, k, cu, cu, 1, 1, CFG)
     with pytest.raises(ValueError, match=r"zero-length input: total_q=0, total_k=40"):
         pa.proxy_attention_varlen(q, k.new_ones(40, 2, 64), k.new_ones(40, 2, 64), cu, _cu([40]), 1, 40, CFG)
