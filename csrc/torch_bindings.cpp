@@ -27,11 +27,13 @@ TORCH_LIBRARY(proxyattn, m) {
       "head_budgets(Tensor q, Tensor k, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, int block_size, float gamma, int sink_blocks, "
       "int local_blocks, float softmax_scale, bool causal, Tensor? page_table=None) -> Tensor");
-  // Stage 3: counts int32 [B, Hq, nqb] and ascending indices int16 [B, Hq, nqb, nkb], -1 padded.
+  // Stage 3: counts int32 [B, Hq, nqb] and ascending indices int16 [B, Hq, nqb, nkb], -1 padded;
+  // budget_seqlen > 0: the rows are a chunk of a sequence that long, whose last query block sets
+  // the budgets' scale.
   m.def(
       "select_blocks(Tensor scores, Tensor kstar, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, int block_size, int sink_blocks, int local_blocks, "
-      "int min_budget, bool causal) -> (Tensor, Tensor)");
+      "int min_budget, bool causal, int budget_seqlen=0) -> (Tensor, Tensor)");
   // Stage 4: out like q, lse fp32 [B, Hq, Nq] (varlen: [Hq, total_q]), natural log.
   m.def(
       "block_sparse_attention(Tensor q, Tensor k, Tensor v, Tensor counts, Tensor indices, "

@@ -13,9 +13,10 @@ each rank estimates and computes only its own query blocks:
 Per rank (docs/design.md section 2, unchanged): K and V are all-gathered (asynchronously; V's
 gather overlaps the estimate); stage 1 runs per own chunk against the keys up to its end
 (bottom-right causal, so a chunk is a prefill chunk behind the earlier ones); stage 2 runs on the
-rank that holds the last query block and its budgets are broadcast; stage 3 runs on a score matrix
-of the whole sequence holding this rank's rows (the budgets scale with the whole sequence's last
-query block); stage 4 runs per own chunk. The result equals proxy_attention on the whole sequence:
+rank that holds the last query block and its budgets are broadcast; stage 3 runs per own chunk on
+that chunk's scores (select_blocks' budget_seqlen: the budgets scale with the whole sequence's
+last query block), so a rank holds one chunk's score matrix at a time and the indices of its own
+rows only; stage 4 runs per own chunk. The result equals proxy_attention on the whole sequence:
 the same selections, and each row's output computed from the same blocks. One exception: stage 1
 rounds a head group's pooled vectors to bf16 instead of fp16 where some pooled value of the call
 overflows fp16, and a chunk's call sees only its own queries and the keys up to its end; where the
@@ -29,6 +30,7 @@ from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
@@ -128,13 +130,8 @@ def proxy_attention_cp(q: Tensor, k: Tensor, v: Tensor, config: Optional[ProxyAt
         q_chunks.append(q[:, pos:pos + e - s])
         pos += e - s
     batch = q.shape[0]
-    counts = indices = None
+    sels = None  # per own chunk: counts [B, Hq, m] and indices [B, Hq, m, e / S]
     if not cfg.runs_dense(n):
-        nb = n // S
-        scores = torch.zeros(batch, G, nb, nb, dtype=torch.float32, device=q.device)
-        for (s, e), qc in zip(spans, q_chunks):
-            scores[:, :, s // S:e // S, :e // S] = ops.call("proxy_block_scores", qc, k_full[:, :e], None, None,
-                                                             e - s, e, S, G, cfg.stride, scale, True)
         # Stage 2 on the rank that holds the last query block (its chunk ends at n).
         owner = next(r for r in range(world) if chunk_spans(n, world, r, layout)[-1][1] == n)
         if rank == owner:
@@ -144,28 +141,36 @@ def proxy_attention_cp(q: Tensor, k: Tensor, v: Tensor, config: Optional[ProxyAt
         else:
             kstar = torch.empty(batch, hq, dtype=torch.int32, device=q.device)
         dist.broadcast(kstar, src=dist.get_global_rank(group, owner), group=group)
-        counts, indices = ops.call("select_blocks", scores, kstar, None, None, n, n, S, cfg.sink_blocks,
-                                   cfg.local_blocks, cfg.min_budget, True)
+        # Stages 1 and 3 per own chunk, as a prefill chunk behind the earlier ones whose budgets
+        # scale with the whole sequence's last query block; one chunk's scores live at a time.
+        sels = []
+        for (s, e), qc in zip(spans, q_chunks):
+            scores = ops.call("proxy_block_scores", qc, k_full[:, :e], None, None, e - s, e, S, G, cfg.stride,
+                              scale, True)
+            sels.append(ops.call("select_blocks", scores, kstar, None, None, e - s, e, S, cfg.sink_blocks,
+                                 cfg.local_blocks, cfg.min_budget, True, n))
+            del scores
     v_work.wait()
     v_full = _natural_order(v_buf, n, world, layout)
     outs = []
-    for (s, e), qc in zip(spans, q_chunks):
-        if counts is None:
+    for i, ((s, e), qc) in enumerate(zip(spans, q_chunks)):
+        if sels is None:
             outs.append(dense_attention(qc, k_full[:, :e], v_full[:, :e], causal=True, softmax_scale=scale))
         else:
-            m0, m1 = s // S, e // S
-            outs.append(ops.call("block_sparse_attention", qc, k_full[:, :e], v_full[:, :e], counts[:, :, m0:m1],
-                                 indices[:, :, m0:m1], None, None, e - s, e, S, scale, True)[0])
+            outs.append(ops.call("block_sparse_attention", qc, k_full[:, :e], v_full[:, :e], *sels[i], None, None,
+                                 e - s, e, S, scale, True)[0])
     out = torch.cat(outs, dim=1)
     if not return_selection:
         return out
     blocks = [m for s, e in spans for m in range(s // S, e // S)]
-    if counts is None:  # dense: every candidate of each own row, as proxy_attention reports it
+    nb = n // S
+    if sels is None:  # dense: every candidate of each own row, as proxy_attention reports it
         lens = torch.full((batch,), n, dtype=torch.int64, device=q.device)
-        counts, indices = full_selection(lens, lens, n // S, n // S, hq, S, True)
+        counts, indices = full_selection(lens, lens, nb, nb, hq, S, True)
         kstar = torch.zeros(batch, hq, dtype=torch.int32, device=q.device)
-    # The own rows by slices (a list index would be copied to the device from the host).
-    own = [(s // S, e // S) for s, e in spans]
-    sel = CPSelection(torch.cat([counts[:, :, a:b] for a, b in own], dim=2),
-                      torch.cat([indices[:, :, a:b] for a, b in own], dim=2), kstar, blocks)
+        # The own rows by slices (a list index would be copied to the device from the host).
+        sels = [(counts[:, :, s // S:e // S], indices[:, :, s // S:e // S]) for s, e in spans]
+    # Each chunk's rows padded with -1 to the whole sequence's nb key blocks.
+    sel = CPSelection(torch.cat([c for c, _ in sels], dim=2),
+                      torch.cat([F.pad(i, (0, nb - i.shape[-1]), value=-1) for _, i in sels], dim=2), kstar, blocks)
     return out, sel

@@ -430,15 +430,19 @@ def head_budgets(q: Tensor, k: Tensor, *, block_size: int = _D.block_size, gamma
 def select_blocks(scores: Tensor, kstar: Tensor, *, seqlen_q: int, seqlen_k: int, block_size: int = _D.block_size,
                   sink_blocks: int = _D.sink_blocks, local_blocks: int = _D.local_blocks,
                   min_budget: int = _D.min_budget, causal: bool = True,
-                  cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None
-                  ) -> Tuple[Tensor, Tensor]:
+                  cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
+                  budget_seqlen: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """Stage 3: counts int32 [B, Hq, nqb] and ascending, -1 padded indices int16 [B, Hq, nqb, nkb].
 
     nkb = ceil(seqlen_k / block_size) is at most MAX_KEY_BLOCKS (32768), so every block index fits
     int16: at 1M tokens the index tensor takes half the memory int32 would. NaN scores rank below
     every number and never displace a forced block.
 
-    seqlen_q/seqlen_k are Nq/Nk (fixed length) or max_seqlen_q/k (varlen)."""
+    seqlen_q/seqlen_k are Nq/Nk (fixed length) or max_seqlen_q/k (varlen). Each row's budget
+    scales with the candidates of the sequence's last query block; budget_seqlen (fixed length,
+    at least seqlen_k) makes that the last query block of a sequence of budget_seqlen queries and
+    keys whose chunk the call's rows are (a chunk that ends at seqlen_k, bottom-right aligned): the
+    rows then get the selections they get in that whole sequence's call."""
     _require_tensor("scores", scores)
     _require_tensor("kstar", kstar)
     check_field("block_size", block_size)
@@ -480,8 +484,12 @@ def select_blocks(scores: Tensor, kstar: Tensor, *, seqlen_q: int, seqlen_k: int
             _check_cu_values("cu_seqlens_k", cu_seqlens_k, None, seqlen_k)
             if causal:
                 _check_causal_lengths(cu_seqlens_q, cu_seqlens_k)
+    if budget_seqlen is not None:
+        if cu_seqlens_q is not None:
+            raise ValueError("budget_seqlen takes the chunk of one fixed-length sequence, got cu_seqlens (varlen)")
+        check_int("budget_seqlen", budget_seqlen, seqlen_k, INT32_MAX)
     return call("select_blocks", scores, kstar, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, block_size,
-                sink_blocks, local_blocks, min_budget, causal)
+                sink_blocks, local_blocks, min_budget, causal, budget_seqlen or 0)
 
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, counts: Tensor, indices: Tensor, *,
@@ -533,7 +541,8 @@ if HAS_EXTENSION:
         return q.new_empty((_batch(q, cu_q), q.shape[-2]), dtype=torch.int32)
 
     @torch.library.register_fake("proxyattn::select_blocks")
-    def _select_fake(scores, kstar, cu_q, cu_k, max_q, max_k, block_size, sink, local, min_budget, causal):
+    def _select_fake(scores, kstar, cu_q, cu_k, max_q, max_k, block_size, sink, local, min_budget, causal,
+                     budget_seqlen=0):
         b, hq = kstar.shape
         nqb, nkb = scores.shape[2], scores.shape[3]
         return (scores.new_empty((b, hq, nqb), dtype=torch.int32),

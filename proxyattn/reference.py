@@ -318,10 +318,14 @@ def _kstar_from_mass(w: Tensor, nq: int, nk: int, S: int, gamma: float, sink: in
 
 def select_blocks(scores: Tensor, kstar: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                   max_seqlen_q: int, max_seqlen_k: int, block_size: int, sink_blocks: int, local_blocks: int,
-                  min_budget: int, causal: bool) -> Tuple[Tensor, Tensor]:
+                  min_budget: int, causal: bool, budget_seqlen: int = 0) -> Tuple[Tensor, Tensor]:
     B, G, nqb, nkb = scores.shape
     if nkb > torch.iinfo(torch.int16).max + 1:  # as the CUDA op refuses: no index may wrap
         raise ValueError(f"select_blocks writes int16 block indices, so at most 32768 key blocks, got {nkb}")
+    if budget_seqlen and (cu_seqlens_q is not None or budget_seqlen < max_seqlen_k):  # as the CUDA op refuses
+        raise ValueError(f"budget_seqlen must be 0, or (fixed length) the length of the sequence whose chunk the "
+                         f"rows are, at least max_seqlen_k = {max_seqlen_k}, got {budget_seqlen}"
+                         + (" with cu_seqlens (varlen)" if cu_seqlens_q is not None else ""))
     hq = kstar.shape[1]
     S = block_size
     dev = scores.device
@@ -343,7 +347,10 @@ def select_blocks(scores: Tensor, kstar: Tensor, cu_seqlens_q: Optional[Tensor],
         rows = [forced_range(m, nq, nk, S, sink_blocks, local_blocks, causal) for m in range(nqb_b)]
         c = [r[0] for r in rows]
         f = [r[0] - (r[2] - r[1]) for r in rows]
-        c_last, f_last = c[-1], f[-1]
+        # The budgets' scale: this sequence's last query block, or that of the whole sequence.
+        last = rows[-1] if not budget_seqlen else forced_range(_cdiv(budget_seqlen, S) - 1, budget_seqlen,
+                                                               budget_seqlen, S, sink_blocks, local_blocks, causal)
+        c_last, f_last = last[0], last[0] - (last[2] - last[1])
         cand, forced = forced_rows(nq, nk, S, sink_blocks, local_blocks, causal, nkb, dev)
         # Rank classes: forced first, then candidates with a score (any number, infinities
         # included), then candidates whose score is NaN, then the rest (docs/design.md section 2).

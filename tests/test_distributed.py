@@ -41,7 +41,23 @@ def _worker(rank, world, init, n, layout, cfg_name):
     try:
         cfg = SPARSE if cfg_name == "sparse" else DENSE
         q, k, v, _ = chunked.synthetic.make_structured_inputs(1, n, 4, 2, 64, seed=7, hubs=6, needles=2)
-        wsel = check_rank(q, k, v, cfg, world, rank, layout, 1e-5)
+        # Memory: a rank's score matrices (what select_blocks reads) are one own chunk's rows each.
+        call, selected = pa.ops.call, []
+
+        def recording_call(name, *args):
+            if name == "select_blocks":
+                selected.append(tuple(args[0].shape))
+            return call(name, *args)
+
+        pa.ops.call = recording_call
+        try:
+            wsel = check_rank(q, k, v, cfg, world, rank, layout, 1e-5)
+        finally:
+            pa.ops.call = call
+        S = cfg.block_size
+        own = [(1, 2, (e - s) // S, e // S) for s, e in chunk_spans(n, world, rank, layout)]
+        whole = [(1, 2, n // S, n // S)]  # proxy_attention's, in check_rank
+        assert selected == (own + whole if cfg_name == "sparse" else [])
         if cfg_name == "sparse":
             assert float(wsel.density.mean()) < 0.9, "the test needs a sparse selection"
     finally:

@@ -155,6 +155,28 @@ def test_select_blocks_all_equal_scores_and_large_kstar():
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@pytest.mark.parametrize("S,causal", [(64, True), (128, True), (64, False)])
+def test_select_blocks_budget_seqlen_matches_reference(S, causal):
+    """A chunk's rows with their budgets scaled by a longer sequence's last query block (the
+    context-parallel form): chunks at the start, middle and end of it, kstar past the whole
+    sequence's free blocks included, heavy ties."""
+    hq, G, n = 8, 2, 40 * S + 64
+    gen = torch.Generator(device="cuda").manual_seed(S)
+    for s, e in ((0, 7 * S), (7 * S, 20 * S), (20 * S, n)):
+        nqb, nkb = _cdiv(e - s, S), _cdiv(e, S)
+        scores = torch.randint(0, 4, (2, G, nqb, nkb), device="cuda", generator=gen).float() / 4
+        kstar = torch.randint(0, _cdiv(n, S) + 2, (2, hq), device="cuda", dtype=torch.int32, generator=gen)
+        got = OPS.select_blocks(scores, kstar, None, None, e - s, e, S, 1, 2, 256, causal, n)
+        want = ref.select_blocks(scores, kstar, None, None, e - s, e, S, 1, 2, 256, causal, n)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(RuntimeError, match=r"budget_seqlen must be 0, or .* \[" + str(e) + r", 2\^31\), got 7"):
+        OPS.select_blocks(scores, kstar, None, None, e - s, e, S, 1, 2, 256, causal, 7)
+    cu_q = torch.tensor([0, e - s], device="cuda", dtype=torch.int32)
+    cu_k = torch.tensor([0, e], device="cuda", dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"with cu_seqlens \(varlen\)"):
+        OPS.select_blocks(scores[:1], kstar[:1], cu_q, cu_k, e - s, e, S, 1, 2, 256, causal, n)
+
+
 # ---------------------------------------------------------------- stage 1
 
 

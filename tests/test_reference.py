@@ -150,6 +150,41 @@ def test_select_blocks_matches_naive_with_ties():
                 assert idx[b, h, m, :cnt].tolist() == want
 
 
+@pytest.mark.parametrize("S,sink,local,min_budget", [(64, 1, 1, 0), (128, 2, 3, 256), (64, 0, 0, 64)])
+def test_select_blocks_on_a_chunk_equals_the_whole_sequences_rows(S, sink, local, min_budget):
+    """A chunk [s, e) of a causal sequence of n tokens, selected as a prefill chunk (e - s queries,
+    e keys) with budget_seqlen n, gets the whole sequence's rows s / S .. e / S exactly; without
+    budget_seqlen its budgets scale with its own last block and differ."""
+    B, G, hq, n = 2, 2, 4, 24 * S
+    nb = n // S
+    scores = torch.randint(0, 5, (B, G, nb, nb)).float() / 5  # many ties
+    kstar = torch.randint(0, nb, (B, hq), dtype=torch.int32)
+    kw = dict(block_size=S, sink_blocks=sink, local_blocks=local, min_budget=min_budget)
+    counts, idx = pa.select_blocks(scores, kstar, seqlen_q=n, seqlen_k=n, **kw)
+    differs = False
+    for s, e in ((0, 6 * S), (6 * S, 13 * S), (13 * S, n)):
+        a, b = s // S, e // S
+        chunk = scores[:, :, a:b, :b].contiguous()
+        c_counts, c_idx = pa.select_blocks(chunk, kstar, seqlen_q=e - s, seqlen_k=e, budget_seqlen=n, **kw)
+        assert torch.equal(c_counts, counts[:, :, a:b])
+        assert torch.equal(c_idx, idx[:, :, a:b, :b]) and bool((idx[:, :, a:b, b:] == -1).all())
+        own = pa.select_blocks(chunk, kstar, seqlen_q=e - s, seqlen_k=e, **kw)[0]
+        differs |= not torch.equal(own, c_counts)
+    assert differs, "the test needs a chunk whose own last block scales its budgets differently"
+
+
+def test_select_blocks_budget_seqlen_refusals():
+    scores, kstar = torch.zeros(1, 1, 2, 4), torch.zeros(1, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"budget_seqlen must be in \[256, 2147483647\], got 255"):
+        pa.select_blocks(scores, kstar, seqlen_q=128, seqlen_k=256, block_size=64, budget_seqlen=255)
+    cu = torch.tensor([0, 128], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"budget_seqlen takes the chunk of one fixed-length sequence"):
+        pa.select_blocks(scores, kstar, seqlen_q=128, seqlen_k=256, block_size=64, cu_seqlens_q=cu,
+                         cu_seqlens_k=cu * 2, budget_seqlen=512)
+    with pytest.raises(ValueError, match=r"at least max_seqlen_k = 256, got 255"):  # the op itself, on the CPU
+        pa.ops.call("select_blocks", scores, kstar, None, None, 128, 256, 64, 1, 1, 0, True, 255)
+
+
 def test_budgets_monotone_in_gamma():
     q, k, _ = _rand(2, 640, 640, 4, 2, 64)
     q = q * 3  # sharper attention, budgets spread out

@@ -235,7 +235,7 @@ std::tuple<at::Tensor, at::Tensor> select_blocks(const at::Tensor& scores_in, co
                                                  const std::optional<at::Tensor>& cu_q,
                                                  const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k,
                                                  int64_t block_size, int64_t sink_blocks, int64_t local_blocks,
-                                                 int64_t min_budget, bool causal) {
+                                                 int64_t min_budget, bool causal, int64_t budget_seqlen) {
   check_cuda(scores_in, "scores");
   check_cuda(kstar_in, "kstar");
   PROXYATTN_CHECK(kstar_in.device() == scores_in.device(), "kstar must be on ", scores_in.device(), ", got ",
@@ -252,6 +252,10 @@ std::tuple<at::Tensor, at::Tensor> select_blocks(const at::Tensor& scores_in, co
   PROXYATTN_CHECK(sink_blocks >= 0 && local_blocks >= 0 && min_budget >= 0,
                   "sink_blocks, local_blocks and min_budget must be >= 0, got ", sink_blocks, ", ", local_blocks,
                   " and ", min_budget);
+  PROXYATTN_CHECK(budget_seqlen == 0 || (!cu_q.has_value() && budget_seqlen >= max_k && budget_seqlen <= INT32_MAX),
+                  "budget_seqlen must be 0, or (fixed length) the length of the sequence whose chunk the rows are, "
+                  "in [max_seqlen_k, 2^31) = [", max_k, ", 2^31), got ", budget_seqlen,
+                  cu_q.has_value() ? " with cu_seqlens (varlen)" : "");
   int64_t batch = scores_in.size(0);
   if (cu_q.has_value()) {
     check_cu_seqlens(cu_q, "cu_seqlens_q", scores_in);
@@ -301,6 +305,7 @@ std::tuple<at::Tensor, at::Tensor> select_blocks(const at::Tensor& scores_in, co
   p.sink_blocks = static_cast<int>(std::min<int64_t>(sink_blocks, INT32_MAX));
   p.local_blocks = static_cast<int>(std::min<int64_t>(local_blocks, INT32_MAX));
   p.min_budget = static_cast<int>(std::min<int64_t>(min_budget, INT32_MAX));
+  p.budget_seqlen = static_cast<int>(budget_seqlen);
   p.causal = causal;
   PROXYATTN_CUDA_CHECK(run_select_blocks(p, current_stream()));
   PROXYATTN_LAUNCH_CHECK();

@@ -1,6 +1,8 @@
 // Stage 3 (select_blocks): one CTA per (b, proxy group g, query block m), shared by the
 // Hq/G heads of the group (they read the same score row and differ only in their budget).
 //   k_m = min(c_m, max(f_m + ceil_div(kstar * (c_m - f_m), c_last - f_last), ceil_div(min_budget, S)))
+// (c_last, f_last: the sequence's last query block, or with budget_seqlen that of a sequence of
+// budget_seqlen queries and keys whose chunk the call's rows are)
 // (exact integer arithmetic, second term 0 when c_last == f_last; kstar clamped into
 // [0, c_last - f_last] as the reference does); each head takes its r = k_m - f_m best
 // non-forced candidates (a contiguous range of key blocks, see split_forced).
@@ -140,9 +142,11 @@ __global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const Sel
   }
   const int c = candidate_count(m, sb.nq, sb.nk, S, p.causal);
   const ForcedSplit fs = split_forced(m, sb.nq, sb.nk, S, c, p.sink_blocks, p.local_blocks, p.causal);
-  const int c_last = candidate_count(nqb_seq - 1, sb.nq, sb.nk, S, p.causal);
-  const ForcedSplit fl =
-      split_forced(nqb_seq - 1, sb.nq, sb.nk, S, c_last, p.sink_blocks, p.local_blocks, p.causal);
+  // The budgets' scale: the last query block of this sequence, or of a longer one whose chunk this is.
+  const int lq = p.budget_seqlen > 0 ? p.budget_seqlen : sb.nq, lk = p.budget_seqlen > 0 ? p.budget_seqlen : sb.nk;
+  const int m_last = ceil_div32(lq, S) - 1;
+  const int c_last = candidate_count(m_last, lq, lk, S, p.causal);
+  const ForcedSplit fl = split_forced(m_last, lq, lk, S, c_last, p.sink_blocks, p.local_blocks, p.causal);
   const int free_last = c_last - fl.forced;
   const int nc = fs.free_hi - fs.free_lo;
   const int min_blocks = ceil_div32(p.min_budget, S);  // min_budget >= 0

@@ -24,6 +24,9 @@ struct SelectBlocksParams {
   int nqb, nkb;
   int block_size;
   int sink_blocks, local_blocks, min_budget;
+  // > 0: the budgets scale with the last query block of a sequence of this many queries and keys
+  // (the call's rows are a chunk of it, fixed length); 0: with each sequence's own last query block.
+  int budget_seqlen;
   bool causal;
 };
 
