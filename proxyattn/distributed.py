@@ -15,8 +15,8 @@ gather overlaps the estimate); stage 1 runs per own chunk against the keys up to
 (bottom-right causal, so a chunk is a prefill chunk behind the earlier ones); stage 2 runs on the
 rank that holds the last query block and its budgets are broadcast; stage 3 runs per own chunk on
 that chunk's scores (select_blocks' budget_seqlen: the budgets scale with the whole sequence's
-last query block), so a rank holds one chunk's score matrix at a time and the indices of its own
-rows only; stage 4 runs per own chunk. The result equals proxy_attention on the whole sequence:
+last query block), so a rank holds the block scores and indices of its own rows only; stage 4
+runs per own chunk. The result equals proxy_attention on the whole sequence:
 the same selections, and each row's output computed from the same blocks. One exception: stage 1
 rounds a head group's pooled vectors to bf16 instead of fp16 where some pooled value of the call
 overflows fp16, and a chunk's call sees only its own queries and the keys up to its end; where the
@@ -132,6 +132,10 @@ def proxy_attention_cp(q: Tensor, k: Tensor, v: Tensor, config: Optional[ProxyAt
     batch = q.shape[0]
     sels = None  # per own chunk: counts [B, Hq, m] and indices [B, Hq, m, e / S]
     if not cfg.runs_dense(n):
+        # Stage 1 per own chunk, as a prefill chunk behind the earlier ones (before the budgets'
+        # broadcast, so that it overlaps the owner's stage 2): fp32 [B, G, m, e / S] each.
+        scores = [ops.call("proxy_block_scores", qc, k_full[:, :e], None, None, e - s, e, S, G, cfg.stride, scale,
+                           True) for (s, e), qc in zip(spans, q_chunks)]
         # Stage 2 on the rank that holds the last query block (its chunk ends at n).
         owner = next(r for r in range(world) if chunk_spans(n, world, r, layout)[-1][1] == n)
         if rank == owner:
@@ -141,15 +145,10 @@ def proxy_attention_cp(q: Tensor, k: Tensor, v: Tensor, config: Optional[ProxyAt
         else:
             kstar = torch.empty(batch, hq, dtype=torch.int32, device=q.device)
         dist.broadcast(kstar, src=dist.get_global_rank(group, owner), group=group)
-        # Stages 1 and 3 per own chunk, as a prefill chunk behind the earlier ones whose budgets
-        # scale with the whole sequence's last query block; one chunk's scores live at a time.
-        sels = []
-        for (s, e), qc in zip(spans, q_chunks):
-            scores = ops.call("proxy_block_scores", qc, k_full[:, :e], None, None, e - s, e, S, G, cfg.stride,
-                              scale, True)
-            sels.append(ops.call("select_blocks", scores, kstar, None, None, e - s, e, S, cfg.sink_blocks,
-                                 cfg.local_blocks, cfg.min_budget, True, n))
-            del scores
+        # Stage 3 per own chunk, its budgets scaled by the whole sequence's last query block.
+        sels = [ops.call("select_blocks", sc, kstar, None, None, e - s, e, S, cfg.sink_blocks, cfg.local_blocks,
+                         cfg.min_budget, True, n) for (s, e), sc in zip(spans, scores)]
+        del scores
     v_work.wait()
     v_full = _natural_order(v_buf, n, world, layout)
     outs = []
