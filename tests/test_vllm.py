@@ -285,8 +285,9 @@ def test_backend_matches_dense_and_varlen(vllm, model_dir, fake_flash, block_siz
 
 def test_fallbacks_run_on_flash_attention(vllm, model_dir, fake_flash):
     """A decode-only batch and a sliding-window layer go to FlashAttention whole, with the
-    batch's own metadata; a layer of a head size the kernels do not take is left to it (the rule
-    by which SGLang's backend refuses such a model)."""
+    batch's own metadata; a layer of a head size the kernels do not take, or whose cache is FP8 or
+    another dtype than the model's, is left to it (the rules by which SGLang's backend refuses such
+    a model)."""
     eng = Engine(64)
     builder = _builder(model_dir, 64)
     pa_vllm.register(SPARSE)
@@ -295,6 +296,12 @@ def test_fallbacks_run_on_flash_attention(vllm, model_dir, fake_flash):
     windowed = _impl(sliding_window=128)
     assert windowed.fallback_reason == "sliding window" and _impl().fallback_reason is None
     assert _impl(head_size=96).fallback_reason == "head dim: expected one of (64, 128), got 96"
+    from vllm.config import set_current_vllm_config
+    with set_current_vllm_config(_vllm_config(model_dir, 64)):  # as vLLM builds the model's layers: float32
+        assert _impl().fallback_reason is None
+        for cache in ("bfloat16", "float16"):
+            assert _impl(kv_cache_dtype=cache).fallback_reason == (
+                f"KV cache dtype: expected the queries' dtype (no quantized, e.g. FP8, cache), got {cache}")
     windowed.forward(_layer(0), q, k, v, eng.kv_caches[0], meta, _poisoned(q))
     assert fake_flash == [meta]
     meta = builder.build(0, eng.schedule((1, 1, 1)))

@@ -30,9 +30,9 @@ builder (extended), its KV-cache update and its kernels for everything but prefi
   largest prefill seq_lens_cpu_upper_bound (max_seq_len without it), softmax scale = impl.scale.
   Layers with index < dense_layers run dense attention (proxyattn's dense path).
 - Left entirely to FlashAttention: layers that are not causal decoder self-attention or that use a
-  sliding window, ALiBi, logit soft-capping, attention sinks or an FP8 KV cache; batches with a
-  per-request or non-causal mask, multimodal prefix-LM ranges or R-SWA. Decode context
-  parallelism is refused (vLLM does not select the backend with it).
+  sliding window, ALiBi, logit soft-capping, attention sinks, or a KV cache in FP8 or another dtype
+  than the model's; batches with a per-request or non-causal mask, multimodal prefix-LM ranges or
+  R-SWA. Decode context parallelism is refused (vLLM does not select the backend with it).
 - Full CUDA graphs are offered for uniform decode batches only (prefill batches run eagerly, as
   with piecewise graphs).
 
@@ -154,7 +154,9 @@ def get_settings() -> BackendSettings:
 
 @functools.lru_cache(maxsize=1)
 def _classes():
+    from vllm.config import get_current_vllm_config_or_none
     from vllm.model_executor.models.utils import extract_layer_index
+    from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
     from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
     from vllm.v1.attention.backends.flash_attn import (FlashAttentionBackend, FlashAttentionImpl,
                                                        FlashAttentionMetadata, FlashAttentionMetadataBuilder)
@@ -242,9 +244,20 @@ def _classes():
                 return "logit soft-capping"
             if self.sinks is not None:
                 return "attention sinks"
-            # FlashAttention takes quantized (FP8) caches and more head sizes than proxyattn.
-            return (kv_dtype_refusal(self.kv_cache_dtype, not is_quantized_kv_cache(self.kv_cache_dtype))
+            # FlashAttention takes quantized (FP8) caches, and more head sizes than proxyattn.
+            return (kv_dtype_refusal(self.kv_cache_dtype, self._cache_in_model_dtype())
                     or head_dim_refusal(self.head_size))
+
+        def _cache_in_model_dtype(self) -> bool:
+            """Whether the cache holds K/V in the model's dtype, the queries': not a quantized one,
+            and an unquantized one of the model's dtype as the config vLLM builds the model under
+            says. An impl built outside that (no current config) is judged on quantization alone;
+            proxy_attention_paged checks the dtypes at the call."""
+            if is_quantized_kv_cache(self.kv_cache_dtype):
+                return False
+            config = get_current_vllm_config_or_none()
+            model = None if config is None else config.model_config
+            return model is None or kv_cache_dtype_str_to_dtype(self.kv_cache_dtype, model) == model.dtype
 
         def layer_config(self, layer) -> ProxyAttnConfig:
             """The config of a layer (index from layer.layer_name, dense for index <
