@@ -83,7 +83,8 @@ def head_dim_refusal(head_dim: int) -> Optional[str]:
 def kv_dtype_refusal(kv_cache_dtype, in_query_dtype: bool) -> Optional[str]:
     """The kernels read K/V in the queries' dtype, so no quantized (FP8) cache. in_query_dtype:
     whether the engine's cache holds K/V in the queries' dtype, as the engine tells it (SGLang: its
-    kv_cache_dtype is the model's dtype; vLLM: its cache dtype is not a quantized one);
+    kv_cache_dtype is the model's dtype; vLLM: its cache dtype is not a quantized one and, where
+    vLLM's config is current, resolves to the model's dtype);
     kv_cache_dtype: the engine's name of the cache's dtype, for the message."""
     if in_query_dtype:
         return None
