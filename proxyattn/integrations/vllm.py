@@ -156,7 +156,7 @@ def get_settings() -> BackendSettings:
 def _classes():
     from vllm.config import get_current_vllm_config_or_none
     from vllm.model_executor.models.utils import extract_layer_index
-    from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
+    from vllm.utils.torch_utils import STR_DTYPE_TO_TORCH_DTYPE
     from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
     from vllm.v1.attention.backends.flash_attn import (FlashAttentionBackend, FlashAttentionImpl,
                                                        FlashAttentionMetadata, FlashAttentionMetadataBuilder)
@@ -251,13 +251,16 @@ def _classes():
         def _cache_in_model_dtype(self) -> bool:
             """Whether the cache holds K/V in the model's dtype, the queries': not a quantized one,
             and an unquantized one of the model's dtype as the config vLLM builds the model under
-            says. An impl built outside that (no current config) is judged on quantization alone;
-            proxy_attention_paged checks the dtypes at the call."""
+            says (a name vLLM maps to no torch dtype counts as another one: FlashAttention then runs
+            the layer, as without proxyattn). An impl built outside that (no current config) is
+            judged on quantization alone; proxy_attention_paged checks the dtypes at the call."""
             if is_quantized_kv_cache(self.kv_cache_dtype):
                 return False
             config = get_current_vllm_config_or_none()
             model = None if config is None else config.model_config
-            return model is None or kv_cache_dtype_str_to_dtype(self.kv_cache_dtype, model) == model.dtype
+            if model is None or self.kv_cache_dtype == "auto":
+                return True
+            return STR_DTYPE_TO_TORCH_DTYPE.get(self.kv_cache_dtype) == model.dtype
 
         def layer_config(self, layer) -> ProxyAttnConfig:
             """The config of a layer (index from layer.layer_name, dense for index <
