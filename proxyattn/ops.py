@@ -440,9 +440,10 @@ def select_blocks(scores: Tensor, kstar: Tensor, *, seqlen_q: int, seqlen_k: int
 
     seqlen_q/seqlen_k are Nq/Nk (fixed length) or max_seqlen_q/k (varlen). Each row's budget
     scales with the candidates of the sequence's last query block; budget_seqlen (fixed length,
-    at least seqlen_k) makes that the last query block of a sequence of budget_seqlen queries and
-    keys whose chunk the call's rows are (a chunk that ends at seqlen_k, bottom-right aligned): the
-    rows then get the selections they get in that whole sequence's call."""
+    at least seqlen_k and at most MAX_KEY_BLOCKS * block_size) makes that the last query block of a
+    sequence of budget_seqlen queries and keys whose chunk the call's rows are (a chunk that ends at
+    seqlen_k, bottom-right aligned): the rows then get the selections they get in that whole
+    sequence's call."""
     _require_tensor("scores", scores)
     _require_tensor("kstar", kstar)
     check_field("block_size", block_size)
@@ -453,7 +454,7 @@ def select_blocks(scores: Tensor, kstar: Tensor, *, seqlen_q: int, seqlen_k: int
     check_field("min_budget", min_budget)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if causal and seqlen_q > seqlen_k and cu_seqlens_q is None:
+    if causal and seqlen_q > seqlen_k and cu_seqlens_q is None and cu_seqlens_k is None:
         raise ValueError(f"causal selection needs seqlen_q <= seqlen_k, got {seqlen_q} > {seqlen_k}")
     if scores.dtype != torch.float32:
         raise TypeError(f"scores must be float32, got {scores.dtype}")
@@ -487,7 +488,7 @@ def select_blocks(scores: Tensor, kstar: Tensor, *, seqlen_q: int, seqlen_k: int
     if budget_seqlen is not None:
         if cu_seqlens_q is not None:
             raise ValueError("budget_seqlen takes the chunk of one fixed-length sequence, got cu_seqlens (varlen)")
-        check_int("budget_seqlen", budget_seqlen, seqlen_k, INT32_MAX)
+        check_int("budget_seqlen", budget_seqlen, seqlen_k, MAX_KEY_BLOCKS * block_size)  # a sequence check_key_blocks takes
     return call("select_blocks", scores, kstar, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, block_size,
                 sink_blocks, local_blocks, min_budget, causal, budget_seqlen or 0)
 

@@ -169,8 +169,9 @@ def test_select_blocks_budget_seqlen_matches_reference(S, causal):
         got = OPS.select_blocks(scores, kstar, None, None, e - s, e, S, 1, 2, 256, causal, n)
         want = ref.select_blocks(scores, kstar, None, None, e - s, e, S, 1, 2, 256, causal, n)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    with pytest.raises(RuntimeError, match=r"budget_seqlen must be 0, or .* \[" + str(e) + r", 2\^31\), got 7"):
-        OPS.select_blocks(scores, kstar, None, None, e - s, e, S, 1, 2, 256, causal, 7)
+    for bad in (7, 32768 * S + 1):
+        with pytest.raises(RuntimeError, match=r"budget_seqlen must be 0, or .* \[" + f"{e}, {32768 * S}\\], got {bad}"):
+            OPS.select_blocks(scores, kstar, None, None, e - s, e, S, 1, 2, 256, causal, bad)
     cu_q = torch.tensor([0, e - s], device="cuda", dtype=torch.int32)
     cu_k = torch.tensor([0, e], device="cuda", dtype=torch.int32)
     with pytest.raises(RuntimeError, match=r"with cu_seqlens \(varlen\)"):
@@ -413,6 +414,32 @@ def test_stage2_hopper_and_portable_probes(S, causal, dtype, d, monkeypatch):
             portable = any("probe_kernel" in n and "probe_sm90_kernel" not in n for n in names)
             expect = value == "auto" and is_hopper()
             assert (hopper, portable) == (expect, not expect), (value, names)
+
+
+def test_head_budgets_on_broadcast_keys():
+    """k expanded along batch and heads (strides 0, which no tensor map takes: bsa_launch.h
+    tma_stride_ok): stage 2 runs the portable probe on it and meets the reference, as on a
+    contiguous copy of the same keys."""
+    from test_bsa_gpu import kernel_names
+    hq, hkv, n, d, S, gamma, sink, local = 8, 2, 1500, 128, 128, 0.9, 1, 1
+    q = torch.randn(2, n, hq, d, device="cuda", dtype=torch.bfloat16)
+    q = (q.float() * torch.linspace(0.5, 6.0, hq, device="cuda")[:, None]).to(torch.bfloat16)
+    k = torch.randn(1, n, 1, d, device="cuda", dtype=torch.bfloat16).expand(2, n, hkv, d)
+    assert k.stride(0) == 0 and k.stride(2) == 0
+    scale = d ** -0.5
+    want = ref.head_budgets(q, k, None, None, n, n, S, gamma, sink, local, scale, True)
+    skip = _near_gamma(_reference_runs(q, k, None, None, S, gamma, sink, local, scale, True), gamma)
+    assert len(skip) <= max(1, want.numel() // 8), f"too many near-gamma heads: {len(skip)} of {want.numel()}"
+    for keys in (k, k.contiguous()):
+        def run():
+            return OPS.head_budgets(q, keys, None, None, n, n, S, gamma, sink, local, scale, True)
+
+        got = run()
+        mism = [(b, h) for b in range(2) for h in range(hq) if int(got[b, h]) != int(want[b, h]) and (b, h) not in skip]
+        assert not mism, f"strides {keys.stride()}: kstar differs at {mism}: got {got.tolist()} want {want.tolist()}"
+        names = kernel_names(run)
+        if names is not None and keys is k:
+            assert not any("probe_sm90_kernel" in name for name in names), names
 
 
 # ---------------------------------------------------------------- stages 1-3 end to end

@@ -175,14 +175,27 @@ def test_select_blocks_on_a_chunk_equals_the_whole_sequences_rows(S, sink, local
 
 def test_select_blocks_budget_seqlen_refusals():
     scores, kstar = torch.zeros(1, 1, 2, 4), torch.zeros(1, 2, dtype=torch.int32)
-    with pytest.raises(ValueError, match=r"budget_seqlen must be in \[256, 2147483647\], got 255"):
+    with pytest.raises(ValueError, match=r"budget_seqlen must be in \[256, 2097152\], got 255"):
         pa.select_blocks(scores, kstar, seqlen_q=128, seqlen_k=256, block_size=64, budget_seqlen=255)
+    # Past 32768 key blocks the whole sequence is one no call takes (its budgets would not fit int32).
+    with pytest.raises(ValueError, match=r"budget_seqlen must be in \[256, 2097152\], got 2097153"):
+        pa.select_blocks(scores, kstar, seqlen_q=128, seqlen_k=256, block_size=64, budget_seqlen=2097153)
+    pa.select_blocks(scores, kstar, seqlen_q=128, seqlen_k=256, block_size=64, budget_seqlen=2097152)
     cu = torch.tensor([0, 128], dtype=torch.int32)
     with pytest.raises(ValueError, match=r"budget_seqlen takes the chunk of one fixed-length sequence"):
         pa.select_blocks(scores, kstar, seqlen_q=128, seqlen_k=256, block_size=64, cu_seqlens_q=cu,
                          cu_seqlens_k=cu * 2, budget_seqlen=512)
-    with pytest.raises(ValueError, match=r"at least max_seqlen_k = 256, got 255"):  # the op itself, on the CPU
-        pa.ops.call("select_blocks", scores, kstar, None, None, 128, 256, 64, 1, 1, 0, True, 255)
+    for bad in (255, 2097153):  # the op itself, on the CPU
+        with pytest.raises(ValueError, match=r"in \[max_seqlen_k, 32768 \* block_size\] = \[256, 2097152\], got "
+                           + str(bad)):
+            pa.ops.call("select_blocks", scores, kstar, None, None, 128, 256, 64, 1, 1, 0, True, bad)
+
+
+def test_select_blocks_names_the_missing_cu_seqlens_first():
+    scores, kstar = torch.zeros(1, 1, 4, 2), torch.zeros(1, 2, dtype=torch.int32)
+    cu = torch.tensor([0, 128], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"varlen selection needs both cu_seqlens_q and cu_seqlens_k"):
+        pa.select_blocks(scores, kstar, seqlen_q=256, seqlen_k=128, block_size=64, cu_seqlens_k=cu)
 
 
 def test_budgets_monotone_in_gamma():

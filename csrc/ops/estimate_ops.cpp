@@ -193,6 +193,7 @@ at::Tensor head_budgets(const at::Tensor& q, const at::Tensor& k, const std::opt
                         const std::optional<at::Tensor>& cu_k, int64_t max_q, int64_t max_k, int64_t block_size,
                         double gamma, int64_t sink_blocks, int64_t local_blocks, double softmax_scale, bool causal,
                         const std::optional<at::Tensor>& page_table) {
+  const BsaBackend backend = backend_from_env();
   const QkLayout L = check_qk(q, k, cu_q, cu_k, max_q, max_k, block_size, causal, page_table);
   PROXYATTN_CHECK(gamma > 0.0 && gamma <= 1.0, "gamma must be in (0, 1], got ", gamma);
   PROXYATTN_CHECK(sink_blocks >= 0 && local_blocks >= 0, "sink_blocks and local_blocks must be >= 0, got ",
@@ -218,7 +219,7 @@ at::Tensor head_budgets(const at::Tensor& q, const at::Tensor& k, const std::opt
   // its argmax or uniform, so both limits keep their meaning.
   p.softmax_scale = static_cast<float>(std::clamp(softmax_scale, static_cast<double>(FLT_MIN), kMaxSoftmaxScale));
   p.causal = causal;
-  p.portable = backend_from_env() == BsaBackend::kPortable;
+  p.portable = backend == BsaBackend::kPortable;
   p.kstar = kstar.data_ptr<int>();
   p.workspace = ws.data_ptr<float>();
   const cudaStream_t stream = current_stream();
@@ -252,10 +253,12 @@ std::tuple<at::Tensor, at::Tensor> select_blocks(const at::Tensor& scores_in, co
   PROXYATTN_CHECK(sink_blocks >= 0 && local_blocks >= 0 && min_budget >= 0,
                   "sink_blocks, local_blocks and min_budget must be >= 0, got ", sink_blocks, ", ", local_blocks,
                   " and ", min_budget);
-  PROXYATTN_CHECK(budget_seqlen == 0 || (!cu_q.has_value() && budget_seqlen >= max_k && budget_seqlen <= INT32_MAX),
+  // A whole sequence of at most kSelectMaxBlocks key blocks, so that the kernel's budget products fit int32.
+  const int64_t most_budget_seqlen = int64_t(kSelectMaxBlocks) * block_size;
+  PROXYATTN_CHECK(budget_seqlen == 0 || (!cu_q.has_value() && budget_seqlen >= max_k && budget_seqlen <= most_budget_seqlen),
                   "budget_seqlen must be 0, or (fixed length) the length of the sequence whose chunk the rows are, "
-                  "in [max_seqlen_k, 2^31) = [", max_k, ", 2^31), got ", budget_seqlen,
-                  cu_q.has_value() ? " with cu_seqlens (varlen)" : "");
+                  "in [max_seqlen_k, ", kSelectMaxBlocks, " * block_size] = [", max_k, ", ", most_budget_seqlen,
+                  "], got ", budget_seqlen, cu_q.has_value() ? " with cu_seqlens (varlen)" : "");
   int64_t batch = scores_in.size(0);
   if (cu_q.has_value()) {
     check_cu_seqlens(cu_q, "cu_seqlens_q", scores_in);

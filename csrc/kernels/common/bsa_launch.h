@@ -81,6 +81,14 @@ inline bool bsa_backend_parse(const char* name, BsaBackend* backend) {
   return true;
 }
 
+// Whether a tensor map can step over a dimension of `size` 16-bit elements `stride` elements apart:
+// a size-1 dimension's stride is never used; any other needs a positive multiple of 8 elements (16
+// bytes) below 2^39 elements (2^40 bytes). The attention kernel's and stage 2's maps over the
+// caller's tensors both hold to it.
+inline bool tma_stride_ok(int64_t size, int64_t stride) {
+  return size <= 1 || (stride > 0 && stride % 8 == 0 && stride < (int64_t(1) << 39));
+}
+
 // Compute capability of device `dev` as major * 10 + minor, queried once per device (no sync).
 inline int bsa_device_arch(int dev) {
   static std::atomic<int> cache[64] = {};
@@ -155,9 +163,7 @@ inline std::string bsa_hopper_unsupported_reason(const BsaParams& p) {
   const int64_t rows_k = paged ? p.pages.page_size() : varlen ? p.total_k : p.seqlen_k;
   if (rows_q > INT32_MAX || rows_k > INT32_MAX) return "it needs row counts below 2^31";
   if (rows_k < 1) return "it needs at least one key row (TMA)";
-  auto bad = [](int64_t size, int64_t stride) {
-    return size > 1 && (stride <= 0 || stride % 8 != 0 || stride >= (int64_t(1) << 39));
-  };
+  auto bad = [](int64_t size, int64_t stride) { return !tma_stride_ok(size, stride); };
   const int64_t nb = varlen ? 1 : p.batch, nbk = paged ? p.pages.num_pages : nb;
   const int64_t kbs = paged ? p.pages.k_page_stride : p.k_batch_stride;
   const int64_t vbs = paged ? p.pages.v_page_stride : p.v_batch_stride;

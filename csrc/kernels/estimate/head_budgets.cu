@@ -254,12 +254,18 @@ __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(const HeadBu
   }
 }
 
-// The Hopper probe where the build has sm_90a code, the device is sm_90 and the caller did not ask
-// for the portable kernel.
+// The Hopper probe where the build has sm_90a code, the device is sm_90, the caller did not ask
+// for the portable kernel, and (contiguous keys) a tensor map can address k: at least one and
+// fewer than 2^31 rows, strides as tma_stride_ok (bsa_launch.h) takes them. Otherwise the portable
+// probe, which reads any strides.
 bool use_hopper_probe(const HeadBudgetsParams& p) {
 #ifdef PROXYATTN_HOPPER_KERNELS
   int dev = 0;
-  return !p.portable && cudaGetDevice(&dev) == cudaSuccess && bsa_device_arch(dev) == 90;
+  if (p.portable || cudaGetDevice(&dev) != cudaSuccess || bsa_device_arch(dev) != 90) return false;
+  if (p.pages.paged()) return true;  // paged keys by cp.async: no tensor map
+  const int64_t batches = p.cu_seqlens_k != nullptr ? 1 : p.batch;
+  return p.total_k >= 1 && p.total_k <= INT32_MAX && tma_stride_ok(p.total_k, p.k_row_stride) &&
+         tma_stride_ok(p.num_kv_heads, p.k_head_stride) && tma_stride_ok(batches, p.k_batch_stride);
 #else
   return false;
 #endif

@@ -151,7 +151,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_blocks_kernel(const Sel
   const int nc = fs.free_hi - fs.free_lo;
   const int min_blocks = ceil_div32(p.min_budget, S);  // min_budget >= 0
   // Non-forced candidates head h takes, in [0, nc]; 32-bit arithmetic suffices, every count being
-  // at most kSelectMaxBlocks (kstar * nc < 2^30).
+  // at most kSelectMaxBlocks (the op holds budget_seqlen to kSelectMaxBlocks blocks: kstar * nc <= 2^30).
   auto take = [&](int h) {
     const int kst = min(max(p.kstar[static_cast<int64_t>(b) * p.num_heads + h], 0), free_last);
     const int extra = free_last > 0 ? ceil_div32(kst * nc, free_last) : 0;
