@@ -250,8 +250,11 @@ def test_function_scaling_and_chunk_alignment(nq, nk):
     assert _stats(name) == {"proxyattn": {0: 1}}
 
 
-@pytest.mark.parametrize("reason", ["decode", "non_causal", "is_causal_kwarg", "dropout", "head_dim", "softcap",
-                                    "s_aux", "position_bias", "sliding_window", "mask"])
+REFUSED = ("softcap", "s_aux", "sinks", "indices", "block_indices")  # what neither proxyattn nor SDPA computes
+
+
+@pytest.mark.parametrize("reason", ["decode", "non_causal", "is_causal_kwarg", "dropout", "head_dim", *REFUSED,
+                                    "position_bias", "sliding_window", "mask"])
 def test_function_fallbacks(reason):
     name = _register("pa_fallback")
     fn = AttentionInterface._global_mapping[name]
@@ -265,16 +268,18 @@ def test_function_fallbacks(reason):
         kw["dropout"] = 0.5
     elif reason == "softcap":
         kw["softcap"] = 30.0
-    elif reason == "s_aux":
-        kw["s_aux"] = torch.randn(4)
+    elif reason in ("s_aux", "sinks"):  # per head (gpt-oss) or per token (Inkling2)
+        kw[reason] = torch.randn(4) if reason == "s_aux" else torch.randn(1, 4, 100, 1)
+    elif reason in ("indices", "block_indices"):  # a DSA indexer's top-k keys
+        kw[reason] = torch.randint(0, 100, (1, 100, 16))
     elif reason == "position_bias":
         kw["position_bias"] = torch.randn(1, 4, 100, 100)
     elif reason == "sliding_window":
         kw["sliding_window"] = 64
     elif reason == "mask":
         mask = torch.ones(1, 1, 100, 100, dtype=torch.bool).tril()
-    if reason in ("softcap", "s_aux"):  # SDPA cannot do them: it refuses softcap, we refuse sinks (never dropped)
-        with pytest.raises(ValueError if reason == "softcap" else NotImplementedError, match=reason):
+    if reason in REFUSED:  # SDPA cannot do them: refused, never dropped
+        with pytest.raises(ValueError if reason == "softcap" else NotImplementedError, match=rf"\({reason}\b"):
             fn(module, q, k, v, mask, **kw)
         assert _stats(name) == {"sdpa:unsupported_kwarg": {0: 1}}
         return
@@ -289,6 +294,28 @@ def test_function_fallbacks(reason):
         torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     elif reason != "dropout":
         torch.testing.assert_close(out, _sdpa_ref(q, k, v, 0.125, causal), atol=1e-5, rtol=1e-5)
+
+
+def test_per_layer_options_and_modules_without_layer_idx():
+    """With dense_layers or layer_configs, a module without a layer index (a vision tower, a
+    non-causal block) still runs the calls SDPA takes anyway; a call proxyattn could take raises."""
+    name = _register("pa_no_layer_idx", dense_layers=1)
+    fn = AttentionInterface._global_mapping[name]
+    q, k, v = _qkv(nq=100, nk=100)
+    out, _ = fn(_Module(layer_idx=None, is_causal=False), q, k, v, None, scaling=0.125)
+    torch.testing.assert_close(out, _sdpa_ref(q, k, v, 0.125, causal=False), atol=1e-5, rtol=1e-5)
+    assert _stats(name) == {"sdpa:non_causal": {None: 1}}
+    with pytest.raises(ValueError, match=r"integer `layer_idx`, got None"):
+        fn(_Module(layer_idx=None), q, k, v, None, scaling=0.125)
+
+
+def test_stats_start_again_when_a_name_is_registered_again():
+    name = _register("pa_reregister")
+    fn = AttentionInterface._global_mapping[name]
+    fn(_Module(), *_qkv(nq=100, nk=100), None)
+    assert _stats(name) == {"proxyattn": {0: 1}}
+    pa_hf.register(EXACT, name=name, dense_layers=1)
+    assert _stats(name) == {}
 
 
 def test_function_bad_proxy_grouping_names_layer():

@@ -15,19 +15,23 @@ Routing (per call of one attention layer). The attention function runs
 `scaling` becomes `softmax_scale`; causal aligned bottom-right, so a prefill chunk with
 q_len < kv_len that follows a cached prefix is handled) only when all of these hold:
 
-- the layer is not dense by the per-layer options (`dense_layers`, `layer_configs`);
+- the layer is not dense by the per-layer options (`dense_layers`, `layer_configs`; with them, a
+  call that could run proxyattn needs the module's integer `layer_idx`, and one that SDPA takes
+  anyway, such as a vision tower's, needs none);
 - no gradient is needed: proxyattn is inference-only (its ops have no backward), so with grad
   mode on and a query/key/value that requires grad (training, fine-tuning) the call runs SDPA,
   and the first such call says so with one RuntimeWarning;
 - the module is causal (`is_causal` kwarg, else `module.is_causal`, default True);
-- q_len > 1 (decoding steps always go to SDPA: estimation cannot pay off for one row; and
-  proxy_attention itself runs dense attention for fewer rows than a block, such as a speculative
-  verification step, so assisted decoding attends as plain decoding does);
+- q_len > 1 (decoding steps always go to SDPA: estimation cannot pay off for one row; and unless
+  `config.dense_below` is 0, proxy_attention itself runs dense attention for fewer rows than a
+  block, such as a speculative verification step, so assisted decoding attends as plain decoding
+  does);
 - `attention_mask is None` (see the mask rule below);
 - dropout == 0 (transformers passes the module's dropout only in training mode);
-- no softcap, attention sinks (`s_aux`) or position bias, and no sliding window shorter than
-  kv_len (SDPA adds a position bias; it computes neither softcap nor sinks, so a call that passes
-  softcap raises ValueError and one that passes sinks NotImplementedError, whatever the installed
+- no softcap, attention sinks (`s_aux`, `sinks`), key selection of another sparse attention
+  (`indices`, `block_indices`) or position bias, and no sliding window shorter than kv_len (SDPA
+  adds a position bias; it computes none of the others, so a call that passes softcap raises
+  ValueError and one that passes any other of them NotImplementedError, whatever the installed
   transformers' sdpa would do with them);
 - q/k/v head dims are equal and in proxyattn.config.SUPPORTED_HEAD_DIMS (64, 128);
 - dtype is fp16/bf16 on CUDA (fp16/bf16/fp32 on CPU, where the reference runs), device
@@ -138,13 +142,17 @@ class IntegrationSettings:
         """The config of one layer; None means the layer runs SDPA."""
         if not self.per_layer:
             return self.config
-        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int):
+        if not _is_layer_index(layer_idx):
             raise ValueError(
                 f"proxyattn: per-layer options (dense_layers, layer_configs) need the attention module to have an "
                 f"integer `layer_idx`, got {layer_idx!r}")
         if layer_idx < self.dense_layers:
             return None
         return self.layer_configs.get(layer_idx, self.config)
+
+
+def _is_layer_index(layer_idx) -> bool:
+    return isinstance(layer_idx, int) and not isinstance(layer_idx, bool)
 
 
 _SETTINGS: Dict[str, IntegrationSettings] = {}
@@ -204,7 +212,7 @@ def register(config: Optional[ProxyAttnConfig] = None, *, dense_layers: int = 0,
     if on_selection is not None and not callable(on_selection):
         raise TypeError(f"on_selection must be callable or None, got {type(on_selection).__name__}")
     _SETTINGS[name] = IntegrationSettings(cfg, dense_layers, _normalise_layer_configs(layer_configs), on_selection)
-    _STATS.setdefault(name, collections.Counter())
+    _STATS[name] = collections.Counter()  # counts start again with the new settings
     AttentionInterface.register(name, _make_attention_function(name))
     AttentionMaskInterface.register(name, proxyattn_mask)
     return name
@@ -278,7 +286,17 @@ def proxyattn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, k
 
 # ------------------------------------------------------------------ attention function
 
-_UNSUPPORTED_KWARGS = ("softcap", "s_aux", "position_bias")
+# Arguments that change what attention computes and that neither proxyattn nor SDPA takes (what
+# each is, for the error); transformers' sdpa drops them without a word (softcap too in some
+# versions, 5.17), so a call that passes one is refused whatever the installed version does.
+_REFUSED_KWARGS = {
+    "softcap": "soft-capped scores",
+    "s_aux": "attention sinks",
+    "sinks": "attention sinks",
+    "indices": "the keys another sparse attention selected",
+    "block_indices": "the key blocks another sparse attention selected",
+}
+_UNSUPPORTED_KWARGS = tuple(_REFUSED_KWARGS) + ("position_bias",)  # position_bias: SDPA adds it
 
 
 def _needs_grad(query: Tensor, key: Tensor, value: Tensor) -> bool:
@@ -338,16 +356,12 @@ def _scaled(cfg: ProxyAttnConfig, scaling: Optional[float]) -> ProxyAttnConfig:
 
 
 def _sdpa(module, query, key, value, attention_mask, dropout, scaling, causal, kwargs):
-    # Neither proxyattn nor SDPA computes these; transformers' sdpa drops sinks without a word, and
-    # softcap too in some versions (5.17), so they are refused here whatever the installed version does.
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError("proxyattn: this model passes attention sinks (s_aux) to its attention, which "
-                                  "neither proxyattn nor SDPA computes; load it with attn_implementation='eager' "
-                                  "(or a kernel that takes them)")
-    if kwargs.get("softcap") is not None:
-        raise ValueError(f"proxyattn: this model passes softcap={kwargs['softcap']} to its attention, which "
-                         "neither proxyattn nor SDPA computes; load it with attn_implementation='eager' "
-                         "(or a kernel that takes it)")
+    for arg, what in _REFUSED_KWARGS.items():
+        if kwargs.get(arg) is not None:
+            shown = f"{arg}={kwargs[arg]}" if arg == "softcap" else arg
+            raise (ValueError if arg == "softcap" else NotImplementedError)(
+                f"proxyattn: this model passes {what} ({shown}) to its attention, which neither proxyattn nor SDPA "
+                "computes; load it with attn_implementation='eager' (or an attention kernel that computes it)")
     q_len, kv_len = query.shape[2], key.shape[2]
     if attention_mask is None and causal and 1 < q_len < kv_len:
         # transformers' sdpa would align is_causal top-left (and crop the keys); we mean bottom-right,
@@ -369,9 +383,17 @@ def _attention_forward(name: str, module, query: Tensor, key: Tensor, value: Ten
     layer_idx = getattr(module, "layer_idx", None)
     is_causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
-    cfg = settings.layer_config(layer_idx)
-    reason = "dense_layer" if cfg is None else _fallback_reason(module, query, key, value, attention_mask,
-                                                                  dropout, causal, kwargs)
+    def fallback():
+        return _fallback_reason(module, query, key, value, attention_mask, dropout, causal, kwargs)
+
+    if settings.per_layer and not _is_layer_index(layer_idx):
+        # The per-layer options cannot place a module without a layer index: a call that SDPA takes
+        # anyway passes (vision towers, non-causal blocks); any other raises, naming what is missing.
+        reason = fallback()
+        cfg = settings.layer_config(layer_idx) if reason is None else None
+    else:
+        cfg = settings.layer_config(layer_idx)
+        reason = "dense_layer" if cfg is None else fallback()
     if reason is not None:
         _STATS[name][(layer_idx, "sdpa:" + reason)] += 1
         return _sdpa(module, query, key, value, attention_mask, dropout, scaling, causal, kwargs)
