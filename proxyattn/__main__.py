@@ -18,6 +18,7 @@ import torch
 
 from . import ProxyAttnConfig, metrics, ops, proxy_attention
 from .attention import dense_attention
+from .config import SUPPORTED_HEAD_DIMS
 
 
 def _synthetic():
@@ -52,6 +53,13 @@ def _time(fn, device):
 _SIZES = {"seq_len": (32768, 4096), "q_heads": (32, 8), "kv_heads": (8, 2)}
 
 
+def _positive(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def main(argv=None):
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(prog="python -m proxyattn", description=__doc__.split("\n\n")[0],
@@ -59,9 +67,9 @@ def main(argv=None):
     for name, what in (("seq_len", "tokens (query = key length)"), ("q_heads", "query heads Hq"),
                        ("kv_heads", "key/value heads Hkv")):
         gpu, cpu = _SIZES[name]
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=argparse.SUPPRESS,
+        p.add_argument("--" + name.replace("_", "-"), type=_positive, default=argparse.SUPPRESS,
                        help=f"{what} (default: {gpu} on a GPU, {cpu} on the CPU)")
-    p.add_argument("--head-dim", type=int, default=128, help="head dim D: 64 or 128")
+    p.add_argument("--head-dim", type=int, default=128, choices=SUPPORTED_HEAD_DIMS, help="head dim D")
     dflt = ProxyAttnConfig()
     p.add_argument("--proxy-heads", type=int, default=dflt.num_proxy_heads,
                    help="num_proxy_heads; None: the config's, two query heads per proxy where possible")
@@ -76,7 +84,13 @@ def main(argv=None):
             setattr(a, name, by_device[device.type == "cpu"])
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     synthetic = _synthetic()
-    cfg = ProxyAttnConfig(gamma=a.gamma, min_budget=a.min_budget, num_proxy_heads=a.proxy_heads, dense_below=0)
+    if a.q_heads % a.kv_heads:
+        p.error(f"--q-heads ({a.q_heads}) must be a multiple of --kv-heads ({a.kv_heads})")
+    try:  # the config's and the head counts' rules, as a usage error rather than a traceback
+        cfg = ProxyAttnConfig(gamma=a.gamma, min_budget=a.min_budget, num_proxy_heads=a.proxy_heads, dense_below=0)
+        cfg.check_heads(a.q_heads, a.kv_heads)
+    except (TypeError, ValueError) as exc:
+        p.error(str(exc))
     if device.type == "cpu":
         print(f"no GPU in use: running the pure-PyTorch reference on the CPU (N={a.seq_len}; slow, for checking)")
     else:

@@ -396,6 +396,25 @@ def test_serving_settings_from_env_name_the_variable(monkeypatch):
     assert s.config == pa.ProxyAttnConfig(gamma=0.9) and s.dense_layers == 2
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--head-dim", "96"], "--head-dim: invalid choice: 96"),
+    (["--seq-len", "0"], "--seq-len: must be a positive integer, got 0"),
+    (["--q-heads", "8", "--kv-heads", "3"], "--q-heads (8) must be a multiple of --kv-heads (3)"),
+    (["--proxy-heads", "3"], "num_proxy_heads"),
+    (["--gamma", "1.5"], "gamma"),
+])
+def test_cli_refuses_bad_arguments_as_usage_errors(argv, message, capsys):
+    """python -m proxyattn turns a bad size or config into argparse's usage error (exit 2, the
+    rule in one line), before any input is built."""
+    import proxyattn.__main__ as cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--cpu"] + argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: python -m proxyattn" in err and message in err, err
+
+
 @pytest.mark.parametrize("argv,cuda,sizes", [
     (["--cpu"], True, (4096, 8, 2)),  # a GPU present, the CPU asked for: the CPU's sizes
     ([], False, (4096, 8, 2)),
