@@ -488,7 +488,8 @@ def select_blocks(scores: Tensor, kstar: Tensor, *, seqlen_q: int, seqlen_k: int
     if budget_seqlen is not None:
         if cu_seqlens_q is not None:
             raise ValueError("budget_seqlen takes the chunk of one fixed-length sequence, got cu_seqlens (varlen)")
-        check_int("budget_seqlen", budget_seqlen, seqlen_k, MAX_KEY_BLOCKS * block_size)  # a sequence check_key_blocks takes
+        # The length of a sequence check_key_blocks takes.
+        check_int("budget_seqlen", budget_seqlen, seqlen_k, MAX_KEY_BLOCKS * block_size)
     return call("select_blocks", scores, kstar, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k, block_size,
                 sink_blocks, local_blocks, min_budget, causal, budget_seqlen or 0)
 

@@ -323,9 +323,10 @@ def select_blocks(scores: Tensor, kstar: Tensor, cu_seqlens_q: Optional[Tensor],
     if nkb > torch.iinfo(torch.int16).max + 1:  # as the CUDA op refuses: no index may wrap
         raise ValueError(f"select_blocks writes int16 block indices, so at most 32768 key blocks, got {nkb}")
     most = (torch.iinfo(torch.int16).max + 1) * block_size  # a whole sequence of at most 32768 key blocks
-    if budget_seqlen and (cu_seqlens_q is not None or not max_seqlen_k <= budget_seqlen <= most):  # as the CUDA op refuses
+    if budget_seqlen and (cu_seqlens_q is not None or not max_seqlen_k <= budget_seqlen <= most):  # as the op refuses
         raise ValueError(f"budget_seqlen must be 0, or (fixed length) the length of the sequence whose chunk the "
-                         f"rows are, in [max_seqlen_k, 32768 * block_size] = [{max_seqlen_k}, {most}], got {budget_seqlen}"
+                         f"rows are, in [max_seqlen_k, 32768 * block_size] = [{max_seqlen_k}, {most}], "
+                         f"got {budget_seqlen}"
                          + (" with cu_seqlens (varlen)" if cu_seqlens_q is not None else ""))
     hq = kstar.shape[1]
     S = block_size

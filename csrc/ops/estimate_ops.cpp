@@ -255,7 +255,8 @@ std::tuple<at::Tensor, at::Tensor> select_blocks(const at::Tensor& scores_in, co
                   " and ", min_budget);
   // A whole sequence of at most kSelectMaxBlocks key blocks, so that the kernel's budget products fit int32.
   const int64_t most_budget_seqlen = int64_t(kSelectMaxBlocks) * block_size;
-  PROXYATTN_CHECK(budget_seqlen == 0 || (!cu_q.has_value() && budget_seqlen >= max_k && budget_seqlen <= most_budget_seqlen),
+  const bool budget_ok = !cu_q.has_value() && budget_seqlen >= max_k && budget_seqlen <= most_budget_seqlen;
+  PROXYATTN_CHECK(budget_seqlen == 0 || budget_ok,
                   "budget_seqlen must be 0, or (fixed length) the length of the sequence whose chunk the rows are, "
                   "in [max_seqlen_k, ", kSelectMaxBlocks, " * block_size] = [", max_k, ", ", most_budget_seqlen,
                   "], got ", budget_seqlen, cu_q.has_value() ? " with cu_seqlens (varlen)" : "");
